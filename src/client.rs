@@ -1,0 +1,147 @@
+//! `gale client`: a WebSocket client for people and scripts. Interactive,
+//! it sends each line typed and prints every message received (like
+//! wscat); with `--send` it sends once, prints the reply and exits 0, or
+//! non-zero on an error reply, a closed connection or a timeout.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Why the client stopped unhappily; the message is printed as is.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection could not be opened.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        source: Box<tokio_tungstenite::tungstenite::Error>,
+    },
+    /// The connection failed while in use.
+    #[error("connection error: {0}")]
+    Socket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
+    /// The server closed the connection before replying.
+    #[error("connection closed by the server{0}")]
+    Closed(String),
+    /// No reply in time.
+    #[error("timeout: no reply within {0} ms")]
+    Timeout(u64),
+    /// The server answered with an error.
+    #[error("{0}")]
+    ErrorReply(String),
+    /// Reading standard input failed.
+    #[error("cannot read standard input: {0}")]
+    Stdin(#[from] std::io::Error),
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(url: &str) -> Result<Socket, ClientError> {
+    let (socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| ClientError::Connect {
+            url: url.to_owned(),
+            source: Box::new(e),
+        })?;
+    Ok(socket)
+}
+
+fn closed_reason(frame: Option<&CloseFrame>) -> String {
+    frame
+        .map(|f| format!(" ({} {})", u16::from(f.code), f.reason))
+        .unwrap_or_default()
+}
+
+/// Whether a reply is an error: the plain protocol's `"type":"error"` or a
+/// JSON event reply's `"ok":false`.
+pub fn is_error_reply(text: &str) -> bool {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => v["type"] == "error" || v["ok"] == false,
+        Err(_) => false,
+    }
+}
+
+/// Whether a message is the server's greeting rather than a reply.
+fn is_greeting(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v["type"] == "connected")
+}
+
+/// Sends `message` once and returns the first reply.
+///
+/// # Errors
+/// [`ClientError`] on connection failure, close, timeout or an error reply
+/// (the reply text is in [`ClientError::ErrorReply`]).
+pub async fn send_once(url: &str, message: &str, timeout: Duration) -> Result<String, ClientError> {
+    let ms = timeout.as_millis() as u64;
+    let work = async {
+        let mut socket = connect(url).await?;
+        socket
+            .send(Message::text(message))
+            .await
+            .map_err(Box::new)?;
+        let reply = loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(t))) if is_greeting(&t) => continue,
+                Some(Ok(Message::Text(t))) => break t.to_string(),
+                Some(Ok(Message::Close(f))) => {
+                    return Err(ClientError::Closed(closed_reason(f.as_ref())));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(Box::new(e).into()),
+                None => return Err(ClientError::Closed(String::new())),
+            }
+        };
+        let _ = socket.close(None).await;
+        Ok(reply)
+    };
+    let reply = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ClientError::Timeout(ms))??;
+    if is_error_reply(&reply) {
+        Err(ClientError::ErrorReply(reply))
+    } else {
+        Ok(reply)
+    }
+}
+
+/// Interactive session: lines from standard input go out, everything that
+/// comes in is printed. Ends at end of input or when the server closes.
+///
+/// # Errors
+/// [`ClientError`] when the connection cannot be opened or fails.
+pub async fn interactive(url: &str) -> Result<(), ClientError> {
+    let socket = connect(url).await?;
+    eprintln!("connected to {url} (type a city and press Enter; Ctrl-D to quit)");
+    let (mut tx, mut rx) = socket.split();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            line = lines.next_line(), if input_open => match line? {
+                Some(line) => tx.send(Message::text(line)).await.map_err(Box::new)?,
+                None => {
+                    input_open = false;
+                    let close = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
+                    tx.send(Message::Close(Some(close))).await.map_err(Box::new)?;
+                }
+            },
+            msg = rx.next() => match msg {
+                Some(Ok(Message::Text(t))) => println!("< {t}"),
+                Some(Ok(Message::Binary(b))) => println!("< ({} bytes of binary)", b.len()),
+                Some(Ok(Message::Close(f))) => {
+                    eprintln!("closed{}", closed_reason(f.as_ref()));
+                    return Ok(());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(Box::new(e).into()),
+                None => return Ok(()),
+            },
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! Typed configuration: embedded defaults, an optional TOML file, and
+//! environment overrides, merged and validated once at start-up.
+//!
+//! Precedence, lowest first: defaults < `--config FILE` < `WEATHER_API_KEY`
+//! < `GALE_<SECTION>__<KEY>` variables. Every error names the setting at
+//! fault so an operator can fix it from the message alone.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "GALE_";
+
+/// The seed's variable for the weather provider key.
+pub const API_KEY_ENV: &str = "WEATHER_API_KEY";
+
+/// Why a configuration could not be loaded. The message is one line that
+/// names the setting (or file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file named by `--config`.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {path} line {line}: {message}")]
+    Syntax {
+        /// The file named by `--config`.
+        path: String,
+        /// 1-based line of the error.
+        line: usize,
+        /// What the TOML parser said.
+        message: String,
+    },
+    /// An environment override could not be used.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable's name.
+        var: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A setting has a value that cannot be used.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// Dotted path of the setting, e.g. `weather.provider`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener, connection limits and lifecycle.
+    pub server: ServerConfig,
+    /// The upstream weather provider and its protections.
+    pub weather: WeatherConfig,
+    /// The request log database.
+    pub store: StoreConfig,
+}
+
+/// `[server]`: the listener and per-connection limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on, `host:port`.
+    pub listen: String,
+    /// Largest WebSocket message accepted; larger ones close the
+    /// connection with 1009.
+    pub max_message_bytes: usize,
+    /// Most TCP connections held at once; further clients wait in the
+    /// kernel's accept backlog until one closes.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight work before giving up.
+    pub shutdown_grace_ms: u64,
+    /// Seconds between pings to an idle connection; a peer silent for two
+    /// intervals is dropped. 0 disables pings.
+    pub ping_interval_s: u64,
+    /// Requests one connection may have in flight; past this the server
+    /// stops reading from that connection until one completes.
+    pub max_inflight_per_connection: usize,
+    /// Per-connection read buffer. Small by design: each idle connection
+    /// holds one.
+    pub read_buffer_bytes: usize,
+    /// Per-connection write buffer target before a flush.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".to_owned(),
+            max_message_bytes: 65_536,
+            max_connections: 50_000,
+            shutdown_grace_ms: 30_000,
+            ping_interval_s: 30,
+            max_inflight_per_connection: 32,
+            read_buffer_bytes: 1024,
+            write_buffer_bytes: 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+/// Which upstream weather API to call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Provider {
+    /// Open-Meteo: keyless geocoding + forecast.
+    #[serde(rename = "open-meteo")]
+    OpenMeteo,
+    /// OpenWeatherMap's current-weather API (needs a key).
+    #[serde(rename = "openweathermap")]
+    OpenWeatherMap,
+}
+
+/// `[weather]`: the upstream provider and the protections around it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WeatherConfig {
+    /// The provider.
+    pub provider: Provider,
+    /// Provider base URL; defaults to the provider's public URL.
+    pub base_url: Option<String>,
+    /// Open-Meteo's geocoding base URL; defaults to `base_url` when that
+    /// is set (one server, as the fake upstream is), else the public URL.
+    pub geocoding_url: Option<String>,
+    /// API key (OpenWeatherMap). `WEATHER_API_KEY` sets it too.
+    pub api_key: Option<String>,
+    /// Deadline for one lookup, including the wait for an upstream slot.
+    pub timeout_ms: u64,
+    /// Most upstream calls in flight at once.
+    pub max_concurrent: usize,
+    /// Most lookups waiting for an upstream slot; past this new ones are
+    /// refused at once with "server busy".
+    pub max_pending: usize,
+    /// How long a reading is served from the cache.
+    pub cache_ttl_s: u64,
+    /// How long a "city not found" answer is cached.
+    pub not_found_ttl_s: u64,
+    /// Most cities held in the cache.
+    pub cache_capacity: u64,
+    /// Consecutive upstream failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the open breaker fails fast before it tries again.
+    pub breaker_cooldown_ms: u64,
+    /// Largest upstream response body read, in bytes.
+    pub max_response_bytes: usize,
+}
+
+impl Default for WeatherConfig {
+    fn default() -> Self {
+        WeatherConfig {
+            provider: Provider::OpenMeteo,
+            base_url: None,
+            geocoding_url: None,
+            api_key: None,
+            timeout_ms: 5_000,
+            max_concurrent: 200,
+            max_pending: 5_000,
+            cache_ttl_s: 600,
+            not_found_ttl_s: 60,
+            cache_capacity: 100_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
+            max_response_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl WeatherConfig {
+    /// The base URL in effect: the configured one or the provider's.
+    pub fn effective_base_url(&self) -> &str {
+        match (&self.base_url, self.provider) {
+            (Some(url), _) => url,
+            (None, Provider::OpenWeatherMap) => "https://api.openweathermap.org",
+            (None, Provider::OpenMeteo) => "https://api.open-meteo.com",
+        }
+    }
+
+    /// Open-Meteo's geocoding URL in effect.
+    pub fn effective_geocoding_url(&self) -> &str {
+        match (&self.geocoding_url, &self.base_url) {
+            (Some(url), _) | (None, Some(url)) => url,
+            (None, None) => "https://geocoding-api.open-meteo.com",
+        }
+    }
+
+    /// The lookup deadline.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// `[store]`: where the request log goes and how it is written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://FILE` or `postgres://…`.
+    pub url: String,
+    /// Rows waiting to be written; past this new rows are dropped and
+    /// counted.
+    pub queue_size: usize,
+    /// Writer tasks.
+    pub workers: usize,
+    /// Most rows per insert statement.
+    pub batch_size: usize,
+    /// Attempts per batch before its rows are counted as failed.
+    pub max_retries: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://gale.db".to_owned(),
+            queue_size: 10_000,
+            workers: 5,
+            batch_size: 500,
+            max_retries: 8,
+        }
+    }
+}
+
+/// Most rows in one insert: keeps a statement under both databases'
+/// bind-parameter limits (7 columns each).
+pub const MAX_BATCH_SIZE: usize = 4_000;
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` if given, then the
+    /// process environment.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, variable or setting at fault.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, variable or setting at fault.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => read_file(path)?,
+            None => toml::Table::new(),
+        };
+        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
+            key: "(defaults)".into(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, &defaults, env)?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                ConfigError::invalid(&key, e.into_inner().message().to_owned())
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        positive("server.max_message_bytes", s.max_message_bytes as u64)?;
+        positive("server.max_connections", s.max_connections as u64)?;
+        positive(
+            "server.max_inflight_per_connection",
+            s.max_inflight_per_connection as u64,
+        )?;
+        if s.read_buffer_bytes < 256 {
+            return Err(ConfigError::invalid(
+                "server.read_buffer_bytes",
+                "must be at least 256",
+            ));
+        }
+        positive("server.write_buffer_bytes", s.write_buffer_bytes as u64)?;
+        if s.listen.trim().is_empty() {
+            return Err(ConfigError::invalid("server.listen", "must be host:port"));
+        }
+
+        let w = &self.weather;
+        check_http_url("weather.base_url", w.effective_base_url())?;
+        if w.provider == Provider::OpenMeteo {
+            check_http_url("weather.geocoding_url", w.effective_geocoding_url())?;
+        }
+        if w.provider == Provider::OpenWeatherMap
+            && w.api_key.as_deref().is_none_or(|k| k.trim().is_empty())
+        {
+            return Err(ConfigError::invalid(
+                "weather.api_key",
+                format!("provider openweathermap needs a key (set it or {API_KEY_ENV})"),
+            ));
+        }
+        positive("weather.timeout_ms", w.timeout_ms)?;
+        positive("weather.max_concurrent", w.max_concurrent as u64)?;
+        positive("weather.cache_capacity", w.cache_capacity)?;
+        positive("weather.breaker_failures", u64::from(w.breaker_failures))?;
+        positive("weather.max_response_bytes", w.max_response_bytes as u64)?;
+
+        let st = &self.store;
+        crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
+        positive("store.queue_size", st.queue_size as u64)?;
+        positive("store.workers", st.workers as u64)?;
+        positive("store.batch_size", st.batch_size as u64)?;
+        if st.batch_size > MAX_BATCH_SIZE {
+            return Err(ConfigError::invalid(
+                "store.batch_size",
+                format!("must be at most {MAX_BATCH_SIZE}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(ConfigError::invalid(key, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_http_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(value)
+        .map_err(|e| ConfigError::invalid(key, format!("{value:?} is not a URL: {e}")))?;
+    match url.scheme() {
+        "http" | "https" if url.host().is_some() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            key,
+            format!("{value:?} must be an http:// or https:// URL with a host"),
+        )),
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    text.parse::<toml::Table>().map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1))
+            .unwrap_or(1);
+        ConfigError::Syntax {
+            path: shown,
+            line,
+            message: e.message().trim().replace('\n', " "),
+        }
+    })
+}
+
+/// Merges `WEATHER_API_KEY` and every `GALE_<SECTION>__<KEY>` variable into
+/// `table`. A value is read as the type the default has at that key
+/// (integer, float, boolean, array), else as a string, so
+/// `GALE_WEATHER__API_KEY=12345` stays a string.
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    // Sorted so that the result never depends on the environment's order.
+    let vars: BTreeMap<String, String> = env.into_iter().collect();
+    if let Some(key) = vars.get(API_KEY_ENV).filter(|k| !k.is_empty()) {
+        section(table, "weather").insert("api_key".into(), toml::Value::String(key.clone()));
+    }
+    for (var, raw) in &vars {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let Some((sec, key)) = rest.split_once("__") else {
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                message: "expected GALE_<SECTION>__<KEY>, e.g. GALE_SERVER__LISTEN".into(),
+            });
+        };
+        let (sec, key) = (sec.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let default = defaults
+            .get(&sec)
+            .and_then(|s| s.as_table())
+            .and_then(|s| s.get(&key));
+        let value = env_value(raw, default).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            message,
+        })?;
+        section(table, &sec).insert(key, value);
+    }
+    Ok(())
+}
+
+fn section<'a>(table: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
+    let entry = table
+        .entry(name.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if !entry.is_table() {
+        *entry = toml::Value::Table(toml::Table::new());
+    }
+    match entry {
+        toml::Value::Table(t) => t,
+        _ => unreachable!("made a table just above"),
+    }
+}
+
+fn env_value(raw: &str, default: Option<&toml::Value>) -> Result<toml::Value, String> {
+    let raw = raw.trim();
+    match default {
+        Some(toml::Value::Integer(_)) => raw
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        Some(toml::Value::Float(_)) => raw
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|_| format!("expected a number, got {raw:?}")),
+        Some(toml::Value::Boolean(_)) => raw
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .map_err(|_| format!("expected true or false, got {raw:?}")),
+        Some(toml::Value::Array(_)) => format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(toml::Value::is_array)
+            .ok_or_else(|| format!("expected a TOML array like [\"a\", \"b\"], got {raw:?}")),
+        _ => Ok(toml::Value::String(raw.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::load_from(None, env(&[])).expect("defaults load");
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.max_message_bytes, 65_536);
+        assert_eq!(c.weather.provider, Provider::OpenMeteo);
+        assert_eq!(c.weather.timeout_ms, 5_000);
+        assert_eq!(c.weather.max_concurrent, 200);
+        assert_eq!(c.weather.max_pending, 5_000);
+        assert_eq!(c.weather.cache_ttl_s, 600);
+        assert_eq!(c.store.url, "sqlite://gale.db");
+        assert_eq!(c.store.queue_size, 10_000);
+        assert_eq!(c.store.workers, 5);
+    }
+
+    #[test]
+    fn env_overrides_use_the_type_of_the_default() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("GALE_SERVER__LISTEN", "0.0.0.0:9000"),
+                ("GALE_STORE__WORKERS", "3"),
+                ("GALE_WEATHER__PROVIDER", "openweathermap"),
+                ("GALE_WEATHER__API_KEY", "12345"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(c.server.listen, "0.0.0.0:9000");
+        assert_eq!(c.store.workers, 3);
+        assert_eq!(c.weather.provider, Provider::OpenWeatherMap);
+        assert_eq!(c.weather.api_key.as_deref(), Some("12345"));
+    }
+
+    #[test]
+    fn seed_api_key_variable_sets_the_key_and_gale_variable_wins() {
+        let c = Config::load_from(None, env(&[("WEATHER_API_KEY", "seed")])).expect("loads");
+        assert_eq!(c.weather.api_key.as_deref(), Some("seed"));
+        let c = Config::load_from(
+            None,
+            env(&[("WEATHER_API_KEY", "seed"), ("GALE_WEATHER__API_KEY", "mine")]),
+        )
+        .expect("loads");
+        assert_eq!(c.weather.api_key.as_deref(), Some("mine"));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("GALE_WEATHER__PROVIDER", "darksky", "weather.provider"),
+            ("GALE_WEATHER__BASE_URL", "not a url", "weather.base_url"),
+            ("GALE_STORE__WORKERS", "0", "store.workers"),
+            ("GALE_STORE__URL", "mysql://x", "store.url"),
+            ("GALE_SERVER__NO_SUCH_KEY", "1", "server"),
+        ];
+        for (var, value, key) in cases {
+            let err = Config::load_from(None, env(&[(var, value)]))
+                .expect_err(&format!("{var}={value} must be refused"))
+                .to_string();
+            assert!(err.contains(key), "{err:?} should name {key}");
+            assert!(!err.contains('\n'), "{err:?} should be one line");
+        }
+        let err = Config::load_from(None, env(&[("GALE_STORE__WORKERS", "five")]))
+            .expect_err("not a number")
+            .to_string();
+        assert!(err.contains("GALE_STORE__WORKERS"), "{err}");
+    }
+
+    #[test]
+    fn openweathermap_needs_a_key() {
+        let err = Config::load_from(None, env(&[("GALE_WEATHER__PROVIDER", "openweathermap")]))
+            .expect_err("no key")
+            .to_string();
+        assert!(err.contains("weather.api_key"), "{err}");
+    }
+
+    #[test]
+    fn file_values_and_syntax_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gale.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nworkers = 2\n")
+            .expect("write");
+        let c = Config::load_from(Some(&path), env(&[("GALE_STORE__WORKERS", "4")])).expect("ok");
+        assert_eq!(c.server.listen, "127.0.0.1:0");
+        assert_eq!(c.store.workers, 4, "environment beats the file");
+
+        std::fs::write(&path, "[server]\nlisten = \n").expect("write");
+        let err = Config::load_from(Some(&path), env(&[]))
+            .expect_err("syntax")
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains('\n'), "{err:?}");
+    }
+}

@@ -1,0 +1,283 @@
+//! One WebSocket connection: read city names, run their lookups
+//! concurrently, write the replies, ping when idle, and close with the
+//! right code.
+//!
+//! A connection is one task. Its in-flight lookups live in a
+//! `FuturesUnordered` inside that task: no spawn per request, each lookup
+//! progresses independently (one slow city never delays another), and
+//! their number is bounded by `server.max_inflight_per_connection`: at the
+//! bound the task stops reading, so TCP pushes back on the client instead
+//! of the server buffering without limit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chrono::Utc;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite;
+use uuid::Uuid;
+
+use crate::metrics::Outcome;
+use crate::protocol::{ErrorCode, GREETING, ServerMessage};
+use crate::server::App;
+use crate::store::RequestRecord;
+
+/// A client that has not taken a frame for this long is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for the peer's answer to our close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// RFC 6455 close codes the server sends.
+mod close_code {
+    pub(super) const GOING_AWAY: u16 = 1001;
+    pub(super) const PROTOCOL_ERROR: u16 = 1002;
+    pub(super) const INVALID_PAYLOAD: u16 = 1007;
+    pub(super) const TOO_BIG: u16 = 1009;
+}
+
+/// Why the read loop ended.
+#[derive(Debug)]
+enum End {
+    /// The server is shutting down: finish in-flight work, close 1001.
+    Shutdown,
+    /// The client sent a close frame (tungstenite answers it).
+    ClientClosed,
+    /// The socket is gone (reset, EOF, write failure).
+    Gone,
+    /// No frame from the peer for two ping intervals.
+    Dead,
+    /// The client broke the protocol: close with this code.
+    Violation(u16, &'static str),
+}
+
+/// Serves one upgraded connection until it ends.
+pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket) {
+    let client_id = Uuid::new_v4();
+    let m = app.metrics.clone();
+    m.connections.inc();
+    m.connections_total.inc();
+    tracing::debug!(%client_id, "connected");
+
+    let (end, mut inflight) = read_loop(&app, client_id, &mut socket).await;
+    tracing::debug!(%client_id, reason = ?end, "closing");
+
+    match end {
+        End::Shutdown => {
+            // Answer what was asked, then say goodbye.
+            while let Some(reply) = inflight.next().await {
+                send(&app, &mut socket, reply).await;
+            }
+            close(&mut socket, close_code::GOING_AWAY, "server shutting down").await;
+        }
+        End::Violation(code, reason) => {
+            m.protocol_errors.inc();
+            close(&mut socket, code, reason).await;
+        }
+        End::ClientClosed => {
+            // Let tungstenite flush its answer to the client's close.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.recv()).await;
+        }
+        End::Gone | End::Dead => {}
+    }
+    // Nobody is left to read these replies, but each lookup still ends
+    // and writes its request-log row.
+    while inflight.next().await.is_some() {}
+    m.connections.dec();
+    tracing::debug!(%client_id, "disconnected");
+}
+
+async fn read_loop(
+    app: &Arc<App>,
+    client_id: Uuid,
+    socket: &mut WebSocket,
+) -> (
+    End,
+    FuturesUnordered<impl Future<Output = String> + use<>>,
+) {
+    let s = &app.config.server;
+    let max_inflight = s.max_inflight_per_connection;
+    let ping_every = Duration::from_secs(s.ping_interval_s);
+    let pinging = !ping_every.is_zero();
+    let mut ping = tokio::time::interval_at(
+        Instant::now() + ping_every.max(Duration::from_secs(1)),
+        ping_every.max(Duration::from_secs(1)),
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+
+    let hello = ServerMessage::Connected {
+        message: GREETING,
+        client_id,
+    };
+    if !send(app, socket, hello.to_json()).await {
+        return (End::Gone, inflight);
+    }
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = app.shutdown.cancelled() => break End::Shutdown,
+            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                if !send(app, socket, reply).await {
+                    break End::Gone;
+                }
+            }
+            msg = socket.recv(), if inflight.len() < max_inflight => {
+                last_seen = Instant::now();
+                match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        app.metrics.messages_in.inc();
+                        inflight.push(lookup(app.clone(), client_id, text));
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        app.metrics.messages_in.inc();
+                        let reply = ServerMessage::Error {
+                            code: ErrorCode::InvalidMessage,
+                            message: "binary messages are not supported: send the city name as a text message",
+                            city: None,
+                        };
+                        if !send(app, socket, reply.to_json()).await {
+                            break End::Gone;
+                        }
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                    Some(Err(e)) => break classify(e),
+                    None => break End::Gone,
+                }
+            }
+            _ = ping.tick(), if pinging => {
+                if last_seen.elapsed() >= ping_every * 2 {
+                    break End::Dead;
+                }
+                if last_seen.elapsed() >= ping_every
+                    && !send_frame(socket, Message::Ping(Default::default())).await
+                {
+                    break End::Gone;
+                }
+            }
+        }
+    };
+    (end, inflight)
+}
+
+/// Maps a read error to how the connection ends.
+fn classify(e: axum::Error) -> End {
+    use tungstenite::error::{CapacityError, Error};
+    match e.into_inner().downcast::<Error>() {
+        Ok(e) => match *e {
+            Error::Capacity(CapacityError::MessageTooLong { .. }) => {
+                End::Violation(close_code::TOO_BIG, "message too big")
+            }
+            Error::Utf8(_) => End::Violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in text"),
+            Error::Protocol(p) => {
+                tracing::debug!(error = %p, "protocol violation");
+                End::Violation(close_code::PROTOCOL_ERROR, "protocol error")
+            }
+            other => {
+                tracing::debug!(error = %other, "connection error");
+                End::Gone
+            }
+        },
+        Err(other) => {
+            tracing::debug!(error = %other, "connection error");
+            End::Gone
+        }
+    }
+}
+
+/// Looks up one city, records the request, and returns the reply text.
+async fn lookup(app: Arc<App>, client_id: Uuid, text: Utf8Bytes) -> String {
+    let started = Instant::now();
+    let created_at = Utc::now();
+    app.metrics.requests.inc();
+    let result = app.weather.lookup(text.as_str()).await;
+    let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+    let city = RequestRecord::stored_city(text.as_str().trim());
+    let (reply, row) = match result {
+        Ok(reading) => {
+            app.metrics.outcome(Outcome::Ok).inc();
+            let row = RequestRecord {
+                client_id,
+                city,
+                ok: true,
+                temperature: Some(reading.temperature),
+                error: None,
+                latency_ms,
+                created_at,
+            };
+            (ServerMessage::weather(&reading).to_json(), row)
+        }
+        Err(e) => {
+            let code = e.code();
+            app.metrics.outcome(Outcome::from(code)).inc();
+            let message = e.to_string();
+            let reply = ServerMessage::Error {
+                code,
+                message: &message,
+                city: Some(&city),
+            }
+            .to_json();
+            let row = RequestRecord {
+                client_id,
+                city,
+                ok: false,
+                temperature: None,
+                error: Some(code.as_str()),
+                latency_ms,
+                created_at,
+            };
+            (reply, row)
+        }
+    };
+    app.log.record(row);
+    reply
+}
+
+/// Sends a text message; false when the client is gone or too slow.
+async fn send(app: &App, socket: &mut WebSocket, text: String) -> bool {
+    let sent = send_frame(socket, Message::Text(text.into())).await;
+    if sent {
+        app.metrics.messages_out.inc();
+    }
+    sent
+}
+
+async fn send_frame(socket: &mut WebSocket, msg: Message) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Sends a close frame and waits briefly for the peer's answer.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if send_frame(socket, Message::Close(Some(frame))).await {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Some(Ok(_)) = socket.recv().await {}
+        })
+        .await;
+    }
+}
+
+impl From<ErrorCode> for Outcome {
+    fn from(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::NotFound => Outcome::NotFound,
+            ErrorCode::Timeout => Outcome::Timeout,
+            ErrorCode::UpstreamUnavailable | ErrorCode::InternalError => {
+                Outcome::UpstreamUnavailable
+            }
+            ErrorCode::SystemOverloaded => Outcome::SystemOverloaded,
+            ErrorCode::InvalidData | ErrorCode::InvalidMessage => Outcome::InvalidData,
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! A fake *external* weather API: a real HTTP server on 127.0.0.1 that
+//! speaks OpenWeatherMap's and Open-Meteo's JSON, with controllable
+//! latency and failures, counting every call. There is no internet here,
+//! so the tests, the README's demo and the load tools use it in place of
+//! the real providers. It is the only stand-in in the project.
+//!
+//! Cities named `Atlantis` or starting with `Nowhere` do not exist; every
+//! other city does, with a reading derived from its name (stable across
+//! runs). The API key `bad-key` (or none) is refused with 401.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How the fake answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Real-looking answers.
+    Normal,
+    /// Every call answers this HTTP status with a JSON error body.
+    Status(u16),
+    /// Every call answers 200 with a body that is not the provider's JSON.
+    Garbage,
+}
+
+/// Most recent query strings kept for inspection.
+const KEPT_QUERIES: usize = 1_000;
+
+#[derive(Debug)]
+struct Shared {
+    calls: AtomicU64,
+    latency_ms: AtomicU64,
+    /// Errors per million calls (500 answers), spread evenly.
+    error_ppm: AtomicU64,
+    mode: Mutex<Mode>,
+    city_latency_ms: Mutex<HashMap<String, u64>>,
+    queries: Mutex<VecDeque<Vec<(String, String)>>>,
+}
+
+/// A running fake upstream. Dropping it leaves it running until the
+/// runtime ends; [`FakeUpstream::stop`] stops it.
+#[derive(Debug, Clone)]
+pub struct FakeUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl FakeUpstream {
+    /// Starts the fake on `addr` (use `127.0.0.1:0` for a free port).
+    ///
+    /// # Errors
+    /// When `addr` cannot be bound.
+    pub async fn start(addr: &str) -> std::io::Result<FakeUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            calls: AtomicU64::new(0),
+            latency_ms: AtomicU64::new(0),
+            error_ppm: AtomicU64::new(0),
+            mode: Mutex::new(Mode::Normal),
+            city_latency_ms: Mutex::new(HashMap::new()),
+            queries: Mutex::new(VecDeque::new()),
+        });
+        let stop = CancellationToken::new();
+        let app = Router::new()
+            .route("/data/2.5/weather", get(owm_weather))
+            .route("/v1/search", get(om_search))
+            .route("/v1/forecast", get(om_forecast))
+            .route("/stats", get(stats))
+            .with_state(shared.clone());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let server = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned());
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "fake upstream failed");
+            }
+        });
+        Ok(FakeUpstream { addr, shared, stop })
+    }
+
+    /// Its base URL, e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// HTTP calls answered so far (Open-Meteo lookups make two).
+    pub fn calls(&self) -> u64 {
+        self.shared.calls.load(Ordering::SeqCst)
+    }
+
+    /// Delay before every answer.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared
+            .latency_ms
+            .store(latency.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Delay for one city (case-insensitive), instead of the global one.
+    pub fn set_city_latency(&self, city: &str, latency: Duration) {
+        lock(&self.shared.city_latency_ms).insert(city.to_lowercase(), latency.as_millis() as u64);
+    }
+
+    /// Fraction of calls (0.0–1.0) answered with 500, spread evenly.
+    pub fn set_error_rate(&self, rate: f64) {
+        let ppm = (rate.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+        self.shared.error_ppm.store(ppm, Ordering::SeqCst);
+    }
+
+    /// How every call is answered.
+    pub fn set_mode(&self, mode: Mode) {
+        *lock(&self.shared.mode) = mode;
+    }
+
+    /// The query parameters of recent calls, oldest first.
+    pub fn queries(&self) -> Vec<Vec<(String, String)>> {
+        lock(&self.shared.queries).iter().cloned().collect()
+    }
+
+    /// Stops serving.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+type Params = Query<Vec<(String, String)>>;
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Counts the call, records it, sleeps, and applies the failure mode.
+/// `Err` is the response to send instead of a normal answer.
+async fn admit(s: &Shared, q: &[(String, String)], city: Option<&str>) -> Result<(), Response> {
+    let n = s.calls.fetch_add(1, Ordering::SeqCst);
+    {
+        let mut queries = lock(&s.queries);
+        if queries.len() == KEPT_QUERIES {
+            queries.pop_front();
+        }
+        queries.push_back(q.to_vec());
+    }
+    let latency = city
+        .and_then(|c| lock(&s.city_latency_ms).get(&c.to_lowercase()).copied())
+        .unwrap_or_else(|| s.latency_ms.load(Ordering::SeqCst));
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let ppm = s.error_ppm.load(Ordering::SeqCst);
+    // Evenly spread: call n fails when the running total of errors steps up.
+    if ppm > 0 && (n + 1) * ppm / 1_000_000 > n * ppm / 1_000_000 {
+        return Err(status(500));
+    }
+    match *lock(&s.mode) {
+        Mode::Normal => Ok(()),
+        Mode::Status(code) => Err(status(code)),
+        Mode::Garbage => Err((StatusCode::OK, "<html>not json</html>").into_response()),
+    }
+}
+
+fn status(code: u16) -> Response {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        axum::Json(json!({"cod": code.as_u16(), "message": "fake upstream failure"})),
+    )
+        .into_response()
+}
+
+fn exists(city: &str) -> bool {
+    let c = city.trim().to_lowercase();
+    !(c == "atlantis" || c.starts_with("nowhere"))
+}
+
+/// A stable pseudo-reading derived from the city's name.
+fn reading(city: &str) -> (f64, f64, u32, u16) {
+    let h = city
+        .to_lowercase()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let temp = (h % 400) as f64 / 10.0 - 5.0;
+    let feels = temp - (h % 30) as f64 / 10.0;
+    let humidity = 30 + (h % 70) as u32;
+    let codes = [0_u16, 1, 2, 3, 45, 61, 63, 71, 80, 95];
+    (temp, feels, humidity, codes[(h % codes.len() as u64) as usize])
+}
+
+async fn owm_weather(State(s): State<Arc<Shared>>, Query(q): Params) -> Response {
+    let city = param(&q, "q").unwrap_or_default().to_owned();
+    if let Err(resp) = admit(&s, &q, Some(&city)).await {
+        return resp;
+    }
+    match param(&q, "appid") {
+        None | Some("") | Some("bad-key") => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"cod": 401, "message": "Invalid API key."})),
+            )
+                .into_response();
+        }
+        Some(_) => {}
+    }
+    if !exists(&city) {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"cod": "404", "message": "city not found"})),
+        )
+            .into_response();
+    }
+    let (temp, feels, humidity, code) = reading(&city);
+    axum::Json(json!({
+        "name": city.trim(),
+        "cod": 200,
+        "main": {"temp": temp, "feels_like": feels, "humidity": humidity, "pressure": 1012},
+        "weather": [{"id": 800, "main": "Weather", "description": crate::weather::describe(code)}],
+    }))
+    .into_response()
+}
+
+async fn om_search(State(s): State<Arc<Shared>>, Query(q): Params) -> Response {
+    let city = param(&q, "name").unwrap_or_default().to_owned();
+    if let Err(resp) = admit(&s, &q, Some(&city)).await {
+        return resp;
+    }
+    if !exists(&city) {
+        return axum::Json(json!({"generationtime_ms": 0.1})).into_response();
+    }
+    let (temp, feels, _, _) = reading(&city);
+    // Encode the city in the coordinates so the forecast call can find
+    // the same reading again.
+    axum::Json(json!({
+        "results": [{"name": city.trim(), "latitude": temp, "longitude": feels, "country": "Fakeland"}],
+    }))
+    .into_response()
+}
+
+async fn om_forecast(State(s): State<Arc<Shared>>, Query(q): Params) -> Response {
+    if let Err(resp) = admit(&s, &q, None).await {
+        return resp;
+    }
+    let num = |name| param(&q, name).and_then(|v| v.parse::<f64>().ok());
+    let (Some(temp), Some(feels)) = (num("latitude"), num("longitude")) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": true, "reason": "latitude and longitude required"})),
+        )
+            .into_response();
+    };
+    let code = ((temp * 10.0).abs() as u64 % 4) as u16;
+    axum::Json(json!({
+        "current": {
+            "time": "2026-11-23T12:00",
+            "interval": 900,
+            "temperature_2m": temp,
+            "relative_humidity_2m": 30 + ((feels * 10.0).abs() as u64 % 70),
+            "apparent_temperature": feels,
+            "weather_code": code,
+        }
+    }))
+    .into_response()
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({"calls": s.calls.load(Ordering::SeqCst)})).into_response()
+}

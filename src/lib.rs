@@ -1,0 +1,29 @@
+//! gale: a real-time WebSocket server for very many concurrent users.
+//!
+//! Its first application: a client sends a city name over WebSocket and
+//! gets the current weather back at once, while every request is written
+//! to a database in the background. One module per concern:
+//!
+//! - [`config`]: typed settings from defaults, a TOML file and the
+//!   environment.
+//! - [`server`]: routes, the connection limit, the shutdown sequence.
+//! - [`connection`]: one WebSocket connection's read/reply loop.
+//! - [`protocol`]: the wire messages; no state.
+//! - [`weather`]: providers, cache, single-flight, limits, breaker.
+//! - [`store`]: the batched, bounded request log (SQLite/PostgreSQL).
+//! - [`metrics`]: Prometheus and JSON counters.
+//! - [`shutdown`]: signals to a cancellation token.
+//! - [`client`]: `gale client`.
+//! - [`fake_upstream`]: a fake weather API for tests and demos.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod fake_upstream;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod shutdown;
+pub mod store;
+pub mod weather;

@@ -1,0 +1,317 @@
+//! Every counter the server keeps, registered once and handed out as
+//! cheap handles, exported as Prometheus text at `/metrics` and as the
+//! seed's JSON object at `/metrics.json`.
+//!
+//! Labels come only from the small enums below, so the number of series
+//! is fixed however many clients or cities the server sees.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// How a weather request ended; one label value per reply kind.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// A reading was returned.
+    Ok,
+    /// The upstream does not know the city.
+    NotFound,
+    /// The lookup missed its deadline.
+    Timeout,
+    /// The upstream failed, answered garbage, or the breaker is open.
+    UpstreamUnavailable,
+    /// Too many lookups waiting: refused at once.
+    SystemOverloaded,
+    /// The request itself was unusable (empty city, …).
+    InvalidData,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: Outcome,
+}
+
+/// How one upstream HTTP call ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum UpstreamResult {
+    /// A reading.
+    Ok,
+    /// City not found (a valid answer, not a failure).
+    NotFound,
+    /// Failed: error status, bad body, connection error or deadline.
+    Error,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    result: UpstreamResult,
+}
+
+/// Circuit breaker state, as the `gale_upstream_breaker_state` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls flow.
+    Closed = 0,
+    /// Calls fail fast.
+    Open = 1,
+    /// One trial call is allowed.
+    HalfOpen = 2,
+}
+
+/// All metric handles. Cloning a handle is an `Arc` clone; updating one is
+/// an atomic add.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// WebSocket connections open now.
+    pub connections: Gauge,
+    /// WebSocket connections ever opened.
+    pub connections_total: Counter,
+    /// WebSocket messages received.
+    pub messages_in: Counter,
+    /// WebSocket messages sent.
+    pub messages_out: Counter,
+    /// Connections closed for a protocol violation (1007, 1009, …).
+    pub protocol_errors: Counter,
+    /// Weather requests received (the seed's `requests`).
+    pub requests: Counter,
+    outcomes: [Counter; 6],
+    /// Upstream HTTP calls that returned a reading.
+    pub upstream_ok: Counter,
+    /// Upstream HTTP calls that answered "not found".
+    pub upstream_not_found: Counter,
+    /// Upstream HTTP calls that failed.
+    pub upstream_error: Counter,
+    /// Upstream call latency in seconds.
+    pub upstream_latency: Histogram,
+    /// Upstream calls running now.
+    pub upstream_in_flight: Gauge,
+    /// Lookups waiting for an upstream slot now.
+    pub upstream_pending: Gauge,
+    /// Breaker state (0 closed, 1 open, 2 half-open).
+    pub breaker_state: Gauge,
+    /// Lookups refused at once because the breaker was open.
+    pub breaker_rejected: Counter,
+    /// Lookups answered from the cache.
+    pub cache_hits: Counter,
+    /// Lookups that called upstream themselves.
+    pub cache_misses: Counter,
+    /// Lookups that waited on another's identical upstream call.
+    pub cache_coalesced: Counter,
+    /// Rows accepted into the request-log queue (the seed's `db-queued`).
+    pub db_queued: Counter,
+    /// Rows written to the database (the seed's `db-completed`).
+    pub db_completed: Counter,
+    /// Rows dropped because the queue was full.
+    pub db_dropped: Counter,
+    /// Rows given up on after the database kept failing.
+    pub db_failed: Counter,
+    /// Failed insert attempts (each retried with backoff).
+    pub db_errors: Counter,
+    /// Rows waiting in the queue now.
+    pub db_queue_depth: Gauge,
+    /// Rows per insert.
+    pub db_batch_size: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("gale");
+        let reg = &mut registry;
+
+        let connections = Gauge::default();
+        reg.register("connections", "WebSocket connections open now", connections.clone());
+        let connections_total = Counter::default();
+        reg.register(
+            "connections_opened",
+            "WebSocket connections ever opened",
+            connections_total.clone(),
+        );
+        let messages_in = Counter::default();
+        reg.register("messages_in", "WebSocket messages received", messages_in.clone());
+        let messages_out = Counter::default();
+        reg.register("messages_out", "WebSocket messages sent", messages_out.clone());
+        let protocol_errors = Counter::default();
+        reg.register(
+            "protocol_errors",
+            "Connections closed for a protocol violation",
+            protocol_errors.clone(),
+        );
+
+        let requests = Counter::default();
+        reg.register("requests", "Weather requests received", requests.clone());
+        let by_outcome = Family::<OutcomeLabels, Counter>::default();
+        reg.register(
+            "request_outcomes",
+            "Weather requests by how they ended",
+            by_outcome.clone(),
+        );
+        let outcome = |o| by_outcome.get_or_create_owned(&OutcomeLabels { outcome: o });
+        let outcomes = [
+            outcome(Outcome::Ok),
+            outcome(Outcome::NotFound),
+            outcome(Outcome::Timeout),
+            outcome(Outcome::UpstreamUnavailable),
+            outcome(Outcome::SystemOverloaded),
+            outcome(Outcome::InvalidData),
+        ];
+
+        let upstream = Family::<UpstreamLabels, Counter>::default();
+        reg.register("upstream_calls", "Upstream weather calls by result", upstream.clone());
+        let upstream_call = |r| upstream.get_or_create_owned(&UpstreamLabels { result: r });
+        let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 13));
+        reg.register(
+            "upstream_latency_seconds",
+            "Upstream weather call latency",
+            upstream_latency.clone(),
+        );
+        let upstream_in_flight = Gauge::default();
+        reg.register(
+            "upstream_in_flight",
+            "Upstream calls running now",
+            upstream_in_flight.clone(),
+        );
+        let upstream_pending = Gauge::default();
+        reg.register(
+            "upstream_pending",
+            "Lookups waiting for an upstream slot",
+            upstream_pending.clone(),
+        );
+        let breaker_state = Gauge::default();
+        reg.register(
+            "upstream_breaker_state",
+            "Circuit breaker: 0 closed, 1 open, 2 half-open",
+            breaker_state.clone(),
+        );
+        let breaker_rejected = Counter::default();
+        reg.register(
+            "upstream_breaker_rejected",
+            "Lookups failed fast by the open breaker",
+            breaker_rejected.clone(),
+        );
+
+        let cache_hits = Counter::default();
+        reg.register("cache_hits", "Lookups answered from the cache", cache_hits.clone());
+        let cache_misses = Counter::default();
+        reg.register("cache_misses", "Lookups that called upstream", cache_misses.clone());
+        let cache_coalesced = Counter::default();
+        reg.register(
+            "cache_coalesced",
+            "Lookups that shared another's upstream call",
+            cache_coalesced.clone(),
+        );
+
+        let db_queued = Counter::default();
+        reg.register("db_rows_queued", "Request-log rows queued", db_queued.clone());
+        let db_completed = Counter::default();
+        reg.register("db_rows_written", "Request-log rows written", db_completed.clone());
+        let db_dropped = Counter::default();
+        reg.register(
+            "db_rows_dropped",
+            "Request-log rows dropped: queue full",
+            db_dropped.clone(),
+        );
+        let db_failed = Counter::default();
+        reg.register(
+            "db_rows_failed",
+            "Request-log rows lost after retries",
+            db_failed.clone(),
+        );
+        let db_errors = Counter::default();
+        reg.register("db_insert_errors", "Failed insert attempts", db_errors.clone());
+        let db_queue_depth = Gauge::default();
+        reg.register(
+            "db_queue_depth",
+            "Request-log rows waiting to be written",
+            db_queue_depth.clone(),
+        );
+        let db_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        reg.register("db_batch_rows", "Rows per insert", db_batch_size.clone());
+
+        Metrics {
+            connections,
+            connections_total,
+            messages_in,
+            messages_out,
+            protocol_errors,
+            requests,
+            outcomes,
+            upstream_ok: upstream_call(UpstreamResult::Ok),
+            upstream_not_found: upstream_call(UpstreamResult::NotFound),
+            upstream_error: upstream_call(UpstreamResult::Error),
+            upstream_latency,
+            upstream_in_flight,
+            upstream_pending,
+            breaker_state,
+            breaker_rejected,
+            cache_hits,
+            cache_misses,
+            cache_coalesced,
+            db_queued,
+            db_completed,
+            db_dropped,
+            db_failed,
+            db_errors,
+            db_queue_depth,
+            db_batch_size,
+            registry,
+        }
+    }
+
+    /// The counter for one request outcome.
+    pub fn outcome(&self, outcome: Outcome) -> &Counter {
+        &self.outcomes[outcome as usize]
+    }
+
+    /// Requests that got a reading (the seed's `successful`).
+    pub fn successful(&self) -> u64 {
+        self.outcome(Outcome::Ok).get()
+    }
+
+    /// Requests that got an error reply (the seed's `failed`).
+    pub fn failed(&self) -> u64 {
+        self.outcomes.iter().skip(1).map(Counter::get).sum()
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode_text(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            // Writing into a String cannot fail; keep the endpoint alive
+            // with what was written if it ever does.
+            tracing::error!("metrics encoding failed");
+        }
+        out
+    }
+
+    /// The seed's counters under its exact keys, plus the drop count and
+    /// the connection gauge.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "requests": self.requests.get(),
+            "successful": self.successful(),
+            "failed": self.failed(),
+            "db-queued": self.db_queued.get(),
+            "db-completed": self.db_completed.get(),
+            "db-dropped": self.db_dropped.get(),
+            "db-failed": self.db_failed.get(),
+            "db-queue-depth": self.db_queue_depth.get(),
+            "connections": self.connections.get(),
+            "connections-total": self.connections_total.get(),
+            "cache-hits": self.cache_hits.get(),
+            "cache-misses": self.cache_misses.get(),
+            "cache-coalesced": self.cache_coalesced.get(),
+            "upstream-calls": self.upstream_ok.get() + self.upstream_not_found.get() + self.upstream_error.get(),
+        })
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,341 @@
+//! The HTTP server: routes, the connection limit, and the shutdown
+//! sequence.
+//!
+//! [`run`] takes a bound listener and a cancellation token, so the binary
+//! and the tests start the server the same way (tests bind port 0).
+//! Shutdown: stop accepting; every WebSocket connection stops reading,
+//! finishes its in-flight lookups and closes with 1001; the server waits
+//! for them (they are tracked: axum does not track upgraded connections)
+//! up to the grace period; then the request log is drained.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::{self, RequestLog, StoreError};
+use crate::weather::{self, Weather};
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound (in use, not local, …).
+    #[error("cannot listen on server.listen = {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The request log database could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The weather client could not be built.
+    #[error(transparent)]
+    Weather(#[from] weather::BuildError),
+    /// The listener failed while serving.
+    #[error("server I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Everything a request or a connection needs, shared by all of them.
+#[derive(Debug)]
+pub struct App {
+    /// The configuration in force.
+    pub config: Config,
+    /// Weather lookups.
+    pub weather: Weather,
+    /// The request log's queue.
+    pub log: RequestLog,
+    /// Metric handles.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server starts to shut down.
+    pub shutdown: CancellationToken,
+    /// Every upgraded WebSocket connection, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// Binds the configured listen address.
+///
+/// # Errors
+/// [`ServerError::Bind`] naming `server.listen`.
+pub async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+/// Runs the server on `listener` until `shutdown` is cancelled, then shuts
+/// down cleanly. Returns once the request log is drained.
+///
+/// # Errors
+/// [`ServerError`] when the store or the weather client cannot start.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::new());
+    let weather = Weather::from_config(&config.weather, metrics.clone())?;
+    let (log, writers) = store::start(&config.store, metrics.clone()).await?;
+    let grace = config.server.shutdown_grace();
+    let app = Arc::new(App {
+        config,
+        weather,
+        log,
+        metrics,
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+    });
+
+    let local = listener.local_addr()?;
+    let listener = LimitedListener {
+        inner: listener,
+        permits: Arc::new(Semaphore::new(app.config.server.max_connections)),
+    };
+    tracing::info!(
+        addr = %local,
+        provider = ?app.config.weather.provider,
+        "gale listening; WebSocket at ws://{local}/ws"
+    );
+    let http = tokio::spawn(
+        axum::serve(listener, router(app.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    shutdown.cancelled().await;
+    let deadline = Instant::now() + grace;
+    tracing::info!(
+        connections = app.metrics.connections.get(),
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: closing connections"
+    );
+    app.tracker.close();
+    if tokio::time::timeout_at(deadline, app.tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = app.tracker.len(),
+            "grace period over with connections still open"
+        );
+    }
+    match tokio::time::timeout_at(deadline, http).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error during shutdown"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+        Err(_) => tracing::warn!("HTTP connections still open after the grace period"),
+        Ok(Ok(Ok(()))) => {}
+    }
+
+    let queued = app.log.depth();
+    // The drain gets what is left of the grace period, and never less than
+    // a few seconds: rows of answered requests must not be abandoned.
+    let drain_for = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(5));
+    if writers.drain(drain_for).await {
+        tracing::info!(rows = queued, "request log drained; bye");
+    } else {
+        tracing::error!(
+            rows_left = app.log.depth(),
+            "request log not drained in time"
+        );
+    }
+    Ok(())
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/ws", get(ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/metrics.json", get(metrics_json))
+        .fallback(not_found)
+        .with_state(app)
+}
+
+async fn index() -> &'static str {
+    concat!(
+        "gale ",
+        env!("CARGO_PKG_VERSION"),
+        ": weather over WebSocket.\n",
+        "Connect to /ws and send a city name, e.g. `gale client ws://HOST:PORT/ws`.\n",
+        "Health: /healthz  Metrics: /metrics (Prometheus), /metrics.json\n"
+    )
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    if app.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        "ok\n".into_response()
+    }
+}
+
+fn refresh_gauges(app: &App) {
+    let m = &app.metrics;
+    m.db_queue_depth.set(app.log.depth() as i64);
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    refresh_gauges(&app);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode_text(),
+    )
+        .into_response()
+}
+
+async fn metrics_json(State(app): State<Arc<App>>) -> Response {
+    refresh_gauges(&app);
+    axum::Json(app.metrics.to_json()).into_response()
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
+}
+
+async fn ws_upgrade(
+    State(app): State<Arc<App>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::UPGRADE, "websocket")],
+                format!(
+                    "/ws is a WebSocket endpoint: connect with a WebSocket client \
+                     (e.g. `gale client ws://HOST:PORT/ws`). {}\n",
+                    rejection.body_text()
+                ),
+            )
+                .into_response();
+        }
+    };
+    if app.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    // Taken before the upgrade completes, so shutdown also waits for a
+    // connection that is between the 101 response and its task.
+    let tracked = app.tracker.token();
+    let s = &app.config.server;
+    ws.read_buffer_size(s.read_buffer_bytes)
+        .write_buffer_size(s.write_buffer_bytes)
+        .max_write_buffer_size(s.write_buffer_bytes + s.max_message_bytes.max(64 * 1024))
+        .max_message_size(s.max_message_bytes)
+        .max_frame_size(s.max_message_bytes)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
+        .on_upgrade(move |socket| async move {
+            crate::connection::serve(app, socket).await;
+            drop(tracked);
+        })
+}
+
+/// A TCP listener that takes a connection permit *before* accepting, so
+/// the server never holds more than `server.max_connections` sockets;
+/// further clients wait in the kernel's backlog. The permit lives in the
+/// accepted stream and is released when the connection (upgraded or not)
+/// is dropped.
+struct LimitedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let permit = match self.permits.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            // The semaphore is never closed.
+            Err(_) => std::future::pending().await,
+        };
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        (
+            LimitedStream {
+                stream,
+                _permit: permit,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted stream holding its connection permit.
+struct LimitedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

@@ -1,0 +1,153 @@
+//! The two database backends behind one small type. The writer pipeline
+//! (queue, batching, retries) is shared; only the SQL dialect differs.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Postgres, QueryBuilder, Sqlite};
+
+use super::{RequestRecord, StoreError};
+
+const INSERT: &str = "INSERT INTO weather_requests \
+    (client_id, city, ok, temperature, error, latency_ms, created_at) ";
+
+/// An open database: SQLite or PostgreSQL.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// A SQLite file (WAL mode).
+    Sqlite(SqlitePool),
+    /// A PostgreSQL server.
+    Postgres(PgPool),
+}
+
+/// Checks that a store URL names a supported database.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("sqlite:") {
+        SqliteConnectOptions::from_str(url)
+            .map(drop)
+            .map_err(|e| format!("{url:?}: {e}"))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        PgConnectOptions::from_str(url)
+            .map(drop)
+            .map_err(|e| format!("{}: {e}", redact(url)))
+    } else {
+        Err(format!(
+            "{:?} is not supported: use sqlite://FILE or postgres://USER@HOST/DB",
+            redact(url)
+        ))
+    }
+}
+
+/// The URL with any password replaced, for messages and logs.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Db {
+    /// Opens a pool of at most `max_connections`.
+    ///
+    /// # Errors
+    /// [`StoreError::Connect`] when the database cannot be opened.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Db, StoreError> {
+        let err = |source| StoreError::Connect {
+            url: redact(url),
+            source,
+        };
+        let max = max_connections.max(1);
+        if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(err)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max)
+                .connect_with(opts)
+                .await
+                .map_err(err)?;
+            Ok(Db::Sqlite(pool))
+        } else {
+            let opts = PgConnectOptions::from_str(url).map_err(err)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(opts)
+                .await
+                .map_err(err)?;
+            Ok(Db::Postgres(pool))
+        }
+    }
+
+    /// Brings the schema up to date.
+    ///
+    /// # Errors
+    /// When a migration fails.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Db::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Inserts `rows` in one statement.
+    ///
+    /// # Errors
+    /// The driver's error; the caller retries.
+    pub async fn insert_requests(&self, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Db::Sqlite(pool) => {
+                let mut q = QueryBuilder::<Sqlite>::new(INSERT);
+                q.push_values(rows, |mut b, r| {
+                    b.push_bind(r.client_id.to_string())
+                        .push_bind(r.city.clone())
+                        .push_bind(r.ok)
+                        .push_bind(r.temperature)
+                        .push_bind(r.error)
+                        .push_bind(i64::from(r.latency_ms))
+                        .push_bind(r.created_at);
+                });
+                q.build().execute(pool).await?;
+            }
+            Db::Postgres(pool) => {
+                let mut q = QueryBuilder::<Postgres>::new(INSERT);
+                q.push_values(rows, |mut b, r| {
+                    b.push_bind(r.client_id)
+                        .push_bind(r.city.clone())
+                        .push_bind(r.ok)
+                        .push_bind(r.temperature)
+                        .push_bind(r.error)
+                        .push_bind(i32::try_from(r.latency_ms).unwrap_or(i32::MAX))
+                        .push_bind(r.created_at);
+                });
+                q.build().execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(pool) => pool.close().await,
+            Db::Postgres(pool) => pool.close().await,
+        }
+    }
+}

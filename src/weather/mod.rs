@@ -1,0 +1,252 @@
+//! Weather lookups, protected: validation, a TTL cache with single-flight
+//! (concurrent requests for one uncached city share one upstream call), a
+//! bound on concurrent and waiting upstream calls, a deadline, and a
+//! circuit breaker. Providers behind [`Provider`] only make HTTP calls.
+
+mod breaker;
+mod open_meteo;
+mod openweathermap;
+mod provider;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::future::Cache;
+use tokio::sync::Semaphore;
+
+pub use breaker::Breaker;
+pub use open_meteo::{OpenMeteo, describe};
+pub use openweathermap::OpenWeatherMap;
+pub use provider::{Provider, Reading, WeatherError};
+
+use crate::config::{self, WeatherConfig};
+use crate::metrics::Metrics;
+use crate::protocol::{normalise_city, parse_city};
+
+/// What the cache holds for a city: a reading, or the knowledge that the
+/// provider does not know it (cached for a shorter time).
+#[derive(Debug, Clone)]
+enum Cached {
+    Found(Arc<Reading>),
+    NotFound,
+}
+
+struct TtlByOutcome {
+    found: Duration,
+    not_found: Duration,
+}
+
+impl Expiry<String, Cached> for TtlByOutcome {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &Cached,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(match value {
+            Cached::Found(_) => self.found,
+            Cached::NotFound => self.not_found,
+        })
+    }
+}
+
+/// Why the weather service could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The HTTP client could not be created (TLS set-up).
+    #[error("cannot create the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A provider URL does not parse.
+    #[error("invalid weather URL: {0}")]
+    Url(#[from] url::ParseError),
+}
+
+/// The weather service shared by every connection.
+pub struct Weather {
+    provider: Box<dyn Provider>,
+    cache: Cache<String, Cached>,
+    slots: Semaphore,
+    pending: AtomicUsize,
+    max_pending: usize,
+    timeout: Duration,
+    breaker: Breaker,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Weather {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weather")
+            .field("cached", &self.cache.entry_count())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Weather {
+    /// Builds the configured provider and the protections around it.
+    ///
+    /// # Errors
+    /// [`BuildError`] when the HTTP client or a URL cannot be made.
+    pub fn from_config(cfg: &WeatherConfig, metrics: Arc<Metrics>) -> Result<Self, BuildError> {
+        // The client's own timeout is a backstop: the lookup deadline in
+        // `fetch` fires first and is what the client is told.
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout() + Duration::from_secs(1))
+            .connect_timeout(cfg.timeout().min(Duration::from_secs(3)))
+            .pool_max_idle_per_host(cfg.max_concurrent)
+            .user_agent(concat!("gale/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let provider: Box<dyn Provider> = match cfg.provider {
+            config::Provider::OpenWeatherMap => Box::new(OpenWeatherMap::new(
+                http,
+                cfg.effective_base_url(),
+                cfg.api_key.clone().unwrap_or_default(),
+                cfg.max_response_bytes,
+            )?),
+            config::Provider::OpenMeteo => Box::new(OpenMeteo::new(
+                http,
+                cfg.effective_base_url(),
+                cfg.effective_geocoding_url(),
+                cfg.max_response_bytes,
+            )?),
+        };
+        Ok(Self::new(provider, cfg, metrics))
+    }
+
+    /// Wraps any provider with the configured protections.
+    pub fn new(provider: Box<dyn Provider>, cfg: &WeatherConfig, metrics: Arc<Metrics>) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(cfg.cache_capacity)
+            .expire_after(TtlByOutcome {
+                found: Duration::from_secs(cfg.cache_ttl_s),
+                not_found: Duration::from_secs(cfg.not_found_ttl_s),
+            })
+            .build();
+        Weather {
+            provider,
+            cache,
+            slots: Semaphore::new(cfg.max_concurrent),
+            pending: AtomicUsize::new(0),
+            max_pending: cfg.max_pending,
+            timeout: cfg.timeout(),
+            breaker: Breaker::new(
+                cfg.breaker_failures,
+                Duration::from_millis(cfg.breaker_cooldown_ms),
+            ),
+            metrics,
+        }
+    }
+
+    /// The current weather for `city` as a client typed it.
+    ///
+    /// # Errors
+    /// [`WeatherError`]: invalid city, not found, timeout, busy, breaker
+    /// open, or an upstream failure.
+    pub async fn lookup(&self, city: &str) -> Result<Arc<Reading>, WeatherError> {
+        let city = parse_city(city)?;
+        let key = normalise_city(city);
+        let cached = match self.cache.get(&key).await {
+            Some(hit) => {
+                self.metrics.cache_hits.inc();
+                hit
+            }
+            None => {
+                let mut called = false;
+                let fetched = self
+                    .cache
+                    .entry_by_ref(&key)
+                    .or_try_insert_with(async {
+                        called = true;
+                        self.fetch(city).await
+                    })
+                    .await;
+                if called {
+                    self.metrics.cache_misses.inc();
+                } else {
+                    self.metrics.cache_coalesced.inc();
+                }
+                fetched.map_err(|e| (*e).clone())?.into_value()
+            }
+        };
+        match cached {
+            Cached::Found(reading) => Ok(reading),
+            Cached::NotFound => Err(WeatherError::NotFound),
+        }
+    }
+
+    /// One upstream lookup under the breaker, the slot limits and the
+    /// deadline. "Not found" is a cacheable answer, not an error.
+    async fn fetch(&self, city: &str) -> Result<Cached, WeatherError> {
+        let permit = self.breaker.try_acquire().map_err(|left| {
+            self.metrics.breaker_rejected.inc();
+            WeatherError::CircuitOpen(left.as_secs().max(1))
+        })?;
+        let result = tokio::time::timeout(self.timeout, self.call(city))
+            .await
+            .unwrap_or(Err(WeatherError::Timeout(self.timeout.as_millis() as u64)));
+        if !matches!(result, Err(WeatherError::Busy)) {
+            permit.record(!result.as_ref().is_err_and(WeatherError::is_upstream_failure));
+        }
+        self.metrics.breaker_state.set(self.breaker.state() as i64);
+        match result {
+            Ok(reading) => Ok(Cached::Found(Arc::new(reading))),
+            Err(WeatherError::NotFound) => Ok(Cached::NotFound),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for an upstream slot (refusing at once past `max_pending`)
+    /// and makes the call.
+    async fn call(&self, city: &str) -> Result<Reading, WeatherError> {
+        let _slot = match self.slots.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let _waiting = Pending::enter(self)?;
+                self.slots
+                    .acquire()
+                    .await
+                    .map_err(|_| WeatherError::Upstream("shutting down".into()))?
+            }
+        };
+        let m = &self.metrics;
+        m.upstream_in_flight.inc();
+        let started = Instant::now();
+        let result = self.provider.current(city).await;
+        m.upstream_in_flight.dec();
+        m.upstream_latency.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => m.upstream_ok.inc(),
+            Err(WeatherError::NotFound) => m.upstream_not_found.inc(),
+            Err(_) => m.upstream_error.inc(),
+        };
+        result
+    }
+
+    /// Cities in the cache now.
+    pub fn cached_cities(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}
+
+/// Counts one lookup waiting for a slot, for as long as it waits.
+struct Pending<'a>(&'a Weather);
+
+impl<'a> Pending<'a> {
+    fn enter(w: &'a Weather) -> Result<Self, WeatherError> {
+        if w.pending.fetch_add(1, Ordering::AcqRel) >= w.max_pending {
+            w.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(WeatherError::Busy);
+        }
+        w.metrics.upstream_pending.inc();
+        Ok(Pending(w))
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.upstream_pending.dec();
+    }
+}

@@ -1,0 +1,128 @@
+//! The provider trait, the reading it returns, and the errors every
+//! provider maps its failures to.
+
+use futures_util::future::BoxFuture;
+
+use crate::protocol::ErrorCode;
+
+/// Current weather for one city.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// The city as the provider names it.
+    pub city: String,
+    /// Degrees Celsius.
+    pub temperature: f64,
+    /// Degrees Celsius.
+    pub feels_like: f64,
+    /// Human description.
+    pub description: String,
+    /// Relative humidity, percent.
+    pub humidity: u32,
+}
+
+/// Why a lookup produced no reading. Cloneable because one upstream
+/// failure is handed to every request that waited on it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WeatherError {
+    /// The city name was refused before any lookup.
+    #[error("{0}")]
+    InvalidCity(#[from] crate::protocol::InvalidCity),
+    /// The provider does not know the city.
+    #[error("city not found: check the spelling, or add a country (\"Paris, FR\")")]
+    NotFound,
+    /// The lookup missed its deadline.
+    #[error("weather lookup timeout: no answer from the weather service within {0} ms, try again")]
+    Timeout(u64),
+    /// Too many lookups are waiting already.
+    #[error("server busy: too many weather lookups waiting, try again in a few seconds")]
+    Busy,
+    /// The breaker is open after repeated upstream failures.
+    #[error("weather service unavailable: too many recent upstream failures, retry in {0} s")]
+    CircuitOpen(u64),
+    /// The provider refused our API key.
+    #[error("weather service unavailable: the server's weather API key was rejected")]
+    BadKey,
+    /// The provider failed (error status, connection error).
+    #[error("weather service unavailable: {0}")]
+    Upstream(String),
+    /// The provider answered something we cannot read.
+    #[error("weather service unavailable: invalid upstream response ({0})")]
+    InvalidResponse(String),
+}
+
+impl WeatherError {
+    /// The stable code for replies and the request log.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WeatherError::InvalidCity(_) => ErrorCode::InvalidData,
+            WeatherError::NotFound => ErrorCode::NotFound,
+            WeatherError::Timeout(_) => ErrorCode::Timeout,
+            WeatherError::Busy => ErrorCode::SystemOverloaded,
+            WeatherError::CircuitOpen(_)
+            | WeatherError::BadKey
+            | WeatherError::Upstream(_)
+            | WeatherError::InvalidResponse(_) => ErrorCode::UpstreamUnavailable,
+        }
+    }
+
+    /// Whether this outcome counts against the upstream's health. A
+    /// "not found" is a good answer; refusals never reached upstream.
+    pub(crate) fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            WeatherError::Timeout(_)
+                | WeatherError::BadKey
+                | WeatherError::Upstream(_)
+                | WeatherError::InvalidResponse(_)
+        )
+    }
+}
+
+/// One weather API. Implementations make the HTTP calls and map every
+/// answer to a [`Reading`] or a [`WeatherError`]; limits, caching and the
+/// breaker live in [`super::Weather`], shared by all providers.
+pub trait Provider: Send + Sync + 'static {
+    /// Fetches the current weather for `city` (trimmed, validated).
+    fn current<'a>(&'a self, city: &'a str) -> BoxFuture<'a, Result<Reading, WeatherError>>;
+}
+
+/// Reads a response body up to `limit` bytes.
+pub(crate) async fn read_body(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, WeatherError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(map_reqwest)? {
+        if body.len() + chunk.len() > limit {
+            return Err(WeatherError::InvalidResponse(format!(
+                "body larger than {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Maps a transport error to what the client is told.
+pub(crate) fn map_reqwest(e: reqwest::Error) -> WeatherError {
+    if e.is_timeout() {
+        WeatherError::Upstream("the weather service did not answer in time (timeout)".into())
+    } else if e.is_connect() {
+        WeatherError::Upstream("cannot reach the weather service".into())
+    } else if e.is_decode() || e.is_body() {
+        WeatherError::InvalidResponse("unreadable body".into())
+    } else {
+        WeatherError::Upstream("request to the weather service failed".into())
+    }
+}
+
+/// Maps a non-success status the seed's way: 404 not found, 401 bad key,
+/// everything else unavailable.
+pub(crate) fn map_status(status: reqwest::StatusCode) -> WeatherError {
+    match status.as_u16() {
+        404 => WeatherError::NotFound,
+        401 | 403 => WeatherError::BadKey,
+        429 => WeatherError::Upstream("rate limited by the weather service (429)".into()),
+        code => WeatherError::Upstream(format!("the weather service returned status {code}")),
+    }
+}
