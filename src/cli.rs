@@ -40,7 +40,8 @@ pub enum Command {
         /// Send this message, print the reply and exit (0 = success).
         #[arg(long, value_name = "MESSAGE")]
         send: Option<String>,
-        /// With --send: how long to wait for the reply.
+        /// How long to wait for a reply (with --send), or for the replies
+        /// still due at the end of input.
         #[arg(long, default_value_t = 10_000, value_name = "MS")]
         timeout_ms: u64,
     },
@@ -81,8 +82,10 @@ fn init_tracing(default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -94,22 +97,26 @@ async fn run(command: Command) -> ExitCode {
             url,
             send: Some(message),
             timeout_ms,
-        } => match crate::client::send_once(&url, &message, Duration::from_millis(timeout_ms)).await
-        {
-            Ok(reply) => {
-                println!("{reply}");
-                ExitCode::SUCCESS
+        } => {
+            match crate::client::send_once(&url, &message, Duration::from_millis(timeout_ms)).await
+            {
+                Ok(reply) => {
+                    println!("{reply}");
+                    ExitCode::SUCCESS
+                }
+                Err(crate::client::ClientError::ErrorReply(reply)) => {
+                    println!("{reply}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("gale client: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(crate::client::ClientError::ErrorReply(reply)) => {
-                println!("{reply}");
-                ExitCode::FAILURE
-            }
-            Err(e) => {
-                eprintln!("gale client: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Client { url, .. } => match crate::client::interactive(&url).await {
+        }
+        Command::Client {
+            url, timeout_ms, ..
+        } => match crate::client::interactive(&url, Duration::from_millis(timeout_ms)).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("gale client: {e}");

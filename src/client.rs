@@ -43,12 +43,13 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(url: &str) -> Result<Socket, ClientError> {
-    let (socket, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| ClientError::Connect {
-            url: url.to_owned(),
-            source: Box::new(e),
-        })?;
+    let (socket, _) =
+        tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(|e| ClientError::Connect {
+                url: url.to_owned(),
+                source: Box::new(e),
+            })?;
     Ok(socket)
 }
 
@@ -111,28 +112,54 @@ pub async fn send_once(url: &str, message: &str, timeout: Duration) -> Result<St
 }
 
 /// Interactive session: lines from standard input go out, everything that
-/// comes in is printed. Ends at end of input or when the server closes.
+/// comes in is printed. At the end of input it waits (up to `linger`) for
+/// the replies still due, then closes. Ends early when the server closes.
 ///
 /// # Errors
 /// [`ClientError`] when the connection cannot be opened or fails.
-pub async fn interactive(url: &str) -> Result<(), ClientError> {
+pub async fn interactive(url: &str, linger: Duration) -> Result<(), ClientError> {
     let socket = connect(url).await?;
     eprintln!("connected to {url} (type a city and press Enter; Ctrl-D to quit)");
     let (mut tx, mut rx) = socket.split();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    // Replies still due: one per message sent.
+    let mut due: usize = 0;
     let mut input_open = true;
+    let give_up = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(give_up);
     loop {
+        if !input_open && due == 0 {
+            let close = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            };
+            tx.send(Message::Close(Some(close)))
+                .await
+                .map_err(Box::new)?;
+            // Wait for the server's answer to the close.
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_secs(2), rx.next()).await
+            {}
+            return Ok(());
+        }
         tokio::select! {
             line = lines.next_line(), if input_open => match line? {
-                Some(line) => tx.send(Message::text(line)).await.map_err(Box::new)?,
+                Some(line) => {
+                    tx.send(Message::text(line)).await.map_err(Box::new)?;
+                    due += 1;
+                }
                 None => {
                     input_open = false;
-                    let close = CloseFrame { code: CloseCode::Normal, reason: "bye".into() };
-                    tx.send(Message::Close(Some(close))).await.map_err(Box::new)?;
+                    give_up.as_mut().reset(tokio::time::Instant::now() + linger);
                 }
             },
             msg = rx.next() => match msg {
-                Some(Ok(Message::Text(t))) => println!("< {t}"),
+                Some(Ok(Message::Text(t))) => {
+                    if !is_greeting(&t) {
+                        due = due.saturating_sub(1);
+                    }
+                    println!("< {t}");
+                }
                 Some(Ok(Message::Binary(b))) => println!("< ({} bytes of binary)", b.len()),
                 Some(Ok(Message::Close(f))) => {
                     eprintln!("closed{}", closed_reason(f.as_ref()));
@@ -142,6 +169,10 @@ pub async fn interactive(url: &str) -> Result<(), ClientError> {
                 Some(Err(e)) => return Err(Box::new(e).into()),
                 None => return Ok(()),
             },
+            () = &mut give_up, if !input_open => {
+                eprintln!("{due} replies still due after {} ms; closing", linger.as_millis());
+                due = 0;
+            }
         }
     }
 }

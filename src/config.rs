@@ -271,13 +271,14 @@ impl Config {
             Some(path) => read_file(path)?,
             None => toml::Table::new(),
         };
-        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
-            key: "(defaults)".into(),
-            message: e.to_string(),
-        })?;
+        let defaults =
+            toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
+                key: "(defaults)".into(),
+                message: e.to_string(),
+            })?;
         apply_env(&mut table, &defaults, env)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 ConfigError::invalid(&key, e.into_inner().message().to_owned())
             })?;
@@ -507,7 +508,10 @@ mod tests {
         assert_eq!(c.weather.api_key.as_deref(), Some("seed"));
         let c = Config::load_from(
             None,
-            env(&[("WEATHER_API_KEY", "seed"), ("GALE_WEATHER__API_KEY", "mine")]),
+            env(&[
+                ("WEATHER_API_KEY", "seed"),
+                ("GALE_WEATHER__API_KEY", "mine"),
+            ]),
         )
         .expect("loads");
         assert_eq!(c.weather.api_key.as_deref(), Some("mine"));
@@ -547,8 +551,11 @@ mod tests {
     fn file_values_and_syntax_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("gale.toml");
-        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nworkers = 2\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:0\"\n[store]\nworkers = 2\n",
+        )
+        .expect("write");
         let c = Config::load_from(Some(&path), env(&[("GALE_STORE__WORKERS", "4")])).expect("ok");
         assert_eq!(c.server.listen, "127.0.0.1:0");
         assert_eq!(c.store.workers, 4, "environment beats the file");

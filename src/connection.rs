@@ -94,10 +94,7 @@ async fn read_loop(
     app: &Arc<App>,
     client_id: Uuid,
     socket: &mut WebSocket,
-) -> (
-    End,
-    FuturesUnordered<impl Future<Output = String> + use<>>,
-) {
+) -> (End, FuturesUnordered<impl Future<Output = String> + use<>>) {
     let s = &app.config.server;
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);

@@ -200,11 +200,17 @@ fn reading(city: &str) -> (f64, f64, u32, u16) {
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
-    let temp = (h % 400) as f64 / 10.0 - 5.0;
-    let feels = temp - (h % 30) as f64 / 10.0;
+    // Whole tenths, so the JSON shows 12.5 rather than 12.499999999.
+    let temp = ((h % 400) as i64 - 50) as f64 / 10.0;
+    let feels = ((h % 400) as i64 - 50 - (h % 30) as i64) as f64 / 10.0;
     let humidity = 30 + (h % 70) as u32;
     let codes = [0_u16, 1, 2, 3, 45, 61, 63, 71, 80, 95];
-    (temp, feels, humidity, codes[(h % codes.len() as u64) as usize])
+    (
+        temp,
+        feels,
+        humidity,
+        codes[(h % codes.len() as u64) as usize],
+    )
 }
 
 async fn owm_weather(State(s): State<Arc<Shared>>, Query(q): Params) -> Response {

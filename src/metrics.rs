@@ -124,7 +124,11 @@ impl Metrics {
         let reg = &mut registry;
 
         let connections = Gauge::default();
-        reg.register("connections", "WebSocket connections open now", connections.clone());
+        reg.register(
+            "connections",
+            "WebSocket connections open now",
+            connections.clone(),
+        );
         let connections_total = Counter::default();
         reg.register(
             "connections_opened",
@@ -132,9 +136,17 @@ impl Metrics {
             connections_total.clone(),
         );
         let messages_in = Counter::default();
-        reg.register("messages_in", "WebSocket messages received", messages_in.clone());
+        reg.register(
+            "messages_in",
+            "WebSocket messages received",
+            messages_in.clone(),
+        );
         let messages_out = Counter::default();
-        reg.register("messages_out", "WebSocket messages sent", messages_out.clone());
+        reg.register(
+            "messages_out",
+            "WebSocket messages sent",
+            messages_out.clone(),
+        );
         let protocol_errors = Counter::default();
         reg.register(
             "protocol_errors",
@@ -161,7 +173,11 @@ impl Metrics {
         ];
 
         let upstream = Family::<UpstreamLabels, Counter>::default();
-        reg.register("upstream_calls", "Upstream weather calls by result", upstream.clone());
+        reg.register(
+            "upstream_calls",
+            "Upstream weather calls by result",
+            upstream.clone(),
+        );
         let upstream_call = |r| upstream.get_or_create_owned(&UpstreamLabels { result: r });
         let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 13));
         reg.register(
@@ -195,9 +211,17 @@ impl Metrics {
         );
 
         let cache_hits = Counter::default();
-        reg.register("cache_hits", "Lookups answered from the cache", cache_hits.clone());
+        reg.register(
+            "cache_hits",
+            "Lookups answered from the cache",
+            cache_hits.clone(),
+        );
         let cache_misses = Counter::default();
-        reg.register("cache_misses", "Lookups that called upstream", cache_misses.clone());
+        reg.register(
+            "cache_misses",
+            "Lookups that called upstream",
+            cache_misses.clone(),
+        );
         let cache_coalesced = Counter::default();
         reg.register(
             "cache_coalesced",
@@ -206,9 +230,17 @@ impl Metrics {
         );
 
         let db_queued = Counter::default();
-        reg.register("db_rows_queued", "Request-log rows queued", db_queued.clone());
+        reg.register(
+            "db_rows_queued",
+            "Request-log rows queued",
+            db_queued.clone(),
+        );
         let db_completed = Counter::default();
-        reg.register("db_rows_written", "Request-log rows written", db_completed.clone());
+        reg.register(
+            "db_rows_written",
+            "Request-log rows written",
+            db_completed.clone(),
+        );
         let db_dropped = Counter::default();
         reg.register(
             "db_rows_dropped",
@@ -222,7 +254,11 @@ impl Metrics {
             db_failed.clone(),
         );
         let db_errors = Counter::default();
-        reg.register("db_insert_errors", "Failed insert attempts", db_errors.clone());
+        reg.register(
+            "db_insert_errors",
+            "Failed insert attempts",
+            db_errors.clone(),
+        );
         let db_queue_depth = Gauge::default();
         reg.register(
             "db_queue_depth",

@@ -169,7 +169,10 @@ mod tests {
         assert_eq!(parse_city(&"a".repeat(100)), Ok("a".repeat(100).as_str()));
         assert_eq!(parse_city(&"a".repeat(101)), Err(InvalidCity::TooLong));
         assert_eq!(parse_city("São Paulo"), Ok("São Paulo"));
-        assert_eq!(parse_city("Lon\u{0}don"), Err(InvalidCity::ControlCharacters));
+        assert_eq!(
+            parse_city("Lon\u{0}don"),
+            Err(InvalidCity::ControlCharacters)
+        );
         assert_eq!(parse_city("Lon\ndon"), Err(InvalidCity::ControlCharacters));
     }
 

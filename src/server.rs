@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -133,7 +133,10 @@ pub async fn run(
         "shutting down: closing connections"
     );
     app.tracker.close();
-    if tokio::time::timeout_at(deadline, app.tracker.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, app.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = app.tracker.len(),
             "grace period over with connections still open"
@@ -153,7 +156,7 @@ pub async fn run(
         .saturating_duration_since(Instant::now())
         .max(Duration::from_secs(5));
     if writers.drain(drain_for).await {
-        tracing::info!(rows = queued, "request log drained; bye");
+        tracing::info!(queued_at_shutdown = queued, "request log drained; bye");
     } else {
         tracing::error!(
             rows_left = app.log.depth(),

@@ -95,11 +95,9 @@ impl Breaker {
         let mut state = self.lock();
         *state = match (&*state, success) {
             (_, true) => State::Closed { failures: 0 },
-            (State::Closed { failures }, false) if failures + 1 < self.threshold => {
-                State::Closed {
-                    failures: failures + 1,
-                }
-            }
+            (State::Closed { failures }, false) if failures + 1 < self.threshold => State::Closed {
+                failures: failures + 1,
+            },
             (_, false) => {
                 tracing::warn!(
                     cooldown_ms = self.cooldown.as_millis() as u64,

@@ -90,6 +90,9 @@ impl Weather {
     /// # Errors
     /// [`BuildError`] when the HTTP client or a URL cannot be made.
     pub fn from_config(cfg: &WeatherConfig, metrics: Arc<Metrics>) -> Result<Self, BuildError> {
+        // reqwest is built without a default TLS backend; ring builds
+        // faster than aws-lc. Installing twice is harmless (the first wins).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         // The client's own timeout is a backstop: the lookup deadline in
         // `fetch` fires first and is what the client is told.
         let http = reqwest::Client::builder()
@@ -187,7 +190,11 @@ impl Weather {
             .await
             .unwrap_or(Err(WeatherError::Timeout(self.timeout.as_millis() as u64)));
         if !matches!(result, Err(WeatherError::Busy)) {
-            permit.record(!result.as_ref().is_err_and(WeatherError::is_upstream_failure));
+            permit.record(
+                !result
+                    .as_ref()
+                    .is_err_and(WeatherError::is_upstream_failure),
+            );
         }
         self.metrics.breaker_state.set(self.breaker.state() as i64);
         match result {

@@ -170,8 +170,9 @@ mod tests {
 
     #[test]
     fn parses_search_and_forecast() {
-        let p = parse_search(br#"{"results":[{"name":"Paris","latitude":48.85,"longitude":2.35}]}"#)
-            .expect("place");
+        let p =
+            parse_search(br#"{"results":[{"name":"Paris","latitude":48.85,"longitude":2.35}]}"#)
+                .expect("place");
         assert_eq!(p.name, "Paris");
         let c = parse_forecast(
             br#"{"current":{"time":"2026-11-23T10:00","temperature_2m":8.5,
@@ -179,6 +180,9 @@ mod tests {
         )
         .expect("current");
         assert_eq!(describe(c.weather_code), "slight rain");
-        assert!(matches!(parse_forecast(b"{}"), Err(WeatherError::InvalidResponse(_))));
+        assert!(matches!(
+            parse_forecast(b"{}"),
+            Err(WeatherError::InvalidResponse(_))
+        ));
     }
 }

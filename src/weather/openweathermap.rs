@@ -106,7 +106,8 @@ mod tests {
 
     #[test]
     fn parses_the_documented_body() {
-        let body = br#"{"name":"London","cod":200,"main":{"temp":12.5,"feels_like":11.0,"humidity":81},
+        let body =
+            br#"{"name":"London","cod":200,"main":{"temp":12.5,"feels_like":11.0,"humidity":81},
             "weather":[{"id":500,"main":"Rain","description":"light rain"}]}"#;
         let r = parse(body).expect("parses");
         assert_eq!(r.city, "London");
@@ -117,7 +118,13 @@ mod tests {
 
     #[test]
     fn garbage_is_an_invalid_response() {
-        assert!(matches!(parse(b"<html>"), Err(WeatherError::InvalidResponse(_))));
-        assert!(matches!(parse(br#"{"name":"x"}"#), Err(WeatherError::InvalidResponse(_))));
+        assert!(matches!(
+            parse(b"<html>"),
+            Err(WeatherError::InvalidResponse(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"name":"x"}"#),
+            Err(WeatherError::InvalidResponse(_))
+        ));
     }
 }

@@ -1,0 +1,276 @@
+//! Shared test harness: the real server on 127.0.0.1:0 against the fake
+//! weather API (a real HTTP server) and a real SQLite file, driven by a
+//! real WebSocket client.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use gale::config::{Config, Provider};
+use gale::fake_upstream::FakeUpstream;
+use gale::server::{self, ServerError};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub const API_KEY: &str = "test-key";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub fake: FakeUpstream,
+    pub shutdown: CancellationToken,
+    pub handle: Option<JoinHandle<Result<(), ServerError>>>,
+    pub store_url: String,
+    pub db_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A config for tests: OpenWeatherMap against `fake`, SQLite in `dir`.
+pub fn test_config(fake: &FakeUpstream, dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".into();
+    config.server.shutdown_grace_ms = 10_000;
+    config.weather.provider = Provider::OpenWeatherMap;
+    config.weather.base_url = Some(fake.url());
+    config.weather.api_key = Some(API_KEY.into());
+    config.weather.timeout_ms = 3_000;
+    config.store.url = format!("sqlite://{}", dir.join("gale.db").display());
+    config
+}
+
+pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+    let fake = FakeUpstream::start("127.0.0.1:0")
+        .await
+        .expect("fake upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(&fake, dir.path());
+    configure(&mut config);
+    config.validate().expect("test config is valid");
+    let store_url = config.store.url.clone();
+    let listener = server::bind(&config.server.listen).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(server::run(listener, config, shutdown.clone()));
+    let server = TestServer {
+        addr,
+        fake,
+        shutdown,
+        handle: Some(handle),
+        store_url,
+        db_path: dir.path().join("gale.db"),
+        _dir: dir,
+    };
+    // Ready once /healthz answers (the store is migrated by then).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.get("/healthz").await.map(|(s, _)| s) != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server
+}
+
+impl TestServer {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Connects and reads the greeting.
+    pub async fn client(&self) -> Client {
+        let mut c = Client::connect(&self.ws_url()).await;
+        let hello = c.recv_json().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
+        c
+    }
+
+    /// A plain HTTP GET: (status, body).
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.addr, path).await
+    }
+
+    pub async fn metrics(&self) -> Value {
+        let (status, body) = self.get("/metrics.json").await.expect("metrics");
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).expect("metrics json")
+    }
+
+    pub async fn metric(&self, key: &str) -> u64 {
+        self.metrics().await[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("metric {key} missing"))
+    }
+
+    /// Waits until `key` reaches `value`.
+    pub async fn wait_metric(&self, key: &str, value: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.metric(key).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metric {key} is {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Cancels the server and waits for `run` to return.
+    pub async fn stop(&mut self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+    }
+}
+
+/// Minimal HTTP/1.1 GET over a raw socket, so tests see exactly what the
+/// server sends.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    pub client_id: String,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        Client {
+            ws,
+            client_id: String::new(),
+        }
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next message, whatever it is.
+    pub async fn next(&mut self) -> Option<Message> {
+        match tokio::time::timeout(WAIT, self.ws.next()).await {
+            Ok(Some(Ok(m))) => Some(m),
+            Ok(_) => None,
+            Err(_) => panic!("no message within {WAIT:?}"),
+        }
+    }
+
+    /// The next text message, parsed (pings are skipped).
+    pub async fn recv_json(&mut self) -> Value {
+        loop {
+            match self.next().await {
+                Some(Message::Text(t)) => return serde_json::from_str(&t).expect("json"),
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a city and returns the reply.
+    pub async fn ask(&mut self, city: &str) -> Value {
+        self.send(city).await;
+        self.recv_json().await
+    }
+
+    /// Reads until the server's close frame and returns it.
+    pub async fn expect_close(&mut self) -> CloseFrame {
+        loop {
+            match self.next().await {
+                Some(Message::Close(Some(frame))) => return frame,
+                Some(Message::Close(None)) => panic!("close without a code"),
+                Some(_) => continue,
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+}
+
+/// Counts rows in `weather_requests` for the given client, in SQLite or
+/// PostgreSQL.
+pub async fn count_rows(store_url: &str, client_id: &str) -> i64 {
+    rows_for(store_url, client_id).await.len() as i64
+}
+
+/// A row as read back: (city, ok, temperature, error, latency_ms).
+pub type Row = (String, bool, Option<f64>, Option<String>, i64);
+
+pub async fn rows_for(store_url: &str, client_id: &str) -> Vec<Row> {
+    if store_url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(store_url)
+            .await
+            .expect("open sqlite");
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT city, ok, temperature, error, latency_ms FROM weather_requests \
+             WHERE client_id = ? ORDER BY id",
+        )
+        .bind(client_id)
+        .fetch_all(&pool)
+        .await
+        .expect("query sqlite");
+        pool.close().await;
+        rows
+    } else {
+        let pool = sqlx::PgPool::connect(store_url)
+            .await
+            .expect("open postgres");
+        let id: uuid::Uuid = client_id.parse().expect("uuid");
+        let rows: Vec<(String, bool, Option<f64>, Option<String>, i32)> = sqlx::query_as(
+            "SELECT city, ok, temperature, error, latency_ms FROM weather_requests \
+             WHERE client_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .expect("query postgres");
+        pool.close().await;
+        rows.into_iter()
+            .map(|(c, ok, t, e, l)| (c, ok, t, e, i64::from(l)))
+            .collect()
+    }
+}
+
+/// The PostgreSQL URL for tests, when the environment provides one.
+pub fn postgres_url() -> Option<String> {
+    std::env::var("GALE_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+}

@@ -1,0 +1,159 @@
+//! The WebSocket protocol's edges (RFC 6455 close codes, binary frames,
+//! pings, dead peers) and the plain HTTP routes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{WAIT, http_get, start, start_with};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+#[tokio::test]
+async fn oversized_message_closes_with_1009() {
+    let server = start_with(|c| c.server.max_message_bytes = 1024).await;
+    let mut c = server.client().await;
+    c.send(&"a".repeat(2048)).await;
+    let frame = c.expect_close().await;
+    assert_eq!(u16::from(frame.code), 1009);
+    assert_eq!(server.fake.calls(), 0);
+
+    // A message just under the limit is an ordinary (too long) city.
+    let mut c = server.client().await;
+    let reply = c.ask(&"a".repeat(1000)).await;
+    assert_eq!(reply["code"], "invalid_data");
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_closes_with_1007() {
+    let server = start().await;
+    let mut c = server.client().await;
+    let frame = Frame::message(vec![0x4c, 0xff, 0xfe, 0x6e], OpCode::Data(Data::Text), true);
+    futures_util::SinkExt::send(&mut c.ws, Message::Frame(frame))
+        .await
+        .expect("send raw frame");
+    let frame = c.expect_close().await;
+    assert_eq!(u16::from(frame.code), 1007);
+}
+
+#[tokio::test]
+async fn binary_message_gets_an_error_and_the_connection_stays_open() {
+    let server = start().await;
+    let mut c = server.client().await;
+    futures_util::SinkExt::send(&mut c.ws, Message::binary(vec![1_u8, 2, 3]))
+        .await
+        .expect("send");
+    let reply = c.recv_json().await;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["code"], "invalid_message");
+    assert!(reply["message"].as_str().expect("m").contains("binary"));
+    assert_eq!(c.ask("Madrid").await["type"], "weather");
+}
+
+#[tokio::test]
+async fn http_routes() {
+    let server = start().await;
+    let (status, body) = server.get("/").await.expect("/");
+    assert_eq!(status, 200);
+    assert!(body.contains("/ws"), "{body}");
+
+    let (status, body) = server.get("/ws").await.expect("/ws");
+    assert_eq!(status, 426, "plain GET on /ws is refused clearly");
+    assert!(body.contains("WebSocket"), "{body}");
+
+    assert_eq!(server.get("/healthz").await.expect("healthz").0, 200);
+    assert_eq!(server.get("/nope").await.expect("404").0, 404);
+
+    let mut c = server.client().await;
+    c.ask("Vienna").await;
+    let m = server.metrics().await;
+    for key in [
+        "requests",
+        "successful",
+        "failed",
+        "db-queued",
+        "db-completed",
+        "db-dropped",
+        "connections",
+    ] {
+        assert!(m[key].is_u64(), "metrics.json has {key}: {m}");
+    }
+    assert_eq!(m["requests"], 1);
+    assert_eq!(m["connections"], 1);
+
+    let (status, text) = server.get("/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "gale_connections ",
+        "gale_requests_total 1",
+        "gale_request_outcomes_total{outcome=\"Ok\"} 1",
+        "gale_upstream_calls_total{result=\"Ok\"} 1",
+        "gale_upstream_latency_seconds_bucket",
+        "gale_cache_misses_total 1",
+        "gale_upstream_breaker_state 0",
+        "gale_db_queue_depth",
+        "gale_db_rows_dropped_total 0",
+        "gale_db_batch_rows_bucket",
+        "gale_messages_in_total 1",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name:?}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_pinged() {
+    let server = start_with(|c| c.server.ping_interval_s = 1).await;
+    let mut c = server.client().await;
+    // Keep reading for three intervals: the client library answers each
+    // ping while it reads, so the connection stays up.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(3500);
+    while let Ok(msg) = tokio::time::timeout_at(until, c.next()).await {
+        match msg {
+            Some(Message::Ping(_)) => pings += 1,
+            other => panic!("expected only pings, got {other:?}"),
+        }
+    }
+    assert!(
+        pings >= 2,
+        "pinged {pings} times in 3.5 s at a 1 s interval"
+    );
+    assert_eq!(c.ask("Prague").await["type"], "weather");
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_is_dropped() {
+    let server = start_with(|c| c.server.ping_interval_s = 1).await;
+    // A raw handshake, then silence: no pongs, no reads of our own.
+    let mut s = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    s.write_all(req.as_bytes()).await.expect("handshake");
+    server.wait_metric("connections", 1).await;
+    // Two silent intervals later the server gives up on it.
+    server.wait_metric("connections", 0).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "server closed the socket");
+}
+
+#[tokio::test]
+async fn a_second_plain_request_is_still_served_during_websocket_load() {
+    // The HTTP routes share the listener with /ws; a burst of connections
+    // does not stop /healthz from answering.
+    let server = start().await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(server.client().await);
+    }
+    let (status, _) = http_get(server.addr, "/healthz").await.expect("healthz");
+    assert_eq!(status, 200);
+    assert_eq!(server.metric("connections").await, 50);
+}
