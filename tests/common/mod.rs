@@ -240,7 +240,7 @@ pub async fn rows_for(store_url: &str, client_id: &str) -> Vec<Row> {
             .expect("open sqlite");
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT city, ok, temperature, error, latency_ms FROM weather_requests \
-             WHERE client_id = ? ORDER BY id",
+             WHERE client_id = ? ORDER BY created_at, id",
         )
         .bind(client_id)
         .fetch_all(&pool)
@@ -255,7 +255,7 @@ pub async fn rows_for(store_url: &str, client_id: &str) -> Vec<Row> {
         let id: uuid::Uuid = client_id.parse().expect("uuid");
         let rows: Vec<(String, bool, Option<f64>, Option<String>, i32)> = sqlx::query_as(
             "SELECT city, ok, temperature, error, latency_ms FROM weather_requests \
-             WHERE client_id = $1 ORDER BY id",
+             WHERE client_id = $1 ORDER BY created_at, id",
         )
         .bind(id)
         .fetch_all(&pool)

@@ -1,0 +1,179 @@
+//! The `gale` binary itself: start-up errors exit 2 with a one-line
+//! message naming the setting; `gale client --send` round-trips; `gale
+//! serve` stops cleanly on SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::start;
+
+const GALE: &str = env!("CARGO_BIN_EXE_gale");
+
+/// Runs `gale serve` with the given environment and expects exit 2 with a
+/// one-line error that mentions `needle`.
+fn refuses_to_start(env: &[(&str, &str)], args: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(GALE)
+        .arg("serve")
+        .args(args)
+        .env(
+            "GALE_STORE__URL",
+            format!("sqlite://{}/g.db", dir.path().display()),
+        )
+        .env("GALE_SERVER__LISTEN", "127.0.0.1:0")
+        .env_remove("WEATHER_API_KEY")
+        .envs(env.iter().copied())
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run gale");
+    // A server that starts after all must not hang the test.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gale serve started with {env:?} {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{env:?} {args:?}: {stderr}");
+    let line = stderr.trim();
+    assert!(!line.contains('\n'), "one line: {line:?}");
+    assert!(line.contains(needle), "{line:?} should name {needle}");
+}
+
+#[test]
+fn bad_settings_stop_start_up_with_exit_2() {
+    refuses_to_start(
+        &[("GALE_WEATHER__PROVIDER", "darksky")],
+        &[],
+        "weather.provider",
+    );
+    refuses_to_start(
+        &[("GALE_WEATHER__BASE_URL", "not a url")],
+        &[],
+        "weather.base_url",
+    );
+    refuses_to_start(&[("GALE_STORE__WORKERS", "0")], &[], "store.workers");
+    refuses_to_start(&[("GALE_STORE__URL", "mysql://db/x")], &[], "store.url");
+    refuses_to_start(
+        &[("GALE_SERVER__MAX_CONNECTIONS", "0")],
+        &[],
+        "server.max_connections",
+    );
+    refuses_to_start(
+        &[],
+        &["--config", "/no/such/file.toml"],
+        "/no/such/file.toml",
+    );
+}
+
+#[test]
+fn port_in_use_stops_start_up_with_exit_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    refuses_to_start(&[], &["--listen", &addr], "server.listen");
+}
+
+#[tokio::test]
+async fn client_send_prints_the_reply_and_sets_the_exit_code() {
+    let server = start().await;
+    let url = server.ws_url();
+    let run = |city: &'static str| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(GALE)
+                .args(["client", &url, "--send", city])
+                .output()
+                .expect("run gale client")
+        })
+    };
+    let out = run("London").await.expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let reply: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is the JSON reply");
+    assert_eq!(reply["type"], "weather");
+    assert_eq!(reply["city"], "London");
+
+    let out = run("Atlantis").await.expect("join");
+    assert_eq!(out.status.code(), Some(1), "error reply exits non-zero");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not found"));
+}
+
+#[tokio::test]
+async fn client_send_fails_when_nothing_listens() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}/ws", free.local_addr().expect("addr"));
+    drop(free);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(GALE)
+            .args(["client", &url, "--send", "London", "--timeout-ms", "2000"])
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+#[tokio::test]
+async fn serve_binary_round_trips_and_exits_0_on_sigterm() {
+    let fake = gale::fake_upstream::FakeUpstream::start("127.0.0.1:0")
+        .await
+        .expect("fake");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut child = tokio::process::Command::new(GALE)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("GALE_WEATHER__BASE_URL", fake.url())
+        .env(
+            "GALE_STORE__URL",
+            format!("sqlite://{}/g.db", dir.path().display()),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while common::http_get(addr, "/healthz").await.map(|r| r.0) != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Default provider (Open-Meteo) against the fake.
+    let url = format!("ws://{addr}/ws");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(GALE)
+            .args(["client", &url, "--send", "Paris"])
+            .output()
+            .expect("client")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#""city":"Paris""#));
+
+    let pid = child.id().expect("pid").to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,0 +1,87 @@
+//! Clean shutdown: in-flight lookups are answered, every client gets close
+//! 1001, and every answered request is in the database afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{count_rows, http_get, start_with};
+use sqlx::Connection;
+
+#[tokio::test]
+async fn in_flight_lookups_are_answered_then_clients_get_1001() {
+    let mut server = start_with(|c| c.server.shutdown_grace_ms = 5_000).await;
+    server.fake.set_latency(Duration::from_millis(600));
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(server.client().await);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&format!("Late{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.shutdown.cancel();
+
+    for (i, c) in clients.iter_mut().enumerate() {
+        let reply = c.recv_json().await;
+        assert_eq!(reply["type"], "weather", "{reply}");
+        assert_eq!(reply["city"], format!("Late{i}"));
+        assert_eq!(u16::from(c.expect_close().await.code), 1001);
+    }
+    server.stop().await.expect("clean exit");
+    for c in &clients {
+        assert_eq!(count_rows(&server.store_url, &c.client_id).await, 1);
+    }
+    // The listener is closed.
+    assert!(http_get(server.addr, "/healthz").await.is_none());
+}
+
+#[tokio::test]
+async fn shutdown_drains_the_request_log() {
+    let mut server = start_with(|c| {
+        c.store.workers = 2;
+        c.store.batch_size = 10;
+        c.server.shutdown_grace_ms = 5_000;
+    })
+    .await;
+    let mut c = server.client().await;
+    // Rows pile up in the queue while the database is busy.
+    let mut lock = sqlx::SqliteConnection::connect(&server.store_url)
+        .await
+        .expect("open");
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .expect("lock");
+    for i in 0..100 {
+        assert_eq!(c.ask(&format!("Drain{i}")).await["type"], "weather");
+    }
+    let queued = server.metric("db-queued").await;
+    assert_eq!(queued, 100);
+    assert!(
+        server.metric("db-completed").await < 100,
+        "rows are still queued"
+    );
+
+    // The client answers the server's close at once, so `run` reaches the
+    // drain quickly; the database stays busy for a while after that.
+    let client_id = c.client_id.clone();
+    let closer = tokio::spawn(async move { u16::from(c.expect_close().await.code) });
+    let unlock = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        sqlx::query("COMMIT")
+            .execute(&mut lock)
+            .await
+            .expect("unlock");
+    });
+    server.stop().await.expect("clean exit");
+    // Counted the moment `run` returns: in the binary the process exits
+    // right after, so rows written later would be lost.
+    assert_eq!(
+        count_rows(&server.store_url, &client_id).await,
+        100,
+        "every answered request is in the database when run returns"
+    );
+    assert_eq!(closer.await.expect("closer"), 1001);
+    unlock.await.expect("unlock task");
+}

@@ -1,0 +1,188 @@
+//! The request log: one row per request in SQLite and PostgreSQL, batched
+//! inserts, and the queue-full policy (drop, count, never delay replies).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, TestServer, count_rows, postgres_url, rows_for, start_with};
+use sqlx::Connection;
+
+/// Asks for a good, an unknown and an invalid city and checks the rows.
+async fn every_request_becomes_one_row(store_url: Option<String>) {
+    let server = start_with(|c| {
+        if let Some(url) = store_url {
+            c.store.url = url;
+        }
+    })
+    .await;
+    let mut c = server.client().await;
+    let ok = c.ask("Dublin").await;
+    assert_eq!(ok["type"], "weather");
+    assert_eq!(c.ask("Atlantis").await["code"], "not_found");
+    assert_eq!(c.ask("").await["code"], "invalid_data");
+    server.wait_metric("db-completed", 3).await;
+
+    let rows = rows_for(&server.store_url, &c.client_id).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let (city, okay, temp, err, latency) = &rows[0];
+    assert_eq!((city.as_str(), *okay, err), ("Dublin", true, &None));
+    assert_eq!(
+        *temp,
+        ok["temperature"].as_f64(),
+        "the temperature sent is stored"
+    );
+    assert!(*latency >= 0);
+    assert_eq!(rows[1].0, "Atlantis");
+    assert!(!rows[1].1);
+    assert_eq!(rows[1].2, None);
+    assert_eq!(rows[1].3.as_deref(), Some("not_found"));
+    assert_eq!(rows[2].3.as_deref(), Some("invalid_data"));
+}
+
+#[tokio::test]
+async fn sqlite_every_request_becomes_one_row() {
+    every_request_becomes_one_row(None).await;
+}
+
+#[tokio::test]
+async fn postgres_every_request_becomes_one_row() {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    every_request_becomes_one_row(Some(url)).await;
+}
+
+/// Holds SQLite's write lock from another connection, as a slow or busy
+/// database would, until dropped.
+struct WriteLock(sqlx::SqliteConnection);
+
+impl WriteLock {
+    async fn take(server: &TestServer) -> WriteLock {
+        let mut conn = sqlx::SqliteConnection::connect(&server.store_url)
+            .await
+            .expect("open");
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+        WriteLock(conn)
+    }
+
+    async fn release(mut self) {
+        sqlx::query("COMMIT")
+            .execute(&mut self.0)
+            .await
+            .expect("unlock");
+    }
+}
+
+#[tokio::test]
+async fn full_queue_drops_and_counts_rows_without_delaying_replies() {
+    let server = start_with(|c| {
+        c.store.queue_size = 3;
+        c.store.workers = 1;
+        c.store.batch_size = 1;
+    })
+    .await;
+    let mut c = server.client().await;
+    let lock = WriteLock::take(&server).await;
+
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        assert_eq!(c.ask(&format!("Stuck{i}")).await["type"], "weather");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "replies never wait for the database"
+    );
+    let m = server.metrics().await;
+    let queued = m["db-queued"].as_u64().expect("n");
+    let dropped = m["db-dropped"].as_u64().expect("n");
+    assert_eq!(queued + dropped, 30, "{m}");
+    assert!(dropped >= 25, "queue of 3 + one batch in hand: {m}");
+
+    lock.release().await;
+    server.wait_metric("db-completed", queued).await;
+    assert_eq!(
+        count_rows(&server.store_url, &c.client_id).await,
+        queued as i64
+    );
+}
+
+#[tokio::test]
+async fn rows_are_inserted_in_batches() {
+    let server = start_with(|c| {
+        c.store.workers = 1;
+        c.store.batch_size = 100;
+    })
+    .await;
+    let mut c = server.client().await;
+    let lock = WriteLock::take(&server).await;
+    for i in 0..200 {
+        c.ask(&format!("Batch{i}")).await;
+    }
+    lock.release().await;
+    server.wait_metric("db-completed", 200).await;
+    assert_eq!(count_rows(&server.store_url, &c.client_id).await, 200);
+
+    let (_, text) = server.get("/metrics").await.expect("metrics");
+    let inserts: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gale_db_batch_rows_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("batch count metric");
+    assert!(
+        inserts <= 5,
+        "200 rows in {inserts} inserts; expected a few batches"
+    );
+}
+
+#[tokio::test]
+async fn database_errors_are_retried_until_the_database_recovers() {
+    let server = start_with(|c| c.store.workers = 1).await;
+    let mut c = server.client().await;
+    // Longer than SQLite's 5 s busy timeout: the first insert fails and is
+    // retried with backoff.
+    let lock = WriteLock::take(&server).await;
+    c.ask("Retry").await;
+    tokio::time::sleep(Duration::from_millis(5_600)).await;
+    lock.release().await;
+    server.wait_metric("db-completed", 1).await;
+    assert_eq!(server.metric("db-failed").await, 0);
+    let (_, text) = server.get("/metrics").await.expect("metrics");
+    assert!(
+        text.contains("gale_db_insert_errors_total 1")
+            || text.contains("gale_db_insert_errors_total 2"),
+        "the failed attempt was counted:\n{text}"
+    );
+    assert_eq!(count_rows(&server.store_url, &c.client_id).await, 1);
+}
+
+#[tokio::test]
+async fn postgres_batches_from_many_clients() {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let server = start_with(|c| c.store.url = url).await;
+    let mut clients: Vec<Client> = Vec::new();
+    for _ in 0..10 {
+        clients.push(server.client().await);
+    }
+    for round in 0..20 {
+        for c in &mut clients {
+            c.send(&format!("Pg{round}")).await;
+        }
+    }
+    for c in &mut clients {
+        for _ in 0..20 {
+            c.recv_json().await;
+        }
+    }
+    server.wait_metric("db-completed", 200).await;
+    for c in &clients {
+        assert_eq!(count_rows(&server.store_url, &c.client_id).await, 20);
+    }
+}
