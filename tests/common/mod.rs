@@ -253,8 +253,8 @@ pub async fn rows_for(store_url: &str, client_id: &str) -> Vec<Row> {
             .await
             .expect("open postgres");
         let id: uuid::Uuid = client_id.parse().expect("uuid");
-        let rows: Vec<(String, bool, Option<f64>, Option<String>, i32)> = sqlx::query_as(
-            "SELECT city, ok, temperature, error, latency_ms FROM weather_requests \
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT city, ok, temperature, error, latency_ms::BIGINT FROM weather_requests \
              WHERE client_id = $1 ORDER BY created_at, id",
         )
         .bind(id)
@@ -262,9 +262,7 @@ pub async fn rows_for(store_url: &str, client_id: &str) -> Vec<Row> {
         .await
         .expect("query postgres");
         pool.close().await;
-        rows.into_iter()
-            .map(|(c, ok, t, e, l)| (c, ok, t, e, i64::from(l)))
-            .collect()
+        rows
     }
 }
 
