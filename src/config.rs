@@ -568,3 +568,38 @@ mod tests {
         assert!(!err.contains('\n'), "{err:?}");
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The shipped example must list every key with its real default, so
+    /// it cannot drift from the code.
+    #[test]
+    fn example_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gale.example.toml");
+        let loaded = Config::load_from(Some(&path), Vec::new()).expect("example loads");
+        let as_toml = |c: &Config| toml::to_string(c).expect("serialise");
+        assert_eq!(as_toml(&loaded), as_toml(&Config::default()));
+
+        // Every key of every section appears in the file, set or commented.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let defaults = toml::Table::try_from(Config::default()).expect("table");
+        let optional = ["base_url", "geocoding_url", "api_key"];
+        for (section, keys) in &defaults {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] missing"
+            );
+            for key in keys.as_table().expect("section").keys().map(String::as_str) {
+                assert!(
+                    text.contains(&format!("\n{key} = ")),
+                    "{section}.{key} missing from gale.example.toml"
+                );
+            }
+        }
+        for key in optional {
+            assert!(text.contains(&format!("# {key} = ")), "{key} missing");
+        }
+    }
+}
