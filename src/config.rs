@@ -401,10 +401,24 @@ fn apply_env(
             continue;
         };
         let Some((sec, key)) = rest.split_once("__") else {
-            return Err(ConfigError::Env {
-                var: var.clone(),
-                message: "expected GALE_<SECTION>__<KEY>, e.g. GALE_SERVER__LISTEN".into(),
-            });
+            // Not an override. A near-miss on a real section (one
+            // underscore instead of two) is surely a typo; other GALE_
+            // variables (GALE_TEST_DATABASE_URL, …) are not ours.
+            let lower = rest.to_ascii_lowercase();
+            if let Some(section) = defaults
+                .keys()
+                .find(|s| lower.starts_with(&format!("{s}_")))
+            {
+                let key = &rest[section.len() + 1..];
+                return Err(ConfigError::Env {
+                    var: var.clone(),
+                    message: format!(
+                        "settings use two underscores after the section: {ENV_PREFIX}{}__{key}",
+                        section.to_ascii_uppercase()
+                    ),
+                });
+            }
+            continue;
         };
         let (sec, key) = (sec.to_ascii_lowercase(), key.to_ascii_lowercase());
         let default = defaults
@@ -537,6 +551,29 @@ mod tests {
             .expect_err("not a number")
             .to_string();
         assert!(err.contains("GALE_STORE__WORKERS"), "{err}");
+    }
+
+    #[test]
+    fn other_gale_variables_are_ignored_and_near_misses_explained() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("GALE_TEST_DATABASE_URL", "postgres://x"),
+                ("GALE_HOME", "/x"),
+            ]),
+        )
+        .expect("not ours: ignored");
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+
+        let err = Config::load_from(None, env(&[("GALE_SERVER_LISTEN", "0.0.0.0:1")]))
+            .expect_err("typo")
+            .to_string();
+        assert!(err.contains("GALE_SERVER__LISTEN"), "{err}");
+
+        let err = Config::load_from(None, env(&[("GALE_SERVR__LISTEN", "0.0.0.0:1")]))
+            .expect_err("unknown section")
+            .to_string();
+        assert!(err.contains("servr"), "{err}");
     }
 
     #[test]

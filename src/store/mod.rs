@@ -155,6 +155,7 @@ impl WarnLimiter {
 pub struct Writers {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    db: Db,
 }
 
 impl Writers {
@@ -163,7 +164,11 @@ impl Writers {
     pub async fn drain(self, deadline: Duration) -> bool {
         self.stop.cancel();
         let all = futures_util::future::join_all(self.tasks);
-        tokio::time::timeout(deadline, all).await.is_ok()
+        let drained = tokio::time::timeout(deadline, all).await.is_ok();
+        if drained {
+            self.db.close().await;
+        }
+        drained
     }
 }
 
@@ -203,7 +208,7 @@ pub fn spawn_writers(db: Db, cfg: &StoreConfig, metrics: Arc<Metrics>) -> (Reque
         metrics,
         warn: Arc::new(WarnLimiter::new(Duration::from_secs(5))),
     };
-    (log, Writers { stop, tasks })
+    (log, Writers { stop, tasks, db })
 }
 
 struct Writer {
