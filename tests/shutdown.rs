@@ -5,8 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{count_rows, http_get, start_with};
-use sqlx::Connection;
+use common::{WriteLock, count_rows, http_get, start_with};
 
 #[tokio::test]
 async fn in_flight_lookups_are_answered_then_clients_get_1001() {
@@ -46,13 +45,7 @@ async fn shutdown_drains_the_request_log() {
     .await;
     let mut c = server.client().await;
     // Rows pile up in the queue while the database is busy.
-    let mut lock = sqlx::SqliteConnection::connect(&server.store_url)
-        .await
-        .expect("open");
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut lock)
-        .await
-        .expect("lock");
+    let lock = WriteLock::take(&server).await;
     for i in 0..100 {
         assert_eq!(c.ask(&format!("Drain{i}")).await["type"], "weather");
     }
@@ -69,10 +62,7 @@ async fn shutdown_drains_the_request_log() {
     let closer = tokio::spawn(async move { u16::from(c.expect_close().await.code) });
     let unlock = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1_000)).await;
-        sqlx::query("COMMIT")
-            .execute(&mut lock)
-            .await
-            .expect("unlock");
+        lock.release().await;
     });
     server.stop().await.expect("clean exit");
     // Counted the moment `run` returns: in the binary the process exits

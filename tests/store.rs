@@ -5,8 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, TestServer, count_rows, postgres_url, rows_for, start_with};
-use sqlx::Connection;
+use common::{Client, WriteLock, count_rows, postgres_url, rows_for, start_with};
 
 /// Asks for a good, an unknown and an invalid city and checks the rows.
 async fn every_request_becomes_one_row(store_url: Option<String>) {
@@ -52,30 +51,6 @@ async fn postgres_every_request_becomes_one_row() {
         return;
     };
     every_request_becomes_one_row(Some(url)).await;
-}
-
-/// Holds SQLite's write lock from another connection, as a slow or busy
-/// database would, until dropped.
-struct WriteLock(sqlx::SqliteConnection);
-
-impl WriteLock {
-    async fn take(server: &TestServer) -> WriteLock {
-        let mut conn = sqlx::SqliteConnection::connect(&server.store_url)
-            .await
-            .expect("open");
-        sqlx::query("BEGIN EXCLUSIVE")
-            .execute(&mut conn)
-            .await
-            .expect("lock");
-        WriteLock(conn)
-    }
-
-    async fn release(mut self) {
-        sqlx::query("COMMIT")
-            .execute(&mut self.0)
-            .await
-            .expect("unlock");
-    }
 }
 
 #[tokio::test]

@@ -272,3 +272,27 @@ pub fn postgres_url() -> Option<String> {
         .ok()
         .filter(|u| !u.is_empty())
 }
+
+/// Holds SQLite's write lock from another connection, as a slow or busy
+/// database would, until dropped.
+pub struct WriteLock(sqlx::SqliteConnection);
+
+impl WriteLock {
+    pub async fn take(server: &TestServer) -> WriteLock {
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&server.store_url)
+            .await
+            .expect("open");
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+        WriteLock(conn)
+    }
+
+    pub async fn release(mut self) {
+        sqlx::query("COMMIT")
+            .execute(&mut self.0)
+            .await
+            .expect("unlock");
+    }
+}
