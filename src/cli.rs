@@ -153,6 +153,10 @@ async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     crate::shutdown::cancel_on_signal(shutdown.clone());
     match crate::server::run(listener, config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ crate::server::ServerError::Config(_)) => {
+            eprintln!("gale: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("gale: {e}");
             ExitCode::FAILURE

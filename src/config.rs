@@ -76,6 +76,12 @@ pub struct Config {
     pub weather: WeatherConfig,
     /// The request log database.
     pub store: StoreConfig,
+    /// The event router's worker pool and limits.
+    pub router: RouterConfig,
+    /// Per-connection outbound queue.
+    pub connection: ConnectionConfig,
+    /// Per-event policy overrides, keyed by event name.
+    pub events: BTreeMap<String, EventOverride>,
 }
 
 /// `[server]`: the listener and per-connection limits.
@@ -245,6 +251,127 @@ impl Default for StoreConfig {
     }
 }
 
+/// `[router]`: the worker pool that runs event handlers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Worker tasks running handlers; each runs one handler at a time.
+    pub workers: usize,
+    /// Most events queued for the workers, all priorities together.
+    pub queue_size: usize,
+    /// Queue fill (0–1) above which a warning is logged and counted.
+    pub alert_threshold: f64,
+    /// Queue fill (0–1) above which new events are refused with
+    /// `system_overloaded`.
+    pub drop_threshold: f64,
+    /// Events per second accepted by the whole node; 0 means no limit.
+    pub global_rate_limit: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            workers: 512,
+            queue_size: 10_000,
+            alert_threshold: 0.7,
+            drop_threshold: 0.9,
+            global_rate_limit: 50_000,
+        }
+    }
+}
+
+/// What to do with a client that reads too slowly to keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlowConsumer {
+    /// Drop the oldest queued pushes (never replies), counting each.
+    #[serde(rename = "drop_oldest")]
+    DropOldest,
+    /// Close the connection with 1013 (try again later).
+    #[serde(rename = "close")]
+    Close,
+}
+
+/// `[connection]`: the per-connection outbound queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// Messages queued for one connection before the slow-consumer policy
+    /// applies.
+    pub outbound_queue: usize,
+    /// The policy when that queue is full.
+    pub slow_consumer: SlowConsumer,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            outbound_queue: 256,
+            slow_consumer: SlowConsumer::DropOldest,
+        }
+    }
+}
+
+/// Handler priority: under load, high runs before normal before low.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Runs first.
+    High = 0,
+    /// The default.
+    Normal = 1,
+    /// Runs when nothing else waits.
+    Low = 2,
+}
+
+/// `[events."NAME"]`: overrides of one event's built-in policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventOverride {
+    /// `"N/s"`, `"N/min"` or `"N/h"`; `"off"` removes the limit.
+    pub rate_limit: Option<String>,
+    /// Handler deadline.
+    pub timeout_ms: Option<u64>,
+    /// `"high"`, `"normal"` or `"low"`.
+    pub priority: Option<Priority>,
+    /// Refuse anonymous connections.
+    pub requires_auth: Option<bool>,
+    /// Refuse users without this role.
+    pub requires_role: Option<String>,
+}
+
+/// A rate: `count` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Events allowed in one window.
+    pub count: u32,
+    /// The window.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `"20/min"`, `"5/s"`, `"100/h"`.
+    ///
+    /// # Errors
+    /// A message saying what is expected.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let bad = || format!("{text:?} is not a rate like \"20/min\", \"5/s\" or \"100/h\"");
+        let (n, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = n.trim().parse().map_err(|_| bad())?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        if count == 0 {
+            return Err(format!(
+                "{text:?}: the count must be at least 1 (or use \"off\")"
+            ));
+        }
+        Ok(Rate { count, per })
+    }
+}
+
 /// Most rows in one insert: keeps a statement under both databases'
 /// bind-parameter limits (7 columns each).
 pub const MAX_BATCH_SIZE: usize = 4_000;
@@ -327,6 +454,35 @@ impl Config {
         positive("weather.cache_capacity", w.cache_capacity)?;
         positive("weather.breaker_failures", u64::from(w.breaker_failures))?;
         positive("weather.max_response_bytes", w.max_response_bytes as u64)?;
+
+        let r = &self.router;
+        positive("router.workers", r.workers as u64)?;
+        positive("router.queue_size", r.queue_size as u64)?;
+        for (key, v) in [
+            ("router.alert_threshold", r.alert_threshold),
+            ("router.drop_threshold", r.drop_threshold),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(ConfigError::invalid(key, "must be above 0 and at most 1"));
+            }
+        }
+        positive(
+            "connection.outbound_queue",
+            self.connection.outbound_queue as u64,
+        )?;
+        for (name, o) in &self.events {
+            if let Some(rate) = o.rate_limit.as_deref().filter(|r| *r != "off") {
+                Rate::parse(rate).map_err(|m| {
+                    ConfigError::invalid(&format!("events.\"{name}\".rate_limit"), m)
+                })?;
+            }
+            if o.timeout_ms == Some(0) {
+                return Err(ConfigError::invalid(
+                    &format!("events.\"{name}\".timeout_ms"),
+                    "must be greater than 0",
+                ));
+            }
+        }
 
         let st = &self.store;
         crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
@@ -624,6 +780,13 @@ mod example_file {
         let defaults = toml::Table::try_from(Config::default()).expect("table");
         let optional = ["base_url", "geocoding_url", "api_key"];
         for (section, keys) in &defaults {
+            if section == "events" {
+                assert!(
+                    text.contains("# [events.\"weather.get\"]"),
+                    "events example missing"
+                );
+                continue;
+            }
             assert!(
                 text.contains(&format!("[{section}]")),
                 "[{section}] missing"

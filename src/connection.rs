@@ -14,14 +14,18 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chrono::Utc;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use uuid::Uuid;
 
 use crate::metrics::Outcome;
-use crate::protocol::{ErrorCode, GREETING, ServerMessage};
+use crate::outbox::{Outbox, Outgoing, Taken};
+use crate::protocol::{
+    ErrorBody, ErrorCode, GREETING, Incoming, ServerMessage, classify, reply_json,
+};
+use crate::router::Caller;
 use crate::server::App;
 use crate::store::RequestRecord;
 
@@ -37,6 +41,7 @@ mod close_code {
     pub(super) const PROTOCOL_ERROR: u16 = 1002;
     pub(super) const INVALID_PAYLOAD: u16 = 1007;
     pub(super) const TOO_BIG: u16 = 1009;
+    pub(super) const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Why the read loop ended.
@@ -52,6 +57,8 @@ enum End {
     Dead,
     /// The client broke the protocol: close with this code.
     Violation(u16, &'static str),
+    /// The client reads too slowly for its outbound queue.
+    SlowConsumer,
 }
 
 /// Serves one upgraded connection until it ends.
@@ -62,16 +69,29 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket) {
     m.connections_total.inc();
     tracing::debug!(%client_id, "connected");
 
-    let (end, mut inflight) = read_loop(&app, client_id, &mut socket).await;
+    let c = &app.config.connection;
+    let caller = Caller {
+        conn_id: client_id,
+        user: None,
+        roles: Arc::from([]),
+        outbox: Arc::new(Outbox::new(c.outbound_queue, c.slow_consumer, m.clone())),
+    };
+    let (end, mut inflight) = read_loop(&app, &caller, &mut socket).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
 
     match end {
         End::Shutdown => {
-            // Answer what was asked, then say goodbye.
+            // Answer what was asked, flush what was queued (the router has
+            // drained by now), then say goodbye.
             while let Some(reply) = inflight.next().await {
                 send(&app, &mut socket, reply).await;
             }
+            let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
             close(&mut socket, close_code::GOING_AWAY, "server shutting down").await;
+        }
+        End::SlowConsumer => {
+            m.slow_consumers.inc();
+            close(&mut socket, close_code::TRY_AGAIN_LATER, "slow consumer").await;
         }
         End::Violation(code, reason) => {
             m.protocol_errors.inc();
@@ -85,6 +105,7 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket) {
     }
     // Nobody is left to read these replies, but each lookup still ends
     // and writes its request-log row.
+    caller.outbox.close();
     while inflight.next().await.is_some() {}
     m.connections.dec();
     tracing::debug!(%client_id, "disconnected");
@@ -92,7 +113,7 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket) {
 
 async fn read_loop(
     app: &Arc<App>,
-    client_id: Uuid,
+    caller: &Caller,
     socket: &mut WebSocket,
 ) -> (End, FuturesUnordered<impl Future<Output = String> + use<>>) {
     let s = &app.config.server;
@@ -105,7 +126,9 @@ async fn read_loop(
     );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    let client_id = caller.conn_id;
     let mut inflight = FuturesUnordered::new();
+    let mut outgoing = Vec::new();
 
     let hello = ServerMessage::Connected {
         message: GREETING,
@@ -117,10 +140,15 @@ async fn read_loop(
     let end = loop {
         tokio::select! {
             biased;
-            () = app.shutdown.cancelled() => break End::Shutdown,
+            () = app.closing.cancelled() => break End::Shutdown,
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 if !send(app, socket, reply).await {
                     break End::Gone;
+                }
+            }
+            () = caller.outbox.ready() => {
+                if let Err(end) = flush_outbox(app, socket, &caller.outbox, &mut outgoing).await {
+                    break end;
                 }
             }
             msg = socket.recv(), if inflight.len() < max_inflight => {
@@ -128,7 +156,30 @@ async fn read_loop(
                 match msg {
                     Some(Ok(Message::Text(text))) => {
                         app.metrics.messages_in.inc();
-                        inflight.push(lookup(app.clone(), client_id, text));
+                        match classify(text.as_str()) {
+                            Incoming::City(_) => {
+                                inflight.push(lookup(app.clone(), client_id, text));
+                            }
+                            Incoming::Event(event) => app.router.dispatch(app, caller, event),
+                            Incoming::Invalid { reply_to, message } => {
+                                app.metrics.outcome(Outcome::InvalidMessage).inc();
+                                let reply = match reply_to {
+                                    Some(r) => reply_json(
+                                        &r,
+                                        &Err(ErrorBody::new(ErrorCode::InvalidMessage, message)),
+                                    ),
+                                    None => ServerMessage::Error {
+                                        code: ErrorCode::InvalidMessage,
+                                        message: &message,
+                                        city: None,
+                                    }
+                                    .to_json(),
+                                };
+                                if !send(app, socket, reply).await {
+                                    break End::Gone;
+                                }
+                            }
+                        }
                     }
                     Some(Ok(Message::Binary(_))) => {
                         app.metrics.messages_in.inc();
@@ -143,7 +194,7 @@ async fn read_loop(
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                    Some(Err(e)) => break classify(e),
+                    Some(Err(e)) => break read_error(e),
                     None => break End::Gone,
                 }
             }
@@ -163,7 +214,7 @@ async fn read_loop(
 }
 
 /// Maps a read error to how the connection ends.
-fn classify(e: axum::Error) -> End {
+fn read_error(e: axum::Error) -> End {
     use tungstenite::error::{CapacityError, Error};
     match e.into_inner().downcast::<Error>() {
         Ok(e) => match *e {
@@ -235,6 +286,38 @@ async fn lookup(app: Arc<App>, client_id: Uuid, text: Utf8Bytes) -> String {
     reply
 }
 
+/// Writes everything queued in the outbox with one flush.
+async fn flush_outbox(
+    app: &App,
+    socket: &mut WebSocket,
+    outbox: &Outbox,
+    buf: &mut Vec<Outgoing>,
+) -> Result<(), End> {
+    if outbox.take(buf) == Taken::SlowConsumer {
+        return Err(End::SlowConsumer);
+    }
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let n = buf.len() as u64;
+    let write = async {
+        for m in buf.drain(..) {
+            socket.feed(Message::Text(m.text)).await?;
+        }
+        socket.flush().await
+    };
+    match tokio::time::timeout(SEND_TIMEOUT, write).await {
+        Ok(Ok(())) => {
+            app.metrics.messages_out.inc_by(n);
+            Ok(())
+        }
+        _ => {
+            buf.clear();
+            Err(End::Gone)
+        }
+    }
+}
+
 /// Sends a text message; false when the client is gone or too slow.
 async fn send(app: &App, socket: &mut WebSocket, text: String) -> bool {
     let sent = send_frame(socket, Message::Text(text.into())).await;
@@ -262,19 +345,5 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
             while let Some(Ok(_)) = socket.recv().await {}
         })
         .await;
-    }
-}
-
-impl From<ErrorCode> for Outcome {
-    fn from(code: ErrorCode) -> Self {
-        match code {
-            ErrorCode::NotFound => Outcome::NotFound,
-            ErrorCode::Timeout => Outcome::Timeout,
-            ErrorCode::UpstreamUnavailable | ErrorCode::InternalError => {
-                Outcome::UpstreamUnavailable
-            }
-            ErrorCode::SystemOverloaded => Outcome::SystemOverloaded,
-            ErrorCode::InvalidData | ErrorCode::InvalidMessage => Outcome::InvalidData,
-        }
     }
 }

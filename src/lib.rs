@@ -9,8 +9,10 @@
 //! - [`server`]: routes, the connection limit, the shutdown sequence.
 //! - [`connection`]: one WebSocket connection's read/reply loop.
 //! - [`protocol`]: the wire messages; no state.
+//! - [`router`]: JSON events: registry, policies, worker pool.
 //! - [`weather`]: providers, cache, single-flight, limits, breaker.
 //! - [`store`]: the batched, bounded request log (SQLite/PostgreSQL).
+//! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`metrics`]: Prometheus and JSON counters.
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`client`]: `gale client`.
@@ -22,7 +24,9 @@ pub mod config;
 pub mod connection;
 pub mod fake_upstream;
 pub mod metrics;
+pub mod outbox;
 pub mod protocol;
+pub mod router;
 pub mod server;
 pub mod shutdown;
 pub mod store;

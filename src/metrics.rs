@@ -12,21 +12,72 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// How a weather request ended; one label value per reply kind.
+use crate::protocol::ErrorCode;
+
+/// How a request or event ended: `Ok` or one of the protocol's error
+/// codes, one to one.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Outcome {
-    /// A reading was returned.
+    /// Success.
     Ok,
-    /// The upstream does not know the city.
-    NotFound,
-    /// The lookup missed its deadline.
-    Timeout,
-    /// The upstream failed, answered garbage, or the breaker is open.
-    UpstreamUnavailable,
-    /// Too many lookups waiting: refused at once.
-    SystemOverloaded,
-    /// The request itself was unusable (empty city, …).
+    /// `invalid_message`.
+    InvalidMessage,
+    /// `unknown_event`.
+    UnknownEvent,
+    /// `unauthorized`.
+    Unauthorized,
+    /// `forbidden`.
+    Forbidden,
+    /// `rate_limited`.
+    RateLimited,
+    /// `invalid_data`.
     InvalidData,
+    /// `not_found`.
+    NotFound,
+    /// `timeout`.
+    Timeout,
+    /// `upstream_unavailable`.
+    UpstreamUnavailable,
+    /// `system_overloaded`.
+    SystemOverloaded,
+    /// `internal_error`.
+    InternalError,
+}
+
+impl Outcome {
+    /// Every outcome, in declaration order (index = `as usize`).
+    pub const ALL: [Outcome; 12] = [
+        Outcome::Ok,
+        Outcome::InvalidMessage,
+        Outcome::UnknownEvent,
+        Outcome::Unauthorized,
+        Outcome::Forbidden,
+        Outcome::RateLimited,
+        Outcome::InvalidData,
+        Outcome::NotFound,
+        Outcome::Timeout,
+        Outcome::UpstreamUnavailable,
+        Outcome::SystemOverloaded,
+        Outcome::InternalError,
+    ];
+}
+
+impl From<ErrorCode> for Outcome {
+    fn from(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::InvalidMessage => Outcome::InvalidMessage,
+            ErrorCode::UnknownEvent => Outcome::UnknownEvent,
+            ErrorCode::Unauthorized => Outcome::Unauthorized,
+            ErrorCode::Forbidden => Outcome::Forbidden,
+            ErrorCode::RateLimited => Outcome::RateLimited,
+            ErrorCode::InvalidData => Outcome::InvalidData,
+            ErrorCode::NotFound => Outcome::NotFound,
+            ErrorCode::Timeout => Outcome::Timeout,
+            ErrorCode::UpstreamUnavailable => Outcome::UpstreamUnavailable,
+            ErrorCode::SystemOverloaded => Outcome::SystemOverloaded,
+            ErrorCode::InternalError => Outcome::InternalError,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +94,12 @@ pub enum UpstreamResult {
     NotFound,
     /// Failed: error status, bad body, connection error or deadline.
     Error,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+    outcome: Outcome,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,7 +135,7 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     /// Weather requests received (the seed's `requests`).
     pub requests: Counter,
-    outcomes: [Counter; 6],
+    outcomes: [Counter; 12],
     /// Upstream HTTP calls that returned a reading.
     pub upstream_ok: Counter,
     /// Upstream HTTP calls that answered "not found".
@@ -115,6 +172,17 @@ pub struct Metrics {
     pub db_queue_depth: Gauge,
     /// Rows per insert.
     pub db_batch_size: Histogram,
+    /// Pushes dropped from full outbound queues (`drop_oldest`).
+    pub outbound_dropped: Counter,
+    /// Connections closed as slow consumers (1013).
+    pub slow_consumers: Counter,
+    events: Family<EventLabels, Counter>,
+    /// Events waiting for a router worker now.
+    pub router_queue_depth: Gauge,
+    /// Times the router queue crossed its alert threshold.
+    pub router_queue_alerts: Counter,
+    /// Handler run time in seconds.
+    pub handler_latency: Histogram,
 }
 
 impl Metrics {
@@ -162,15 +230,8 @@ impl Metrics {
             "Weather requests by how they ended",
             by_outcome.clone(),
         );
-        let outcome = |o| by_outcome.get_or_create_owned(&OutcomeLabels { outcome: o });
-        let outcomes = [
-            outcome(Outcome::Ok),
-            outcome(Outcome::NotFound),
-            outcome(Outcome::Timeout),
-            outcome(Outcome::UpstreamUnavailable),
-            outcome(Outcome::SystemOverloaded),
-            outcome(Outcome::InvalidData),
-        ];
+        let outcomes =
+            Outcome::ALL.map(|o| by_outcome.get_or_create_owned(&OutcomeLabels { outcome: o }));
 
         let upstream = Family::<UpstreamLabels, Counter>::default();
         reg.register(
@@ -268,7 +329,46 @@ impl Metrics {
         let db_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
         reg.register("db_batch_rows", "Rows per insert", db_batch_size.clone());
 
+        let outbound_dropped = Counter::default();
+        reg.register(
+            "outbound_dropped",
+            "Pushes dropped from full per-connection queues",
+            outbound_dropped.clone(),
+        );
+        let slow_consumers = Counter::default();
+        reg.register(
+            "slow_consumers",
+            "Connections closed for not reading fast enough",
+            slow_consumers.clone(),
+        );
+        let events = Family::<EventLabels, Counter>::default();
+        reg.register("events", "Events by name and outcome", events.clone());
+        let router_queue_depth = Gauge::default();
+        reg.register(
+            "router_queue_depth",
+            "Events waiting for a router worker",
+            router_queue_depth.clone(),
+        );
+        let router_queue_alerts = Counter::default();
+        reg.register(
+            "router_queue_alerts",
+            "Times the router queue crossed its alert threshold",
+            router_queue_alerts.clone(),
+        );
+        let handler_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        reg.register(
+            "handler_latency_seconds",
+            "Event handler run time",
+            handler_latency.clone(),
+        );
+
         Metrics {
+            outbound_dropped,
+            slow_consumers,
+            events,
+            router_queue_depth,
+            router_queue_alerts,
+            handler_latency,
             connections,
             connections_total,
             messages_in,
@@ -301,6 +401,19 @@ impl Metrics {
     /// The counter for one request outcome.
     pub fn outcome(&self, outcome: Outcome) -> &Counter {
         &self.outcomes[outcome as usize]
+    }
+
+    /// The counters of one event, one per outcome, indexed by
+    /// `Outcome as usize`. Look them up once, when the event is
+    /// registered: event names come from the registry, so the number of
+    /// series stays bounded.
+    pub fn event_counters(&self, event: &str) -> [Counter; 12] {
+        Outcome::ALL.map(|outcome| {
+            self.events.get_or_create_owned(&EventLabels {
+                event: event.to_owned(),
+                outcome,
+            })
+        })
     }
 
     /// Requests that got a reading (the seed's `successful`).

@@ -2,11 +2,14 @@
 //! text becomes a request. Pure functions and types only; the codec never
 //! touches server state.
 //!
-//! The seed's protocol, kept exactly: each text message is a city name;
-//! replies are JSON objects with a `type` of `connected`, `weather` or
-//! `error`. See `docs/protocol.md`.
+//! Two protocols share `/ws`. The seed's, kept exactly: each text message
+//! is a city name; replies are JSON objects with a `type` of `connected`,
+//! `weather` or `error`. And JSON events: a text message that is a JSON
+//! object `{"event":…,"data":…,"ref":…}` goes to the event router; a `ref`
+//! gets exactly one `{"reply":…,"ok":…}`. See `docs/protocol.md`.
 
 use serde::Serialize;
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::weather::Reading;
@@ -77,12 +80,20 @@ impl ServerMessage<'_> {
     }
 }
 
-/// Stable error codes; the same names the JSON event protocol uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Stable error codes, shared by both protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The message itself is unusable (binary frame, bad JSON, …).
     InvalidMessage,
+    /// No handler is registered for the event.
+    UnknownEvent,
+    /// The event needs a signed-in user.
+    Unauthorized,
+    /// The user lacks the role the event needs.
+    Forbidden,
+    /// Too many events in the window (per user, connection or node).
+    RateLimited,
     /// A field's value is unusable (empty city, …).
     InvalidData,
     /// The city does not exist upstream.
@@ -102,6 +113,10 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::UnknownEvent => "unknown_event",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::InvalidData => "invalid_data",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Timeout => "timeout",
@@ -110,6 +125,116 @@ impl ErrorCode {
             ErrorCode::InternalError => "internal_error",
         }
     }
+}
+
+/// A JSON event from a client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The event's name, e.g. `weather.get`.
+    pub name: String,
+    /// Its payload (`null` when absent).
+    pub data: Value,
+    /// The client's reference; when present the server replies once.
+    pub reply_to: Option<Value>,
+}
+
+/// What a text message is.
+#[derive(Debug, PartialEq)]
+pub enum Incoming<'a> {
+    /// Plain text: a city name (the seed's protocol).
+    City(&'a str),
+    /// A JSON event.
+    Event(Event),
+    /// Looked like a JSON event but is not one.
+    Invalid {
+        /// The `ref`, when one could be read, so the error can be matched.
+        reply_to: Option<Value>,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Sorts a text message: anything starting with `{` must be a JSON event
+/// object (no city starts with a brace); everything else is a city.
+pub fn classify(text: &str) -> Incoming<'_> {
+    if !text.trim_start().starts_with('{') {
+        return Incoming::City(text);
+    }
+    let invalid = |reply_to, message: &str| Incoming::Invalid {
+        reply_to,
+        message: message.to_owned(),
+    };
+    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(text) else {
+        return invalid(
+            None,
+            "not a JSON object: send {\"event\":…,\"data\":…,\"ref\":…}",
+        );
+    };
+    let reply_to = match obj.remove("ref") {
+        None | Some(Value::Null) => None,
+        Some(r @ (Value::String(_) | Value::Number(_))) => Some(r),
+        Some(_) => return invalid(None, "\"ref\" must be a string or a number"),
+    };
+    let name = match obj.remove("event") {
+        Some(Value::String(name)) if !name.is_empty() => name,
+        _ => return invalid(reply_to, "\"event\" must be a non-empty string"),
+    };
+    let data = obj.remove("data").unwrap_or(Value::Null);
+    Incoming::Event(Event {
+        name,
+        data,
+        reply_to,
+    })
+}
+
+/// An error as the event protocol reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorBody {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+    /// With `invalid_data`: the field at fault, e.g. `city`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ErrorBody {
+    /// An error without a field.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+}
+
+/// The single reply to an event that carried a `ref`.
+pub fn reply_json(reply_to: &Value, result: &Result<Value, ErrorBody>) -> String {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        reply: &'a Value,
+        ok: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a ErrorBody>,
+    }
+    let reply = Reply {
+        reply: reply_to,
+        ok: result.is_ok(),
+        data: result.as_ref().ok(),
+        error: result.as_ref().err(),
+    };
+    serde_json::to_string(&reply).unwrap_or_else(|_| {
+        r#"{"ok":false,"error":{"code":"internal_error","message":"internal error"}}"#.to_owned()
+    })
+}
+
+/// A server push: `{"event":…,"data":…}`.
+pub fn push_json(event: &str, data: &Value) -> String {
+    serde_json::json!({ "event": event, "data": data }).to_string()
 }
 
 /// Why a city name was refused.
@@ -180,6 +305,67 @@ mod tests {
     fn normalisation_ignores_case_and_spacing() {
         assert_eq!(normalise_city("New   York"), "new york");
         assert_eq!(normalise_city("ZÜRICH"), "zürich");
+    }
+
+    #[test]
+    fn classify_sorts_cities_events_and_garbage() {
+        assert_eq!(classify("Paris"), Incoming::City("Paris"));
+        let Incoming::Event(e) =
+            classify(r#"{"event":"weather.get","data":{"city":"Paris"},"ref":"17"}"#)
+        else {
+            panic!("an event")
+        };
+        assert_eq!(e.name, "weather.get");
+        assert_eq!(e.data["city"], "Paris");
+        assert_eq!(e.reply_to, Some(Value::from("17")));
+        let Incoming::Event(e) = classify(r#"{"event":"server.stats","ref":3}"#) else {
+            panic!("an event")
+        };
+        assert_eq!((e.data, e.reply_to), (Value::Null, Some(Value::from(3))));
+
+        assert!(matches!(
+            classify("{nope"),
+            Incoming::Invalid { reply_to: None, .. }
+        ));
+        assert!(matches!(
+            classify(r#"{"ref":"9","data":{}}"#),
+            Incoming::Invalid {
+                reply_to: Some(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(r#"{"event":"x","ref":[1]}"#),
+            Incoming::Invalid { .. }
+        ));
+    }
+
+    #[test]
+    fn replies_and_pushes_have_the_documented_shape() {
+        let ok: Value = serde_json::from_str(&reply_json(
+            &Value::from("17"),
+            &Ok(serde_json::json!({"a":1})),
+        ))
+        .expect("json");
+        assert_eq!(
+            ok,
+            serde_json::json!({"reply":"17","ok":true,"data":{"a":1}})
+        );
+        let mut body = ErrorBody::new(ErrorCode::InvalidData, "city is empty");
+        body.field = Some("city".into());
+        let err: Value =
+            serde_json::from_str(&reply_json(&Value::from(5), &Err(body))).expect("json");
+        assert_eq!(
+            err,
+            serde_json::json!({"reply":5,"ok":false,"error":{"code":"invalid_data","message":"city is empty","field":"city"}})
+        );
+        let push: Value =
+            serde_json::from_str(&push_json("notes.updated", &serde_json::json!({"id":1})))
+                .expect("json");
+        assert_eq!(
+            push,
+            serde_json::json!({"event":"notes.updated","data":{"id":1}})
+        );
     }
 
     #[test]

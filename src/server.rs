@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -31,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::router::{Registry, Router};
 use crate::store::{self, RequestLog, StoreError};
 use crate::weather::{self, Weather};
 
@@ -45,6 +45,10 @@ pub enum ServerError {
         /// The OS error.
         source: io::Error,
     },
+    /// A setting was refused while building the server (e.g. an
+    /// `[events."…"]` override naming no event).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The request log database could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -67,8 +71,14 @@ pub struct App {
     pub log: RequestLog,
     /// Metric handles.
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the server starts to shut down.
+    /// JSON events.
+    pub router: Router,
+    /// Cancelled when the server starts to shut down: stop accepting,
+    /// refuse new events.
     pub shutdown: CancellationToken,
+    /// Cancelled once queued handlers are done: connections finish their
+    /// lookups, flush their queues and close with 1001.
+    pub closing: CancellationToken,
     /// Every upgraded WebSocket connection, so shutdown can wait for them.
     pub tracker: TaskTracker,
 }
@@ -97,6 +107,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new());
+    let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let weather = Weather::from_config(&config.weather, metrics.clone())?;
     let (log, writers) = store::start(&config.store, metrics.clone()).await?;
     let grace = config.server.shutdown_grace();
@@ -105,7 +116,9 @@ pub async fn run(
         weather,
         log,
         metrics,
+        router: events,
         shutdown: shutdown.clone(),
+        closing: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
 
@@ -120,7 +133,7 @@ pub async fn run(
         "gale listening; WebSocket at ws://{local}/ws"
     );
     let http = tokio::spawn(
-        axum::serve(listener, router(app.clone()))
+        axum::serve(listener, routes(app.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future(),
     );
@@ -132,6 +145,12 @@ pub async fn run(
         grace_ms = grace.as_millis() as u64,
         "shutting down: closing connections"
     );
+    // New events are refused from here on; queued and running handlers
+    // finish and queue their replies before connections start closing.
+    if !app.router.drain(grace).await {
+        tracing::warn!("grace period over with event handlers still running");
+    }
+    app.closing.cancel();
     app.tracker.close();
     if tokio::time::timeout_at(deadline, app.tracker.wait())
         .await
@@ -166,8 +185,8 @@ pub async fn run(
     Ok(())
 }
 
-fn router(app: Arc<App>) -> Router {
-    Router::new()
+fn routes(app: Arc<App>) -> axum::Router {
+    axum::Router::new()
         .route("/", get(index))
         .route("/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
@@ -198,6 +217,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 fn refresh_gauges(app: &App) {
     let m = &app.metrics;
     m.db_queue_depth.set(app.log.depth() as i64);
+    m.router_queue_depth.set(app.router.queue_depth() as i64);
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {

@@ -75,3 +75,40 @@ async fn shutdown_drains_the_request_log() {
     assert_eq!(closer.await.expect("closer"), 1001);
     unlock.await.expect("unlock task");
 }
+
+#[tokio::test]
+async fn queued_events_finish_and_new_ones_are_refused_during_shutdown() {
+    let mut server = start_with(|c| {
+        c.router.workers = 1;
+        c.server.shutdown_grace_ms = 5_000;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(300));
+    let mut c = server.client().await;
+    for i in 0..3 {
+        c.send(&format!(
+            r#"{{"event":"weather.get","data":{{"city":"Q{i}"}},"ref":"q{i}"}}"#
+        ))
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(r#"{"event":"server.stats","ref":"late"}"#).await;
+
+    let mut replies = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let r = c.recv_json().await;
+        replies.insert(r["reply"].as_str().expect("reply").to_owned(), r);
+    }
+    for i in 0..3 {
+        assert_eq!(
+            replies[&format!("q{i}")]["ok"],
+            true,
+            "queued work finished"
+        );
+    }
+    assert_eq!(replies["late"]["error"]["code"], "system_overloaded");
+    assert_eq!(u16::from(c.expect_close().await.code), 1001);
+    server.stop().await.expect("clean exit");
+}

@@ -1,0 +1,188 @@
+//! A connection's bounded outbound queue. Anything that is not the direct
+//! answer to a plain-text request (event replies from the worker pool,
+//! pushes) is queued here and written by the connection's own task, which
+//! drains the whole queue into the socket with one flush (coalesced
+//! writes).
+//!
+//! Full is a real outcome with a policy: `drop_oldest` drops the oldest
+//! queued *push* (replies are never dropped) and counts it; `close` (or a
+//! queue full of replies) marks the connection as a slow consumer, which
+//! its task closes with 1013. Either way one slow client never grows
+//! server memory past `connection.outbound_queue` messages.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::Notify;
+
+use crate::config::SlowConsumer;
+use crate::metrics::Metrics;
+
+/// One queued message.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The encoded message, shared (not copied) with every other
+    /// recipient of the same push.
+    pub text: Utf8Bytes,
+    /// A reply is owed to the client and is never dropped.
+    pub reply: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Outgoing>,
+    overflowed: bool,
+    closed: bool,
+}
+
+/// The queue. Shared between the connection task and whoever sends to it.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    ready: Notify,
+    capacity: usize,
+    policy: SlowConsumer,
+    metrics: Arc<Metrics>,
+}
+
+/// What [`Outbox::take`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Messages were moved out (possibly none).
+    Messages,
+    /// The consumer is too slow: close the connection.
+    SlowConsumer,
+}
+
+impl Outbox {
+    /// An empty queue; it allocates only when used.
+    pub fn new(capacity: usize, policy: SlowConsumer, metrics: Arc<Metrics>) -> Outbox {
+        Outbox {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            capacity: capacity.max(1),
+            policy,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every mutation is complete before it can panic; a poisoned lock
+        // still holds a consistent queue.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a message without waiting. Returns false when it was not
+    /// queued (connection closed or judged too slow).
+    pub fn push(&self, text: Utf8Bytes, reply: bool) -> bool {
+        let mut st = self.lock();
+        if st.closed || st.overflowed {
+            return false;
+        }
+        if st.queue.len() >= self.capacity {
+            let oldest_push = st.queue.iter().position(|m| !m.reply);
+            match (self.policy, oldest_push) {
+                (SlowConsumer::DropOldest, Some(i)) => {
+                    st.queue.remove(i);
+                    self.metrics.outbound_dropped.inc();
+                }
+                _ => {
+                    st.overflowed = true;
+                    drop(st);
+                    self.ready.notify_one();
+                    return false;
+                }
+            }
+        }
+        st.queue.push_back(Outgoing { text, reply });
+        drop(st);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Waits until something was pushed since the last [`Outbox::take`].
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Moves every queued message into `into`.
+    pub fn take(&self, into: &mut Vec<Outgoing>) -> Taken {
+        let mut st = self.lock();
+        if st.overflowed {
+            return Taken::SlowConsumer;
+        }
+        into.extend(st.queue.drain(..));
+        Taken::Messages
+    }
+
+    /// Refuses further messages; called when the connection ends.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.queue = VecDeque::new();
+    }
+
+    /// Messages waiting now.
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(cap: usize, policy: SlowConsumer) -> (Outbox, Arc<Metrics>) {
+        let m = Arc::new(Metrics::new());
+        (Outbox::new(cap, policy, m.clone()), m)
+    }
+
+    fn texts(v: &[Outgoing]) -> Vec<&str> {
+        v.iter().map(|m| m.text.as_str()).collect()
+    }
+
+    #[test]
+    fn drop_oldest_drops_pushes_but_never_replies() {
+        let (o, m) = outbox(3, SlowConsumer::DropOldest);
+        assert!(o.push("r1".into(), true));
+        assert!(o.push("p1".into(), false));
+        assert!(o.push("p2".into(), false));
+        assert!(o.push("p3".into(), false), "p1 makes room");
+        assert_eq!(m.outbound_dropped.get(), 1);
+        let mut out = Vec::new();
+        assert_eq!(o.take(&mut out), Taken::Messages);
+        assert_eq!(texts(&out), ["r1", "p2", "p3"]);
+    }
+
+    #[test]
+    fn a_queue_full_of_replies_marks_a_slow_consumer() {
+        let (o, _) = outbox(2, SlowConsumer::DropOldest);
+        assert!(o.push("r1".into(), true));
+        assert!(o.push("r2".into(), true));
+        assert!(!o.push("r3".into(), true));
+        assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
+    }
+
+    #[test]
+    fn close_policy_marks_a_slow_consumer_at_the_first_overflow() {
+        let (o, m) = outbox(1, SlowConsumer::Close);
+        assert!(o.push("p1".into(), false));
+        assert!(!o.push("p2".into(), false));
+        assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
+        assert_eq!(m.outbound_dropped.get(), 0);
+    }
+
+    #[test]
+    fn closed_outbox_refuses() {
+        let (o, _) = outbox(4, SlowConsumer::DropOldest);
+        o.close();
+        assert!(!o.push("late".into(), true));
+        assert!(o.is_empty());
+    }
+}

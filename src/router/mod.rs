@@ -1,0 +1,437 @@
+//! The event router: handlers as data. Each event name maps to a handler
+//! and a [`Policy`] (auth, role, rate limit, timeout, priority), whose
+//! built-in values the config file can override per event
+//! (`[events."weather.get"]`). Checks run in the seed's order (unknown →
+//! auth → role → rate limit → validate → run with timeout); each outcome is
+//! a distinct reply code and a metric labelled by event.
+//!
+//! Dispatch runs on the connection's task and never waits: a validated
+//! event is queued on the [`pool`] and its reply goes to the connection's
+//! [`Outbox`](crate::outbox::Outbox).
+
+mod events;
+pub mod pool;
+pub mod rate;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::config::{Config, ConfigError, Priority, Rate};
+use crate::metrics::{Metrics, Outcome};
+use crate::outbox::Outbox;
+use crate::protocol::{ErrorBody, ErrorCode, Event, reply_json};
+use crate::server::App;
+
+pub use pool::{Pool, Refused};
+pub use rate::{Bucket, Limits, Subject};
+
+/// What a handler returns: the reply's `data`, or an error.
+pub type HandlerResult = Result<Value, ErrorBody>;
+
+/// Who sent an event. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The connection.
+    pub conn_id: Uuid,
+    /// The signed-in user, if any.
+    pub user: Option<Arc<str>>,
+    /// The user's roles.
+    pub roles: Arc<[String]>,
+    /// Where replies and pushes for this connection go.
+    pub outbox: Arc<Outbox>,
+}
+
+/// What a handler gets: the app and the caller.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Shared server state.
+    pub app: Arc<App>,
+    /// Who asked.
+    pub caller: Caller,
+}
+
+/// An event's policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Refuse anonymous callers (`unauthorized`).
+    pub requires_auth: bool,
+    /// Refuse users without this role (`forbidden`).
+    pub requires_role: Option<String>,
+    /// Per user (or per connection when anonymous).
+    pub rate_limit: Option<Rate>,
+    /// Handler deadline (`timeout`).
+    pub timeout: Duration,
+    /// Queue lane.
+    pub priority: Priority,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            requires_auth: false,
+            requires_role: None,
+            rate_limit: None,
+            timeout: Duration::from_secs(10),
+            priority: Priority::Normal,
+        }
+    }
+}
+
+/// A payload type: deserialised from `data`, then checked.
+pub trait Payload: DeserializeOwned + Send + 'static {
+    /// Checks beyond the types.
+    ///
+    /// # Errors
+    /// An `invalid_data` [`ErrorBody`] naming the field.
+    fn validate(&self) -> Result<(), ErrorBody> {
+        Ok(())
+    }
+}
+
+impl Payload for Value {}
+
+/// An `invalid_data` error for `field`.
+pub fn invalid_field(field: &str, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code: ErrorCode::InvalidData,
+        message: message.into(),
+        field: Some(field.to_owned()),
+    }
+}
+
+type Job = Box<dyn FnOnce(Ctx) -> BoxFuture<'static, HandlerResult> + Send>;
+type Prepare = Box<dyn Fn(Value) -> Result<Job, ErrorBody> + Send + Sync>;
+
+/// One registered event.
+struct Route {
+    name: &'static str,
+    index: usize,
+    policy: Policy,
+    prepare: Prepare,
+    outcomes: [Counter; 12],
+}
+
+impl Route {
+    fn count(&self, outcome: Outcome) {
+        self.outcomes[outcome as usize].inc();
+    }
+}
+
+/// Builds the table of events.
+pub struct Registry {
+    routes: Vec<(&'static str, Policy, Prepare)>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.routes.iter().map(|r| r.0).collect();
+        f.debug_struct("Registry").field("events", &names).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Registry {
+        Registry { routes: Vec::new() }
+    }
+
+    /// The events gale ships.
+    pub fn builtin() -> Registry {
+        let mut r = Registry::new();
+        events::register(&mut r);
+        r
+    }
+
+    /// Registers `name`: its payload type `T`, its policy, its handler.
+    /// Adding an event is this one call.
+    pub fn register<T, F, Fut>(&mut self, name: &'static str, policy: Policy, handler: F)
+    where
+        T: Payload,
+        F: Fn(Ctx, T) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let prepare: Prepare = Box::new(move |data: Value| {
+            let payload: T = serde_path_to_error::deserialize(data).map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." { "data".to_owned() } else { path };
+                invalid_field(&field, format!("{field}: {}", e.into_inner()))
+            })?;
+            payload.validate()?;
+            let handler = handler.clone();
+            let job: Job = Box::new(move |ctx| Box::pin(handler(ctx, payload)));
+            Ok(job)
+        });
+        self.routes.push((name, policy, prepare));
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A queued event.
+struct Task {
+    route: Arc<Route>,
+    job: Job,
+    ctx: Ctx,
+    reply_to: Option<Value>,
+}
+
+/// The router: routes, limits and the worker pool.
+pub struct Router {
+    routes: HashMap<&'static str, Arc<Route>>,
+    unknown: [Counter; 12],
+    limits: Limits,
+    global: Option<Bucket>,
+    pool: Pool<Task>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.routes.keys().collect();
+        names.sort();
+        f.debug_struct("Router")
+            .field("events", &names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// Applies the config's per-event overrides to `registry` and starts
+    /// the worker pool.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for an override naming no registered event or with
+    /// a bad value.
+    pub fn new(
+        registry: Registry,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Router, ConfigError> {
+        let mut routes = HashMap::new();
+        for (index, (name, mut policy, prepare)) in registry.routes.into_iter().enumerate() {
+            if let Some(o) = config.events.get(name) {
+                let key = |k: &str| format!("events.\"{name}\".{k}");
+                if let Some(rate) = &o.rate_limit {
+                    policy.rate_limit = match rate.as_str() {
+                        "off" => None,
+                        r => Some(Rate::parse(r).map_err(|m| ConfigError::Invalid {
+                            key: key("rate_limit"),
+                            message: m,
+                        })?),
+                    };
+                }
+                if let Some(ms) = o.timeout_ms {
+                    policy.timeout = Duration::from_millis(ms);
+                }
+                if let Some(p) = o.priority {
+                    policy.priority = p;
+                }
+                if let Some(a) = o.requires_auth {
+                    policy.requires_auth = a;
+                }
+                if let Some(role) = &o.requires_role {
+                    policy.requires_role = Some(role.clone()).filter(|r| !r.is_empty());
+                }
+            }
+            let route = Route {
+                name,
+                index,
+                policy,
+                prepare,
+                outcomes: metrics.event_counters(name),
+            };
+            routes.insert(name, Arc::new(route));
+        }
+        if let Some(name) = config
+            .events
+            .keys()
+            .find(|n| !routes.contains_key(n.as_str()))
+        {
+            let mut known: Vec<_> = routes.keys().copied().collect();
+            known.sort_unstable();
+            return Err(ConfigError::Invalid {
+                key: format!("events.\"{name}\""),
+                message: format!("no such event (known: {})", known.join(", ")),
+            });
+        }
+        let global = (config.router.global_rate_limit > 0).then(|| {
+            Bucket::new(Rate {
+                count: config.router.global_rate_limit,
+                per: Duration::from_secs(1),
+            })
+        });
+        let pool = Pool::start(&config.router, metrics.clone(), |task: Task| run(task));
+        Ok(Router {
+            routes,
+            unknown: metrics.event_counters("unknown"),
+            limits: Limits::default(),
+            global,
+            pool,
+        })
+    }
+
+    /// The policy in force for `event`, if it is registered.
+    pub fn policy(&self, event: &str) -> Option<&Policy> {
+        self.routes.get(event).map(|r| &r.policy)
+    }
+
+    /// Checks and queues one event. Never waits; every refusal is replied
+    /// to (when the event has a `ref`) and counted.
+    pub fn dispatch(&self, app: &Arc<App>, caller: &Caller, event: Event) {
+        let Event {
+            name,
+            data,
+            reply_to,
+        } = event;
+        let refuse = |outcomes: &[Counter; 12], body: ErrorBody| {
+            outcomes[Outcome::from(body.code) as usize].inc();
+            if let Some(r) = &reply_to {
+                caller.outbox.push(reply_json(r, &Err(body)).into(), true);
+            }
+        };
+        let Some(route) = self.routes.get(name.as_str()) else {
+            let shown: String = name.chars().take(64).collect();
+            return refuse(
+                &self.unknown,
+                ErrorBody::new(ErrorCode::UnknownEvent, format!("no event named {shown:?}")),
+            );
+        };
+        match self.check(route, caller) {
+            Ok(()) => {}
+            Err(body) => return refuse(&route.outcomes, body),
+        }
+        let job = match (route.prepare)(data) {
+            Ok(job) => job,
+            Err(body) => return refuse(&route.outcomes, body),
+        };
+        let task = Task {
+            route: route.clone(),
+            job,
+            ctx: Ctx {
+                app: app.clone(),
+                caller: caller.clone(),
+            },
+            reply_to: reply_to.clone(),
+        };
+        if let Err((why, _)) = self.pool.submit(route.policy.priority, task) {
+            let message = match why {
+                Refused::Overloaded => "the server is overloaded: try again shortly",
+                Refused::Closed => "the server is shutting down",
+            };
+            refuse(
+                &route.outcomes,
+                ErrorBody::new(ErrorCode::SystemOverloaded, message),
+            );
+        }
+    }
+
+    /// Auth, role and rate checks, in that order.
+    fn check(&self, route: &Route, caller: &Caller) -> Result<(), ErrorBody> {
+        let p = &route.policy;
+        if (p.requires_auth || p.requires_role.is_some()) && caller.user.is_none() {
+            return Err(ErrorBody::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "{} needs a signed-in user: connect with a token",
+                    route.name
+                ),
+            ));
+        }
+        if let Some(role) = &p.requires_role {
+            if !caller.roles.iter().any(|r| r == role) {
+                return Err(ErrorBody::new(
+                    ErrorCode::Forbidden,
+                    format!("{} needs the role {role:?}", route.name),
+                ));
+            }
+        }
+        if let Some(global) = &self.global {
+            if global.take().is_err() {
+                return Err(ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    "the server is receiving too many events: slow down",
+                ));
+            }
+        }
+        if let Some(rate) = p.rate_limit {
+            let subject = match &caller.user {
+                Some(user) => Subject::User(user.clone()),
+                None => Subject::Connection(caller.conn_id),
+            };
+            if let Err(wait) = self.limits.take(route.index, subject, rate) {
+                return Err(ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "{}: at most {} per {} s; retry in {} ms",
+                        route.name,
+                        rate.count,
+                        rate.per.as_secs(),
+                        wait.as_millis().max(1)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Events waiting for a worker.
+    pub fn queue_depth(&self) -> usize {
+        self.pool.depth()
+    }
+
+    /// Refuses new events and waits (at most `deadline`) for the queued
+    /// and running handlers. Returns whether they all finished.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        self.pool.drain(deadline).await
+    }
+}
+
+/// Runs one handler under its deadline, catching a panic, and replies.
+async fn run(task: Task) {
+    let Task {
+        route,
+        job,
+        ctx,
+        reply_to,
+    } = task;
+    let outbox = ctx.caller.outbox.clone();
+    let metrics = ctx.app.metrics.clone();
+    let started = Instant::now();
+    let work = std::panic::AssertUnwindSafe(job(ctx)).catch_unwind();
+    let result = match tokio::time::timeout(route.policy.timeout, work).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_panic)) => {
+            tracing::error!(event = route.name, "handler panicked");
+            Err(ErrorBody::new(ErrorCode::InternalError, "internal error"))
+        }
+        Err(_) => Err(ErrorBody::new(
+            ErrorCode::Timeout,
+            format!(
+                "{} did not finish within {} ms (timeout)",
+                route.name,
+                route.policy.timeout.as_millis()
+            ),
+        )),
+    };
+    metrics
+        .handler_latency
+        .observe(started.elapsed().as_secs_f64());
+    route.count(match &result {
+        Ok(_) => Outcome::Ok,
+        Err(e) => Outcome::from(e.code),
+    });
+    if let Some(r) = reply_to {
+        outbox.push(reply_json(&r, &result).into(), true);
+    }
+}

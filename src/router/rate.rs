@@ -1,0 +1,138 @@
+//! Rate limits: token buckets, one per (event, user-or-connection), held
+//! in a bounded cache that forgets idle keys, plus one for the whole node.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::Rate;
+
+/// A token bucket: `count` events at once, refilled at `count` per `per`.
+/// So the (N+1)th event inside a window is refused, and a full window
+/// later N are allowed again.
+#[derive(Debug)]
+pub struct Bucket {
+    state: Mutex<(f64, Instant)>,
+    capacity: f64,
+    per_second: f64,
+}
+
+impl Bucket {
+    /// A full bucket for `rate`.
+    pub fn new(rate: Rate) -> Bucket {
+        let capacity = f64::from(rate.count);
+        Bucket {
+            state: Mutex::new((capacity, Instant::now())),
+            capacity,
+            per_second: capacity / rate.per.as_secs_f64(),
+        }
+    }
+
+    /// Takes one token. `Err` holds the wait until the next one.
+    pub fn take(&self) -> Result<(), Duration> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = *st;
+        let tokens =
+            (tokens + now.duration_since(last).as_secs_f64() * self.per_second).min(self.capacity);
+        if tokens >= 1.0 {
+            *st = (tokens - 1.0, now);
+            Ok(())
+        } else {
+            *st = (tokens, now);
+            Err(Duration::from_secs_f64((1.0 - tokens) / self.per_second))
+        }
+    }
+}
+
+/// Who a per-event limit counts against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// A signed-in user, across all their connections.
+    User(Arc<str>),
+    /// An anonymous connection.
+    Connection(Uuid),
+}
+
+/// Most (event, subject) buckets kept; the least recently used go first.
+const MAX_BUCKETS: u64 = 200_000;
+
+/// Per-event, per-subject buckets. Memory is bounded: at most
+/// [`MAX_BUCKETS`] entries, and a bucket idle for an hour is forgotten (it
+/// would have refilled anyway: the longest window is an hour).
+#[derive(Debug)]
+pub struct Limits {
+    buckets: moka::sync::Cache<(usize, Subject), Arc<Bucket>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(MAX_BUCKETS)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+        }
+    }
+}
+
+impl Limits {
+    /// Takes a token from `subject`'s bucket for event number `event`.
+    ///
+    /// # Errors
+    /// The wait until the next token.
+    pub fn take(&self, event: usize, subject: Subject, rate: Rate) -> Result<(), Duration> {
+        self.buckets
+            .get_with((event, subject), || Arc::new(Bucket::new(rate)))
+            .take()
+    }
+
+    /// Buckets held now (approximate).
+    pub fn len(&self) -> u64 {
+        self.buckets.entry_count()
+    }
+
+    /// Whether no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn n_per_window_then_refused_then_recovers() {
+        let b = Bucket::new(Rate {
+            count: 3,
+            per: Duration::from_secs(60),
+        });
+        for _ in 0..3 {
+            b.take().expect("within the limit");
+        }
+        let wait = b.take().expect_err("the 4th is refused");
+        assert!(wait <= Duration::from_secs(20), "{wait:?}");
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..3 {
+            b.take().expect("a window later: recovered");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn subjects_are_counted_apart() {
+        let limits = Limits::default();
+        let rate = Rate {
+            count: 1,
+            per: Duration::from_secs(10),
+        };
+        let a = Subject::User("alice".into());
+        let b = Subject::Connection(Uuid::nil());
+        limits.take(0, a.clone(), rate).expect("alice");
+        limits.take(0, b, rate).expect("anonymous connection");
+        limits.take(1, a.clone(), rate).expect("another event");
+        assert!(limits.take(0, a, rate).is_err());
+    }
+}

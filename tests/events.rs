@@ -1,0 +1,250 @@
+//! JSON events over the same /ws endpoint: replies, error codes, per-event
+//! policies from the config, the worker pool's priorities and drop
+//! threshold.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, start, start_with};
+use gale::config::{Config, EventOverride, Priority};
+use serde_json::{Value, json};
+
+fn override_event(c: &mut Config, name: &str, f: impl FnOnce(&mut EventOverride)) {
+    f(c.events.entry(name.to_owned()).or_default());
+}
+
+/// Sends an event and returns the reply with that `ref`.
+async fn request(c: &mut Client, event: &str, data: Value, r: &str) -> Value {
+    c.send(&json!({"event": event, "data": data, "ref": r}).to_string())
+        .await;
+    reply_to(c, r).await
+}
+
+/// Reads until the reply to `r` arrives.
+async fn reply_to(c: &mut Client, r: &str) -> Value {
+    loop {
+        let msg = c.recv_json().await;
+        if msg["reply"] == r {
+            return msg;
+        }
+    }
+}
+
+fn code(reply: &Value) -> &str {
+    reply["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn weather_get_replies_once_with_the_reading() {
+    let server = start().await;
+    let mut c = server.client().await;
+    let reply = request(&mut c, "weather.get", json!({"city": "Paris"}), "17").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["data"]["city"], "Paris");
+    assert!(reply["data"]["temperature"].is_number());
+    assert!(reply.get("error").is_none());
+
+    // Plain text still works on the same connection, and shares the cache.
+    assert_eq!(c.ask("Paris").await["type"], "weather");
+    assert_eq!(server.fake.calls(), 1);
+
+    let reply = request(&mut c, "weather.get", json!({"city": "Atlantis"}), "18").await;
+    assert_eq!(reply["ok"], false);
+    assert_eq!(code(&reply), "not_found");
+}
+
+#[tokio::test]
+async fn numeric_refs_are_echoed_and_events_without_ref_get_no_reply() {
+    let server = start().await;
+    let mut c = server.client().await;
+    c.send(r#"{"event":"weather.get","data":{"city":"Oslo"}}"#)
+        .await;
+    c.send(r#"{"event":"server.stats","ref":42}"#).await;
+    let reply = c.recv_json().await;
+    assert_eq!(
+        reply["reply"], 42,
+        "the only message is the reply to ref 42: {reply}"
+    );
+    assert_eq!(reply["ok"], true);
+    // The fire-and-forget event still ran.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.fake.calls() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "weather.get without ref never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_refusal_has_its_code() {
+    let server = start_with(|c| {
+        override_event(c, "server.stats", |o| o.requires_auth = Some(true));
+    })
+    .await;
+    let mut c = server.client().await;
+
+    let r = request(&mut c, "no.such.event", json!({}), "a").await;
+    assert_eq!(code(&r), "unknown_event", "{r}");
+
+    let r = request(&mut c, "server.stats", Value::Null, "b").await;
+    assert_eq!(code(&r), "unauthorized", "{r}");
+
+    let r = request(&mut c, "weather.get", json!({}), "c").await;
+    assert_eq!(code(&r), "invalid_data", "{r}");
+    assert_eq!(
+        r["error"]["field"], "data",
+        "missing field is reported on data: {r}"
+    );
+
+    let r = request(&mut c, "weather.get", json!({"city": 12}), "d").await;
+    assert_eq!(code(&r), "invalid_data", "{r}");
+    assert_eq!(r["error"]["field"], "city");
+
+    let r = request(&mut c, "weather.get", json!({"city": "  "}), "e").await;
+    assert_eq!(code(&r), "invalid_data", "{r}");
+    assert_eq!(r["error"]["field"], "city");
+    assert!(r["error"]["message"].as_str().expect("m").contains("empty"));
+
+    c.send(r#"{"event":42,"ref":"f"}"#).await;
+    let r = reply_to(&mut c, "f").await;
+    assert_eq!(code(&r), "invalid_message", "{r}");
+
+    c.send("{not json").await;
+    let r = c.recv_json().await;
+    assert_eq!(r["type"], "error", "no ref readable: a plain error: {r}");
+    assert_eq!(r["code"], "invalid_message");
+
+    assert_eq!(server.fake.calls(), 0, "no refused event reached upstream");
+    let (_, text) = server.get("/metrics").await.expect("metrics");
+    assert!(
+        text.contains(r#"gale_events_total{event="weather.get",outcome="InvalidData"} 3"#),
+        "outcomes are labelled by event:\n{text}"
+    );
+    assert!(text.contains(r#"gale_events_total{event="unknown",outcome="UnknownEvent"} 1"#));
+}
+
+#[tokio::test]
+async fn rate_limit_refuses_the_next_one_in_the_window_and_recovers() {
+    let server = start_with(|c| {
+        override_event(c, "server.stats", |o| o.rate_limit = Some("3/s".into()));
+    })
+    .await;
+    let mut c = server.client().await;
+    for i in 0..3 {
+        let r = request(&mut c, "server.stats", Value::Null, &format!("ok{i}")).await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let r = request(&mut c, "server.stats", Value::Null, "over").await;
+    assert_eq!(code(&r), "rate_limited", "{r}");
+
+    // Another connection has its own allowance (anonymous: per connection).
+    let mut other = server.client().await;
+    assert_eq!(
+        request(&mut other, "server.stats", Value::Null, "x").await["ok"],
+        true
+    );
+
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for i in 0..3 {
+        let r = request(&mut c, "server.stats", Value::Null, &format!("again{i}")).await;
+        assert_eq!(r["ok"], true, "window recovered: {r}");
+    }
+}
+
+#[tokio::test]
+async fn handler_timeout_from_config() {
+    let server = start_with(|c| {
+        override_event(c, "weather.get", |o| o.timeout_ms = Some(200));
+    })
+    .await;
+    server.fake.set_latency(Duration::from_secs(2));
+    let mut c = server.client().await;
+    let started = Instant::now();
+    let r = request(&mut c, "weather.get", json!({"city": "Lima"}), "t").await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(code(&r), "timeout", "{r}");
+}
+
+#[tokio::test]
+async fn high_priority_runs_before_low_on_a_saturated_pool() {
+    let server = start_with(|c| {
+        c.router.workers = 1;
+        override_event(c, "weather.get", |o| o.priority = Some(Priority::High));
+        override_event(c, "server.stats", |o| {
+            o.priority = Some(Priority::Low);
+            o.rate_limit = Some("off".into());
+        });
+    })
+    .await;
+    server
+        .fake
+        .set_city_latency("Blocker", Duration::from_millis(600));
+    let mut c = server.client().await;
+    let send =
+        |e: &str, data: Value, r: &str| json!({"event": e, "data": data, "ref": r}).to_string();
+    c.send(&send("weather.get", json!({"city": "Blocker"}), "blocker"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // the only worker is busy
+    c.send(&send("server.stats", Value::Null, "low")).await;
+    c.send(&send("weather.get", json!({"city": "Fast"}), "high"))
+        .await;
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        order.push(
+            c.recv_json().await["reply"]
+                .as_str()
+                .expect("reply")
+                .to_owned(),
+        );
+    }
+    assert_eq!(order, ["blocker", "high", "low"]);
+}
+
+#[tokio::test]
+async fn past_the_drop_threshold_events_are_refused_at_once() {
+    let server = start_with(|c| {
+        c.router.workers = 1;
+        c.router.queue_size = 2;
+        c.router.drop_threshold = 1.0;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(500));
+    let mut c = server.client().await;
+    for i in 0..3 {
+        // One runs, two wait: the queue is full.
+        c.send(
+            &json!({"event":"weather.get","data":{"city":format!("Q{i}")},"ref":format!("q{i}")})
+                .to_string(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let started = Instant::now();
+    let r = request(&mut c, "weather.get", json!({"city": "Q3"}), "q3").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "refused at once"
+    );
+    assert_eq!(code(&r), "system_overloaded", "{r}");
+    for i in 0..3 {
+        assert_eq!(reply_to(&mut c, &format!("q{i}")).await["ok"], true);
+    }
+}
+
+#[tokio::test]
+async fn an_override_for_an_unknown_event_stops_start_up() {
+    let fake = gale::fake_upstream::FakeUpstream::start("127.0.0.1:0")
+        .await
+        .expect("fake");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = common::test_config(&fake, dir.path());
+    override_event(&mut config, "no.such", |o| o.timeout_ms = Some(5));
+    let listener = gale::server::bind("127.0.0.1:0").await.expect("bind");
+    let err = gale::server::run(listener, config, Default::default())
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains(r#"events."no.such""#), "{err}");
+}
