@@ -82,6 +82,20 @@ pub struct Config {
     pub connection: ConnectionConfig,
     /// Per-event policy overrides, keyed by event name.
     pub events: BTreeMap<String, EventOverride>,
+    /// Who may connect, and how they prove it.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: JSON Web Tokens presented at the handshake.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret.
+    pub jwt_secret: Option<String>,
+    /// PEM public key for RS256 or EdDSA (Ed25519) tokens.
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+    /// Refuse connections without a valid token.
+    pub required: bool,
 }
 
 /// `[server]`: the listener and per-connection limits.
@@ -109,6 +123,10 @@ pub struct ServerConfig {
     pub read_buffer_bytes: usize,
     /// Per-connection write buffer target before a flush.
     pub write_buffer_bytes: usize,
+    /// Origins allowed to open a WebSocket (`"*"` allows any). Empty: the
+    /// server's own host and localhost. Handshakes without an Origin
+    /// header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -122,6 +140,7 @@ impl Default for ServerConfig {
             max_inflight_per_connection: 32,
             read_buffer_bytes: 1024,
             write_buffer_bytes: 1024,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -778,7 +797,13 @@ mod example_file {
         // Every key of every section appears in the file, set or commented.
         let text = std::fs::read_to_string(&path).expect("read");
         let defaults = toml::Table::try_from(Config::default()).expect("table");
-        let optional = ["base_url", "geocoding_url", "api_key"];
+        let optional = [
+            "base_url",
+            "geocoding_url",
+            "api_key",
+            "jwt_secret",
+            "jwt_public_key_file",
+        ];
         for (section, keys) in &defaults {
             if section == "events" {
                 assert!(

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use uuid::Uuid;
 
+use crate::identity::Identity;
 use crate::metrics::Outcome;
 use crate::outbox::{Outbox, Outgoing, Taken};
 use crate::protocol::{
@@ -62,18 +63,18 @@ enum End {
 }
 
 /// Serves one upgraded connection until it ends.
-pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket) {
+pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
     let client_id = Uuid::new_v4();
     let m = app.metrics.clone();
     m.connections.inc();
     m.connections_total.inc();
-    tracing::debug!(%client_id, "connected");
+    tracing::debug!(%client_id, user = ?who.user, "connected");
 
     let c = &app.config.connection;
     let caller = Caller {
         conn_id: client_id,
-        user: None,
-        roles: Arc::from([]),
+        user: who.user,
+        roles: who.roles,
         outbox: Arc::new(Outbox::new(c.outbound_queue, c.slow_consumer, m.clone())),
     };
     let (end, mut inflight) = read_loop(&app, &caller, &mut socket).await;

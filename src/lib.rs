@@ -7,6 +7,7 @@
 //! - [`config`]: typed settings from defaults, a TOML file and the
 //!   environment.
 //! - [`server`]: routes, the connection limit, the shutdown sequence.
+//! - [`identity`]: JWT at the handshake, the Origin check.
 //! - [`connection`]: one WebSocket connection's read/reply loop.
 //! - [`protocol`]: the wire messages; no state.
 //! - [`router`]: JSON events: registry, policies, worker pool.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod fake_upstream;
+pub mod identity;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::identity::{self, Verifier};
 use crate::metrics::Metrics;
 use crate::router::{Registry, Router};
 use crate::store::{self, RequestLog, StoreError};
@@ -73,6 +74,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// JSON events.
     pub router: Router,
+    /// Checks handshake tokens.
+    pub verifier: Verifier,
     /// Cancelled when the server starts to shut down: stop accepting,
     /// refuse new events.
     pub shutdown: CancellationToken,
@@ -107,6 +110,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new());
+    let verifier = Verifier::from_config(&config.auth)?;
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let weather = Weather::from_config(&config.weather, metrics.clone())?;
     let (log, writers) = store::start(&config.store, metrics.clone()).await?;
@@ -117,6 +121,7 @@ pub async fn run(
         log,
         metrics,
         router: events,
+        verifier,
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
         tracker: TaskTracker::new(),
@@ -243,6 +248,8 @@ async fn not_found() -> Response {
 
 async fn ws_upgrade(
     State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
@@ -263,6 +270,29 @@ async fn ws_upgrade(
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    if !identity::origin_allowed(&headers, &app.config.server.allowed_origins) {
+        tracing::debug!(origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
+        return (
+            StatusCode::FORBIDDEN,
+            "this Origin may not open a WebSocket here (server.allowed_origins)\n",
+        )
+            .into_response();
+    }
+    let who = match app
+        .verifier
+        .identify(identity::token_from(&headers, &uri).as_deref())
+    {
+        Ok(who) => who,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake refused: token");
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!("{e}\n"),
+            )
+                .into_response();
+        }
+    };
     // Taken before the upgrade completes, so shutdown also waits for a
     // connection that is between the 101 response and its task.
     let tracked = app.tracker.token();
@@ -274,7 +304,7 @@ async fn ws_upgrade(
         .max_frame_size(s.max_message_bytes)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| async move {
-            crate::connection::serve(app, socket).await;
+            crate::connection::serve(app, socket, who).await;
             drop(tracked);
         })
 }

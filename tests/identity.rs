@@ -1,0 +1,292 @@
+//! Identity at the handshake: JWTs (HS256, RS256, EdDSA) by header or
+//! query, refusals with 401 before any upgrade, the Origin check (403),
+//! and the router's auth, role and per-user rate checks that use them.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{Client, TestServer, start_with};
+use gale::config::Config;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+const SECRET: &str = "test-secret-for-hs256";
+
+fn keys(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keys")
+        .join(name)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn token(alg: Algorithm, key: &EncodingKey, sub: &str, roles: Value, exp: u64) -> String {
+    jsonwebtoken::encode(
+        &Header::new(alg),
+        &json!({"sub": sub, "roles": roles, "exp": exp}),
+        key,
+    )
+    .expect("sign")
+}
+
+fn hs256(sub: &str, roles: Value) -> String {
+    token(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        sub,
+        roles,
+        now() + 3600,
+    )
+}
+
+fn with_secret(c: &mut Config) {
+    c.auth.jwt_secret = Some(SECRET.into());
+}
+
+/// Opens a WebSocket with extra headers; `Err(status)` when refused.
+async fn connect(
+    server: &TestServer,
+    query: &str,
+    headers: &[(&'static str, String)],
+) -> Result<Client, u16> {
+    let mut req = format!("{}{query}", server.ws_url())
+        .into_client_request()
+        .expect("request");
+    for (k, v) in headers {
+        req.headers_mut()
+            .insert(*k, HeaderValue::from_str(v).expect("header"));
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => {
+            let mut c = Client {
+                ws,
+                client_id: String::new(),
+            };
+            assert_eq!(c.recv_json().await["type"], "connected");
+            Ok(c)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
+async fn stats(c: &mut Client, r: &str) -> Value {
+    c.send(&json!({"event":"server.stats","ref":r}).to_string())
+        .await;
+    loop {
+        let m = c.recv_json().await;
+        if m["reply"] == r {
+            return m;
+        }
+    }
+}
+
+fn bearer(t: &str) -> Vec<(&'static str, String)> {
+    vec![("authorization", format!("Bearer {t}"))]
+}
+
+#[tokio::test]
+async fn hs256_token_by_header_or_query_identifies_the_user() {
+    let server = start_with(|c| {
+        with_secret(c);
+        c.events
+            .entry("server.stats".into())
+            .or_default()
+            .requires_auth = Some(true);
+    })
+    .await;
+    let t = hs256("alice", json!(["reader"]));
+    let mut by_header = connect(&server, "", &bearer(&t)).await.expect("accepted");
+    assert_eq!(stats(&mut by_header, "1").await["ok"], true);
+    let mut by_query = connect(&server, &format!("?token={t}"), &[])
+        .await
+        .expect("accepted");
+    assert_eq!(stats(&mut by_query, "2").await["ok"], true);
+
+    // Anonymous is still allowed to connect, but not to this event.
+    let mut anon = connect(&server, "", &[]).await.expect("anonymous allowed");
+    assert_eq!(stats(&mut anon, "3").await["error"]["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_401_before_the_upgrade() {
+    let server = start_with(with_secret).await;
+    let expired = token(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        "alice",
+        json!([]),
+        now() - 3600,
+    );
+    let wrong_key = token(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(b"another secret"),
+        "alice",
+        json!([]),
+        now() + 3600,
+    );
+    for t in [expired.as_str(), wrong_key.as_str(), "not.a.jwt"] {
+        assert_eq!(
+            connect(&server, "", &bearer(t)).await.err(),
+            Some(401),
+            "{t}"
+        );
+        assert_eq!(
+            connect(&server, &format!("?token={t}"), &[]).await.err(),
+            Some(401)
+        );
+    }
+    assert_eq!(
+        server.metric("connections-total").await,
+        0,
+        "nothing was upgraded"
+    );
+}
+
+#[tokio::test]
+async fn required_auth_refuses_anonymous_connections() {
+    let server = start_with(|c| {
+        with_secret(c);
+        c.auth.required = true;
+    })
+    .await;
+    assert_eq!(connect(&server, "", &[]).await.err(), Some(401));
+    assert!(
+        connect(&server, "", &bearer(&hs256("bob", json!([]))))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn rs256_and_eddsa_public_keys() {
+    for (public, private, alg) in [
+        ("rsa-public.pem", "rsa-private.pem", Algorithm::RS256),
+        (
+            "ed25519-public.pem",
+            "ed25519-private.pem",
+            Algorithm::EdDSA,
+        ),
+    ] {
+        let server = start_with(|c| c.auth.jwt_public_key_file = Some(keys(public))).await;
+        let pem = std::fs::read(keys(private)).expect("private key");
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            _ => EncodingKey::from_ed_pem(&pem),
+        }
+        .expect("encoding key");
+        let good = token(alg, &key, "carol", json!("admin"), now() + 60);
+        assert!(
+            connect(&server, "", &bearer(&good)).await.is_ok(),
+            "{alg:?}"
+        );
+        let hs = hs256("carol", json!([]));
+        assert_eq!(
+            connect(&server, "", &bearer(&hs)).await.err(),
+            Some(401),
+            "{alg:?} server refuses an HS256 token"
+        );
+    }
+}
+
+#[tokio::test]
+async fn roles_gate_events() {
+    let server = start_with(|c| {
+        with_secret(c);
+        c.events
+            .entry("server.stats".into())
+            .or_default()
+            .requires_role = Some("admin".into());
+    })
+    .await;
+    let mut admin = connect(&server, "", &bearer(&hs256("root", json!(["admin", "x"]))))
+        .await
+        .expect("ok");
+    assert_eq!(stats(&mut admin, "a").await["ok"], true);
+    let mut single = connect(&server, "", &bearer(&hs256("root2", json!("admin"))))
+        .await
+        .expect("ok");
+    assert_eq!(
+        stats(&mut single, "s").await["ok"],
+        true,
+        "a single-string role"
+    );
+    let mut user = connect(&server, "", &bearer(&hs256("dave", json!(["reader"]))))
+        .await
+        .expect("ok");
+    assert_eq!(stats(&mut user, "u").await["error"]["code"], "forbidden");
+    let mut anon = connect(&server, "", &[]).await.expect("ok");
+    assert_eq!(stats(&mut anon, "n").await["error"]["code"], "unauthorized");
+}
+
+#[tokio::test]
+async fn rate_limits_count_per_user_across_connections() {
+    let server = start_with(|c| {
+        with_secret(c);
+        c.events
+            .entry("server.stats".into())
+            .or_default()
+            .rate_limit = Some("2/min".into());
+    })
+    .await;
+    let t = hs256("erin", json!([]));
+    let mut tab1 = connect(&server, "", &bearer(&t)).await.expect("ok");
+    let mut tab2 = connect(&server, "", &bearer(&t)).await.expect("ok");
+    assert_eq!(stats(&mut tab1, "1").await["ok"], true);
+    assert_eq!(stats(&mut tab2, "2").await["ok"], true);
+    assert_eq!(stats(&mut tab1, "3").await["error"]["code"], "rate_limited");
+    let mut other = connect(&server, "", &bearer(&hs256("frank", json!([]))))
+        .await
+        .expect("ok");
+    assert_eq!(
+        stats(&mut other, "4").await["ok"],
+        true,
+        "another user's own allowance"
+    );
+}
+
+#[tokio::test]
+async fn foreign_origins_are_refused_with_403() {
+    let server = start_with(|_| {}).await;
+    let origin = |o: &str| vec![("origin", o.to_owned())];
+    assert_eq!(
+        connect(&server, "", &origin("https://evil.example"))
+            .await
+            .err(),
+        Some(403)
+    );
+    assert!(
+        connect(&server, "", &origin("http://localhost:3000"))
+            .await
+            .is_ok()
+    );
+    assert!(
+        connect(&server, "", &origin("http://127.0.0.1"))
+            .await
+            .is_ok(),
+        "own host"
+    );
+
+    let listed =
+        start_with(|c| c.server.allowed_origins = vec!["https://app.example".into()]).await;
+    assert!(
+        connect(&listed, "", &origin("https://app.example"))
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        connect(&listed, "", &origin("http://localhost:3000"))
+            .await
+            .err(),
+        Some(403),
+        "an explicit list replaces the default"
+    );
+}
