@@ -84,6 +84,47 @@ pub struct Config {
     pub events: BTreeMap<String, EventOverride>,
     /// Who may connect, and how they prove it.
     pub auth: AuthConfig,
+    /// Push and the broadcast queue.
+    pub broadcast: BroadcastConfig,
+    /// The HTTP publish API.
+    pub api: ApiConfig,
+}
+
+/// `[broadcast]`: the batching broadcast queue and topic limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BroadcastConfig {
+    /// Most broadcasts delivered together.
+    pub batch_size: usize,
+    /// How long the delivery task gathers a batch after its first message.
+    pub batch_window_ms: u64,
+    /// Broadcasts waiting for delivery; past this they are dropped and
+    /// counted.
+    pub queue_size: usize,
+    /// Most topics on the node.
+    pub max_topics: usize,
+    /// Most topics one connection may subscribe to.
+    pub max_topics_per_connection: usize,
+}
+
+impl Default for BroadcastConfig {
+    fn default() -> Self {
+        BroadcastConfig {
+            batch_size: 256,
+            batch_window_ms: 2,
+            queue_size: 10_000,
+            max_topics: 100_000,
+            max_topics_per_connection: 64,
+        }
+    }
+}
+
+/// `[api]`: the backend-facing HTTP API.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer key for `POST /api/publish`; the API is off when unset.
+    pub key: Option<String>,
 }
 
 /// `[auth]`: JSON Web Tokens presented at the handshake.
@@ -195,6 +236,10 @@ pub struct WeatherConfig {
     pub breaker_cooldown_ms: u64,
     /// Largest upstream response body read, in bytes.
     pub max_response_bytes: usize,
+    /// Seconds between checks for a fresh reading of a subscribed city
+    /// (`weather.subscribe`); a reading refreshes when its cache entry
+    /// expires.
+    pub refresh_s: u64,
 }
 
 impl Default for WeatherConfig {
@@ -213,6 +258,7 @@ impl Default for WeatherConfig {
             breaker_failures: 5,
             breaker_cooldown_ms: 10_000,
             max_response_bytes: 256 * 1024,
+            refresh_s: 60,
         }
     }
 }
@@ -473,6 +519,7 @@ impl Config {
         positive("weather.cache_capacity", w.cache_capacity)?;
         positive("weather.breaker_failures", u64::from(w.breaker_failures))?;
         positive("weather.max_response_bytes", w.max_response_bytes as u64)?;
+        positive("weather.refresh_s", w.refresh_s)?;
 
         let r = &self.router;
         positive("router.workers", r.workers as u64)?;
@@ -803,6 +850,7 @@ mod example_file {
             "api_key",
             "jwt_secret",
             "jwt_public_key_file",
+            "key",
         ];
         for (section, keys) in &defaults {
             if section == "events" {

@@ -77,6 +77,7 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
         roles: who.roles,
         outbox: Arc::new(Outbox::new(c.outbound_queue, c.slow_consumer, m.clone())),
     };
+    app.hub.join(&caller);
     let (end, mut inflight) = read_loop(&app, &caller, &mut socket).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
 
@@ -106,6 +107,7 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
     }
     // Nobody is left to read these replies, but each lookup still ends
     // and writes its request-log row.
+    app.hub.leave(client_id);
     caller.outbox.close();
     while inflight.next().await.is_some() {}
     m.connections.dec();

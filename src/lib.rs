@@ -12,18 +12,24 @@
 //! - [`protocol`]: the wire messages; no state.
 //! - [`router`]: JSON events: registry, policies, worker pool.
 //! - [`weather`]: providers, cache, single-flight, limits, breaker.
+//! - [`feeds`]: one refresh loop per subscribed city.
 //! - [`store`]: the batched, bounded request log (SQLite/PostgreSQL).
 //! - [`outbox`]: a connection's bounded outbound queue.
+//! - [`api`]: `POST /api/publish` for backends.
+//! - [`broadcast`]: push to users, topics and everyone.
 //! - [`metrics`]: Prometheus and JSON counters.
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`client`]: `gale client`.
 //! - [`fake_upstream`]: a fake weather API for tests and demos.
 
+pub mod api;
+pub mod broadcast;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod fake_upstream;
+pub mod feeds;
 pub mod identity;
 pub mod metrics;
 pub mod outbox;

@@ -183,6 +183,16 @@ pub struct Metrics {
     pub router_queue_alerts: Counter,
     /// Handler run time in seconds.
     pub handler_latency: Histogram,
+    /// Users with at least one connection.
+    pub users: Gauge,
+    /// Topics with at least one subscriber.
+    pub topics: Gauge,
+    /// Pushes queued into connections' outboxes.
+    pub pushes: Counter,
+    /// Broadcasts dropped because the broadcast queue was full.
+    pub broadcast_dropped: Counter,
+    /// Broadcasts per delivery batch.
+    pub broadcast_batch: Histogram,
 }
 
 impl Metrics {
@@ -362,7 +372,35 @@ impl Metrics {
             handler_latency.clone(),
         );
 
+        let users = Gauge::default();
+        reg.register("users", "Users with at least one connection", users.clone());
+        let topics = Gauge::default();
+        reg.register(
+            "topics",
+            "Topics with at least one subscriber",
+            topics.clone(),
+        );
+        let pushes = Counter::default();
+        reg.register("pushes", "Pushes queued for connections", pushes.clone());
+        let broadcast_dropped = Counter::default();
+        reg.register(
+            "broadcast_dropped",
+            "Broadcasts dropped: broadcast queue full",
+            broadcast_dropped.clone(),
+        );
+        let broadcast_batch = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        reg.register(
+            "broadcast_batch",
+            "Broadcasts per delivery batch",
+            broadcast_batch.clone(),
+        );
+
         Metrics {
+            users,
+            topics,
+            pushes,
+            broadcast_dropped,
+            broadcast_batch,
             outbound_dropped,
             slow_consumers,
             events,
@@ -450,6 +488,10 @@ impl Metrics {
             "db-failed": self.db_failed.get(),
             "db-queue-depth": self.db_queue_depth.get(),
             "connections": self.connections.get(),
+            "users": self.users.get(),
+            "topics": self.topics.get(),
+            "pushes": self.pushes.get(),
+            "outbound-dropped": self.outbound_dropped.get(),
             "connections-total": self.connections_total.get(),
             "cache-hits": self.cache_hits.get(),
             "cache-misses": self.cache_misses.get(),

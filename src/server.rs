@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broadcast::Hub;
 use crate::config::Config;
 use crate::identity::{self, Verifier};
 use crate::metrics::Metrics;
@@ -76,6 +77,10 @@ pub struct App {
     pub router: Router,
     /// Checks handshake tokens.
     pub verifier: Verifier,
+    /// Connections, users, topics; push.
+    pub hub: Arc<Hub>,
+    /// Weather refresh loops for subscribed cities.
+    pub feeds: crate::feeds::Feeds,
     /// Cancelled when the server starts to shut down: stop accepting,
     /// refuse new events.
     pub shutdown: CancellationToken,
@@ -114,6 +119,7 @@ pub async fn run(
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let weather = Weather::from_config(&config.weather, metrics.clone())?;
     let (log, writers) = store::start(&config.store, metrics.clone()).await?;
+    let (hub, delivery) = Hub::start(&config.broadcast, metrics.clone());
     let grace = config.server.shutdown_grace();
     let app = Arc::new(App {
         config,
@@ -122,6 +128,8 @@ pub async fn run(
         metrics,
         router: events,
         verifier,
+        hub,
+        feeds: Default::default(),
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
         tracker: TaskTracker::new(),
@@ -154,6 +162,11 @@ pub async fn run(
     // finish and queue their replies before connections start closing.
     if !app.router.drain(grace).await {
         tracing::warn!("grace period over with event handlers still running");
+    }
+    // Pending broadcasts reach the outboxes before connections flush them.
+    let left = deadline.saturating_duration_since(Instant::now());
+    if !delivery.flush(left.max(Duration::from_secs(1))).await {
+        tracing::warn!("broadcast queue not flushed in time");
     }
     app.closing.cancel();
     app.tracker.close();
@@ -197,6 +210,11 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/metrics.json", get(metrics_json))
+        .route(
+            "/api/publish",
+            axum::routing::post(crate::api::publish)
+                .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024)),
+        )
         .fallback(not_found)
         .with_state(app)
 }

@@ -1,0 +1,426 @@
+//! Push: to a user (all their connections), to a set of users, to a
+//! topic's subscribers, or to everyone.
+//!
+//! The [`Hub`] keeps who is connected: connection → (outbox, user, topics),
+//! user → connections, topic → connections. Both directions are indexed so
+//! a connection's clean-up costs only its own topics. A message is encoded
+//! once; every recipient's outbox gets a reference-counted copy of the same
+//! bytes, and each connection writes whatever has queued with one flush.
+//!
+//! [`Hub::publish`] goes through a bounded broadcast queue: a delivery task
+//! takes up to `batch_size` messages, or what arrives within
+//! `batch_window_ms` of the first, and delivers them together, so a burst
+//! costs each connection one write. A full queue drops the message and
+//! counts it. [`Hub::send_now`] delivers at once (replies to a handler's
+//! own action).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::Value;
+use tokio::sync::{broadcast as events, mpsc};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::config::BroadcastConfig;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::protocol::push_json;
+use crate::router::Caller;
+
+/// Who a push goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection of each of these users.
+    Users(Vec<String>),
+    /// Every subscriber of the topic.
+    Topic(String),
+    /// Every connection.
+    Everyone,
+}
+
+/// Lifecycle events for application hooks (never sent on the wire): the
+/// equivalents of Sente's `uidport-open` / `uidport-close`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SystemEvent {
+    /// A connection opened.
+    Opened {
+        /// The connection.
+        conn_id: Uuid,
+        /// Its user, if signed in.
+        user: Option<Arc<str>>,
+    },
+    /// A connection closed.
+    Closed {
+        /// The connection.
+        conn_id: Uuid,
+        /// Its user, if signed in.
+        user: Option<Arc<str>>,
+    },
+    /// A user's first connection opened.
+    UserOnline(Arc<str>),
+    /// A user's last connection closed.
+    UserOffline(Arc<str>),
+}
+
+/// Why a subscription or a publish was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubError {
+    /// The connection holds `broadcast.max_topics_per_connection` already.
+    #[error("at most {0} topics per connection")]
+    TooManyTopics(usize),
+    /// The node holds `broadcast.max_topics` topics already.
+    #[error("the server holds its maximum of {0} topics")]
+    TopicLimit(usize),
+    /// The broadcast queue is full; the message was dropped.
+    #[error("the broadcast queue is full: message dropped")]
+    QueueFull,
+    /// The hub is shutting down.
+    #[error("the server is shutting down")]
+    Closed,
+}
+
+struct Member {
+    outbox: Arc<Outbox>,
+    user: Option<Arc<str>>,
+    topics: Vec<Arc<str>>,
+}
+
+#[derive(Default)]
+struct State {
+    conns: HashMap<Uuid, Member>,
+    users: HashMap<Arc<str>, Vec<Uuid>>,
+    topics: HashMap<Arc<str>, HashSet<Uuid>>,
+}
+
+impl State {
+    /// Outboxes of `target`'s connections, into `out`.
+    fn recipients(&self, target: &Target, out: &mut Vec<Arc<Outbox>>) {
+        let mut add = |id: &Uuid| {
+            if let Some(m) = self.conns.get(id) {
+                out.push(m.outbox.clone());
+            }
+        };
+        match target {
+            Target::Everyone => self.conns.keys().for_each(&mut add),
+            Target::Topic(t) => {
+                if let Some(ids) = self.topics.get(t.as_str()) {
+                    ids.iter().for_each(add);
+                }
+            }
+            Target::Users(users) => {
+                let unique: HashSet<&str> = users.iter().map(String::as_str).collect();
+                for u in unique {
+                    if let Some(ids) = self.users.get(u) {
+                        ids.iter().for_each(&mut add);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Queued {
+    target: Target,
+    text: Utf8Bytes,
+}
+
+/// The registry of connections, users and topics, and the push paths.
+pub struct Hub {
+    state: Mutex<State>,
+    queue: mpsc::Sender<Queued>,
+    system: events::Sender<SystemEvent>,
+    max_topics: usize,
+    max_topics_per_conn: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// The running delivery task; [`Delivery::flush`] delivers what is queued
+/// and stops it.
+#[derive(Debug)]
+pub struct Delivery {
+    stop: tokio_util::sync::CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Delivery {
+    /// Delivers every queued broadcast, then stops; at most `deadline`.
+    pub async fn flush(self, deadline: Duration) -> bool {
+        self.stop.cancel();
+        tokio::time::timeout(deadline, self.task).await.is_ok()
+    }
+}
+
+impl Hub {
+    /// A hub and its delivery task.
+    pub fn start(cfg: &BroadcastConfig, metrics: Arc<Metrics>) -> (Arc<Hub>, Delivery) {
+        let (tx, rx) = mpsc::channel(cfg.queue_size);
+        let (system, _) = events::channel(1024);
+        let hub = Arc::new(Hub {
+            state: Mutex::new(State::default()),
+            queue: tx,
+            system,
+            max_topics: cfg.max_topics,
+            max_topics_per_conn: cfg.max_topics_per_connection,
+            metrics,
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(deliver(
+            Arc::downgrade(&hub),
+            rx,
+            cfg.batch_size.max(1),
+            Duration::from_millis(cfg.batch_window_ms),
+            stop.clone(),
+        ));
+        (hub, Delivery { stop, task })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Each mutation leaves the maps consistent before anything that
+        // could panic; a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lifecycle events for application code. A receiver that falls more
+    /// than 1,024 events behind skips ahead (`Lagged`).
+    pub fn system_events(&self) -> events::Receiver<SystemEvent> {
+        self.system.subscribe()
+    }
+
+    fn emit(&self, e: SystemEvent) {
+        // No receiver is not an error: hooks are optional.
+        let _ = self.system.send(e);
+    }
+
+    /// Registers a connection.
+    pub fn join(&self, caller: &Caller) {
+        let first = {
+            let mut st = self.lock();
+            st.conns.insert(
+                caller.conn_id,
+                Member {
+                    outbox: caller.outbox.clone(),
+                    user: caller.user.clone(),
+                    topics: Vec::new(),
+                },
+            );
+            let first = caller.user.as_ref().map(|u| {
+                let ids = st.users.entry(u.clone()).or_default();
+                ids.push(caller.conn_id);
+                ids.len() == 1
+            });
+            self.metrics.users.set(st.users.len() as i64);
+            first
+        };
+        self.emit(SystemEvent::Opened {
+            conn_id: caller.conn_id,
+            user: caller.user.clone(),
+        });
+        if let (Some(true), Some(user)) = (first, &caller.user) {
+            tracing::debug!(%user, "user online");
+            self.emit(SystemEvent::UserOnline(user.clone()));
+        }
+    }
+
+    /// Unregisters a connection and ends its subscriptions.
+    pub fn leave(&self, conn_id: Uuid) {
+        let (user, last) = {
+            let mut st = self.lock();
+            let Some(member) = st.conns.remove(&conn_id) else {
+                return;
+            };
+            for topic in &member.topics {
+                if let Some(ids) = st.topics.get_mut(topic) {
+                    ids.remove(&conn_id);
+                    if ids.is_empty() {
+                        st.topics.remove(topic);
+                    }
+                }
+            }
+            let mut last = false;
+            if let Some(u) = &member.user {
+                if let Some(ids) = st.users.get_mut(u) {
+                    ids.retain(|id| *id != conn_id);
+                    if ids.is_empty() {
+                        st.users.remove(u);
+                        last = true;
+                    }
+                }
+            }
+            self.metrics.users.set(st.users.len() as i64);
+            self.metrics.topics.set(st.topics.len() as i64);
+            (member.user, last)
+        };
+        self.emit(SystemEvent::Closed {
+            conn_id,
+            user: user.clone(),
+        });
+        if let (true, Some(user)) = (last, user) {
+            tracing::debug!(%user, "user offline");
+            self.emit(SystemEvent::UserOffline(user));
+        }
+    }
+
+    /// Subscribes a connection to a topic. Returns false if it already was.
+    ///
+    /// # Errors
+    /// [`HubError`] past the per-connection or node topic limit.
+    pub fn subscribe(&self, conn_id: Uuid, topic: &str) -> Result<bool, HubError> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(member) = st.conns.get_mut(&conn_id) else {
+            return Err(HubError::Closed);
+        };
+        if member.topics.iter().any(|t| &**t == topic) {
+            return Ok(false);
+        }
+        if member.topics.len() >= self.max_topics_per_conn {
+            return Err(HubError::TooManyTopics(self.max_topics_per_conn));
+        }
+        let key: Arc<str> = match st.topics.get_key_value(topic) {
+            Some((k, _)) => k.clone(),
+            None if st.topics.len() >= self.max_topics => {
+                return Err(HubError::TopicLimit(self.max_topics));
+            }
+            None => topic.into(),
+        };
+        member.topics.push(key.clone());
+        st.topics.entry(key).or_default().insert(conn_id);
+        self.metrics.topics.set(st.topics.len() as i64);
+        Ok(true)
+    }
+
+    /// Ends a subscription. Returns whether there was one.
+    pub fn unsubscribe(&self, conn_id: Uuid, topic: &str) -> bool {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(member) = st.conns.get_mut(&conn_id) else {
+            return false;
+        };
+        let before = member.topics.len();
+        member.topics.retain(|t| &**t != topic);
+        if member.topics.len() == before {
+            return false;
+        }
+        if let Some(ids) = st.topics.get_mut(topic) {
+            ids.remove(&conn_id);
+            if ids.is_empty() {
+                st.topics.remove(topic);
+            }
+        }
+        self.metrics.topics.set(st.topics.len() as i64);
+        true
+    }
+
+    /// Subscribers of a topic now.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.lock().topics.get(topic).map_or(0, HashSet::len)
+    }
+
+    /// Users with at least one connection now.
+    pub fn users_online(&self) -> usize {
+        self.lock().users.len()
+    }
+
+    /// Connections `target` reaches now.
+    pub fn reach(&self, target: &Target) -> usize {
+        let mut out = Vec::new();
+        self.lock().recipients(target, &mut out);
+        out.len()
+    }
+
+    /// Pushes `{"event":…,"data":…}` to `target` at once. Returns the
+    /// connections it was queued for.
+    pub fn send_now(&self, target: &Target, event: &str, data: &Value) -> usize {
+        let text: Utf8Bytes = push_json(event, data).into();
+        let mut out = Vec::new();
+        self.lock().recipients(target, &mut out);
+        push_all(&self.metrics, &out, &text)
+    }
+
+    /// Queues a push for batched delivery. Returns how many connections
+    /// `target` reaches now.
+    ///
+    /// # Errors
+    /// [`HubError::QueueFull`] (counted in `gale_broadcast_dropped_total`)
+    /// or [`HubError::Closed`].
+    pub fn publish(&self, target: Target, event: &str, data: &Value) -> Result<usize, HubError> {
+        let reach = self.reach(&target);
+        let text = push_json(event, data).into();
+        match self.queue.try_send(Queued { target, text }) {
+            Ok(()) => Ok(reach),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.broadcast_dropped.inc();
+                Err(HubError::QueueFull)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(HubError::Closed),
+        }
+    }
+}
+
+fn push_all(metrics: &Metrics, outboxes: &[Arc<Outbox>], text: &Utf8Bytes) -> usize {
+    let reached = outboxes
+        .iter()
+        .filter(|o| o.push(text.clone(), false))
+        .count();
+    metrics.pushes.inc_by(reached as u64);
+    reached
+}
+
+/// The delivery task: batches queued broadcasts and hands them to the
+/// recipients' outboxes.
+async fn deliver(
+    hub: std::sync::Weak<Hub>,
+    mut rx: mpsc::Receiver<Queued>,
+    batch_size: usize,
+    window: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut outboxes = Vec::new();
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            () = stop.cancelled() => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        if !stop.is_cancelled() && batch_size > 1 {
+            let until = tokio::time::Instant::now() + window;
+            while batch.len() < batch_size {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => batch.push(m),
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(until) => break,
+                }
+            }
+        } else {
+            while batch.len() < batch_size {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        hub.metrics.broadcast_batch.observe(batch.len() as f64);
+        for q in batch.drain(..) {
+            outboxes.clear();
+            hub.lock().recipients(&q.target, &mut outboxes);
+            push_all(&hub.metrics, &outboxes, &q.text);
+        }
+    }
+}

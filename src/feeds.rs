@@ -1,0 +1,103 @@
+//! Live weather feeds: one refresh loop per subscribed city, however many
+//! subscribers it has. Each loop reads the city through the weather cache
+//! every `weather.refresh_s`, so 10,000 subscribers of Paris cost one
+//! upstream call per cache refresh, and pushes `weather.update` to the
+//! city's topic whenever the reading was refreshed. A loop stops when its
+//! last subscriber leaves.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::broadcast::Target;
+use crate::server::App;
+use crate::weather::Reading;
+
+/// The topic a city's updates go to.
+pub fn topic(city_key: &str) -> String {
+    format!("weather:{city_key}")
+}
+
+/// The push (and reply) payload for a reading.
+pub fn reading_json(r: &Reading) -> Value {
+    json!({
+        "city": r.city,
+        "temperature": r.temperature,
+        "feels_like": r.feels_like,
+        "description": r.description,
+        "humidity": r.humidity,
+        "updated_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
+/// The running loops, by city key.
+#[derive(Debug, Default)]
+pub struct Feeds {
+    running: Mutex<HashSet<String>>,
+}
+
+impl Feeds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Loops running now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no loop runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Starts the loop for `key` unless it runs. Call after subscribing,
+    /// with the reading the subscriber was just given.
+    pub fn ensure(app: &Arc<App>, key: String, city: String, current: Arc<Reading>) {
+        if !app.feeds.lock().insert(key.clone()) {
+            return;
+        }
+        tracing::debug!(city = %key, "weather feed started");
+        let app = app.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(app.config.weather.refresh_s.max(1));
+            let topic = topic(&key);
+            let mut last = current;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = app.closing.cancelled() => break,
+                }
+                {
+                    // Checked under the feeds lock, so a subscriber who
+                    // arrives now either is counted here or starts a new
+                    // loop after this one is gone.
+                    let mut running = app.feeds.lock();
+                    if app.hub.subscribers(&topic) == 0 {
+                        running.remove(&key);
+                        tracing::debug!(city = %key, "weather feed stopped: no subscribers");
+                        return;
+                    }
+                }
+                match app.weather.lookup(&city).await {
+                    // A new Arc means the cache fetched a fresh reading.
+                    Ok(r) if !Arc::ptr_eq(&r, &last) => {
+                        app.hub.send_now(
+                            &Target::Topic(topic.clone()),
+                            "weather.update",
+                            &reading_json(&r),
+                        );
+                        last = r;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(city = %key, error = %e, "weather feed lookup failed")
+                    }
+                }
+            }
+            app.feeds.lock().remove(&key);
+        });
+    }
+}

@@ -1,0 +1,360 @@
+//! Push: the publish API to users, topics and everyone; topic and weather
+//! subscriptions; a client that never reads stays within its bound.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Client, TestServer, WAIT, start_with};
+use gale::config::Config;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const API_KEY: &str = "publish-key-0123456789";
+const SECRET: &str = "push-test-secret";
+
+fn push_config(c: &mut Config) {
+    c.api.key = Some(API_KEY.into());
+    c.auth.jwt_secret = Some(SECRET.into());
+}
+
+async fn user(server: &TestServer, sub: &str) -> Client {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": sub, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let req = format!("{}?token={token}", server.ws_url())
+        .into_client_request()
+        .expect("req");
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    let mut c = Client {
+        ws,
+        client_id: String::new(),
+    };
+    assert_eq!(c.recv_json().await["type"], "connected");
+    c
+}
+
+/// POSTs to /api/publish: (status, JSON body).
+async fn publish(server: &TestServer, key: Option<&str>, body: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The next push (a message with an `event`), skipping replies.
+async fn next_push(c: &mut Client) -> Value {
+    loop {
+        let m = c.recv_json().await;
+        if m.get("event").is_some() {
+            return m;
+        }
+    }
+}
+
+async fn request(c: &mut Client, event: &str, data: Value, r: &str) -> Value {
+    c.send(&json!({"event": event, "data": data, "ref": r}).to_string())
+        .await;
+    loop {
+        let m = c.recv_json().await;
+        if m["reply"] == r {
+            return m;
+        }
+    }
+}
+
+/// Asserts nothing arrives for a moment.
+async fn quiet(c: &mut Client) {
+    let got = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut c.ws),
+    )
+    .await;
+    assert!(got.is_err(), "expected nothing, got {got:?}");
+}
+
+#[tokio::test]
+async fn push_to_a_user_reaches_all_their_connections() {
+    let server = start_with(push_config).await;
+    let mut tab1 = user(&server, "alice").await;
+    let mut tab2 = user(&server, "alice").await;
+    let mut bob = user(&server, "bob").await;
+    server.wait_metric("users", 2).await;
+
+    let (status, body) = publish(
+        &server,
+        Some(API_KEY),
+        r#"{"event":"note.shared","data":{"id":7},"users":["alice"]}"#,
+    )
+    .await;
+    assert_eq!((status, &body), (200, &json!({"reached": 2})));
+    for tab in [&mut tab1, &mut tab2] {
+        assert_eq!(
+            next_push(tab).await,
+            json!({"event":"note.shared","data":{"id":7}})
+        );
+    }
+    quiet(&mut bob).await;
+
+    let (_, body) = publish(
+        &server,
+        Some(API_KEY),
+        r#"{"event":"hi","users":["alice","bob","alice"]}"#,
+    )
+    .await;
+    assert_eq!(body["reached"], 3, "each connection once");
+}
+
+#[tokio::test]
+async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
+    let server = start_with(push_config).await;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    let r = request(&mut a, "topic.subscribe", json!({"topic": "news"}), "s").await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    let (_, body) = publish(
+        &server,
+        Some(API_KEY),
+        r#"{"event":"headline","data":"x","topic":"news"}"#,
+    )
+    .await;
+    assert_eq!(body["reached"], 1);
+    assert_eq!(next_push(&mut a).await["event"], "headline");
+    quiet(&mut b).await;
+
+    let r = request(&mut a, "topic.unsubscribe", json!({"topic": "news"}), "u").await;
+    assert_eq!(r["data"]["unsubscribed"], true);
+    let (_, body) = publish(
+        &server,
+        Some(API_KEY),
+        r#"{"event":"headline","topic":"news"}"#,
+    )
+    .await;
+    assert_eq!(body["reached"], 0);
+
+    request(&mut b, "topic.subscribe", json!({"topic": "news"}), "s2").await;
+    drop(b);
+    server.wait_metric("connections", 1).await;
+    let (_, body) = publish(
+        &server,
+        Some(API_KEY),
+        r#"{"event":"headline","topic":"news"}"#,
+    )
+    .await;
+    assert_eq!(
+        body["reached"], 0,
+        "the subscription ended with the connection"
+    );
+    assert_eq!(server.metric("topics").await, 0);
+
+    let r = request(
+        &mut a,
+        "topic.subscribe",
+        json!({"topic": "weather:paris"}),
+        "w",
+    )
+    .await;
+    assert_eq!(r["error"]["code"], "invalid_data", "reserved prefix: {r}");
+}
+
+#[tokio::test]
+async fn broadcast_reaches_everyone_with_the_same_bytes() {
+    let server = start_with(push_config).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(server.client().await);
+    }
+    let (status, body) = publish(
+        &server,
+        Some(API_KEY),
+        r#"{"event":"maintenance","data":{"in_s":60},"broadcast":true}"#,
+    )
+    .await;
+    assert_eq!((status, body["reached"].as_u64()), (200, Some(20)));
+    for c in &mut clients {
+        assert_eq!(
+            next_push(c).await,
+            json!({"event":"maintenance","data":{"in_s":60}})
+        );
+    }
+}
+
+#[tokio::test]
+async fn publish_api_refuses_clearly() {
+    let off = common::start().await;
+    assert_eq!(
+        publish(&off, Some(API_KEY), r#"{"event":"e","broadcast":true}"#)
+            .await
+            .0,
+        404
+    );
+
+    let server = start_with(push_config).await;
+    assert_eq!(
+        publish(&server, None, r#"{"event":"e","broadcast":true}"#)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        publish(
+            &server,
+            Some("wrong-key-wrong-key"),
+            r#"{"event":"e","broadcast":true}"#
+        )
+        .await
+        .0,
+        401
+    );
+    for (body, words) in [
+        ("not json", "not JSON"),
+        (r#"{"event":"e"}"#, "target"),
+        (r#"{"broadcast":true}"#, "event"),
+        (r#"{"event":"e","topic":"t","users":["a"]}"#, "exactly one"),
+    ] {
+        let (status, reply) = publish(&server, Some(API_KEY), body).await;
+        assert_eq!(status, 400, "{body}");
+        let message = reply["error"].as_str().expect("error message");
+        assert!(
+            message.contains(words),
+            "{body}: {message:?} should say {words:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn weather_subscribers_share_one_refresh_loop() {
+    let server = start_with(|c| {
+        c.weather.cache_ttl_s = 1;
+        c.weather.refresh_s = 1;
+    })
+    .await;
+    let mut subs = Vec::new();
+    for i in 0..30 {
+        let mut c = server.client().await;
+        let r = request(
+            &mut c,
+            "weather.subscribe",
+            json!({"city": "Paris"}),
+            &format!("s{i}"),
+        )
+        .await;
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["data"]["city"], "Paris");
+        subs.push(c);
+    }
+    let calls_at_subscribe = server.fake.calls();
+    assert_eq!(
+        calls_at_subscribe, 1,
+        "one lookup served all 30 subscriptions"
+    );
+    for c in &mut subs {
+        let push = next_push(c).await;
+        assert_eq!(push["event"], "weather.update");
+        assert_eq!(push["data"]["city"], "Paris");
+        assert!(push["data"]["updated_at"].is_string());
+    }
+    // Roughly one upstream call per refresh, not one per subscriber.
+    let calls = server.fake.calls();
+    assert!(
+        calls <= 4,
+        "{calls} upstream calls for 30 subscribers over a few refreshes"
+    );
+
+    for (i, c) in subs.iter_mut().enumerate() {
+        let r = request(
+            c,
+            "weather.unsubscribe",
+            json!({"city": "paris"}),
+            &format!("u{i}"),
+        )
+        .await;
+        assert_eq!(r["data"]["unsubscribed"], true);
+    }
+    let mut c = server.client().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = request(&mut c, "server.stats", Value::Null, "st").await;
+        if stats["data"]["weather-feeds"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "feed never stopped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_stays_within_its_outbound_bound() {
+    let server = start_with(|c| {
+        push_config(c);
+        c.connection.outbound_queue = 16;
+    })
+    .await;
+    let mut stuck = server.client().await;
+    request(
+        &mut stuck,
+        "topic.subscribe",
+        json!({"topic": "firehose"}),
+        "s",
+    )
+    .await;
+    let mut reader = server.client().await;
+    request(
+        &mut reader,
+        "topic.subscribe",
+        json!({"topic": "firehose"}),
+        "s",
+    )
+    .await;
+    // From here `stuck` never reads. 64 KiB pushes fill the socket buffers
+    // quickly; after that its outbox holds at most 16 and drops the rest.
+    let big = "x".repeat(64 * 1024);
+    let body = json!({"event": "blob", "data": big, "topic": "firehose"}).to_string();
+    let reading = tokio::spawn(async move {
+        for _ in 0..200 {
+            assert_eq!(next_push(&mut reader).await["event"], "blob");
+        }
+    });
+    for _ in 0..200 {
+        assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
+    }
+    reading
+        .await
+        .expect("the reading client got all 200, undelayed by the stuck one");
+    let dropped = server.metric("outbound-dropped").await;
+    assert!(dropped > 0, "the stuck client's oldest pushes were dropped");
+    drop(stuck);
+}
