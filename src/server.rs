@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::identity::{self, Verifier};
 use crate::metrics::Metrics;
 use crate::router::{Registry, Router};
-use crate::store::{self, RequestLog, StoreError};
+use crate::store::{self, Db, RequestLog, StoreError};
 use crate::weather::{self, Weather};
 
 /// Why the server could not start or run.
@@ -71,6 +71,8 @@ pub struct App {
     pub weather: Weather,
     /// The request log's queue.
     pub log: RequestLog,
+    /// The database, for everything but the request log (notes).
+    pub db: Db,
     /// Metric handles.
     pub metrics: Arc<Metrics>,
     /// JSON events.
@@ -118,13 +120,14 @@ pub async fn run(
     let verifier = Verifier::from_config(&config.auth)?;
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let weather = Weather::from_config(&config.weather, metrics.clone())?;
-    let (log, writers) = store::start(&config.store, metrics.clone()).await?;
+    let (db, log, writers) = store::start(&config.store, metrics.clone()).await?;
     let (hub, delivery) = Hub::start(&config.broadcast, metrics.clone());
     let grace = config.server.shutdown_grace();
     let app = Arc::new(App {
         config,
         weather,
         log,
+        db,
         metrics,
         router: events,
         verifier,

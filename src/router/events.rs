@@ -7,10 +7,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Ctx, HandlerResult, Payload, Policy, Registry, invalid_field};
-use crate::broadcast::HubError;
+use crate::broadcast::{HubError, Target};
 use crate::config::{Priority, Rate};
 use crate::feeds::{self, Feeds};
 use crate::protocol::{ErrorBody, ErrorCode, normalise_city, parse_city};
+use crate::store::NewNote;
 use crate::weather::WeatherError;
 
 pub(super) fn register(r: &mut Registry) {
@@ -43,6 +44,40 @@ pub(super) fn register(r: &mut Registry) {
     );
     r.register("topic.subscribe", Policy::default(), topic_subscribe);
     r.register("topic.unsubscribe", Policy::default(), topic_unsubscribe);
+    r.register(
+        "notes.save",
+        Policy {
+            requires_auth: true,
+            rate_limit: Some(Rate {
+                count: 20,
+                per: Duration::from_secs(60),
+            }),
+            ..Policy::default()
+        },
+        notes_save,
+    );
+    r.register(
+        "notes.list",
+        Policy {
+            requires_auth: true,
+            ..Policy::default()
+        },
+        notes_list,
+    );
+    r.register(
+        "notes.import",
+        Policy {
+            requires_auth: true,
+            requires_role: Some("admin".into()),
+            rate_limit: Some(Rate {
+                count: 1,
+                per: Duration::from_secs(60),
+            }),
+            timeout: Duration::from_secs(30),
+            priority: Priority::Low,
+        },
+        notes_import,
+    );
     r.register(
         "server.stats",
         Policy {
@@ -171,4 +206,176 @@ async fn server_stats(ctx: Ctx, _: Value) -> HandlerResult {
     stats["cached-cities"] = json!(app.weather.cached_cities());
     stats["weather-feeds"] = json!(app.feeds.len());
     Ok(stats)
+}
+
+/// Longest note title, in characters.
+const MAX_TITLE_CHARS: usize = 200;
+/// Largest note body, in bytes.
+const MAX_CONTENT_BYTES: usize = 100_000;
+/// Most collaborators per note.
+const MAX_COLLABORATORS: usize = 100;
+/// Most notes per import.
+const MAX_IMPORT: usize = 10_000;
+
+/// A note as a client sends it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoteData {
+    title: String,
+    content: String,
+    #[serde(default)]
+    collaborators: Vec<String>,
+}
+
+impl NoteData {
+    /// Checks the fields; `at` prefixes field names (`notes[3].`).
+    fn check(&self, at: &str) -> Result<(), ErrorBody> {
+        let title = self.title.trim();
+        if title.is_empty() || title.chars().nth(MAX_TITLE_CHARS).is_some() {
+            return Err(invalid_field(
+                &format!("{at}title"),
+                format!("title must be 1 to {MAX_TITLE_CHARS} characters"),
+            ));
+        }
+        if self.content.len() > MAX_CONTENT_BYTES {
+            return Err(invalid_field(
+                &format!("{at}content"),
+                format!("content must be at most {MAX_CONTENT_BYTES} bytes"),
+            ));
+        }
+        if self.collaborators.len() > MAX_COLLABORATORS {
+            return Err(invalid_field(
+                &format!("{at}collaborators"),
+                format!("at most {MAX_COLLABORATORS} collaborators"),
+            ));
+        }
+        if self
+            .collaborators
+            .iter()
+            .any(|c| c.is_empty() || c.len() > 128 || c.chars().any(char::is_control))
+        {
+            return Err(invalid_field(
+                &format!("{at}collaborators"),
+                "collaborators must be user ids of 1 to 128 characters",
+            ));
+        }
+        Ok(())
+    }
+
+    fn into_new(self) -> NewNote {
+        let mut collaborators = self.collaborators;
+        collaborators.sort();
+        collaborators.dedup();
+        NewNote {
+            title: self.title.trim().to_owned(),
+            content: self.content,
+            collaborators,
+        }
+    }
+}
+
+/// `notes.save {id?, title, content, collaborators[]}`.
+#[derive(Debug, Deserialize)]
+struct SaveNote {
+    #[serde(default)]
+    id: Option<i64>,
+    #[serde(flatten)]
+    note: NoteData,
+}
+
+impl Payload for SaveNote {
+    fn validate(&self) -> Result<(), ErrorBody> {
+        self.note.check("")
+    }
+}
+
+fn db_error(event: &str, e: &sqlx::Error) -> ErrorBody {
+    tracing::error!(event, error = %e, "database error");
+    ErrorBody::new(
+        ErrorCode::InternalError,
+        "the note could not be stored; try again",
+    )
+}
+
+/// The signed-in user; the router's auth check guarantees one.
+fn user(ctx: &Ctx) -> Result<&str, ErrorBody> {
+    ctx.caller
+        .user
+        .as_deref()
+        .ok_or_else(|| ErrorBody::new(ErrorCode::Unauthorized, "sign in first"))
+}
+
+async fn notes_save(ctx: Ctx, req: SaveNote) -> HandlerResult {
+    let owner = user(&ctx)?;
+    let note = req.note.into_new();
+    let saved = ctx
+        .app
+        .db
+        .save_note(owner, req.id, &note)
+        .await
+        .map_err(|e| db_error("notes.save", &e))?
+        .ok_or_else(|| {
+            ErrorBody::new(
+                ErrorCode::NotFound,
+                format!("no note {} of yours to update", req.id.unwrap_or_default()),
+            )
+        })?;
+    let data = json!(saved);
+    let others: Vec<String> = saved
+        .collaborators
+        .iter()
+        .filter(|c| c.as_str() != owner)
+        .cloned()
+        .collect();
+    if !others.is_empty() {
+        ctx.app
+            .hub
+            .send_now(&Target::Users(others), "notes.updated", &data);
+    }
+    Ok(data)
+}
+
+async fn notes_list(ctx: Ctx, _: Value) -> HandlerResult {
+    let me = user(&ctx)?;
+    let notes = ctx
+        .app
+        .db
+        .list_notes(me)
+        .await
+        .map_err(|e| db_error("notes.list", &e))?;
+    Ok(json!({ "notes": notes }))
+}
+
+/// `notes.import {notes[]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportNotes {
+    notes: Vec<NoteData>,
+}
+
+impl Payload for ImportNotes {
+    fn validate(&self) -> Result<(), ErrorBody> {
+        if self.notes.is_empty() || self.notes.len() > MAX_IMPORT {
+            return Err(invalid_field(
+                "notes",
+                format!("import 1 to {MAX_IMPORT} notes at a time"),
+            ));
+        }
+        for (i, n) in self.notes.iter().enumerate() {
+            n.check(&format!("notes[{i}]."))?;
+        }
+        Ok(())
+    }
+}
+
+async fn notes_import(ctx: Ctx, req: ImportNotes) -> HandlerResult {
+    let owner = user(&ctx)?;
+    let notes: Vec<NewNote> = req.notes.into_iter().map(NoteData::into_new).collect();
+    let imported = ctx
+        .app
+        .db
+        .import_notes(owner, &notes)
+        .await
+        .map_err(|e| db_error("notes.import", &e))?;
+    Ok(json!({ "imported": imported }))
 }

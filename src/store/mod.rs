@@ -8,6 +8,7 @@
 //! with backoff. On shutdown the queue is closed and drained.
 
 mod db;
+mod notes;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use db::{Db, check_url};
+pub use notes::{LIST_LIMIT, NewNote, Note};
 
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
@@ -172,17 +174,19 @@ impl Writers {
     }
 }
 
-/// Opens the database, runs migrations and starts the writers.
+/// Opens the database, runs migrations and starts the writers. The
+/// returned [`Db`] serves the other tables (notes).
 ///
 /// # Errors
 /// [`StoreError`] when the database cannot be opened or migrated.
 pub async fn start(
     cfg: &StoreConfig,
     metrics: Arc<Metrics>,
-) -> Result<(RequestLog, Writers), StoreError> {
+) -> Result<(Db, RequestLog, Writers), StoreError> {
     let db = Db::connect(&cfg.url, cfg.workers as u32).await?;
     db.migrate().await?;
-    Ok(spawn_writers(db, cfg, metrics))
+    let (log, writers) = spawn_writers(db.clone(), cfg, metrics);
+    Ok((db, log, writers))
 }
 
 /// Starts the writers on an open, migrated database.
