@@ -116,6 +116,44 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
+    start(listener, config, shutdown).await?.wait().await;
+    Ok(())
+}
+
+/// A started server. Application code reaches the running server through
+/// [`Running::app`]: push with `app.hub`, listen to lifecycle events with
+/// `app.hub.system_events()`.
+#[derive(Debug)]
+pub struct Running {
+    app: Arc<App>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// The shared state of the running server.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Waits until the server has shut down (after `shutdown` is
+    /// cancelled) and the request log is drained.
+    pub async fn wait(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "server task failed");
+        }
+    }
+}
+
+/// Starts the server on `listener`; it runs until `shutdown` is cancelled.
+///
+/// # Errors
+/// [`ServerError`] when a setting is refused or the store or the weather
+/// client cannot start.
+pub async fn start(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Running, ServerError> {
     let metrics = Arc::new(Metrics::new());
     let verifier = Verifier::from_config(&config.auth)?;
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
@@ -139,6 +177,27 @@ pub async fn run(
     });
 
     let local = listener.local_addr()?;
+    let task = tokio::spawn(serve(
+        app.clone(),
+        listener,
+        local,
+        delivery,
+        writers,
+        grace,
+    ));
+    Ok(Running { app, task })
+}
+
+/// Serves until shutdown, then runs the shutdown sequence.
+async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    local: SocketAddr,
+    delivery: crate::broadcast::Delivery,
+    writers: store::Writers,
+    grace: Duration,
+) {
+    let shutdown = app.shutdown.clone();
     let listener = LimitedListener {
         inner: listener,
         permits: Arc::new(Semaphore::new(app.config.server.max_connections)),
@@ -203,7 +262,6 @@ pub async fn run(
             "request log not drained in time"
         );
     }
-    Ok(())
 }
 
 fn routes(app: Arc<App>) -> axum::Router {

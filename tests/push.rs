@@ -358,3 +358,65 @@ async fn a_client_that_never_reads_stays_within_its_outbound_bound() {
     assert!(dropped > 0, "the stuck client's oldest pushes were dropped");
     drop(stuck);
 }
+
+#[tokio::test]
+async fn lifecycle_events_reach_application_hooks_not_the_wire() {
+    use gale::broadcast::SystemEvent;
+    let server = start_with(push_config).await;
+    let mut hooks = server.app.hub.system_events();
+    let tab1 = user(&server, "gina").await;
+    let tab2 = user(&server, "gina").await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(
+            tokio::time::timeout(WAIT, hooks.recv())
+                .await
+                .expect("event")
+                .expect("recv"),
+        );
+    }
+    assert!(matches!(&seen[0], SystemEvent::Opened { user: Some(u), .. } if &**u == "gina"));
+    assert_eq!(
+        seen[1],
+        SystemEvent::UserOnline("gina".into()),
+        "first connection only"
+    );
+    assert!(matches!(&seen[2], SystemEvent::Opened { .. }));
+    drop(tab2);
+    assert!(matches!(
+        tokio::time::timeout(WAIT, hooks.recv())
+            .await
+            .expect("event")
+            .expect("recv"),
+        SystemEvent::Closed { .. }
+    ));
+    drop(tab1.ws);
+    let mut last = Vec::new();
+    for _ in 0..2 {
+        last.push(
+            tokio::time::timeout(WAIT, hooks.recv())
+                .await
+                .expect("event")
+                .expect("recv"),
+        );
+    }
+    assert_eq!(
+        last[1],
+        SystemEvent::UserOffline("gina".into()),
+        "last connection gone"
+    );
+
+    // Application code can push too, and nothing of the above was sent
+    // on the wire to other clients.
+    let mut other = server.client().await;
+    let reached = server.app.hub.send_now(
+        &gale::broadcast::Target::Everyone,
+        "hello",
+        &json!({"from": "app"}),
+    );
+    assert_eq!(reached, 1);
+    assert_eq!(
+        next_push(&mut other).await,
+        json!({"event":"hello","data":{"from":"app"}})
+    );
+}

@@ -23,6 +23,7 @@ pub const WAIT: Duration = Duration::from_secs(15);
 pub const API_KEY: &str = "test-key";
 
 pub struct TestServer {
+    pub app: std::sync::Arc<gale::server::App>,
     pub addr: SocketAddr,
     pub fake: FakeUpstream,
     pub shutdown: CancellationToken,
@@ -61,8 +62,16 @@ pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
     let listener = server::bind(&config.server.listen).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(server::run(listener, config, shutdown.clone()));
+    let running = server::start(listener, config, shutdown.clone())
+        .await
+        .expect("server starts");
+    let app = running.app().clone();
+    let handle = tokio::spawn(async move {
+        running.wait().await;
+        Ok(())
+    });
     let server = TestServer {
+        app,
         addr,
         fake,
         shutdown,
