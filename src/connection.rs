@@ -105,10 +105,10 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
         }
         End::Gone | End::Dead => {}
     }
-    // Nobody is left to read these replies, but each lookup still ends
-    // and writes its request-log row.
     app.hub.leave(client_id);
     caller.outbox.close();
+    // Nobody is left to read these replies, but each lookup still ends
+    // and writes its request-log row.
     while inflight.next().await.is_some() {}
     m.connections.dec();
     tracing::debug!(%client_id, "disconnected");
@@ -165,7 +165,7 @@ async fn read_loop(
                             }
                             Incoming::Event(event) => app.router.dispatch(app, caller, event),
                             Incoming::Invalid { reply_to, message } => {
-                                app.metrics.outcome(Outcome::InvalidMessage).inc();
+                                app.router.count_invalid_message();
                                 let reply = match reply_to {
                                     Some(r) => reply_json(
                                         &r,

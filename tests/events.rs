@@ -124,6 +124,12 @@ async fn each_refusal_has_its_code() {
         "outcomes are labelled by event:\n{text}"
     );
     assert!(text.contains(r#"gale_events_total{event="unknown",outcome="UnknownEvent"} 1"#));
+    assert!(text.contains(r#"gale_events_total{event="invalid",outcome="InvalidMessage"} 2"#));
+    assert_eq!(
+        server.metric("failed").await,
+        0,
+        "events are not weather requests"
+    );
 }
 
 #[tokio::test]

@@ -191,6 +191,7 @@ struct Task {
 pub struct Router {
     routes: HashMap<&'static str, Arc<Route>>,
     unknown: [Counter; 12],
+    invalid: Counter,
     limits: Limits,
     global: Option<Bucket>,
     pool: Pool<Task>,
@@ -275,10 +276,16 @@ impl Router {
         Ok(Router {
             routes,
             unknown: metrics.event_counters("unknown"),
+            invalid: metrics.event_counters("invalid")[Outcome::InvalidMessage as usize].clone(),
             limits: Limits::default(),
             global,
             pool,
         })
+    }
+
+    /// Counts a message that looked like an event but was not one.
+    pub fn count_invalid_message(&self) {
+        self.invalid.inc();
     }
 
     /// The policy in force for `event`, if it is registered.
