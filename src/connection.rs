@@ -140,16 +140,23 @@ async fn read_loop(
     if !send(app, socket, hello.to_json()).await {
         return (End::Gone, inflight);
     }
+    // Created once, not per pass through the loop: both register with a
+    // shared notifier when first polled, which costs a lock each time.
+    let closing = app.closing.cancelled();
+    tokio::pin!(closing);
+    let ready = caller.outbox.ready();
+    tokio::pin!(ready);
     let end = loop {
         tokio::select! {
             biased;
-            () = app.closing.cancelled() => break End::Shutdown,
+            () = &mut closing => break End::Shutdown,
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
                 if !send(app, socket, reply).await {
                     break End::Gone;
                 }
             }
-            () = caller.outbox.ready() => {
+            () = &mut ready => {
+                ready.set(caller.outbox.ready());
                 if let Err(end) = flush_outbox(app, socket, &caller.outbox, &mut outgoing).await {
                     break end;
                 }

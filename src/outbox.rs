@@ -101,9 +101,11 @@ impl Outbox {
         true
     }
 
-    /// Waits until something was pushed since the last [`Outbox::take`].
-    pub async fn ready(&self) {
-        self.ready.notified().await;
+    /// Resolves when something was pushed since the last wake-up. Pin it
+    /// once and re-arm it after it fires, rather than creating one per
+    /// wait: each creation costs a lock on the notifier.
+    pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
     }
 
     /// Moves every queued message into `into`.
