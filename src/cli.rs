@@ -44,6 +44,10 @@ pub enum Command {
         /// still due at the end of input.
         #[arg(long, default_value_t = 10_000, value_name = "MS")]
         timeout_ms: u64,
+        /// A JWT, sent as `Authorization: Bearer …` (or put `?token=…` in
+        /// the URL). `GALE_TOKEN` sets it too.
+        #[arg(long, env = "GALE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Run a fake weather API (OpenWeatherMap and Open-Meteo JSON) on
     /// 127.0.0.1 for offline demos and tests.
@@ -97,9 +101,10 @@ async fn run(command: Command) -> ExitCode {
             url,
             send: Some(message),
             timeout_ms,
+            token,
         } => {
-            match crate::client::send_once(&url, &message, Duration::from_millis(timeout_ms)).await
-            {
+            let timeout = Duration::from_millis(timeout_ms);
+            match crate::client::send_once(&url, token.as_deref(), &message, timeout).await {
                 Ok(reply) => {
                     println!("{reply}");
                     ExitCode::SUCCESS
@@ -115,8 +120,17 @@ async fn run(command: Command) -> ExitCode {
             }
         }
         Command::Client {
-            url, timeout_ms, ..
-        } => match crate::client::interactive(&url, Duration::from_millis(timeout_ms)).await {
+            url,
+            timeout_ms,
+            token,
+            ..
+        } => match crate::client::interactive(
+            &url,
+            token.as_deref(),
+            Duration::from_millis(timeout_ms),
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("gale client: {e}");

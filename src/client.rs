@@ -42,14 +42,26 @@ pub enum ClientError {
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(url: &str) -> Result<Socket, ClientError> {
-    let (socket, _) =
-        tokio_tungstenite::connect_async(url)
-            .await
-            .map_err(|e| ClientError::Connect {
-                url: url.to_owned(),
-                source: Box::new(e),
-            })?;
+async fn connect(url: &str, token: Option<&str>) -> Result<Socket, ClientError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let fail = |e| ClientError::Connect {
+        url: url.to_owned(),
+        source: Box::new(e),
+    };
+    let mut request = url.into_client_request().map_err(fail)?;
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            fail(tokio_tungstenite::tungstenite::Error::Url(
+                tokio_tungstenite::tungstenite::error::UrlError::UnableToConnect(
+                    "the token is not a valid header value".into(),
+                ),
+            ))
+        })?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .map_err(fail)?;
     Ok(socket)
 }
 
@@ -78,10 +90,15 @@ fn is_greeting(text: &str) -> bool {
 /// # Errors
 /// [`ClientError`] on connection failure, close, timeout or an error reply
 /// (the reply text is in [`ClientError::ErrorReply`]).
-pub async fn send_once(url: &str, message: &str, timeout: Duration) -> Result<String, ClientError> {
+pub async fn send_once(
+    url: &str,
+    token: Option<&str>,
+    message: &str,
+    timeout: Duration,
+) -> Result<String, ClientError> {
     let ms = timeout.as_millis() as u64;
     let work = async {
-        let mut socket = connect(url).await?;
+        let mut socket = connect(url, token).await?;
         socket
             .send(Message::text(message))
             .await
@@ -117,8 +134,12 @@ pub async fn send_once(url: &str, message: &str, timeout: Duration) -> Result<St
 ///
 /// # Errors
 /// [`ClientError`] when the connection cannot be opened or fails.
-pub async fn interactive(url: &str, linger: Duration) -> Result<(), ClientError> {
-    let socket = connect(url).await?;
+pub async fn interactive(
+    url: &str,
+    token: Option<&str>,
+    linger: Duration,
+) -> Result<(), ClientError> {
+    let socket = connect(url, token).await?;
     eprintln!("connected to {url} (type a city and press Enter; Ctrl-D to quit)");
     let (mut tx, mut rx) = socket.split();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();

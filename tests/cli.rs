@@ -107,6 +107,54 @@ async fn client_send_prints_the_reply_and_sets_the_exit_code() {
 }
 
 #[tokio::test]
+async fn client_token_flag_signs_in() {
+    let server = common::start_with(|c| {
+        c.auth.jwt_secret = Some("cli-secret".into());
+        c.auth.required = true;
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "cli-user", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"cli-secret"),
+    )
+    .expect("sign");
+    let url = server.ws_url();
+    let out = tokio::task::spawn_blocking(move || {
+        let with = Command::new(GALE)
+            .args(["client", &url, "--token", &token, "--send"])
+            .arg(r#"{"event":"notes.list","ref":"1"}"#)
+            .output()
+            .expect("run");
+        let without = Command::new(GALE)
+            .args(["client", &url, "--send", "Oslo"])
+            .env_remove("GALE_TOKEN")
+            .output()
+            .expect("run");
+        (with, without)
+    })
+    .await
+    .expect("join");
+    assert!(out.0.status.success(), "{:?}", out.0);
+    let reply: serde_json::Value = serde_json::from_slice(&out.0.stdout).expect("json");
+    assert_eq!(
+        reply,
+        serde_json::json!({"reply":"1","ok":true,"data":{"notes":[]}})
+    );
+    assert_eq!(out.1.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.1.stderr).contains("401"),
+        "{:?}",
+        out.1
+    );
+}
+
+#[tokio::test]
 async fn client_send_fails_when_nothing_listens() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("ws://{}/ws", free.local_addr().expect("addr"));

@@ -52,6 +52,10 @@ async fn weather_get_replies_once_with_the_reading() {
     let reply = request(&mut c, "weather.get", json!({"city": "Atlantis"}), "18").await;
     assert_eq!(reply["ok"], false);
     assert_eq!(code(&reply), "not_found");
+
+    server.fake.set_mode(gale::fake_upstream::Mode::Status(503));
+    let reply = request(&mut c, "weather.get", json!({"city": "Bergen"}), "19").await;
+    assert_eq!(code(&reply), "upstream_unavailable", "{reply}");
 }
 
 #[tokio::test]

@@ -239,3 +239,34 @@ async fn notes_need_a_user_and_valid_fields() {
     .await;
     assert_eq!(r["error"]["code"], "rate_limited");
 }
+
+#[tokio::test]
+async fn a_failing_database_is_an_internal_error_without_details() {
+    let server = start_with(|c| c.auth.jwt_secret = Some(SECRET.into())).await;
+    let mut u = connect_as(&server, &unique("locked"), json!([])).await;
+    // Another connection holds SQLite's write lock past the 5 s busy
+    // timeout: the save fails inside the handler.
+    let lock = common::WriteLock::take(&server).await;
+    let r = request(
+        &mut u,
+        "notes.save",
+        json!({"title": "t", "content": "c"}),
+        "x",
+    )
+    .await;
+    lock.release().await;
+    assert_eq!(r["error"]["code"], "internal_error", "{r}");
+    let message = r["error"]["message"].as_str().expect("message");
+    assert!(
+        !message.contains("locked"),
+        "no driver internals: {message:?}"
+    );
+    let r = request(
+        &mut u,
+        "notes.save",
+        json!({"title": "t", "content": "c"}),
+        "y",
+    )
+    .await;
+    assert_eq!(r["ok"], true, "works again once the database is free");
+}
