@@ -6,29 +6,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, start, start_with};
+use common::{start, start_with};
 use gale::config::{Config, EventOverride, Priority};
 use serde_json::{Value, json};
 
 fn override_event(c: &mut Config, name: &str, f: impl FnOnce(&mut EventOverride)) {
     f(c.events.entry(name.to_owned()).or_default());
-}
-
-/// Sends an event and returns the reply with that `ref`.
-async fn request(c: &mut Client, event: &str, data: Value, r: &str) -> Value {
-    c.send(&json!({"event": event, "data": data, "ref": r}).to_string())
-        .await;
-    reply_to(c, r).await
-}
-
-/// Reads until the reply to `r` arrives.
-async fn reply_to(c: &mut Client, r: &str) -> Value {
-    loop {
-        let msg = c.recv_json().await;
-        if msg["reply"] == r {
-            return msg;
-        }
-    }
 }
 
 fn code(reply: &Value) -> &str {
@@ -39,7 +22,9 @@ fn code(reply: &Value) -> &str {
 async fn weather_get_replies_once_with_the_reading() {
     let server = start().await;
     let mut c = server.client().await;
-    let reply = request(&mut c, "weather.get", json!({"city": "Paris"}), "17").await;
+    let reply = c
+        .request("weather.get", json!({"city": "Paris"}), "17")
+        .await;
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["data"]["city"], "Paris");
     assert!(reply["data"]["temperature"].is_number());
@@ -49,12 +34,16 @@ async fn weather_get_replies_once_with_the_reading() {
     assert_eq!(c.ask("Paris").await["type"], "weather");
     assert_eq!(server.fake.calls(), 1);
 
-    let reply = request(&mut c, "weather.get", json!({"city": "Atlantis"}), "18").await;
+    let reply = c
+        .request("weather.get", json!({"city": "Atlantis"}), "18")
+        .await;
     assert_eq!(reply["ok"], false);
     assert_eq!(code(&reply), "not_found");
 
     server.fake.set_mode(gale::fake_upstream::Mode::Status(503));
-    let reply = request(&mut c, "weather.get", json!({"city": "Bergen"}), "19").await;
+    let reply = c
+        .request("weather.get", json!({"city": "Bergen"}), "19")
+        .await;
     assert_eq!(code(&reply), "upstream_unavailable", "{reply}");
 }
 
@@ -90,30 +79,30 @@ async fn each_refusal_has_its_code() {
     .await;
     let mut c = server.client().await;
 
-    let r = request(&mut c, "no.such.event", json!({}), "a").await;
+    let r = c.request("no.such.event", json!({}), "a").await;
     assert_eq!(code(&r), "unknown_event", "{r}");
 
-    let r = request(&mut c, "server.stats", Value::Null, "b").await;
+    let r = c.request("server.stats", Value::Null, "b").await;
     assert_eq!(code(&r), "unauthorized", "{r}");
 
-    let r = request(&mut c, "weather.get", json!({}), "c").await;
+    let r = c.request("weather.get", json!({}), "c").await;
     assert_eq!(code(&r), "invalid_data", "{r}");
     assert_eq!(
         r["error"]["field"], "data",
         "missing field is reported on data: {r}"
     );
 
-    let r = request(&mut c, "weather.get", json!({"city": 12}), "d").await;
+    let r = c.request("weather.get", json!({"city": 12}), "d").await;
     assert_eq!(code(&r), "invalid_data", "{r}");
     assert_eq!(r["error"]["field"], "city");
 
-    let r = request(&mut c, "weather.get", json!({"city": "  "}), "e").await;
+    let r = c.request("weather.get", json!({"city": "  "}), "e").await;
     assert_eq!(code(&r), "invalid_data", "{r}");
     assert_eq!(r["error"]["field"], "city");
     assert!(r["error"]["message"].as_str().expect("m").contains("empty"));
 
     c.send(r#"{"event":42,"ref":"f"}"#).await;
-    let r = reply_to(&mut c, "f").await;
+    let r = c.reply_to("f").await;
     assert_eq!(code(&r), "invalid_message", "{r}");
 
     c.send("{not json").await;
@@ -144,22 +133,26 @@ async fn rate_limit_refuses_the_next_one_in_the_window_and_recovers() {
     .await;
     let mut c = server.client().await;
     for i in 0..3 {
-        let r = request(&mut c, "server.stats", Value::Null, &format!("ok{i}")).await;
+        let r = c
+            .request("server.stats", Value::Null, &format!("ok{i}"))
+            .await;
         assert_eq!(r["ok"], true, "{r}");
     }
-    let r = request(&mut c, "server.stats", Value::Null, "over").await;
+    let r = c.request("server.stats", Value::Null, "over").await;
     assert_eq!(code(&r), "rate_limited", "{r}");
 
     // Another connection has its own allowance (anonymous: per connection).
     let mut other = server.client().await;
     assert_eq!(
-        request(&mut other, "server.stats", Value::Null, "x").await["ok"],
+        other.request("server.stats", Value::Null, "x").await["ok"],
         true
     );
 
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     for i in 0..3 {
-        let r = request(&mut c, "server.stats", Value::Null, &format!("again{i}")).await;
+        let r = c
+            .request("server.stats", Value::Null, &format!("again{i}"))
+            .await;
         assert_eq!(r["ok"], true, "window recovered: {r}");
     }
 }
@@ -173,7 +166,7 @@ async fn handler_timeout_from_config() {
     server.fake.set_latency(Duration::from_secs(2));
     let mut c = server.client().await;
     let started = Instant::now();
-    let r = request(&mut c, "weather.get", json!({"city": "Lima"}), "t").await;
+    let r = c.request("weather.get", json!({"city": "Lima"}), "t").await;
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(code(&r), "timeout", "{r}");
 }
@@ -233,14 +226,14 @@ async fn past_the_drop_threshold_events_are_refused_at_once() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     let started = Instant::now();
-    let r = request(&mut c, "weather.get", json!({"city": "Q3"}), "q3").await;
+    let r = c.request("weather.get", json!({"city": "Q3"}), "q3").await;
     assert!(
         started.elapsed() < Duration::from_millis(300),
         "refused at once"
     );
     assert_eq!(code(&r), "system_overloaded", "{r}");
     for i in 0..3 {
-        assert_eq!(reply_to(&mut c, &format!("q{i}")).await["ok"], true);
+        assert_eq!(c.reply_to(&format!("q{i}")).await["ok"], true);
     }
 }
 

@@ -38,13 +38,7 @@ fn token(alg: Algorithm, key: &EncodingKey, sub: &str, roles: Value, exp: u64) -
 }
 
 fn hs256(sub: &str, roles: Value) -> String {
-    token(
-        Algorithm::HS256,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-        sub,
-        roles,
-        now() + 3600,
-    )
+    common::hs256_token(SECRET, sub, roles)
 }
 
 fn with_secret(c: &mut Config) {
@@ -79,14 +73,7 @@ async fn connect(
 }
 
 async fn stats(c: &mut Client, r: &str) -> Value {
-    c.send(&json!({"event":"server.stats","ref":r}).to_string())
-        .await;
-    loop {
-        let m = c.recv_json().await;
-        if m["reply"] == r {
-            return m;
-        }
-    }
+    c.request("server.stats", Value::Null, r).await
 }
 
 fn bearer(t: &str) -> Vec<(&'static str, String)> {

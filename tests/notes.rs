@@ -3,58 +3,15 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use common::{Client, TestServer, postgres_url, start_with};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SECRET: &str = "notes-test-secret";
 
 async fn connect_as(server: &TestServer, sub: &str, roles: Value) -> Client {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 600;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": sub, "roles": roles, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign");
-    let req = format!("{}?token={token}", server.ws_url())
-        .into_client_request()
-        .expect("req");
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    server
+        .client_with_token(&common::hs256_token(SECRET, sub, roles))
         .await
-        .expect("connect");
-    let mut c = Client {
-        ws,
-        client_id: String::new(),
-    };
-    assert_eq!(c.recv_json().await["type"], "connected");
-    c
-}
-
-async fn request(c: &mut Client, event: &str, data: Value, r: &str) -> Value {
-    c.send(&json!({"event": event, "data": data, "ref": r}).to_string())
-        .await;
-    loop {
-        let m = c.recv_json().await;
-        if m["reply"] == r {
-            return m;
-        }
-    }
-}
-
-async fn next_push(c: &mut Client) -> Value {
-    loop {
-        let m = c.recv_json().await;
-        if m.get("event").is_some() {
-            return m;
-        }
-    }
 }
 
 /// A unique user name per run, so runs sharing a PostgreSQL database do
@@ -76,24 +33,24 @@ async fn notes_round_trip(store_url: Option<String>) {
     let mut b = connect_as(&server, &bob, json!([])).await;
     let mut c = connect_as(&server, &carol, json!([])).await;
 
-    let saved = request(
-        &mut a,
-        "notes.save",
-        json!({"title": " Plan ", "content": "ship it", "collaborators": [bob, bob, alice]}),
-        "1",
-    )
-    .await;
+    let saved = a
+        .request(
+            "notes.save",
+            json!({"title": " Plan ", "content": "ship it", "collaborators": [bob, bob, alice]}),
+            "1",
+        )
+        .await;
     assert_eq!(saved["ok"], true, "{saved}");
     let note = &saved["data"];
     assert_eq!(note["title"], "Plan");
     assert_eq!(note["owner"], alice.as_str());
     let id = note["id"].as_i64().expect("id");
 
-    let push = next_push(&mut b).await;
+    let push = b.next_push().await;
     assert_eq!(push["event"], "notes.updated");
     assert_eq!(push["data"]["id"], id);
 
-    let listed = request(&mut b, "notes.list", Value::Null, "2").await;
+    let listed = b.request("notes.list", Value::Null, "2").await;
     let notes = listed["data"]["notes"].as_array().expect("notes");
     assert_eq!(notes.len(), 1, "shared with bob: {listed}");
     let mut shared: Vec<&str> = notes[0]["collaborators"]
@@ -107,29 +64,29 @@ async fn notes_round_trip(store_url: Option<String>) {
     want.sort_unstable();
     assert_eq!(shared, want, "deduplicated");
     assert_eq!(
-        request(&mut c, "notes.list", Value::Null, "3").await["data"]["notes"],
+        c.request("notes.list", Value::Null, "3").await["data"]["notes"],
         json!([]),
         "not shared with carol"
     );
 
     // Update own note; someone else's is not found.
-    let updated = request(
-        &mut a,
-        "notes.save",
-        json!({"id": id, "title": "Plan v2", "content": "ship it now"}),
-        "4",
-    )
-    .await;
+    let updated = a
+        .request(
+            "notes.save",
+            json!({"id": id, "title": "Plan v2", "content": "ship it now"}),
+            "4",
+        )
+        .await;
     assert_eq!(updated["data"]["title"], "Plan v2", "{updated}");
-    let stolen = request(
-        &mut c,
-        "notes.save",
-        json!({"id": id, "title": "mine", "content": ""}),
-        "5",
-    )
-    .await;
+    let stolen = c
+        .request(
+            "notes.save",
+            json!({"id": id, "title": "mine", "content": ""}),
+            "5",
+        )
+        .await;
     assert_eq!(stolen["error"]["code"], "not_found", "{stolen}");
-    let listed = request(&mut a, "notes.list", Value::Null, "6").await;
+    let listed = a.request("notes.list", Value::Null, "6").await;
     assert_eq!(listed["data"]["notes"][0]["content"], "ship it now");
     assert_eq!(
         listed["data"]["notes"][0]["collaborators"],
@@ -142,22 +99,20 @@ async fn notes_round_trip(store_url: Option<String>) {
     let many: Vec<Value> = (0..120)
         .map(|i| json!({"title": format!("n{i}"), "content": "x"}))
         .collect();
-    let refused = request(&mut a, "notes.import", json!({"notes": many}), "7").await;
+    let refused = a.request("notes.import", json!({"notes": many}), "7").await;
     assert_eq!(refused["error"]["code"], "forbidden");
-    let imported = request(&mut admin, "notes.import", json!({"notes": many}), "8").await;
+    let imported = admin
+        .request("notes.import", json!({"notes": many}), "8")
+        .await;
     assert_eq!(imported["data"]["imported"], 120, "{imported}");
-    let listed = request(&mut admin, "notes.list", Value::Null, "9").await;
+    let listed = admin.request("notes.list", Value::Null, "9").await;
     assert_eq!(
         listed["data"]["notes"].as_array().expect("notes").len(),
         120
     );
-    let again = request(
-        &mut admin,
-        "notes.import",
-        json!({"notes": [many[0]]}),
-        "10",
-    )
-    .await;
+    let again = admin
+        .request("notes.import", json!({"notes": [many[0]]}), "10")
+        .await;
     assert_eq!(again["error"]["code"], "rate_limited", "1/min");
 }
 
@@ -179,13 +134,9 @@ async fn postgres_notes_are_saved_shared_listed_and_imported() {
 async fn notes_need_a_user_and_valid_fields() {
     let server = start_with(|c| c.auth.jwt_secret = Some(SECRET.into())).await;
     let mut anon = server.client().await;
-    let r = request(
-        &mut anon,
-        "notes.save",
-        json!({"title": "t", "content": "c"}),
-        "a",
-    )
-    .await;
+    let r = anon
+        .request("notes.save", json!({"title": "t", "content": "c"}), "a")
+        .await;
     assert_eq!(r["error"]["code"], "unauthorized");
 
     let mut u = connect_as(&server, &unique("val"), json!([])).await;
@@ -202,18 +153,18 @@ async fn notes_need_a_user_and_valid_fields() {
         ),
         (json!({"title": "t"}), "data"),
     ] {
-        let r = request(&mut u, "notes.save", data.clone(), "v").await;
+        let r = u.request("notes.save", data.clone(), "v").await;
         assert_eq!(r["error"]["code"], "invalid_data", "{data}: {r}");
         assert_eq!(r["error"]["field"], field, "{data}: {r}");
     }
     let mut admin = connect_as(&server, &unique("adm"), json!(["admin"])).await;
-    let r = request(
-        &mut admin,
-        "notes.import",
-        json!({"notes": [{"title": "ok", "content": ""}, {"title": "", "content": ""}]}),
-        "i",
-    )
-    .await;
+    let r = admin
+        .request(
+            "notes.import",
+            json!({"notes": [{"title": "ok", "content": ""}, {"title": "", "content": ""}]}),
+            "i",
+        )
+        .await;
     assert_eq!(r["error"]["field"], "notes[1].title", "{r}");
 
     // 20 saves a minute per user, then rate_limited. (A fresh user: the
@@ -221,22 +172,18 @@ async fn notes_need_a_user_and_valid_fields() {
     // validation, in the seed's order.)
     let mut u = connect_as(&server, &unique("rate"), json!([])).await;
     for i in 0..20 {
-        let r = request(
-            &mut u,
-            "notes.save",
-            json!({"title": "t", "content": ""}),
-            &format!("s{i}"),
-        )
-        .await;
+        let r = u
+            .request(
+                "notes.save",
+                json!({"title": "t", "content": ""}),
+                &format!("s{i}"),
+            )
+            .await;
         assert_eq!(r["ok"], true, "{r}");
     }
-    let r = request(
-        &mut u,
-        "notes.save",
-        json!({"title": "t", "content": ""}),
-        "s20",
-    )
-    .await;
+    let r = u
+        .request("notes.save", json!({"title": "t", "content": ""}), "s20")
+        .await;
     assert_eq!(r["error"]["code"], "rate_limited");
 }
 
@@ -247,13 +194,9 @@ async fn a_failing_database_is_an_internal_error_without_details() {
     // Another connection holds SQLite's write lock past the 5 s busy
     // timeout: the save fails inside the handler.
     let lock = common::WriteLock::take(&server).await;
-    let r = request(
-        &mut u,
-        "notes.save",
-        json!({"title": "t", "content": "c"}),
-        "x",
-    )
-    .await;
+    let r = u
+        .request("notes.save", json!({"title": "t", "content": "c"}), "x")
+        .await;
     lock.release().await;
     assert_eq!(r["error"]["code"], "internal_error", "{r}");
     let message = r["error"]["message"].as_str().expect("message");
@@ -261,12 +204,8 @@ async fn a_failing_database_is_an_internal_error_without_details() {
         !message.contains("locked"),
         "no driver internals: {message:?}"
     );
-    let r = request(
-        &mut u,
-        "notes.save",
-        json!({"title": "t", "content": "c"}),
-        "y",
-    )
-    .await;
+    let r = u
+        .request("notes.save", json!({"title": "t", "content": "c"}), "y")
+        .await;
     assert_eq!(r["ok"], true, "works again once the database is free");
 }

@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::{Client, TestServer, WAIT, start_with};
 use gale::config::Config;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const API_KEY: &str = "publish-key-0123456789";
 const SECRET: &str = "push-test-secret";
@@ -20,29 +19,9 @@ fn push_config(c: &mut Config) {
 }
 
 async fn user(server: &TestServer, sub: &str) -> Client {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 600;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": sub, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("sign");
-    let req = format!("{}?token={token}", server.ws_url())
-        .into_client_request()
-        .expect("req");
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    server
+        .client_with_token(&common::hs256_token(SECRET, sub, json!([])))
         .await
-        .expect("connect");
-    let mut c = Client {
-        ws,
-        client_id: String::new(),
-    };
-    assert_eq!(c.recv_json().await["type"], "connected");
-    c
 }
 
 /// POSTs to /api/publish: (status, JSON body).
@@ -74,27 +53,6 @@ async fn publish(server: &TestServer, key: Option<&str>, body: &str) -> (u16, Va
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
-/// The next push (a message with an `event`), skipping replies.
-async fn next_push(c: &mut Client) -> Value {
-    loop {
-        let m = c.recv_json().await;
-        if m.get("event").is_some() {
-            return m;
-        }
-    }
-}
-
-async fn request(c: &mut Client, event: &str, data: Value, r: &str) -> Value {
-    c.send(&json!({"event": event, "data": data, "ref": r}).to_string())
-        .await;
-    loop {
-        let m = c.recv_json().await;
-        if m["reply"] == r {
-            return m;
-        }
-    }
-}
-
 /// Asserts nothing arrives for a moment.
 async fn quiet(c: &mut Client) {
     let got = tokio::time::timeout(
@@ -122,7 +80,7 @@ async fn push_to_a_user_reaches_all_their_connections() {
     assert_eq!((status, &body), (200, &json!({"reached": 2})));
     for tab in [&mut tab1, &mut tab2] {
         assert_eq!(
-            next_push(tab).await,
+            tab.next_push().await,
             json!({"event":"note.shared","data":{"id":7}})
         );
     }
@@ -142,7 +100,9 @@ async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
     let server = start_with(push_config).await;
     let mut a = server.client().await;
     let mut b = server.client().await;
-    let r = request(&mut a, "topic.subscribe", json!({"topic": "news"}), "s").await;
+    let r = a
+        .request("topic.subscribe", json!({"topic": "news"}), "s")
+        .await;
     assert_eq!(r["ok"], true, "{r}");
 
     let (_, body) = publish(
@@ -152,10 +112,12 @@ async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
     )
     .await;
     assert_eq!(body["reached"], 1);
-    assert_eq!(next_push(&mut a).await["event"], "headline");
+    assert_eq!(a.next_push().await["event"], "headline");
     quiet(&mut b).await;
 
-    let r = request(&mut a, "topic.unsubscribe", json!({"topic": "news"}), "u").await;
+    let r = a
+        .request("topic.unsubscribe", json!({"topic": "news"}), "u")
+        .await;
     assert_eq!(r["data"]["unsubscribed"], true);
     let (_, body) = publish(
         &server,
@@ -165,7 +127,8 @@ async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
     .await;
     assert_eq!(body["reached"], 0);
 
-    request(&mut b, "topic.subscribe", json!({"topic": "news"}), "s2").await;
+    b.request("topic.subscribe", json!({"topic": "news"}), "s2")
+        .await;
     drop(b);
     server.wait_metric("connections", 1).await;
     let (_, body) = publish(
@@ -180,13 +143,9 @@ async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
     );
     assert_eq!(server.metric("topics").await, 0);
 
-    let r = request(
-        &mut a,
-        "topic.subscribe",
-        json!({"topic": "weather:paris"}),
-        "w",
-    )
-    .await;
+    let r = a
+        .request("topic.subscribe", json!({"topic": "weather:paris"}), "w")
+        .await;
     assert_eq!(r["error"]["code"], "invalid_data", "reserved prefix: {r}");
 }
 
@@ -206,7 +165,7 @@ async fn broadcast_reaches_everyone_with_the_same_bytes() {
     assert_eq!((status, body["reached"].as_u64()), (200, Some(20)));
     for c in &mut clients {
         assert_eq!(
-            next_push(c).await,
+            c.next_push().await,
             json!({"event":"maintenance","data":{"in_s":60}})
         );
     }
@@ -265,13 +224,13 @@ async fn weather_subscribers_share_one_refresh_loop() {
     let mut subs = Vec::new();
     for i in 0..30 {
         let mut c = server.client().await;
-        let r = request(
-            &mut c,
-            "weather.subscribe",
-            json!({"city": "Paris"}),
-            &format!("s{i}"),
-        )
-        .await;
+        let r = c
+            .request(
+                "weather.subscribe",
+                json!({"city": "Paris"}),
+                &format!("s{i}"),
+            )
+            .await;
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["data"]["city"], "Paris");
         subs.push(c);
@@ -282,7 +241,7 @@ async fn weather_subscribers_share_one_refresh_loop() {
         "one lookup served all 30 subscriptions"
     );
     for c in &mut subs {
-        let push = next_push(c).await;
+        let push = c.next_push().await;
         assert_eq!(push["event"], "weather.update");
         assert_eq!(push["data"]["city"], "Paris");
         assert!(push["data"]["updated_at"].is_string());
@@ -295,19 +254,19 @@ async fn weather_subscribers_share_one_refresh_loop() {
     );
 
     for (i, c) in subs.iter_mut().enumerate() {
-        let r = request(
-            c,
-            "weather.unsubscribe",
-            json!({"city": "paris"}),
-            &format!("u{i}"),
-        )
-        .await;
+        let r = c
+            .request(
+                "weather.unsubscribe",
+                json!({"city": "paris"}),
+                &format!("u{i}"),
+            )
+            .await;
         assert_eq!(r["data"]["unsubscribed"], true);
     }
     let mut c = server.client().await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let stats = request(&mut c, "server.stats", Value::Null, "st").await;
+        let stats = c.request("server.stats", Value::Null, "st").await;
         if stats["data"]["weather-feeds"] == 0 {
             break;
         }
@@ -324,28 +283,20 @@ async fn a_client_that_never_reads_stays_within_its_outbound_bound() {
     })
     .await;
     let mut stuck = server.client().await;
-    request(
-        &mut stuck,
-        "topic.subscribe",
-        json!({"topic": "firehose"}),
-        "s",
-    )
-    .await;
+    stuck
+        .request("topic.subscribe", json!({"topic": "firehose"}), "s")
+        .await;
     let mut reader = server.client().await;
-    request(
-        &mut reader,
-        "topic.subscribe",
-        json!({"topic": "firehose"}),
-        "s",
-    )
-    .await;
+    reader
+        .request("topic.subscribe", json!({"topic": "firehose"}), "s")
+        .await;
     // From here `stuck` never reads. 64 KiB pushes fill the socket buffers
     // quickly; after that its outbox holds at most 16 and drops the rest.
     let big = "x".repeat(64 * 1024);
     let body = json!({"event": "blob", "data": big, "topic": "firehose"}).to_string();
     let reading = tokio::spawn(async move {
         for _ in 0..200 {
-            assert_eq!(next_push(&mut reader).await["event"], "blob");
+            assert_eq!(reader.next_push().await["event"], "blob");
         }
     });
     for _ in 0..200 {
@@ -416,7 +367,7 @@ async fn lifecycle_events_reach_application_hooks_not_the_wire() {
     );
     assert_eq!(reached, 1);
     assert_eq!(
-        next_push(&mut other).await,
+        other.next_push().await,
         json!({"event":"hello","data":{"from":"app"}})
     );
 }

@@ -106,6 +106,15 @@ impl TestServer {
         c
     }
 
+    /// Connects with `?token=…` and reads the greeting.
+    pub async fn client_with_token(&self, token: &str) -> Client {
+        let mut c = Client::connect(&format!("{}?token={token}", self.ws_url())).await;
+        let hello = c.recv_json().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
+        c
+    }
+
     /// A plain HTTP GET: (status, body).
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.addr, path).await
@@ -220,6 +229,33 @@ impl Client {
         self.recv_json().await
     }
 
+    /// Sends a JSON event with `ref` `r` and returns the reply to it.
+    pub async fn request(&mut self, event: &str, data: Value, r: &str) -> Value {
+        let msg = serde_json::json!({"event": event, "data": data, "ref": r});
+        self.send(&msg.to_string()).await;
+        self.reply_to(r).await
+    }
+
+    /// Reads until the reply to `r` arrives.
+    pub async fn reply_to(&mut self, r: &str) -> Value {
+        loop {
+            let msg = self.recv_json().await;
+            if msg["reply"] == r {
+                return msg;
+            }
+        }
+    }
+
+    /// The next push (a message with an `event`), skipping replies.
+    pub async fn next_push(&mut self) -> Value {
+        loop {
+            let msg = self.recv_json().await;
+            if msg.get("event").is_some() {
+                return msg;
+            }
+        }
+    }
+
     /// Reads until the server's close frame and returns it.
     pub async fn expect_close(&mut self) -> CloseFrame {
         loop {
@@ -273,6 +309,21 @@ pub async fn rows_for(store_url: &str, client_id: &str) -> Vec<Row> {
         pool.close().await;
         rows
     }
+}
+
+/// An HS256 token for `sub` with `roles`, valid for ten minutes.
+pub fn hs256_token(secret: &str, sub: &str, roles: Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": sub, "roles": roles, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
 }
 
 /// The PostgreSQL URL for tests, when the environment provides one.
