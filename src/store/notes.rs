@@ -53,6 +53,38 @@ macro_rules! on_pool {
     };
 }
 
+/// Inserts one note row in transaction `$tx`; evaluates to its
+/// `(id, created_at)`.
+macro_rules! insert_note {
+    ($tx:expr, $owner:expr, $note:expr, $now:expr) => {{
+        let mut q = QueryBuilder::new(
+            "INSERT INTO notes (owner, title, content, created_at, updated_at) VALUES (",
+        );
+        let mut v = q.separated(", ");
+        v.push_bind($owner.to_owned())
+            .push_bind($note.title.clone())
+            .push_bind($note.content.clone())
+            .push_bind($now)
+            .push_bind($now);
+        q.push(") RETURNING id, created_at");
+        let row: (i64, DateTime<Utc>) = q.build_query_as().fetch_one(&mut *$tx).await?;
+        row
+    }};
+}
+
+/// Inserts the collaborator rows of note `$id` in transaction `$tx`.
+macro_rules! insert_collaborators {
+    ($tx:expr, $id:expr, $users:expr) => {
+        if !$users.is_empty() {
+            let mut q = QueryBuilder::new("INSERT INTO note_collaborators (note_id, user_id) ");
+            q.push_values($users, |mut b, user| {
+                b.push_bind($id).push_bind(user.clone());
+            });
+            q.build().execute(&mut *$tx).await?;
+        }
+    };
+}
+
 type NoteRow = (i64, String, String, String, DateTime<Utc>, DateTime<Utc>);
 
 impl Db {
@@ -72,19 +104,7 @@ impl Db {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let row: Option<(i64, DateTime<Utc>)> = match id {
-                None => {
-                    let mut q = QueryBuilder::new(
-                        "INSERT INTO notes (owner, title, content, created_at, updated_at) VALUES (",
-                    );
-                    let mut v = q.separated(", ");
-                    v.push_bind(owner.to_owned())
-                        .push_bind(note.title.clone())
-                        .push_bind(note.content.clone())
-                        .push_bind(now)
-                        .push_bind(now);
-                    q.push(") RETURNING id, created_at");
-                    Some(q.build_query_as().fetch_one(&mut *tx).await?)
-                }
+                None => Some(insert_note!(tx, owner, note, now)),
                 Some(id) => {
                     let mut q = QueryBuilder::new("UPDATE notes SET title = ");
                     q.push_bind(note.title.clone())
@@ -109,13 +129,7 @@ impl Db {
             let Some((id, created_at)) = row else {
                 return Ok(None);
             };
-            if !note.collaborators.is_empty() {
-                let mut q = QueryBuilder::new("INSERT INTO note_collaborators (note_id, user_id) ");
-                q.push_values(&note.collaborators, |mut b, user| {
-                    b.push_bind(id).push_bind(user.clone());
-                });
-                q.build().execute(&mut *tx).await?;
-            }
+            insert_collaborators!(tx, id, &note.collaborators);
             tx.commit().await?;
             Ok(Some(Note {
                 id,
@@ -138,24 +152,8 @@ impl Db {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             for note in notes {
-                let mut q = QueryBuilder::new(
-                    "INSERT INTO notes (owner, title, content, created_at, updated_at) VALUES (",
-                );
-                let mut v = q.separated(", ");
-                v.push_bind(owner.to_owned())
-                    .push_bind(note.title.clone())
-                    .push_bind(note.content.clone())
-                    .push_bind(now)
-                    .push_bind(now);
-                q.push(") RETURNING id");
-                let (id,): (i64,) = q.build_query_as().fetch_one(&mut *tx).await?;
-                if !note.collaborators.is_empty() {
-                    let mut q = QueryBuilder::new("INSERT INTO note_collaborators (note_id, user_id) ");
-                    q.push_values(&note.collaborators, |mut b, user| {
-                        b.push_bind(id).push_bind(user.clone());
-                    });
-                    q.build().execute(&mut *tx).await?;
-                }
+                let (id, _) = insert_note!(tx, owner, note, now);
+                insert_collaborators!(tx, id, &note.collaborators);
             }
             tx.commit().await?;
             Ok(notes.len())
