@@ -153,8 +153,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long shutdown waits for in-flight work before giving up.
     pub shutdown_grace_ms: u64,
-    /// Seconds between pings to an idle connection; a peer silent for two
-    /// intervals is dropped. 0 disables pings.
+    /// Every this many seconds a connection silent for half of it is
+    /// pinged; a peer that leaves a ping unanswered for a whole interval
+    /// is dropped. 0 disables pings.
     pub ping_interval_s: u64,
     /// Requests one connection may have in flight; past this the server
     /// stops reading from that connection until one completes.
@@ -164,6 +165,9 @@ pub struct ServerConfig {
     pub read_buffer_bytes: usize,
     /// Per-connection write buffer target before a flush.
     pub write_buffer_bytes: usize,
+    /// Serve `GET /echo`: every message sent back on the same connection
+    /// stack as `/ws` (the bare-echo baseline and the conformance target).
+    pub echo: bool,
     /// Origins allowed to open a WebSocket (`"*"` allows any). Empty: the
     /// server's own host and localhost. Handshakes without an Origin
     /// header (non-browser clients) are always allowed.
@@ -182,6 +186,7 @@ impl Default for ServerConfig {
             read_buffer_bytes: 1024,
             write_buffer_bytes: 1024,
             allowed_origins: Vec::new(),
+            echo: false,
         }
     }
 }

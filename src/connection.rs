@@ -114,6 +114,48 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
     tracing::debug!(%client_id, "disconnected");
 }
 
+/// Serves one `/echo` connection: every text or binary message is sent
+/// back unchanged. Same limits, buffers, close codes and shutdown as
+/// [`serve`]; nothing else.
+pub(crate) async fn echo(app: Arc<App>, mut socket: WebSocket) {
+    let m = app.metrics.clone();
+    m.connections.inc();
+    m.connections_total.inc();
+    let closing = app.closing.cancelled();
+    tokio::pin!(closing);
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = &mut closing => break End::Shutdown,
+            msg = socket.recv() => match msg {
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                    m.messages_in.inc();
+                    if !send_frame(&mut socket, msg).await {
+                        break End::Gone;
+                    }
+                    m.messages_out.inc();
+                }
+                Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break read_error(e),
+                None => break End::Gone,
+            }
+        }
+    };
+    match end {
+        End::Shutdown => close(&mut socket, close_code::GOING_AWAY, "server shutting down").await,
+        End::Violation(code, reason) => {
+            m.protocol_errors.inc();
+            close(&mut socket, code, reason).await;
+        }
+        End::ClientClosed => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.recv()).await;
+        }
+        End::Gone | End::Dead | End::SlowConsumer => {}
+    }
+    m.connections.dec();
+}
+
 async fn read_loop(
     app: &Arc<App>,
     caller: &Caller,
@@ -129,6 +171,8 @@ async fn read_loop(
     );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
+    // A ping went out and no frame has come back since.
+    let mut awaiting_pong = false;
     let client_id = caller.conn_id;
     let mut inflight = FuturesUnordered::new();
     let mut outgoing = Vec::new();
@@ -163,6 +207,7 @@ async fn read_loop(
             }
             msg = socket.recv(), if inflight.len() < max_inflight => {
                 last_seen = Instant::now();
+                awaiting_pong = false;
                 match msg {
                     Some(Ok(Message::Text(text))) => {
                         app.metrics.messages_in.inc();
@@ -209,13 +254,17 @@ async fn read_loop(
                 }
             }
             _ = ping.tick(), if pinging => {
-                if last_seen.elapsed() >= ping_every * 2 {
+                // Dead: our ping has gone a whole interval unanswered.
+                // Judged from the ping, not from wall-clock silence, so
+                // timer jitter never drops a peer that answers.
+                if awaiting_pong {
                     break End::Dead;
                 }
-                if last_seen.elapsed() >= ping_every
-                    && !send_frame(socket, Message::Ping(Default::default())).await
-                {
-                    break End::Gone;
+                if last_seen.elapsed() >= ping_every / 2 {
+                    if !send_frame(socket, Message::Ping(Default::default())).await {
+                        break End::Gone;
+                    }
+                    awaiting_pong = true;
                 }
             }
         }

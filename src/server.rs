@@ -265,7 +265,12 @@ async fn serve(
 }
 
 fn routes(app: Arc<App>) -> axum::Router {
-    axum::Router::new()
+    let router = if app.config.server.echo {
+        axum::Router::new().route("/echo", get(echo_upgrade))
+    } else {
+        axum::Router::new()
+    };
+    router
         .route("/", get(index))
         .route("/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
@@ -325,11 +330,41 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found\n").into_response()
 }
 
+/// What an upgraded connection serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `/ws`: the weather and event protocols.
+    Protocol,
+    /// `/echo`: every message sent back (baseline and conformance target).
+    Echo,
+}
+
 async fn ws_upgrade(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    accept(app, headers, uri, ws, Mode::Protocol)
+}
+
+async fn echo_upgrade(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    accept(app, headers, uri, ws, Mode::Echo)
+}
+
+/// The upgrade path both WebSocket routes share: the same checks, limits
+/// and buffers, so `/echo` measures the stack `/ws` runs on.
+fn accept(
+    app: Arc<App>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mode: Mode,
 ) -> Response {
     let ws = match ws {
         Ok(ws) => ws,
@@ -338,8 +373,9 @@ async fn ws_upgrade(
                 StatusCode::UPGRADE_REQUIRED,
                 [(header::UPGRADE, "websocket")],
                 format!(
-                    "/ws is a WebSocket endpoint: connect with a WebSocket client \
+                    "{} is a WebSocket endpoint: connect with a WebSocket client \
                      (e.g. `gale client ws://HOST:PORT/ws`). {}\n",
+                    uri.path(),
                     rejection.body_text()
                 ),
             )
@@ -383,7 +419,10 @@ async fn ws_upgrade(
         .max_frame_size(s.max_message_bytes)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| async move {
-            crate::connection::serve(app, socket, who).await;
+            match mode {
+                Mode::Protocol => crate::connection::serve(app, socket, who).await,
+                Mode::Echo => crate::connection::echo(app, socket).await,
+            }
             drop(tracked);
         })
 }

@@ -157,3 +157,40 @@ async fn a_second_plain_request_is_still_served_during_websocket_load() {
     assert_eq!(status, 200);
     assert_eq!(server.metric("connections").await, 50);
 }
+
+#[tokio::test]
+async fn echo_endpoint_is_off_by_default_and_echoes_on_the_same_stack() {
+    let server = start().await;
+    assert_eq!(
+        server.get("/echo").await.expect("get").0,
+        404,
+        "off by default"
+    );
+
+    let server = start_with(|c| {
+        c.server.echo = true;
+        c.server.max_message_bytes = 1024;
+    })
+    .await;
+    let (status, _) = server.get("/echo").await.expect("get");
+    assert_eq!(status, 426, "a WebSocket endpoint");
+    let url = format!("ws://{}/echo", server.addr);
+    let mut c = common::Client::connect(&url).await;
+    c.send("London").await;
+    assert_eq!(
+        c.next().await,
+        Some(Message::text("London")),
+        "echoed, no greeting"
+    );
+    futures_util::SinkExt::send(&mut c.ws, Message::binary(vec![0_u8, 1, 2]))
+        .await
+        .expect("send");
+    assert_eq!(c.next().await, Some(Message::binary(vec![0_u8, 1, 2])));
+    c.send(&"a".repeat(2048)).await;
+    assert_eq!(
+        u16::from(c.expect_close().await.code),
+        1009,
+        "same limits as /ws"
+    );
+    assert_eq!(server.fake.calls(), 0);
+}
