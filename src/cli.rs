@@ -49,6 +49,12 @@ pub enum Command {
         #[arg(long, env = "GALE_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Load scenarios against a WebSocket URL on this machine.
+    Bench {
+        /// The scenario.
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
     /// Run a fake weather API (OpenWeatherMap and Open-Meteo JSON) on
     /// 127.0.0.1 for offline demos and tests.
     FakeUpstream {
@@ -57,6 +63,77 @@ pub enum Command {
         listen: String,
         /// Delay before every answer.
         #[arg(long, default_value_t = 0, value_name = "MS")]
+        latency_ms: u64,
+        /// Fraction of calls answered with HTTP 500 (0.0–1.0).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+    },
+}
+
+/// Options every bench scenario shares.
+#[derive(Debug, clap::Args)]
+pub struct BenchCommon {
+    /// Target, e.g. ws://127.0.0.1:8080/ws (only 127.0.0.0/8).
+    pub url: String,
+    /// Connections.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub connections: usize,
+    /// New connections per second while connecting.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_rate: u32,
+    /// Spread connections over this many source addresses, 127.0.0.2
+    /// onwards, so ephemeral ports do not run out (1: the OS picks).
+    #[arg(long, default_value_t = 1)]
+    pub sources: u8,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `gale bench` scenarios.
+#[derive(Debug, Subcommand)]
+pub enum BenchScenario {
+    /// Weather requests in a closed loop; throughput and latency.
+    Requests {
+        /// Target and connections.
+        #[command(flatten)]
+        common: BenchCommon,
+        /// How long to send, in seconds.
+        #[arg(short, long, default_value_t = 10)]
+        duration: u64,
+        /// Cities drawn from City0 … City{K-1}.
+        #[arg(long, default_value_t = 1_000)]
+        cities: usize,
+        /// Requests outstanding per connection.
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        /// Send JSON weather.get events instead of plain text.
+        #[arg(long)]
+        events: bool,
+        /// Seconds to wait for a reply before counting a timeout.
+        #[arg(long, default_value_t = 10)]
+        reply_timeout: u64,
+    },
+    /// Open connections and hold them; connect times and server memory.
+    Connections {
+        /// Target and connections.
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Seconds to hold the connections once open.
+        #[arg(long, default_value_t = 5)]
+        hold: u64,
+        /// Read the server's memory from /proc/PID/status (default: gale's
+        /// /metrics.json).
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// The fake weather API with the seed's 2 s latency.
+    Upstream {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+        /// Delay before every answer.
+        #[arg(long, default_value_t = 2_000, value_name = "MS")]
         latency_ms: u64,
         /// Fraction of calls answered with HTTP 500 (0.0–1.0).
         #[arg(long, default_value_t = 0.0)]
@@ -142,6 +219,7 @@ async fn run(command: Command) -> ExitCode {
             latency_ms,
             error_rate,
         } => fake_upstream(&listen, latency_ms, error_rate).await,
+        Command::Bench { scenario } => bench(scenario).await,
     }
 }
 
@@ -195,5 +273,83 @@ async fn fake_upstream(listen: &str, latency_ms: u64, error_rate: f64) -> ExitCo
     let _ = tokio::signal::ctrl_c().await;
     fake.stop();
     eprintln!("answered {} calls", fake.calls());
+    ExitCode::SUCCESS
+}
+
+async fn bench(scenario: BenchScenario) -> ExitCode {
+    use crate::bench;
+    let common = match &scenario {
+        BenchScenario::Requests { common, .. } | BenchScenario::Connections { common, .. } => {
+            common
+        }
+        BenchScenario::Upstream {
+            listen,
+            latency_ms,
+            error_rate,
+        } => return fake_upstream(listen, *latency_ms, *error_rate).await,
+    };
+    let target = match bench::Target::new(&common.url, common.sources) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gale bench: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping: reporting what was measured");
+                stop.cancel();
+            }
+        });
+    }
+    let show = !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let json = common.json;
+    let report = match scenario {
+        BenchScenario::Requests {
+            common,
+            duration,
+            cities,
+            window,
+            events,
+            reply_timeout,
+        } => {
+            let options = bench::RequestsOptions {
+                connections: common.connections,
+                duration: Duration::from_secs(duration),
+                cities,
+                window,
+                events,
+                connect_rate: common.connect_rate,
+                reply_timeout: Duration::from_secs(reply_timeout),
+            };
+            bench::requests(target, options, stop, show).await
+        }
+        BenchScenario::Connections {
+            common,
+            hold,
+            server_pid,
+        } => {
+            bench::connections(
+                target,
+                common.connections,
+                common.connect_rate,
+                Duration::from_secs(hold),
+                stop,
+                show,
+                server_pid,
+            )
+            .await
+        }
+        // Served above.
+        BenchScenario::Upstream { .. } => return ExitCode::SUCCESS,
+    };
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
     ExitCode::SUCCESS
 }

@@ -16,6 +16,7 @@
 //! - [`store`]: the batched, bounded request log (SQLite/PostgreSQL).
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`api`]: `POST /api/publish` for backends.
+//! - [`bench`]: `gale bench`, load scenarios that report honestly.
 //! - [`broadcast`]: push to users, topics and everyone.
 //! - [`metrics`]: Prometheus and JSON counters.
 //! - [`shutdown`]: signals to a cancellation token.
@@ -23,6 +24,7 @@
 //! - [`fake_upstream`]: a fake weather API for tests and demos.
 
 pub mod api;
+pub mod bench;
 pub mod broadcast;
 pub mod cli;
 pub mod client;

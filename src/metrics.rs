@@ -488,6 +488,7 @@ impl Metrics {
             "db-failed": self.db_failed.get(),
             "db-queue-depth": self.db_queue_depth.get(),
             "connections": self.connections.get(),
+            "rss-bytes": resident_bytes(),
             "users": self.users.get(),
             "topics": self.topics.get(),
             "pushes": self.pushes.get(),
@@ -499,6 +500,15 @@ impl Metrics {
             "upstream-calls": self.upstream_ok.get() + self.upstream_not_found.get() + self.upstream_error.get(),
         })
     }
+}
+
+/// This process's resident memory, from `/proc/self/statm` (Linux); 0
+/// where that cannot be read.
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
 
 impl Default for Metrics {

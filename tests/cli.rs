@@ -225,3 +225,33 @@ async fn serve_binary_round_trips_and_exits_0_on_sigterm() {
         .expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn bench_prints_json_and_refuses_non_loopback_targets() {
+    let server = start().await;
+    let url = server.ws_url();
+    let (ok, refused) = tokio::task::spawn_blocking(move || {
+        let ok = Command::new(GALE)
+            .args(["bench", "requests", &url, "-n", "3", "-d", "1", "--json"])
+            .output()
+            .expect("run");
+        let refused = Command::new(GALE)
+            .args(["bench", "requests", "ws://10.0.0.1:8080/ws", "-d", "1"])
+            .output()
+            .expect("run");
+        (ok, refused)
+    })
+    .await
+    .expect("join");
+    assert!(ok.status.success(), "{ok:?}");
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("JSON on stdout");
+    assert_eq!(report["scenario"], "requests");
+    assert_eq!(report["connected"], 3);
+    assert!(report["replies"].as_u64().expect("replies") > 0);
+    for key in ["p50", "p90", "p99", "p99.9", "max"] {
+        assert!(report["latency_ms"][key].is_number(), "{key} in {report}");
+    }
+    assert!(report["generator_cpu_percent"].is_number());
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("127.0.0.0/8"));
+}
