@@ -107,6 +107,8 @@ pub struct RequestsOptions {
     pub connect_rate: u32,
     /// How long to wait for a reply before counting a timeout.
     pub reply_timeout: Duration,
+    /// Requests each connection sends before it stops; 0 = no limit.
+    pub per_connection: u64,
 }
 
 /// What a scenario measured.
@@ -400,9 +402,13 @@ async fn one_connection(
     // Requests in flight: by ref (events) or by city (plain text).
     let mut pending: HashMap<String, VecDeque<Instant>> = HashMap::new();
     let mut in_flight = 0_usize;
+    let mut sent = 0_u64;
     let mut seq = i.wrapping_mul(7919);
     loop {
-        while in_flight < o.window.max(1) && !stop.is_cancelled() {
+        while in_flight < o.window.max(1)
+            && !stop.is_cancelled()
+            && (o.per_connection == 0 || sent < o.per_connection)
+        {
             seq = seq.wrapping_add(1);
             let city = format!("City{}", seq % o.cities.max(1));
             let (key, text) = if o.events {
@@ -419,6 +425,7 @@ async fn one_connection(
             }
             pending.entry(key).or_default().push_back(Instant::now());
             in_flight += 1;
+            sent += 1;
         }
         if in_flight == 0 {
             break;

@@ -113,6 +113,11 @@ pub enum BenchScenario {
         /// Seconds to wait for a reply before counting a timeout.
         #[arg(long, default_value_t = 10)]
         reply_timeout: u64,
+        /// Requests each connection sends, then stops (0: until the
+        /// duration ends). `--per-connection 1` is the seed's scenario:
+        /// every user asks once.
+        #[arg(long, default_value_t = 0)]
+        per_connection: u64,
     },
     /// Open connections and hold them; connect times and server memory.
     Connections {
@@ -315,6 +320,7 @@ async fn bench(scenario: BenchScenario) -> ExitCode {
             window,
             events,
             reply_timeout,
+            per_connection,
         } => {
             let options = bench::RequestsOptions {
                 connections: common.connections,
@@ -324,6 +330,7 @@ async fn bench(scenario: BenchScenario) -> ExitCode {
                 events,
                 connect_rate: common.connect_rate,
                 reply_timeout: Duration::from_secs(reply_timeout),
+                per_connection,
             };
             bench::requests(target, options, stop, show).await
         }

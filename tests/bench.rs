@@ -22,6 +22,7 @@ fn options(connections: usize, secs: u64) -> RequestsOptions {
         events: false,
         connect_rate: 1_000,
         reply_timeout: Duration::from_secs(5),
+        per_connection: 0,
     }
 }
 
@@ -139,4 +140,20 @@ async fn connections_are_opened_held_and_measured() {
         "read from /metrics.json: {json}"
     );
     assert!(json["latency_ms"]["p50"].as_f64().expect("p50") > 0.0);
+}
+
+#[tokio::test]
+async fn per_connection_limit_sends_exactly_that_many() {
+    let server = start_with(|_| {}).await;
+    let target = Target::new(&server.ws_url(), 1).expect("target");
+    let mut o = options(7, 20);
+    o.per_connection = 3;
+    let started = std::time::Instant::now();
+    let r = bench::requests(target, o, CancellationToken::new(), false).await;
+    assert_eq!(r.to_json()["replies"], 21, "7 connections x 3");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ends when done, not at -d"
+    );
+    assert_eq!(server.metric("requests").await, 21);
 }
