@@ -449,7 +449,7 @@ async fn one_connection(
                 return r;
             }
             Err(_) => {
-                r.error("reply timeout");
+                r.error("no reply in time");
                 return r;
             }
         };
