@@ -34,8 +34,11 @@ pub enum BenchError {
 pub struct Target {
     url: url::Url,
     addr: SocketAddr,
-    /// Source addresses used round-robin: 127.0.0.2, 127.0.0.3, …
+    /// Source addresses used round-robin: 127.0.0.(2+first), …
     sources: u8,
+    /// Offset of this process's first source address (worker processes
+    /// take disjoint blocks).
+    first_source: u8,
 }
 
 impl Target {
@@ -64,15 +67,25 @@ impl Target {
             url: parsed,
             addr: SocketAddr::new(IpAddr::V4(ip), port),
             sources: sources.max(1),
+            first_source: 0,
         })
+    }
+
+    /// This target for worker `index` of a multi-process run: its own
+    /// block of `sources` addresses.
+    pub fn for_worker(mut self, index: u8) -> Target {
+        self.first_source = index.saturating_mul(self.sources);
+        self
     }
 
     /// Opens connection number `i` from source address 127.0.0.(2 + i mod
     /// sources), or from any address with one source.
     async fn connect(&self, i: usize) -> Result<Ws, String> {
         let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-        if self.sources > 1 {
-            let last = 2 + (i % usize::from(self.sources)) as u8;
+        if self.sources > 1 || self.first_source > 0 {
+            let last = 2_u8
+                .saturating_add(self.first_source)
+                .saturating_add((i % usize::from(self.sources)) as u8);
             let from = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), 0);
             socket.bind(from).map_err(|e| format!("bind {from}: {e}"))?;
         }
@@ -109,6 +122,9 @@ pub struct RequestsOptions {
     pub reply_timeout: Duration,
     /// Requests each connection sends before it stops; 0 = no limit.
     pub per_connection: u64,
+    /// Number of this process's first connection (workers of one run take
+    /// disjoint ranges, so they do not ask for the same cities in step).
+    pub first_connection: usize,
 }
 
 /// What a scenario measured.
@@ -178,6 +194,64 @@ impl Report {
             v[*k] = val.clone();
         }
         v
+    }
+
+    /// Everything needed to merge this report into another process's:
+    /// the JSON report plus the histogram's recorded values and CPU time.
+    pub fn to_worker_json(&self) -> Value {
+        let mut v = self.to_json();
+        let recorded: Vec<[u64; 2]> = self
+            .latency
+            .iter_recorded()
+            .map(|x| [x.value_iterated_to(), x.count_at_value()])
+            .collect();
+        v["histogram"] = json!(recorded);
+        v["cpu_s"] = json!(self.cpu.as_secs_f64());
+        v
+    }
+
+    /// Merges a worker's [`Report::to_worker_json`] into this report.
+    ///
+    /// # Errors
+    /// A message when the JSON is not a worker report.
+    pub fn absorb_worker_json(&mut self, v: &Value) -> Result<(), String> {
+        let n = |k: &str| {
+            v[k].as_u64()
+                .ok_or_else(|| format!("worker report lacks {k}"))
+        };
+        self.connected += n("connected")?;
+        self.connect_failed += n("connect_failed")?;
+        self.replies += n("replies")?;
+        for pair in v["histogram"]
+            .as_array()
+            .ok_or("worker report lacks histogram")?
+        {
+            let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) else {
+                return Err("bad histogram entry".into());
+            };
+            self.latency
+                .record_n(value, count)
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(errors) = v["errors"].as_object() {
+            for (kind, count) in errors {
+                *self.errors.entry(kind.clone()).or_default() += count.as_u64().unwrap_or(0);
+            }
+        }
+        self.cpu += Duration::from_secs_f64(v["cpu_s"].as_f64().unwrap_or(0.0).max(0.0));
+        let elapsed = Duration::from_secs_f64(v["elapsed_s"].as_f64().unwrap_or(0.0).max(0.0));
+        self.elapsed = self.elapsed.max(elapsed);
+        Ok(())
+    }
+
+    /// An empty report to merge worker reports into.
+    pub fn merged(scenario: &'static str) -> Report {
+        Report::new(scenario)
+    }
+
+    /// Adds CPU time (the parent's own, in a multi-process run).
+    pub fn add_cpu(&mut self, cpu: Duration) {
+        self.cpu += cpu;
     }
 
     fn cpu_percent(&self) -> f64 {
@@ -328,7 +402,7 @@ pub async fn requests(
             live2.clone(),
         );
         async move {
-            let report = one_connection(&target, i, &o, &stop, &live).await;
+            let report = one_connection(&target, o.first_connection + i, &o, &stop, &live).await;
             let _ = tx.send(report);
         }
     })

@@ -88,6 +88,14 @@ pub struct BenchCommon {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Spread the connections over this many worker processes (requests
+    /// scenario), so one process's CPU and open-file limit do not cap the
+    /// run; each worker gets its own block of source addresses.
+    #[arg(long, default_value_t = 1)]
+    pub procs: u8,
+    /// Internal: run as worker N of a multi-process run.
+    #[arg(long, hide = true)]
+    pub worker: Option<u8>,
 }
 
 /// `gale bench` scenarios.
@@ -310,8 +318,24 @@ async fn bench(scenario: BenchScenario) -> ExitCode {
             }
         });
     }
-    let show = !common.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let show = !common.json
+        && common.worker.is_none()
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let json = common.json;
+    let worker = common.worker;
+    let target = match worker {
+        Some(index) => target.for_worker(index),
+        None => target,
+    };
+    if common.procs > 1 && worker.is_none() {
+        return match scenario {
+            BenchScenario::Requests { .. } => bench_procs(&scenario, json).await,
+            _ => {
+                eprintln!("gale bench: --procs applies to the requests scenario (so far)");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let report = match scenario {
         BenchScenario::Requests {
             common,
@@ -331,6 +355,7 @@ async fn bench(scenario: BenchScenario) -> ExitCode {
                 connect_rate: common.connect_rate,
                 reply_timeout: Duration::from_secs(reply_timeout),
                 per_connection,
+                first_connection: worker.map_or(0, |w| usize::from(w) * common.connections),
             };
             bench::requests(target, options, stop, show).await
         }
@@ -353,10 +378,98 @@ async fn bench(scenario: BenchScenario) -> ExitCode {
         // Served above.
         BenchScenario::Upstream { .. } => return ExitCode::SUCCESS,
     };
-    if json {
+    if worker.is_some() {
+        println!("{}", report.to_worker_json());
+    } else if json {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.to_table());
     }
     ExitCode::SUCCESS
+}
+
+/// Runs `requests` as `procs` worker processes (this same binary) and
+/// merges their reports, histograms included.
+async fn bench_procs(scenario: &BenchScenario, json: bool) -> ExitCode {
+    let BenchScenario::Requests {
+        common,
+        duration,
+        cities,
+        window,
+        events,
+        reply_timeout,
+        per_connection,
+    } = scenario
+    else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let Ok(exe) = std::env::current_exe() else {
+        eprintln!("gale bench: cannot find this program to start workers");
+        return ExitCode::FAILURE;
+    };
+    let procs = usize::from(common.procs);
+    let cpu0 = crate::bench::process_cpu();
+    let mut children = Vec::with_capacity(procs);
+    for w in 0..procs {
+        // Connections split as evenly as they go.
+        let share = common.connections / procs + usize::from(w < common.connections % procs);
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(["bench", "requests", &common.url])
+            .args(["-n", &share.to_string()])
+            .args(["-d", &duration.to_string()])
+            .args(["--cities", &cities.to_string()])
+            .args(["--window", &window.to_string()])
+            .args(["--reply-timeout", &reply_timeout.to_string()])
+            .args(["--per-connection", &per_connection.to_string()])
+            .args([
+                "--connect-rate",
+                &(common.connect_rate / u32::from(common.procs))
+                    .max(1)
+                    .to_string(),
+            ])
+            .args(["--sources", &common.sources.to_string()])
+            .args(["--worker", &w.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if *events {
+            cmd.arg("--events");
+        }
+        match cmd.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                eprintln!("gale bench: cannot start worker {w}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    eprintln!("gale bench: {procs} worker processes running");
+    let mut total = crate::bench::Report::merged("requests");
+    let mut failed = false;
+    for (w, child) in children.into_iter().enumerate() {
+        // Ctrl-C reaches the workers too (same process group); each stops
+        // and reports what it measured, so the parent just waits.
+        let parsed = child
+            .wait_with_output()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|o| {
+                serde_json::from_slice::<serde_json::Value>(&o.stdout).map_err(|e| e.to_string())
+            })
+            .and_then(|v| total.absorb_worker_json(&v));
+        if let Err(e) = parsed {
+            eprintln!("gale bench: worker {w} gave no report: {e}");
+            failed = true;
+        }
+    }
+    total.add_cpu(crate::bench::process_cpu().saturating_sub(cpu0));
+    if json {
+        println!("{}", total.to_json());
+    } else {
+        print!("{}", total.to_table());
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

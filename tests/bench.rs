@@ -23,6 +23,7 @@ fn options(connections: usize, secs: u64) -> RequestsOptions {
         connect_rate: 1_000,
         reply_timeout: Duration::from_secs(5),
         per_connection: 0,
+        first_connection: 0,
     }
 }
 

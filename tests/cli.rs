@@ -255,3 +255,40 @@ async fn bench_prints_json_and_refuses_non_loopback_targets() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("127.0.0.0/8"));
 }
+
+#[tokio::test]
+async fn bench_procs_merges_worker_reports_exactly() {
+    let server = start().await;
+    let url = server.ws_url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(GALE)
+            .args([
+                "bench",
+                "requests",
+                &url,
+                "-n",
+                "9",
+                "--procs",
+                "3",
+                "--sources",
+                "2",
+            ])
+            .args(["--per-connection", "4", "-d", "20", "--json"])
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("merged JSON");
+    assert_eq!(
+        report["connected"], 9,
+        "3 workers x 3 connections: {report}"
+    );
+    assert_eq!(report["replies"], 36, "9 connections x 4 requests");
+    assert_eq!(
+        report["latency_ms"]["samples"], 36,
+        "histograms merged sample by sample"
+    );
+    assert_eq!(server.metric("requests").await, 36);
+}
