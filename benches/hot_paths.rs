@@ -17,8 +17,12 @@ use serde_json::json;
 
 fn protocol(c: &mut Criterion) {
     let event = r#"{"event":"weather.get","data":{"city":"Paris"},"ref":"17"}"#;
-    c.bench_function("classify plain city", |b| b.iter(|| classify(black_box("London"))));
-    c.bench_function("classify JSON event", |b| b.iter(|| classify(black_box(event))));
+    c.bench_function("classify plain city", |b| {
+        b.iter(|| classify(black_box("London")))
+    });
+    c.bench_function("classify JSON event", |b| {
+        b.iter(|| classify(black_box(event)))
+    });
 
     let reading = Reading {
         city: "London".into(),
@@ -45,14 +49,17 @@ fn cache_hit(c: &mut Criterion) {
     let weather = rt.block_on(async {
         // The real provider against the fake upstream over HTTP, to warm
         // the cache; the measured lookups never leave it.
-        let fake = FakeUpstream::start("127.0.0.1:0").await.expect("fake upstream");
+        let fake = FakeUpstream::start("127.0.0.1:0")
+            .await
+            .expect("fake upstream");
         let cfg = WeatherConfig {
             provider: Provider::OpenWeatherMap,
             base_url: Some(fake.url()),
             api_key: Some("bench".into()),
             ..WeatherConfig::default()
         };
-        let weather = Arc::new(Weather::from_config(&cfg, Arc::new(Metrics::new())).expect("weather"));
+        let weather =
+            Arc::new(Weather::from_config(&cfg, Arc::new(Metrics::new())).expect("weather"));
         weather.lookup("London").await.expect("warm the cache");
         (weather, fake)
     });
