@@ -62,12 +62,27 @@ enum End {
     SlowConsumer,
 }
 
+/// Counts an open connection in the gauges for as long as it lives.
+struct Counted(Arc<crate::metrics::Metrics>);
+
+impl Counted {
+    fn open(app: &App) -> Counted {
+        app.metrics.connections.inc();
+        app.metrics.connections_total.inc();
+        Counted(app.metrics.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.dec();
+    }
+}
+
 /// Serves one upgraded connection until it ends.
 pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
     let client_id = Uuid::new_v4();
-    let m = app.metrics.clone();
-    m.connections.inc();
-    m.connections_total.inc();
+    let _counted = Counted::open(&app);
     tracing::debug!(%client_id, user = ?who.user, "connected");
 
     let c = &app.config.connection;
@@ -75,52 +90,60 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
         conn_id: client_id,
         user: who.user,
         roles: who.roles,
-        outbox: Arc::new(Outbox::new(c.outbound_queue, c.slow_consumer, m.clone())),
+        outbox: Arc::new(Outbox::new(
+            c.outbound_queue,
+            c.slow_consumer,
+            app.metrics.clone(),
+        )),
     };
     app.hub.join(&caller);
     let (end, mut inflight) = read_loop(&app, &caller, &mut socket).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
 
-    match end {
-        End::Shutdown => {
-            // Answer what was asked, flush what was queued (the router has
-            // drained by now), then say goodbye.
-            while let Some(reply) = inflight.next().await {
-                send(&app, &mut socket, reply).await;
-            }
-            let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
-            close(&mut socket, close_code::GOING_AWAY, "server shutting down").await;
+    if let End::Shutdown = end {
+        // Answer what was asked and flush what was queued (the router has
+        // drained by now) before saying goodbye.
+        while let Some(reply) = inflight.next().await {
+            send(&app, &mut socket, reply).await;
         }
-        End::SlowConsumer => {
-            m.slow_consumers.inc();
-            close(&mut socket, close_code::TRY_AGAIN_LATER, "slow consumer").await;
-        }
-        End::Violation(code, reason) => {
-            m.protocol_errors.inc();
-            close(&mut socket, code, reason).await;
-        }
-        End::ClientClosed => {
-            // Let tungstenite flush its answer to the client's close.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.recv()).await;
-        }
-        End::Gone | End::Dead => {}
+        let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
     }
+    close_for(&app, &mut socket, &end).await;
     app.hub.leave(client_id);
     caller.outbox.close();
     // Nobody is left to read these replies, but each lookup still ends
     // and writes its request-log row.
     while inflight.next().await.is_some() {}
-    m.connections.dec();
     tracing::debug!(%client_id, "disconnected");
+}
+
+/// Ends the WebSocket the way `end` calls for: the matching close frame,
+/// or flushing tungstenite's answer to the client's own close.
+async fn close_for(app: &App, socket: &mut WebSocket, end: &End) {
+    let m = &app.metrics;
+    match end {
+        End::Shutdown => close(socket, close_code::GOING_AWAY, "server shutting down").await,
+        End::SlowConsumer => {
+            m.slow_consumers.inc();
+            close(socket, close_code::TRY_AGAIN_LATER, "slow consumer").await;
+        }
+        End::Violation(code, reason) => {
+            m.protocol_errors.inc();
+            close(socket, *code, reason).await;
+        }
+        End::ClientClosed => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.recv()).await;
+        }
+        End::Gone | End::Dead => {}
+    }
 }
 
 /// Serves one `/echo` connection: every text or binary message is sent
 /// back unchanged. Same limits, buffers, close codes and shutdown as
 /// [`serve`]; nothing else.
 pub(crate) async fn echo(app: Arc<App>, mut socket: WebSocket) {
-    let m = app.metrics.clone();
-    m.connections.inc();
-    m.connections_total.inc();
+    let _counted = Counted::open(&app);
+    let m = &app.metrics;
     let closing = app.closing.cancelled();
     tokio::pin!(closing);
     let end = loop {
@@ -142,18 +165,7 @@ pub(crate) async fn echo(app: Arc<App>, mut socket: WebSocket) {
             }
         }
     };
-    match end {
-        End::Shutdown => close(&mut socket, close_code::GOING_AWAY, "server shutting down").await,
-        End::Violation(code, reason) => {
-            m.protocol_errors.inc();
-            close(&mut socket, code, reason).await;
-        }
-        End::ClientClosed => {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.recv()).await;
-        }
-        End::Gone | End::Dead | End::SlowConsumer => {}
-    }
-    m.connections.dec();
+    close_for(&app, &mut socket, &end).await;
 }
 
 async fn read_loop(
