@@ -71,6 +71,11 @@ impl Target {
         })
     }
 
+    /// The server's address, for reading its metrics.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// This target for worker `index` of a multi-process run: its own
     /// block of `sources` addresses.
     pub fn for_worker(mut self, index: u8) -> Target {
@@ -142,7 +147,8 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(scenario: &'static str) -> Report {
+    /// An empty report; worker reports are merged into one like it.
+    pub fn new(scenario: &'static str) -> Report {
         Report {
             scenario,
             elapsed: Duration::ZERO,
@@ -242,11 +248,6 @@ impl Report {
         let elapsed = Duration::from_secs_f64(v["elapsed_s"].as_f64().unwrap_or(0.0).max(0.0));
         self.elapsed = self.elapsed.max(elapsed);
         Ok(())
-    }
-
-    /// An empty report to merge worker reports into.
-    pub fn merged(scenario: &'static str) -> Report {
-        Report::new(scenario)
     }
 
     /// Adds CPU time (the parent's own, in a multi-process run).
@@ -677,13 +678,6 @@ pub async fn server_rss(pid: Option<u32>, metrics_addr: SocketAddr) -> Option<u6
     tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
         .ok()?
-}
-
-impl Target {
-    /// The server's address, for reading its metrics.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
 }
 
 #[cfg(test)]

@@ -443,7 +443,7 @@ async fn bench_procs(scenario: &BenchScenario, json: bool) -> ExitCode {
         }
     }
     eprintln!("gale bench: {procs} worker processes running");
-    let mut total = crate::bench::Report::merged("requests");
+    let mut total = crate::bench::Report::new("requests");
     let mut failed = false;
     for (w, child) in children.into_iter().enumerate() {
         // Ctrl-C reaches the workers too (same process group); each stops
