@@ -306,7 +306,6 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 fn refresh_gauges(app: &App) {
     let m = &app.metrics;
     m.db_queue_depth.set(app.log.depth() as i64);
-    m.router_queue_depth.set(app.router.queue_depth() as i64);
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {
