@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::start_with;
+use gale::bench::broadcast::{self, BroadcastOptions};
 use gale::bench::{self, RequestsOptions, Target};
 use tokio_util::sync::CancellationToken;
 
@@ -118,7 +119,7 @@ async fn connections_are_opened_held_and_measured() {
         }
         peak
     });
-    let r = bench::connections(
+    let r = bench::connections::connections(
         target,
         50,
         1_000,
@@ -157,4 +158,182 @@ async fn per_connection_limit_sends_exactly_that_many() {
         "ends when done, not at -d"
     );
     assert_eq!(server.metric("requests").await, 21);
+}
+
+fn broadcast_options(subscribers: usize, messages: u64, key: &str) -> BroadcastOptions {
+    BroadcastOptions {
+        subscribers,
+        connect_rate: 1_000,
+        topic: "bench".into(),
+        messages,
+        size: 1024,
+        rate: 0,
+        api_key: key.into(),
+        idle: Duration::from_secs(2),
+        first_connection: 0,
+    }
+}
+
+const KEY: &str = "bench-key-0123456789";
+
+#[tokio::test]
+async fn broadcast_counts_every_delivery_and_times_it_from_publish() {
+    // A 300 ms batch window holds every publish that long before delivery:
+    // a known floor under the latency the bench must report.
+    let server = start_with(|c| {
+        c.api.key = Some(KEY.into());
+        c.broadcast.batch_window_ms = 300;
+        c.broadcast.batch_size = 1_000;
+    })
+    .await;
+    let target = Target::new(&server.ws_url(), 2).expect("target");
+    let mut o = broadcast_options(20, 3, KEY);
+    o.rate = 2; // one batch per message
+    let stop = CancellationToken::new();
+    let subs = broadcast::subscribe(target, &o, &stop, false).await;
+    assert_eq!(subs.subscribed(), 20);
+    let (published, mut r) = tokio::join!(
+        broadcast::publish(server.addr, &o, &stop),
+        subs.drain(o.idle, Duration::from_secs(5))
+    );
+    let published = published.expect("publisher");
+    assert_eq!(published.accepted, 3);
+    let last = r.extra_u64("last_delivery_us");
+    broadcast::finish(&mut r, &published, 20, last);
+    let json = r.to_json();
+    assert_eq!(json["replies"], 60, "20 subscribers x 3 messages: {json}");
+    assert_eq!(json["missed deliveries"], 0, "{json}");
+    assert_eq!(json["latency_ms"]["samples"], 60);
+    let p50 = r.latency_ms(0.5);
+    assert!(
+        (300.0..1_000.0).contains(&p50),
+        "p50 {p50} ms behind a 300 ms batch window"
+    );
+    assert_eq!(server.metric("pushes").await, 60);
+}
+
+#[tokio::test]
+async fn broadcast_counts_refused_publishes_by_kind() {
+    // A publish the API refuses (wrong key) delivers nothing and is
+    // counted as an error of its kind.
+    let server = start_with(|c| c.api.key = Some(KEY.into())).await;
+    let target = Target::new(&server.ws_url(), 1).expect("target");
+    let o = broadcast_options(5, 4, "wrong-key-0123456789");
+    let stop = CancellationToken::new();
+    let subs = broadcast::subscribe(target, &o, &stop, false).await;
+    let (published, mut r) = tokio::join!(
+        broadcast::publish(server.addr, &o, &stop),
+        subs.drain(Duration::from_millis(300), Duration::from_millis(500))
+    );
+    let published = published.expect("publisher");
+    assert_eq!(published.accepted, 0);
+    broadcast::finish(&mut r, &published, 5, 0);
+    let json = r.to_json();
+    assert_eq!(json["replies"], 0);
+    assert_eq!(
+        json["errors"]["publish 401 Unauthorized"], 4,
+        "every refused publish counted: {json}"
+    );
+}
+
+#[tokio::test]
+async fn store_bench_writes_every_offered_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let cfg = gale::config::StoreConfig {
+        url: url.clone(),
+        ..Default::default()
+    };
+    let r = bench::store::store(
+        &cfg,
+        3_000,
+        Duration::from_secs(1),
+        CancellationToken::new(),
+        false,
+    )
+    .await
+    .expect("store opens");
+    let json = r.to_json();
+    let written = json["replies"].as_u64().expect("written");
+    assert!((2_500..=3_100).contains(&written), "{json}");
+    assert_eq!(json["errors"], serde_json::json!({}), "{json}");
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("open");
+    let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM weather_requests")
+        .fetch_one(&mut db)
+        .await
+        .expect("count");
+    assert_eq!(rows as u64, written, "the report counts rows in the table");
+}
+
+/// Runs the `gale` binary's bench with `args`, returns its JSON report.
+async fn gale_bench(args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gale"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .await
+        .expect("gale runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON report")
+}
+
+#[tokio::test]
+async fn connections_spread_over_worker_processes_are_merged_and_weighed() {
+    let server = start_with(|_| {}).await;
+    let url = server.ws_url();
+    let json = gale_bench(&[
+        "connections",
+        &url,
+        "-n",
+        "30",
+        "--procs",
+        "3",
+        "--sources",
+        "2",
+        "--hold",
+        "1",
+    ])
+    .await;
+    assert_eq!(json["connected"], 30, "{json}");
+    assert_eq!(json["latency_ms"]["samples"], 30, "{json}");
+    assert!(json["server_kib_per_connection"].is_number(), "{json}");
+    assert_eq!(
+        server.metric("connections").await,
+        0,
+        "released after weighing"
+    );
+}
+
+#[tokio::test]
+async fn broadcast_spread_over_worker_processes_counts_every_delivery() {
+    let server = start_with(|c| c.api.key = Some(KEY.into())).await;
+    let url = server.ws_url();
+    let json = gale_bench(&[
+        "broadcast",
+        &url,
+        "-n",
+        "16",
+        "--procs",
+        "2",
+        "--messages",
+        "5",
+        "--rate",
+        "0",
+        "--api-key",
+        KEY,
+        "--idle-ms",
+        "1000",
+    ])
+    .await;
+    assert_eq!(json["connected"], 16, "{json}");
+    assert_eq!(json["replies"], 80, "16 x 5: {json}");
+    assert_eq!(json["missed deliveries"], 0, "{json}");
+    assert_eq!(json["latency_ms"]["samples"], 80, "{json}");
 }

@@ -8,18 +8,23 @@
 //! measured. Connections are spread over source addresses 127.0.0.2… so
 //! ephemeral ports do not run out at tens of thousands of connections.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
+
+pub mod broadcast;
+pub mod connections;
+pub mod procs;
+pub mod requests;
+pub mod store;
+
+pub use requests::{RequestsOptions, requests};
 
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +90,7 @@ impl Target {
 
     /// Opens connection number `i` from source address 127.0.0.(2 + i mod
     /// sources), or from any address with one source.
-    async fn connect(&self, i: usize) -> Result<Ws, String> {
+    pub(crate) async fn connect(&self, i: usize) -> Result<Ws, String> {
         let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         if self.sources > 1 || self.first_source > 0 {
             let last = 2_u8
@@ -106,44 +111,20 @@ impl Target {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// Options of the `requests` scenario.
-#[derive(Debug, Clone)]
-pub struct RequestsOptions {
-    /// Connections.
-    pub connections: usize,
-    /// How long to send.
-    pub duration: Duration,
-    /// Cities drawn from `City0` … `City{K-1}`.
-    pub cities: usize,
-    /// Requests outstanding per connection (closed loop).
-    pub window: usize,
-    /// Send JSON `weather.get` events instead of plain text.
-    pub events: bool,
-    /// New connections per second while connecting.
-    pub connect_rate: u32,
-    /// How long to wait for a reply before counting a timeout.
-    pub reply_timeout: Duration,
-    /// Requests each connection sends before it stops; 0 = no limit.
-    pub per_connection: u64,
-    /// Number of this process's first connection (workers of one run take
-    /// disjoint ranges, so they do not ask for the same cities in step).
-    pub first_connection: usize,
-}
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// What a scenario measured.
 #[derive(Debug)]
 pub struct Report {
-    scenario: &'static str,
-    elapsed: Duration,
-    connected: u64,
-    connect_failed: u64,
-    replies: u64,
-    latency: Histogram<u64>,
-    errors: BTreeMap<String, u64>,
-    cpu: Duration,
-    extra: Vec<(&'static str, Value)>,
+    pub(crate) scenario: &'static str,
+    pub(crate) elapsed: Duration,
+    pub(crate) connected: u64,
+    pub(crate) connect_failed: u64,
+    pub(crate) replies: u64,
+    pub(crate) latency: Histogram<u64>,
+    pub(crate) errors: BTreeMap<String, u64>,
+    pub(crate) cpu: Duration,
+    pub(crate) extra: Vec<(&'static str, Value)>,
 }
 
 impl Report {
@@ -162,7 +143,7 @@ impl Report {
         }
     }
 
-    fn error(&mut self, kind: impl Into<String>) {
+    pub(crate) fn error(&mut self, kind: impl Into<String>) {
         *self.errors.entry(kind.into()).or_default() += 1;
     }
 
@@ -250,6 +231,15 @@ impl Report {
         Ok(())
     }
 
+    /// A scenario-specific number in the report (0 when absent).
+    pub fn extra_u64(&self, key: &str) -> u64 {
+        self.extra
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or(0)
+    }
+
     /// Adds CPU time (the parent's own, in a multi-process run).
     pub fn add_cpu(&mut self, cpu: Duration) {
         self.cpu += cpu;
@@ -265,29 +255,45 @@ impl Report {
         let mut row = |k: &str, v: String| out.push_str(&format!("  {k:<26} {v}\n"));
         row("scenario", self.scenario.to_owned());
         row("elapsed", format!("{:.2} s", self.elapsed.as_secs_f64()));
-        row(
-            "connections",
-            format!("{} ok, {} failed", self.connected, self.connect_failed),
-        );
-        if self.scenario == "requests" {
+        if self.scenario != "store" {
             row(
-                "replies",
-                format!("{} ({:.0}/s)", self.replies, self.rate()),
+                "connections",
+                format!("{} ok, {} failed", self.connected, self.connect_failed),
             );
         }
-        row(
-            "latency ms",
-            format!(
-                "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-                self.latency_ms(0.5),
-                self.latency_ms(0.9),
-                self.latency_ms(0.99),
-                self.latency_ms(0.999),
-                self.latency.max() as f64 / 1000.0
+        match self.scenario {
+            "requests" => row(
+                "replies",
+                format!("{} ({:.0}/s)", self.replies, self.rate()),
             ),
-        );
+            "broadcast" => row(
+                "deliveries",
+                format!("{} ({:.0}/s)", self.replies, self.rate()),
+            ),
+            "store" => row(
+                "rows written",
+                format!("{} ({:.0}/s)", self.replies, self.rate()),
+            ),
+            _ => {}
+        }
+        if !self.latency.is_empty() {
+            row(
+                "latency ms",
+                format!(
+                    "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                    self.latency_ms(0.5),
+                    self.latency_ms(0.9),
+                    self.latency_ms(0.99),
+                    self.latency_ms(0.999),
+                    self.latency.max() as f64 / 1000.0
+                ),
+            );
+        }
         for (k, v) in &self.extra {
-            row(k, v.to_string());
+            match v {
+                Value::String(s) => row(k, s.clone()),
+                v => row(k, v.to_string()),
+            }
         }
         if self.errors.is_empty() {
             row("errors", "none".into());
@@ -332,7 +338,12 @@ pub fn process_cpu() -> Duration {
 
 /// Starts `n` connection tasks at `rate` per second, or fewer if `stop`
 /// fires first. Returns how many were started.
-async fn ramp<F, Fut>(n: usize, rate: u32, stop: &CancellationToken, mut start: F) -> usize
+pub(crate) async fn ramp<F, Fut>(
+    n: usize,
+    rate: u32,
+    stop: &CancellationToken,
+    mut start: F,
+) -> usize
 where
     F: FnMut(usize) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -352,12 +363,12 @@ where
 
 /// Live counters for the progress bar.
 #[derive(Debug, Default)]
-struct Live {
-    connected: AtomicU64,
-    replies: AtomicU64,
+pub(crate) struct Live {
+    pub(crate) connected: AtomicU64,
+    pub(crate) replies: AtomicU64,
 }
 
-fn progress(total_ms: u64, label: &str) -> indicatif::ProgressBar {
+pub(crate) fn progress(total_ms: u64, label: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total_ms);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} [{bar:30}] {msg}")
@@ -368,84 +379,7 @@ fn progress(total_ms: u64, label: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// Runs `requests`: closed loop, `window` requests outstanding per
-/// connection, until `duration` or `stop`.
-pub async fn requests(
-    target: Target,
-    o: RequestsOptions,
-    stop: CancellationToken,
-    show: bool,
-) -> Report {
-    let started = Instant::now();
-    let cpu0 = process_cpu();
-    let live = Arc::new(Live::default());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
-    let deadline = tokio::time::Instant::now() + o.duration;
-    let run_stop = stop.child_token();
-    {
-        let stopper = run_stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(deadline).await;
-            stopper.cancel();
-        });
-    }
-    let bar = show.then(|| progress(o.duration.as_millis() as u64, "connecting"));
-    let ramp_stop = run_stop.clone();
-    let target = Arc::new(target);
-    let o2 = o.clone();
-    let live2 = live.clone();
-    let started_conns = ramp(o.connections, o.connect_rate, &ramp_stop, move |i| {
-        let (target, o, tx, stop, live) = (
-            target.clone(),
-            o2.clone(),
-            tx.clone(),
-            run_stop.clone(),
-            live2.clone(),
-        );
-        async move {
-            let report = one_connection(&target, o.first_connection + i, &o, &stop, &live).await;
-            let _ = tx.send(report);
-        }
-    })
-    .await;
-
-    // Every started connection reports once: at the deadline (or Ctrl-C)
-    // it stops sending and waits, at most reply_timeout, for what is in
-    // flight.
-    let mut total = Report::new("requests");
-    let mut done = 0;
-    let mut ticker = tokio::time::interval(Duration::from_millis(200));
-    while done < started_conns {
-        tokio::select! {
-            r = rx.recv() => match r {
-                Some(r) => {
-                    merge(&mut total, r);
-                    done += 1;
-                }
-                None => break,
-            },
-            _ = ticker.tick() => {
-                if let Some(bar) = &bar {
-                    bar.set_position(started.elapsed().as_millis() as u64);
-                    bar.set_message(format!(
-                        "{} connected, {} replies",
-                        live.connected.load(Ordering::Relaxed),
-                        live.replies.load(Ordering::Relaxed)
-                    ));
-                }
-            }
-        }
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    // Rates are per second of sending, which ends at the deadline.
-    total.elapsed = started.elapsed().min(o.duration);
-    total.cpu = process_cpu().saturating_sub(cpu0);
-    total
-}
-
-fn merge(total: &mut Report, r: Report) {
+pub(crate) fn merge(total: &mut Report, r: Report) {
     total.connected += r.connected;
     total.connect_failed += r.connect_failed;
     total.replies += r.replies;
@@ -453,199 +387,6 @@ fn merge(total: &mut Report, r: Report) {
     for (k, n) in r.errors {
         *total.errors.entry(k).or_default() += n;
     }
-}
-
-/// One connection of `requests`.
-async fn one_connection(
-    target: &Target,
-    i: usize,
-    o: &RequestsOptions,
-    stop: &CancellationToken,
-    live: &Live,
-) -> Report {
-    let mut r = Report::new("requests");
-    let mut ws = match target.connect(i).await {
-        Ok(ws) => ws,
-        Err(e) => {
-            r.connect_failed = 1;
-            r.error(e);
-            return r;
-        }
-    };
-    r.connected = 1;
-    live.connected.fetch_add(1, Ordering::Relaxed);
-    // Requests in flight: by ref (events) or by city (plain text).
-    let mut pending: HashMap<String, VecDeque<Instant>> = HashMap::new();
-    let mut in_flight = 0_usize;
-    let mut sent = 0_u64;
-    let mut seq = i.wrapping_mul(7919);
-    loop {
-        while in_flight < o.window.max(1)
-            && !stop.is_cancelled()
-            && (o.per_connection == 0 || sent < o.per_connection)
-        {
-            seq = seq.wrapping_add(1);
-            let city = format!("City{}", seq % o.cities.max(1));
-            let (key, text) = if o.events {
-                let key = seq.to_string();
-                let text =
-                    json!({"event":"weather.get","data":{"city":city},"ref":key}).to_string();
-                (key, text)
-            } else {
-                (city.clone(), city)
-            };
-            if ws.send(Message::text(text)).await.is_err() {
-                r.error("send failed");
-                return r;
-            }
-            pending.entry(key).or_default().push_back(Instant::now());
-            in_flight += 1;
-            sent += 1;
-        }
-        if in_flight == 0 {
-            break;
-        }
-        let text = match tokio::time::timeout(o.reply_timeout, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => t,
-            Ok(Some(Ok(Message::Close(f)))) => {
-                r.error(format!(
-                    "closed {}",
-                    f.map(|f| u16::from(f.code)).unwrap_or(1005)
-                ));
-                return r;
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(e))) => {
-                r.error(format!("read: {e}"));
-                return r;
-            }
-            Ok(None) => {
-                r.error("connection ended");
-                return r;
-            }
-            Err(_) => {
-                r.error("no reply in time");
-                return r;
-            }
-        };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
-            r.error("unparsable reply");
-            continue;
-        };
-        if v["type"] == "connected" {
-            continue; // the greeting
-        }
-        let key = if o.events {
-            v["reply"].as_str().map(str::to_owned)
-        } else {
-            v["city"].as_str().map(str::to_owned)
-        };
-        let Some(sent) = key.and_then(|k| pending.get_mut(&k).and_then(VecDeque::pop_front)) else {
-            r.error("unmatched reply");
-            continue;
-        };
-        in_flight -= 1;
-        let failed = v["type"] == "error" || v["ok"] == false;
-        if failed {
-            let code = if o.events {
-                &v["error"]["code"]
-            } else {
-                &v["code"]
-            };
-            r.error(format!("reply {}", code.as_str().unwrap_or("error")));
-        } else {
-            r.replies += 1;
-            live.replies.fetch_add(1, Ordering::Relaxed);
-            let _ = r.latency.record(sent.elapsed().as_micros().max(1) as u64);
-        }
-        if stop.is_cancelled() && in_flight == 0 {
-            break;
-        }
-    }
-    let _ = ws.close(None).await;
-    r
-}
-
-/// Runs `connections`: opens `n` at `rate` per second, holds them for
-/// `hold`, reports connect-time percentiles and, when the server's memory
-/// can be read (`server_pid`, or gale's `/metrics.json`), its growth per
-/// connection.
-pub async fn connections(
-    target: Target,
-    n: usize,
-    rate: u32,
-    hold: Duration,
-    stop: CancellationToken,
-    show: bool,
-    server_pid: Option<u32>,
-) -> Report {
-    let started = Instant::now();
-    let cpu0 = process_cpu();
-    let addr = target.addr;
-    let rss_before = server_rss(server_pid, addr).await;
-    let target = Arc::new(target);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Result<Ws, String>, Duration)>();
-    let bar = show.then(|| progress(n as u64, "connecting"));
-    let ramp_stop = stop.clone();
-    ramp(n, rate, &ramp_stop, |i| {
-        let (target, tx) = (target.clone(), tx.clone());
-        async move {
-            let t = Instant::now();
-            let res = tokio::time::timeout(Duration::from_secs(30), target.connect(i))
-                .await
-                .unwrap_or_else(|_| Err("connect timeout".into()));
-            let _ = tx.send((res, t.elapsed()));
-        }
-    })
-    .await;
-    drop(tx);
-    let mut r = Report::new("connections");
-    let mut held = Vec::with_capacity(n);
-    while let Some((res, took)) = tokio::select! {
-        m = rx.recv() => m,
-        () = stop.cancelled() => None,
-    } {
-        match res {
-            Ok(ws) => {
-                r.connected += 1;
-                let _ = r.latency.record(took.as_micros().max(1) as u64);
-                held.push(ws);
-            }
-            Err(e) => {
-                r.connect_failed += 1;
-                r.error(e);
-            }
-        }
-        if let Some(bar) = &bar {
-            bar.set_position(r.connected + r.connect_failed);
-        }
-    }
-    if let Some(bar) = &bar {
-        bar.set_message(format!("holding {}", held.len()));
-    }
-    // Let the server settle before reading its memory.
-    tokio::select! {
-        () = tokio::time::sleep(hold) => {}
-        () = stop.cancelled() => {}
-    }
-    if let (Some(before), Some(after)) = (rss_before, server_rss(server_pid, addr).await) {
-        let per = after.saturating_sub(before) as f64 / (r.connected.max(1) as f64) / 1024.0;
-        r.extra
-            .push(("server_rss_kib_before", json!(before / 1024)));
-        r.extra.push(("server_rss_kib_held", json!(after / 1024)));
-        r.extra.push((
-            "server_kib_per_connection",
-            json!((per * 100.0).round() / 100.0),
-        ));
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    r.replies = r.connected;
-    r.elapsed = started.elapsed();
-    r.cpu = process_cpu().saturating_sub(cpu0);
-    drop(held);
-    r
 }
 
 /// The server's resident memory: from `/proc/PID/status` when a pid is
@@ -683,6 +424,7 @@ pub async fn server_rss(pid: Option<u32>, metrics_addr: SocketAddr) -> Option<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn only_loopback_ws_targets() {

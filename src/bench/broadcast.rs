@@ -1,0 +1,408 @@
+//! The `broadcast` scenario: N connections subscribe to one topic, a
+//! publisher sends M messages through gale's `POST /api/publish`, and every
+//! subscriber times each delivery against the publish time carried in the
+//! message (`sent_us`, microseconds since the Unix epoch: one clock, since
+//! all processes run on this machine).
+//!
+//! Phases: subscribe everyone (in every worker process), publish, then
+//! drain: each process stops when it has every message it expects or when
+//! deliveries stall for `idle`. Messages a subscriber never got are
+//! reported as `missed` (the server's slow-consumer policy drops pushes,
+//! never replies).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::{Report, Target, merge, process_cpu, progress, ramp};
+
+/// Options of the `broadcast` scenario.
+#[derive(Debug, Clone)]
+pub struct BroadcastOptions {
+    /// Subscribers (in this process).
+    pub subscribers: usize,
+    /// New connections per second while connecting.
+    pub connect_rate: u32,
+    /// The topic.
+    pub topic: String,
+    /// Messages to publish.
+    pub messages: u64,
+    /// Size of each pushed frame's text, in bytes (approximately: the
+    /// padding is sized so that the frame is this long).
+    pub size: usize,
+    /// Messages published per second (0: back to back).
+    pub rate: u32,
+    /// gale's `[api] key`, for `POST /api/publish`.
+    pub api_key: String,
+    /// Stop draining when no delivery arrived for this long.
+    pub idle: Duration,
+    /// Number of this process's first connection (workers of one run
+    /// take disjoint source addresses).
+    pub first_connection: usize,
+}
+
+/// Live counters shared by a process's subscribers.
+#[derive(Debug, Default)]
+struct Live {
+    subscribed: AtomicU64,
+    deliveries: AtomicU64,
+    /// Unix µs of the latest delivery.
+    last_us: AtomicU64,
+}
+
+/// Microseconds since the Unix epoch.
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Subscribers set up and receiving in this process.
+#[derive(Debug)]
+pub struct Subscribers {
+    live: Arc<Live>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Report>,
+    started: usize,
+    drain: CancellationToken,
+    expected_each: u64,
+    cpu0: Duration,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+/// Opens the subscribers and waits until each has subscribed (or failed),
+/// or `stop` fires.
+pub async fn subscribe(
+    target: Target,
+    o: &BroadcastOptions,
+    stop: &CancellationToken,
+    show: bool,
+) -> Subscribers {
+    let cpu0 = process_cpu();
+    let live = Arc::new(Live::default());
+    let drain = stop.child_token();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let bar = show.then(|| progress(o.subscribers as u64, "subscribing"));
+    let target = Arc::new(target);
+    let started = ramp(o.subscribers, o.connect_rate, stop, |i| {
+        let (target, live, drain, tx, done) = (
+            target.clone(),
+            live.clone(),
+            drain.clone(),
+            tx.clone(),
+            done_tx.clone(),
+        );
+        let (topic, expected) = (o.topic.clone(), o.messages);
+        let i = o.first_connection + i;
+        async move {
+            let r = subscriber(&target, i, &topic, expected, &live, done, &drain).await;
+            let _ = tx.send(r);
+        }
+    })
+    .await;
+    drop(done_tx);
+    // Each subscriber says once that it is subscribed or has given up.
+    let mut settled = 0;
+    while settled < started {
+        tokio::select! {
+            d = done_rx.recv() => match d {
+                Some(()) => settled += 1,
+                None => break,
+            },
+            () = stop.cancelled() => break,
+        }
+        if let Some(bar) = &bar {
+            bar.set_position(settled as u64);
+        }
+    }
+    Subscribers {
+        live,
+        rx,
+        started,
+        drain,
+        expected_each: o.messages,
+        cpu0,
+        bar,
+    }
+}
+
+impl Subscribers {
+    /// Connections subscribed now.
+    pub fn subscribed(&self) -> u64 {
+        self.live.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every subscriber has every message, or deliveries stall
+    /// for `idle`, or `stop` fires; then collects the report. `idle` only
+    /// counts once the first delivery has arrived or `grace` has passed.
+    pub async fn drain(mut self, idle: Duration, grace: Duration) -> Report {
+        let expected = self.subscribed() * self.expected_each;
+        if let Some(bar) = &self.bar {
+            bar.set_length(expected);
+            bar.set_position(0);
+            bar.set_message("deliveries");
+        }
+        let began = Instant::now();
+        let mut last = (0, Instant::now());
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.drain.cancelled() => break,
+            }
+            let got = self.live.deliveries.load(Ordering::Relaxed);
+            if let Some(bar) = &self.bar {
+                bar.set_position(got);
+            }
+            if got >= expected {
+                break;
+            }
+            if got != last.0 {
+                last = (got, Instant::now());
+            } else if (got > 0 || began.elapsed() > grace) && last.1.elapsed() > idle {
+                break;
+            }
+        }
+        self.drain.cancel();
+        let mut total = Report::new("broadcast");
+        for _ in 0..self.started {
+            match self.rx.recv().await {
+                Some(r) => merge(&mut total, r),
+                None => break,
+            }
+        }
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let missed = expected.saturating_sub(total.replies);
+        total.extra.push(("expected", json!(expected)));
+        total.extra.push(("missed", json!(missed)));
+        total.extra.push((
+            "last_delivery_us",
+            json!(self.live.last_us.load(Ordering::Relaxed)),
+        ));
+        total.cpu = process_cpu().saturating_sub(self.cpu0);
+        total
+    }
+}
+
+/// One subscriber: connect, subscribe, count deliveries until it has
+/// `expected` or `drain` fires.
+async fn subscriber(
+    target: &Target,
+    i: usize,
+    topic: &str,
+    expected: u64,
+    live: &Live,
+    done: tokio::sync::mpsc::UnboundedSender<()>,
+    drain: &CancellationToken,
+) -> Report {
+    let mut r = Report::new("broadcast");
+    let settle = |r: &mut Report, e: &str| {
+        r.error(e);
+        let _ = done.send(());
+    };
+    let mut ws = match target.connect(i).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            r.connect_failed = 1;
+            settle(&mut r, &e);
+            return r;
+        }
+    };
+    r.connected = 1;
+    let sub = json!({"event":"topic.subscribe","data":{"topic":topic},"ref":"sub"}).to_string();
+    if ws.send(Message::text(sub)).await.is_err() {
+        settle(&mut r, "send failed");
+        return r;
+    }
+    // Until the subscription is confirmed, every text is parsed; after it,
+    // deliveries are recognised by their `sent_us` without a full parse.
+    let confirmed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+                if v["reply"] == "sub" {
+                    return v["ok"] == true;
+                }
+            }
+        }
+        false
+    })
+    .await;
+    if confirmed != Ok(true) {
+        settle(&mut r, "subscribe refused or timed out");
+        return r;
+    }
+    live.subscribed.fetch_add(1, Ordering::Relaxed);
+    let _ = done.send(());
+    while r.replies < expected {
+        let m = tokio::select! {
+            m = ws.next() => m,
+            () = drain.cancelled() => break,
+        };
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                let Some(sent) = sent_us(&t) else { continue };
+                let now = now_us();
+                r.replies += 1;
+                let _ = r.latency.record(now.saturating_sub(sent).max(1));
+                live.deliveries.fetch_add(1, Ordering::Relaxed);
+                live.last_us.fetch_max(now, Ordering::Relaxed);
+            }
+            Some(Ok(Message::Close(f))) => {
+                r.error(format!(
+                    "closed {}",
+                    f.map(|f| u16::from(f.code)).unwrap_or(1005)
+                ));
+                return r;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                r.error(format!("read: {e}"));
+                return r;
+            }
+            None => {
+                r.error("connection ended");
+                return r;
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    r
+}
+
+/// The `sent_us` number in a pushed message, found without parsing the
+/// whole (padded) JSON.
+fn sent_us(text: &str) -> Option<u64> {
+    const KEY: &str = "\"sent_us\":";
+    let at = text.find(KEY)? + KEY.len();
+    let digits = text[at..]
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or(&text[at..], |end| &text[at..at + end]);
+    digits.parse().ok()
+}
+
+/// The data of message `seq`, padded so the pushed frame is about `size`
+/// bytes.
+fn message(seq: u64, size: usize) -> Value {
+    let bare = json!({"seq": seq, "sent_us": now_us(), "padding": ""});
+    let frame = crate::protocol::push_json("bench", &bare).len();
+    json!({
+        "seq": seq,
+        "sent_us": now_us(),
+        "padding": "x".repeat(size.saturating_sub(frame)),
+    })
+}
+
+/// What the publisher did.
+#[derive(Debug)]
+pub struct Published {
+    /// Messages the server accepted.
+    pub accepted: u64,
+    /// Refusals and failures by kind.
+    pub errors: Vec<(String, u64)>,
+    /// Unix µs when publishing began.
+    pub began_us: u64,
+}
+
+/// Publishes `o.messages` messages to `o.topic` through
+/// `http://ADDR/api/publish`, at `o.rate` per second (0: back to back),
+/// until done or `stop`.
+///
+/// # Errors
+/// A message when the HTTP client cannot be built.
+pub async fn publish(
+    addr: std::net::SocketAddr,
+    o: &BroadcastOptions,
+    stop: &CancellationToken,
+) -> Result<Published, String> {
+    // reqwest is built without a default TLS provider; plain HTTP still
+    // needs one installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))?;
+    let url = format!("http://{addr}/api/publish");
+    let mut tick = (o.rate > 0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(o.rate)));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    let mut accepted = 0;
+    let began_us = now_us();
+    for seq in 0..o.messages {
+        if let Some(t) = &mut tick {
+            tokio::select! {
+                _ = t.tick() => {}
+                () = stop.cancelled() => break,
+            }
+        } else if stop.is_cancelled() {
+            break;
+        }
+        let body = json!({"event": "bench", "topic": o.topic, "data": message(seq, o.size)});
+        let sent = client
+            .post(&url)
+            .bearer_auth(&o.api_key)
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(resp) if resp.status().is_success() => accepted += 1,
+            Ok(resp) => {
+                *errors
+                    .entry(format!("publish {}", resp.status()))
+                    .or_default() += 1
+            }
+            Err(e) => *errors.entry(format!("publish: {e}")).or_default() += 1,
+        }
+    }
+    Ok(Published {
+        accepted,
+        errors: errors.into_iter().collect(),
+        began_us,
+    })
+}
+
+/// Adds the publisher's side to a merged report: deliveries/s over the
+/// time from the first publish to the last delivery, and what the
+/// publisher saw. `last_delivery_us` is the latest of every process's.
+pub fn finish(total: &mut Report, published: &Published, subscribed: u64, last_delivery_us: u64) {
+    let expected = subscribed * published.accepted;
+    total
+        .extra
+        .retain(|(k, _)| !matches!(*k, "expected" | "missed" | "last_delivery_us"));
+    total.extra.push(("subscribers", json!(subscribed)));
+    total.extra.push(("published", json!(published.accepted)));
+    total.extra.push(("expected deliveries", json!(expected)));
+    total.extra.push((
+        "missed deliveries",
+        json!(expected.saturating_sub(total.replies)),
+    ));
+    for (kind, n) in &published.errors {
+        *total.errors.entry(kind.clone()).or_default() += n;
+    }
+    total.elapsed =
+        Duration::from_micros(last_delivery_us.saturating_sub(published.began_us).max(1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_us_is_found_in_a_push() {
+        let data = message(7, 1024);
+        let text = crate::protocol::push_json("bench", &data);
+        assert_eq!(sent_us(&text), data["sent_us"].as_u64());
+        assert!((1000..=1040).contains(&text.len()), "{}", text.len());
+        assert_eq!(sent_us("{\"event\":\"other\"}"), None);
+    }
+}

@@ -1,0 +1,109 @@
+//! The `store` scenario: rows/s the request log's batched writers sustain
+//! into a database, driven in this process through the very pipeline the
+//! server uses ([`crate::store::start`]: bounded queue, writer tasks,
+//! multi-row inserts), at a target rate or as fast as the writers take
+//! rows.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Report, process_cpu, progress};
+use crate::config::StoreConfig;
+use crate::metrics::Metrics;
+use crate::store::RequestRecord;
+
+/// Runs the scenario: offers `rate` rows per second (0: keep the queue
+/// full, which measures the writers' ceiling) for `duration`, then drains.
+///
+/// # Errors
+/// The store's error when the database cannot be opened.
+pub async fn store(
+    cfg: &StoreConfig,
+    rate: u32,
+    duration: Duration,
+    stop: CancellationToken,
+    show: bool,
+) -> Result<Report, crate::store::StoreError> {
+    let metrics = Arc::new(Metrics::new());
+    let (db, log, writers) = crate::store::start(cfg, metrics.clone()).await?;
+    let cpu0 = process_cpu();
+    let bar = show.then(|| progress(duration.as_millis() as u64, "writing"));
+    let started = Instant::now();
+    let client_id = Uuid::new_v4();
+    let row = |n: u64| RequestRecord {
+        client_id,
+        city: format!("City{}", n % 1000),
+        ok: true,
+        temperature: Some(21.5),
+        error: None,
+        latency_ms: 3,
+        created_at: Utc::now(),
+    };
+    let (mut offered, mut max_depth) = (0_u64, 0_usize);
+    // Offer in 1 ms steps: the rows due by now.
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while started.elapsed() < duration && !stop.is_cancelled() {
+        tick.tick().await;
+        let due = if rate == 0 {
+            offered + (cfg.queue_size - log.depth()) as u64
+        } else {
+            (started.elapsed().as_secs_f64() * f64::from(rate)) as u64
+        };
+        while offered < due {
+            log.record(row(offered));
+            offered += 1;
+        }
+        max_depth = max_depth.max(log.depth());
+        if let Some(bar) = &bar {
+            bar.set_position(started.elapsed().as_millis() as u64);
+            bar.set_message(format!(
+                "{} written, queue {}",
+                metrics.db_completed.get(),
+                log.depth()
+            ));
+        }
+    }
+    let offering = started.elapsed();
+    drop(log);
+    let drained = writers.drain(Duration::from_secs(120)).await;
+    db.close().await;
+    let mut r = Report::new("store");
+    r.elapsed = started.elapsed();
+    r.replies = metrics.db_completed.get();
+    r.cpu = process_cpu().saturating_sub(cpu0);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let dropped = metrics.db_dropped.get();
+    if dropped > 0 {
+        *r.errors
+            .entry("queue full: rows dropped".into())
+            .or_default() += dropped;
+    }
+    let failed = metrics.db_failed.get();
+    if failed > 0 {
+        *r.errors.entry("rows failed".into()).or_default() += failed;
+    }
+    if !drained {
+        r.error("drain did not finish in 120 s");
+    }
+    r.extra.push((
+        "offered",
+        json!(format!(
+            "{offered} rows in {:.2} s ({:.0}/s)",
+            offering.as_secs_f64(),
+            offered as f64 / offering.as_secs_f64().max(1e-9)
+        )),
+    ));
+    r.extra.push(("max queue depth", json!(max_depth)));
+    r.extra.push(("queue size", json!(cfg.queue_size)));
+    r.extra.push(("writers", json!(cfg.workers)));
+    r.extra.push(("batch size", json!(cfg.batch_size)));
+    Ok(r)
+}

@@ -1,0 +1,494 @@
+//! `gale bench`: the scenarios' command-line options, and running them in
+//! one process or spread over `--procs` worker processes.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use tokio_util::sync::CancellationToken;
+
+use super::EXIT_CONFIG;
+use crate::bench::{self, Report, Target, procs::Pool};
+
+/// Options every WebSocket scenario shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchCommon {
+    /// Target, e.g. ws://127.0.0.1:8080/ws (only 127.0.0.0/8).
+    pub url: String,
+    /// Connections.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub connections: usize,
+    /// New connections per second while connecting.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_rate: u32,
+    /// Spread connections over this many source addresses, 127.0.0.2
+    /// onwards, so ephemeral ports do not run out (1: the OS picks). With
+    /// --procs each worker gets its own block of this many.
+    #[arg(long, default_value_t = 1)]
+    pub sources: u8,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Spread the connections over this many worker processes, so one
+    /// process's CPU and open-file limit do not cap the run.
+    #[arg(long, default_value_t = 1)]
+    pub procs: u8,
+    /// Internal: run as worker N of a multi-process run.
+    #[arg(long, hide = true)]
+    pub worker: Option<u8>,
+}
+
+impl BenchCommon {
+    /// The arguments a worker gets: its share of connections and of the
+    /// connect rate, and its index.
+    fn worker_args(&self, w: usize) -> Vec<String> {
+        let procs = usize::from(self.procs.max(1));
+        let rate = (self.connect_rate / u32::from(self.procs.max(1))).max(1);
+        vec![
+            self.url.clone(),
+            "-n".into(),
+            bench::procs::share(self.connections, procs, w).to_string(),
+            "--connect-rate".into(),
+            rate.to_string(),
+            "--sources".into(),
+            self.sources.to_string(),
+            "--worker".into(),
+            w.to_string(),
+        ]
+    }
+}
+
+/// `gale bench` scenarios.
+#[derive(Debug, Subcommand)]
+pub enum BenchScenario {
+    /// Weather requests in a closed loop; throughput and latency.
+    Requests {
+        /// Target and connections.
+        #[command(flatten)]
+        common: BenchCommon,
+        /// How long to send, in seconds.
+        #[arg(short, long, default_value_t = 10)]
+        duration: u64,
+        /// Cities drawn from City0 … City{K-1}.
+        #[arg(long, default_value_t = 1_000)]
+        cities: usize,
+        /// Requests outstanding per connection.
+        #[arg(long, default_value_t = 1)]
+        window: usize,
+        /// Send JSON weather.get events instead of plain text.
+        #[arg(long)]
+        events: bool,
+        /// Seconds to wait for a reply before counting a timeout.
+        #[arg(long, default_value_t = 10)]
+        reply_timeout: u64,
+        /// Requests each connection sends, then stops (0: until the
+        /// duration ends). `--per-connection 1` is the seed's scenario:
+        /// every user asks once.
+        #[arg(long, default_value_t = 0)]
+        per_connection: u64,
+    },
+    /// Open connections and hold them; connect times and server memory.
+    Connections {
+        /// Target and connections.
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Seconds to hold the connections once open before weighing the
+        /// server.
+        #[arg(long, default_value_t = 5)]
+        hold: u64,
+        /// Read the server's memory from /proc/PID/status (default: gale's
+        /// /metrics.json).
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// N subscribers of one topic; a publisher sends M messages through
+    /// gale's POST /api/publish; deliveries/s and publish-to-receive
+    /// latency.
+    Broadcast {
+        /// Target and subscribers.
+        #[command(flatten)]
+        common: BenchCommon,
+        /// The topic.
+        #[arg(long, default_value = "bench")]
+        topic: String,
+        /// Messages to publish.
+        #[arg(short, long, default_value_t = 100)]
+        messages: u64,
+        /// Bytes per pushed message.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Messages published per second (0: back to back).
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// The server's [api] key.
+        #[arg(long, env = "GALE_API__KEY", hide_env_values = true)]
+        api_key: String,
+        /// Stop waiting when no delivery arrived for this long.
+        #[arg(long, default_value_t = 3_000, value_name = "MS")]
+        idle_ms: u64,
+    },
+    /// Rows/s the request log's batched writers sustain into a database
+    /// (the server's own pipeline, run in this process).
+    Store {
+        /// sqlite://FILE or postgres://USER@HOST/DB.
+        #[arg(long, default_value = "sqlite://gale-bench.db")]
+        url: String,
+        /// Rows offered per second (0: keep the queue full).
+        #[arg(long, default_value_t = 50_000)]
+        rate: u32,
+        /// How long to offer rows, in seconds.
+        #[arg(short, long, default_value_t = 10)]
+        duration: u64,
+        /// Writer tasks (store.workers).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Rows per insert (store.batch_size).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Queue bound (store.queue_size).
+        #[arg(long)]
+        queue_size: Option<usize>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The fake weather API with the seed's 2 s latency.
+    Upstream {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+        /// Delay before every answer.
+        #[arg(long, default_value_t = 2_000, value_name = "MS")]
+        latency_ms: u64,
+        /// Fraction of calls answered with HTTP 500 (0.0–1.0).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+    },
+}
+
+/// Ctrl-C cancels the returned token (workers get the signal too: same
+/// process group).
+fn stop_on_ctrl_c() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("stopping: reporting what was measured");
+            token.cancel();
+        }
+    });
+    stop
+}
+
+fn print(report: &Report, json: bool, worker: bool) {
+    if worker {
+        println!("{}", report.to_worker_json());
+    } else if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+}
+
+/// Runs a scenario.
+pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
+    let common = match scenario {
+        BenchScenario::Upstream {
+            listen,
+            latency_ms,
+            error_rate,
+        } => return super::fake_upstream(&listen, latency_ms, error_rate).await,
+        BenchScenario::Store {
+            url,
+            rate,
+            duration,
+            workers,
+            batch_size,
+            queue_size,
+            json,
+        } => {
+            let mut cfg = crate::config::StoreConfig {
+                url,
+                ..Default::default()
+            };
+            cfg.workers = workers.unwrap_or(cfg.workers).max(1);
+            cfg.batch_size = batch_size.unwrap_or(cfg.batch_size).max(1);
+            cfg.queue_size = queue_size.unwrap_or(cfg.queue_size).max(1);
+            let show = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let stop = stop_on_ctrl_c();
+            let took = Duration::from_secs(duration);
+            return match bench::store::store(&cfg, rate, took, stop, show).await {
+                Ok(report) => {
+                    print(&report, json, false);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gale bench store: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            };
+        }
+        BenchScenario::Requests { ref common, .. }
+        | BenchScenario::Connections { ref common, .. }
+        | BenchScenario::Broadcast { ref common, .. } => common.clone(),
+    };
+    let target = match Target::new(&common.url, common.sources) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gale bench: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let stop = stop_on_ctrl_c();
+    if common.procs > 1 && common.worker.is_none() {
+        return run_procs(scenario, &common, target, &stop).await;
+    }
+    let worker = common.worker;
+    let show =
+        !common.json && worker.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let target = match worker {
+        Some(index) => target.for_worker(index),
+        None => target,
+    };
+    let addr = target.addr();
+    let report = match scenario {
+        BenchScenario::Requests {
+            common,
+            duration,
+            cities,
+            window,
+            events,
+            reply_timeout,
+            per_connection,
+        } => {
+            let options = bench::RequestsOptions {
+                connections: common.connections,
+                duration: Duration::from_secs(duration),
+                cities,
+                window,
+                events,
+                connect_rate: common.connect_rate,
+                reply_timeout: Duration::from_secs(reply_timeout),
+                per_connection,
+                first_connection: worker.map_or(0, |w| usize::from(w) * common.connections),
+            };
+            bench::requests(target, options, stop, show).await
+        }
+        BenchScenario::Connections {
+            common,
+            hold,
+            server_pid,
+        } => {
+            let (n, rate, hold) = (
+                common.connections,
+                common.connect_rate,
+                Duration::from_secs(hold),
+            );
+            if worker.is_some() {
+                bench::connections::worker(target, n, rate, hold, stop).await
+            } else {
+                bench::connections::connections(target, n, rate, hold, stop, show, server_pid).await
+            }
+        }
+        BenchScenario::Broadcast {
+            common,
+            topic,
+            messages,
+            size,
+            rate,
+            api_key,
+            idle_ms,
+        } => {
+            let o = bench::broadcast::BroadcastOptions {
+                subscribers: common.connections,
+                connect_rate: common.connect_rate,
+                topic,
+                messages,
+                size,
+                rate,
+                api_key,
+                idle: Duration::from_millis(idle_ms),
+                first_connection: 0,
+            };
+            let subs = bench::broadcast::subscribe(target, &o, &stop, show).await;
+            let grace = Duration::from_secs(10);
+            if worker.is_some() {
+                bench::procs::worker_ready(subs.subscribed(), Duration::from_secs(600)).await;
+                subs.drain(o.idle, grace).await
+            } else {
+                let subscribed = subs.subscribed();
+                let (published, mut report) = tokio::join!(
+                    bench::broadcast::publish(addr, &o, &stop),
+                    subs.drain(o.idle, grace)
+                );
+                let published = match published {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("gale bench: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let last = report.extra_u64("last_delivery_us");
+                bench::broadcast::finish(&mut report, &published, subscribed, last);
+                report
+            }
+        }
+        BenchScenario::Store { .. } | BenchScenario::Upstream { .. } => {
+            return ExitCode::SUCCESS; // run above
+        }
+    };
+    print(&report, common.json, worker.is_some());
+    ExitCode::SUCCESS
+}
+
+/// Runs a scenario as `--procs` worker processes (this same binary) and
+/// merges their reports, histograms included.
+async fn run_procs(
+    scenario: BenchScenario,
+    common: &BenchCommon,
+    target: Target,
+    stop: &CancellationToken,
+) -> ExitCode {
+    let procs = usize::from(common.procs);
+    let args = |w: usize, name: &str, extra: Vec<String>| {
+        let mut a = vec!["bench".to_owned(), name.to_owned()];
+        a.extend(common.worker_args(w));
+        a.extend(extra);
+        a
+    };
+    let (report, problems) = match scenario {
+        BenchScenario::Requests {
+            duration,
+            cities,
+            window,
+            events,
+            reply_timeout,
+            per_connection,
+            ..
+        } => {
+            let all = (0..procs)
+                .map(|w| {
+                    let mut extra = vec![
+                        "-d".into(),
+                        duration.to_string(),
+                        "--cities".into(),
+                        cities.to_string(),
+                        "--window".into(),
+                        window.to_string(),
+                        "--reply-timeout".into(),
+                        reply_timeout.to_string(),
+                        "--per-connection".into(),
+                        per_connection.to_string(),
+                    ];
+                    if events {
+                        extra.push("--events".into());
+                    }
+                    args(w, "requests", extra)
+                })
+                .collect();
+            let pool = match Pool::spawn(all) {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            eprintln!("gale bench: {procs} worker processes running");
+            let (report, _, problems) = pool.finish("requests").await;
+            (report, problems)
+        }
+        BenchScenario::Connections {
+            hold, server_pid, ..
+        } => {
+            let before = bench::server_rss(server_pid, target.addr()).await;
+            let all = (0..procs)
+                .map(|w| args(w, "connections", vec!["--hold".into(), hold.to_string()]))
+                .collect();
+            let mut pool = match Pool::spawn(all) {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            let held = pool.ready(stop).await;
+            eprintln!("gale bench: {held} connections open in {procs} processes; holding {hold} s");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(hold)) => {}
+                () = stop.cancelled() => {}
+            }
+            let after = bench::server_rss(server_pid, target.addr()).await;
+            let (mut report, _, problems) = pool.finish("connections").await;
+            bench::connections::weigh(&mut report, before, after);
+            (report, problems)
+        }
+        BenchScenario::Broadcast {
+            topic,
+            messages,
+            size,
+            rate,
+            api_key,
+            idle_ms,
+            ..
+        } => {
+            let all = (0..procs)
+                .map(|w| {
+                    let extra = vec![
+                        "--topic".into(),
+                        topic.clone(),
+                        "--messages".into(),
+                        messages.to_string(),
+                        "--idle-ms".into(),
+                        idle_ms.to_string(),
+                        // Workers only subscribe; the key is not theirs.
+                        "--api-key".into(),
+                        "-".into(),
+                    ];
+                    args(w, "broadcast", extra)
+                })
+                .collect();
+            let mut pool = match Pool::spawn(all) {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            let subscribed = pool.ready(stop).await;
+            eprintln!("gale bench: {subscribed} subscribers in {procs} processes; publishing");
+            pool.release();
+            let o = bench::broadcast::BroadcastOptions {
+                subscribers: 0,
+                connect_rate: 1,
+                topic,
+                messages,
+                size,
+                rate,
+                api_key,
+                idle: Duration::from_millis(idle_ms),
+                first_connection: 0,
+            };
+            let published = bench::broadcast::publish(target.addr(), &o, stop).await;
+            let (mut report, raw, problems) = pool.finish("broadcast").await;
+            let published = match published {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            let last = raw
+                .iter()
+                .filter_map(|v| v["last_delivery_us"].as_u64())
+                .max()
+                .unwrap_or(0);
+            bench::broadcast::finish(&mut report, &published, subscribed, last);
+            (report, problems)
+        }
+        BenchScenario::Store { .. } | BenchScenario::Upstream { .. } => {
+            return fail("--procs applies to requests, connections and broadcast");
+        }
+    };
+    for p in &problems {
+        eprintln!("gale bench: {p}");
+    }
+    print(&report, common.json, false);
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("gale bench: {message}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,210 @@
+//! The `gale` command line: `serve`, `client`, `bench` and `fake-upstream`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+mod bench;
+
+pub use bench::{BenchCommon, BenchScenario};
+
+/// Exit code for a configuration the server cannot start with.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// gale: a real-time WebSocket server.
+#[derive(Debug, Parser)]
+#[command(name = "gale", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (embedded defaults; see docs/configuration.md).
+    Serve {
+        /// A TOML config file; every key is optional.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Listen address, overriding server.listen.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
+    /// Talk to a WebSocket server: interactive, or once with --send.
+    Client {
+        /// e.g. ws://127.0.0.1:8080/ws
+        url: String,
+        /// Send this message, print the reply and exit (0 = success).
+        #[arg(long, value_name = "MESSAGE")]
+        send: Option<String>,
+        /// How long to wait for a reply (with --send), or for the replies
+        /// still due at the end of input.
+        #[arg(long, default_value_t = 10_000, value_name = "MS")]
+        timeout_ms: u64,
+        /// A JWT, sent as `Authorization: Bearer …` (or put `?token=…` in
+        /// the URL). `GALE_TOKEN` sets it too.
+        #[arg(long, env = "GALE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Load scenarios against a WebSocket URL on this machine.
+    Bench {
+        /// The scenario.
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
+    /// Run a fake weather API (OpenWeatherMap and Open-Meteo JSON) on
+    /// 127.0.0.1 for offline demos and tests.
+    FakeUpstream {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+        /// Delay before every answer.
+        #[arg(long, default_value_t = 0, value_name = "MS")]
+        latency_ms: u64,
+        /// Fraction of calls answered with HTTP 500 (0.0–1.0).
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+    },
+}
+
+/// Parses the command line, runs the command, and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Client { .. } => "warn",
+        _ => "info",
+    };
+    init_tracing(default_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gale: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+fn init_tracing(default_level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Serve { config, listen } => serve(config, listen).await,
+        Command::Client {
+            url,
+            send: Some(message),
+            timeout_ms,
+            token,
+        } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            match crate::client::send_once(&url, token.as_deref(), &message, timeout).await {
+                Ok(reply) => {
+                    println!("{reply}");
+                    ExitCode::SUCCESS
+                }
+                Err(crate::client::ClientError::ErrorReply(reply)) => {
+                    println!("{reply}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("gale client: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Client {
+            url,
+            timeout_ms,
+            token,
+            ..
+        } => match crate::client::interactive(
+            &url,
+            token.as_deref(),
+            Duration::from_millis(timeout_ms),
+        )
+        .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gale client: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::FakeUpstream {
+            listen,
+            latency_ms,
+            error_rate,
+        } => fake_upstream(&listen, latency_ms, error_rate).await,
+        Command::Bench { scenario } => bench::run(scenario).await,
+    }
+}
+
+async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+    let mut config = match Config::load(file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gale: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(listen) = listen {
+        config.server.listen = listen;
+    }
+    let listener = match crate::server::bind(&config.server.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gale: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    crate::shutdown::cancel_on_signal(shutdown.clone());
+    match crate::server::run(listener, config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ crate::server::ServerError::Config(_)) => {
+            eprintln!("gale: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("gale: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(crate) async fn fake_upstream(listen: &str, latency_ms: u64, error_rate: f64) -> ExitCode {
+    let fake = match crate::fake_upstream::FakeUpstream::start(listen).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("gale fake-upstream: cannot listen on {listen}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    fake.set_latency(Duration::from_millis(latency_ms));
+    fake.set_error_rate(error_rate);
+    eprintln!(
+        "fake weather API at {} (OpenWeatherMap: /data/2.5/weather, Open-Meteo: /v1/search + /v1/forecast); Ctrl-C stops it",
+        fake.url()
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    fake.stop();
+    eprintln!("answered {} calls", fake.calls());
+    ExitCode::SUCCESS
+}
