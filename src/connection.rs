@@ -168,11 +168,17 @@ pub(crate) async fn echo(app: Arc<App>, mut socket: WebSocket) {
     close_for(&app, &mut socket, &end).await;
 }
 
+/// The weather lookups in flight on one connection. Boxed: a
+/// `FuturesUnordered` allocates a stub task the size of its future type up
+/// front, and a lookup's state is over 2 KiB, which every idle connection
+/// would pay (measured with massif).
+type Lookups = FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = String> + Send>>>;
+
 async fn read_loop(
     app: &Arc<App>,
     caller: &Caller,
     socket: &mut WebSocket,
-) -> (End, FuturesUnordered<impl Future<Output = String> + use<>>) {
+) -> (End, Lookups) {
     let s = &app.config.server;
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);
@@ -186,7 +192,7 @@ async fn read_loop(
     // A ping went out and no frame has come back since.
     let mut awaiting_pong = false;
     let client_id = caller.conn_id;
-    let mut inflight = FuturesUnordered::new();
+    let mut inflight = Lookups::new();
     let mut outgoing = Vec::new();
 
     let hello = ServerMessage::Connected {
@@ -225,7 +231,7 @@ async fn read_loop(
                         app.metrics.messages_in.inc();
                         match classify(text.as_str()) {
                             Incoming::City(_) => {
-                                inflight.push(lookup(app.clone(), client_id, text));
+                                inflight.push(Box::pin(lookup(app.clone(), client_id, text)));
                             }
                             Incoming::Event(event) => app.router.dispatch(app, caller, event),
                             Incoming::Invalid { reply_to, message } => {
