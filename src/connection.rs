@@ -80,7 +80,7 @@ impl Drop for Counted {
 }
 
 /// Serves one upgraded connection until it ends.
-pub(crate) async fn serve(app: Arc<App>, mut socket: WebSocket, who: Identity) {
+pub(crate) async fn serve(app: Arc<App>, mut socket: Box<WebSocket>, who: Identity) {
     let client_id = Uuid::new_v4();
     let _counted = Counted::open(&app);
     tracing::debug!(%client_id, user = ?who.user, "connected");
@@ -141,7 +141,7 @@ async fn close_for(app: &App, socket: &mut WebSocket, end: &End) {
 /// Serves one `/echo` connection: every text or binary message is sent
 /// back unchanged. Same limits, buffers, close codes and shutdown as
 /// [`serve`]; nothing else.
-pub(crate) async fn echo(app: Arc<App>, mut socket: WebSocket) {
+pub(crate) async fn echo(app: Arc<App>, mut socket: Box<WebSocket>) {
     let _counted = Counted::open(&app);
     let m = &app.metrics;
     let closing = app.closing.cancelled();
@@ -174,11 +174,7 @@ pub(crate) async fn echo(app: Arc<App>, mut socket: WebSocket) {
 /// would pay (measured with massif).
 type Lookups = FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = String> + Send>>>;
 
-async fn read_loop(
-    app: &Arc<App>,
-    caller: &Caller,
-    socket: &mut WebSocket,
-) -> (End, Lookups) {
+async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (End, Lookups) {
     let s = &app.config.server;
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);

@@ -417,12 +417,18 @@ fn accept(
         .max_message_size(s.max_message_bytes)
         .max_frame_size(s.max_message_bytes)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |socket| async move {
-            match mode {
-                Mode::Protocol => crate::connection::serve(app, socket, who).await,
-                Mode::Echo => crate::connection::echo(app, socket).await,
+        .on_upgrade(move |socket| {
+            // Boxed once, here: every async fn the socket passes through
+            // would otherwise keep it inline, twice (as argument and as
+            // local), in the connection's task (368 bytes each time).
+            let socket = Box::new(socket);
+            async move {
+                match mode {
+                    Mode::Protocol => crate::connection::serve(app, socket, who).await,
+                    Mode::Echo => crate::connection::echo(app, socket).await,
+                }
+                drop(tracked);
             }
-            drop(tracked);
         })
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::start_with;
 use gale::bench::broadcast::{self, BroadcastOptions};
-use gale::bench::{self, RequestsOptions, Target};
+use gale::bench::{self, Ask, RequestsOptions, Target};
 use tokio_util::sync::CancellationToken;
 
 fn options(connections: usize, secs: u64) -> RequestsOptions {
@@ -20,7 +20,7 @@ fn options(connections: usize, secs: u64) -> RequestsOptions {
         // upstream's latency.
         cities: 1_000_000,
         window: 1,
-        events: false,
+        ask: Ask::City,
         connect_rate: 1_000,
         reply_timeout: Duration::from_secs(5),
         per_connection: 0,
@@ -61,7 +61,7 @@ async fn json_events_with_a_window_match_every_reply() {
     server.fake.set_latency(Duration::from_millis(50));
     let target = Target::new(&server.ws_url(), 2).expect("target");
     let mut o = options(3, 1);
-    o.events = true;
+    o.ask = Ask::Event;
     o.window = 4;
     let r = bench::requests(target, o, CancellationToken::new(), false).await;
     let json = r.to_json();
@@ -336,4 +336,28 @@ async fn broadcast_spread_over_worker_processes_counts_every_delivery() {
     assert_eq!(json["replies"], 80, "16 x 5: {json}");
     assert_eq!(json["missed deliveries"], 0, "{json}");
     assert_eq!(json["latency_ms"]["samples"], 80, "{json}");
+}
+
+#[tokio::test]
+async fn echo_mode_matches_every_text_sent_back() {
+    let server = start_with(|c| c.server.echo = true).await;
+    let url = format!("ws://{}/echo", server.addr);
+    let target = Target::new(&url, 1).expect("target");
+    let mut o = options(3, 1);
+    o.ask = Ask::Echo;
+    o.window = 8;
+    o.per_connection = 50;
+    let r = bench::requests(target, o, CancellationToken::new(), false).await;
+    let json = r.to_json();
+    assert_eq!(json["replies"], 150, "3 x 50 echoed: {json}");
+    assert_eq!(json["errors"], serde_json::json!({}), "{json}");
+    // The same texts on /ws get weather replies, which echo mode cannot
+    // match: proof that it checks what comes back.
+    let target = Target::new(&server.ws_url(), 1).expect("target");
+    let mut o = options(1, 1);
+    o.ask = Ask::Echo;
+    o.per_connection = 1;
+    o.reply_timeout = Duration::from_millis(500);
+    let r = bench::requests(target, o, CancellationToken::new(), false).await;
+    assert_eq!(r.to_json()["replies"], 0);
 }

@@ -24,7 +24,7 @@ pub mod procs;
 pub mod requests;
 pub mod store;
 
-pub use requests::{RequestsOptions, requests};
+pub use requests::{Ask, RequestsOptions, requests};
 
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,18 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Live, Report, Target, merge, process_cpu, progress, ramp};
 
+/// What a `requests` connection sends and how it matches replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// A plain-text city name; the reply names the city.
+    City,
+    /// A JSON `weather.get` event; the reply carries its `ref`.
+    Event,
+    /// A text any echo server sends back unchanged (for baselines such as
+    /// gale's `/echo` or another crate's echo example).
+    Echo,
+}
+
 /// Options of the `requests` scenario.
 #[derive(Debug, Clone)]
 pub struct RequestsOptions {
@@ -23,8 +35,8 @@ pub struct RequestsOptions {
     pub cities: usize,
     /// Requests outstanding per connection (closed loop).
     pub window: usize,
-    /// Send JSON `weather.get` events instead of plain text.
-    pub events: bool,
+    /// What each request is.
+    pub ask: Ask,
     /// New connections per second while connecting.
     pub connect_rate: u32,
     /// How long to wait for a reply before counting a timeout.
@@ -132,7 +144,8 @@ async fn one_connection(
     };
     r.connected = 1;
     live.connected.fetch_add(1, Ordering::Relaxed);
-    // Requests in flight: by ref (events) or by city (plain text).
+    // Requests in flight: by ref (events), by city (plain text) or by the
+    // text itself (echo).
     let mut pending: HashMap<String, VecDeque<Instant>> = HashMap::new();
     let mut in_flight = 0_usize;
     let mut sent = 0_u64;
@@ -144,7 +157,7 @@ async fn one_connection(
         {
             seq = seq.wrapping_add(1);
             let city = format!("City{}", seq % o.cities.max(1));
-            let (key, text) = if o.events {
+            let (key, text) = if o.ask == Ask::Event {
                 let key = seq.to_string();
                 let text =
                     json!({"event":"weather.get","data":{"city":city},"ref":key}).to_string();
@@ -186,6 +199,20 @@ async fn one_connection(
                 return r;
             }
         };
+        if o.ask == Ask::Echo {
+            let Some(sent) = pending.get_mut(text.as_str()).and_then(VecDeque::pop_front) else {
+                r.error("unmatched reply");
+                continue;
+            };
+            in_flight -= 1;
+            r.replies += 1;
+            live.replies.fetch_add(1, Ordering::Relaxed);
+            let _ = r.latency.record(sent.elapsed().as_micros().max(1) as u64);
+            if stop.is_cancelled() && in_flight == 0 {
+                break;
+            }
+            continue;
+        }
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
             r.error("unparsable reply");
             continue;
@@ -193,7 +220,7 @@ async fn one_connection(
         if v["type"] == "connected" {
             continue; // the greeting
         }
-        let key = if o.events {
+        let key = if o.ask == Ask::Event {
             v["reply"].as_str().map(str::to_owned)
         } else {
             v["city"].as_str().map(str::to_owned)
@@ -205,7 +232,7 @@ async fn one_connection(
         in_flight -= 1;
         let failed = v["type"] == "error" || v["ok"] == false;
         if failed {
-            let code = if o.events {
+            let code = if o.ask == Ask::Event {
                 &v["error"]["code"]
             } else {
                 &v["code"]

@@ -76,8 +76,12 @@ pub enum BenchScenario {
         #[arg(long, default_value_t = 1)]
         window: usize,
         /// Send JSON weather.get events instead of plain text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "echo")]
         events: bool,
+        /// Send texts and expect them back unchanged: for echo servers
+        /// (gale's /echo, or a peer crate's echo example).
+        #[arg(long)]
+        echo: bool,
         /// Seconds to wait for a reply before counting a timeout.
         #[arg(long, default_value_t = 10)]
         reply_timeout: u64,
@@ -258,15 +262,21 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             cities,
             window,
             events,
+            echo,
             reply_timeout,
             per_connection,
         } => {
+            let ask = match (events, echo) {
+                (true, _) => bench::Ask::Event,
+                (_, true) => bench::Ask::Echo,
+                _ => bench::Ask::City,
+            };
             let options = bench::RequestsOptions {
                 connections: common.connections,
                 duration: Duration::from_secs(duration),
                 cities,
                 window,
-                events,
+                ask,
                 connect_rate: common.connect_rate,
                 reply_timeout: Duration::from_secs(reply_timeout),
                 per_connection,
@@ -362,6 +372,7 @@ async fn run_procs(
             cities,
             window,
             events,
+            echo,
             reply_timeout,
             per_connection,
             ..
@@ -382,6 +393,9 @@ async fn run_procs(
                     ];
                     if events {
                         extra.push("--events".into());
+                    }
+                    if echo {
+                        extra.push("--echo".into());
                     }
                     args(w, "requests", extra)
                 })

@@ -1,0 +1,111 @@
+//! `gale-peers CRATE [ADDR]`: a bare WebSocket echo server built on CRATE
+//! (`axum`, `fastwebsockets` or `tokio-websockets`), as each crate's own
+//! example writes it, default settings. Every text or binary message is
+//! sent back on the same connection. Listens on 127.0.0.1:9100 unless
+//! ADDR is given.
+
+use std::net::SocketAddr;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let which = args.next().unwrap_or_default();
+    let addr: SocketAddr = match args.next().unwrap_or_else(|| "127.0.0.1:9100".into()).parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("gale-peers: bad address: {e}");
+            std::process::exit(2);
+        }
+    };
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gale-peers: cannot listen on {addr}: {e}");
+            std::process::exit(2);
+        }
+    };
+    eprintln!("{which} echo on ws://{addr}/");
+    match which.as_str() {
+        "axum" => axum_echo(listener).await,
+        "fastwebsockets" => fastwebsockets_echo(listener).await,
+        "tokio-websockets" => tokio_websockets_echo(listener).await,
+        _ => {
+            eprintln!("usage: gale-peers axum|fastwebsockets|tokio-websockets [ADDR]");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn axum_echo(listener: TcpListener) {
+    use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+    async fn echo(mut socket: WebSocket) {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Text(_) | Message::Binary(_))
+                && socket.send(msg).await.is_err()
+            {
+                break;
+            }
+        }
+    }
+    let app = axum::Router::new().fallback(axum::routing::get(|ws: WebSocketUpgrade| async {
+        ws.on_upgrade(echo)
+    }));
+    let _ = axum::serve(listener, app).await;
+}
+
+async fn fastwebsockets_echo(listener: TcpListener) {
+    use fastwebsockets::{FragmentCollector, OpCode, WebSocketError};
+    use http_body_util::Empty;
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response};
+
+    async fn echo(fut: fastwebsockets::upgrade::UpgradeFut) -> Result<(), WebSocketError> {
+        let mut ws = FragmentCollector::new(fut.await?);
+        loop {
+            let frame = ws.read_frame().await?;
+            match frame.opcode {
+                OpCode::Close => break,
+                OpCode::Text | OpCode::Binary => ws.write_frame(frame).await?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    async fn upgrade(mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, WebSocketError> {
+        let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
+        tokio::spawn(async move {
+            let _ = echo(fut).await;
+        });
+        Ok(response)
+    }
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, hyper::service::service_fn(upgrade))
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+async fn tokio_websockets_echo(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let Ok((_request, mut ws)) = tokio_websockets::ServerBuilder::new().accept(stream).await
+            else {
+                return;
+            };
+            while let Some(Ok(msg)) = ws.next().await {
+                if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}

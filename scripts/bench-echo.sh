@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Benchmark 3 of docs/benchmarks.md, in one run on this machine:
+# replies/s and p99 for 1,000 closed-loop connections against
+#   (a) gale's /echo, (b) gale's /ws answered from the weather cache,
+#   and the bare echo examples of the candidate crates (peers/).
+# Usage: scripts/bench-echo.sh [CONNECTIONS] [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-1000}
+secs=${2:-10}
+cargo build --release --quiet
+cargo build --release --quiet --manifest-path peers/Cargo.toml
+gale=./target/release/gale
+peers=./peers/target/release/gale-peers
+tmp=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+"$gale" fake-upstream --listen 127.0.0.1:9391 2>/dev/null & pids+=($!)
+GALE_SERVER__ECHO=true GALE_SERVER__LISTEN=127.0.0.1:9390 \
+GALE_WEATHER__PROVIDER=openweathermap GALE_WEATHER__API_KEY=k \
+GALE_WEATHER__BASE_URL=http://127.0.0.1:9391 GALE_STORE__URL="sqlite://$tmp/bench.db" \
+RUST_LOG=warn "$gale" serve & pids+=($!)
+"$peers" axum 127.0.0.1:9392 2>/dev/null & pids+=($!)
+"$peers" fastwebsockets 127.0.0.1:9393 2>/dev/null & pids+=($!)
+"$peers" tokio-websockets 127.0.0.1:9394 2>/dev/null & pids+=($!)
+sleep 1
+
+# Warm the cache: the 100 cities the weather run asks for.
+"$gale" bench requests ws://127.0.0.1:9390/ws -n 100 --per-connection 1 --cities 100 -d 5 --json >/dev/null
+
+run() { # name url mode
+  local out
+  out=$("$gale" bench requests "$2" -n "$n" -d "$secs" --cities 100 --connect-rate 5000 $3 --json)
+  python3 -c 'import json,sys
+r=json.loads(sys.argv[2])
+err=sum(r["errors"].values())
+print("%-28s %10.0f %8.2f %8.2f %6d %6.0f%%" % (sys.argv[1], r["rate_per_s"], r["latency_ms"]["p50"], r["latency_ms"]["p99"], err, r["generator_cpu_percent"]))' "$1" "$out"
+}
+printf '%-28s %10s %8s %8s %6s %7s\n' target replies/s p50_ms p99_ms errors gen_cpu
+run "gale /echo"                 ws://127.0.0.1:9390/echo --echo
+run "gale /ws weather (cached)"  ws://127.0.0.1:9390/ws   ""
+run "axum (tungstenite) echo"    ws://127.0.0.1:9392/     --echo
+run "fastwebsockets echo"        ws://127.0.0.1:9393/     --echo
+run "tokio-websockets echo"      ws://127.0.0.1:9394/     --echo
