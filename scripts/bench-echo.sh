@@ -21,7 +21,7 @@ trap cleanup EXIT
 GALE_SERVER__ECHO=true GALE_SERVER__LISTEN=127.0.0.1:9390 \
 GALE_WEATHER__PROVIDER=openweathermap GALE_WEATHER__API_KEY=k \
 GALE_WEATHER__BASE_URL=http://127.0.0.1:9391 GALE_STORE__URL="sqlite://$tmp/bench.db" \
-RUST_LOG=warn "$gale" serve & pids+=($!)
+RUST_LOG=warn "$gale" serve 2>"$tmp/server.log" & pids+=($!)
 "$peers" axum 127.0.0.1:9392 2>/dev/null & pids+=($!)
 "$peers" fastwebsockets 127.0.0.1:9393 2>/dev/null & pids+=($!)
 "$peers" tokio-websockets 127.0.0.1:9394 2>/dev/null & pids+=($!)
@@ -44,3 +44,4 @@ run "gale /ws weather (cached)"  ws://127.0.0.1:9390/ws   ""
 run "axum (tungstenite) echo"    ws://127.0.0.1:9392/     --echo
 run "fastwebsockets echo"        ws://127.0.0.1:9393/     --echo
 run "tokio-websockets echo"      ws://127.0.0.1:9394/     --echo
+echo "server warnings: $(grep -c WARN "$tmp/server.log" || true) (request-log rows dropped: $(curl -s http://127.0.0.1:9390/metrics.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["db-dropped"])'))"

@@ -247,6 +247,7 @@ async fn store_bench_writes_every_offered_row() {
     let r = bench::store::store(
         &cfg,
         3_000,
+        100,
         Duration::from_secs(1),
         CancellationToken::new(),
         false,

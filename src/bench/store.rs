@@ -18,13 +18,15 @@ use crate::metrics::Metrics;
 use crate::store::RequestRecord;
 
 /// Runs the scenario: offers `rate` rows per second (0: keep the queue
-/// full, which measures the writers' ceiling) for `duration`, then drains.
+/// full, which measures the writers' ceiling) for `duration`, from
+/// `clients` distinct client ids, then drains.
 ///
 /// # Errors
 /// The store's error when the database cannot be opened.
 pub async fn store(
     cfg: &StoreConfig,
     rate: u32,
+    clients: usize,
     duration: Duration,
     stop: CancellationToken,
     show: bool,
@@ -34,9 +36,11 @@ pub async fn store(
     let cpu0 = process_cpu();
     let bar = show.then(|| progress(duration.as_millis() as u64, "writing"));
     let started = Instant::now();
-    let client_id = Uuid::new_v4();
+    // Rows come from `clients` connections, as in the server: where the
+    // keys of an index are random, each batch touches many pages.
+    let clients: Vec<Uuid> = (0..clients.max(1)).map(|_| Uuid::new_v4()).collect();
     let row = |n: u64| RequestRecord {
-        client_id,
+        client_id: clients[(n % clients.len() as u64) as usize],
         city: format!("City{}", n % 1000),
         ok: true,
         temperature: Some(21.5),

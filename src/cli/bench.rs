@@ -143,6 +143,9 @@ pub enum BenchScenario {
         /// How long to offer rows, in seconds.
         #[arg(short, long, default_value_t = 10)]
         duration: u64,
+        /// Distinct client ids the rows come from (connections).
+        #[arg(long, default_value_t = 1_000)]
+        clients: usize,
         /// Writer tasks (store.workers).
         #[arg(long)]
         workers: Option<usize>,
@@ -206,6 +209,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             url,
             rate,
             duration,
+            clients,
             workers,
             batch_size,
             queue_size,
@@ -221,7 +225,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             let show = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
             let stop = stop_on_ctrl_c();
             let took = Duration::from_secs(duration);
-            return match bench::store::store(&cfg, rate, took, stop, show).await {
+            return match bench::store::store(&cfg, rate, clients, took, stop, show).await {
                 Ok(report) => {
                     print(&report, json, false);
                     ExitCode::SUCCESS

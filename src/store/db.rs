@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Postgres, QueryBuilder, Sqlite};
+use sqlx::{ConnectOptions, Postgres, QueryBuilder, Sqlite};
 
 use super::{RequestRecord, StoreError};
 
@@ -73,7 +73,11 @@ impl Db {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(5));
+                .busy_timeout(Duration::from_secs(5))
+                // sqlx would log each slow statement whole: thousands of
+                // placeholders per batch. The writers report slow batches
+                // themselves, in one line.
+                .disable_statement_logging();
             let pool = SqlitePoolOptions::new()
                 .max_connections(max)
                 .connect_with(opts)
@@ -81,7 +85,9 @@ impl Db {
                 .map_err(err)?;
             Ok(Db::Sqlite(pool))
         } else {
-            let opts = PgConnectOptions::from_str(url).map_err(err)?;
+            let opts = PgConnectOptions::from_str(url)
+                .map_err(err)?
+                .disable_statement_logging();
             let pool = PgPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(Duration::from_secs(5))

@@ -194,10 +194,12 @@ pub fn spawn_writers(db: Db, cfg: &StoreConfig, metrics: Arc<Metrics>) -> (Reque
     let (tx, rx) = mpsc::channel(cfg.queue_size);
     let rx = Arc::new(Mutex::new(rx));
     let stop = CancellationToken::new();
+    let slow = Arc::new(WarnLimiter::new(Duration::from_secs(5)));
     let tasks = (0..cfg.workers)
         .map(|_| {
             let writer = Writer {
                 rx: rx.clone(),
+                slow: slow.clone(),
                 db: db.clone(),
                 batch_size: cfg.batch_size,
                 max_retries: cfg.max_retries.max(1),
@@ -215,8 +217,12 @@ pub fn spawn_writers(db: Db, cfg: &StoreConfig, metrics: Arc<Metrics>) -> (Reque
     (log, Writers { stop, tasks, db })
 }
 
+/// A batch insert slower than this is logged (at most every few seconds).
+const SLOW_BATCH: Duration = Duration::from_secs(1);
+
 struct Writer {
     rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
+    slow: Arc<WarnLimiter>,
     db: Db,
     batch_size: usize,
     max_retries: u32,
@@ -256,10 +262,19 @@ impl Writer {
         let n = rows.len() as u64;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=self.max_retries {
+            let began = Instant::now();
             match self.db.insert_requests(rows).await {
                 Ok(()) => {
                     self.metrics.db_completed.inc_by(n);
                     self.metrics.db_batch_size.observe(n as f64);
+                    let took = began.elapsed();
+                    if took > SLOW_BATCH && self.slow.allow() {
+                        tracing::warn!(
+                            rows = n,
+                            took_ms = took.as_millis() as u64,
+                            "request log: slow batch insert (the database or the CPU is saturated)"
+                        );
+                    }
                     return;
                 }
                 Err(e) => {
