@@ -362,3 +362,27 @@ async fn echo_mode_matches_every_text_sent_back() {
     let r = bench::requests(target, o, CancellationToken::new(), false).await;
     assert_eq!(r.to_json()["replies"], 0);
 }
+
+#[tokio::test]
+async fn server_cpu_per_reply_is_reported_given_its_pid() {
+    // The server runs in this test process: its pid is ours.
+    let server = start_with(|c| c.server.echo = true).await;
+    let url = format!("ws://{}/echo", server.addr);
+    let pid = std::process::id().to_string();
+    let json = gale_bench(&[
+        "requests",
+        &url,
+        "--echo",
+        "-n",
+        "4",
+        "-d",
+        "1",
+        "--server-pid",
+        &pid,
+    ])
+    .await;
+    assert!(json["replies"].as_u64().expect("replies") > 100, "{json}");
+    let per = json["server_cpu_us_per_reply"].as_f64().expect("per reply");
+    assert!(per > 0.0, "{json}");
+    assert!(json["server_cpu_percent"].as_f64().expect("percent") > 0.0);
+}

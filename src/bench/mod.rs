@@ -317,23 +317,42 @@ fn new_histogram() -> Histogram<u64> {
 
 /// CPU time (user + system) this process has used, from /proc.
 pub fn process_cpu() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
+    cpu_of("self").unwrap_or(Duration::ZERO)
+}
+
+/// CPU time (user + system) process `pid` has used, when it can be read.
+pub fn server_cpu(pid: u32) -> Option<Duration> {
+    cpu_of(&pid.to_string())
+}
+
+fn cpu_of(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return Duration::ZERO;
-    };
+    let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    let total = ticks(11) + ticks(12);
-    Duration::from_millis(total * 10) // USER_HZ is 100 on Linux
+    let total = ticks(11)? + ticks(12)?;
+    Some(Duration::from_millis(total * 10)) // USER_HZ is 100 on Linux
+}
+
+/// Adds the server's CPU use over the run, given its CPU time at the
+/// start: percent of one core, and microseconds per reply.
+pub fn add_server_cpu(r: &mut Report, pid: u32, before: Option<Duration>) {
+    let (Some(before), Some(after)) = (before, server_cpu(pid)) else {
+        return;
+    };
+    let used = after.saturating_sub(before).as_secs_f64();
+    let pct = 100.0 * used / r.elapsed.as_secs_f64().max(1e-9);
+    r.extra
+        .push(("server_cpu_percent", json!((pct * 10.0).round() / 10.0)));
+    if r.replies > 0 {
+        let per = 1e6 * used / r.replies as f64;
+        r.extra.push((
+            "server_cpu_us_per_reply",
+            json!((per * 100.0).round() / 100.0),
+        ));
+    }
 }
 
 /// Starts `n` connection tasks at `rate` per second, or fewer if `stop`

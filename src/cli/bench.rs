@@ -33,6 +33,11 @@ pub struct BenchCommon {
     /// process's CPU and open-file limit do not cap the run.
     #[arg(long, default_value_t = 1)]
     pub procs: u8,
+    /// The server's process id (same machine): its CPU use over the run
+    /// is reported, per reply too; `connections` reads its memory from
+    /// /proc/PID/status instead of gale's /metrics.json.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Internal: run as worker N of a multi-process run.
     #[arg(long, hide = true)]
     pub worker: Option<u8>,
@@ -100,10 +105,6 @@ pub enum BenchScenario {
         /// server.
         #[arg(long, default_value_t = 5)]
         hold: u64,
-        /// Read the server's memory from /proc/PID/status (default: gale's
-        /// /metrics.json).
-        #[arg(long)]
-        server_pid: Option<u32>,
     },
     /// N subscribers of one topic; a publisher sends M messages through
     /// gale's POST /api/publish; deliveries/s and publish-to-receive
@@ -259,7 +260,8 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         None => target,
     };
     let addr = target.addr();
-    let report = match scenario {
+    let cpu_before = common.server_pid.and_then(bench::server_cpu);
+    let mut report = match scenario {
         BenchScenario::Requests {
             common,
             duration,
@@ -288,11 +290,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             };
             bench::requests(target, options, stop, show).await
         }
-        BenchScenario::Connections {
-            common,
-            hold,
-            server_pid,
-        } => {
+        BenchScenario::Connections { common, hold } => {
             let (n, rate, hold) = (
                 common.connections,
                 common.connect_rate,
@@ -301,7 +299,16 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             if worker.is_some() {
                 bench::connections::worker(target, n, rate, hold, stop).await
             } else {
-                bench::connections::connections(target, n, rate, hold, stop, show, server_pid).await
+                bench::connections::connections(
+                    target,
+                    n,
+                    rate,
+                    hold,
+                    stop,
+                    show,
+                    common.server_pid,
+                )
+                .await
             }
         }
         BenchScenario::Broadcast {
@@ -351,6 +358,9 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             return ExitCode::SUCCESS; // run above
         }
     };
+    if let (Some(pid), None) = (common.server_pid, worker) {
+        bench::add_server_cpu(&mut report, pid, cpu_before);
+    }
     print(&report, common.json, worker.is_some());
     ExitCode::SUCCESS
 }
@@ -364,13 +374,14 @@ async fn run_procs(
     stop: &CancellationToken,
 ) -> ExitCode {
     let procs = usize::from(common.procs);
+    let cpu_before = common.server_pid.and_then(bench::server_cpu);
     let args = |w: usize, name: &str, extra: Vec<String>| {
         let mut a = vec!["bench".to_owned(), name.to_owned()];
         a.extend(common.worker_args(w));
         a.extend(extra);
         a
     };
-    let (report, problems) = match scenario {
+    let (mut report, problems) = match scenario {
         BenchScenario::Requests {
             duration,
             cities,
@@ -412,9 +423,8 @@ async fn run_procs(
             let (report, _, problems) = pool.finish("requests").await;
             (report, problems)
         }
-        BenchScenario::Connections {
-            hold, server_pid, ..
-        } => {
+        BenchScenario::Connections { hold, .. } => {
+            let server_pid = common.server_pid;
             let before = bench::server_rss(server_pid, target.addr()).await;
             let all = (0..procs)
                 .map(|w| args(w, "connections", vec!["--hold".into(), hold.to_string()]))
@@ -497,6 +507,9 @@ async fn run_procs(
     };
     for p in &problems {
         eprintln!("gale bench: {p}");
+    }
+    if let Some(pid) = common.server_pid {
+        bench::add_server_cpu(&mut report, pid, cpu_before);
     }
     print(&report, common.json, false);
     if problems.is_empty() {
