@@ -164,7 +164,10 @@ pub struct ServerConfig {
     /// holds one (512 rather than 1024 B took 19,000 idle connections from
     /// 4.31 to 3.81 KiB each, at no measured cost in replies/s).
     pub read_buffer_bytes: usize,
-    /// Per-connection write buffer target before a flush.
+    /// Per-connection write buffer target before a flush. It grows only as
+    /// messages queue up, so idle connections do not pay it; bursts of
+    /// pushes go out in fewer writes (4096 rather than 1024 B doubled
+    /// broadcast deliveries/s at 19,000 subscribers).
     pub write_buffer_bytes: usize,
     /// Serve `GET /echo`: every message sent back on the same connection
     /// stack as `/ws` (the bare-echo baseline and the conformance target).
@@ -185,7 +188,7 @@ impl Default for ServerConfig {
             ping_interval_s: 30,
             max_inflight_per_connection: 32,
             read_buffer_bytes: 512,
-            write_buffer_bytes: 1024,
+            write_buffer_bytes: 4096,
             allowed_origins: Vec::new(),
             echo: false,
         }

@@ -379,7 +379,11 @@ async fn flush_outbox(
         }
         socket.flush().await
     };
-    match tokio::time::timeout(SEND_TIMEOUT, write).await {
+    let written = tokio::time::timeout(SEND_TIMEOUT, write).await;
+    if buf.capacity() > crate::outbox::KEEP_CAPACITY {
+        *buf = Vec::new(); // a burst's memory, returned
+    }
+    match written {
         Ok(Ok(())) => {
             app.metrics.messages_out.inc_by(n);
             Ok(())

@@ -19,6 +19,10 @@ use tokio::sync::Notify;
 use crate::config::SlowConsumer;
 use crate::metrics::Metrics;
 
+/// Queue slots an emptied queue may keep allocated; beyond this, the
+/// memory of a burst is returned.
+pub const KEEP_CAPACITY: usize = 16;
+
 /// One queued message.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -108,13 +112,18 @@ impl Outbox {
         self.ready.notified()
     }
 
-    /// Moves every queued message into `into`.
+    /// Moves every queued message into `into`. A queue grown by a burst
+    /// gives its memory back once emptied: an idle connection should not
+    /// keep the peak of its busiest moment.
     pub fn take(&self, into: &mut Vec<Outgoing>) -> Taken {
         let mut st = self.lock();
         if st.overflowed {
             return Taken::SlowConsumer;
         }
         into.extend(st.queue.drain(..));
+        if st.queue.capacity() > KEEP_CAPACITY {
+            st.queue = VecDeque::new();
+        }
         Taken::Messages
     }
 
@@ -178,6 +187,18 @@ mod tests {
         assert!(!o.push("p2".into(), false));
         assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
         assert_eq!(m.outbound_dropped.get(), 0);
+    }
+
+    #[test]
+    fn a_burst_gives_its_memory_back_once_taken() {
+        let (o, _) = outbox(1_000, SlowConsumer::DropOldest);
+        for _ in 0..500 {
+            o.push("m".into(), false);
+        }
+        let mut out = Vec::new();
+        assert_eq!(o.take(&mut out), Taken::Messages);
+        assert_eq!(out.len(), 500);
+        assert!(o.lock().queue.capacity() <= KEEP_CAPACITY);
     }
 
     #[test]

@@ -70,7 +70,6 @@ pub struct Subscribers {
     started: usize,
     drain: CancellationToken,
     expected_each: u64,
-    cpu0: Duration,
     bar: Option<indicatif::ProgressBar>,
 }
 
@@ -82,7 +81,6 @@ pub async fn subscribe(
     stop: &CancellationToken,
     show: bool,
 ) -> Subscribers {
-    let cpu0 = process_cpu();
     let live = Arc::new(Live::default());
     let drain = stop.child_token();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -126,7 +124,6 @@ pub async fn subscribe(
         started,
         drain,
         expected_each: o.messages,
-        cpu0,
         bar,
     }
 }
@@ -147,6 +144,8 @@ impl Subscribers {
             bar.set_position(0);
             bar.set_message("deliveries");
         }
+        // CPU is counted over the delivery phase only, the one measured.
+        let cpu0 = process_cpu();
         let began = Instant::now();
         let mut last = (0, Instant::now());
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -186,7 +185,7 @@ impl Subscribers {
             "last_delivery_us",
             json!(self.live.last_us.load(Ordering::Relaxed)),
         ));
-        total.cpu = process_cpu().saturating_sub(self.cpu0);
+        total.cpu = process_cpu().saturating_sub(cpu0);
         total
     }
 }

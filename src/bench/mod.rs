@@ -337,8 +337,12 @@ fn cpu_of(pid: &str) -> Option<Duration> {
 }
 
 /// Adds the server's CPU use over the run, given its CPU time at the
-/// start: percent of one core, and microseconds per reply.
+/// start: percent of one core, and microseconds per reply. A report that
+/// already has them (a scenario that measured its own phase) keeps them.
 pub fn add_server_cpu(r: &mut Report, pid: u32, before: Option<Duration>) {
+    if r.extra.iter().any(|(k, _)| *k == "server_cpu_percent") {
+        return;
+    }
     let (Some(before), Some(after)) = (before, server_cpu(pid)) else {
         return;
     };

@@ -338,6 +338,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 subs.drain(o.idle, grace).await
             } else {
                 let subscribed = subs.subscribed();
+                let server_cpu0 = common.server_pid.and_then(bench::server_cpu);
                 let (published, mut report) = tokio::join!(
                     bench::broadcast::publish(addr, &o, &stop),
                     subs.drain(o.idle, grace)
@@ -351,6 +352,9 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 };
                 let last = report.extra_u64("last_delivery_us");
                 bench::broadcast::finish(&mut report, &published, subscribed, last);
+                if let Some(pid) = common.server_pid {
+                    bench::add_server_cpu(&mut report, pid, server_cpu0);
+                }
                 report
             }
         }
@@ -476,6 +480,7 @@ async fn run_procs(
             let subscribed = pool.ready(stop).await;
             eprintln!("gale bench: {subscribed} subscribers in {procs} processes; publishing");
             pool.release();
+            let server_cpu0 = common.server_pid.and_then(bench::server_cpu);
             let o = bench::broadcast::BroadcastOptions {
                 subscribers: 0,
                 connect_rate: 1,
@@ -499,6 +504,10 @@ async fn run_procs(
                 .max()
                 .unwrap_or(0);
             bench::broadcast::finish(&mut report, &published, subscribed, last);
+            if let Some(pid) = common.server_pid {
+                // Over the delivery phase only, like the deliveries/s.
+                bench::add_server_cpu(&mut report, pid, server_cpu0);
+            }
             (report, problems)
         }
         BenchScenario::Store { .. } | BenchScenario::Upstream { .. } => {
