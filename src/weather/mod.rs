@@ -162,7 +162,11 @@ impl Weather {
                     .entry_by_ref(&key)
                     .or_try_insert_with(async {
                         called = true;
-                        self.fetch(city).await
+                        // Boxed, and only by the caller that fetches: the
+                        // upstream call's state is ~2 KiB, and every
+                        // request waiting on the cache would otherwise
+                        // carry room for it.
+                        Box::pin(self.fetch(city)).await
                     })
                     .await;
                 if called {
