@@ -63,6 +63,133 @@ impl BenchCommon {
     }
 }
 
+/// Options of `gale bench requests`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RequestsArgs {
+    /// How long to send, in seconds.
+    #[arg(short, long, default_value_t = 10)]
+    duration: u64,
+    /// Cities drawn from City0 … City{K-1}.
+    #[arg(long, default_value_t = 1_000)]
+    cities: usize,
+    /// Requests outstanding per connection.
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    /// Send JSON weather.get events instead of plain text.
+    #[arg(long, conflicts_with = "echo")]
+    events: bool,
+    /// Send texts and expect them back unchanged: for echo servers
+    /// (gale's /echo, or a peer crate's echo example).
+    #[arg(long)]
+    echo: bool,
+    /// Seconds to wait for a reply before counting a timeout.
+    #[arg(long, default_value_t = 10)]
+    reply_timeout: u64,
+    /// Requests each connection sends, then stops (0: until the
+    /// duration ends). `--per-connection 1` is the seed's scenario:
+    /// every user asks once.
+    #[arg(long, default_value_t = 0)]
+    per_connection: u64,
+}
+
+impl RequestsArgs {
+    fn options(&self, common: &BenchCommon) -> bench::RequestsOptions {
+        bench::RequestsOptions {
+            connections: common.connections,
+            duration: Duration::from_secs(self.duration),
+            cities: self.cities,
+            window: self.window,
+            ask: match (self.events, self.echo) {
+                (true, _) => bench::Ask::Event,
+                (_, true) => bench::Ask::Echo,
+                _ => bench::Ask::City,
+            },
+            connect_rate: common.connect_rate,
+            reply_timeout: Duration::from_secs(self.reply_timeout),
+            per_connection: self.per_connection,
+            first_connection: common
+                .worker
+                .map_or(0, |w| usize::from(w) * common.connections),
+        }
+    }
+
+    /// The same options, as a worker's arguments.
+    fn worker_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "-d".into(),
+            self.duration.to_string(),
+            "--cities".into(),
+            self.cities.to_string(),
+            "--window".into(),
+            self.window.to_string(),
+            "--reply-timeout".into(),
+            self.reply_timeout.to_string(),
+            "--per-connection".into(),
+            self.per_connection.to_string(),
+        ];
+        if self.events {
+            a.push("--events".into());
+        }
+        if self.echo {
+            a.push("--echo".into());
+        }
+        a
+    }
+}
+
+/// Options of `gale bench broadcast`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BroadcastArgs {
+    /// The topic.
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Messages to publish.
+    #[arg(short, long, default_value_t = 100)]
+    messages: u64,
+    /// Bytes per pushed message.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Messages published per second (0: back to back).
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// The server's [api] key.
+    #[arg(long, env = "GALE_API__KEY", hide_env_values = true)]
+    api_key: String,
+    /// Stop waiting when no delivery arrived for this long.
+    #[arg(long, default_value_t = 3_000, value_name = "MS")]
+    idle_ms: u64,
+}
+
+impl BroadcastArgs {
+    fn options(&self, common: &BenchCommon) -> bench::broadcast::BroadcastOptions {
+        bench::broadcast::BroadcastOptions {
+            subscribers: common.connections,
+            connect_rate: common.connect_rate,
+            topic: self.topic.clone(),
+            messages: self.messages,
+            size: self.size,
+            rate: self.rate,
+            api_key: self.api_key.clone(),
+            idle: Duration::from_millis(self.idle_ms),
+            first_connection: 0,
+        }
+    }
+
+    /// What a subscribing worker needs (it does not publish: no key).
+    fn worker_args(&self) -> Vec<String> {
+        vec![
+            "--topic".into(),
+            self.topic.clone(),
+            "--messages".into(),
+            self.messages.to_string(),
+            "--idle-ms".into(),
+            self.idle_ms.to_string(),
+            "--api-key".into(),
+            "-".into(),
+        ]
+    }
+}
+
 /// `gale bench` scenarios.
 #[derive(Debug, Subcommand)]
 pub enum BenchScenario {
@@ -71,30 +198,9 @@ pub enum BenchScenario {
         /// Target and connections.
         #[command(flatten)]
         common: BenchCommon,
-        /// How long to send, in seconds.
-        #[arg(short, long, default_value_t = 10)]
-        duration: u64,
-        /// Cities drawn from City0 … City{K-1}.
-        #[arg(long, default_value_t = 1_000)]
-        cities: usize,
-        /// Requests outstanding per connection.
-        #[arg(long, default_value_t = 1)]
-        window: usize,
-        /// Send JSON weather.get events instead of plain text.
-        #[arg(long, conflicts_with = "echo")]
-        events: bool,
-        /// Send texts and expect them back unchanged: for echo servers
-        /// (gale's /echo, or a peer crate's echo example).
-        #[arg(long)]
-        echo: bool,
-        /// Seconds to wait for a reply before counting a timeout.
-        #[arg(long, default_value_t = 10)]
-        reply_timeout: u64,
-        /// Requests each connection sends, then stops (0: until the
-        /// duration ends). `--per-connection 1` is the seed's scenario:
-        /// every user asks once.
-        #[arg(long, default_value_t = 0)]
-        per_connection: u64,
+        /// What to send.
+        #[command(flatten)]
+        args: RequestsArgs,
     },
     /// Open connections and hold them; connect times and server memory.
     Connections {
@@ -113,24 +219,9 @@ pub enum BenchScenario {
         /// Target and subscribers.
         #[command(flatten)]
         common: BenchCommon,
-        /// The topic.
-        #[arg(long, default_value = "bench")]
-        topic: String,
-        /// Messages to publish.
-        #[arg(short, long, default_value_t = 100)]
-        messages: u64,
-        /// Bytes per pushed message.
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
-        /// Messages published per second (0: back to back).
-        #[arg(long, default_value_t = 20)]
-        rate: u32,
-        /// The server's [api] key.
-        #[arg(long, env = "GALE_API__KEY", hide_env_values = true)]
-        api_key: String,
-        /// Stop waiting when no delivery arrived for this long.
-        #[arg(long, default_value_t = 3_000, value_name = "MS")]
-        idle_ms: u64,
+        /// What to publish.
+        #[command(flatten)]
+        args: BroadcastArgs,
     },
     /// Rows/s the request log's batched writers sustain into a database
     /// (the server's own pipeline, run in this process).
@@ -262,33 +353,8 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
     let addr = target.addr();
     let cpu_before = common.server_pid.and_then(bench::server_cpu);
     let mut report = match scenario {
-        BenchScenario::Requests {
-            common,
-            duration,
-            cities,
-            window,
-            events,
-            echo,
-            reply_timeout,
-            per_connection,
-        } => {
-            let ask = match (events, echo) {
-                (true, _) => bench::Ask::Event,
-                (_, true) => bench::Ask::Echo,
-                _ => bench::Ask::City,
-            };
-            let options = bench::RequestsOptions {
-                connections: common.connections,
-                duration: Duration::from_secs(duration),
-                cities,
-                window,
-                ask,
-                connect_rate: common.connect_rate,
-                reply_timeout: Duration::from_secs(reply_timeout),
-                per_connection,
-                first_connection: worker.map_or(0, |w| usize::from(w) * common.connections),
-            };
-            bench::requests(target, options, stop, show).await
+        BenchScenario::Requests { common, args } => {
+            bench::requests(target, args.options(&common), stop, show).await
         }
         BenchScenario::Connections { common, hold } => {
             let (n, rate, hold) = (
@@ -311,26 +377,8 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 .await
             }
         }
-        BenchScenario::Broadcast {
-            common,
-            topic,
-            messages,
-            size,
-            rate,
-            api_key,
-            idle_ms,
-        } => {
-            let o = bench::broadcast::BroadcastOptions {
-                subscribers: common.connections,
-                connect_rate: common.connect_rate,
-                topic,
-                messages,
-                size,
-                rate,
-                api_key,
-                idle: Duration::from_millis(idle_ms),
-                first_connection: 0,
-            };
+        BenchScenario::Broadcast { common, args } => {
+            let o = args.options(&common);
             let subs = bench::broadcast::subscribe(target, &o, &stop, show).await;
             let grace = Duration::from_secs(10);
             if worker.is_some() {
@@ -386,38 +434,9 @@ async fn run_procs(
         a
     };
     let (mut report, problems) = match scenario {
-        BenchScenario::Requests {
-            duration,
-            cities,
-            window,
-            events,
-            echo,
-            reply_timeout,
-            per_connection,
-            ..
-        } => {
+        BenchScenario::Requests { args: r, .. } => {
             let all = (0..procs)
-                .map(|w| {
-                    let mut extra = vec![
-                        "-d".into(),
-                        duration.to_string(),
-                        "--cities".into(),
-                        cities.to_string(),
-                        "--window".into(),
-                        window.to_string(),
-                        "--reply-timeout".into(),
-                        reply_timeout.to_string(),
-                        "--per-connection".into(),
-                        per_connection.to_string(),
-                    ];
-                    if events {
-                        extra.push("--events".into());
-                    }
-                    if echo {
-                        extra.push("--echo".into());
-                    }
-                    args(w, "requests", extra)
-                })
+                .map(|w| args(w, "requests", r.worker_args()))
                 .collect();
             let pool = match Pool::spawn(all) {
                 Ok(p) => p,
@@ -448,30 +467,9 @@ async fn run_procs(
             bench::connections::weigh(&mut report, before, after);
             (report, problems)
         }
-        BenchScenario::Broadcast {
-            topic,
-            messages,
-            size,
-            rate,
-            api_key,
-            idle_ms,
-            ..
-        } => {
+        BenchScenario::Broadcast { args: b, .. } => {
             let all = (0..procs)
-                .map(|w| {
-                    let extra = vec![
-                        "--topic".into(),
-                        topic.clone(),
-                        "--messages".into(),
-                        messages.to_string(),
-                        "--idle-ms".into(),
-                        idle_ms.to_string(),
-                        // Workers only subscribe; the key is not theirs.
-                        "--api-key".into(),
-                        "-".into(),
-                    ];
-                    args(w, "broadcast", extra)
-                })
+                .map(|w| args(w, "broadcast", b.worker_args()))
                 .collect();
             let mut pool = match Pool::spawn(all) {
                 Ok(p) => p,
@@ -481,17 +479,7 @@ async fn run_procs(
             eprintln!("gale bench: {subscribed} subscribers in {procs} processes; publishing");
             pool.release();
             let server_cpu0 = common.server_pid.and_then(bench::server_cpu);
-            let o = bench::broadcast::BroadcastOptions {
-                subscribers: 0,
-                connect_rate: 1,
-                topic,
-                messages,
-                size,
-                rate,
-                api_key,
-                idle: Duration::from_millis(idle_ms),
-                first_connection: 0,
-            };
+            let o = b.options(common);
             let published = bench::broadcast::publish(target.addr(), &o, stop).await;
             let (mut report, raw, problems) = pool.finish("broadcast").await;
             let published = match published {
