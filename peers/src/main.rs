@@ -13,7 +13,11 @@ use tokio::net::TcpListener;
 async fn main() {
     let mut args = std::env::args().skip(1);
     let which = args.next().unwrap_or_default();
-    let addr: SocketAddr = match args.next().unwrap_or_else(|| "127.0.0.1:9100".into()).parse() {
+    let addr: SocketAddr = match args
+        .next()
+        .unwrap_or_else(|| "127.0.0.1:9100".into())
+        .parse()
+    {
         Ok(a) => a,
         Err(e) => {
             eprintln!("gale-peers: bad address: {e}");
@@ -82,7 +86,9 @@ async fn fastwebsockets_echo(listener: TcpListener) {
         Ok(response)
     }
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
@@ -95,9 +101,12 @@ async fn fastwebsockets_echo(listener: TcpListener) {
 
 async fn tokio_websockets_echo(listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
-            let Ok((_request, mut ws)) = tokio_websockets::ServerBuilder::new().accept(stream).await
+            let Ok((_request, mut ws)) =
+                tokio_websockets::ServerBuilder::new().accept(stream).await
             else {
                 return;
             };
