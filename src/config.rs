@@ -309,6 +309,9 @@ pub struct StoreConfig {
     pub workers: usize,
     /// Most rows per insert statement.
     pub batch_size: usize,
+    /// How long a writer waits for a batch to fill once its first row is
+    /// in: fewer, larger inserts at moderate rates.
+    pub batch_window_ms: u64,
     /// Attempts per batch before its rows are counted as failed.
     pub max_retries: u32,
 }
@@ -320,6 +323,7 @@ impl Default for StoreConfig {
             queue_size: 10_000,
             workers: 5,
             batch_size: 500,
+            batch_window_ms: 10,
             max_retries: 8,
         }
     }
@@ -568,6 +572,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "store.batch_size",
                 format!("must be at most {MAX_BATCH_SIZE}"),
+            ));
+        }
+        if st.batch_window_ms > 1_000 {
+            return Err(ConfigError::invalid(
+                "store.batch_window_ms",
+                "must be at most 1000",
             ));
         }
         Ok(())

@@ -200,6 +200,7 @@ pub fn spawn_writers(db: Db, cfg: &StoreConfig, metrics: Arc<Metrics>) -> (Reque
             let writer = Writer {
                 rx: rx.clone(),
                 slow: slow.clone(),
+                window: Duration::from_millis(cfg.batch_window_ms),
                 db: db.clone(),
                 batch_size: cfg.batch_size,
                 max_retries: cfg.max_retries.max(1),
@@ -223,6 +224,7 @@ const SLOW_BATCH: Duration = Duration::from_secs(1);
 struct Writer {
     rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
     slow: Arc<WarnLimiter>,
+    window: Duration,
     db: Db,
     batch_size: usize,
     max_retries: u32,
@@ -244,10 +246,22 @@ impl Writer {
                     rx.close();
                     rx.recv_many(&mut batch, self.batch_size).await
                 } else {
-                    tokio::select! {
+                    let n = tokio::select! {
                         n = rx.recv_many(&mut batch, self.batch_size) => n,
                         () = self.stop.cancelled() => continue,
+                    };
+                    // Let the batch fill for a moment: one insert of 500
+                    // rows costs far less than ten of 50.
+                    let until = tokio::time::Instant::now() + self.window;
+                    while n > 0 && batch.len() < self.batch_size && !self.window.is_zero() {
+                        let room = self.batch_size - batch.len();
+                        tokio::select! {
+                            m = rx.recv_many(&mut batch, room) => if m == 0 { break },
+                            () = tokio::time::sleep_until(until) => break,
+                            () = self.stop.cancelled() => break,
+                        }
                     }
+                    n
                 }
             };
             if received == 0 {
