@@ -779,7 +779,11 @@ mod tests {
             ("GALE_WEATHER__BASE_URL", "not a url", "weather.base_url"),
             ("GALE_STORE__WORKERS", "0", "store.workers"),
             ("GALE_STORE__URL", "mysql://x", "store.url"),
-            ("GALE_STORE__BATCH_WINDOW_MS", "5000", "store.batch_window_ms"),
+            (
+                "GALE_STORE__BATCH_WINDOW_MS",
+                "5000",
+                "store.batch_window_ms",
+            ),
             ("GALE_SERVER__NO_SUCH_KEY", "1", "server"),
         ];
         for (var, value, key) in cases {
