@@ -1,0 +1,168 @@
+// The client against a real `gale serve` (and the fake weather API).
+// Run: npm test  (node --experimental-websocket --test; Node 22+ needs no flag)
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { GaleClient, GaleError, State } from '../src/index.js';
+import { startGale, startUpstream, publish } from './server.js';
+
+let upstream;
+let gale;
+
+before(async () => {
+  upstream = await startUpstream();
+  gale = await startGale(upstream.url);
+});
+
+after(async () => {
+  await gale?.stop();
+  upstream?.stop();
+});
+
+function until(predicate, ms = 10_000) {
+  return new Promise((resolve, reject) => {
+    const start = Date.now();
+    const tick = () => {
+      if (predicate()) return resolve();
+      if (Date.now() - start > ms) return reject(new Error('condition never held'));
+      setTimeout(tick, 20);
+    };
+    tick();
+  });
+}
+
+test('request resolves with the reading and the greeting gives a client id', async () => {
+  const c = new GaleClient(gale.url);
+  await c.connect();
+  const r = await c.weather('Paris');
+  assert.equal(r.city, 'Paris');
+  assert.equal(typeof r.temperature, 'number');
+  assert.equal(typeof r.description, 'string');
+  await until(() => c.clientId !== null);
+  c.close();
+});
+
+test('an error reply rejects with the server code, and invalid data names the field', async () => {
+  const c = new GaleClient(gale.url);
+  await c.connect();
+  await assert.rejects(c.weather('Atlantis'), (e) => e instanceof GaleError && e.code === 'not_found');
+  await assert.rejects(c.request('weather.get', {}), (e) => e.code === 'invalid_data' && e.field === 'data');
+  await assert.rejects(c.request('no.such.event'), (e) => e.code === 'unknown_event');
+  c.close();
+});
+
+test('many requests in flight settle with their own replies', async () => {
+  const c = new GaleClient(gale.url);
+  await c.connect();
+  const cities = Array.from({ length: 20 }, (_, i) => `Town${i}`);
+  const readings = await Promise.all(cities.map((city) => c.weather(city)));
+  assert.deepEqual(readings.map((r) => r.city), cities);
+  c.close();
+});
+
+test('a request times out with code "timeout" and its late reply is ignored', async () => {
+  const slow = await startUpstream(['--latency-ms', '800']);
+  const own = await startGale(slow.url);
+  const c = new GaleClient(own.url);
+  await c.connect();
+  await assert.rejects(c.weather('Slowtown', { timeoutMs: 200 }), (e) => e.code === 'timeout');
+  assert.equal(c.pending.size, 0);
+  // The reply arrives later and is dropped; the connection stays usable.
+  await new Promise((r) => setTimeout(r, 900));
+  assert.equal((await c.weather('Slowtown')).city, 'Slowtown');
+  c.close();
+  await own.stop();
+  slow.stop();
+});
+
+test('pushes reach on() handlers; topic and weather subscriptions', async () => {
+  const c = new GaleClient(gale.url);
+  await c.connect();
+  const got = [];
+  c.on('news', (data) => got.push(data));
+  const r = await c.subscribeTopic('js-news');
+  assert.equal(r.subscribed, true);
+  await publish(gale.http, 'js-news', 'news', { n: 1 });
+  await until(() => got.length === 1);
+  assert.deepEqual(got[0], { n: 1 });
+  const reading = await c.subscribe('Oslo');
+  assert.equal(reading.city, 'Oslo');
+  assert.ok(c.cities.has('Oslo'));
+  await c.unsubscribe('Oslo');
+  assert.ok(!c.cities.has('Oslo'));
+  c.close();
+});
+
+test('requests wait in a bounded queue while disconnected', async () => {
+  const c = new GaleClient('ws://127.0.0.1:9/ws', { maxQueue: 2, minDelayMs: 10_000 });
+  c.connect().catch(() => {});
+  const a = c.weather('A', { timeoutMs: 200 });
+  const b = c.weather('B', { timeoutMs: 200 });
+  await assert.rejects(c.weather('C'), (e) => e.code === 'queue_full');
+  assert.equal(c.queue.length, 2);
+  await assert.rejects(a, (e) => e.code === 'timeout');
+  await assert.rejects(b, (e) => e.code === 'timeout');
+  assert.equal(c.queue.length, 0, 'timed-out requests leave the queue');
+  c.close();
+});
+
+test('backoff grows exponentially, is capped, and jitters', () => {
+  const c = new GaleClient('ws://127.0.0.1:9/ws', { minDelayMs: 100, maxDelayMs: 1_000 });
+  for (let n = 0; n < 10; n++) {
+    const cap = Math.min(1_000, 100 * 2 ** n);
+    for (let i = 0; i < 20; i++) {
+      const d = c.backoff(n);
+      assert.ok(d >= cap / 2 && d <= cap, `attempt ${n}: ${d} outside [${cap / 2}, ${cap}]`);
+    }
+  }
+  const spread = new Set(Array.from({ length: 20 }, () => c.backoff(5)));
+  assert.ok(spread.size > 1, 'jitter');
+});
+
+test('reconnects after the server restarts, renews subscriptions, sends what waited', async () => {
+  const own = await startGale(upstream.url);
+  const c = new GaleClient(own.url, { minDelayMs: 100, maxDelayMs: 400 });
+  const states = [];
+  c.onState((s, info) => states.push([s, info]));
+  await c.connect();
+  const got = [];
+  c.on('news', (d) => got.push(d));
+  await c.subscribeTopic('js-restart');
+
+  const inFlight = c.weather('Lisbon', { timeoutMs: 20_000 });
+  await own.stop();
+  await until(() => c.state === State.RECONNECTING);
+  const reconnecting = states.find(([s, i]) => s === State.RECONNECTING && i?.delayMs > 0);
+  assert.ok(reconnecting, JSON.stringify(states));
+  assert.equal(reconnecting[1].code, 1001, 'the server said it was going away');
+  // Sent before the drop: may or may not have been answered.
+  await inFlight.then(
+    (r) => assert.equal(r.city, 'Lisbon'),
+    (e) => assert.equal(e.code, 'disconnected'),
+  );
+  const waited = c.weather('Madrid', { timeoutMs: 20_000 });
+
+  const again = await startGale(upstream.url, own.port);
+  await until(() => c.state === State.OPEN);
+  assert.equal((await waited).city, 'Madrid', 'queued while down, sent on reconnect');
+  // The topic subscription was renewed on the new connection.
+  let delivered = false;
+  for (let i = 0; i < 50 && !delivered; i++) {
+    await publish(again.http, 'js-restart', 'news', { after: 'restart' });
+    await new Promise((r) => setTimeout(r, 100));
+    delivered = got.some((d) => d.after === 'restart');
+  }
+  assert.ok(delivered, 'push after restart');
+  c.close();
+  await until(() => c.state === State.CLOSED);
+  await again.stop();
+});
+
+test('close() ends for good: no reconnect, later requests fail with "closed"', async () => {
+  const c = new GaleClient(gale.url);
+  await c.connect();
+  c.close();
+  await until(() => c.state === State.CLOSED);
+  await assert.rejects(c.weather('Paris'), (e) => e.code === 'closed');
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(c.state, State.CLOSED);
+});
