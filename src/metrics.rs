@@ -494,6 +494,8 @@ impl Metrics {
             "pushes": self.pushes.get(),
             "outbound-dropped": self.outbound_dropped.get(),
             "connections-total": self.connections_total.get(),
+            "messages-in": self.messages_in.get(),
+            "messages-out": self.messages_out.get(),
             "cache-hits": self.cache_hits.get(),
             "cache-misses": self.cache_misses.get(),
             "cache-coalesced": self.cache_coalesced.get(),

@@ -272,6 +272,7 @@ fn routes(app: Arc<App>) -> axum::Router {
     };
     router
         .route("/", get(index))
+        .route("/gale-client.js", get(client_js))
         .route("/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
@@ -285,13 +286,19 @@ fn routes(app: Arc<App>) -> axum::Router {
         .with_state(app)
 }
 
-async fn index() -> &'static str {
-    concat!(
-        "gale ",
-        env!("CARGO_PKG_VERSION"),
-        ": weather over WebSocket.\n",
-        "Connect to /ws and send a city name, e.g. `gale client ws://HOST:PORT/ws`.\n",
-        "Health: /healthz  Metrics: /metrics (Prometheus), /metrics.json\n"
+/// The live page: embedded in the binary, no build step, no CDN.
+async fn index() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../static/index.html"))
+}
+
+/// The JavaScript client (clients/js), as the page imports it.
+async fn client_js() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        include_str!("../clients/js/src/index.js"),
     )
 }
 

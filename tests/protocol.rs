@@ -57,7 +57,14 @@ async fn http_routes() {
     let server = start().await;
     let (status, body) = server.get("/").await.expect("/");
     assert_eq!(status, 200);
-    assert!(body.contains("/ws"), "{body}");
+    assert!(body.contains("<!doctype html>"), "the live page");
+    assert!(body.contains("/gale-client.js"), "{body}");
+    let (status, js) = server.get("/gale-client.js").await.expect("client");
+    assert_eq!(status, 200);
+    assert!(
+        js.contains("export class GaleClient"),
+        "the JS client module"
+    );
 
     let (status, body) = server.get("/ws").await.expect("/ws");
     assert_eq!(status, 426, "plain GET on /ws is refused clearly");
