@@ -29,6 +29,7 @@ use crate::protocol::{
 use crate::router::Caller;
 use crate::server::App;
 use crate::store::RequestRecord;
+use crate::weather::{Reading, WeatherError};
 
 /// A client that has not taken a frame for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -313,50 +314,55 @@ fn read_error(e: axum::Error) -> End {
 
 /// Looks up one city, records the request, and returns the reply text.
 async fn lookup(app: Arc<App>, client_id: Uuid, text: Utf8Bytes) -> String {
+    match recorded_lookup(&app, client_id, text.as_str()).await {
+        Ok(reading) => ServerMessage::weather(&reading).to_json(),
+        Err(e) => {
+            let message = e.to_string();
+            let city = RequestRecord::stored_city(text.as_str().trim());
+            ServerMessage::Error {
+                code: e.code(),
+                message: &message,
+                city: Some(&city),
+            }
+            .to_json()
+        }
+    }
+}
+
+/// A client's weather request, however it came (plain text or a
+/// `weather.get` / `weather.subscribe` event): the lookup, counted in the
+/// request metrics, and one row in the request log.
+pub(crate) async fn recorded_lookup(
+    app: &App,
+    client_id: Uuid,
+    city: &str,
+) -> Result<Arc<Reading>, WeatherError> {
     let started = Instant::now();
     let created_at = Utc::now();
     app.metrics.requests.inc();
-    let result = app.weather.lookup(text.as_str()).await;
+    let result = app.weather.lookup(city).await;
     let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-    let city = RequestRecord::stored_city(text.as_str().trim());
-    let (reply, row) = match result {
+    let (ok, temperature, error) = match &result {
         Ok(reading) => {
             app.metrics.outcome(Outcome::Ok).inc();
-            let row = RequestRecord {
-                client_id,
-                city,
-                ok: true,
-                temperature: Some(reading.temperature),
-                error: None,
-                latency_ms,
-                created_at,
-            };
-            (ServerMessage::weather(&reading).to_json(), row)
+            (true, Some(reading.temperature), None)
         }
         Err(e) => {
             let code = e.code();
             app.metrics.outcome(Outcome::from(code)).inc();
-            let message = e.to_string();
-            let reply = ServerMessage::Error {
-                code,
-                message: &message,
-                city: Some(&city),
-            }
-            .to_json();
-            let row = RequestRecord {
-                client_id,
-                city,
-                ok: false,
-                temperature: None,
-                error: Some(code.as_str()),
-                latency_ms,
-                created_at,
-            };
-            (reply, row)
+            (false, None, Some(code.as_str()))
         }
     };
-    app.log.record(row);
-    reply
+    app.log.record(RequestRecord {
+        client_id,
+        city: RequestRecord::stored_city(city.trim()),
+        ok,
+        temperature,
+        error,
+        latency_ms,
+        created_at,
+    });
+    result
 }
 
 /// Writes everything queued in the outbox with one flush.

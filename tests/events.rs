@@ -251,3 +251,26 @@ async fn an_override_for_an_unknown_event_stops_start_up() {
         .expect_err("refused");
     assert!(err.to_string().contains(r#"events."no.such""#), "{err}");
 }
+
+#[tokio::test]
+async fn weather_events_are_logged_and_counted_like_plain_requests() {
+    let server = start().await;
+    let mut c = server.client().await;
+    assert!(!c.client_id.is_empty(), "greeting read");
+    c.request("weather.get", json!({"city": "Paris"}), "1")
+        .await;
+    c.request("weather.get", json!({"city": "Atlantis"}), "2")
+        .await;
+    c.request("weather.subscribe", json!({"city": "Oslo"}), "3")
+        .await;
+    server.wait_metric("requests", 3).await;
+    server.wait_metric("db-completed", 3).await;
+    let rows = common::rows_for(&server.store_url, &c.client_id).await;
+    let cities: Vec<(&str, bool)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    assert_eq!(
+        cities,
+        [("Paris", true), ("Atlantis", false), ("Oslo", true)],
+        "one row per weather event, in order"
+    );
+    assert_eq!(rows[1].3.as_deref(), Some("not_found"));
+}

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::{Ctx, HandlerResult, Payload, Policy, Registry, invalid_field};
 use crate::broadcast::{HubError, Target};
 use crate::config::{Priority, Rate};
+use crate::connection::recorded_lookup;
 use crate::feeds::{self, Feeds};
 use crate::protocol::{ErrorBody, ErrorCode, normalise_city, parse_city};
 use crate::store::NewNote;
@@ -116,7 +117,7 @@ fn lookup_error(e: WeatherError) -> ErrorBody {
 }
 
 async fn weather_get(ctx: Ctx, req: CityRequest) -> HandlerResult {
-    match ctx.app.weather.lookup(&req.city).await {
+    match recorded_lookup(&ctx.app, ctx.caller.conn_id, &req.city).await {
         Ok(r) => Ok(json!({
             "city": r.city,
             "temperature": r.temperature,
@@ -136,7 +137,9 @@ fn hub_error(e: HubError) -> ErrorBody {
 /// `weather.update` pushes follow whenever it refreshes.
 async fn weather_subscribe(ctx: Ctx, req: CityRequest) -> HandlerResult {
     let app = &ctx.app;
-    let reading = app.weather.lookup(&req.city).await.map_err(lookup_error)?;
+    let reading = recorded_lookup(app, ctx.caller.conn_id, &req.city)
+        .await
+        .map_err(lookup_error)?;
     let key = normalise_city(req.city.trim());
     app.hub
         .subscribe(ctx.caller.conn_id, &feeds::topic(&key))
