@@ -1,7 +1,6 @@
 // Starts the real `gale serve` (and the fake weather API, the only
-// stand-in: the provider is external) on free ports, for the tests.
+// stand-in: the provider is external) on port 0, for the tests.
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:net';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -10,17 +9,6 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 export const GALE = process.env.GALE_BIN ?? resolve(here, '../../../target/debug/gale');
 export const API_KEY = 'js-test-key-0123456789';
-
-export function freePort() {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.on('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => res(port));
-    });
-  });
-}
 
 async function waitFor(url, ms = 15_000) {
   const until = Date.now() + ms;
@@ -34,29 +22,48 @@ async function waitFor(url, ms = 15_000) {
   throw new Error(`${url} never answered`);
 }
 
-/** The fake weather API: `gale fake-upstream [args]`. */
+/** The fake weather API, `gale fake-upstream [args]`, on port 0. */
 export async function startUpstream(args = []) {
-  const port = await freePort();
-  const child = spawn(GALE, ['fake-upstream', '--listen', `127.0.0.1:${port}`, ...args], {
-    stdio: 'ignore',
+  const child = spawn(GALE, ['fake-upstream', '--listen', '127.0.0.1:0', ...args], {
+    stdio: ['ignore', 'ignore', 'pipe'],
   });
-  const url = `http://127.0.0.1:${port}`;
+  const url = await logged(child, /fake weather API at (http:\/\/127\.0\.0\.1:\d+)/);
   await waitFor(`${url}/stats`);
   return { url, stop: () => child.kill('SIGTERM') };
 }
 
+/** Resolves with the first group of `pattern` in the child's stderr. */
+function logged(child, pattern) {
+  return new Promise((resolve, reject) => {
+    let seen = '';
+    const timer = setTimeout(() => reject(new Error(`no start-up line in:\n${seen}`)), 15_000);
+    const onData = (chunk) => {
+      seen += chunk;
+      const m = pattern.exec(seen);
+      if (m) {
+        clearTimeout(timer);
+        child.stderr.off('data', onData);
+        child.stderr.resume(); // keep draining its log
+        resolve(m[1]);
+      }
+    };
+    child.stderr.on('data', onData);
+    child.on('exit', (code) => reject(new Error(`exited (${code}) before starting:\n${seen}`)));
+  });
+}
+
 /**
- * `gale serve` on `port` (a free one by default), against `upstreamUrl`.
- * Returns {url, port, stop()} where stop resolves once it exited.
+ * `gale serve` on 127.0.0.1:`port`, or on port 0 (the OS picks; the port
+ * is read from the server's "listening" log line), against `upstreamUrl`.
+ * Returns {url, http, port, stop()} where stop resolves once it exited.
  */
-export async function startGale(upstreamUrl, port, env = {}) {
-  port ??= await freePort();
+export async function startGale(upstreamUrl, port = 0, env = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'gale-js-'));
   const child = spawn(GALE, ['serve', '--listen', `127.0.0.1:${port}`], {
-    stdio: ['ignore', 'ignore', 'inherit'],
+    stdio: ['ignore', 'ignore', 'pipe'],
     env: {
       ...process.env,
-      RUST_LOG: 'warn',
+      RUST_LOG: 'warn,gale::server=info',
       GALE_WEATHER__BASE_URL: upstreamUrl,
       GALE_STORE__URL: `sqlite://${dir}/gale.db`,
       GALE_API__KEY: API_KEY,
@@ -64,11 +71,12 @@ export async function startGale(upstreamUrl, port, env = {}) {
     },
   });
   const exited = new Promise((r) => child.on('exit', r));
-  await waitFor(`http://127.0.0.1:${port}/healthz`);
+  const bound = Number(await logged(child, /WebSocket at ws:\/\/127\.0\.0\.1:(\d+)\/ws/));
+  await waitFor(`http://127.0.0.1:${bound}/healthz`);
   return {
-    port,
-    url: `ws://127.0.0.1:${port}/ws`,
-    http: `http://127.0.0.1:${port}`,
+    port: bound,
+    url: `ws://127.0.0.1:${bound}/ws`,
+    http: `http://127.0.0.1:${bound}`,
     async stop() {
       child.kill('SIGTERM');
       await exited;
