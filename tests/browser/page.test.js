@@ -99,6 +99,16 @@ test('a stopped server shows "reconnecting"; a restarted one is used again', asy
   await page.screenshot({ path: `${shots}/page.png`, fullPage: true });
 });
 
+test('unsubscribing removes the city, and its updates stop', async () => {
+  await page.click('#subs li[data-city="Oslo"] button');
+  await page.locator('#subs li[data-city="Oslo"]').waitFor({ state: 'detached' });
+  assert.ok(await page.locator('#no-subs').isVisible(), '"None yet" is back');
+  await new Promise((r) => setTimeout(r, 500)); // an update already on its way
+  const settled = await page.locator('#log li').count();
+  await new Promise((r) => setTimeout(r, 3_000)); // readings refresh every second
+  assert.equal(await page.locator('#log li').count(), settled);
+});
+
 test('no console errors', () => {
   // The reconnect attempts while the server is down make Chromium log
   // failed WebSocket connections; those are the test's own doing.

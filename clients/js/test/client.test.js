@@ -3,6 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { GaleClient, GaleError, State } from '../src/index.js';
+import { createHmac } from 'node:crypto';
 import { startGale, startUpstream, publish } from './server.js';
 
 let upstream;
@@ -165,4 +166,29 @@ test('close() ends for good: no reconnect, later requests fail with "closed"', a
   await assert.rejects(c.weather('Paris'), (e) => e.code === 'closed');
   await new Promise((r) => setTimeout(r, 300));
   assert.equal(c.state, State.CLOSED);
+});
+
+/** An HS256 JWT for `sub`, valid for ten minutes. */
+function jwt(secret, sub) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + 600 })}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+test('a token signs the connection in; without one, signed-in events are refused', async () => {
+  const secret = 'js-test-secret-0123456789';
+  const own = await startGale(upstream.url, 0, { GALE_AUTH__JWT_SECRET: secret });
+  const anonymous = new GaleClient(own.url);
+  await anonymous.connect();
+  await assert.rejects(anonymous.request('notes.list'), (e) => e.code === 'unauthorized');
+  anonymous.close();
+
+  const alice = new GaleClient(own.url, { token: jwt(secret, 'alice') });
+  await alice.connect();
+  const saved = await alice.request('notes.save', { title: 'from js', content: 'hello' });
+  assert.equal(saved.owner, 'alice');
+  const { notes } = await alice.request('notes.list');
+  assert.ok(notes.some((n) => n.title === 'from js'));
+  alice.close();
+  await own.stop();
 });
