@@ -2,7 +2,8 @@
 //! `weather_requests`, written off the reply path.
 //!
 //! Rows go through a bounded queue to a fixed set of writer tasks that
-//! insert in batches (one multi-row `INSERT` per batch). When the queue is
+//! insert in batches (one multi-row `INSERT` per batch; a writer waits up
+//! to `store.batch_window_ms` for a batch to fill). When the queue is
 //! full the row is dropped, counted and logged (rate-limited): the reply to
 //! the client never waits for the database. Database errors are retried
 //! with backoff. On shutdown the queue is closed and drained.
