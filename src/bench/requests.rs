@@ -223,30 +223,29 @@ async fn one_connection(
                 return r;
             }
         };
-        if o.ask == Ask::Echo {
-            let Some(sent) = pending.get_mut(text.as_str()).and_then(VecDeque::pop_front) else {
-                r.error("unmatched reply");
+        // Which request this answers, and why it failed if it did. An echo
+        // is its own key; anything else is JSON, read with a typed,
+        // borrowing parse: the generator must stay cheaper per reply than
+        // the server it measures.
+        let (key, failure) = if o.ask == Ask::Echo {
+            (Some(Cow::Borrowed(text.as_str())), None)
+        } else {
+            let Ok(v) = serde_json::from_str::<Reply<'_>>(&text) else {
+                r.error("unparsable reply");
                 continue;
             };
-            in_flight -= 1;
-            r.replies += 1;
-            live.replies.fetch_add(1, Ordering::Relaxed);
-            let _ = r.latency.record(sent.elapsed().as_micros().max(1) as u64);
-            if stop.is_cancelled() && in_flight == 0 {
-                break;
+            if v.kind.as_deref() == Some("connected") {
+                continue; // the greeting
             }
-            continue;
-        }
-        // A typed, borrowing parse: the generator must stay cheaper per
-        // reply than the server it measures.
-        let Ok(v) = serde_json::from_str::<Reply<'_>>(&text) else {
-            r.error("unparsable reply");
-            continue;
+            let failed = v.kind.as_deref() == Some("error") || v.ok == Some(false);
+            let (key, code) = if o.ask == Ask::Event {
+                (v.reply, v.error.and_then(|e| e.code))
+            } else {
+                (v.city, v.code)
+            };
+            let failure = failed.then(|| format!("reply {}", code.as_deref().unwrap_or("error")));
+            (key, failure)
         };
-        if v.kind.as_deref() == Some("connected") {
-            continue; // the greeting
-        }
-        let key = if o.ask == Ask::Event { v.reply } else { v.city };
         let Some(sent) =
             key.and_then(|k| pending.get_mut(k.as_ref()).and_then(VecDeque::pop_front))
         else {
@@ -254,17 +253,13 @@ async fn one_connection(
             continue;
         };
         in_flight -= 1;
-        if v.kind.as_deref() == Some("error") || v.ok == Some(false) {
-            let code = if o.ask == Ask::Event {
-                v.error.and_then(|e| e.code)
-            } else {
-                v.code
-            };
-            r.error(format!("reply {}", code.as_deref().unwrap_or("error")));
-        } else {
-            r.replies += 1;
-            live.replies.fetch_add(1, Ordering::Relaxed);
-            let _ = r.latency.record(sent.elapsed().as_micros().max(1) as u64);
+        match failure {
+            Some(kind) => r.error(kind),
+            None => {
+                r.replies += 1;
+                live.replies.fetch_add(1, Ordering::Relaxed);
+                let _ = r.latency.record(sent.elapsed().as_micros().max(1) as u64);
+            }
         }
         if stop.is_cancelled() && in_flight == 0 {
             break;
