@@ -24,7 +24,7 @@ use crate::identity::Identity;
 use crate::metrics::Outcome;
 use crate::outbox::{Outbox, Outgoing, Taken};
 use crate::protocol::{
-    ErrorBody, ErrorCode, GREETING, Incoming, ServerMessage, classify, reply_json,
+    ErrorBody, ErrorCode, GREETING, Incoming, ServerMessage, classify, echoed_city, reply_json,
 };
 use crate::router::Caller;
 use crate::server::App;
@@ -318,11 +318,10 @@ async fn lookup(app: Arc<App>, client_id: Uuid, text: Utf8Bytes) -> String {
         Ok(reading) => ServerMessage::weather(&reading).to_json(),
         Err(e) => {
             let message = e.to_string();
-            let city = RequestRecord::stored_city(text.as_str().trim());
             ServerMessage::Error {
                 code: e.code(),
                 message: &message,
-                city: Some(&city),
+                city: Some(echoed_city(text.as_str())),
             }
             .to_json()
         }

@@ -166,6 +166,9 @@ pub struct Metrics {
     pub db_dropped: Counter,
     /// Rows given up on after the database kept failing.
     pub db_failed: Counter,
+    /// Rows the database refused for what they hold (set aside; the rest
+    /// of their batch was written).
+    pub db_rejected: Counter,
     /// Failed insert attempts (each retried with backoff).
     pub db_errors: Counter,
     /// Rows waiting in the queue now.
@@ -324,6 +327,12 @@ impl Metrics {
             "Request-log rows lost after retries",
             db_failed.clone(),
         );
+        let db_rejected = Counter::default();
+        reg.register(
+            "db_rows_rejected",
+            "Request-log rows the database refused for their content, set aside",
+            db_rejected.clone(),
+        );
         let db_errors = Counter::default();
         reg.register(
             "db_insert_errors",
@@ -429,6 +438,7 @@ impl Metrics {
             db_completed,
             db_dropped,
             db_failed,
+            db_rejected,
             db_errors,
             db_queue_depth,
             db_batch_size,
@@ -486,6 +496,7 @@ impl Metrics {
             "db-completed": self.db_completed.get(),
             "db-dropped": self.db_dropped.get(),
             "db-failed": self.db_failed.get(),
+            "db-rejected": self.db_rejected.get(),
             "db-queue-depth": self.db_queue_depth.get(),
             "connections": self.connections.get(),
             "rss-bytes": resident_bytes(),

@@ -270,6 +270,19 @@ pub fn parse_city(text: &str) -> Result<&str, InvalidCity> {
     Ok(city)
 }
 
+/// Longest city echoed in an error reply, in characters.
+pub const MAX_ECHOED_CITY_CHARS: usize = 200;
+
+/// The city an error reply echoes: what the client sent, trimmed and cut
+/// to [`MAX_ECHOED_CITY_CHARS`] (JSON escaping keeps it safe on the wire).
+pub fn echoed_city(text: &str) -> &str {
+    let city = text.trim();
+    match city.char_indices().nth(MAX_ECHOED_CITY_CHARS) {
+        Some((cut, _)) => &city[..cut],
+        None => city,
+    }
+}
+
 /// The cache key for a city: case and inner white space do not matter, so
 /// "new  york" and "New York" share one upstream call.
 pub fn normalise_city(city: &str) -> String {

@@ -161,3 +161,135 @@ async fn postgres_batches_from_many_clients() {
         assert_eq!(count_rows(&server.store_url, &c.client_id).await, 20);
     }
 }
+
+/// Sends `good` clients a cached city and one client `bad`, all within
+/// one batch window, and returns (good clients, the bad one).
+async fn one_batch_with_a_bad_row(server: &common::TestServer, bad: &str) -> (Vec<Client>, Client) {
+    // Warm the cache so every good reply is immediate.
+    let mut warm = server.client().await;
+    assert_eq!(warm.ask("London").await["type"], "weather");
+    server.wait_metric("db-completed", 1).await;
+    let mut good = Vec::new();
+    for _ in 0..20 {
+        good.push(server.client().await);
+    }
+    let mut odd = server.client().await;
+    for c in &mut good {
+        c.send("London").await;
+    }
+    odd.send(bad).await;
+    for c in &mut good {
+        assert_eq!(c.recv_json().await["type"], "weather");
+    }
+    (good, odd)
+}
+
+#[tokio::test]
+async fn postgres_a_control_character_never_costs_other_rows() {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let server = start_with(|c| {
+        c.store.url = url;
+        c.store.workers = 1;
+        c.store.batch_window_ms = 300;
+    })
+    .await;
+    let (good, mut odd) = one_batch_with_a_bad_row(&server, "Lon\u{0}don").await;
+    let reply = odd.recv_json().await;
+    assert_eq!(reply["code"], "invalid_data", "{reply}");
+    assert_eq!(
+        reply["city"], "Lon\u{0}don",
+        "the reply echoes what was sent"
+    );
+
+    server.wait_metric("db-completed", 22).await;
+    for c in &good {
+        assert_eq!(count_rows(&server.store_url, &c.client_id).await, 1);
+    }
+    let rows = rows_for(&server.store_url, &odd.client_id).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "Lon\\u0000don", "stored in its escaped form");
+    assert_eq!(rows[0].3.as_deref(), Some("invalid_data"));
+    let m = server.metrics().await;
+    assert_eq!(
+        (m["db-failed"].as_u64(), m["db-rejected"].as_u64()),
+        (Some(0), Some(0)),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_row_the_database_refuses_is_set_aside_and_its_batch_written() {
+    let server = start_with(|c| {
+        c.store.workers = 1;
+        c.store.batch_window_ms = 300;
+    })
+    .await;
+    // A rule the application does not know about refuses one city, as a
+    // CHECK constraint or a trigger added by a DBA would.
+    let pool = sqlx::SqlitePool::connect(&server.store_url)
+        .await
+        .expect("open");
+    sqlx::query(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON weather_requests \
+         WHEN NEW.city = 'Poison' BEGIN SELECT RAISE(ABORT, 'poisoned row'); END",
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+    pool.close().await;
+
+    let (good, mut odd) = one_batch_with_a_bad_row(&server, "Poison").await;
+    assert_eq!(odd.recv_json().await["type"], "weather");
+    server.wait_metric("db-completed", 21).await;
+    server.wait_metric("db-rejected", 1).await;
+    for c in &good {
+        assert_eq!(count_rows(&server.store_url, &c.client_id).await, 1);
+    }
+    assert_eq!(count_rows(&server.store_url, &odd.client_id).await, 0);
+    assert_eq!(server.metric("db-failed").await, 0);
+    let (_, text) = server.get("/metrics").await.expect("metrics");
+    assert!(text.contains("gale_db_rows_rejected_total 1"), "{text}");
+}
+
+#[tokio::test]
+async fn postgres_a_row_postgres_refuses_does_not_take_its_batch() {
+    use gale::config::StoreConfig;
+    use gale::metrics::Metrics;
+    use gale::store::{Db, RequestRecord, spawn_writers};
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let db = Db::connect(&url, 2).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let cfg = StoreConfig {
+        workers: 1,
+        batch_window_ms: 300,
+        ..StoreConfig::default()
+    };
+    let (log, writers) = spawn_writers(db, &cfg, metrics.clone());
+    let client_id = uuid::Uuid::new_v4();
+    for i in 0..50 {
+        // Bypasses the escaping the server applies: the raw NUL is what
+        // PostgreSQL refuses in TEXT.
+        let city = if i == 25 { "Bad\u{0}Row" } else { "Good" };
+        assert!(log.record(RequestRecord {
+            client_id,
+            city: city.to_owned(),
+            ok: true,
+            temperature: Some(1.0),
+            error: None,
+            latency_ms: 1,
+            created_at: chrono::Utc::now(),
+        }));
+    }
+    assert!(writers.drain(Duration::from_secs(10)).await, "drained");
+    assert_eq!(count_rows(&url, &client_id.to_string()).await, 49);
+    assert_eq!(metrics.db_completed.get(), 49);
+    assert_eq!(metrics.db_rejected.get(), 1);
+    assert_eq!(metrics.db_failed.get(), 0);
+}

@@ -56,6 +56,31 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Whether the database refused `e`'s statement because of what a row
+/// holds, so that retrying the same rows cannot succeed: PostgreSQL's data
+/// exceptions (SQLSTATE class 22, e.g. NUL in `TEXT`) and integrity
+/// violations (class 23); SQLite's constraint violations (including a
+/// trigger's `RAISE(ABORT)`), type mismatches and oversized values.
+/// Everything else (connection lost, pool timeout, database locked, disk
+/// full) may pass on a retry.
+pub(super) fn refuses_row(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(e) = e else {
+        return false;
+    };
+    let Some(code) = e.code() else {
+        return false;
+    };
+    if e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        return code.starts_with("22") || code.starts_with("23");
+    }
+    // SQLite reports its extended result code; the primary code is the
+    // low byte. 18 TOOBIG, 19 CONSTRAINT, 20 MISMATCH.
+    code.parse::<i32>()
+        .is_ok_and(|c| matches!(c & 0xff, 18..=20))
+}
+
 impl Db {
     /// Opens a pool of at most `max_connections`.
     ///

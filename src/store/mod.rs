@@ -27,8 +27,9 @@ pub use notes::{LIST_LIMIT, NewNote, Note};
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
 
-/// Longest city stored in a row; the rest is cut (the client may send up
-/// to `max_message_bytes`, the log need not keep it all).
+/// Longest city stored in a row, in characters after escaping; the rest
+/// is cut (the client may send up to `max_message_bytes`, the log need not
+/// keep it all).
 pub const MAX_STORED_CITY_CHARS: usize = 200;
 
 /// Why the store could not start.
@@ -52,7 +53,7 @@ pub enum StoreError {
 pub struct RequestRecord {
     /// The connection that asked.
     pub client_id: Uuid,
-    /// The city as sent (cut to [`MAX_STORED_CITY_CHARS`]).
+    /// The city as sent, in its stored form ([`RequestRecord::stored_city`]).
     pub city: String,
     /// Whether a reading was returned.
     pub ok: bool,
@@ -67,11 +68,23 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// Cuts `city` to what the log keeps.
+    /// The form of a client's city text the log keeps: every control
+    /// character written as a `\uXXXX` escape (PostgreSQL refuses NUL in
+    /// `TEXT`, and a log line should not carry raw control codes), then
+    /// cut to [`MAX_STORED_CITY_CHARS`].
     pub fn stored_city(city: &str) -> String {
-        match city.char_indices().nth(MAX_STORED_CITY_CHARS) {
-            Some((cut, _)) => city[..cut].to_owned(),
-            None => city.to_owned(),
+        let mut stored = String::with_capacity(city.len().min(4 * MAX_STORED_CITY_CHARS));
+        for c in city.chars().take(MAX_STORED_CITY_CHARS) {
+            if c.is_control() {
+                use std::fmt::Write;
+                let _ = write!(stored, "\\u{:04x}", u32::from(c));
+            } else {
+                stored.push(c);
+            }
+        }
+        match stored.char_indices().nth(MAX_STORED_CITY_CHARS) {
+            Some((cut, _)) => stored[..cut].to_owned(),
+            None => stored,
         }
     }
 }
@@ -273,7 +286,43 @@ impl Writer {
         }
     }
 
+    /// Writes `rows`. A batch the database refuses because of what one of
+    /// its rows holds (a data or constraint error) is split in halves
+    /// until the refused rows stand alone; they are set aside and counted
+    /// as rejected, and every other row is written. Any other error
+    /// (database down, locked, timed out) is retried with backoff.
     async fn write(&self, rows: &[RequestRecord]) {
+        // Halves still to write, the next one last; order is kept.
+        let mut parts = vec![rows];
+        while let Some(part) = parts.pop() {
+            match self.insert_retrying(part).await {
+                Inserted::Ok => {}
+                Inserted::Refused(_) if part.len() > 1 => {
+                    let (first, second) = part.split_at(part.len() / 2);
+                    parts.push(second);
+                    parts.push(first);
+                }
+                Inserted::Refused(e) => {
+                    let rejected = self.metrics.db_rejected.inc() + 1;
+                    if self.slow.allow() {
+                        tracing::warn!(
+                            rejected_total = rejected,
+                            city = %part[0].city,
+                            error = %e,
+                            "request log: the database refused a row; set aside, the rest of its batch written"
+                        );
+                    }
+                }
+                Inserted::GaveUp => {
+                    self.metrics.db_failed.inc_by(part.len() as u64);
+                }
+            }
+        }
+    }
+
+    /// One insert of `rows`, retried with backoff while the error is not
+    /// the rows' own fault.
+    async fn insert_retrying(&self, rows: &[RequestRecord]) -> Inserted {
         let n = rows.len() as u64;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=self.max_retries {
@@ -290,8 +339,9 @@ impl Writer {
                             "request log: slow batch insert (the database or the CPU is saturated)"
                         );
                     }
-                    return;
+                    return Inserted::Ok;
                 }
+                Err(e) if db::refuses_row(&e) => return Inserted::Refused(e),
                 Err(e) => {
                     self.metrics.db_errors.inc();
                     if attempt == self.max_retries {
@@ -304,8 +354,18 @@ impl Writer {
                 }
             }
         }
-        self.metrics.db_failed.inc_by(n);
+        Inserted::GaveUp
     }
+}
+
+/// How one insert ended.
+enum Inserted {
+    /// Written.
+    Ok,
+    /// The database refused what a row holds; retrying cannot help.
+    Refused(sqlx::Error),
+    /// Failed every attempt.
+    GaveUp,
 }
 
 #[cfg(test)]
@@ -318,6 +378,19 @@ mod tests {
         let cut = RequestRecord::stored_city(&long);
         assert_eq!(cut.chars().count(), MAX_STORED_CITY_CHARS);
         assert_eq!(RequestRecord::stored_city("Oslo"), "Oslo");
+    }
+
+    #[test]
+    fn stored_city_escapes_control_characters() {
+        assert_eq!(RequestRecord::stored_city("Lon\0don"), "Lon\\u0000don");
+        assert_eq!(
+            RequestRecord::stored_city("a\nb\u{7f}\u{85}"),
+            "a\\u000ab\\u007f\\u0085"
+        );
+        let nuls = "\0".repeat(300);
+        let stored = RequestRecord::stored_city(&nuls);
+        assert_eq!(stored.chars().count(), MAX_STORED_CITY_CHARS);
+        assert!(!stored.contains('\0'));
     }
 
     #[test]
