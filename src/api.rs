@@ -5,10 +5,15 @@
 //! Body: `{"event":…,"data":…}` plus exactly one target: `"users":[…]`,
 //! `"topic":"…"` or `"broadcast":true`. Answers 200 with
 //! `{"reached":N}`, the connections the target has on this node now.
+//!
+//! Size: the push (`{"event":…,"data":…}` as the server encodes it) must
+//! fit `server.max_outbound_message_bytes`, so that every recipient can be
+//! sent it; the body may be up to 1 MiB more than that (room for a long
+//! `users` list). Past either limit the answer is 413 and nothing is sent.
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +24,9 @@ use crate::server::App;
 
 /// Most users named in one publish.
 pub const MAX_USERS: usize = 10_000;
+
+/// What a publish body may hold beyond the push itself (the target list).
+pub const BODY_ALLOWANCE: usize = 1 << 20;
 
 fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
@@ -33,7 +41,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 pub(crate) async fn publish(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let Some(key) = app.config.api.key.as_deref() else {
         return error(
@@ -53,6 +61,11 @@ pub(crate) async fn publish(
         )
             .into_response();
     }
+    let limit = app.config.server.max_outbound_message_bytes + BODY_ALLOWANCE;
+    let body = match read_body(&headers, body, limit).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
     let (event, data, target) = match parse(&body) {
         Ok(p) => p,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
@@ -62,8 +75,43 @@ pub(crate) async fn publish(
         Err(e @ (HubError::QueueFull | HubError::Closed)) => {
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }
+        Err(e @ HubError::TooLarge { .. }) => error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
         Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
     }
+}
+
+/// Reads the body, at most `limit` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Response> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "the body is larger than {limit} bytes (server.max_outbound_message_bytes + 1 MiB)"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let chunk = chunk.map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the body: {e}"),
+            )
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.into())
 }
 
 /// Reads and checks a publish body.

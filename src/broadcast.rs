@@ -80,6 +80,16 @@ pub enum HubError {
     /// The hub is shutting down.
     #[error("the server is shutting down")]
     Closed,
+    /// The encoded push is larger than any connection may be sent.
+    #[error(
+        "the push would be {size} bytes, over server.max_outbound_message_bytes = {limit}: nothing was sent"
+    )]
+    TooLarge {
+        /// The encoded push, in bytes.
+        size: usize,
+        /// `server.max_outbound_message_bytes`.
+        limit: usize,
+    },
 }
 
 struct Member {
@@ -134,6 +144,7 @@ pub struct Hub {
     system: events::Sender<SystemEvent>,
     max_topics: usize,
     max_topics_per_conn: usize,
+    max_message_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -160,8 +171,14 @@ impl Delivery {
 }
 
 impl Hub {
-    /// A hub and its delivery task.
-    pub fn start(cfg: &BroadcastConfig, metrics: Arc<Metrics>) -> (Arc<Hub>, Delivery) {
+    /// A hub and its delivery task. No push larger than
+    /// `max_message_bytes` (`server.max_outbound_message_bytes`) is ever
+    /// queued for a connection.
+    pub fn start(
+        cfg: &BroadcastConfig,
+        max_message_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Hub>, Delivery) {
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         let (system, _) = events::channel(1024);
         let hub = Arc::new(Hub {
@@ -170,6 +187,7 @@ impl Hub {
             system,
             max_topics: cfg.max_topics,
             max_topics_per_conn: cfg.max_topics_per_connection,
+            max_message_bytes,
             metrics,
         });
         let stop = tokio_util::sync::CancellationToken::new();
@@ -337,24 +355,42 @@ impl Hub {
         out.len()
     }
 
+    /// Encodes a push once, for every recipient.
+    ///
+    /// # Errors
+    /// [`HubError::TooLarge`] past `server.max_outbound_message_bytes`.
+    fn encode(&self, event: &str, data: &Value) -> Result<Utf8Bytes, HubError> {
+        let text = push_json(event, data);
+        if text.len() > self.max_message_bytes {
+            return Err(HubError::TooLarge {
+                size: text.len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(text.into())
+    }
+
     /// Pushes `{"event":…,"data":…}` to `target` at once. Returns the
     /// connections it was queued for.
-    pub fn send_now(&self, target: &Target, event: &str, data: &Value) -> usize {
-        let text: Utf8Bytes = push_json(event, data).into();
+    ///
+    /// # Errors
+    /// [`HubError::TooLarge`] when the push could not be sent to anyone.
+    pub fn send_now(&self, target: &Target, event: &str, data: &Value) -> Result<usize, HubError> {
+        let text = self.encode(event, data)?;
         let mut out = Vec::new();
         self.lock().recipients(target, &mut out);
-        push_all(&self.metrics, &out, &text)
+        Ok(push_all(&self.metrics, &out, &text))
     }
 
     /// Queues a push for batched delivery. Returns how many connections
     /// `target` reaches now.
     ///
     /// # Errors
-    /// [`HubError::QueueFull`] (counted in `gale_broadcast_dropped_total`)
-    /// or [`HubError::Closed`].
+    /// [`HubError::TooLarge`], [`HubError::QueueFull`] (counted in
+    /// `gale_broadcast_dropped_total`) or [`HubError::Closed`].
     pub fn publish(&self, target: Target, event: &str, data: &Value) -> Result<usize, HubError> {
+        let text = self.encode(event, data)?;
         let reach = self.reach(&target);
-        let text = push_json(event, data).into();
         match self.queue.try_send(Queued { target, text }) {
             Ok(()) => Ok(reach),
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -146,8 +146,14 @@ pub struct ServerConfig {
     /// Address to listen on, `host:port`.
     pub listen: String,
     /// Largest WebSocket message accepted; larger ones close the
-    /// connection with 1009.
+    /// connection with 1009. The default carries a `notes.save` of the
+    /// largest note (100,000 bytes of content).
     pub max_message_bytes: usize,
+    /// Largest message the server sends: a push, a reply. What would be
+    /// larger is refused where it enters (413 from the publish API, an
+    /// error reply, a paged `notes.list`), never by dropping a recipient.
+    /// Every connection can carry one this large at any time.
+    pub max_outbound_message_bytes: usize,
     /// Most TCP connections held at once; further clients wait in the
     /// kernel's accept backlog until one closes.
     pub max_connections: usize,
@@ -182,7 +188,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8080".to_owned(),
-            max_message_bytes: 65_536,
+            max_message_bytes: 131_072,
+            max_outbound_message_bytes: MIN_OUTBOUND_MESSAGE_BYTES,
             max_connections: 50_000,
             shutdown_grace_ms: 30_000,
             ping_interval_s: 30,
@@ -450,6 +457,15 @@ impl Rate {
     }
 }
 
+/// The least `server.max_outbound_message_bytes` may be: room for the
+/// largest note (100,000 bytes of content, escaped, plus its title and 100
+/// collaborators) in one push or one `notes.list` page.
+pub const MIN_OUTBOUND_MESSAGE_BYTES: usize = 1 << 20;
+
+/// The most `server.max_outbound_message_bytes` may be: the largest frame
+/// common client libraries accept by default (tungstenite: 16 MiB).
+pub const MAX_OUTBOUND_MESSAGE_BYTES: usize = 16 << 20;
+
 /// Most rows in one insert: keeps a statement under both databases'
 /// bind-parameter limits (7 columns each).
 pub const MAX_BATCH_SIZE: usize = 4_000;
@@ -498,6 +514,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         positive("server.max_message_bytes", s.max_message_bytes as u64)?;
+        if !(MIN_OUTBOUND_MESSAGE_BYTES..=MAX_OUTBOUND_MESSAGE_BYTES)
+            .contains(&s.max_outbound_message_bytes)
+        {
+            return Err(ConfigError::invalid(
+                "server.max_outbound_message_bytes",
+                format!(
+                    "must be from {MIN_OUTBOUND_MESSAGE_BYTES} (the largest note fits) \
+                     to {MAX_OUTBOUND_MESSAGE_BYTES} (what common clients accept)"
+                ),
+            ));
+        }
         positive("server.max_connections", s.max_connections as u64)?;
         positive(
             "server.max_inflight_per_connection",
@@ -728,7 +755,8 @@ mod tests {
     fn defaults_are_valid_and_documented_values() {
         let c = Config::load_from(None, env(&[])).expect("defaults load");
         assert_eq!(c.server.listen, "127.0.0.1:8080");
-        assert_eq!(c.server.max_message_bytes, 65_536);
+        assert_eq!(c.server.max_message_bytes, 131_072);
+        assert_eq!(c.server.max_outbound_message_bytes, 1_048_576);
         assert_eq!(c.weather.provider, Provider::OpenMeteo);
         assert_eq!(c.weather.timeout_ms, 5_000);
         assert_eq!(c.weather.max_concurrent, 200);

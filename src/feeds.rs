@@ -84,11 +84,14 @@ impl Feeds {
                 match app.weather.lookup(&city).await {
                     // A new Arc means the cache fetched a fresh reading.
                     Ok(r) if !Arc::ptr_eq(&r, &last) => {
-                        app.hub.send_now(
+                        // A reading is a few hundred bytes: never too large.
+                        if let Err(e) = app.hub.send_now(
                             &Target::Topic(topic.clone()),
                             "weather.update",
                             &reading_json(&r),
-                        );
+                        ) {
+                            tracing::warn!(city = %key, error = %e, "weather update not pushed");
+                        }
                         last = r;
                     }
                     Ok(_) => {}

@@ -17,6 +17,9 @@ use crate::weather::Reading;
 /// Longest city name accepted, in characters.
 pub const MAX_CITY_CHARS: usize = 100;
 
+/// Longest `ref` accepted, in characters: every reply echoes it.
+pub const MAX_REF_CHARS: usize = 256;
+
 /// The greeting sent on connect.
 pub const GREETING: &str = "Send city name to get weather";
 
@@ -172,6 +175,9 @@ pub fn classify(text: &str) -> Incoming<'_> {
     };
     let reply_to = match obj.remove("ref") {
         None | Some(Value::Null) => None,
+        Some(Value::String(r)) if r.chars().nth(MAX_REF_CHARS).is_some() => {
+            return invalid(None, "\"ref\" must be at most 256 characters");
+        }
         Some(r @ (Value::String(_) | Value::Number(_))) => Some(r),
         Some(_) => return invalid(None, "\"ref\" must be a string or a number"),
     };
@@ -350,6 +356,11 @@ mod tests {
         assert!(matches!(
             classify(r#"{"event":"x","ref":[1]}"#),
             Incoming::Invalid { .. }
+        ));
+        let long_ref = format!(r#"{{"event":"x","ref":"{}"}}"#, "r".repeat(257));
+        assert!(matches!(
+            classify(&long_ref),
+            Incoming::Invalid { reply_to: None, .. }
         ));
     }
 

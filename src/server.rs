@@ -159,7 +159,11 @@ pub async fn start(
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let weather = Weather::from_config(&config.weather, metrics.clone())?;
     let (db, log, writers) = store::start(&config.store, metrics.clone()).await?;
-    let (hub, delivery) = Hub::start(&config.broadcast, metrics.clone());
+    let (hub, delivery) = Hub::start(
+        &config.broadcast,
+        config.server.max_outbound_message_bytes,
+        metrics.clone(),
+    );
     let grace = config.server.shutdown_grace();
     let app = Arc::new(App {
         config,
@@ -277,11 +281,8 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/metrics.json", get(metrics_json))
-        .route(
-            "/api/publish",
-            axum::routing::post(crate::api::publish)
-                .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024)),
-        )
+        // The handler reads the body under its own limit.
+        .route("/api/publish", axum::routing::post(crate::api::publish))
         .fallback(not_found)
         .with_state(app)
 }
@@ -420,7 +421,10 @@ fn accept(
     let s = &app.config.server;
     ws.read_buffer_size(s.read_buffer_bytes)
         .write_buffer_size(s.write_buffer_bytes)
-        .max_write_buffer_size(s.write_buffer_bytes + s.max_message_bytes.max(64 * 1024))
+        // Room for one frame of the largest outbound message (header at
+        // most 14 bytes) on top of what is gathered before a write: every
+        // message the server accepts to send can always be written.
+        .max_write_buffer_size(s.write_buffer_bytes + s.max_outbound_message_bytes + 14)
         .max_message_size(s.max_message_bytes)
         .max_frame_size(s.max_message_bytes)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))

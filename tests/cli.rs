@@ -144,7 +144,7 @@ async fn client_token_flag_signs_in() {
     let reply: serde_json::Value = serde_json::from_slice(&out.0.stdout).expect("json");
     assert_eq!(
         reply,
-        serde_json::json!({"reply":"1","ok":true,"data":{"notes":[]}})
+        serde_json::json!({"reply":"1","ok":true,"data":{"notes":[],"next":null}})
     );
     assert_eq!(out.1.status.code(), Some(1));
     assert!(

@@ -209,3 +209,119 @@ async fn a_failing_database_is_an_internal_error_without_details() {
         .await;
     assert_eq!(r["ok"], true, "works again once the database is free");
 }
+
+/// Reads every page of `notes.list` for `c`: (pages, notes in order).
+async fn list_all(c: &mut Client) -> (Vec<Value>, Vec<Value>) {
+    let (mut pages, mut notes) = (Vec::new(), Vec::new());
+    let mut before = Value::Null;
+    loop {
+        let data = if before.is_null() {
+            Value::Null
+        } else {
+            json!({ "before": before })
+        };
+        let r = c
+            .request("notes.list", data, &format!("p{}", pages.len()))
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+        notes.extend(
+            r["data"]["notes"]
+                .as_array()
+                .expect("notes")
+                .iter()
+                .cloned(),
+        );
+        before = r["data"]["next"].clone();
+        pages.push(r);
+        if before.is_null() {
+            return (pages, notes);
+        }
+        assert!(pages.len() < 50, "paging never ends");
+    }
+}
+
+async fn large_notes_and_long_lists(store_url: Option<String>) {
+    let server = start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.events.entry("notes.save".into()).or_default().rate_limit = Some("off".into());
+        if let Some(url) = store_url {
+            c.store.url = url;
+        }
+    })
+    .await;
+    let limit = server.app.config.server.max_outbound_message_bytes;
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let mut a = connect_as(&server, &alice, json!(["admin"])).await;
+    let mut b = connect_as(&server, &bob, json!([])).await;
+
+    // A few hundred notes: one list reply of ~100 KB.
+    let many: Vec<Value> = (0..300)
+        .map(|i| json!({"title": format!("n{i}"), "content": "y".repeat(250)}))
+        .collect();
+    let r = a
+        .request("notes.import", json!({"notes": many}), "imp")
+        .await;
+    assert_eq!(r["data"]["imported"], 300, "{r}");
+    let (pages, listed) = list_all(&mut a).await;
+    assert_eq!((pages.len(), listed.len()), (1, 300));
+
+    // Notes of the documented maximum, 100,000 bytes, shared with bob: every
+    // push reaches him, and his connection stays open.
+    for i in 0..12 {
+        let content = format!("{i:02}").repeat(50_000);
+        let r = a
+            .request(
+                "notes.save",
+                json!({"title": format!("big{i}"), "content": content, "collaborators": [bob]}),
+                &format!("big{i}"),
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{}", r["error"]);
+        let push = b.next_push().await;
+        assert_eq!(push["event"], "notes.updated");
+        assert_eq!(
+            push["data"]["content"].as_str().map(str::len),
+            Some(100_000)
+        );
+    }
+
+    // 312 notes, 1.3 MB of them: pages that each fit the outbound limit,
+    // newest first, every note exactly once.
+    let (pages, listed) = list_all(&mut a).await;
+    assert!(pages.len() >= 2, "{} pages", pages.len());
+    for p in &pages {
+        assert!(p.to_string().len() <= limit, "a page within {limit} bytes");
+    }
+    assert_eq!(listed.len(), 312);
+    let mut ids: Vec<i64> = listed
+        .iter()
+        .map(|n| n["id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(listed[0]["title"], "big11", "newest first");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 312, "no note twice");
+    let (_, shared) = list_all(&mut b).await;
+    assert_eq!(shared.len(), 12);
+
+    let r = b
+        .request("notes.list", json!({"before": "not a cursor"}), "bad")
+        .await;
+    assert_eq!(r["error"]["field"], "before", "{r}");
+    let r = b.request("server.stats", Value::Null, "alive").await;
+    assert_eq!(r["ok"], true, "bob's connection survived: {r}");
+}
+
+#[tokio::test]
+async fn sqlite_large_notes_and_long_lists_reach_their_readers() {
+    large_notes_and_long_lists(None).await;
+}
+
+#[tokio::test]
+async fn postgres_large_notes_and_long_lists_reach_their_readers() {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    large_notes_and_long_lists(Some(url)).await;
+}

@@ -360,14 +360,67 @@ async fn lifecycle_events_reach_application_hooks_not_the_wire() {
     // Application code can push too, and nothing of the above was sent
     // on the wire to other clients.
     let mut other = server.client().await;
-    let reached = server.app.hub.send_now(
-        &gale::broadcast::Target::Everyone,
-        "hello",
-        &json!({"from": "app"}),
-    );
+    let reached = server
+        .app
+        .hub
+        .send_now(
+            &gale::broadcast::Target::Everyone,
+            "hello",
+            &json!({"from": "app"}),
+        )
+        .expect("small enough");
     assert_eq!(reached, 1);
     assert_eq!(
         other.next_push().await,
         json!({"event":"hello","data":{"from":"app"}})
     );
+}
+
+#[tokio::test]
+async fn pushes_of_100_kb_reach_their_subscriber() {
+    let server = start_with(push_config).await;
+    let mut sub = server.client().await;
+    sub.request("topic.subscribe", json!({"topic": "big"}), "s")
+        .await;
+    let body = json!({"event": "blob", "data": "x".repeat(100_000), "topic": "big"}).to_string();
+    for _ in 0..3 {
+        let (status, reply) = publish(&server, Some(API_KEY), &body).await;
+        assert_eq!((status, &reply), (200, &json!({"reached": 1})));
+    }
+    for _ in 0..3 {
+        let push = sub.next_push().await;
+        assert_eq!(push["data"].as_str().map(str::len), Some(100_000));
+    }
+    let r = sub.request("server.stats", Value::Null, "after").await;
+    assert_eq!(r["ok"], true, "the connection is still open: {r}");
+}
+
+#[tokio::test]
+async fn a_push_too_big_to_send_is_refused_at_the_api_with_413() {
+    let server = start_with(push_config).await;
+    let limit = server.app.config.server.max_outbound_message_bytes;
+    let mut sub = server.client().await;
+    sub.request("topic.subscribe", json!({"topic": "big"}), "s")
+        .await;
+    // A body under the body limit whose push would not be: numbers that
+    // re-encode longer (9e15 is sent as 9000000000000000.0).
+    let numbers = vec!["9e15"; limit / 10].join(",");
+    let body = format!(r#"{{"event":"n","topic":"big","data":[{numbers}]}}"#);
+    assert!(body.len() < limit, "{}", body.len());
+    let (status, reply) = publish(&server, Some(API_KEY), &body).await;
+    assert_eq!(status, 413, "{reply}");
+    let message = reply["error"].as_str().expect("error");
+    assert!(message.contains("max_outbound_message_bytes"), "{message}");
+
+    // A body over the body limit.
+    let huge = json!({"event": "n", "topic": "big", "data": "x".repeat(3 * limit)}).to_string();
+    let (status, reply) = publish(&server, Some(API_KEY), &huge).await;
+    assert_eq!(status, 413, "{reply}");
+    assert!(reply["error"].is_string(), "a JSON error: {reply}");
+
+    // The subscriber never noticed.
+    let (status, _) = publish(&server, Some(API_KEY), r#"{"event":"small","topic":"big"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(sub.next_push().await["event"], "small");
+    assert_eq!(server.metric("connections").await, 1);
 }

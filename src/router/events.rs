@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -12,7 +13,7 @@ use crate::config::{Priority, Rate};
 use crate::connection::recorded_lookup;
 use crate::feeds::{self, Feeds};
 use crate::protocol::{ErrorBody, ErrorCode, normalise_city, parse_city};
-use crate::store::NewNote;
+use crate::store::{LIST_LIMIT, NewNote, Note};
 use crate::weather::WeatherError;
 
 pub(super) fn register(r: &mut Registry) {
@@ -331,22 +332,127 @@ async fn notes_save(ctx: Ctx, req: SaveNote) -> HandlerResult {
         .cloned()
         .collect();
     if !others.is_empty() {
-        ctx.app
+        // A note within its limits always fits an outbound message
+        // (server.max_outbound_message_bytes is at least 1 MiB).
+        if let Err(e) = ctx
+            .app
             .hub
-            .send_now(&Target::Users(others), "notes.updated", &data);
+            .send_now(&Target::Users(others), "notes.updated", &data)
+        {
+            tracing::error!(id = saved.id, error = %e, "notes.updated not pushed");
+        }
     }
     Ok(data)
 }
 
-async fn notes_list(ctx: Ctx, _: Value) -> HandlerResult {
+/// `notes.list {before?}`: one page of notes. `before` is the `next`
+/// cursor of the previous page.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListNotes {
+    #[serde(default)]
+    before: Option<String>,
+}
+
+impl Payload for Option<ListNotes> {
+    fn validate(&self) -> Result<(), ErrorBody> {
+        match self.as_ref().and_then(|r| r.before.as_deref()) {
+            Some(c) => parse_cursor(c).map(drop),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Room a reply needs around a page of notes: `{"reply":…,"ok":true,
+/// "data":{"notes":[…],"next":"…"}}`, with a `ref` of at most
+/// [`crate::protocol::MAX_REF_CHARS`] characters, escaped.
+const REPLY_ROOM: usize = 4096;
+
+/// Notes read from the database at a time while a page fills.
+const LIST_CHUNK: i64 = 50;
+
+/// A page's `next`: where the following page starts.
+fn cursor(note: &Note) -> String {
+    format!(
+        "{}:{}:{}",
+        note.updated_at.timestamp(),
+        note.updated_at.timestamp_subsec_nanos(),
+        note.id
+    )
+}
+
+fn parse_cursor(text: &str) -> Result<(DateTime<Utc>, i64), ErrorBody> {
+    let bad = || {
+        invalid_field(
+            "before",
+            "before must be the next cursor of a notes.list page",
+        )
+    };
+    let mut parts = text.splitn(3, ':');
+    let mut next = || parts.next().ok_or_else(bad);
+    let (secs, nanos, id) = (next()?, next()?, next()?);
+    let at = DateTime::from_timestamp(
+        secs.parse().map_err(|_| bad())?,
+        nanos.parse().map_err(|_| bad())?,
+    )
+    .ok_or_else(bad)?;
+    Ok((at, id.parse().map_err(|_| bad())?))
+}
+
+/// Pages hold at most [`LIST_LIMIT`] notes and fit in
+/// `server.max_outbound_message_bytes`; `next` is null on the last page.
+async fn notes_list(ctx: Ctx, req: Option<ListNotes>) -> HandlerResult {
     let me = user(&ctx)?;
-    let notes = ctx
+    let db = &ctx.app.db;
+    let mut before = match req.and_then(|r| r.before) {
+        Some(c) => Some(parse_cursor(&c)?),
+        None => None,
+    };
+    let budget = ctx
         .app
-        .db
-        .list_notes(me)
-        .await
-        .map_err(|e| db_error("notes.list", &e))?;
-    Ok(json!({ "notes": notes }))
+        .config
+        .server
+        .max_outbound_message_bytes
+        .saturating_sub(REPLY_ROOM);
+    let (mut notes, mut used, mut more) = (Vec::<Note>::new(), 0, false);
+    'fill: while (notes.len() as i64) < LIST_LIMIT {
+        let want = (LIST_LIMIT - notes.len() as i64).min(LIST_CHUNK);
+        let chunk = db
+            .list_notes(me, before, want)
+            .await
+            .map_err(|e| db_error("notes.list", &e))?;
+        let exhausted = (chunk.len() as i64) < want;
+        for note in chunk {
+            // Its size in the reply, with the comma before it.
+            let size = serde_json::to_vec(&note).map_or(usize::MAX, |v| v.len()) + 1;
+            if used + size > budget {
+                if notes.is_empty() {
+                    tracing::error!(id = note.id, size, "a note larger than a whole page");
+                    return Err(ErrorBody::new(
+                        ErrorCode::InternalError,
+                        "a note is too large to send (server.max_outbound_message_bytes)",
+                    ));
+                }
+                more = true;
+                break 'fill;
+            }
+            used += size;
+            before = Some((note.updated_at, note.id));
+            notes.push(note);
+        }
+        if exhausted {
+            break;
+        }
+    }
+    if !more && notes.len() as i64 == LIST_LIMIT {
+        more = !db
+            .list_notes(me, before, 1)
+            .await
+            .map_err(|e| db_error("notes.list", &e))?
+            .is_empty();
+    }
+    let next = if more { notes.last().map(cursor) } else { None };
+    Ok(json!({ "notes": notes, "next": next }))
 }
 
 /// `notes.import {notes[]}`.

@@ -414,9 +414,10 @@ async fn run(task: Task) {
     } = task;
     let outbox = ctx.caller.outbox.clone();
     let metrics = ctx.app.metrics.clone();
+    let limit = ctx.app.config.server.max_outbound_message_bytes;
     let started = Instant::now();
     let work = std::panic::AssertUnwindSafe(job(ctx)).catch_unwind();
-    let result = match tokio::time::timeout(route.policy.timeout, work).await {
+    let mut result = match tokio::time::timeout(route.policy.timeout, work).await {
         Ok(Ok(result)) => result,
         Ok(Err(_panic)) => {
             tracing::error!(event = route.name, "handler panicked");
@@ -434,11 +435,29 @@ async fn run(task: Task) {
     metrics
         .handler_latency
         .observe(started.elapsed().as_secs_f64());
+    let mut reply = reply_to.as_ref().map(|r| reply_json(r, &result));
+    if let (Some(r), Some(text)) = (&reply_to, &reply) {
+        if text.len() > limit {
+            // A handler's bug: every shipped event keeps its replies within
+            // the limit. The client gets an error, not a dropped connection.
+            tracing::error!(
+                event = route.name,
+                bytes = text.len(),
+                limit,
+                "reply over server.max_outbound_message_bytes: replaced by an error"
+            );
+            result = Err(ErrorBody::new(
+                ErrorCode::InternalError,
+                "the reply would be larger than the server may send",
+            ));
+            reply = Some(reply_json(r, &result));
+        }
+    }
     route.count(match &result {
         Ok(_) => Outcome::Ok,
         Err(e) => Outcome::from(e.code),
     });
-    if let Some(r) = reply_to {
-        outbox.push(reply_json(&r, &result).into(), true);
+    if let Some(text) = reply {
+        outbox.push(text.into(), true);
     }
 }

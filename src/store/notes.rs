@@ -40,7 +40,7 @@ pub struct NewNote {
     pub collaborators: Vec<String>,
 }
 
-/// Most notes `list_notes` returns.
+/// Most notes one `notes.list` page holds.
 pub const LIST_LIMIT: i64 = 500;
 
 /// Runs `$body` with `$pool` bound to whichever pool `$db` holds.
@@ -160,21 +160,37 @@ impl Db {
         })
     }
 
-    /// The user's own notes and those shared with them, newest first, at
-    /// most [`LIST_LIMIT`].
+    /// The user's own notes and those shared with them, newest first
+    /// (by `updated_at`, then `id`), at most `limit`, starting after
+    /// `before` (the `(updated_at, id)` of the last note already read).
     ///
     /// # Errors
     /// The driver's error.
-    pub async fn list_notes(&self, user: &str) -> Result<Vec<Note>, sqlx::Error> {
+    pub async fn list_notes(
+        &self,
+        user: &str,
+        before: Option<(DateTime<Utc>, i64)>,
+        limit: i64,
+    ) -> Result<Vec<Note>, sqlx::Error> {
         on_pool!(self, pool => {
             let mut q = QueryBuilder::new(
-                "SELECT id, owner, title, content, created_at, updated_at FROM notes WHERE owner = ",
+                "SELECT id, owner, title, content, created_at, updated_at FROM notes WHERE (owner = ",
             );
             q.push_bind(user.to_owned())
                 .push(" OR id IN (SELECT note_id FROM note_collaborators WHERE user_id = ")
                 .push_bind(user.to_owned())
-                .push(") ORDER BY updated_at DESC, id DESC LIMIT ")
-                .push_bind(LIST_LIMIT);
+                .push("))");
+            if let Some((at, id)) = before {
+                q.push(" AND (updated_at < ")
+                    .push_bind(at)
+                    .push(" OR (updated_at = ")
+                    .push_bind(at)
+                    .push(" AND id < ")
+                    .push_bind(id)
+                    .push("))");
+            }
+            q.push(" ORDER BY updated_at DESC, id DESC LIMIT ")
+                .push_bind(limit);
             let rows: Vec<NoteRow> = q.build_query_as().fetch_all(pool).await?;
             let mut shared: HashMap<i64, Vec<String>> = HashMap::new();
             if !rows.is_empty() {

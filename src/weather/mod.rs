@@ -201,7 +201,7 @@ impl Weather {
             );
         }
         self.metrics.breaker_state.set(self.breaker.state() as i64);
-        match result {
+        match result.and_then(checked) {
             Ok(reading) => Ok(Cached::Found(Arc::new(reading))),
             Err(WeatherError::NotFound) => Ok(Cached::NotFound),
             Err(e) => Err(e),
@@ -241,6 +241,21 @@ impl Weather {
     }
 }
 
+/// Longest city name or description accepted from a provider, in
+/// characters: a reading becomes a reply, and replies stay small.
+const MAX_READING_TEXT_CHARS: usize = 200;
+
+/// Refuses a reading whose text fields are longer than any real one.
+fn checked(r: Reading) -> Result<Reading, WeatherError> {
+    let too_long = |t: &str| t.chars().nth(MAX_READING_TEXT_CHARS).is_some();
+    if too_long(&r.city) || too_long(&r.description) {
+        return Err(WeatherError::InvalidResponse(
+            "a name or description longer than 200 characters".into(),
+        ));
+    }
+    Ok(r)
+}
+
 /// Counts one lookup waiting for a slot, for as long as it waits.
 struct Pending<'a>(&'a Weather);
 
@@ -259,5 +274,48 @@ impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.0.pending.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.upstream_pending.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::future::BoxFuture;
+
+    /// A provider that answers every city with one fixed reading.
+    struct Fixed(Reading);
+
+    impl Provider for Fixed {
+        fn current<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Reading, WeatherError>> {
+            Box::pin(async move { Ok(self.0.clone()) })
+        }
+    }
+
+    fn reading(city: String) -> Reading {
+        Reading {
+            city,
+            temperature: 1.0,
+            feels_like: 0.0,
+            description: "clear sky".into(),
+            humidity: 50,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reading_with_an_absurd_name_is_an_invalid_response() {
+        let cfg = WeatherConfig::default();
+        let weather = Weather::new(
+            Box::new(Fixed(reading("x".repeat(200_000)))),
+            &cfg,
+            Arc::new(Metrics::new()),
+        );
+        let err = weather.lookup("Paris").await.expect_err("refused");
+        assert!(matches!(err, WeatherError::InvalidResponse(_)), "{err:?}");
+        let fine = Weather::new(
+            Box::new(Fixed(reading("Paris".into()))),
+            &cfg,
+            Arc::new(Metrics::new()),
+        );
+        assert_eq!(fine.lookup("Paris").await.expect("reading").city, "Paris");
     }
 }
