@@ -45,6 +45,7 @@ struct Shared {
     error_ppm: AtomicU64,
     mode: Mutex<Mode>,
     city_latency_ms: Mutex<HashMap<String, u64>>,
+    city_status: Mutex<HashMap<String, u16>>,
     queries: Mutex<VecDeque<Vec<(String, String)>>>,
 }
 
@@ -75,6 +76,7 @@ impl FakeUpstream {
             error_ppm: AtomicU64::new(0),
             mode: Mutex::new(Mode::Normal),
             city_latency_ms: Mutex::new(HashMap::new()),
+            city_status: Mutex::new(HashMap::new()),
             queries: Mutex::new(VecDeque::new()),
         });
         let stop = CancellationToken::new();
@@ -121,6 +123,13 @@ impl FakeUpstream {
         lock(&self.shared.city_latency_ms).insert(city.to_lowercase(), latency.as_millis() as u64);
     }
 
+    /// Answer calls for one city (case-insensitive) with this HTTP status,
+    /// as a provider does for a name it cannot parse (400), whatever the
+    /// mode.
+    pub fn set_city_status(&self, city: &str, status: u16) {
+        lock(&self.shared.city_status).insert(city.to_lowercase(), status);
+    }
+
     /// Fraction of calls (0.0–1.0) answered with 500, spread evenly.
     pub fn set_error_rate(&self, rate: f64) {
         let ppm = (rate.clamp(0.0, 1.0) * 1_000_000.0) as u64;
@@ -165,6 +174,9 @@ async fn admit(s: &Shared, q: &[(String, String)], city: Option<&str>) -> Result
         .unwrap_or_else(|| s.latency_ms.load(Ordering::SeqCst));
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    if let Some(code) = city.and_then(|c| lock(&s.city_status).get(&c.to_lowercase()).copied()) {
+        return Err(status(code));
     }
     let ppm = s.error_ppm.load(Ordering::SeqCst);
     // Evenly spread: call n fails when the running total of errors steps up.

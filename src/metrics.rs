@@ -85,15 +85,45 @@ struct OutcomeLabels {
     outcome: Outcome,
 }
 
-/// How one upstream HTTP call ended.
+/// How one upstream HTTP call ended: every call counts once.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum UpstreamResult {
     /// A reading.
     Ok,
     /// City not found (a valid answer, not a failure).
     NotFound,
-    /// Failed: error status, bad body, connection error or deadline.
+    /// A 4xx for the city name itself (not a failure of the upstream).
+    Refused,
+    /// Failed: error status, bad body, connection error.
     Error,
+    /// No answer before the lookup's deadline.
+    Timeout,
+    /// Dropped unfinished because its lookup was cancelled.
+    Cancelled,
+}
+
+impl UpstreamResult {
+    /// Every result, in declaration order (index = `as usize`).
+    pub const ALL: [UpstreamResult; 6] = [
+        UpstreamResult::Ok,
+        UpstreamResult::NotFound,
+        UpstreamResult::Refused,
+        UpstreamResult::Error,
+        UpstreamResult::Timeout,
+        UpstreamResult::Cancelled,
+    ];
+
+    /// The label for a call's result.
+    pub fn of<T>(result: &Result<T, crate::weather::WeatherError>) -> UpstreamResult {
+        use crate::weather::WeatherError;
+        match result {
+            Ok(_) => UpstreamResult::Ok,
+            Err(WeatherError::NotFound) => UpstreamResult::NotFound,
+            Err(WeatherError::Refused(_)) => UpstreamResult::Refused,
+            Err(WeatherError::Timeout(_)) => UpstreamResult::Timeout,
+            Err(_) => UpstreamResult::Error,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,12 +166,7 @@ pub struct Metrics {
     /// Weather requests received (the seed's `requests`).
     pub requests: Counter,
     outcomes: [Counter; 12],
-    /// Upstream HTTP calls that returned a reading.
-    pub upstream_ok: Counter,
-    /// Upstream HTTP calls that answered "not found".
-    pub upstream_not_found: Counter,
-    /// Upstream HTTP calls that failed.
-    pub upstream_error: Counter,
+    upstream_calls: [Counter; 6],
     /// Upstream call latency in seconds.
     pub upstream_latency: Histogram,
     /// Upstream calls running now.
@@ -252,7 +277,8 @@ impl Metrics {
             "Upstream weather calls by result",
             upstream.clone(),
         );
-        let upstream_call = |r| upstream.get_or_create_owned(&UpstreamLabels { result: r });
+        let upstream_calls = UpstreamResult::ALL
+            .map(|r| upstream.get_or_create_owned(&UpstreamLabels { result: r }));
         let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 13));
         reg.register(
             "upstream_latency_seconds",
@@ -423,9 +449,7 @@ impl Metrics {
             protocol_errors,
             requests,
             outcomes,
-            upstream_ok: upstream_call(UpstreamResult::Ok),
-            upstream_not_found: upstream_call(UpstreamResult::NotFound),
-            upstream_error: upstream_call(UpstreamResult::Error),
+            upstream_calls,
             upstream_latency,
             upstream_in_flight,
             upstream_pending,
@@ -444,6 +468,11 @@ impl Metrics {
             db_batch_size,
             registry,
         }
+    }
+
+    /// The counter of upstream calls that ended with `result`.
+    pub fn upstream_call(&self, result: UpstreamResult) -> &Counter {
+        &self.upstream_calls[result as usize]
     }
 
     /// The counter for one request outcome.
@@ -510,7 +539,7 @@ impl Metrics {
             "cache-hits": self.cache_hits.get(),
             "cache-misses": self.cache_misses.get(),
             "cache-coalesced": self.cache_coalesced.get(),
-            "upstream-calls": self.upstream_ok.get() + self.upstream_not_found.get() + self.upstream_error.get(),
+            "upstream-calls": self.upstream_calls.iter().map(Counter::get).sum::<u64>(),
         })
     }
 }

@@ -314,6 +314,8 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 fn refresh_gauges(app: &App) {
     let m = &app.metrics;
     m.db_queue_depth.set(app.log.depth() as i64);
+    // Open turns half-open with time alone, with no call to say so.
+    m.breaker_state.set(app.weather.breaker_state() as i64);
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {

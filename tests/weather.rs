@@ -312,3 +312,150 @@ async fn open_meteo_provider_geocodes_then_reads_current_weather() {
         "no forecast call for an unknown place"
     );
 }
+
+/// `name{labels} value` from the Prometheus text, as a number.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+async fn metrics_text(server: &common::TestServer) -> String {
+    server.get("/metrics").await.expect("metrics").1
+}
+
+#[tokio::test]
+async fn waiting_for_a_slot_is_not_an_upstream_failure() {
+    let server = start_with(|c| {
+        c.weather.max_concurrent = 2;
+        c.weather.timeout_ms = 700;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(300));
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    for i in 0..20 {
+        a.send(&format!("Crowd{i}")).await;
+        b.send(&format!("Crowd{}", i + 20)).await;
+    }
+    let mut codes = std::collections::HashMap::<String, usize>::new();
+    for c in [&mut a, &mut b] {
+        for _ in 0..20 {
+            let r = c.recv_json().await;
+            let code = r["code"].as_str().unwrap_or("weather").to_owned();
+            *codes.entry(code).or_default() += 1;
+        }
+    }
+    assert!(
+        codes.get("timeout").copied().unwrap_or(0) >= 25,
+        "{codes:?}"
+    );
+    assert!(!codes.contains_key("upstream_unavailable"), "{codes:?}");
+
+    // The upstream is perfectly healthy: a new city is looked up.
+    let reply = a.ask("Fresh").await;
+    assert_eq!(reply["type"], "weather", "{reply}");
+    let text = metrics_text(&server).await;
+    assert_eq!(sample(&text, "gale_upstream_breaker_state"), 0.0);
+    assert_eq!(sample(&text, "gale_upstream_in_flight"), 0.0);
+    assert_eq!(sample(&text, "gale_upstream_pending"), 0.0);
+}
+
+#[tokio::test]
+async fn timeouts_in_flight_are_counted_and_every_gauge_returns_to_idle() {
+    let server = start_with(|c| {
+        c.weather.timeout_ms = 300;
+        c.weather.breaker_failures = 100;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_secs(2));
+    let mut c = server.client().await;
+    for i in 0..5 {
+        c.send(&format!("Stalled{i}")).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(c.recv_json().await["code"], "timeout");
+    }
+    let text = metrics_text(&server).await;
+    assert_eq!(sample(&text, "gale_upstream_in_flight"), 0.0, "{text}");
+    assert_eq!(sample(&text, "gale_upstream_pending"), 0.0);
+    assert_eq!(
+        sample(&text, r#"gale_upstream_calls_total{result="Timeout"}"#),
+        5.0
+    );
+    assert_eq!(sample(&text, "gale_upstream_latency_seconds_count"), 5.0);
+    assert!(sample(&text, "gale_upstream_latency_seconds_sum") >= 1.4);
+    assert_eq!(server.metric("upstream-calls").await, 5);
+}
+
+#[tokio::test]
+async fn a_city_the_provider_refuses_is_not_an_upstream_failure() {
+    let server = start_with(|c| c.weather.breaker_failures = 2).await;
+    server.fake.set_city_status("Bad//Name", 400);
+    let mut c = server.client().await;
+    for _ in 0..4 {
+        let reply = c.ask("Bad//Name").await;
+        assert_eq!(reply["code"], "invalid_data", "{reply}");
+        let message = reply["message"].as_str().expect("message");
+        assert!(message.contains("400"), "{message}");
+    }
+    assert_eq!(
+        server.fake.calls(),
+        4,
+        "each one asked upstream: not cached, not refused"
+    );
+    assert_eq!(c.ask("Goodtown").await["type"], "weather", "breaker closed");
+}
+
+#[tokio::test]
+async fn a_late_success_does_not_close_an_open_breaker() {
+    let server = start_with(|c| {
+        c.weather.breaker_failures = 3;
+        c.weather.breaker_cooldown_ms = 10_000;
+    })
+    .await;
+    server
+        .fake
+        .set_city_latency("Slowpoke", Duration::from_millis(1_500));
+    let mut slow = server.client().await;
+    slow.send("Slowpoke").await; // started while the breaker is closed
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.fake.set_mode(Mode::Status(500));
+    let mut c = server.client().await;
+    for city in ["F1", "F2", "F3"] {
+        assert_eq!(c.ask(city).await["code"], "upstream_unavailable");
+    }
+    server.fake.set_mode(Mode::Normal);
+    // The early call now succeeds, after the breaker opened.
+    assert_eq!(slow.recv_json().await["type"], "weather");
+    let reply = c.ask("After").await;
+    assert!(
+        reply["message"]
+            .as_str()
+            .expect("message")
+            .contains("too many recent upstream failures"),
+        "still open: {reply}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_slower_than_the_deadline_opens_the_breaker() {
+    let server = start_with(|c| {
+        c.weather.timeout_ms = 300;
+        c.weather.breaker_failures = 3;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_secs(2));
+    let mut c = server.client().await;
+    for city in ["S1", "S2", "S3"] {
+        assert_eq!(c.ask(city).await["code"], "timeout");
+    }
+    let started = Instant::now();
+    let reply = c.ask("S4").await;
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "failed fast"
+    );
+    assert_eq!(reply["code"], "upstream_unavailable", "{reply}");
+    assert_eq!(server.fake.calls(), 3);
+}

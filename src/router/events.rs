@@ -112,7 +112,9 @@ impl Payload for CityRequest {
 
 fn lookup_error(e: WeatherError) -> ErrorBody {
     match e {
-        WeatherError::InvalidCity(e) => invalid_field("city", e.to_string()),
+        WeatherError::InvalidCity(_) | WeatherError::Refused(_) => {
+            invalid_field("city", e.to_string())
+        }
         e => ErrorBody::new(e.code(), e.to_string()),
     }
 }

@@ -22,7 +22,7 @@ pub use openweathermap::OpenWeatherMap;
 pub use provider::{Provider, Reading, WeatherError};
 
 use crate::config::{self, WeatherConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamResult};
 use crate::protocol::{normalise_city, parse_city};
 
 /// What the cache holds for a city: a reading, or the knowledge that the
@@ -185,54 +185,68 @@ impl Weather {
 
     /// One upstream lookup under the breaker, the slot limits and the
     /// deadline. "Not found" is a cacheable answer, not an error.
+    ///
+    /// The breaker hears only about the upstream's own behaviour: a call
+    /// that failed, answered 5xx, 429 or garbage, or was still unanswered
+    /// after at least half the deadline. Waiting for a slot, being refused
+    /// as busy, a call cut short by a deadline mostly spent waiting, and a
+    /// 4xx the client's city provoked are not failures.
     async fn fetch(&self, city: &str) -> Result<Cached, WeatherError> {
-        let permit = self.breaker.try_acquire().map_err(|left| {
-            self.metrics.breaker_rejected.inc();
-            WeatherError::CircuitOpen(left.as_secs().max(1))
-        })?;
-        let result = tokio::time::timeout(self.timeout, self.call(city))
-            .await
-            .unwrap_or(Err(WeatherError::Timeout(self.timeout.as_millis() as u64)));
-        if !matches!(result, Err(WeatherError::Busy)) {
-            permit.record(
-                !result
-                    .as_ref()
-                    .is_err_and(WeatherError::is_upstream_failure),
-            );
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // Fail fast while open, before queueing for a slot.
+        self.breaker.check().map_err(|left| self.open(left))?;
+        let _slot = self.slot(deadline).await?;
+        // Taken only now: a half-open trial must not wait behind others.
+        let permit = self.breaker.try_acquire().map_err(|left| self.open(left))?;
+        let mut call = Call::start(&self.metrics);
+        let answer = tokio::time::timeout_at(deadline, self.provider.current(city)).await;
+        let in_flight = call.started.elapsed();
+        let result = match answer {
+            Ok(result) => result.and_then(checked),
+            Err(_) => Err(WeatherError::Timeout(self.timeout.as_millis() as u64)),
+        };
+        call.result = UpstreamResult::of(&result);
+        drop(call);
+        match &result {
+            Ok(_) | Err(WeatherError::NotFound | WeatherError::Refused(_)) => permit.record(true),
+            Err(WeatherError::Timeout(_)) if in_flight < self.timeout / 2 => drop(permit),
+            Err(_) => permit.record(false),
         }
         self.metrics.breaker_state.set(self.breaker.state() as i64);
-        match result.and_then(checked) {
+        match result {
             Ok(reading) => Ok(Cached::Found(Arc::new(reading))),
             Err(WeatherError::NotFound) => Ok(Cached::NotFound),
             Err(e) => Err(e),
         }
     }
 
-    /// Waits for an upstream slot (refusing at once past `max_pending`)
-    /// and makes the call.
-    async fn call(&self, city: &str) -> Result<Reading, WeatherError> {
-        let _slot = match self.slots.try_acquire() {
-            Ok(slot) => slot,
-            Err(_) => {
-                let _waiting = Pending::enter(self)?;
-                self.slots
-                    .acquire()
-                    .await
-                    .map_err(|_| WeatherError::Upstream("shutting down".into()))?
-            }
-        };
-        let m = &self.metrics;
-        m.upstream_in_flight.inc();
-        let started = Instant::now();
-        let result = self.provider.current(city).await;
-        m.upstream_in_flight.dec();
-        m.upstream_latency.observe(started.elapsed().as_secs_f64());
-        match &result {
-            Ok(_) => m.upstream_ok.inc(),
-            Err(WeatherError::NotFound) => m.upstream_not_found.inc(),
-            Err(_) => m.upstream_error.inc(),
-        };
-        result
+    /// Counts a lookup failed fast by the open breaker.
+    fn open(&self, left: Duration) -> WeatherError {
+        self.metrics.breaker_rejected.inc();
+        WeatherError::CircuitOpen(left.as_secs().max(1))
+    }
+
+    /// An upstream slot: at once, or after waiting (refused at once past
+    /// `max_pending`, given up at `deadline`).
+    async fn slot(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, WeatherError> {
+        if let Ok(slot) = self.slots.try_acquire() {
+            return Ok(slot);
+        }
+        let _waiting = Pending::enter(self)?;
+        match tokio::time::timeout_at(deadline, self.slots.acquire()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) => Err(WeatherError::Upstream("shutting down".into())),
+            Err(_) => Err(WeatherError::QueueTimeout(self.timeout.as_millis() as u64)),
+        }
+    }
+
+    /// The breaker's state now (it moves from open to half-open with time
+    /// alone), for the gauge.
+    pub fn breaker_state(&self) -> crate::metrics::BreakerState {
+        self.breaker.state()
     }
 
     /// Cities in the cache now.
@@ -254,6 +268,37 @@ fn checked(r: Reading) -> Result<Reading, WeatherError> {
         ));
     }
     Ok(r)
+}
+
+/// One upstream call in the metrics: in flight from [`Call::start`] until
+/// dropped, then counted by its result (a call dropped before it set one,
+/// because its lookup was cancelled, counts as `Cancelled`) with its
+/// latency. Whatever ends the call, the gauge comes back down.
+struct Call<'a> {
+    metrics: &'a Metrics,
+    started: Instant,
+    result: UpstreamResult,
+}
+
+impl<'a> Call<'a> {
+    fn start(metrics: &'a Metrics) -> Self {
+        metrics.upstream_in_flight.inc();
+        Call {
+            metrics,
+            started: Instant::now(),
+            result: UpstreamResult::Cancelled,
+        }
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        let m = self.metrics;
+        m.upstream_in_flight.dec();
+        m.upstream_latency
+            .observe(self.started.elapsed().as_secs_f64());
+        m.upstream_call(self.result).inc();
+    }
 }
 
 /// Counts one lookup waiting for a slot, for as long as it waits.

@@ -30,9 +30,20 @@ pub enum WeatherError {
     /// The provider does not know the city.
     #[error("city not found: check the spelling, or add a country (\"Paris, FR\")")]
     NotFound,
-    /// The lookup missed its deadline.
+    /// The lookup missed its deadline with its upstream call in flight.
     #[error("weather lookup timeout: no answer from the weather service within {0} ms, try again")]
     Timeout(u64),
+    /// The lookup missed its deadline waiting for a free upstream slot:
+    /// local congestion, the upstream was never asked.
+    #[error(
+        "weather lookup timeout: the server's upstream calls stayed busy for {0} ms, try again"
+    )]
+    QueueTimeout(u64),
+    /// The provider refused the request for this city (a 4xx other than
+    /// not found, a bad key or a rate limit): the name, not the upstream,
+    /// is at fault.
+    #[error("the weather service refused this city name (status {0})")]
+    Refused(u16),
     /// Too many lookups are waiting already.
     #[error("server busy: too many weather lookups waiting, try again in a few seconds")]
     Busy,
@@ -56,25 +67,14 @@ impl WeatherError {
         match self {
             WeatherError::InvalidCity(_) => ErrorCode::InvalidData,
             WeatherError::NotFound => ErrorCode::NotFound,
-            WeatherError::Timeout(_) => ErrorCode::Timeout,
+            WeatherError::Timeout(_) | WeatherError::QueueTimeout(_) => ErrorCode::Timeout,
+            WeatherError::Refused(_) => ErrorCode::InvalidData,
             WeatherError::Busy => ErrorCode::SystemOverloaded,
             WeatherError::CircuitOpen(_)
             | WeatherError::BadKey
             | WeatherError::Upstream(_)
             | WeatherError::InvalidResponse(_) => ErrorCode::UpstreamUnavailable,
         }
-    }
-
-    /// Whether this outcome counts against the upstream's health. A
-    /// "not found" is a good answer; refusals never reached upstream.
-    pub(crate) fn is_upstream_failure(&self) -> bool {
-        matches!(
-            self,
-            WeatherError::Timeout(_)
-                | WeatherError::BadKey
-                | WeatherError::Upstream(_)
-                | WeatherError::InvalidResponse(_)
-        )
     }
 }
 
@@ -116,13 +116,15 @@ pub(crate) fn map_reqwest(e: reqwest::Error) -> WeatherError {
     }
 }
 
-/// Maps a non-success status the seed's way: 404 not found, 401 bad key,
-/// everything else unavailable.
+/// Maps a non-success status the seed's way: 404 (and 410) not found,
+/// 401/403/407 bad key, 429 and 408 the upstream's own trouble; any other
+/// 4xx refuses the city name itself; everything else is unavailable.
 pub(crate) fn map_status(status: reqwest::StatusCode) -> WeatherError {
     match status.as_u16() {
-        404 => WeatherError::NotFound,
-        401 | 403 => WeatherError::BadKey,
+        404 | 410 => WeatherError::NotFound,
+        401 | 403 | 407 => WeatherError::BadKey,
         429 => WeatherError::Upstream("rate limited by the weather service (429)".into()),
+        code @ 400..=499 if code != 408 => WeatherError::Refused(code),
         code => WeatherError::Upstream(format!("the weather service returned status {code}")),
     }
 }
