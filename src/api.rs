@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::broadcast::{HubError, Target};
+use crate::metrics::HttpStage;
 use crate::server::App;
 
 /// Most users named in one publish.
@@ -62,9 +63,23 @@ pub(crate) async fn publish(
             .into_response();
     }
     let limit = app.config.server.max_outbound_message_bytes + BODY_ALLOWANCE;
-    let body = match read_body(&headers, body, limit).await {
-        Ok(body) => body,
-        Err(response) => return response,
+    let deadline = app.config.server.handshake_timeout();
+    let body = match tokio::time::timeout(deadline, read_body(&headers, body, limit)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(response)) => return response,
+        Err(_) => {
+            app.metrics.http_timeout(HttpStage::Body).inc();
+            let mut response = error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive within server.handshake_timeout_ms",
+            );
+            // The rest of the body may never come: do not wait for it.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return response;
+        }
     };
     let (event, data, target) = match parse(&body) {
         Ok(p) => p,

@@ -159,6 +159,12 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long shutdown waits for in-flight work before giving up.
     pub shutdown_grace_ms: u64,
+    /// How long a client has to send a request head (from the accept, or
+    /// from the previous response on a kept-alive connection), a request
+    /// body, and to complete a WebSocket upgrade; past it the socket is
+    /// closed and counted, so stalled sockets cannot hold every
+    /// connection permit.
+    pub handshake_timeout_ms: u64,
     /// Every this many seconds a connection silent for half of it is
     /// pinged; a peer that leaves a ping unanswered for a whole interval
     /// is dropped. 0 disables pings.
@@ -192,6 +198,7 @@ impl Default for ServerConfig {
             max_outbound_message_bytes: MIN_OUTBOUND_MESSAGE_BYTES,
             max_connections: 50_000,
             shutdown_grace_ms: 30_000,
+            handshake_timeout_ms: 10_000,
             ping_interval_s: 30,
             max_inflight_per_connection: 32,
             read_buffer_bytes: 512,
@@ -206,6 +213,11 @@ impl ServerConfig {
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// The handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 }
 
@@ -526,6 +538,7 @@ impl Config {
             ));
         }
         positive("server.max_connections", s.max_connections as u64)?;
+        positive("server.handshake_timeout_ms", s.handshake_timeout_ms)?;
         positive(
             "server.max_inflight_per_connection",
             s.max_inflight_per_connection as u64,

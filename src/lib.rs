@@ -6,7 +6,9 @@
 //!
 //! - [`config`]: typed settings from defaults, a TOML file and the
 //!   environment.
-//! - [`server`]: routes, the connection limit, the shutdown sequence.
+//! - [`server`]: routes and the shutdown sequence.
+//! - [`listener`]: accepting connections: the connection limit, the
+//!   handshake deadline, HTTP/1.1.
 //! - [`identity`]: JWT at the handshake, the Origin check.
 //! - [`connection`]: one WebSocket connection's read/reply loop.
 //! - [`protocol`]: the wire messages; no state.
@@ -33,6 +35,7 @@ pub mod connection;
 pub mod fake_upstream;
 pub mod feeds;
 pub mod identity;
+pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

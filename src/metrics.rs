@@ -126,6 +126,21 @@ impl UpstreamResult {
     }
 }
 
+/// Where a stalled HTTP connection was closed by the handshake deadline.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum HttpStage {
+    /// No complete request head in time (nothing, a partial head, or an
+    /// idle kept-alive connection).
+    Head,
+    /// A request body not received in time.
+    Body,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: HttpStage,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     event: String,
@@ -163,6 +178,7 @@ pub struct Metrics {
     pub messages_out: Counter,
     /// Connections closed for a protocol violation (1007, 1009, …).
     pub protocol_errors: Counter,
+    http_timeouts: [Counter; 2],
     /// Weather requests received (the seed's `requests`).
     pub requests: Counter,
     outcomes: [Counter; 12],
@@ -259,6 +275,15 @@ impl Metrics {
             "Connections closed for a protocol violation",
             protocol_errors.clone(),
         );
+
+        let stages = Family::<StageLabels, Counter>::default();
+        reg.register(
+            "http_timeouts",
+            "HTTP connections closed by the handshake deadline, by stage",
+            stages.clone(),
+        );
+        let http_timeouts = [HttpStage::Head, HttpStage::Body]
+            .map(|stage| stages.get_or_create_owned(&StageLabels { stage }));
 
         let requests = Counter::default();
         reg.register("requests", "Weather requests received", requests.clone());
@@ -447,6 +472,7 @@ impl Metrics {
             messages_in,
             messages_out,
             protocol_errors,
+            http_timeouts,
             requests,
             outcomes,
             upstream_calls,
@@ -468,6 +494,12 @@ impl Metrics {
             db_batch_size,
             registry,
         }
+    }
+
+    /// The counter of connections the handshake deadline closed at
+    /// `stage`.
+    pub fn http_timeout(&self, stage: HttpStage) -> &Counter {
+        &self.http_timeouts[stage as usize]
     }
 
     /// The counter of upstream calls that ended with `result`.
@@ -534,6 +566,7 @@ impl Metrics {
             "pushes": self.pushes.get(),
             "outbound-dropped": self.outbound_dropped.get(),
             "connections-total": self.connections_total.get(),
+            "http-timeouts": self.http_timeouts.iter().map(Counter::get).sum::<u64>(),
             "messages-in": self.messages_in.get(),
             "messages-out": self.messages_out.get(),
             "cache-hits": self.cache_hits.get(),

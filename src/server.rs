@@ -10,9 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -21,9 +19,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -202,20 +198,24 @@ async fn serve(
     grace: Duration,
 ) {
     let shutdown = app.shutdown.clone();
-    let listener = LimitedListener {
-        inner: listener,
-        permits: Arc::new(Semaphore::new(app.config.server.max_connections)),
-    };
     tracing::info!(
         addr = %local,
         provider = ?app.config.weather.provider,
         "gale listening; WebSocket at ws://{local}/ws"
     );
-    let http = tokio::spawn(
-        axum::serve(listener, routes(app.clone()))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future(),
-    );
+    let front = crate::listener::Front {
+        router: routes(app.clone()),
+        deadline: app.config.server.handshake_timeout(),
+        metrics: app.metrics.clone(),
+    };
+    let conns = TaskTracker::new();
+    let accepting = tokio::spawn(crate::listener::serve(
+        listener,
+        app.config.server.max_connections,
+        front,
+        shutdown.clone(),
+        conns.clone(),
+    ));
 
     shutdown.cancelled().await;
     let deadline = Instant::now() + grace;
@@ -245,11 +245,20 @@ async fn serve(
             "grace period over with connections still open"
         );
     }
-    match tokio::time::timeout_at(deadline, http).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error during shutdown"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
-        Err(_) => tracing::warn!("HTTP connections still open after the grace period"),
-        Ok(Ok(Ok(()))) => {}
+    // The accept loop stopped at the shutdown signal; plain HTTP
+    // connections finish the request they are serving and close.
+    if let Err(e) = accepting.await {
+        tracing::error!(error = %e, "the accept loop failed");
+    }
+    conns.close();
+    if tokio::time::timeout_at(deadline, conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = conns.len(),
+            "HTTP connections still open after the grace period"
+        );
     }
 
     let queued = app.log.depth();
@@ -443,88 +452,4 @@ fn accept(
                 drop(tracked);
             }
         })
-}
-
-/// A TCP listener that takes a connection permit *before* accepting, so
-/// the server never holds more than `server.max_connections` sockets;
-/// further clients wait in the kernel's backlog. The permit lives in the
-/// accepted stream and is released when the connection (upgraded or not)
-/// is dropped.
-struct LimitedListener {
-    inner: TcpListener,
-    permits: Arc<Semaphore>,
-}
-
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = match self.permits.clone().acquire_owned().await {
-            Ok(permit) => permit,
-            // The semaphore is never closed.
-            Err(_) => std::future::pending().await,
-        };
-        let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        (
-            LimitedStream {
-                stream,
-                _permit: permit,
-            },
-            addr,
-        )
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// An accepted stream holding its connection permit.
-struct LimitedStream {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for LimitedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for LimitedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
 }

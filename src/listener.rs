@@ -1,0 +1,204 @@
+//! The front door: accepting TCP connections and serving HTTP/1.1 on them
+//! until each is upgraded to a WebSocket or closed.
+//!
+//! A connection permit is taken *before* `accept`, so the server never
+//! holds more than `server.max_connections` sockets; further clients wait
+//! in the kernel's backlog. The permit lives in the accepted stream and is
+//! released when the connection (upgraded or not) is dropped.
+//!
+//! A socket holds its permit only while it makes progress: the request
+//! head must arrive within `server.handshake_timeout_ms` of the accept (or
+//! of the previous response, on a kept-alive connection), and request
+//! bodies are read under the same deadline (by their handlers). A
+//! WebSocket upgrade is complete once its 101 is written: hyper hands the
+//! socket to the WebSocket task at once, whose own deadlines (pings, the
+//! send timeout) apply from then on. Each connection closed this way is
+//! counted in `gale_http_timeouts_total{stage}`, so a few thousand stalled
+//! sockets cannot lock every user out.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::connect_info::ConnectInfo;
+use axum::http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::{HttpStage, Metrics};
+
+/// What serving HTTP needs, shared by every connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Front {
+    /// The routes.
+    pub(crate) router: axum::Router,
+    /// `server.handshake_timeout_ms`.
+    pub(crate) deadline: Duration,
+    /// Counts what the deadline closes.
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// Accepts connections until `shutdown`, serving each on a task in
+/// `conns`; at shutdown, each connection finishes the request it is
+/// serving and closes (upgraded WebSockets are not its concern).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    max_connections: usize,
+    front: Front,
+    shutdown: CancellationToken,
+    conns: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // never closed
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let (stream, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let io = TokioIo::new(LimitedStream {
+            stream,
+            _permit: permit,
+        });
+        conns.spawn(connection(io, addr, front.clone(), shutdown.clone()));
+    }
+}
+
+/// An accept error: a peer that gave up before we accepted is nothing;
+/// anything else (out of file descriptors) is logged and waited out.
+async fn accept_error(e: io::Error) {
+    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in 100 ms");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Serves one connection under the handshake deadline.
+async fn connection(
+    io: TokioIo<LimitedStream>,
+    addr: SocketAddr,
+    front: Front,
+    shutdown: CancellationToken,
+) {
+    let service = Service {
+        router: front.router.clone(),
+        addr,
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The header-read timer covers the first head from the accept (even
+    // when not one byte comes) and every later one from the previous
+    // response: a kept-alive connection may not idle past it either.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(front.deadline);
+    let mut conn = pin!(http.serve_connection(io, service).with_upgrades());
+    tokio::select! {
+        ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
+        () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+    }
+    finished(conn.await, addr, &front.metrics);
+}
+
+fn finished(ended: Result<(), hyper::Error>, addr: SocketAddr, metrics: &Metrics) {
+    match ended {
+        Ok(()) => {}
+        Err(e) if e.is_timeout() => {
+            metrics.http_timeout(HttpStage::Head).inc();
+            tracing::debug!(%addr, "request head not received in time: closed");
+        }
+        Err(e) => tracing::debug!(%addr, error = %e, "HTTP connection error"),
+    }
+}
+
+/// The routes as hyper sees them, for one connection: each request learns
+/// the client's address.
+#[derive(Clone)]
+struct Service {
+    router: axum::Router,
+    addr: SocketAddr,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Service {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = axum::routing::future::RouteFuture<Infallible>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.addr));
+        tower_service::Service::call(&mut self.router.clone(), req)
+    }
+}
+
+/// An accepted stream holding its connection permit.
+pub(crate) struct LimitedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
