@@ -210,6 +210,9 @@ pub struct Metrics {
     /// Rows the database refused for what they hold (set aside; the rest
     /// of their batch was written).
     pub db_rejected: Counter,
+    /// Rows still queued or being written when the shutdown drain's
+    /// deadline passed.
+    pub db_abandoned: Counter,
     /// Failed insert attempts (each retried with backoff).
     pub db_errors: Counter,
     /// Rows waiting in the queue now.
@@ -384,6 +387,12 @@ impl Metrics {
             "Request-log rows the database refused for their content, set aside",
             db_rejected.clone(),
         );
+        let db_abandoned = Counter::default();
+        reg.register(
+            "db_rows_abandoned",
+            "Request-log rows not written by the shutdown drain's deadline",
+            db_abandoned.clone(),
+        );
         let db_errors = Counter::default();
         reg.register(
             "db_insert_errors",
@@ -489,6 +498,7 @@ impl Metrics {
             db_dropped,
             db_failed,
             db_rejected,
+            db_abandoned,
             db_errors,
             db_queue_depth,
             db_batch_size,
@@ -558,6 +568,7 @@ impl Metrics {
             "db-dropped": self.db_dropped.get(),
             "db-failed": self.db_failed.get(),
             "db-rejected": self.db_rejected.get(),
+            "db-abandoned": self.db_abandoned.get(),
             "db-queue-depth": self.db_queue_depth.get(),
             "connections": self.connections.get(),
             "rss-bytes": resident_bytes(),

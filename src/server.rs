@@ -56,6 +56,35 @@ pub enum ServerError {
     /// The listener failed while serving.
     #[error("server I/O error: {0}")]
     Io(#[from] io::Error),
+    /// A task of the server panicked: a bug.
+    #[error("the server's {task} panicked: {message}")]
+    Panicked {
+        /// Which task.
+        task: &'static str,
+        /// The panic's message.
+        message: String,
+    },
+    /// The shutdown drain's deadline passed with request-log rows still
+    /// unwritten (counted in `gale_db_rows_abandoned_total`).
+    #[error(
+        "shutdown lost {0} request-log rows: the database did not take them before the drain deadline"
+    )]
+    RowsLost(u64),
+}
+
+impl ServerError {
+    /// A task's join error as a server error.
+    fn joined(task: &'static str, e: tokio::task::JoinError) -> ServerError {
+        let message = match e.try_into_panic() {
+            Ok(panic) => panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".to_owned()),
+            Err(e) => e.to_string(),
+        };
+        ServerError::Panicked { task, message }
+    }
 }
 
 /// Everything a request or a connection needs, shared by all of them.
@@ -106,14 +135,14 @@ pub async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
 /// down cleanly. Returns once the request log is drained.
 ///
 /// # Errors
-/// [`ServerError`] when the store or the weather client cannot start.
+/// [`ServerError`] when the store or the weather client cannot start, a
+/// server task panics, or the shutdown loses request-log rows.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    start(listener, config, shutdown).await?.wait().await;
-    Ok(())
+    start(listener, config, shutdown).await?.wait().await
 }
 
 /// A started server. Application code reaches the running server through
@@ -122,7 +151,7 @@ pub async fn run(
 #[derive(Debug)]
 pub struct Running {
     app: Arc<App>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
 impl Running {
@@ -133,10 +162,15 @@ impl Running {
 
     /// Waits until the server has shut down (after `shutdown` is
     /// cancelled) and the request log is drained.
-    pub async fn wait(self) {
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "server task failed");
-        }
+    ///
+    /// # Errors
+    /// [`ServerError::Panicked`] when a server task panicked (the server
+    /// shuts down then), [`ServerError::RowsLost`] when the drain could
+    /// not write every row.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task
+            .await
+            .unwrap_or_else(|e| Err(ServerError::joined("serve task", e)))
     }
 }
 
@@ -196,7 +230,7 @@ async fn serve(
     delivery: crate::broadcast::Delivery,
     writers: store::Writers,
     grace: Duration,
-) {
+) -> Result<(), ServerError> {
     let shutdown = app.shutdown.clone();
     tracing::info!(
         addr = %local,
@@ -209,7 +243,7 @@ async fn serve(
         metrics: app.metrics.clone(),
     };
     let conns = TaskTracker::new();
-    let accepting = tokio::spawn(crate::listener::serve(
+    let mut accepting = tokio::spawn(crate::listener::serve(
         listener,
         app.config.server.max_connections,
         front,
@@ -217,7 +251,18 @@ async fn serve(
         conns.clone(),
     ));
 
-    shutdown.cancelled().await;
+    // The accept loop returns only at shutdown; if it ends before (a
+    // panic), the server shuts down and says why.
+    let mut failure = tokio::select! {
+        () = shutdown.cancelled() => None,
+        ended = &mut accepting => {
+            shutdown.cancel();
+            ended.err().map(|e| ServerError::joined("accept loop", e))
+        }
+    };
+    if let Some(e) = &failure {
+        tracing::error!(error = %e, "shutting down");
+    }
     let deadline = Instant::now() + grace;
     tracing::info!(
         connections = app.metrics.connections.get(),
@@ -247,8 +292,10 @@ async fn serve(
     }
     // The accept loop stopped at the shutdown signal; plain HTTP
     // connections finish the request they are serving and close.
-    if let Err(e) = accepting.await {
-        tracing::error!(error = %e, "the accept loop failed");
+    if failure.is_none() {
+        if let Err(e) = accepting.await {
+            failure = Some(ServerError::joined("accept loop", e));
+        }
     }
     conns.close();
     if tokio::time::timeout_at(deadline, conns.wait())
@@ -267,14 +314,14 @@ async fn serve(
     let drain_for = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_secs(5));
-    if writers.drain(drain_for).await {
-        tracing::info!(queued_at_shutdown = queued, "request log drained; bye");
-    } else {
-        tracing::error!(
-            rows_left = app.log.depth(),
-            "request log not drained in time"
-        );
+    match writers.drain(drain_for).await {
+        Ok(()) => tracing::info!(queued_at_shutdown = queued, "request log drained; bye"),
+        Err(lost) => {
+            tracing::error!(rows_lost = lost, "request log not drained in time");
+            failure.get_or_insert(ServerError::RowsLost(lost));
+        }
     }
+    failure.map_or(Ok(()), Err)
 }
 
 fn routes(app: Arc<App>) -> axum::Router {
@@ -452,4 +499,39 @@ fn accept(
                 drop(tracked);
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_upstream::FakeUpstream;
+
+    /// A real server whose serve task is swapped for one that panics, as
+    /// a bug in the shutdown sequence would: `wait` must say so.
+    #[tokio::test]
+    async fn a_panic_in_the_serve_task_is_not_a_clean_exit() {
+        let fake = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.weather.base_url = Some(fake.url());
+        config.store.url = format!("sqlite://{}", dir.path().join("g.db").display());
+        let listener = bind("127.0.0.1:0").await.expect("bind");
+        let shutdown = CancellationToken::new();
+        let mut running = start(listener, config, shutdown.clone())
+            .await
+            .expect("starts");
+        let real = std::mem::replace(
+            &mut running.task,
+            tokio::spawn(async { panic!("deliberate, in a test") }),
+        );
+        let err = running.wait().await.expect_err("a panic is a failure");
+        assert!(
+            matches!(&err, ServerError::Panicked { message, .. } if message.contains("deliberate")),
+            "{err}"
+        );
+        shutdown.cancel();
+        real.await
+            .expect("the real task")
+            .expect("and it shut down cleanly");
+    }
 }

@@ -112,3 +112,35 @@ async fn queued_events_finish_and_new_ones_are_refused_during_shutdown() {
     assert_eq!(u16::from(c.expect_close().await.code), 1001);
     server.stop().await.expect("clean exit");
 }
+
+#[tokio::test]
+async fn rows_the_drain_cannot_write_are_counted_and_fail_the_exit() {
+    let mut server = start_with(|c| {
+        c.store.workers = 1;
+        c.server.shutdown_grace_ms = 1_000;
+    })
+    .await;
+    let mut c = server.client().await;
+    // The database stays locked through the whole drain.
+    let lock = WriteLock::take(&server).await;
+    for i in 0..20 {
+        assert_eq!(c.ask(&format!("Lost{i}")).await["type"], "weather");
+    }
+    let client_id = c.client_id.clone();
+    let closer = tokio::spawn(async move { c.expect_close().await });
+    let result = server.stop().await;
+    let err = result.expect_err("a shutdown that lost rows is not a clean exit");
+    assert!(
+        err.to_string().contains("20 request-log rows"),
+        "names what was lost: {err}"
+    );
+    let m = &server.app.metrics;
+    assert_eq!(m.db_abandoned.get(), 20, "counted");
+    assert_eq!(m.db_completed.get(), 0);
+    closer.await.expect("closed");
+    // The abandoned insert was waiting on SQLite's 5 s busy timeout: let
+    // it fail before the lock goes, so nothing lands after being counted.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    lock.release().await;
+    assert_eq!(count_rows(&server.store_url, &client_id).await, 0);
+}

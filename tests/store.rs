@@ -287,7 +287,10 @@ async fn postgres_a_row_postgres_refuses_does_not_take_its_batch() {
             created_at: chrono::Utc::now(),
         }));
     }
-    assert!(writers.drain(Duration::from_secs(10)).await, "drained");
+    writers
+        .drain(Duration::from_secs(10))
+        .await
+        .expect("drained");
     assert_eq!(count_rows(&url, &client_id.to_string()).await, 49);
     assert_eq!(metrics.db_completed.get(), 49);
     assert_eq!(metrics.db_rejected.get(), 1);

@@ -75,7 +75,7 @@ pub async fn store(
     }
     let offering = started.elapsed();
     drop(log);
-    let drained = writers.drain(Duration::from_secs(120)).await;
+    let drained = writers.drain(Duration::from_secs(120)).await.is_ok();
     db.close().await;
     let mut r = Report::new("store");
     r.elapsed = started.elapsed();

@@ -171,20 +171,37 @@ impl WarnLimiter {
 pub struct Writers {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
+    in_hand: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
     db: Db,
 }
 
 impl Writers {
-    /// Closes the queue, waits until every queued row is written (or given
-    /// up on), at most `deadline`. Returns whether they finished in time.
-    pub async fn drain(self, deadline: Duration) -> bool {
+    /// Closes the queue and waits until every queued row is written (or
+    /// set aside, or given up on), at most `deadline`.
+    ///
+    /// # Errors
+    /// The number of rows abandoned when the deadline passed (still queued,
+    /// or in a batch being written or retried), counted in
+    /// `gale_db_rows_abandoned_total`. The writers are stopped then: an
+    /// insert already sent may still land.
+    pub async fn drain(mut self, deadline: Duration) -> Result<(), u64> {
         self.stop.cancel();
-        let all = futures_util::future::join_all(self.tasks);
-        let drained = tokio::time::timeout(deadline, all).await.is_ok();
-        if drained {
+        let all = futures_util::future::join_all(self.tasks.iter_mut());
+        if tokio::time::timeout(deadline, all).await.is_ok() {
             self.db.close().await;
+            return Ok(());
         }
-        drained
+        for task in &self.tasks {
+            task.abort();
+        }
+        // Cancelled at their next await: nothing moves after this.
+        futures_util::future::join_all(self.tasks.iter_mut()).await;
+        let queued = self.rx.try_lock().map_or(0, |rx| rx.len()) as u64;
+        let lost = self.in_hand.load(Ordering::Acquire) + queued;
+        self.metrics.db_abandoned.inc_by(lost);
+        Err(lost)
     }
 }
 
@@ -209,10 +226,12 @@ pub fn spawn_writers(db: Db, cfg: &StoreConfig, metrics: Arc<Metrics>) -> (Reque
     let rx = Arc::new(Mutex::new(rx));
     let stop = CancellationToken::new();
     let slow = Arc::new(WarnLimiter::new(Duration::from_secs(5)));
+    let in_hand = Arc::new(AtomicU64::new(0));
     let tasks = (0..cfg.workers)
         .map(|_| {
             let writer = Writer {
                 rx: rx.clone(),
+                in_hand: in_hand.clone(),
                 slow: slow.clone(),
                 window: Duration::from_millis(cfg.batch_window_ms),
                 db: db.clone(),
@@ -229,7 +248,15 @@ pub fn spawn_writers(db: Db, cfg: &StoreConfig, metrics: Arc<Metrics>) -> (Reque
         metrics,
         warn: Arc::new(WarnLimiter::new(Duration::from_secs(5))),
     };
-    (log, Writers { stop, tasks, db })
+    let writers = Writers {
+        stop,
+        tasks,
+        rx,
+        in_hand,
+        metrics: log.metrics.clone(),
+        db,
+    };
+    (log, writers)
 }
 
 /// A batch insert slower than this is logged (at most every few seconds).
@@ -237,6 +264,9 @@ const SLOW_BATCH: Duration = Duration::from_secs(1);
 
 struct Writer {
     rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
+    /// Rows taken from the queue and not yet written, set aside or given
+    /// up on, across all writers: what a drain cut short loses.
+    in_hand: Arc<AtomicU64>,
     slow: Arc<WarnLimiter>,
     window: Duration,
     db: Db,
@@ -254,23 +284,31 @@ impl Writer {
                 // One writer at a time takes a batch; the others wait for
                 // the lock, then for rows. The lock is not held while
                 // writing.
+                // Rows count as in hand in the same poll that takes them
+                // from the queue, so an abort can never lose them uncounted.
                 let mut rx = self.rx.lock().await;
                 if self.stop.is_cancelled() {
                     // Closed: recv_many returns what is left, then 0.
                     rx.close();
-                    rx.recv_many(&mut batch, self.batch_size).await
+                    let n = rx.recv_many(&mut batch, self.batch_size).await;
+                    self.took(n);
+                    n
                 } else {
                     let n = tokio::select! {
                         n = rx.recv_many(&mut batch, self.batch_size) => n,
                         () = self.stop.cancelled() => continue,
                     };
+                    self.took(n);
                     // Let the batch fill for a moment: one insert of 500
                     // rows costs far less than ten of 50.
                     let until = tokio::time::Instant::now() + self.window;
                     while n > 0 && batch.len() < self.batch_size && !self.window.is_zero() {
                         let room = self.batch_size - batch.len();
                         tokio::select! {
-                            m = rx.recv_many(&mut batch, room) => if m == 0 { break },
+                            m = rx.recv_many(&mut batch, room) => {
+                                self.took(m);
+                                if m == 0 { break }
+                            }
                             () = tokio::time::sleep_until(until) => break,
                             () = self.stop.cancelled() => break,
                         }
@@ -282,8 +320,14 @@ impl Writer {
                 return;
             }
             self.write(&batch).await;
+            self.in_hand.fetch_sub(batch.len() as u64, Ordering::AcqRel);
             batch.clear();
         }
+    }
+
+    /// Counts `n` rows just taken from the queue as in hand.
+    fn took(&self, n: usize) {
+        self.in_hand.fetch_add(n as u64, Ordering::AcqRel);
     }
 
     /// Writes `rows`. A batch the database refuses because of what one of

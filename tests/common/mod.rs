@@ -66,10 +66,7 @@ pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
         .await
         .expect("server starts");
     let app = running.app().clone();
-    let handle = tokio::spawn(async move {
-        running.wait().await;
-        Ok(())
-    });
+    let handle = tokio::spawn(running.wait());
     let server = TestServer {
         app,
         addr,
@@ -148,7 +145,8 @@ impl TestServer {
         }
     }
 
-    /// Cancels the server and waits for `run` to return.
+    /// Cancels the server and waits for it to shut down: `Err` when it
+    /// did not shut down cleanly (a panic, lost rows), as `run` reports.
     pub async fn stop(&mut self) -> Result<(), ServerError> {
         self.shutdown.cancel();
         let handle = self.handle.take().expect("running");
