@@ -188,6 +188,10 @@ pub struct ServerConfig {
     /// server's own host and localhost. Handshakes without an Origin
     /// header (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
+    /// Proxies (addresses or blocks like `10.0.0.0/8`) whose
+    /// `X-Forwarded-For` names the client; from anyone else the header is
+    /// ignored and the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -204,6 +208,7 @@ impl Default for ServerConfig {
             read_buffer_bytes: 512,
             write_buffer_bytes: 4096,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             echo: false,
         }
     }
@@ -363,6 +368,10 @@ pub struct RouterConfig {
     pub drop_threshold: f64,
     /// Events per second accepted by the whole node; 0 means no limit.
     pub global_rate_limit: u32,
+    /// Anonymous callers' per-event limits count per connection and per
+    /// client address; the address may use this many times the event's
+    /// rate (raise it where many users share one address, behind NAT).
+    pub address_limit_factor: u32,
 }
 
 impl Default for RouterConfig {
@@ -373,6 +382,7 @@ impl Default for RouterConfig {
             alert_threshold: 0.7,
             drop_threshold: 0.9,
             global_rate_limit: 50_000,
+            address_limit_factor: 1,
         }
     }
 }
@@ -446,6 +456,14 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// This rate with `factor` times the count.
+    pub fn times(self, factor: u32) -> Rate {
+        Rate {
+            count: self.count.saturating_mul(factor),
+            per: self.per,
+        }
+    }
+
     /// Parses `"20/min"`, `"5/s"`, `"100/h"`.
     ///
     /// # Errors
@@ -550,6 +568,10 @@ impl Config {
             ));
         }
         positive("server.write_buffer_bytes", s.write_buffer_bytes as u64)?;
+        for proxy in &s.trusted_proxies {
+            crate::identity::Cidr::parse(proxy)
+                .map_err(|m| ConfigError::invalid("server.trusted_proxies", m))?;
+        }
         if s.listen.trim().is_empty() {
             return Err(ConfigError::invalid("server.listen", "must be host:port"));
         }
@@ -577,6 +599,10 @@ impl Config {
         let r = &self.router;
         positive("router.workers", r.workers as u64)?;
         positive("router.queue_size", r.queue_size as u64)?;
+        positive(
+            "router.address_limit_factor",
+            u64::from(r.address_limit_factor),
+        )?;
         for (key, v) in [
             ("router.alert_threshold", r.alert_threshold),
             ("router.drop_threshold", r.drop_threshold),

@@ -81,7 +81,12 @@ impl Drop for Counted {
 }
 
 /// Serves one upgraded connection until it ends.
-pub(crate) async fn serve(app: Arc<App>, mut socket: Box<WebSocket>, who: Identity) {
+pub(crate) async fn serve(
+    app: Arc<App>,
+    mut socket: Box<WebSocket>,
+    who: Identity,
+    address: std::net::IpAddr,
+) {
     let client_id = Uuid::new_v4();
     let _counted = Counted::open(&app);
     tracing::debug!(%client_id, user = ?who.user, "connected");
@@ -89,6 +94,7 @@ pub(crate) async fn serve(app: Arc<App>, mut socket: Box<WebSocket>, who: Identi
     let c = &app.config.connection;
     let caller = Caller {
         conn_id: client_id,
+        address,
         user: who.user,
         roles: who.roles,
         outbox: Arc::new(Outbox::new(
@@ -206,6 +212,13 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
     let ready = caller.outbox.ready();
     tokio::pin!(ready);
     let end = loop {
+        // Lookups and events in the router share the connection's bound;
+        // events are also held to the connection's share of the router
+        // queue. At either limit the socket is not read: TCP pushes back.
+        // A finished event wakes this loop through the outbox.
+        let events = caller.outbox.events();
+        let may_read = inflight.len() + events < max_inflight
+            && (events == 0 || events < app.router.share(max_inflight));
         tokio::select! {
             biased;
             () = &mut closing => break End::Shutdown,
@@ -220,7 +233,7 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
                     break end;
                 }
             }
-            msg = socket.recv(), if inflight.len() < max_inflight => {
+            msg = socket.recv(), if may_read => {
                 last_seen = Instant::now();
                 awaiting_pong = false;
                 match msg {

@@ -6,7 +6,12 @@
 //! its `roles` claim (a list, or one string) the roles. A bad, expired or
 //! wrongly signed token is refused with 401 before the upgrade; so is a
 //! missing one when `[auth] required = true`.
+//!
+//! Also where a connection comes from: the TCP peer, or, when the peer is
+//! one of `server.trusted_proxies`, the client that proxy names in
+//! `X-Forwarded-For`. Anonymous rate limits count per client address.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, Uri, header};
@@ -194,6 +199,91 @@ pub fn token_from(headers: &HeaderMap, uri: &Uri) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// An address block: an IP address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `2001:db8::/32` or a single address.
+    ///
+    /// # Errors
+    /// A message saying what is expected.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let bad = || format!("{text:?} is not an IP address or a block like 10.0.0.0/8");
+        let (ip, prefix) = match text.trim().split_once('/') {
+            Some((ip, p)) => (ip, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (text.trim(), None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in the block.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let (want, width) = bits(self.addr);
+        let (have, have_width) = bits(ip.to_canonical());
+        if width != have_width {
+            return false;
+        }
+        let mask = u128::MAX
+            .checked_shl(u32::from(128 - self.prefix))
+            .unwrap_or(0);
+        want & mask == have & mask
+    }
+}
+
+/// The client a connection comes from: the TCP peer, unless the peer is a
+/// trusted proxy, in which case the right-most `X-Forwarded-For` address
+/// that is not itself a trusted proxy (the standard reading: everything to
+/// its left was written by the client and may be forged).
+pub fn client_address(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+    let peer = peer.to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .flat_map(|v| v.split(','))
+        .collect();
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if is_trusted(ip.to_canonical()) => client = ip.to_canonical(),
+            Ok(ip) => return ip.to_canonical(),
+            // Unreadable: nothing further left can be trusted either.
+            Err(_) => return client,
+        }
+    }
+    client
+}
+
+/// The key anonymous rate limits count an address under: IPv4 as is,
+/// IPv6 by its /64 (one subscriber's share; anyone can have a whole /64).
+pub fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let masked = u128::from(v6) & (u128::MAX << 64);
+            IpAddr::V6(masked.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Whether a handshake's Origin is allowed. No Origin header (a
 /// non-browser client) is allowed. With an empty allow-list, the server's
 /// own host (from the Host header) and localhost are allowed.
@@ -228,6 +318,52 @@ pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn cidr_blocks() {
+        let block = Cidr::parse("10.0.0.0/8").expect("v4 block");
+        assert!(block.contains("10.9.8.7".parse().expect("ip")));
+        assert!(!block.contains("11.0.0.1".parse().expect("ip")));
+        assert!(block.contains("::ffff:10.1.2.3".parse().expect("mapped")));
+        let one = Cidr::parse("2001:db8::1").expect("v6 address");
+        assert!(one.contains("2001:db8::1".parse().expect("ip")));
+        assert!(!one.contains("2001:db8::2".parse().expect("ip")));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .expect("all")
+                .contains("8.8.8.8".parse().expect("ip"))
+        );
+        for bad in ["", "10.0.0.0/33", "example.com", "10.0.0.0/x"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_address_trusts_forwarded_for_only_from_trusted_proxies() {
+        let trusted = [Cidr::parse("10.0.0.0/8").expect("block")];
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let xff = |v: &str| headers(&[(header::HeaderName::from_static("x-forwarded-for"), v)]);
+        let h = xff("6.6.6.6, 203.0.113.7, 10.0.0.2");
+        assert_eq!(
+            client_address(&h, ip("10.0.0.1"), &trusted),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            client_address(&h, ip("198.51.100.1"), &trusted),
+            ip("198.51.100.1"),
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(
+            client_address(&xff("junk, 10.0.0.3"), ip("10.0.0.1"), &trusted),
+            ip("10.0.0.3")
+        );
+        assert_eq!(
+            client_address(&HeaderMap::new(), ip("10.0.0.1"), &trusted),
+            ip("10.0.0.1")
+        );
+        assert_eq!(rate_key(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        assert_eq!(rate_key(ip("::ffff:1.2.3.4")), ip("1.2.3.4"));
+    }
 
     fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -9,8 +9,13 @@
 //! queue full of replies) marks the connection as a slow consumer, which
 //! its task closes with 1013. Either way one slow client never grows
 //! server memory past `connection.outbound_queue` messages.
+//!
+//! It also counts the connection's JSON events in the router (queued or
+//! running): the connection stops reading at its bound, and each event
+//! that finishes wakes it, reply or not.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
@@ -45,6 +50,7 @@ struct State {
 pub struct Outbox {
     state: Mutex<State>,
     ready: Notify,
+    events: AtomicUsize,
     capacity: usize,
     policy: SlowConsumer,
     metrics: Arc<Metrics>,
@@ -65,6 +71,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
+            events: AtomicUsize::new(0),
             capacity: capacity.max(1),
             policy,
             metrics,
@@ -125,6 +132,25 @@ impl Outbox {
             st.queue = VecDeque::new();
         }
         Taken::Messages
+    }
+
+    /// Counts one more event of this connection in the router; true when
+    /// it is the first (the connection just became busy).
+    pub fn event_started(&self) -> bool {
+        self.events.fetch_add(1, Ordering::AcqRel) == 0
+    }
+
+    /// Counts an event done and wakes the connection (it may read again);
+    /// true when it was the last.
+    pub fn event_done(&self) -> bool {
+        let last = self.events.fetch_sub(1, Ordering::AcqRel) == 1;
+        self.ready.notify_one();
+        last
+    }
+
+    /// This connection's events queued or running in the router now.
+    pub fn events(&self) -> usize {
+        self.events.load(Ordering::Acquire)
     }
 
     /// Refuses further messages; called when the connection ends.

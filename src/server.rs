@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
@@ -104,6 +105,8 @@ pub struct App {
     pub router: Router,
     /// Checks handshake tokens.
     pub verifier: Verifier,
+    /// `server.trusted_proxies`, parsed.
+    pub proxies: Vec<identity::Cidr>,
     /// Connections, users, topics; push.
     pub hub: Arc<Hub>,
     /// Weather refresh loops for subscribed cities.
@@ -186,6 +189,16 @@ pub async fn start(
 ) -> Result<Running, ServerError> {
     let metrics = Arc::new(Metrics::new());
     let verifier = Verifier::from_config(&config.auth)?;
+    let proxies = config
+        .server
+        .trusted_proxies
+        .iter()
+        .map(|p| identity::Cidr::parse(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|message| crate::config::ConfigError::Invalid {
+            key: "server.trusted_proxies".into(),
+            message,
+        })?;
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let weather = Weather::from_config(&config.weather, metrics.clone())?;
     let (db, log, writers) = store::start(&config.store, metrics.clone()).await?;
@@ -203,6 +216,7 @@ pub async fn start(
         metrics,
         router: events,
         verifier,
+        proxies,
         hub,
         feeds: Default::default(),
         shutdown: shutdown.clone(),
@@ -251,18 +265,18 @@ async fn serve(
         conns.clone(),
     ));
 
-    // The accept loop returns only at shutdown; if it ends before (a
-    // panic), the server shuts down and says why.
-    let mut failure = tokio::select! {
+    // The accept loop returns only at shutdown; if it ends first (a
+    // panic), the server shuts down at once and says why.
+    let accept_ended = tokio::select! {
         () = shutdown.cancelled() => None,
         ended = &mut accepting => {
             shutdown.cancel();
-            ended.err().map(|e| ServerError::joined("accept loop", e))
+            if let Err(e) = &ended {
+                tracing::error!(error = %e, "the accept loop failed: shutting down");
+            }
+            Some(ended)
         }
     };
-    if let Some(e) = &failure {
-        tracing::error!(error = %e, "shutting down");
-    }
     let deadline = Instant::now() + grace;
     tracing::info!(
         connections = app.metrics.connections.get(),
@@ -292,11 +306,13 @@ async fn serve(
     }
     // The accept loop stopped at the shutdown signal; plain HTTP
     // connections finish the request they are serving and close.
-    if failure.is_none() {
-        if let Err(e) = accepting.await {
-            failure = Some(ServerError::joined("accept loop", e));
-        }
-    }
+    let accept_result = match accept_ended {
+        Some(ended) => ended,
+        None => accepting.await,
+    };
+    let mut failure = accept_result
+        .err()
+        .map(|e| ServerError::joined("accept loop", e));
     conns.close();
     if tokio::time::timeout_at(deadline, conns.wait())
         .await
@@ -406,26 +422,29 @@ enum Mode {
 
 async fn ws_upgrade(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    accept(app, headers, uri, ws, Mode::Protocol)
+    accept(app, peer, headers, uri, ws, Mode::Protocol)
 }
 
 async fn echo_upgrade(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    accept(app, headers, uri, ws, Mode::Echo)
+    accept(app, peer, headers, uri, ws, Mode::Echo)
 }
 
 /// The upgrade path both WebSocket routes share: the same checks, limits
 /// and buffers, so `/echo` measures the stack `/ws` runs on.
 fn accept(
     app: Arc<App>,
+    peer: SocketAddr,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -473,6 +492,7 @@ fn accept(
                 .into_response();
         }
     };
+    let address = identity::rate_key(identity::client_address(&headers, peer.ip(), &app.proxies));
     // Taken before the upgrade completes, so shutdown also waits for a
     // connection that is between the 101 response and its task.
     let tracked = app.tracker.token();
@@ -493,7 +513,7 @@ fn accept(
             let socket = Box::new(socket);
             async move {
                 match mode {
-                    Mode::Protocol => crate::connection::serve(app, socket, who).await,
+                    Mode::Protocol => crate::connection::serve(app, socket, who, address).await,
                     Mode::Echo => crate::connection::echo(app, socket).await,
                 }
                 drop(tracked);

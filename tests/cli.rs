@@ -181,7 +181,7 @@ async fn serve_binary_round_trips_and_exits_0_on_sigterm() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let mut child = tokio::process::Command::new(GALE)
+    let child = tokio::process::Command::new(GALE)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("GALE_WEATHER__BASE_URL", fake.url())
         .env(
@@ -219,11 +219,16 @@ async fn serve_binary_round_trips_and_exits_0_on_sigterm() {
         .status()
         .expect("kill");
     assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("exits after SIGTERM")
         .expect("wait");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]

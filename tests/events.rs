@@ -141,11 +141,12 @@ async fn rate_limit_refuses_the_next_one_in_the_window_and_recovers() {
     let r = c.request("server.stats", Value::Null, "over").await;
     assert_eq!(code(&r), "rate_limited", "{r}");
 
-    // Another connection has its own allowance (anonymous: per connection).
+    // Anonymous limits count per connection and per client address: a
+    // second connection from the same address shares the allowance.
     let mut other = server.client().await;
     assert_eq!(
-        other.request("server.stats", Value::Null, "x").await["ok"],
-        true
+        code(&other.request("server.stats", Value::Null, "x").await),
+        "rate_limited"
     );
 
     tokio::time::sleep(Duration::from_millis(1_100)).await;
@@ -215,16 +216,20 @@ async fn past_the_drop_threshold_events_are_refused_at_once() {
     })
     .await;
     server.fake.set_latency(Duration::from_millis(500));
-    let mut c = server.client().await;
+    // One connection may not fill the queue by itself (it would stop being
+    // read); three, one event each, do: one runs, two wait.
+    let mut senders = Vec::new();
     for i in 0..3 {
-        // One runs, two wait: the queue is full.
+        let mut c = server.client().await;
         c.send(
             &json!({"event":"weather.get","data":{"city":format!("Q{i}")},"ref":format!("q{i}")})
                 .to_string(),
         )
         .await;
         tokio::time::sleep(Duration::from_millis(30)).await;
+        senders.push(c);
     }
+    let mut c = server.client().await;
     let started = Instant::now();
     let r = c.request("weather.get", json!({"city": "Q3"}), "q3").await;
     assert!(
@@ -232,7 +237,7 @@ async fn past_the_drop_threshold_events_are_refused_at_once() {
         "refused at once"
     );
     assert_eq!(code(&r), "system_overloaded", "{r}");
-    for i in 0..3 {
+    for (i, c) in senders.iter_mut().enumerate() {
         assert_eq!(c.reply_to(&format!("q{i}")).await["ok"], true);
     }
 }
@@ -273,4 +278,170 @@ async fn weather_events_are_logged_and_counted_like_plain_requests() {
         "one row per weather event, in order"
     );
     assert_eq!(rows[1].3.as_deref(), Some("not_found"));
+}
+
+/// `/metrics`' value of `name`.
+async fn gauge(server: &common::TestServer, name: &str) -> f64 {
+    let (_, text) = server.get("/metrics").await.expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[tokio::test]
+async fn one_connection_cannot_fill_the_router_queue() {
+    let server = start_with(|c| {
+        c.router.workers = 1;
+        c.server.max_inflight_per_connection = 8;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(20));
+    let mut hog = server.client().await;
+    // 200 events without ref: no reply ever pushes back on the sender.
+    let sending = tokio::spawn(async move {
+        for i in 0..200 {
+            hog.send(&format!(
+                r#"{{"event":"weather.get","data":{{"city":"Hog{i}"}}}}"#
+            ))
+            .await;
+        }
+        hog
+    });
+    let mut deepest = 0.0_f64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.fake.calls() < 200 {
+        deepest = deepest.max(gauge(&server, "gale_router_queue_depth").await);
+        assert!(
+            Instant::now() < deadline,
+            "{} of 200 ran",
+            server.fake.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(deepest <= 8.0, "one connection held {deepest} queue slots");
+    let mut hog = sending.await.expect("sender");
+    assert_eq!(
+        hog.request("server.stats", Value::Null, "after").await["ok"],
+        true,
+        "read again once its events ran"
+    );
+}
+
+#[tokio::test]
+async fn a_crowd_of_busy_connections_leaves_room_for_others() {
+    let server = start_with(|c| {
+        c.router.workers = 1;
+        c.router.queue_size = 100; // refused from 90 waiting
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(20));
+    // Ten connections that never stop sending events.
+    let mut hogs = Vec::new();
+    for h in 0..10 {
+        let mut hog = server.client().await;
+        hogs.push(tokio::spawn(async move {
+            for i in 0.. {
+                hog.send(&format!(
+                    r#"{{"event":"weather.get","data":{{"city":"Crowd{h}x{i}"}}}}"#
+                ))
+                .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each holds at most its share, 90 / (10 + 1) = 8: the queue keeps
+    // room below its drop threshold for anyone else.
+    let depth = gauge(&server, "gale_router_queue_depth").await;
+    assert!(depth <= 80.0, "the crowd filled {depth} of 90");
+    let mut light = server.client().await;
+    let r = light
+        .request("weather.get", json!({"city": "Newcomer"}), "me")
+        .await;
+    assert_eq!(r["ok"], true, "a newcomer is served: {r}");
+    for hog in hogs {
+        hog.abort();
+    }
+}
+
+#[tokio::test]
+async fn reconnecting_does_not_reset_an_anonymous_limit() {
+    let server = start_with(|c| {
+        override_event(c, "server.stats", |o| o.rate_limit = Some("2/min".into()));
+        c.router.address_limit_factor = 2;
+    })
+    .await;
+    let mut outcomes = Vec::new();
+    for n in 0..3 {
+        let mut c = server.client().await;
+        for i in 0..2 {
+            let r = c
+                .request("server.stats", Value::Null, &format!("{n}.{i}"))
+                .await;
+            outcomes.push(r["ok"] == true);
+        }
+    }
+    assert_eq!(
+        outcomes,
+        [true, true, true, true, false, false],
+        "two per connection, four per address"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let limited = |c: &mut Config| {
+        override_event(c, "server.stats", |o| o.rate_limit = Some("1/min".into()));
+    };
+    let xff = |ip: &str| vec![("x-forwarded-for", ip.to_owned())];
+
+    // Not trusted: the header is ignored, both are 127.0.0.1.
+    let server = start_with(limited).await;
+    let mut a = server
+        .client_with_headers("", &xff("203.0.113.1"))
+        .await
+        .expect("a");
+    let mut b = server
+        .client_with_headers("", &xff("203.0.113.2"))
+        .await
+        .expect("b");
+    assert_eq!(
+        a.request("server.stats", Value::Null, "a").await["ok"],
+        true
+    );
+    assert_eq!(
+        code(&b.request("server.stats", Value::Null, "b").await),
+        "rate_limited"
+    );
+
+    // Behind a trusted proxy, two clients are two addresses.
+    let server = start_with(|c| {
+        limited(c);
+        c.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let mut a = server
+        .client_with_headers("", &xff("203.0.113.1"))
+        .await
+        .expect("a");
+    let mut b = server
+        .client_with_headers("", &xff("203.0.113.2"))
+        .await
+        .expect("b");
+    let mut a2 = server
+        .client_with_headers("", &xff("203.0.113.1"))
+        .await
+        .expect("a2");
+    assert_eq!(
+        a.request("server.stats", Value::Null, "a").await["ok"],
+        true
+    );
+    assert_eq!(
+        b.request("server.stats", Value::Null, "b").await["ok"],
+        true
+    );
+    assert_eq!(
+        code(&a2.request("server.stats", Value::Null, "a2").await),
+        "rate_limited"
+    );
 }

@@ -10,8 +10,6 @@ use common::{Client, TestServer, start_with};
 use gale::config::Config;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 const SECRET: &str = "test-secret-for-hs256";
 
@@ -51,25 +49,7 @@ async fn connect(
     query: &str,
     headers: &[(&'static str, String)],
 ) -> Result<Client, u16> {
-    let mut req = format!("{}{query}", server.ws_url())
-        .into_client_request()
-        .expect("request");
-    for (k, v) in headers {
-        req.headers_mut()
-            .insert(*k, HeaderValue::from_str(v).expect("header"));
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok((ws, _)) => {
-            let mut c = Client {
-                ws,
-                client_id: String::new(),
-            };
-            assert_eq!(c.recv_json().await["type"], "connected");
-            Ok(c)
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("unexpected handshake error: {e}"),
-    }
+    server.client_with_headers(query, headers).await
 }
 
 async fn stats(c: &mut Client, r: &str) -> Value {

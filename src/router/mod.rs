@@ -15,6 +15,7 @@ pub mod rate;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -41,6 +42,9 @@ pub type HandlerResult = Result<Value, ErrorBody>;
 pub struct Caller {
     /// The connection.
     pub conn_id: Uuid,
+    /// The client's address, as anonymous rate limits key it
+    /// ([`crate::identity::rate_key`]).
+    pub address: std::net::IpAddr,
     /// The signed-in user, if any.
     pub user: Option<Arc<str>>,
     /// The user's roles.
@@ -185,6 +189,35 @@ struct Task {
     job: Job,
     ctx: Ctx,
     reply_to: Option<Value>,
+    _slot: Slot,
+}
+
+/// An event counted against its connection from dispatch until it is
+/// done (replied, or dropped unrun at shutdown): the connection's bound
+/// and its share of the queue both read this count.
+struct Slot {
+    outbox: Arc<Outbox>,
+    busy: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    fn take(outbox: &Arc<Outbox>, busy: &Arc<AtomicUsize>) -> Slot {
+        if outbox.event_started() {
+            busy.fetch_add(1, Ordering::AcqRel);
+        }
+        Slot {
+            outbox: outbox.clone(),
+            busy: busy.clone(),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.outbox.event_done() {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// The router: routes, limits and the worker pool.
@@ -194,6 +227,9 @@ pub struct Router {
     invalid: Counter,
     limits: Limits,
     global: Option<Bucket>,
+    address_factor: u32,
+    /// Connections with at least one event in the pool now.
+    busy: Arc<AtomicUsize>,
     pool: Pool<Task>,
 }
 
@@ -279,8 +315,20 @@ impl Router {
             invalid: metrics.event_counters("invalid")[Outcome::InvalidMessage as usize].clone(),
             limits: Limits::default(),
             global,
+            address_factor: config.router.address_limit_factor.max(1),
+            busy: Arc::new(AtomicUsize::new(0)),
             pool,
         })
+    }
+
+    /// How many events one connection may have queued or running now: its
+    /// share of the queue below the drop threshold, split between the
+    /// connections with events in it and one more (room for a newcomer),
+    /// at least 1, at most `max`. With few busy connections this is `max`;
+    /// under a crowd each gets an equal part and nobody fills the queue.
+    pub fn share(&self, max: usize) -> usize {
+        let busy = self.busy.load(Ordering::Acquire);
+        (self.pool.drop_at() / (busy + 1)).clamp(1, max.max(1))
     }
 
     /// Counts a message that looked like an event but was not one.
@@ -330,6 +378,7 @@ impl Router {
                 caller: caller.clone(),
             },
             reply_to: reply_to.clone(),
+            _slot: Slot::take(&caller.outbox, &self.busy),
         };
         if let Err((why, _)) = self.pool.submit(route.policy.priority, task) {
             let message = match why {
@@ -372,11 +421,25 @@ impl Router {
             }
         }
         if let Some(rate) = p.rate_limit {
-            let subject = match &caller.user {
-                Some(user) => Subject::User(user.clone()),
-                None => Subject::Connection(caller.conn_id),
+            // Anonymous callers count per connection and per address, so a
+            // reconnect does not start a fresh allowance.
+            let taken = match &caller.user {
+                Some(user) => self
+                    .limits
+                    .take(route.index, Subject::User(user.clone()), rate),
+                None => self
+                    .limits
+                    .take(
+                        route.index,
+                        Subject::Address(caller.address),
+                        rate.times(self.address_factor),
+                    )
+                    .and_then(|()| {
+                        self.limits
+                            .take(route.index, Subject::Connection(caller.conn_id), rate)
+                    }),
             };
-            if let Err(wait) = self.limits.take(route.index, subject, rate) {
+            if let Err(wait) = taken {
                 return Err(ErrorBody::new(
                     ErrorCode::RateLimited,
                     format!(
@@ -411,6 +474,7 @@ async fn run(task: Task) {
         job,
         ctx,
         reply_to,
+        _slot,
     } = task;
     let outbox = ctx.caller.outbox.clone();
     let metrics = ctx.app.metrics.clone();

@@ -130,6 +130,11 @@ impl<T: Send + 'static> Pool<T> {
         self.inner.depth()
     }
 
+    /// The depth at which new work is refused.
+    pub fn drop_at(&self) -> usize {
+        self.inner.drop_at
+    }
+
     /// Refuses new work; workers finish what is queued, then stop. Waits
     /// for them at most `deadline`; returns whether they all finished.
     pub async fn drain(&self, deadline: Duration) -> bool {
@@ -188,7 +193,7 @@ mod tests {
             queue_size,
             alert_threshold: 0.5,
             drop_threshold: 1.0,
-            global_rate_limit: 0,
+            ..RouterConfig::default()
         }
     }
 

@@ -54,6 +54,9 @@ pub enum Subject {
     User(Arc<str>),
     /// An anonymous connection.
     Connection(Uuid),
+    /// Every anonymous connection from one client address
+    /// ([`crate::identity::rate_key`]).
+    Address(std::net::IpAddr),
 }
 
 /// Most (event, subject) buckets kept; the least recently used go first.

@@ -112,6 +112,38 @@ impl TestServer {
         c
     }
 
+    /// Connects to `/ws{query}` with extra handshake headers and reads the
+    /// greeting; `Err` is the HTTP status of a refused handshake.
+    pub async fn client_with_headers(
+        &self,
+        query: &str,
+        headers: &[(&'static str, String)],
+    ) -> Result<Client, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let mut req = format!("{}{query}", self.ws_url())
+            .into_client_request()
+            .expect("request");
+        for (k, v) in headers {
+            req.headers_mut()
+                .insert(*k, HeaderValue::from_str(v).expect("header"));
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => {
+                let mut c = Client {
+                    ws,
+                    client_id: String::new(),
+                };
+                let hello = c.recv_json().await;
+                assert_eq!(hello["type"], "connected", "{hello}");
+                c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
+                Ok(c)
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    }
+
     /// A plain HTTP GET: (status, body).
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.addr, path).await
