@@ -445,3 +445,33 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
         "rate_limited"
     );
 }
+
+#[tokio::test]
+async fn a_weather_event_cut_off_by_its_handler_timeout_is_still_counted_and_logged() {
+    let server = start_with(|c| {
+        override_event(c, "weather.get", |o| o.timeout_ms = Some(200));
+        override_event(c, "weather.subscribe", |o| o.timeout_ms = Some(200));
+    })
+    .await;
+    server.fake.set_latency(Duration::from_secs(2));
+    let mut c = server.client().await;
+    let r = c.request("weather.get", json!({"city": "Lima"}), "g").await;
+    assert_eq!(code(&r), "timeout", "{r}");
+    let r = c
+        .request("weather.subscribe", json!({"city": "Quito"}), "s")
+        .await;
+    assert_eq!(code(&r), "timeout", "{r}");
+    server.wait_metric("db-completed", 2).await;
+    let m = server.metrics().await;
+    assert_eq!(m["requests"], 2, "{m}");
+    assert_eq!(
+        m["failed"], 2,
+        "every request counted is failed or successful: {m}"
+    );
+    let rows = common::rows_for(&server.store_url, &c.client_id).await;
+    let got: Vec<(&str, Option<&str>)> = rows
+        .iter()
+        .map(|r| (r.0.as_str(), r.3.as_deref()))
+        .collect();
+    assert_eq!(got, [("Lima", Some("timeout")), ("Quito", Some("timeout"))]);
+}
