@@ -329,8 +329,11 @@ pub struct StoreConfig {
     /// Rows waiting to be written; past this new rows are dropped and
     /// counted.
     pub queue_size: usize,
-    /// Writer tasks.
+    /// Writer tasks, and the request log's own database connections.
     pub workers: usize,
+    /// Database connections for notes: a pool apart from the request
+    /// log's, so notes queries never hold the log's connections.
+    pub notes_connections: usize,
     /// Most rows per insert statement.
     pub batch_size: usize,
     /// How long a writer waits for a batch to fill once its first row is
@@ -346,6 +349,7 @@ impl Default for StoreConfig {
             url: "sqlite://gale.db".to_owned(),
             queue_size: 10_000,
             workers: 5,
+            notes_connections: 5,
             batch_size: 500,
             batch_window_ms: 10,
             max_retries: 8,
@@ -633,6 +637,7 @@ impl Config {
         crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
         positive("store.queue_size", st.queue_size as u64)?;
         positive("store.workers", st.workers as u64)?;
+        positive("store.notes_connections", st.notes_connections as u64)?;
         positive("store.batch_size", st.batch_size as u64)?;
         if st.batch_size > MAX_BATCH_SIZE {
             return Err(ConfigError::invalid(

@@ -249,6 +249,7 @@ async fn store_bench_writes_every_offered_row() {
         3_000,
         100,
         Duration::from_secs(1),
+        0,
         CancellationToken::new(),
         false,
     )

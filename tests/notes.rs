@@ -325,3 +325,64 @@ async fn postgres_large_notes_and_long_lists_reach_their_readers() {
     };
     large_notes_and_long_lists(Some(url)).await;
 }
+
+async fn imports_attach_collaborators_to_the_right_notes(store_url: Option<String>) {
+    let server = start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.server.max_message_bytes = 1 << 20;
+        if let Some(url) = store_url {
+            c.store.url = url;
+        }
+    })
+    .await;
+    let readers: Vec<String> = (0..3).map(|i| unique(&format!("reader{i}"))).collect();
+    // 2,500 notes: several insert statements; every 7th shared with one
+    // of three readers, picked by its number.
+    let notes: Vec<Value> = (0..2_500)
+        .map(|i| {
+            let shared: Vec<&String> = if i % 7 == 0 {
+                vec![&readers[i % 3]]
+            } else {
+                vec![]
+            };
+            json!({"title": format!("imp{i}"), "content": "", "collaborators": shared})
+        })
+        .collect();
+    let mut admin = connect_as(&server, &unique("importer"), json!(["admin"])).await;
+    let r = admin
+        .request("notes.import", json!({"notes": notes}), "imp")
+        .await;
+    assert_eq!(r["data"]["imported"], 2_500, "{r}");
+    for (k, reader) in readers.iter().enumerate() {
+        let mut c = connect_as(&server, reader, json!([])).await;
+        let (_, listed) = list_all(&mut c).await;
+        let mut titles: Vec<String> = listed
+            .iter()
+            .map(|n| n["title"].as_str().expect("title").to_owned())
+            .collect();
+        titles.sort();
+        let mut want: Vec<String> = (0..2_500)
+            .filter(|i| i % 7 == 0 && i % 3 == k)
+            .map(|i| format!("imp{i}"))
+            .collect();
+        want.sort();
+        assert_eq!(
+            titles, want,
+            "{reader} sees exactly the notes shared with them"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_imports_attach_collaborators_to_the_right_notes() {
+    imports_attach_collaborators_to_the_right_notes(None).await;
+}
+
+#[tokio::test]
+async fn postgres_imports_attach_collaborators_to_the_right_notes() {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    imports_attach_collaborators_to_the_right_notes(Some(url)).await;
+}

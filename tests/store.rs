@@ -296,3 +296,57 @@ async fn postgres_a_row_postgres_refuses_does_not_take_its_batch() {
     assert_eq!(metrics.db_rejected.get(), 1);
     assert_eq!(metrics.db_failed.get(), 0);
 }
+
+#[tokio::test]
+async fn postgres_notes_blocked_in_the_database_do_not_stall_the_request_log() {
+    let Some(url) = postgres_url() else {
+        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
+        return;
+    };
+    const SECRET: &str = "store-test-secret";
+    let server = start_with(|c| {
+        c.store.url = url.clone();
+        c.auth.jwt_secret = Some(SECRET.into());
+    })
+    .await;
+    // Another session locks the notes table: every notes query waits,
+    // holding a connection of the notes' pool.
+    let mut locker = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut locker)
+        .await
+        .expect("begin");
+    sqlx::query("LOCK TABLE notes IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .expect("lock");
+    let user = format!("blocked-{}", uuid::Uuid::new_v4().simple());
+    let token = common::hs256_token(SECRET, &user, serde_json::json!([]));
+    let mut writers = Vec::new();
+    for i in 0..8 {
+        let mut c = server.client_with_token(&token).await;
+        c.send(
+            &serde_json::json!({"event":"notes.save","data":{"title":"t","content":"c"},"ref":format!("n{i}")})
+                .to_string(),
+        )
+        .await;
+        writers.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = server.client().await;
+    for i in 0..10 {
+        assert_eq!(c.ask(&format!("Free{i}")).await["type"], "weather");
+    }
+    // Written while the notes are still blocked.
+    server.wait_metric("db-completed", 10).await;
+    assert_eq!(count_rows(&server.store_url, &c.client_id).await, 10);
+    sqlx::query("COMMIT")
+        .execute(&mut locker)
+        .await
+        .expect("unlock");
+    for (i, w) in writers.iter_mut().enumerate() {
+        assert_eq!(w.reply_to(&format!("n{i}")).await["ok"], true);
+    }
+}

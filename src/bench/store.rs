@@ -2,7 +2,10 @@
 //! into a database, driven in this process through the very pipeline the
 //! server uses ([`crate::store::start`]: bounded queue, writer tasks,
 //! multi-row inserts), at a target rate or as fast as the writers take
-//! rows.
+//! rows. With `import`, a `notes.import` of that many notes runs halfway
+//! through, on the notes' own pool, and the report says how long it took
+//! and how long the request log stalled meanwhile (on SQLite the two
+//! share the database's one write lock).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +31,7 @@ pub async fn store(
     rate: u32,
     clients: usize,
     duration: Duration,
+    import: usize,
     stop: CancellationToken,
     show: bool,
 ) -> Result<Report, crate::store::StoreError> {
@@ -49,6 +53,10 @@ pub async fn store(
         created_at: Utc::now(),
     };
     let (mut offered, mut max_depth) = (0_u64, 0_usize);
+    // The longest time with rows queued and none written.
+    let (mut written, mut progressed, mut stall) = (0_u64, Instant::now(), Duration::ZERO);
+    let mut importing: Option<tokio::task::JoinHandle<(usize, Duration)>> = None;
+    let mut imported = None;
     // Offer in 1 ms steps: the rows due by now.
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -64,6 +72,40 @@ pub async fn store(
             offered += 1;
         }
         max_depth = max_depth.max(log.depth());
+        let now = metrics.db_completed.get();
+        if now != written || log.depth() == 0 {
+            (written, progressed) = (now, Instant::now());
+        } else {
+            stall = stall.max(progressed.elapsed());
+        }
+        if import > 0
+            && importing.is_none()
+            && imported.is_none()
+            && started.elapsed() >= duration / 2
+        {
+            let db = db.clone();
+            importing = Some(tokio::spawn(async move {
+                let notes: Vec<crate::store::NewNote> = (0..import)
+                    .map(|i| crate::store::NewNote {
+                        title: format!("bench note {i}"),
+                        content: "imported by gale bench store --import".into(),
+                        collaborators: if i % 10 == 0 {
+                            vec!["bench-reader".into()]
+                        } else {
+                            Vec::new()
+                        },
+                    })
+                    .collect();
+                let began = Instant::now();
+                let n = db.import_notes("gale-bench", &notes).await.unwrap_or(0);
+                (n, began.elapsed())
+            }));
+        }
+        if importing.as_ref().is_some_and(|t| t.is_finished()) {
+            if let Some(task) = importing.take() {
+                imported = task.await.ok();
+            }
+        }
         if let Some(bar) = &bar {
             bar.set_position(started.elapsed().as_millis() as u64);
             bar.set_message(format!(
@@ -74,6 +116,9 @@ pub async fn store(
         }
     }
     let offering = started.elapsed();
+    if let Some(task) = importing.take() {
+        imported = task.await.ok();
+    }
     drop(log);
     let drained = writers.drain(Duration::from_secs(120)).await.is_ok();
     db.close().await;
@@ -106,6 +151,19 @@ pub async fn store(
         )),
     ));
     r.extra.push(("max queue depth", json!(max_depth)));
+    r.extra.push((
+        "longest stall",
+        json!(format!(
+            "{} ms with rows queued and none written",
+            stall.as_millis()
+        )),
+    ));
+    if let Some((n, took)) = imported {
+        r.extra.push((
+            "notes import",
+            json!(format!("{n} notes in {} ms", took.as_millis())),
+        ));
+    }
     r.extra.push(("queue size", json!(cfg.queue_size)));
     r.extra.push(("writers", json!(cfg.workers)));
     r.extra.push(("batch size", json!(cfg.batch_size)));

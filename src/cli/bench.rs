@@ -247,6 +247,10 @@ pub enum BenchScenario {
         /// Queue bound (store.queue_size).
         #[arg(long)]
         queue_size: Option<usize>,
+        /// Halfway through, import this many notes into the same database
+        /// (as notes.import does) and report the request log's stall.
+        #[arg(long, default_value_t = 0)]
+        import: usize,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -305,6 +309,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             workers,
             batch_size,
             queue_size,
+            import,
             json,
         } => {
             let mut cfg = crate::config::StoreConfig {
@@ -317,7 +322,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             let show = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
             let stop = stop_on_ctrl_c();
             let took = Duration::from_secs(duration);
-            return match bench::store::store(&cfg, rate, clients, took, stop, show).await {
+            return match bench::store::store(&cfg, rate, clients, took, import, stop, show).await {
                 Ok(report) => {
                     print(&report, json, false);
                     ExitCode::SUCCESS

@@ -206,7 +206,10 @@ impl Writers {
 }
 
 /// Opens the database, runs migrations and starts the writers. The
-/// returned [`Db`] serves the other tables (notes).
+/// request log gets a pool of its own (`store.workers` connections); the
+/// returned [`Db`], another pool (`store.notes_connections`), serves the
+/// other tables (notes), so notes queries, however slow or many, never
+/// hold the connections the log writes with.
 ///
 /// # Errors
 /// [`StoreError`] when the database cannot be opened or migrated.
@@ -214,10 +217,11 @@ pub async fn start(
     cfg: &StoreConfig,
     metrics: Arc<Metrics>,
 ) -> Result<(Db, RequestLog, Writers), StoreError> {
-    let db = Db::connect(&cfg.url, cfg.workers as u32).await?;
-    db.migrate().await?;
-    let (log, writers) = spawn_writers(db.clone(), cfg, metrics);
-    Ok((db, log, writers))
+    let log_db = Db::connect(&cfg.url, cfg.workers as u32).await?;
+    log_db.migrate().await?;
+    let notes_db = Db::connect(&cfg.url, cfg.notes_connections as u32).await?;
+    let (log, writers) = spawn_writers(log_db, cfg, metrics);
+    Ok((notes_db, log, writers))
 }
 
 /// Starts the writers on an open, migrated database.
