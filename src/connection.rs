@@ -459,18 +459,46 @@ async fn flush_outbox(
         }
         socket.flush().await
     };
-    let written = tokio::time::timeout(SEND_TIMEOUT, write).await;
+    // A client that stops reading blocks this write; meanwhile its outbox
+    // may overflow, and the slow-consumer policy must act then, not after
+    // the send timeout (the close frame queues behind what is on its way).
+    // Biased: a write that completes at once (a client that reads) never
+    // registers the overflow waiter, which would cost a lock per flush.
+    let written = tokio::select! {
+        biased;
+        written = tokio::time::timeout(SEND_TIMEOUT, write) => Some(written),
+        () = overflowed(outbox) => None,
+    };
     if buf.capacity() > crate::outbox::KEEP_CAPACITY {
         *buf = Vec::new(); // a burst's memory, returned
     }
     match written {
-        Ok(Ok(())) => {
+        Some(Ok(Ok(()))) => {
             app.metrics.messages_out.inc_by(n);
+            // Wake-ups that came during the write were taken by
+            // `overflowed`: make sure what queued meanwhile goes out.
+            if !outbox.is_empty() {
+                outbox.wake();
+            }
             Ok(())
         }
-        _ => {
+        None => {
+            buf.clear();
+            Err(End::SlowConsumer)
+        }
+        Some(_) => {
             buf.clear();
             Err(End::Gone)
+        }
+    }
+}
+
+/// Resolves once the outbox is marked as a slow consumer.
+async fn overflowed(outbox: &Outbox) {
+    loop {
+        outbox.ready().await;
+        if outbox.overflowed() {
+            return;
         }
     }
 }

@@ -40,6 +40,9 @@ const KEPT_QUERIES: usize = 1_000;
 #[derive(Debug)]
 struct Shared {
     calls: AtomicU64,
+    /// Calls being answered now, and the most at once.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
     latency_ms: AtomicU64,
     /// Errors per million calls (500 answers), spread evenly.
     error_ppm: AtomicU64,
@@ -72,6 +75,8 @@ impl FakeUpstream {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             calls: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
             latency_ms: AtomicU64::new(0),
             error_ppm: AtomicU64::new(0),
             mode: Mutex::new(Mode::Normal),
@@ -109,6 +114,11 @@ impl FakeUpstream {
     /// HTTP calls answered so far (Open-Meteo lookups make two).
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::SeqCst)
+    }
+
+    /// The most calls it was answering at once.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.shared.peak_in_flight.load(Ordering::SeqCst)
     }
 
     /// Delay before every answer.
@@ -162,6 +172,7 @@ fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
 /// `Err` is the response to send instead of a normal answer.
 async fn admit(s: &Shared, q: &[(String, String)], city: Option<&str>) -> Result<(), Response> {
     let n = s.calls.fetch_add(1, Ordering::SeqCst);
+    let _answering = Answering::enter(s);
     {
         let mut queries = lock(&s.queries);
         if queries.len() == KEPT_QUERIES {
@@ -187,6 +198,24 @@ async fn admit(s: &Shared, q: &[(String, String)], city: Option<&str>) -> Result
         Mode::Normal => Ok(()),
         Mode::Status(code) => Err(status(code)),
         Mode::Garbage => Err((StatusCode::OK, "<html>not json</html>").into_response()),
+    }
+}
+
+/// One call being answered, for the in-flight count (left however the
+/// handler ends, the caller hanging up included).
+struct Answering<'a>(&'a Shared);
+
+impl<'a> Answering<'a> {
+    fn enter(s: &'a Shared) -> Self {
+        let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        s.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+        Answering(s)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -301,5 +330,10 @@ async fn om_forecast(State(s): State<Arc<Shared>>, Query(q): Params) -> Response
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Response {
-    axum::Json(json!({"calls": s.calls.load(Ordering::SeqCst)})).into_response()
+    axum::Json(json!({
+        "calls": s.calls.load(Ordering::SeqCst),
+        "in_flight": s.in_flight.load(Ordering::SeqCst),
+        "peak_in_flight": s.peak_in_flight.load(Ordering::SeqCst),
+    }))
+    .into_response()
 }

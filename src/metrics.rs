@@ -221,6 +221,8 @@ pub struct Metrics {
     pub db_batch_size: Histogram,
     /// Pushes dropped from full outbound queues (`drop_oldest`).
     pub outbound_dropped: Counter,
+    /// Messages waiting in connections' outbound queues now.
+    pub outbound_queued: Gauge,
     /// Connections closed as slow consumers (1013).
     pub slow_consumers: Counter,
     events: Family<EventLabels, Counter>,
@@ -414,6 +416,12 @@ impl Metrics {
             "Pushes dropped from full per-connection queues",
             outbound_dropped.clone(),
         );
+        let outbound_queued = Gauge::default();
+        reg.register(
+            "outbound_queued",
+            "Messages waiting in connections' outbound queues",
+            outbound_queued.clone(),
+        );
         let slow_consumers = Counter::default();
         reg.register(
             "slow_consumers",
@@ -471,6 +479,7 @@ impl Metrics {
             broadcast_dropped,
             broadcast_batch,
             outbound_dropped,
+            outbound_queued,
             slow_consumers,
             events,
             router_queue_depth,
@@ -576,6 +585,8 @@ impl Metrics {
             "topics": self.topics.get(),
             "pushes": self.pushes.get(),
             "outbound-dropped": self.outbound_dropped.get(),
+            "outbound-queued": self.outbound_queued.get(),
+            "slow-consumers": self.slow_consumers.get(),
             "connections-total": self.connections_total.get(),
             "http-timeouts": self.http_timeouts.iter().map(Counter::get).sum::<u64>(),
             "messages-in": self.messages_in.get(),

@@ -97,6 +97,7 @@ impl Outbox {
                 (SlowConsumer::DropOldest, Some(i)) => {
                     st.queue.remove(i);
                     self.metrics.outbound_dropped.inc();
+                    self.metrics.outbound_queued.dec();
                 }
                 _ => {
                     st.overflowed = true;
@@ -107,9 +108,17 @@ impl Outbox {
             }
         }
         st.queue.push_back(Outgoing { text, reply });
+        self.metrics.outbound_queued.inc();
         drop(st);
         self.ready.notify_one();
         true
+    }
+
+    /// Queued messages leaving the queue, in the gauge.
+    fn left(&self, n: usize) {
+        if n > 0 {
+            self.metrics.outbound_queued.dec_by(n as i64);
+        }
     }
 
     /// Resolves when something was pushed since the last wake-up. Pin it
@@ -117,6 +126,17 @@ impl Outbox {
     /// wait: each creation costs a lock on the notifier.
     pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
         self.ready.notified()
+    }
+
+    /// Whether the consumer was judged too slow (the queue overflowed
+    /// under the `close` policy, or filled with replies).
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
+    /// Wakes the connection's task, as a push does.
+    pub fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Moves every queued message into `into`. A queue grown by a burst
@@ -127,6 +147,7 @@ impl Outbox {
         if st.overflowed {
             return Taken::SlowConsumer;
         }
+        self.left(st.queue.len());
         into.extend(st.queue.drain(..));
         if st.queue.capacity() > KEEP_CAPACITY {
             st.queue = VecDeque::new();
@@ -157,6 +178,7 @@ impl Outbox {
     pub fn close(&self) {
         let mut st = self.lock();
         st.closed = true;
+        self.left(st.queue.len());
         st.queue = VecDeque::new();
     }
 
@@ -225,6 +247,20 @@ mod tests {
         assert_eq!(o.take(&mut out), Taken::Messages);
         assert_eq!(out.len(), 500);
         assert!(o.lock().queue.capacity() <= KEEP_CAPACITY);
+    }
+
+    #[test]
+    fn the_gauge_follows_the_queue() {
+        let (o, m) = outbox(2, SlowConsumer::DropOldest);
+        o.push("p1".into(), false);
+        o.push("p2".into(), false);
+        o.push("p3".into(), false);
+        assert_eq!(m.outbound_queued.get(), 2, "one dropped to make room");
+        o.take(&mut Vec::new());
+        assert_eq!(m.outbound_queued.get(), 0);
+        o.push("p4".into(), false);
+        o.close();
+        assert_eq!(m.outbound_queued.get(), 0);
     }
 
     #[test]

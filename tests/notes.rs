@@ -123,10 +123,7 @@ async fn sqlite_notes_are_saved_shared_listed_and_imported() {
 
 #[tokio::test]
 async fn postgres_notes_are_saved_shared_listed_and_imported() {
-    let Some(url) = postgres_url() else {
-        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
-        return;
-    };
+    let Some(url) = postgres_url() else { return };
     notes_round_trip(Some(url)).await;
 }
 
@@ -319,10 +316,7 @@ async fn sqlite_large_notes_and_long_lists_reach_their_readers() {
 
 #[tokio::test]
 async fn postgres_large_notes_and_long_lists_reach_their_readers() {
-    let Some(url) = postgres_url() else {
-        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
-        return;
-    };
+    let Some(url) = postgres_url() else { return };
     large_notes_and_long_lists(Some(url)).await;
 }
 
@@ -380,9 +374,6 @@ async fn sqlite_imports_attach_collaborators_to_the_right_notes() {
 
 #[tokio::test]
 async fn postgres_imports_attach_collaborators_to_the_right_notes() {
-    let Some(url) = postgres_url() else {
-        eprintln!("skipped: GALE_TEST_DATABASE_URL is not set");
-        return;
-    };
+    let Some(url) = postgres_url() else { return };
     imports_attach_collaborators_to_the_right_notes(Some(url)).await;
 }

@@ -290,24 +290,80 @@ async fn a_client_that_never_reads_stays_within_its_outbound_bound() {
     reader
         .request("topic.subscribe", json!({"topic": "firehose"}), "s")
         .await;
-    // From here `stuck` never reads. 64 KiB pushes fill the socket buffers
-    // quickly; after that its outbox holds at most 16 and drops the rest.
-    let big = "x".repeat(64 * 1024);
-    let body = json!({"event": "blob", "data": big, "topic": "firehose"}).to_string();
+    // From here `stuck` does not read. 64 KiB pushes fill the socket
+    // buffers quickly; after that its outbox holds at most 16 and drops
+    // the oldest.
+    let pad = "x".repeat(64 * 1024);
     let reading = tokio::spawn(async move {
-        for _ in 0..200 {
-            assert_eq!(reader.next_push().await["event"], "blob");
+        for n in 0..200 {
+            let push = reader.next_push().await;
+            assert_eq!(push["data"]["n"], n, "the reader gets every push, in order");
         }
     });
-    for _ in 0..200 {
-        assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
+    let mut most_queued = 0;
+    for n in 0..200 {
+        let body = json!({"event": "blob", "data": {"n": n, "pad": pad}, "topic": "firehose"});
+        assert_eq!(
+            publish(&server, Some(API_KEY), &body.to_string()).await.0,
+            200
+        );
+        most_queued = most_queued.max(server.metric("outbound-queued").await);
     }
     reading
         .await
         .expect("the reading client got all 200, undelayed by the stuck one");
+    assert!(most_queued <= 32, "two outboxes of 16 held {most_queued}");
+
+    // Now the stuck client reads what reached it: the newest pushes, in
+    // order; every other push was dropped and counted.
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures_util::StreamExt::next(&mut stuck.ws),
+    )
+    .await
+    {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).expect("json");
+            got.push(v["data"]["n"].as_u64().expect("n"));
+        }
+    }
     let dropped = server.metric("outbound-dropped").await;
-    assert!(dropped > 0, "the stuck client's oldest pushes were dropped");
-    drop(stuck);
+    assert!(dropped > 0, "{got:?}");
+    assert_eq!(
+        got.len() as u64 + dropped,
+        200,
+        "delivered or counted: {got:?}"
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+    assert_eq!(got.last(), Some(&199), "the newest are kept");
+    assert_eq!(server.metric("outbound-queued").await, 0);
+}
+
+#[tokio::test]
+async fn with_slow_consumer_close_a_client_that_never_reads_gets_1013() {
+    let server = start_with(|c| {
+        push_config(c);
+        c.connection.outbound_queue = 4;
+        c.connection.slow_consumer = gale::config::SlowConsumer::Close;
+    })
+    .await;
+    let mut stuck = server.client().await;
+    stuck
+        .request("topic.subscribe", json!({"topic": "firehose"}), "s")
+        .await;
+    let body =
+        json!({"event": "blob", "data": "x".repeat(64 * 1024), "topic": "firehose"}).to_string();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric("slow-consumers").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never judged slow");
+        assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
+    }
+    // It reads at last: what was already on its way, then the close.
+    let frame = stuck.expect_close().await;
+    assert_eq!(u16::from(frame.code), 1013);
+    assert_eq!(frame.reason.as_str(), "slow consumer");
+    server.wait_metric("connections", 0).await;
 }
 
 #[tokio::test]

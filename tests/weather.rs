@@ -180,6 +180,11 @@ async fn many_requests_in_flight_on_one_connection_all_answered() {
     let mut want = cities.clone();
     want.sort();
     assert_eq!(got, want, "every request answered exactly once");
+    assert_eq!(
+        server.fake.peak_in_flight(),
+        4,
+        "never more than the connection's 4 lookups at once, and all 4 used"
+    );
 }
 
 #[tokio::test]
