@@ -33,9 +33,10 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
 
-/// Compares without an early exit, so timing does not reveal the key.
+/// Compares in constant time, so timing does not reveal the key (only
+/// its length, which is not secret).
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// The handler.
@@ -53,8 +54,8 @@ pub(crate) async fn publish(
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|p| same(p.trim().as_bytes(), key.as_bytes())) {
+        .and_then(crate::identity::bearer);
+    if !presented.is_some_and(|p| same(p.as_bytes(), key.as_bytes())) {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],

@@ -546,32 +546,133 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let s = &self.server;
-        positive("server.max_message_bytes", s.max_message_bytes as u64)?;
-        if !(MIN_OUTBOUND_MESSAGE_BYTES..=MAX_OUTBOUND_MESSAGE_BYTES)
-            .contains(&s.max_outbound_message_bytes)
-        {
-            return Err(ConfigError::invalid(
+        // Every number within what the server can actually run with: a
+        // zero that would build an empty channel, a huge value that would
+        // overflow a deadline or spawn without end, is refused here by
+        // name (exit 2) rather than panicking later. Bounds are wide;
+        // they only exclude values that cannot work.
+        const DAY_S: u64 = 86_400;
+        const HOUR_MS: u64 = 3_600_000;
+        const MIB: u64 = 1 << 20;
+        let (s, w, st, r) = (&self.server, &self.weather, &self.store, &self.router);
+        let (c, b) = (&self.connection, &self.broadcast);
+        let n = |v: usize| v as u64;
+        let ranges: &[(&str, u64, u64, u64)] = &[
+            (
+                "server.max_message_bytes",
+                n(s.max_message_bytes),
+                1,
+                64 * MIB,
+            ),
+            (
                 "server.max_outbound_message_bytes",
-                format!(
-                    "must be from {MIN_OUTBOUND_MESSAGE_BYTES} (the largest note fits) \
-                     to {MAX_OUTBOUND_MESSAGE_BYTES} (what common clients accept)"
-                ),
-            ));
-        }
-        positive("server.max_connections", s.max_connections as u64)?;
-        positive("server.handshake_timeout_ms", s.handshake_timeout_ms)?;
-        positive(
-            "server.max_inflight_per_connection",
-            s.max_inflight_per_connection as u64,
-        )?;
-        if s.read_buffer_bytes < 256 {
-            return Err(ConfigError::invalid(
+                n(s.max_outbound_message_bytes),
+                n(MIN_OUTBOUND_MESSAGE_BYTES),
+                n(MAX_OUTBOUND_MESSAGE_BYTES),
+            ),
+            (
+                "server.max_connections",
+                n(s.max_connections),
+                1,
+                10_000_000,
+            ),
+            ("server.shutdown_grace_ms", s.shutdown_grace_ms, 0, HOUR_MS),
+            (
+                "server.handshake_timeout_ms",
+                s.handshake_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            ("server.ping_interval_s", s.ping_interval_s, 0, DAY_S),
+            (
+                "server.max_inflight_per_connection",
+                n(s.max_inflight_per_connection),
+                1,
+                100_000,
+            ),
+            (
                 "server.read_buffer_bytes",
-                "must be at least 256",
-            ));
+                n(s.read_buffer_bytes),
+                256,
+                16 * MIB,
+            ),
+            (
+                "server.write_buffer_bytes",
+                n(s.write_buffer_bytes),
+                1,
+                16 * MIB,
+            ),
+            ("weather.timeout_ms", w.timeout_ms, 1, HOUR_MS),
+            ("weather.max_concurrent", n(w.max_concurrent), 1, 1_000_000),
+            ("weather.max_pending", n(w.max_pending), 0, 10_000_000),
+            ("weather.cache_ttl_s", w.cache_ttl_s, 0, 30 * DAY_S),
+            ("weather.not_found_ttl_s", w.not_found_ttl_s, 0, 30 * DAY_S),
+            ("weather.cache_capacity", w.cache_capacity, 1, 100_000_000),
+            (
+                "weather.breaker_failures",
+                u64::from(w.breaker_failures),
+                1,
+                1_000_000,
+            ),
+            (
+                "weather.breaker_cooldown_ms",
+                w.breaker_cooldown_ms,
+                0,
+                24 * HOUR_MS,
+            ),
+            (
+                "weather.max_response_bytes",
+                n(w.max_response_bytes),
+                1,
+                64 * MIB,
+            ),
+            ("weather.refresh_s", w.refresh_s, 1, DAY_S),
+            ("store.queue_size", n(st.queue_size), 1, 10_000_000),
+            ("store.workers", n(st.workers), 1, 1_000),
+            ("store.notes_connections", n(st.notes_connections), 1, 1_000),
+            ("store.batch_size", n(st.batch_size), 1, n(MAX_BATCH_SIZE)),
+            ("store.batch_window_ms", st.batch_window_ms, 0, 1_000),
+            ("store.max_retries", u64::from(st.max_retries), 0, 1_000),
+            ("router.workers", n(r.workers), 1, 100_000),
+            ("router.queue_size", n(r.queue_size), 1, 10_000_000),
+            (
+                "router.global_rate_limit",
+                u64::from(r.global_rate_limit),
+                0,
+                u64::from(u32::MAX),
+            ),
+            (
+                "router.address_limit_factor",
+                u64::from(r.address_limit_factor),
+                1,
+                1_000_000,
+            ),
+            (
+                "connection.outbound_queue",
+                n(c.outbound_queue),
+                1,
+                1_000_000,
+            ),
+            ("broadcast.batch_size", n(b.batch_size), 1, 100_000),
+            ("broadcast.batch_window_ms", b.batch_window_ms, 0, 1_000),
+            ("broadcast.queue_size", n(b.queue_size), 1, 10_000_000),
+            ("broadcast.max_topics", n(b.max_topics), 0, 100_000_000),
+            (
+                "broadcast.max_topics_per_connection",
+                n(b.max_topics_per_connection),
+                0,
+                100_000,
+            ),
+        ];
+        for &(key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                let message = match (min, max) {
+                    (1, _) if value == 0 => "must be greater than 0".to_owned(),
+                    _ => format!("must be from {min} to {max}"),
+                };
+                return Err(ConfigError::invalid(key, message));
+            }
         }
-        positive("server.write_buffer_bytes", s.write_buffer_bytes as u64)?;
         for proxy in &s.trusted_proxies {
             crate::identity::Cidr::parse(proxy)
                 .map_err(|m| ConfigError::invalid("server.trusted_proxies", m))?;
@@ -580,7 +681,6 @@ impl Config {
             return Err(ConfigError::invalid("server.listen", "must be host:port"));
         }
 
-        let w = &self.weather;
         check_http_url("weather.base_url", w.effective_base_url())?;
         if w.provider == Provider::OpenMeteo {
             check_http_url("weather.geocoding_url", w.effective_geocoding_url())?;
@@ -593,20 +693,6 @@ impl Config {
                 format!("provider openweathermap needs a key (set it or {API_KEY_ENV})"),
             ));
         }
-        positive("weather.timeout_ms", w.timeout_ms)?;
-        positive("weather.max_concurrent", w.max_concurrent as u64)?;
-        positive("weather.cache_capacity", w.cache_capacity)?;
-        positive("weather.breaker_failures", u64::from(w.breaker_failures))?;
-        positive("weather.max_response_bytes", w.max_response_bytes as u64)?;
-        positive("weather.refresh_s", w.refresh_s)?;
-
-        let r = &self.router;
-        positive("router.workers", r.workers as u64)?;
-        positive("router.queue_size", r.queue_size as u64)?;
-        positive(
-            "router.address_limit_factor",
-            u64::from(r.address_limit_factor),
-        )?;
         for (key, v) in [
             ("router.alert_threshold", r.alert_threshold),
             ("router.drop_threshold", r.drop_threshold),
@@ -615,53 +701,36 @@ impl Config {
                 return Err(ConfigError::invalid(key, "must be above 0 and at most 1"));
             }
         }
-        positive(
-            "connection.outbound_queue",
-            self.connection.outbound_queue as u64,
-        )?;
         for (name, o) in &self.events {
             if let Some(rate) = o.rate_limit.as_deref().filter(|r| *r != "off") {
                 Rate::parse(rate).map_err(|m| {
                     ConfigError::invalid(&format!("events.\"{name}\".rate_limit"), m)
                 })?;
             }
-            if o.timeout_ms == Some(0) {
+            if o.timeout_ms.is_some_and(|t| !(1..=HOUR_MS).contains(&t)) {
                 return Err(ConfigError::invalid(
                     &format!("events.\"{name}\".timeout_ms"),
-                    "must be greater than 0",
+                    format!("must be from 1 to {HOUR_MS}"),
                 ));
             }
         }
-
-        let st = &self.store;
+        if let Some(key) = &self.api.key {
+            if key.chars().count() < MIN_API_KEY_CHARS {
+                return Err(ConfigError::invalid(
+                    "api.key",
+                    format!(
+                        "must be at least {MIN_API_KEY_CHARS} characters (it guards pushes to every user)"
+                    ),
+                ));
+            }
+        }
         crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
-        positive("store.queue_size", st.queue_size as u64)?;
-        positive("store.workers", st.workers as u64)?;
-        positive("store.notes_connections", st.notes_connections as u64)?;
-        positive("store.batch_size", st.batch_size as u64)?;
-        if st.batch_size > MAX_BATCH_SIZE {
-            return Err(ConfigError::invalid(
-                "store.batch_size",
-                format!("must be at most {MAX_BATCH_SIZE}"),
-            ));
-        }
-        if st.batch_window_ms > 1_000 {
-            return Err(ConfigError::invalid(
-                "store.batch_window_ms",
-                "must be at most 1000",
-            ));
-        }
         Ok(())
     }
 }
 
-fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
-    if value == 0 {
-        Err(ConfigError::invalid(key, "must be greater than 0"))
-    } else {
-        Ok(())
-    }
-}
+/// The shortest `[api] key` accepted.
+pub const MIN_API_KEY_CHARS: usize = 16;
 
 fn check_http_url(key: &str, value: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(value)
@@ -970,5 +1039,53 @@ mod example_file {
         for key in optional {
             assert!(text.contains(&format!("# {key} = ")), "{key} missing");
         }
+    }
+
+    /// Every shipped event has a commented block in the example holding
+    /// exactly its built-in policy.
+    #[test]
+    fn example_config_shows_every_event_with_its_built_in_policy() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gale.example.toml");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let registry = crate::router::Registry::builtin();
+        let mut seen = 0;
+        for (name, policy) in registry.policies() {
+            let head = format!("# [events.\"{name}\"]\n");
+            let at = text
+                .find(&head)
+                .unwrap_or_else(|| panic!("{name} missing from gale.example.toml"));
+            let block: String = text[at + head.len()..]
+                .lines()
+                .take_while(|l| l.starts_with("# ") && !l.starts_with("# ["))
+                .map(|l| format!("{}\n", &l[2..]))
+                .collect();
+            let shown: EventOverride = toml::from_str(&block).expect("a block parses");
+            let rate = match policy.rate_limit {
+                None => "off".to_owned(),
+                Some(r) => {
+                    let unit = match r.per.as_secs() {
+                        1 => "s",
+                        60 => "min",
+                        _ => "h",
+                    };
+                    format!("{}/{unit}", r.count)
+                }
+            };
+            assert_eq!(shown.rate_limit.as_deref(), Some(rate.as_str()), "{name}");
+            assert_eq!(
+                shown.timeout_ms,
+                Some(policy.timeout.as_millis() as u64),
+                "{name}"
+            );
+            assert_eq!(shown.priority, Some(policy.priority), "{name}");
+            assert_eq!(shown.requires_auth, Some(policy.requires_auth), "{name}");
+            assert_eq!(
+                shown.requires_role.as_deref(),
+                Some(policy.requires_role.as_deref().unwrap_or("")),
+                "{name}"
+            );
+            seen += 1;
+        }
+        assert!(seen >= 9, "{seen} events");
     }
 }

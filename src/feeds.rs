@@ -2,8 +2,9 @@
 //! subscribers it has. Each loop reads the city through the weather cache
 //! every `weather.refresh_s`, so 10,000 subscribers of Paris cost one
 //! upstream call per cache refresh, and pushes `weather.update` to the
-//! city's topic whenever the reading was refreshed. A loop stops when its
-//! last subscriber leaves.
+//! city's topic whenever the reading was refreshed (a new cache entry),
+//! changed or not: `updated_at` tells subscribers it is current. A loop
+//! stops when its last subscriber leaves.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

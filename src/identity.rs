@@ -179,19 +179,25 @@ impl Verifier {
     }
 }
 
+/// The credentials of an `Authorization` value in the `Bearer` scheme,
+/// whose name is case-insensitive (RFC 7235): `bearer x`, `BEARER x`.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim().split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+        .filter(|c| !c.is_empty())
+}
+
 /// The token from `Authorization: Bearer …` or the `token` query
 /// parameter, header first.
 pub fn token_from(headers: &HeaderMap, uri: &Uri) -> Option<String> {
-    if let Some(value) = headers
+    if let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
     {
-        if let Some(token) = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-        {
-            return Some(token.trim().to_owned());
-        }
+        return Some(token.to_owned());
     }
     let query = uri.query()?;
     url::form_urlencoded::parse(query.as_bytes())

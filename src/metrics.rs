@@ -215,7 +215,8 @@ pub struct Metrics {
     pub db_abandoned: Counter,
     /// Failed insert attempts (each retried with backoff).
     pub db_errors: Counter,
-    /// Rows waiting in the queue now.
+    /// Rows waiting in the queue now (kept live: counted in as a row is
+    /// queued, out as a writer takes it).
     pub db_queue_depth: Gauge,
     /// Rows per insert.
     pub db_batch_size: Histogram,

@@ -383,15 +383,20 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-fn refresh_gauges(app: &App) {
-    let m = &app.metrics;
-    m.db_queue_depth.set(app.log.depth() as i64);
-    // Open turns half-open with time alone, with no call to say so.
-    m.breaker_state.set(app.weather.breaker_state() as i64);
+impl App {
+    /// Brings the gauges that depend on time alone up to date; every
+    /// reader of the metrics (`/metrics`, `/metrics.json`, `server.stats`)
+    /// calls it first. The others are kept live where they change.
+    pub fn refresh_gauges(&self) {
+        // Open turns half-open with time alone, with no call to say so.
+        self.metrics
+            .breaker_state
+            .set(self.weather.breaker_state() as i64);
+    }
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {
-    refresh_gauges(&app);
+    app.refresh_gauges();
     (
         [(
             header::CONTENT_TYPE,
@@ -403,7 +408,7 @@ async fn metrics_text(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics_json(State(app): State<Arc<App>>) -> Response {
-    refresh_gauges(&app);
+    app.refresh_gauges();
     axum::Json(app.metrics.to_json()).into_response()
 }
 

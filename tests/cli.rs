@@ -297,3 +297,117 @@ async fn bench_procs_merges_worker_reports_exactly() {
     );
     assert_eq!(server.metric("requests").await, 36);
 }
+
+/// Runs `gale serve` with `var=value`: it must either exit 2 with one line
+/// naming `key`, or start and exit 0 on SIGTERM. Never a panic.
+fn start_or_refuse(key: &str, var: &str, value: &str, db: &str) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(GALE)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env(var, value)
+        .env("GALE_STORE__URL", db)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let case = format!("{var}={value}");
+    let mut log = Vec::new();
+    let started = loop {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => {
+                let up = line.contains("gale listening");
+                log.push(line);
+                if up {
+                    break true;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break false,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                return Err(format!(
+                    "{case}: neither started nor exited in 20 s: {log:?}"
+                ));
+            }
+        }
+    };
+    if started {
+        let pid = child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .map_err(|e| e.to_string())?;
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    log.extend(rx.try_iter());
+    let text = log.join("\n");
+    match (started, status.code()) {
+        (true, Some(0)) => Ok(()),
+        (false, Some(2)) if text.contains(key) && log.len() == 1 => Ok(()),
+        _ => Err(format!("{case}: {status} (started: {started}):\n{text}")),
+    }
+}
+
+#[tokio::test]
+async fn every_number_setting_at_zero_or_its_largest_value_starts_or_exits_2() {
+    let defaults = toml::Table::try_from(gale::config::Config::default()).expect("table");
+    let mut cases = Vec::new();
+    for (section, keys) in &defaults {
+        for (key, value) in keys.as_table().into_iter().flatten() {
+            if value.is_integer() {
+                for v in ["0", "9223372036854775807"] {
+                    let var = format!("GALE_{}__{}", section.to_uppercase(), key.to_uppercase());
+                    cases.push((format!("{section}.{key}"), var, v));
+                }
+            }
+        }
+    }
+    assert!(cases.len() > 60, "{} cases", cases.len());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut failures = Vec::new();
+    for (n, chunk) in cases.chunks(8).enumerate() {
+        let runs: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, (key, var, value))| {
+                let db = format!("sqlite://{}/c{n}-{i}.db", dir.path().display());
+                tokio::task::spawn_blocking(move || start_or_refuse(&key, &var, value, &db))
+            })
+            .collect();
+        for run in runs {
+            if let Err(e) = run.await.expect("join") {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test]
+async fn an_api_key_shorter_than_16_characters_is_refused() {
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(GALE)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("GALE_API__KEY", "short-key")
+            .output()
+            .expect("run")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("api.key") && stderr.contains("16"),
+        "{stderr}"
+    );
+}

@@ -198,6 +198,26 @@ async fn publish_api_refuses_clearly() {
         .0,
         401
     );
+    // The scheme is case-insensitive (RFC 7235).
+    let mut ok = 0;
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let mut s = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        let body = r#"{"event":"e","broadcast":true}"#;
+        let req = format!(
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: {scheme} {API_KEY}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        if String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200") {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3, "bearer, BEARER and Bearer are one scheme");
     for (body, words) in [
         ("not json", "not JSON"),
         (r#"{"event":"e"}"#, "target"),
@@ -240,6 +260,8 @@ async fn weather_subscribers_share_one_refresh_loop() {
         calls_at_subscribe, 1,
         "one lookup served all 30 subscriptions"
     );
+    // The fake's readings never change: a refresh is pushed all the same
+    // (the documented choice; updated_at moves).
     for c in &mut subs {
         let push = c.next_push().await;
         assert_eq!(push["event"], "weather.update");

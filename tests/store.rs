@@ -374,3 +374,28 @@ async fn a_postgres_test_without_its_database_says_so_and_fails_under_ci() {
         String::from_utf8_lossy(&ci.stdout)
     );
 }
+
+#[tokio::test]
+async fn server_stats_shows_the_live_request_log_queue() {
+    let server = start_with(|c| {
+        c.store.workers = 1;
+        c.store.batch_size = 1;
+    })
+    .await;
+    let mut c = server.client().await;
+    let lock = WriteLock::take(&server).await;
+    for i in 0..10 {
+        c.ask(&format!("Queued{i}")).await;
+    }
+    // No HTTP scrape in between: the figure must be live.
+    let stats = c
+        .request("server.stats", serde_json::Value::Null, "st")
+        .await;
+    assert_eq!(
+        stats["data"]["db-queue-depth"], 9,
+        "one row in hand: {stats}"
+    );
+    lock.release().await;
+    server.wait_metric("db-completed", 10).await;
+    assert_eq!(server.metric("db-queue-depth").await, 0);
+}

@@ -207,6 +207,7 @@ async fn topic_unsubscribe(ctx: Ctx, req: TopicRequest) -> HandlerResult {
 /// `server.stats`: live counters for dashboards.
 async fn server_stats(ctx: Ctx, _: Value) -> HandlerResult {
     let app = &ctx.app;
+    app.refresh_gauges();
     let mut stats = app.metrics.to_json();
     stats["router-queue-depth"] = json!(app.router.queue_depth());
     stats["cached-cities"] = json!(app.weather.cached_cities());

@@ -154,6 +154,11 @@ impl Registry {
         r
     }
 
+    /// The registered events with their built-in policies, in order.
+    pub fn policies(&self) -> impl Iterator<Item = (&'static str, &Policy)> {
+        self.routes.iter().map(|(name, policy, _)| (*name, policy))
+    }
+
     /// Registers `name`: its payload type `T`, its policy, its handler.
     /// Adding an event is this one call.
     pub fn register<T, F, Fut>(&mut self, name: &'static str, policy: Policy, handler: F)

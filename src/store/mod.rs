@@ -105,6 +105,7 @@ impl RequestLog {
         match self.tx.try_send(row) {
             Ok(()) => {
                 self.metrics.db_queued.inc();
+                self.metrics.db_queue_depth.inc();
                 true
             }
             Err(mpsc::error::TrySendError::Full(row)) => {
@@ -199,6 +200,7 @@ impl Writers {
         // Cancelled at their next await: nothing moves after this.
         futures_util::future::join_all(self.tasks.iter_mut()).await;
         let queued = self.rx.try_lock().map_or(0, |rx| rx.len()) as u64;
+        self.metrics.db_queue_depth.dec_by(queued as i64);
         let lost = self.in_hand.load(Ordering::Acquire) + queued;
         self.metrics.db_abandoned.inc_by(lost);
         Err(lost)
@@ -332,6 +334,7 @@ impl Writer {
     /// Counts `n` rows just taken from the queue as in hand.
     fn took(&self, n: usize) {
         self.in_hand.fetch_add(n as u64, Ordering::AcqRel);
+        self.metrics.db_queue_depth.dec_by(n as i64);
     }
 
     /// Writes `rows`. A batch the database refuses because of what one of
