@@ -6,21 +6,31 @@
 //! in the kernel's backlog. The permit lives in the accepted stream and is
 //! released when the connection (upgraded or not) is dropped.
 //!
-//! A socket holds its permit only while it makes progress: the request
-//! head must arrive within `server.handshake_timeout_ms` of the accept (or
-//! of the previous response, on a kept-alive connection), and request
-//! bodies are read under the same deadline (by their handlers). A
+//! A socket holds its permit only while it makes progress: the first
+//! request head must arrive within `server.handshake_timeout_ms` of the
+//! accept (a watchdog here: zero bytes, a partial head, a trickle), each
+//! later one within the same time of the previous response on a
+//! kept-alive connection (hyper's header timer), and request bodies are
+//! read under the same deadline (by their handlers). A
 //! WebSocket upgrade is complete once its 101 is written: hyper hands the
 //! socket to the WebSocket task at once, whose own deadlines (pings, the
 //! send timeout) apply from then on. Each connection closed this way is
 //! counted in `gale_http_timeouts_total{stage}`, so a few thousand stalled
 //! sockets cannot lock every user out.
+//!
+//! HTTP/1.1 only: hyper's HTTP/1 parser refuses an HTTP/2 preface. Its
+//! connection state, with an 8 KiB read buffer, is built only once the
+//! socket has something to read (the task first waits with `peek`): a
+//! socket that has sent nothing costs 2.0 KiB rather than 10.2 KiB (2.8
+//! under `axum::serve`), which was 13 MiB of peak RSS in the seed's
+//! scenario (docs/benchmarks.md).
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -80,10 +90,10 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let io = TokioIo::new(LimitedStream {
+        let io = LimitedStream {
             stream,
             _permit: permit,
-        });
+        };
         conns.spawn(connection(io, addr, front.clone(), shutdown.clone()));
     }
 }
@@ -104,27 +114,61 @@ async fn accept_error(e: io::Error) {
 
 /// Serves one connection under the handshake deadline.
 async fn connection(
-    io: TokioIo<LimitedStream>,
+    io: LimitedStream,
     addr: SocketAddr,
     front: Front,
     shutdown: CancellationToken,
 ) {
+    let deadline = tokio::time::Instant::now() + front.deadline;
+    // Nothing of hyper's until the client sends something.
+    let mut byte = [0_u8; 1];
+    tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, io.stream.peek(&mut byte)) => match peeked {
+            Ok(Ok(1..)) => {}
+            Ok(_) => return, // closed, or an error: nothing to serve
+            Err(_) => {
+                front.metrics.http_timeout(HttpStage::Head).inc();
+                tracing::debug!(%addr, "no request in time: closed");
+                return;
+            }
+        },
+        () = shutdown.cancelled() => return,
+    }
+    let served = Arc::new(AtomicBool::new(false));
     let service = Service {
         router: front.router.clone(),
         addr,
+        served: served.clone(),
     };
     let mut http = hyper::server::conn::http1::Builder::new();
-    // The header-read timer covers the first head from the accept (even
-    // when not one byte comes) and every later one from the previous
-    // response: a kept-alive connection may not idle past it either.
+    // Every head after the first: a kept-alive connection may not idle
+    // past the deadline either. The first is held to the deadline from
+    // the accept, below.
     http.timer(TokioTimer::new())
         .header_read_timeout(front.deadline);
-    let mut conn = pin!(http.serve_connection(io, service).with_upgrades());
-    tokio::select! {
-        ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
-        () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+    let mut conn = pin!(
+        http.serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+    );
+    let mut first = pin!(tokio::time::sleep_until(deadline));
+    let (mut watching, mut stopping) = (true, false);
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
+            () = &mut first, if watching => {
+                watching = false;
+                if !served.load(Ordering::Acquire) {
+                    front.metrics.http_timeout(HttpStage::Head).inc();
+                    tracing::debug!(%addr, "no request in time: closed");
+                    return;
+                }
+            }
+            () = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
-    finished(conn.await, addr, &front.metrics);
 }
 
 fn finished(ended: Result<(), hyper::Error>, addr: SocketAddr, metrics: &Metrics) {
@@ -139,11 +183,12 @@ fn finished(ended: Result<(), hyper::Error>, addr: SocketAddr, metrics: &Metrics
 }
 
 /// The routes as hyper sees them, for one connection: each request learns
-/// the client's address.
+/// the client's address, and the first one stops the watchdog.
 #[derive(Clone)]
 struct Service {
     router: axum::Router,
     addr: SocketAddr,
+    served: Arc<AtomicBool>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Service {
@@ -152,6 +197,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     type Future = axum::routing::future::RouteFuture<Infallible>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        self.served.store(true, Ordering::Release);
         req.extensions_mut().insert(ConnectInfo(self.addr));
         tower_service::Service::call(&mut self.router.clone(), req)
     }

@@ -280,14 +280,6 @@ async fn weather_events_are_logged_and_counted_like_plain_requests() {
     assert_eq!(rows[1].3.as_deref(), Some("not_found"));
 }
 
-/// `/metrics`' value of `name`.
-async fn gauge(server: &common::TestServer, name: &str) -> f64 {
-    let (_, text) = server.get("/metrics").await.expect("metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing"))
-}
-
 #[tokio::test]
 async fn one_connection_cannot_fill_the_router_queue() {
     let server = start_with(|c| {
@@ -310,7 +302,7 @@ async fn one_connection_cannot_fill_the_router_queue() {
     let mut deepest = 0.0_f64;
     let deadline = Instant::now() + Duration::from_secs(30);
     while server.fake.calls() < 200 {
-        deepest = deepest.max(gauge(&server, "gale_router_queue_depth").await);
+        deepest = deepest.max(server.sample("gale_router_queue_depth").await);
         assert!(
             Instant::now() < deadline,
             "{} of 200 ran",
@@ -352,7 +344,7 @@ async fn a_crowd_of_busy_connections_leaves_room_for_others() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Each holds at most its share, 90 / (10 + 1) = 8: the queue keeps
     // room below its drop threshold for anyone else.
-    let depth = gauge(&server, "gale_router_queue_depth").await;
+    let depth = server.sample("gale_router_queue_depth").await;
     assert!(depth <= 80.0, "the crowd filled {depth} of 90");
     let mut light = server.client().await;
     let r = light
@@ -393,24 +385,20 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     let limited = |c: &mut Config| {
         override_event(c, "server.stats", |o| o.rate_limit = Some("1/min".into()));
     };
-    let xff = |ip: &str| vec![("x-forwarded-for", ip.to_owned())];
+    // A new connection from `ip` (as a proxy forwards it) asks for stats.
+    async fn ask_from(server: &common::TestServer, ip: &str) -> Value {
+        let mut c = server
+            .client_with_headers("", &[("x-forwarded-for", ip.to_owned())])
+            .await
+            .expect("connect");
+        c.request("server.stats", Value::Null, "s").await
+    }
 
     // Not trusted: the header is ignored, both are 127.0.0.1.
     let server = start_with(limited).await;
-    let mut a = server
-        .client_with_headers("", &xff("203.0.113.1"))
-        .await
-        .expect("a");
-    let mut b = server
-        .client_with_headers("", &xff("203.0.113.2"))
-        .await
-        .expect("b");
+    assert_eq!(ask_from(&server, "203.0.113.1").await["ok"], true);
     assert_eq!(
-        a.request("server.stats", Value::Null, "a").await["ok"],
-        true
-    );
-    assert_eq!(
-        code(&b.request("server.stats", Value::Null, "b").await),
+        code(&ask_from(&server, "203.0.113.2").await),
         "rate_limited"
     );
 
@@ -420,28 +408,10 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
         c.server.trusted_proxies = vec!["127.0.0.0/8".into()];
     })
     .await;
-    let mut a = server
-        .client_with_headers("", &xff("203.0.113.1"))
-        .await
-        .expect("a");
-    let mut b = server
-        .client_with_headers("", &xff("203.0.113.2"))
-        .await
-        .expect("b");
-    let mut a2 = server
-        .client_with_headers("", &xff("203.0.113.1"))
-        .await
-        .expect("a2");
+    assert_eq!(ask_from(&server, "203.0.113.1").await["ok"], true);
+    assert_eq!(ask_from(&server, "203.0.113.2").await["ok"], true);
     assert_eq!(
-        a.request("server.stats", Value::Null, "a").await["ok"],
-        true
-    );
-    assert_eq!(
-        b.request("server.stats", Value::Null, "b").await["ok"],
-        true
-    );
-    assert_eq!(
-        code(&a2.request("server.stats", Value::Null, "a2").await),
+        code(&ask_from(&server, "203.0.113.1").await),
         "rate_limited"
     );
 }

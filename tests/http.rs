@@ -34,11 +34,10 @@ async fn until_closed(s: &mut TcpStream, since: Instant) -> (String, Duration) {
     }
 }
 
-fn timeouts(text: &str, stage: &str) -> u64 {
-    let name = format!("gale_http_timeouts_total{{stage=\"{stage}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+async fn timeouts(server: &common::TestServer, stage: &str) -> f64 {
+    server
+        .sample(&format!("gale_http_timeouts_total{{stage=\"{stage}\"}}"))
+        .await
 }
 
 fn near_the_deadline(took: Duration) {
@@ -88,8 +87,7 @@ async fn stalled_request_heads_are_closed_at_the_deadline_and_counted() {
         let (_, took) = until_closed(s, started).await;
         near_the_deadline(took);
     }
-    let (_, text) = server.get("/metrics").await.expect("metrics");
-    assert_eq!(timeouts(&text, "Head"), 3);
+    assert_eq!(timeouts(&server, "Head").await, 3.0);
     assert_eq!(server.metric("http-timeouts").await, 3);
 }
 
@@ -144,8 +142,7 @@ async fn a_stalled_publish_body_gets_408() {
     let (response, took) = until_closed(&mut s, started).await;
     assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     near_the_deadline(took);
-    let (_, text) = server.get("/metrics").await.expect("metrics");
-    assert_eq!(timeouts(&text, "Body"), 1);
+    assert_eq!(timeouts(&server, "Body").await, 1.0);
 }
 
 #[tokio::test]
@@ -162,4 +159,23 @@ async fn a_body_no_route_reads_does_not_hold_the_connection() {
         took < Duration::from_millis(DEADLINE_MS + 1_500),
         "{took:?}"
     );
+}
+
+#[tokio::test]
+async fn an_http2_preface_is_refused() {
+    let server = server(|_| {}).await;
+    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+    // HTTP/2 with prior knowledge: the connection preface, then a SETTINGS
+    // frame. gale serves HTTP/1.1 only (no header-read limits exist for
+    // HTTP/2 streams here).
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let (got, took) = until_closed(&mut s, started).await;
+    assert!(
+        took < Duration::from_millis(DEADLINE_MS),
+        "refused at once: {took:?}"
+    );
+    assert!(!got.contains("HTTP/2"), "nothing served: {got:?}");
 }

@@ -318,17 +318,6 @@ async fn open_meteo_provider_geocodes_then_reads_current_weather() {
     );
 }
 
-/// `name{labels} value` from the Prometheus text, as a number.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
-async fn metrics_text(server: &common::TestServer) -> String {
-    server.get("/metrics").await.expect("metrics").1
-}
-
 #[tokio::test]
 async fn waiting_for_a_slot_is_not_an_upstream_failure() {
     let server = start_with(|c| {
@@ -360,10 +349,9 @@ async fn waiting_for_a_slot_is_not_an_upstream_failure() {
     // The upstream is perfectly healthy: a new city is looked up.
     let reply = a.ask("Fresh").await;
     assert_eq!(reply["type"], "weather", "{reply}");
-    let text = metrics_text(&server).await;
-    assert_eq!(sample(&text, "gale_upstream_breaker_state"), 0.0);
-    assert_eq!(sample(&text, "gale_upstream_in_flight"), 0.0);
-    assert_eq!(sample(&text, "gale_upstream_pending"), 0.0);
+    assert_eq!(server.sample("gale_upstream_breaker_state").await, 0.0);
+    assert_eq!(server.sample("gale_upstream_in_flight").await, 0.0);
+    assert_eq!(server.sample("gale_upstream_pending").await, 0.0);
 }
 
 #[tokio::test]
@@ -381,15 +369,19 @@ async fn timeouts_in_flight_are_counted_and_every_gauge_returns_to_idle() {
     for _ in 0..5 {
         assert_eq!(c.recv_json().await["code"], "timeout");
     }
-    let text = metrics_text(&server).await;
-    assert_eq!(sample(&text, "gale_upstream_in_flight"), 0.0, "{text}");
-    assert_eq!(sample(&text, "gale_upstream_pending"), 0.0);
+    assert_eq!(server.sample("gale_upstream_in_flight").await, 0.0);
+    assert_eq!(server.sample("gale_upstream_pending").await, 0.0);
     assert_eq!(
-        sample(&text, r#"gale_upstream_calls_total{result="Timeout"}"#),
+        server
+            .sample(r#"gale_upstream_calls_total{result="Timeout"}"#)
+            .await,
         5.0
     );
-    assert_eq!(sample(&text, "gale_upstream_latency_seconds_count"), 5.0);
-    assert!(sample(&text, "gale_upstream_latency_seconds_sum") >= 1.4);
+    assert_eq!(
+        server.sample("gale_upstream_latency_seconds_count").await,
+        5.0
+    );
+    assert!(server.sample("gale_upstream_latency_seconds_sum").await >= 1.4);
     assert_eq!(server.metric("upstream-calls").await, 5);
 }
 

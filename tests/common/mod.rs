@@ -155,6 +155,15 @@ impl TestServer {
         serde_json::from_str(&body).expect("metrics json")
     }
 
+    /// One sample of `/metrics` by its full name, labels included, e.g.
+    /// `gale_upstream_in_flight` or `gale_http_timeouts_total{stage="Head"}`.
+    pub async fn sample(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await.expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    }
+
     pub async fn metric(&self, key: &str) -> u64 {
         self.metrics().await[key]
             .as_u64()
