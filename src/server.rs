@@ -506,8 +506,11 @@ fn accept(
         .write_buffer_size(s.write_buffer_bytes)
         // Room for one frame of the largest outbound message (header at
         // most 14 bytes) on top of what is gathered before a write: every
-        // message the server accepts to send can always be written.
-        .max_write_buffer_size(s.write_buffer_bytes + s.max_outbound_message_bytes + 14)
+        // message the server accepts to send can always be written. /echo
+        // sends back what it accepted, up to max_message_bytes.
+        .max_write_buffer_size(
+            s.write_buffer_bytes + s.max_outbound_message_bytes.max(s.max_message_bytes) + 14,
+        )
         .max_message_size(s.max_message_bytes)
         .max_frame_size(s.max_message_bytes)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))

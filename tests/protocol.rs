@@ -201,3 +201,22 @@ async fn echo_endpoint_is_off_by_default_and_echoes_on_the_same_stack() {
     );
     assert_eq!(server.fake.calls(), 0);
 }
+
+#[tokio::test]
+async fn echo_sends_back_messages_as_large_as_it_accepts() {
+    // Larger than max_outbound_message_bytes (1 MiB): /echo's replies are
+    // bounded by what it accepts, and must be written whole.
+    let server = start_with(|c| {
+        c.server.echo = true;
+        c.server.max_message_bytes = 4 << 20;
+    })
+    .await;
+    let url = format!("ws://{}/echo", server.addr);
+    let mut c = common::Client::connect(&url).await;
+    let big = "e".repeat(3 << 20);
+    c.send(&big).await;
+    match c.next().await {
+        Some(Message::Text(t)) => assert_eq!(t.len(), big.len()),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+}
