@@ -317,6 +317,11 @@ async fn one_connection_cannot_fill_the_router_queue() {
         true,
         "read again once its events ran"
     );
+    assert_eq!(
+        server.sample("gale_router_queue_depth").await,
+        0.0,
+        "back to idle"
+    );
 }
 
 #[tokio::test]
