@@ -464,10 +464,11 @@ async fn flush_outbox(
     // the send timeout (the close frame queues behind what is on its way).
     // Biased: a write that completes at once (a client that reads) never
     // registers the overflow waiter, which would cost a lock per flush.
+    let mut watched = false;
     let written = tokio::select! {
         biased;
         written = tokio::time::timeout(SEND_TIMEOUT, write) => Some(written),
-        () = overflowed(outbox) => None,
+        () = overflowed(outbox, &mut watched) => None,
     };
     if buf.capacity() > crate::outbox::KEEP_CAPACITY {
         *buf = Vec::new(); // a burst's memory, returned
@@ -475,9 +476,9 @@ async fn flush_outbox(
     match written {
         Some(Ok(Ok(()))) => {
             app.metrics.messages_out.inc_by(n);
-            // Wake-ups that came during the write were taken by
-            // `overflowed`: make sure what queued meanwhile goes out.
-            if !outbox.is_empty() {
+            // Wake-ups that came while `overflowed` watched were taken by
+            // it: wake the loop again, so what queued meanwhile goes out.
+            if watched {
                 outbox.wake();
             }
             Ok(())
@@ -493,8 +494,10 @@ async fn flush_outbox(
     }
 }
 
-/// Resolves once the outbox is marked as a slow consumer.
-async fn overflowed(outbox: &Outbox) {
+/// Resolves once the outbox is marked as a slow consumer; sets `watched`
+/// once it starts taking the outbox's wake-ups.
+async fn overflowed(outbox: &Outbox, watched: &mut bool) {
+    *watched = true;
     loop {
         outbox.ready().await;
         if outbox.overflowed() {
