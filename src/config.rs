@@ -220,6 +220,19 @@ impl ServerConfig {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    /// `trusted_proxies`, parsed.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `server.trusted_proxies` for an
+    /// entry that is neither an address nor a block.
+    pub fn trusted_proxies(&self) -> Result<Vec<crate::identity::Cidr>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| crate::identity::Cidr::parse(p))
+            .collect::<Result<_, _>>()
+            .map_err(|m| ConfigError::invalid("server.trusted_proxies", m))
+    }
+
     /// The handshake deadline.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
@@ -673,10 +686,7 @@ impl Config {
                 return Err(ConfigError::invalid(key, message));
             }
         }
-        for proxy in &s.trusted_proxies {
-            crate::identity::Cidr::parse(proxy)
-                .map_err(|m| ConfigError::invalid("server.trusted_proxies", m))?;
-        }
+        s.trusted_proxies()?;
         if s.listen.trim().is_empty() {
             return Err(ConfigError::invalid("server.listen", "must be host:port"));
         }

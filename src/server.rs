@@ -189,16 +189,7 @@ pub async fn start(
 ) -> Result<Running, ServerError> {
     let metrics = Arc::new(Metrics::new());
     let verifier = Verifier::from_config(&config.auth)?;
-    let proxies = config
-        .server
-        .trusted_proxies
-        .iter()
-        .map(|p| identity::Cidr::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|message| crate::config::ConfigError::Invalid {
-            key: "server.trusted_proxies".into(),
-            message,
-        })?;
+    let proxies = config.server.trusted_proxies()?;
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let weather = Weather::from_config(&config.weather, metrics.clone())?;
     let (db, log, writers) = store::start(&config.store, metrics.clone()).await?;
