@@ -4,7 +4,11 @@
 //!
 //! Body: `{"event":…,"data":…}` plus exactly one target: `"users":[…]`,
 //! `"topic":"…"` or `"broadcast":true`. Answers 200 with
-//! `{"reached":N}`, the connections the target has on this node now.
+//! `{"reached":N}`, the connections the target has on this node now. In
+//! cluster mode the push also goes to every other node with recipients
+//! (at most once each, not counted in `reached`), and the answer adds
+//! `"cluster":{"node":…,"up":…}`: with `up` false the other nodes could
+//! not be told.
 //!
 //! Size: the push (`{"event":…,"data":…}` as the server encodes it) must
 //! fit `server.max_outbound_message_bytes`, so that every recipient can be
@@ -87,7 +91,17 @@ pub(crate) async fn publish(
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     match app.hub.publish(target, &event, &data) {
-        Ok(reached) => axum::Json(json!({ "reached": reached })).into_response(),
+        Ok(reached) => match &app.cluster {
+            None => axum::Json(json!({ "reached": reached })).into_response(),
+            // Other nodes deliver on their own; whether they could be told
+            // is what `cluster.up` says (when false, their part is lost and
+            // counted in gale_cluster_lost_total).
+            Some(c) => axum::Json(json!({
+                "reached": reached,
+                "cluster": {"node": c.node_id(), "up": c.is_up()},
+            }))
+            .into_response(),
+        },
         Err(e @ (HubError::QueueFull | HubError::Closed)) => {
             error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
         }

@@ -13,6 +13,14 @@
 //! costs each connection one write. A full queue drops the message and
 //! counts it. [`Hub::send_now`] delivers at once (replies to a handler's
 //! own action).
+//!
+//! Every push is also handed to the hub's [`Backplane`]: on a single node
+//! that does nothing; in cluster mode it carries the encoded push to the
+//! other nodes that have recipients for it (see `crate::cluster`), and
+//! what other nodes send arrives through [`Hub::deliver_remote`]. Delivery
+//! itself never knows whether a recipient is local or remote: the hub
+//! delivers to its own connections and tells the backplane which users
+//! and topics it has connections for.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -92,6 +100,35 @@ pub enum HubError {
     },
 }
 
+/// A stream of pushes other nodes may have recipients for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// A user's connections.
+    User(Arc<str>),
+    /// A topic's subscribers.
+    Topic(Arc<str>),
+}
+
+/// Carries pushes between nodes. The hub calls it with its lock held:
+/// implementations must not block.
+pub trait Backplane: Send + Sync + std::fmt::Debug {
+    /// A push this node encoded and delivered locally: send it to the
+    /// other nodes' recipients of `target`.
+    fn forward(&self, target: &Target, text: &Utf8Bytes);
+    /// This node now has (`true`) or no longer has (`false`) local
+    /// recipients on `channel`.
+    fn interest(&self, channel: Channel, on: bool);
+}
+
+/// The single-node backplane: there is no other node.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalOnly;
+
+impl Backplane for LocalOnly {
+    fn forward(&self, _: &Target, _: &Utf8Bytes) {}
+    fn interest(&self, _: Channel, _: bool) {}
+}
+
 struct Member {
     outbox: Arc<Outbox>,
     user: Option<Arc<str>>,
@@ -135,6 +172,8 @@ impl State {
 struct Queued {
     target: Target,
     text: Utf8Bytes,
+    /// Sent by another node: delivered here only, never forwarded.
+    remote: bool,
 }
 
 /// The registry of connections, users and topics, and the push paths.
@@ -146,6 +185,7 @@ pub struct Hub {
     max_topics_per_conn: usize,
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
+    backplane: Arc<dyn Backplane>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -178,6 +218,7 @@ impl Hub {
         cfg: &BroadcastConfig,
         max_message_bytes: usize,
         metrics: Arc<Metrics>,
+        backplane: Arc<dyn Backplane>,
     ) -> (Arc<Hub>, Delivery) {
         let (tx, rx) = mpsc::channel(cfg.queue_size);
         let (system, _) = events::channel(1024);
@@ -189,6 +230,7 @@ impl Hub {
             max_topics_per_conn: cfg.max_topics_per_connection,
             max_message_bytes,
             metrics,
+            backplane,
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(deliver(
@@ -233,7 +275,11 @@ impl Hub {
             let first = caller.user.as_ref().map(|u| {
                 let ids = st.users.entry(u.clone()).or_default();
                 ids.push(caller.conn_id);
-                ids.len() == 1
+                let first = ids.len() == 1;
+                if first {
+                    self.backplane.interest(Channel::User(u.clone()), true);
+                }
+                first
             });
             self.metrics.users.set(st.users.len() as i64);
             first
@@ -260,6 +306,8 @@ impl Hub {
                     ids.remove(&conn_id);
                     if ids.is_empty() {
                         st.topics.remove(topic);
+                        self.backplane
+                            .interest(Channel::Topic(topic.clone()), false);
                     }
                 }
             }
@@ -269,6 +317,7 @@ impl Hub {
                     ids.retain(|id| *id != conn_id);
                     if ids.is_empty() {
                         st.users.remove(u);
+                        self.backplane.interest(Channel::User(u.clone()), false);
                         last = true;
                     }
                 }
@@ -308,7 +357,11 @@ impl Hub {
             None if st.topics.len() >= self.max_topics => {
                 return Err(HubError::TopicLimit(self.max_topics));
             }
-            None => topic.into(),
+            None => {
+                let key: Arc<str> = topic.into();
+                self.backplane.interest(Channel::Topic(key.clone()), true);
+                key
+            }
         };
         member.topics.push(key.clone());
         st.topics.entry(key).or_default().insert(conn_id);
@@ -331,7 +384,9 @@ impl Hub {
         if let Some(ids) = st.topics.get_mut(topic) {
             ids.remove(&conn_id);
             if ids.is_empty() {
-                st.topics.remove(topic);
+                if let Some((key, _)) = st.topics.remove_entry(topic) {
+                    self.backplane.interest(Channel::Topic(key), false);
+                }
             }
         }
         self.metrics.topics.set(st.topics.len() as i64);
@@ -346,6 +401,33 @@ impl Hub {
     /// Users with at least one connection now.
     pub fn users_online(&self) -> usize {
         self.lock().users.len()
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Every user and topic this node has connections for now: what the
+    /// backplane subscribes to (again, after a reconnect).
+    pub fn channels(&self) -> Vec<Channel> {
+        self.channels_then(|| {})
+    }
+
+    /// As [`Hub::channels`], running `during` under the hub's lock.
+    pub fn channels_then(&self, during: impl FnOnce()) -> Vec<Channel> {
+        let st = self.lock();
+        during();
+        st.users
+            .keys()
+            .map(|u| Channel::User(u.clone()))
+            .chain(st.topics.keys().map(|t| Channel::Topic(t.clone())))
+            .collect()
+    }
+
+    /// Users with a connection here now.
+    pub fn user_ids(&self) -> Vec<Arc<str>> {
+        self.lock().users.keys().cloned().collect()
     }
 
     /// Connections `target` reaches now.
@@ -379,7 +461,23 @@ impl Hub {
         let text = self.encode(event, data)?;
         let mut out = Vec::new();
         self.lock().recipients(target, &mut out);
-        Ok(push_all(&self.metrics, &out, &text))
+        let reached = push_all(&self.metrics, &out, &text);
+        self.backplane.forward(target, &text);
+        Ok(reached)
+    }
+
+    /// A push another node encoded, for this node's recipients of
+    /// `target`: queued for batched delivery, never forwarded again. A
+    /// full queue drops it (counted in `gale_broadcast_dropped_total`).
+    pub fn deliver_remote(&self, target: Target, text: Utf8Bytes) {
+        let queued = Queued {
+            target,
+            text,
+            remote: true,
+        };
+        if self.queue.try_send(queued).is_err() {
+            self.metrics.broadcast_dropped.inc();
+        }
     }
 
     /// Queues a push for batched delivery. Returns how many connections
@@ -391,7 +489,11 @@ impl Hub {
     pub fn publish(&self, target: Target, event: &str, data: &Value) -> Result<usize, HubError> {
         let text = self.encode(event, data)?;
         let reach = self.reach(&target);
-        match self.queue.try_send(Queued { target, text }) {
+        match self.queue.try_send(Queued {
+            target,
+            text,
+            remote: false,
+        }) {
             Ok(()) => Ok(reach),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.broadcast_dropped.inc();
@@ -457,6 +559,9 @@ async fn deliver(
             outboxes.clear();
             hub.lock().recipients(&q.target, &mut outboxes);
             push_all(&hub.metrics, &outboxes, &q.text);
+            if !q.remote {
+                hub.backplane.forward(&q.target, &q.text);
+            }
         }
     }
 }

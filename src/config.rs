@@ -88,6 +88,86 @@ pub struct Config {
     pub broadcast: BroadcastConfig,
     /// The HTTP publish API.
     pub api: ApiConfig,
+    /// Cluster mode: many nodes as one, over Redis.
+    pub cluster: ClusterConfig,
+}
+
+/// What a cluster node does when Redis cannot be reached at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterStartup {
+    /// Start anyway, serve local connections, and join the cluster once
+    /// Redis answers (`/healthz` says "degraded" until then).
+    #[default]
+    Degraded,
+    /// Refuse to start (exit 2) until Redis answers.
+    Refuse,
+}
+
+/// `[cluster]`: many gale nodes serving as one over Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://…` or `rediss://…`; several seed URLs (separated by commas
+    /// or spaces) for a Redis Cluster. Unset: a single node.
+    pub redis_url: Option<String>,
+    /// This node's name in logs, metrics and presence; generated when
+    /// unset.
+    pub node_id: Option<String>,
+    /// Namespace of every key and channel.
+    pub prefix: String,
+    /// A node that stops refreshing its presence disappears after this.
+    pub presence_ttl_s: u64,
+    /// Deadline of every Redis call on a request's path.
+    pub call_timeout_ms: u64,
+    /// How often the subscriber connection is probed end to end.
+    pub probe_interval_ms: u64,
+    /// Cross-node messages waiting to be sent to Redis; past this they are
+    /// counted as lost.
+    pub publish_queue: usize,
+    /// Most messages sent to Redis in one pipeline.
+    pub publish_batch: usize,
+    /// Whether a node starts when Redis is unreachable.
+    pub startup: ClusterStartup,
+    /// The status `/healthz` answers while the node is degraded (Redis
+    /// unreachable): 503 takes it out of a load balancer, 200 keeps it in.
+    pub degraded_status: u16,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: None,
+            node_id: None,
+            prefix: "gale".to_owned(),
+            presence_ttl_s: 15,
+            call_timeout_ms: 1_000,
+            probe_interval_ms: 1_000,
+            publish_queue: 100_000,
+            publish_batch: 512,
+            startup: ClusterStartup::Degraded,
+            degraded_status: 503,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The configured Redis URLs; empty in single-node mode.
+    pub fn redis_urls(&self) -> Vec<String> {
+        self.redis_url
+            .as_deref()
+            .unwrap_or("")
+            .split([',', ' '])
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.redis_urls().is_empty()
+    }
 }
 
 /// `[broadcast]`: the batching broadcast queue and topic limits.
@@ -676,6 +756,42 @@ impl Config {
                 0,
                 100_000,
             ),
+            (
+                "cluster.presence_ttl_s",
+                self.cluster.presence_ttl_s,
+                3,
+                DAY_S,
+            ),
+            (
+                "cluster.call_timeout_ms",
+                self.cluster.call_timeout_ms,
+                1,
+                60_000,
+            ),
+            (
+                "cluster.probe_interval_ms",
+                self.cluster.probe_interval_ms,
+                100,
+                HOUR_MS,
+            ),
+            (
+                "cluster.publish_queue",
+                n(self.cluster.publish_queue),
+                1,
+                10_000_000,
+            ),
+            (
+                "cluster.publish_batch",
+                n(self.cluster.publish_batch),
+                1,
+                100_000,
+            ),
+            (
+                "cluster.degraded_status",
+                u64::from(self.cluster.degraded_status),
+                200,
+                599,
+            ),
         ];
         for &(key, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
@@ -735,6 +851,30 @@ impl Config {
             }
         }
         crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
+        for url in self.cluster.redis_urls() {
+            check_redis_url(&url)?;
+        }
+        if self.cluster.redis_url.is_some() && !self.cluster.enabled() {
+            return Err(ConfigError::invalid(
+                "cluster.redis_url",
+                "is empty: remove it for a single node, or give redis://HOST:PORT",
+            ));
+        }
+        let p = &self.cluster.prefix;
+        if p.is_empty() || p.len() > 64 || p.contains(['{', '}', ' ', ':']) {
+            return Err(ConfigError::invalid(
+                "cluster.prefix",
+                "must be 1 to 64 characters, without spaces, ':', '{' or '}'",
+            ));
+        }
+        if let Some(id) = &self.cluster.node_id {
+            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(ConfigError::invalid(
+                    "cluster.node_id",
+                    "must be 1 to 64 printable ASCII characters without spaces",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -750,6 +890,19 @@ fn check_http_url(key: &str, value: &str) -> Result<(), ConfigError> {
         _ => Err(ConfigError::invalid(
             key,
             format!("{value:?} must be an http:// or https:// URL with a host"),
+        )),
+    }
+}
+
+fn check_redis_url(value: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(value).map_err(|e| {
+        ConfigError::invalid("cluster.redis_url", format!("{value:?} is not a URL: {e}"))
+    })?;
+    match url.scheme() {
+        "redis" | "rediss" if url.host().is_some() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            "cluster.redis_url",
+            format!("{value:?} must be a redis:// or rediss:// URL with a host"),
         )),
     }
 }
@@ -1026,6 +1179,8 @@ mod example_file {
             "jwt_secret",
             "jwt_public_key_file",
             "key",
+            "redis_url",
+            "node_id",
         ];
         for (section, keys) in &defaults {
             if section == "events" {

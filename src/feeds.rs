@@ -5,6 +5,14 @@
 //! city's topic whenever the reading was refreshed (a new cache entry),
 //! changed or not: `updated_at` tells subscribers it is current. A loop
 //! stops when its last subscriber leaves.
+//!
+//! In cluster mode every node with subscribers of a city runs its loop,
+//! but only the holder of the city's lease (`P:feed:CITY`, three refresh
+//! periods long, renewed each period) looks the city up and pushes; the
+//! push reaches the subscribers on every node through the backplane. A
+//! holder that dies stops renewing, and another node's loop takes the
+//! lease within three periods. When Redis does not answer, each node
+//! refreshes for its own subscribers (counted as a fallback).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -71,16 +79,24 @@ impl Feeds {
                     () = tokio::time::sleep(every) => {}
                     () = app.closing.cancelled() => break,
                 }
-                {
-                    // Checked under the feeds lock, so a subscriber who
-                    // arrives now either is counted here or starts a new
-                    // loop after this one is gone.
+                // Checked under the feeds lock, so a subscriber who
+                // arrives now either is counted here or starts a new loop
+                // after this one is gone.
+                let stopped = {
                     let mut running = app.feeds.lock();
-                    if app.hub.subscribers(&topic) == 0 {
+                    let none = app.hub.subscribers(&topic) == 0;
+                    if none {
                         running.remove(&key);
-                        tracing::debug!(city = %key, "weather feed stopped: no subscribers");
-                        return;
                     }
+                    none
+                };
+                if stopped {
+                    tracing::debug!(city = %key, "weather feed stopped: no subscribers");
+                    release(&app, &key).await;
+                    return;
+                }
+                if !refreshes_here(&app, &key, every).await {
+                    continue;
                 }
                 match app.weather.lookup(&city).await {
                     // A new Arc means the cache fetched a fresh reading.
@@ -102,6 +118,33 @@ impl Feeds {
                 }
             }
             app.feeds.lock().remove(&key);
+            release(&app, &key).await;
         });
+    }
+}
+
+/// Whether this node refreshes `key` this period: always on a single
+/// node; in a cluster, when it holds (or just took) the city's lease.
+async fn refreshes_here(app: &App, key: &str, every: Duration) -> bool {
+    let Some(cluster) = &app.cluster else {
+        return true;
+    };
+    match cluster
+        .hold_lease(&cluster.key(&["feed", key]), every * 3)
+        .await
+    {
+        Ok(held) => held,
+        Err(e) => {
+            cluster.fell_back(crate::metrics::Fallback::Feed, &e);
+            true
+        }
+    }
+}
+
+/// Gives up the city's lease (the loop stopped), so another node's loop
+/// takes it at once.
+async fn release(app: &App, key: &str) {
+    if let Some(cluster) = &app.cluster {
+        let _ = cluster.release_lease(&cluster.key(&["feed", key])).await;
     }
 }

@@ -19,7 +19,10 @@
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`api`]: `POST /api/publish` for backends.
 //! - [`bench`]: `gale bench`, load scenarios that report honestly.
-//! - [`broadcast`]: push to users, topics and everyone.
+//! - [`broadcast`]: push to users, topics and everyone, and the backplane
+//!   seam between nodes.
+//! - [`cluster`]: cluster mode over Redis: the backplane, presence,
+//!   shared rate limits, the shared weather cache and leases.
 //! - [`metrics`]: Prometheus and JSON counters.
 //! - [`shutdown`]: signals to a cancellation token.
 //! - [`client`]: `gale client`.
@@ -30,6 +33,7 @@ pub mod bench;
 pub mod broadcast;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod fake_upstream;

@@ -243,12 +243,181 @@ pub struct Metrics {
     pub broadcast_dropped: Counter,
     /// Broadcasts per delivery batch.
     pub broadcast_batch: Histogram,
+    /// Cluster metrics; `None` on a single node.
+    pub cluster: Option<ClusterMetrics>,
+}
+
+/// Why a cross-node message was lost.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum LostReason {
+    /// The queue to Redis was full.
+    QueueFull,
+    /// Redis did not take it (unreachable, error, deadline).
+    RedisError,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabels {
+    reason: LostReason,
+}
+
+/// What fell back to this node alone because Redis did not answer.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Fallback {
+    /// A per-user rate limit checked by the local limiter.
+    RateLimit,
+    /// A weather lookup made without the shared cache or its lease.
+    Cache,
+    /// A weather feed refreshed without its cluster lease.
+    Feed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    what: Fallback,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node_id: String,
+}
+
+/// Cluster mode's metrics (`gale_cluster_*`).
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// This node's id.
+    pub node_id: String,
+    /// 1 while Redis answers and the subscriber connection delivers.
+    pub up: Gauge,
+    /// Messages sent to Redis for other nodes.
+    pub published: Counter,
+    /// Messages received from other nodes.
+    pub received: Counter,
+    lost: [Counter; 2],
+    /// Times the subscriber connection was (re)established.
+    pub connects: Counter,
+    /// Channels subscribed now.
+    pub channels: Gauge,
+    /// Probes of the subscriber connection that did not come back.
+    pub probe_failures: Counter,
+    fallbacks: [Counter; 3],
+    /// Live nodes in the cluster (as of the last presence sweep).
+    pub nodes: Gauge,
+    /// Connections on every live node.
+    pub connections: Gauge,
+    /// Distinct users connected on any live node.
+    pub users: Gauge,
+    /// Upstream weather results taken from the shared cache.
+    pub shared_cache_hits: Counter,
+    /// Lookups that waited for another node's upstream call.
+    pub lease_waits: Counter,
+}
+
+impl ClusterMetrics {
+    fn register(reg: &mut Registry, node_id: &str) -> ClusterMetrics {
+        let info = Family::<NodeLabels, Gauge>::default();
+        reg.register("cluster_node", "This node's id (value 1)", info.clone());
+        info.get_or_create(&NodeLabels {
+            node_id: node_id.to_owned(),
+        })
+        .set(1);
+        let gauge = |reg: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            reg.register(name, help, g.clone());
+            g
+        };
+        let counter = |reg: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            reg.register(name, help, c.clone());
+            c
+        };
+        let lost = Family::<LostLabels, Counter>::default();
+        reg.register(
+            "cluster_lost",
+            "Cross-node messages lost, by reason",
+            lost.clone(),
+        );
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        reg.register(
+            "cluster_fallbacks",
+            "Work done by this node alone because Redis did not answer",
+            fallbacks.clone(),
+        );
+        ClusterMetrics {
+            node_id: node_id.to_owned(),
+            up: gauge(
+                reg,
+                "cluster_up",
+                "1 while this node is joined to the cluster",
+            ),
+            published: counter(reg, "cluster_published", "Messages sent to other nodes"),
+            received: counter(
+                reg,
+                "cluster_received",
+                "Messages received from other nodes",
+            ),
+            lost: [LostReason::QueueFull, LostReason::RedisError]
+                .map(|reason| lost.get_or_create_owned(&LostLabels { reason })),
+            connects: counter(
+                reg,
+                "cluster_subscriber_connects",
+                "Times the subscriber connection was established",
+            ),
+            channels: gauge(reg, "cluster_channels", "Channels subscribed now"),
+            probe_failures: counter(
+                reg,
+                "cluster_probe_failures",
+                "Subscriber probes that did not come back in time",
+            ),
+            fallbacks: [Fallback::RateLimit, Fallback::Cache, Fallback::Feed]
+                .map(|what| fallbacks.get_or_create_owned(&FallbackLabels { what })),
+            nodes: gauge(reg, "cluster_nodes", "Live nodes in the cluster"),
+            connections: gauge(reg, "cluster_connections", "Connections on all live nodes"),
+            users: gauge(
+                reg,
+                "cluster_users",
+                "Distinct users connected to the cluster",
+            ),
+            shared_cache_hits: counter(
+                reg,
+                "cluster_cache_hits",
+                "Weather readings taken from the shared cache",
+            ),
+            lease_waits: counter(
+                reg,
+                "cluster_lease_waits",
+                "Lookups that waited for another node's upstream call",
+            ),
+        }
+    }
+
+    /// The counter of messages lost for `reason`.
+    pub fn lost(&self, reason: LostReason) -> &Counter {
+        &self.lost[reason as usize]
+    }
+
+    /// Every lost message.
+    pub fn lost_total(&self) -> u64 {
+        self.lost.iter().map(Counter::get).sum()
+    }
+
+    /// The counter of fallbacks of one kind.
+    pub fn fallback(&self, what: Fallback) -> &Counter {
+        &self.fallbacks[what as usize]
+    }
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric of a single node.
     pub fn new() -> Metrics {
+        Self::for_node(None)
+    }
+
+    /// Creates and registers every metric; with `Some(node_id)`, the
+    /// cluster's too.
+    pub fn for_node(node_id: Option<&str>) -> Metrics {
         let mut registry = Registry::with_prefix("gale");
+        let cluster = node_id.map(|id| ClusterMetrics::register(&mut registry, id));
         let reg = &mut registry;
 
         let connections = Gauge::default();
@@ -512,6 +681,7 @@ impl Metrics {
             db_errors,
             db_queue_depth,
             db_batch_size,
+            cluster,
             registry,
         }
     }
@@ -569,6 +739,28 @@ impl Metrics {
     /// The seed's counters under its exact keys, plus the drop count and
     /// the connection gauge.
     pub fn to_json(&self) -> serde_json::Value {
+        let mut json = self.node_json();
+        if let (Some(c), Some(map)) = (&self.cluster, json.as_object_mut()) {
+            for (k, v) in Self::cluster_json(c) {
+                map.insert(k.to_owned(), v);
+            }
+        }
+        json
+    }
+
+    /// The cluster fields of `/metrics.json` and `server.stats`.
+    pub fn cluster_json(c: &ClusterMetrics) -> [(&'static str, serde_json::Value); 6] {
+        [
+            ("cluster-node", c.node_id.clone().into()),
+            ("cluster-up", (c.up.get() == 1).into()),
+            ("cluster-nodes", c.nodes.get().into()),
+            ("cluster-connections", c.connections.get().into()),
+            ("cluster-users", c.users.get().into()),
+            ("cluster-lost", c.lost_total().into()),
+        ]
+    }
+
+    fn node_json(&self) -> serde_json::Value {
         serde_json::json!({
             "requests": self.requests.get(),
             "successful": self.successful(),

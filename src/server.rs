@@ -25,7 +25,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broadcast::Hub;
+use crate::broadcast::{Backplane, Hub, LocalOnly};
+use crate::cluster::{Cluster, RedisBackplane};
 use crate::config::Config;
 use crate::identity::{self, Verifier};
 use crate::metrics::Metrics;
@@ -54,6 +55,9 @@ pub enum ServerError {
     /// The weather client could not be built.
     #[error(transparent)]
     Weather(#[from] weather::BuildError),
+    /// Cluster mode could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The listener failed while serving.
     #[error("server I/O error: {0}")]
     Io(#[from] io::Error),
@@ -111,6 +115,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     /// Weather refresh loops for subscribed cities.
     pub feeds: crate::feeds::Feeds,
+    /// This node's cluster membership; `None` on a single node.
+    pub cluster: Option<Arc<Cluster>>,
     /// Cancelled when the server starts to shut down: stop accepting,
     /// refuse new events.
     pub shutdown: CancellationToken,
@@ -187,17 +193,59 @@ pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Running, ServerError> {
-    let metrics = Arc::new(Metrics::new());
+    let node_id = config.cluster.enabled().then(|| {
+        config
+            .cluster
+            .node_id
+            .clone()
+            .unwrap_or_else(crate::cluster::generate_node_id)
+    });
+    let metrics = Arc::new(Metrics::for_node(node_id.as_deref()));
     let verifier = Verifier::from_config(&config.auth)?;
     let proxies = config.server.trusted_proxies()?;
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
-    let weather = Weather::from_config(&config.weather, metrics.clone())?;
+    let cluster = match (node_id, &metrics.cluster) {
+        (Some(id), Some(m)) => Some(Cluster::connect(&config.cluster, id, m.clone()).await?),
+        _ => None,
+    };
+    if cluster.is_some() && config.store.url.starts_with("sqlite:") {
+        tracing::warn!(
+            store = %config.store.url,
+            "cluster mode with a per-node SQLite file: notes and the request log are not \
+             shared between nodes; set store.url to the cluster's PostgreSQL"
+        );
+    }
+    let mut weather = Weather::from_config(&config.weather, metrics.clone())?;
+    weather.share(cluster.clone());
     let (db, log, writers) = store::start(&config.store, metrics.clone()).await?;
+    let backplane = cluster.as_ref().map(|c| {
+        RedisBackplane::new(
+            c.clone(),
+            config.cluster.publish_queue,
+            config.cluster.publish_batch,
+        )
+    });
     let (hub, delivery) = Hub::start(
         &config.broadcast,
         config.server.max_outbound_message_bytes,
         metrics.clone(),
+        match &backplane {
+            Some(bp) => bp.clone() as Arc<dyn Backplane>,
+            None => Arc::new(LocalOnly),
+        },
     );
+    let cluster_stop = CancellationToken::new();
+    let presence = match (&cluster, &backplane) {
+        (Some(c), Some(bp)) => {
+            bp.attach(&hub, cluster_stop.clone());
+            Some(tokio::spawn(crate::cluster::presence::run(
+                c.clone(),
+                Arc::downgrade(&hub),
+                cluster_stop.clone(),
+            )))
+        }
+        _ => None,
+    };
     let grace = config.server.shutdown_grace();
     let app = Arc::new(App {
         config,
@@ -210,6 +258,7 @@ pub async fn start(
         proxies,
         hub,
         feeds: Default::default(),
+        cluster,
         shutdown: shutdown.clone(),
         closing: CancellationToken::new(),
         tracker: TaskTracker::new(),
@@ -223,8 +272,18 @@ pub async fn start(
         delivery,
         writers,
         grace,
+        Membership {
+            stop: cluster_stop,
+            presence,
+        },
     ));
     Ok(Running { app, task })
+}
+
+/// The cluster tasks, stopped once this node's connections are closed.
+struct Membership {
+    stop: CancellationToken,
+    presence: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Serves until shutdown, then runs the shutdown sequence.
@@ -235,6 +294,7 @@ async fn serve(
     delivery: crate::broadcast::Delivery,
     writers: store::Writers,
     grace: Duration,
+    membership: Membership,
 ) -> Result<(), ServerError> {
     let shutdown = app.shutdown.clone();
     tracing::info!(
@@ -315,6 +375,15 @@ async fn serve(
         );
     }
 
+    // Leaving the cluster: what is queued for other nodes goes out, and
+    // this node's presence is removed (bounded by the call deadline).
+    membership.stop.cancel();
+    if let Some(presence) = membership.presence {
+        if let Err(e) = presence.await {
+            failure.get_or_insert(ServerError::joined("cluster presence", e));
+        }
+    }
+
     let queued = app.log.depth();
     // The drain gets what is left of the grace period, and never less than
     // a few seconds: rows of answered requests must not be abandoned.
@@ -368,9 +437,21 @@ async fn client_js() -> impl IntoResponse {
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     if app.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else {
-        "ok\n".into_response()
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    match &app.cluster {
+        Some(c) if !c.is_up() => (
+            StatusCode::from_u16(app.config.cluster.degraded_status)
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            format!(
+                "degraded: node {} cannot reach the cluster's Redis; serving its own \
+                 connections only (cross-node pushes are lost and counted)\n",
+                c.node_id()
+            ),
+        )
+            .into_response(),
+        Some(c) => format!("ok: node {} joined\n", c.node_id()).into_response(),
+        None => "ok\n".into_response(),
     }
 }
 

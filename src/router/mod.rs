@@ -194,6 +194,9 @@ struct Task {
     job: Job,
     ctx: Ctx,
     reply_to: Option<Value>,
+    /// Cluster mode: the user's rate limit, checked in Redis when the
+    /// task runs (it needs a round trip; dispatch never waits).
+    shared_rate: Option<(Rate, Arc<str>)>,
     _slot: Slot,
 }
 
@@ -367,10 +370,11 @@ impl Router {
                 ErrorBody::new(ErrorCode::UnknownEvent, format!("no event named {shown:?}")),
             );
         };
-        match self.check(route, caller) {
-            Ok(()) => {}
+        let shared = app.cluster.is_some();
+        let shared_rate = match self.check(route, caller, shared) {
+            Ok(deferred) => deferred,
             Err(body) => return refuse(&route.outcomes, body),
-        }
+        };
         let job = match (route.prepare)(data) {
             Ok(job) => job,
             Err(body) => return refuse(&route.outcomes, body),
@@ -383,6 +387,7 @@ impl Router {
                 caller: caller.clone(),
             },
             reply_to: reply_to.clone(),
+            shared_rate,
             _slot: Slot::take(&caller.outbox, &self.busy),
         };
         if let Err((why, _)) = self.pool.submit(route.policy.priority, task) {
@@ -397,8 +402,15 @@ impl Router {
         }
     }
 
-    /// Auth, role and rate checks, in that order.
-    fn check(&self, route: &Route, caller: &Caller) -> Result<(), ErrorBody> {
+    /// Auth, role and rate checks, in that order. With `shared` (cluster
+    /// mode) a signed-in user's rate limit is left to the task: it is
+    /// returned, to be checked in Redis.
+    fn check(
+        &self,
+        route: &Route,
+        caller: &Caller,
+        shared: bool,
+    ) -> Result<Option<(Rate, Arc<str>)>, ErrorBody> {
         let p = &route.policy;
         if (p.requires_auth || p.requires_role.is_some()) && caller.user.is_none() {
             return Err(ErrorBody::new(
@@ -429,9 +441,8 @@ impl Router {
             // Anonymous callers count per connection and per address, so a
             // reconnect does not start a fresh allowance.
             let taken = match &caller.user {
-                Some(user) => self
-                    .limits
-                    .take(route.index, Subject::User(user.clone()), rate),
+                Some(user) if shared => return Ok(Some((rate, user.clone()))),
+                Some(user) => self.take_local(route, user, rate),
                 None => self
                     .limits
                     .take(
@@ -444,20 +455,15 @@ impl Router {
                             .take(route.index, Subject::Connection(caller.conn_id), rate)
                     }),
             };
-            if let Err(wait) = taken {
-                return Err(ErrorBody::new(
-                    ErrorCode::RateLimited,
-                    format!(
-                        "{}: at most {} per {} s; retry in {} ms",
-                        route.name,
-                        rate.count,
-                        rate.per.as_secs(),
-                        wait.as_millis().max(1)
-                    ),
-                ));
-            }
+            taken.map_err(|wait| rate_limited(route, rate, wait))?;
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Takes one event from a user's budget on this node.
+    fn take_local(&self, route: &Route, user: &Arc<str>, rate: Rate) -> Result<(), Duration> {
+        self.limits
+            .take(route.index, Subject::User(user.clone()), rate)
     }
 
     /// Events waiting for a worker.
@@ -472,6 +478,42 @@ impl Router {
     }
 }
 
+/// The refusal of an event over its rate limit.
+fn rate_limited(route: &Route, rate: Rate, wait: Duration) -> ErrorBody {
+    ErrorBody::new(
+        ErrorCode::RateLimited,
+        format!(
+            "{}: at most {} per {} s; retry in {} ms",
+            route.name,
+            rate.count,
+            rate.per.as_secs(),
+            wait.as_millis().max(1)
+        ),
+    )
+}
+
+/// A user's cluster-wide budget, in Redis; this node's own limiter when
+/// Redis does not answer in time (counted).
+async fn take_shared(
+    ctx: &Ctx,
+    route: &Route,
+    rate: Rate,
+    user: &Arc<str>,
+) -> Result<(), ErrorBody> {
+    let app = &ctx.app;
+    let taken = match &app.cluster {
+        Some(cluster) => match cluster.take_rate(route.name, user, rate).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                cluster.fell_back(crate::metrics::Fallback::RateLimit, &e);
+                app.router.take_local(route, user, rate)
+            }
+        },
+        None => app.router.take_local(route, user, rate),
+    };
+    taken.map_err(|wait| rate_limited(route, rate, wait))
+}
+
 /// Runs one handler under its deadline, catching a panic, and replies.
 async fn run(task: Task) {
     let Task {
@@ -479,8 +521,20 @@ async fn run(task: Task) {
         job,
         ctx,
         reply_to,
+        shared_rate,
         _slot,
     } = task;
+    if let Some((rate, user)) = &shared_rate {
+        if let Err(body) = take_shared(&ctx, &route, *rate, user).await {
+            route.count(Outcome::from(body.code));
+            if let Some(r) = &reply_to {
+                ctx.caller
+                    .outbox
+                    .push(reply_json(r, &Err(body)).into(), true);
+            }
+            return;
+        }
+    }
     let outbox = ctx.caller.outbox.clone();
     let metrics = ctx.app.metrics.clone();
     let limit = ctx.app.config.server.max_outbound_message_bytes;

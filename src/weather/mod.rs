@@ -7,6 +7,7 @@ mod breaker;
 mod open_meteo;
 mod openweathermap;
 mod provider;
+mod shared;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,22 +34,37 @@ enum Cached {
     NotFound,
 }
 
+/// A cache entry: what is known, and for how long when that is not the
+/// configured TTL (an entry from the cluster's shared cache lives here
+/// only as long as it has left there).
+#[derive(Debug, Clone)]
+struct Entry {
+    cached: Cached,
+    ttl: Option<Duration>,
+}
+
+impl From<Cached> for Entry {
+    fn from(cached: Cached) -> Entry {
+        Entry { cached, ttl: None }
+    }
+}
+
 struct TtlByOutcome {
     found: Duration,
     not_found: Duration,
 }
 
-impl Expiry<String, Cached> for TtlByOutcome {
+impl Expiry<String, Entry> for TtlByOutcome {
     fn expire_after_create(
         &self,
         _key: &String,
-        value: &Cached,
+        value: &Entry,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(match value {
+        Some(value.ttl.unwrap_or(match value.cached {
             Cached::Found(_) => self.found,
             Cached::NotFound => self.not_found,
-        })
+        }))
     }
 }
 
@@ -66,13 +82,16 @@ pub enum BuildError {
 /// The weather service shared by every connection.
 pub struct Weather {
     provider: Box<dyn Provider>,
-    cache: Cache<String, Cached>,
+    cache: Cache<String, Entry>,
     slots: Semaphore,
     pending: AtomicUsize,
     max_pending: usize,
     timeout: Duration,
     breaker: Breaker,
     metrics: Arc<Metrics>,
+    ttl: TtlByOutcome,
+    /// Cluster mode: the shared cache and the cross-node single-flight.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for Weather {
@@ -120,12 +139,13 @@ impl Weather {
 
     /// Wraps any provider with the configured protections.
     pub fn new(provider: Box<dyn Provider>, cfg: &WeatherConfig, metrics: Arc<Metrics>) -> Self {
+        let ttl = || TtlByOutcome {
+            found: Duration::from_secs(cfg.cache_ttl_s),
+            not_found: Duration::from_secs(cfg.not_found_ttl_s),
+        };
         let cache = Cache::builder()
             .max_capacity(cfg.cache_capacity)
-            .expire_after(TtlByOutcome {
-                found: Duration::from_secs(cfg.cache_ttl_s),
-                not_found: Duration::from_secs(cfg.not_found_ttl_s),
-            })
+            .expire_after(ttl())
             .build();
         Weather {
             provider,
@@ -139,7 +159,15 @@ impl Weather {
                 Duration::from_millis(cfg.breaker_cooldown_ms),
             ),
             metrics,
+            ttl: ttl(),
+            cluster: None,
         }
+    }
+
+    /// Shares the cache and the upstream calls with the other nodes of
+    /// `cluster` (cluster mode).
+    pub fn share(&mut self, cluster: Option<Arc<crate::cluster::Cluster>>) {
+        self.cluster = cluster;
     }
 
     /// The current weather for `city` as a client typed it.
@@ -166,7 +194,7 @@ impl Weather {
                         // upstream call's state is ~2 KiB, and every
                         // request waiting on the cache would otherwise
                         // carry room for it.
-                        Box::pin(self.fetch(city)).await
+                        Box::pin(self.fetch_shared(city, &key)).await
                     })
                     .await;
                 if called {
@@ -177,7 +205,7 @@ impl Weather {
                 fetched.map_err(|e| (*e).clone())?.into_value()
             }
         };
-        match cached {
+        match cached.cached {
             Cached::Found(reading) => Ok(reading),
             Cached::NotFound => Err(WeatherError::NotFound),
         }

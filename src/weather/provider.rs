@@ -6,7 +6,7 @@ use futures_util::future::BoxFuture;
 use crate::protocol::ErrorCode;
 
 /// Current weather for one city.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reading {
     /// The city as the provider names it.
     pub city: String,

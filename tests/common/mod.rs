@@ -12,6 +12,7 @@ use gale::config::{Config, Provider};
 use gale::fake_upstream::FakeUpstream;
 use gale::server::{self, ServerError};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -411,4 +412,43 @@ impl WriteLock {
             .await
             .expect("unlock");
     }
+}
+
+/// POSTs to /api/publish: (status, JSON body).
+pub async fn publish(server: &TestServer, key: Option<&str>, body: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Asserts nothing arrives for a moment.
+pub async fn quiet(c: &mut Client) {
+    let got = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut c.ws),
+    )
+    .await;
+    assert!(got.is_err(), "expected nothing, got {got:?}");
 }

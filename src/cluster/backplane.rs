@@ -1,0 +1,479 @@
+//! The Redis backplane: pushes between nodes over Redis pub/sub.
+//!
+//! Outbound, every push the hub delivers is queued (bounded:
+//! `cluster.publish_queue`; full means lost and counted) and a publisher
+//! task sends what has queued as one pipeline of `PUBLISH`es, so Redis
+//! sees one round trip per batch, not per message. A push is encoded once
+//! per node: the payload is the origin's node id, a newline, and the exact
+//! text every recipient gets.
+//!
+//! Inbound, one subscriber connection listens to `P:all`, the node's probe
+//! channel, and the channel of every user and topic the hub has local
+//! connections for, and no other: a node receives only the traffic it has
+//! recipients for. The hub reports each change (first connection of a
+//! user, last subscriber of a topic, …); the subscriber applies them in
+//! batches. After every (re)connect it subscribes again from the hub's own
+//! state, and every `cluster.probe_interval_ms` it publishes a probe to
+//! itself over the command connection: a probe that does not come back
+//! through the subscriber within the interval means the subscription is
+//! dead even if the socket looks alive (a failover, a proxy), and the
+//! subscriber reconnects. `gale_cluster_up` and `/healthz` follow.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Cluster;
+use crate::broadcast::{Backplane, Channel, Hub, Target};
+use crate::metrics::LostReason;
+
+/// Most pending interest changes kept; past this the subscriber resyncs
+/// from the hub's whole state instead.
+const MAX_PENDING_CHANGES: usize = 100_000;
+/// Channels per SUBSCRIBE / UNSUBSCRIBE command.
+const SUBSCRIBE_CHUNK: usize = 500;
+/// Deadline of a batch of (un)subscriptions.
+const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Interest {
+    /// Changes the subscriber has not applied yet, in order.
+    changes: Vec<(String, bool)>,
+    /// Too many changes piled up: resubscribe from the hub's state.
+    resync: bool,
+}
+
+/// One message for other nodes.
+struct Outgoing {
+    channel: String,
+    payload: Vec<u8>,
+}
+
+/// The cluster's [`Backplane`].
+pub struct RedisBackplane {
+    cluster: Arc<Cluster>,
+    interest: Mutex<Interest>,
+    changed: Notify,
+    out: mpsc::Sender<Outgoing>,
+    out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    batch: usize,
+}
+
+impl std::fmt::Debug for RedisBackplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackplane")
+            .field("node", &self.cluster.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackplane {
+    /// A backplane over `cluster`; [`RedisBackplane::attach`] starts it.
+    pub fn new(cluster: Arc<Cluster>, queue: usize, batch: usize) -> Arc<RedisBackplane> {
+        let (out, rx) = mpsc::channel(queue.max(1));
+        Arc::new(RedisBackplane {
+            cluster,
+            interest: Mutex::new(Interest::default()),
+            changed: Notify::new(),
+            out,
+            out_rx: Mutex::new(Some(rx)),
+            batch: batch.max(1),
+        })
+    }
+
+    /// Starts the publisher and the subscriber for `hub`; they stop at
+    /// `stop`. Call once.
+    pub fn attach(self: &Arc<Self>, hub: &Arc<Hub>, stop: CancellationToken) {
+        let rx = self.out_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(rx) = rx {
+            tokio::spawn(publish(self.clone(), rx, stop.clone()));
+        }
+        tokio::spawn(subscribe(self.clone(), Arc::downgrade(hub), stop));
+    }
+
+    fn channel(&self, c: &Channel) -> String {
+        match c {
+            Channel::User(u) => self.cluster.key(&["u", u]),
+            Channel::Topic(t) => self.cluster.key(&["t", t]),
+        }
+    }
+
+    fn everyone(&self) -> String {
+        self.cluster.key(&["all"])
+    }
+
+    fn probe_channel(&self) -> String {
+        self.cluster.key(&["probe", &self.cluster.node_id])
+    }
+
+    /// The target a channel's messages go to on this node.
+    fn target(&self, channel: &str) -> Option<Target> {
+        let rest = channel
+            .strip_prefix(self.cluster.prefix.as_str())?
+            .strip_prefix(':')?;
+        if rest == "all" {
+            return Some(Target::Everyone);
+        }
+        let (kind, name) = rest.split_at_checked(2)?;
+        match kind {
+            "u:" => Some(Target::Users(vec![name.to_owned()])),
+            "t:" => Some(Target::Topic(name.to_owned())),
+            _ => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Interest> {
+        self.interest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, channel: String, text: &Utf8Bytes) {
+        let node = self.cluster.node_id.as_bytes();
+        let mut payload = Vec::with_capacity(node.len() + 1 + text.len());
+        payload.extend_from_slice(node);
+        payload.push(b'\n');
+        payload.extend_from_slice(text.as_bytes());
+        if self.out.try_send(Outgoing { channel, payload }).is_err() {
+            self.cluster.metrics.lost(LostReason::QueueFull).inc();
+        }
+    }
+}
+
+impl Backplane for RedisBackplane {
+    fn forward(&self, target: &Target, text: &Utf8Bytes) {
+        match target {
+            Target::Everyone => self.send(self.everyone(), text),
+            Target::Topic(t) => self.send(self.cluster.key(&["t", t]), text),
+            Target::Users(users) => {
+                let unique: HashSet<&str> = users.iter().map(String::as_str).collect();
+                for u in unique {
+                    self.send(self.cluster.key(&["u", u]), text);
+                }
+            }
+        }
+    }
+
+    fn interest(&self, channel: Channel, on: bool) {
+        let name = self.channel(&channel);
+        {
+            let mut st = self.lock();
+            if st.changes.len() >= MAX_PENDING_CHANGES {
+                st.changes.clear();
+                st.resync = true;
+            } else if !st.resync {
+                st.changes.push((name, on));
+            }
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// Sends queued messages to Redis, a pipeline per batch.
+async fn publish(
+    bp: Arc<RedisBackplane>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(bp.batch);
+    let metrics = &bp.cluster.metrics;
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, bp.batch) => n,
+            () = stop.cancelled() => {
+                // What is queued at shutdown still goes out.
+                rx.close();
+                rx.recv_many(&mut batch, bp.batch).await
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for m in &batch {
+            pipe.cmd("PUBLISH").arg(&m.channel).arg(&m.payload).ignore();
+        }
+        match bp
+            .cluster
+            .pipeline::<()>(&pipe, bp.cluster.call_timeout)
+            .await
+        {
+            Ok(()) => {
+                metrics.published.inc_by(batch.len() as u64);
+            }
+            Err(e) => {
+                metrics
+                    .lost(LostReason::RedisError)
+                    .inc_by(batch.len() as u64);
+                tracing::debug!(error = %e, lost = batch.len(), "cross-node messages lost");
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Why a subscriber session ended.
+enum Ended {
+    Stopped,
+    Lost(String),
+}
+
+/// Keeps the subscriber connection up, subscribed and probed.
+async fn subscribe(bp: Arc<RedisBackplane>, hub: Weak<Hub>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let mut seed = 0usize;
+    loop {
+        let (url, client) = &bp.cluster.sub_clients[seed % bp.cluster.sub_clients.len()];
+        let connected = tokio::select! {
+            c = tokio::time::timeout(bp.cluster.call_timeout.max(Duration::from_secs(1)), client.get_async_pubsub()) => c,
+            () = stop.cancelled() => break,
+        };
+        let pubsub = match connected {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                down(&bp, &format!("{url}: {e}"));
+                seed += 1;
+                if pause(&stop, &mut backoff).await {
+                    break;
+                }
+                continue;
+            }
+            Err(_) => {
+                down(&bp, &format!("{url}: connect timed out"));
+                seed += 1;
+                if pause(&stop, &mut backoff).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        match session(&bp, &hub, pubsub, &stop).await {
+            Ended::Stopped => break,
+            Ended::Lost(why) => {
+                down(&bp, &why);
+                seed += 1;
+                // A session that was up starts the backoff over.
+                backoff = Duration::from_millis(100);
+                if pause(&stop, &mut backoff).await {
+                    break;
+                }
+            }
+        }
+    }
+    bp.cluster.metrics.up.set(0);
+}
+
+fn down(bp: &RedisBackplane, why: &str) {
+    if bp.cluster.metrics.up.get() == 1 {
+        tracing::warn!(node = %bp.cluster.node_id, reason = why, "cluster: degraded, reconnecting to Redis");
+    } else {
+        tracing::debug!(reason = why, "cluster: still reconnecting");
+    }
+    bp.cluster.metrics.up.set(0);
+    bp.cluster.metrics.channels.set(0);
+}
+
+/// Sleeps the backoff (with jitter), then doubles it up to 5 s. Returns
+/// true when stopped meanwhile.
+async fn pause(stop: &CancellationToken, backoff: &mut Duration) -> bool {
+    let jitter = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50);
+    let wait = *backoff + jitter;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    tokio::select! {
+        () = tokio::time::sleep(wait) => false,
+        () = stop.cancelled() => true,
+    }
+}
+
+/// One subscriber connection's life: subscribe everything, then deliver,
+/// apply interest changes and probe until it fails or the node stops.
+async fn session(
+    bp: &Arc<RedisBackplane>,
+    hub: &Weak<Hub>,
+    pubsub: redis::aio::PubSub,
+    stop: &CancellationToken,
+) -> Ended {
+    let (mut sink, mut stream) = pubsub.split();
+    let metrics = &bp.cluster.metrics;
+    // Everything the hub has recipients for now; changes reported from
+    // here on are applied after.
+    let mut current: HashSet<String> = {
+        let Some(hub) = hub.upgrade() else {
+            return Ended::Stopped;
+        };
+        // Under the hub's lock (the order the hub takes them in), so no
+        // change falls between the snapshot and the cleared log.
+        hub.channels_then(|| {
+            let mut st = bp.lock();
+            st.changes.clear();
+            st.resync = false;
+        })
+        .iter()
+        .map(|c| bp.channel(c))
+        .collect()
+    };
+    let fixed = [bp.everyone(), bp.probe_channel()];
+    let all: Vec<&String> = fixed.iter().chain(current.iter()).collect();
+    for chunk in all.chunks(SUBSCRIBE_CHUNK) {
+        match tokio::time::timeout(SUBSCRIBE_DEADLINE, sink.subscribe(chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Ended::Lost(format!("subscribe: {e}")),
+            Err(_) => return Ended::Lost("subscribe timed out".to_owned()),
+        }
+    }
+    metrics.connects.inc();
+    metrics.channels.set(current.len() as i64 + 2);
+    tracing::info!(node = %bp.cluster.node_id, channels = current.len(), "cluster: subscribed");
+
+    let probe = bp.probe_channel();
+    let mut nonce: u64 = 0;
+    // The probe sent and not yet seen back, with when it was sent.
+    let mut waiting: Option<(u64, Instant)> = None;
+    let mut tick = tokio::time::interval(bp.cluster.probe_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ended::Stopped,
+            msg = stream.next() => {
+                let Some(msg) = msg else {
+                    return Ended::Lost("subscriber connection closed".to_owned());
+                };
+                let channel = msg.get_channel_name();
+                if channel == probe {
+                    let seen = std::str::from_utf8(msg.get_payload_bytes())
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok());
+                    if seen.is_some() && seen == waiting.map(|w| w.0) {
+                        waiting = None;
+                        if bp.cluster.commands_ok() && metrics.up.get() == 0 {
+                            metrics.up.set(1);
+                            tracing::info!(node = %bp.cluster.node_id, "cluster: up");
+                        }
+                    }
+                    continue;
+                }
+                let Some(hub) = hub.upgrade() else { return Ended::Stopped };
+                deliver(bp, &hub, channel, msg.get_payload_bytes());
+            }
+            () = bp.changed.notified() => {
+                if let Err(why) = apply_changes(bp, hub, &mut sink, &mut current).await {
+                    return Ended::Lost(why);
+                }
+                metrics.channels.set(current.len() as i64 + 2);
+            }
+            _ = tick.tick() => {
+                if let Some((_, sent)) = waiting {
+                    if sent.elapsed() >= bp.cluster.probe_every {
+                        metrics.probe_failures.inc();
+                        return Ended::Lost("probe did not come back".to_owned());
+                    }
+                    continue;
+                }
+                nonce += 1;
+                let sent = Instant::now();
+                let published: Result<i64, _> = bp
+                    .cluster
+                    .query(redis::cmd("PUBLISH").arg(&probe).arg(nonce.to_string()))
+                    .await;
+                match published {
+                    Ok(_) => {
+                        bp.cluster.commands_answered(true);
+                        waiting = Some((nonce, sent));
+                    }
+                    Err(e) => {
+                        // Commands fail: degraded, though the subscriber
+                        // socket may live on.
+                        bp.cluster.commands_answered(false);
+                        metrics.probe_failures.inc();
+                        if metrics.up.get() == 1 {
+                            tracing::warn!(error = %e, "cluster: degraded, Redis commands fail");
+                        }
+                        metrics.up.set(0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands a message from another node to the hub.
+fn deliver(bp: &RedisBackplane, hub: &Hub, channel: &str, payload: &[u8]) {
+    let Some(cut) = payload.iter().position(|&b| b == b'\n') else {
+        return;
+    };
+    let (origin, text) = (&payload[..cut], &payload[cut + 1..]);
+    if origin == bp.cluster.node_id.as_bytes() {
+        // Delivered here when it was sent.
+        return;
+    }
+    let (Some(target), Ok(text)) = (bp.target(channel), std::str::from_utf8(text)) else {
+        tracing::debug!(channel, "cluster: message not for gale, ignored");
+        return;
+    };
+    bp.cluster.metrics.received.inc();
+    hub.deliver_remote(target, Utf8Bytes::from(text.to_owned()));
+}
+
+/// Applies the interest changes reported since the last call.
+async fn apply_changes(
+    bp: &RedisBackplane,
+    hub: &Weak<Hub>,
+    sink: &mut redis::aio::PubSubSink,
+    current: &mut HashSet<String>,
+) -> Result<(), String> {
+    let (changes, resync) = {
+        let mut st = bp.lock();
+        (
+            std::mem::take(&mut st.changes),
+            std::mem::take(&mut st.resync),
+        )
+    };
+    // The last change per channel wins.
+    let mut want: HashMap<String, bool> = HashMap::new();
+    if resync {
+        let Some(hub) = hub.upgrade() else {
+            return Ok(());
+        };
+        let all: HashSet<String> = hub.channels().iter().map(|c| bp.channel(c)).collect();
+        for c in current.iter() {
+            want.insert(c.clone(), all.contains(c));
+        }
+        for c in all {
+            want.insert(c, true);
+        }
+    }
+    for (c, on) in changes {
+        want.insert(c, on);
+    }
+    let add: Vec<String> = want
+        .iter()
+        .filter(|(c, on)| **on && !current.contains(*c))
+        .map(|(c, _)| c.clone())
+        .collect();
+    let remove: Vec<String> = want
+        .iter()
+        .filter(|(c, on)| !**on && current.contains(*c))
+        .map(|(c, _)| c.clone())
+        .collect();
+    for chunk in add.chunks(SUBSCRIBE_CHUNK) {
+        tokio::time::timeout(SUBSCRIBE_DEADLINE, sink.subscribe(chunk))
+            .await
+            .map_err(|_| "subscribe timed out".to_owned())?
+            .map_err(|e| format!("subscribe: {e}"))?;
+    }
+    for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
+        tokio::time::timeout(SUBSCRIBE_DEADLINE, sink.unsubscribe(chunk))
+            .await
+            .map_err(|_| "unsubscribe timed out".to_owned())?
+            .map_err(|e| format!("unsubscribe: {e}"))?;
+    }
+    current.extend(add);
+    for c in &remove {
+        current.remove(c);
+    }
+    Ok(())
+}

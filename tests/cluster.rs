@@ -1,0 +1,768 @@
+//! Cluster mode: several real nodes against a real Redis
+//! (`GALE_TEST_REDIS_URL`, e.g. redis://127.0.0.1:6379), each test under
+//! its own key prefix. Faults use a private `redis-server` on a free port.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Client, TestServer, WAIT, publish, quiet, start_with};
+use gale::config::Config;
+use gale::fake_upstream::FakeUpstream;
+use serde_json::{Value, json};
+
+const API_KEY: &str = "cluster-publish-key-0123";
+const SECRET: &str = "cluster-test-secret";
+const GALE: &str = env!("CARGO_BIN_EXE_gale");
+
+fn redis_url() -> Option<String> {
+    common::service_url("GALE_TEST_REDIS_URL")
+}
+
+/// A key prefix no other test uses.
+fn prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn cluster(c: &mut Config, redis: &str, prefix: &str, node: &str, upstream: &str) {
+    c.cluster.redis_url = Some(redis.to_owned());
+    c.cluster.prefix = prefix.to_owned();
+    c.cluster.node_id = Some(node.to_owned());
+    c.cluster.presence_ttl_s = 3;
+    c.cluster.probe_interval_ms = 200;
+    c.weather.base_url = Some(upstream.to_owned());
+    c.api.key = Some(API_KEY.to_owned());
+    c.auth.jwt_secret = Some(SECRET.to_owned());
+}
+
+async fn node(redis: &str, prefix: &str, name: &str, upstream: &FakeUpstream) -> TestServer {
+    node_with(redis, prefix, name, upstream, |_| {}).await
+}
+
+async fn node_with(
+    redis: &str,
+    prefix: &str,
+    name: &str,
+    upstream: &FakeUpstream,
+    more: impl FnOnce(&mut Config),
+) -> TestServer {
+    start_with(|c| {
+        cluster(c, redis, prefix, name, &upstream.url());
+        more(c);
+    })
+    .await
+}
+
+async fn user(server: &TestServer, sub: &str) -> Client {
+    server
+        .client_with_token(&common::hs256_token(SECRET, sub, json!([])))
+        .await
+}
+
+/// Waits until `cond` holds of the server's `/metrics.json`.
+async fn wait_json(server: &TestServer, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = server.metrics().await;
+        if cond(&m) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: never true; metrics now {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until a `/metrics` sample reaches `value`.
+async fn wait_sample(server: &TestServer, name: &str, value: f64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = server.sample(name).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {now}, expected {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The channels a node subscribes to besides `all` and its probe.
+async fn wait_channels(server: &TestServer, n: usize) {
+    wait_sample(server, "gale_cluster_channels", (n + 2) as f64).await;
+}
+
+#[tokio::test]
+async fn a_user_push_reaches_their_connections_on_every_node_once() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node(&redis, &p, "a", &up).await;
+    let b = node(&redis, &p, "b", &up).await;
+    let c = node(&redis, &p, "c", &up).await;
+    let mut alice_a = user(&a, "alice").await;
+    let mut alice_b = user(&b, "alice").await;
+    let mut bob_b = user(&b, "bob").await;
+    wait_channels(&a, 1).await;
+    wait_channels(&b, 2).await;
+    wait_channels(&c, 0).await;
+
+    // Published on c, which has no connection at all.
+    let (status, body) = publish(
+        &c,
+        Some(API_KEY),
+        r#"{"event":"note.shared","data":{"id":7},"users":["alice"]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reached"], 0, "reached counts this node's connections");
+    for tab in [&mut alice_a, &mut alice_b] {
+        assert_eq!(
+            tab.next_push().await,
+            json!({"event":"note.shared","data":{"id":7}})
+        );
+        quiet(tab).await;
+    }
+    quiet(&mut bob_b).await;
+
+    // From a, where alice also is: her tab there gets it once, not twice.
+    let (_, body) = publish(
+        &a,
+        Some(API_KEY),
+        r#"{"event":"hi","users":["alice","bob"]}"#,
+    )
+    .await;
+    assert_eq!(body["reached"], 1);
+    for tab in [&mut alice_a, &mut alice_b, &mut bob_b] {
+        assert_eq!(tab.next_push().await["event"], "hi");
+        quiet(tab).await;
+    }
+    // c received nothing: it has no recipients, so it subscribed to none.
+    assert_eq!(c.sample("gale_cluster_received_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn topic_and_everyone_pushes_cross_nodes_and_only_subscribed_nodes_receive() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node(&redis, &p, "a", &up).await;
+    let b = node(&redis, &p, "b", &up).await;
+    let c = node(&redis, &p, "c", &up).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let mut plain_b = b.client().await;
+    for (cl, r) in [(&mut on_a, "s1"), (&mut on_b, "s2")] {
+        let reply = cl
+            .request("topic.subscribe", json!({"topic": "news"}), r)
+            .await;
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+    wait_channels(&a, 1).await;
+    wait_channels(&b, 1).await;
+
+    let (status, _) = publish(
+        &c,
+        Some(API_KEY),
+        r#"{"event":"headline","data":"x","topic":"news"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(on_a.next_push().await["event"], "headline");
+    assert_eq!(on_b.next_push().await["event"], "headline");
+    quiet(&mut plain_b).await;
+
+    // Everyone, from b: every connection on every node, once.
+    let (_, body) = publish(
+        &b,
+        Some(API_KEY),
+        r#"{"event":"all","data":1,"broadcast":true}"#,
+    )
+    .await;
+    assert_eq!(body["reached"], 2);
+    for cl in [&mut on_a, &mut on_b, &mut plain_b] {
+        assert_eq!(cl.next_push().await["event"], "all");
+        quiet(cl).await;
+    }
+
+    // Unsubscribed on a: a leaves the topic's channel.
+    let reply = on_a
+        .request("topic.unsubscribe", json!({"topic": "news"}), "u1")
+        .await;
+    assert_eq!(reply["ok"], true);
+    wait_channels(&a, 0).await;
+    let before = a.sample("gale_cluster_received_total").await;
+    publish(&c, Some(API_KEY), r#"{"event":"late","topic":"news"}"#).await;
+    assert_eq!(on_b.next_push().await["event"], "late");
+    quiet(&mut on_a).await;
+    assert_eq!(a.sample("gale_cluster_received_total").await, before);
+}
+
+#[tokio::test]
+async fn presence_counts_the_cluster_and_a_clean_stop_leaves_it() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node(&redis, &p, "a", &up).await;
+    let mut b = node(&redis, &p, "b", &up).await;
+    let _x = user(&a, "alice").await;
+    let _y = user(&b, "alice").await;
+    let _z = user(&b, "bob").await;
+    let _anon = a.client().await;
+    let m = wait_json(&a, "4 connections, 2 users on 2 nodes", |m| {
+        m["cluster-nodes"] == 2 && m["cluster-connections"] == 4 && m["cluster-users"] == 2
+    })
+    .await;
+    assert_eq!(m["cluster-node"], "a");
+    assert_eq!(m["cluster-up"], true);
+    let stats = {
+        let mut cl = a.client().await;
+        cl.request("server.stats", json!({}), "st").await
+    };
+    assert_eq!(stats["data"]["cluster-nodes"], 2, "{stats}");
+
+    b.stop().await.expect("b stops cleanly");
+    // Removed at once on a clean stop, not after the TTL.
+    let started = tokio::time::Instant::now();
+    wait_json(&a, "b gone", |m| {
+        m["cluster-nodes"] == 1 && m["cluster-users"] == 1 && m["cluster-connections"] == 2
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A node run as its own process, so a test can SIGKILL it.
+struct Process {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    async fn start(redis: &str, prefix: &str, name: &str, upstream: &FakeUpstream) -> Process {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let child = tokio::process::Command::new(GALE)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("GALE_CLUSTER__REDIS_URL", redis)
+            .env("GALE_CLUSTER__PREFIX", prefix)
+            .env("GALE_CLUSTER__NODE_ID", name)
+            .env("GALE_CLUSTER__PRESENCE_TTL_S", "3")
+            .env("GALE_CLUSTER__PROBE_INTERVAL_MS", "200")
+            .env("GALE_WEATHER__BASE_URL", upstream.url())
+            .env("GALE_WEATHER__REFRESH_S", "1")
+            .env("GALE_WEATHER__CACHE_TTL_S", "1")
+            .env("GALE_AUTH__JWT_SECRET", SECRET)
+            .env(
+                "GALE_STORE__URL",
+                format!("sqlite://{}/g.db", dir.path().display()),
+            )
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn gale serve");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while common::http_get(addr, "/healthz").await.map(|r| r.0) != Some(200) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never came up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Process {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        let mut c = Client::connect(&format!("ws://{}/ws", self.addr)).await;
+        c.recv_json().await;
+        c
+    }
+
+    async fn user(&self, sub: &str) -> Client {
+        let token = common::hs256_token(SECRET, sub, json!([]));
+        let mut c = Client::connect(&format!("ws://{}/ws?token={token}", self.addr)).await;
+        c.recv_json().await;
+        c
+    }
+
+    async fn kill(&mut self) {
+        self.child.start_kill().expect("kill");
+        let _ = self.child.wait().await;
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_presence_within_the_ttl() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node(&redis, &p, "a", &up).await;
+    let mut doomed = Process::start(&redis, &p, "doomed", &up).await;
+    let _u = doomed.user("carol").await;
+    let _v = doomed.client().await;
+    wait_json(&a, "the process node counted", |m| {
+        m["cluster-nodes"] == 2 && m["cluster-users"] == 1 && m["cluster-connections"] == 2
+    })
+    .await;
+    doomed.kill().await;
+    let killed = tokio::time::Instant::now();
+    wait_json(&a, "the killed node expired", |m| {
+        m["cluster-nodes"] == 1 && m["cluster-users"] == 0 && m["cluster-connections"] == 0
+    })
+    .await;
+    // presence_ttl_s = 3, refreshed every second: gone within the TTL
+    // (plus one sweep).
+    assert!(
+        killed.elapsed() <= Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_users_rate_limit_is_shared_by_their_connections_on_all_nodes() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let limit = |c: &mut Config| {
+        c.events.insert(
+            "server.stats".to_owned(),
+            toml::from_str(r#"rate_limit = "3/min""#).expect("override"),
+        );
+    };
+    let a = node_with(&redis, &p, "a", &up, limit).await;
+    let b = node_with(&redis, &p, "b", &up, limit).await;
+    let c = node_with(&redis, &p, "c", &up, limit).await;
+    let mut tabs = [
+        user(&a, "dave").await,
+        user(&b, "dave").await,
+        user(&c, "dave").await,
+    ];
+    let mut ok = 0;
+    let mut limited = Vec::new();
+    for i in 0..6 {
+        let reply = tabs[i % 3]
+            .request("server.stats", json!({}), &format!("r{i}"))
+            .await;
+        if reply["ok"] == true {
+            ok += 1;
+        } else {
+            assert_eq!(reply["error"]["code"], "rate_limited", "{reply}");
+            limited.push(i);
+        }
+    }
+    assert_eq!(
+        ok, 3,
+        "one budget of 3 across three nodes; limited: {limited:?}"
+    );
+    // Another user has a budget of their own.
+    let mut erin = user(&b, "erin").await;
+    let reply = erin.request("server.stats", json!({}), "e").await;
+    assert_eq!(reply["ok"], true);
+    assert_eq!(
+        a.sample("gale_cluster_fallbacks_total{what=\"RateLimit\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_city_costs_one_upstream_call_for_the_whole_cluster() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    up.set_latency(Duration::from_millis(400));
+    let nodes = [
+        node(&redis, &p, "a", &up).await,
+        node(&redis, &p, "b", &up).await,
+        node(&redis, &p, "c", &up).await,
+    ];
+    // Three clients per node ask for Paris at the same moment.
+    let mut asks = Vec::new();
+    for n in &nodes {
+        for _ in 0..3 {
+            let mut cl = n.client().await;
+            asks.push(tokio::spawn(async move { cl.ask("Paris").await }));
+        }
+    }
+    for ask in asks {
+        let reply = ask.await.expect("join");
+        assert_eq!(reply["city"], "Paris", "{reply}");
+    }
+    assert_eq!(
+        up.calls(),
+        1,
+        "concurrent misses on three nodes share one call"
+    );
+    // Later lookups on any node: from the shared cache.
+    for n in &nodes {
+        let mut cl = n.client().await;
+        assert_eq!(cl.ask("paris").await["city"], "Paris");
+    }
+    assert_eq!(up.calls(), 1);
+    let waits: f64 = {
+        let mut total = 0.0;
+        for n in &nodes {
+            total += n.sample("gale_cluster_lease_waits_total").await;
+        }
+        total
+    };
+    assert!(waits >= 1.0, "the other nodes waited for the lease holder");
+}
+
+#[tokio::test]
+async fn the_weather_refresh_lease_moves_when_its_holder_dies() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let mut first = Process::start(&redis, &p, "first", &up).await;
+    let mut on_first = first.client().await;
+    let r = on_first
+        .request("weather.subscribe", json!({"city": "Oslo"}), "s")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    // The first node's loop holds the lease from its first refresh.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let b = node_with(&redis, &p, "b", &up, |c| {
+        c.weather.refresh_s = 1;
+        c.weather.cache_ttl_s = 1;
+    })
+    .await;
+    let mut on_b = b.client().await;
+    let r = on_b
+        .request("weather.subscribe", json!({"city": "Oslo"}), "s")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    wait_channels(&b, 1).await;
+    // b's subscriber gets updates from the first node's loop.
+    assert_eq!(on_b.next_push().await["event"], "weather.update");
+    first.kill().await;
+    // Then from b's own loop, once the lease (3 periods) has expired.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let calls = up.calls();
+    while up.calls() == calls {
+        assert!(tokio::time::Instant::now() < deadline, "b never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(on_b.next_push().await["event"], "weather.update");
+}
+
+/// A `redis-server` of this test's own on a free port, to kill and
+/// restart.
+struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let mut r = PrivateRedis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn command(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn wait_health(server: &TestServer, status: u16) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (s, body) = server.get("/healthz").await.expect("healthz answers");
+        if s == status {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/healthz stayed {s} {body:?}, expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_redis_outage_degrades_nodes_which_serve_locally_and_recover_by_themselves() {
+    // Needs redis-server; the shared Redis is not touched.
+    if redis_url().is_none() {
+        return;
+    }
+    let mut redis = PrivateRedis::start();
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node(&redis.url(), &p, "a", &up).await;
+    let b = node(&redis.url(), &p, "b", &up).await;
+    let mut alice_a = user(&a, "alice").await;
+    let mut alice_b = user(&b, "alice").await;
+    wait_channels(&b, 1).await;
+
+    redis.kill();
+    let body = wait_health(&a, 503).await;
+    assert!(body.contains("degraded"), "{body}");
+    assert_eq!(a.sample("gale_cluster_up").await, 0.0);
+    // Local service unbroken: lookups, replies, local push.
+    let mut cl = a.client().await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(cl.ask("Paris").await["city"], "Paris");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, body) = publish(&a, Some(API_KEY), r#"{"event":"local","users":["alice"]}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["reached"], 1);
+    assert_eq!(body["cluster"]["up"], false, "{body}");
+    assert_eq!(alice_a.next_push().await["event"], "local");
+    // The copy for b could not be sent: counted, not buffered.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.metric("cluster-lost").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "loss never counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    quiet(&mut alice_b).await;
+
+    redis.restart();
+    wait_health(&a, 200).await;
+    wait_health(&b, 200).await;
+    // Re-subscribed from the hub's own state: alice's channel is back.
+    wait_channels(&b, 1).await;
+    let (_, body) = publish(&a, Some(API_KEY), r#"{"event":"back","users":["alice"]}"#).await;
+    assert_eq!(body["cluster"]["up"], true);
+    assert_eq!(alice_a.next_push().await["event"], "back");
+    assert_eq!(alice_b.next_push().await["event"], "back");
+}
+
+#[tokio::test]
+async fn a_subscriber_killed_by_redis_is_resubscribed_within_seconds() {
+    if redis_url().is_none() {
+        return;
+    }
+    let redis = PrivateRedis::start();
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node(&redis.url(), &p, "a", &up).await;
+    let b = node(&redis.url(), &p, "b", &up).await;
+    let mut on_b = b.client().await;
+    let r = on_b
+        .request("topic.subscribe", json!({"topic": "t1"}), "s")
+        .await;
+    assert_eq!(r["ok"], true);
+    let _frank = user(&b, "frank").await;
+    wait_channels(&b, 2).await;
+    assert_eq!(
+        b.sample("gale_cluster_subscriber_connects_total").await,
+        1.0
+    );
+
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert_eq!(killed.trim(), "2", "both nodes' subscribers killed");
+    let started = tokio::time::Instant::now();
+    wait_sample(&b, "gale_cluster_subscriber_connects_total", 2.0).await;
+    wait_channels(&b, 2).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let channels = redis
+        .command(&["PUBSUB", "CHANNELS", &format!("{p}:*")])
+        .await;
+    assert!(channels.contains(&format!("{p}:t:t1")), "{channels}");
+    assert!(channels.contains(&format!("{p}:u:frank")), "{channels}");
+    publish(&a, Some(API_KEY), r#"{"event":"again","topic":"t1"}"#).await;
+    assert_eq!(on_b.next_push().await["event"], "again");
+}
+
+/// A TCP proxy that can stop forwarding (a black hole: connections stay
+/// open, nothing comes back).
+struct BlackHole {
+    addr: SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackHole {
+    async fn start(to: SocketAddr) -> BlackHole {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                for (mut r, mut w, flag) in [
+                    (
+                        Box::new(ri) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                        flag.clone(),
+                    ),
+                    (Box::new(ro) as _, Box::new(wi) as _, flag.clone()),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            while flag.load(Ordering::Acquire) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        BlackHole { addr, stalled }
+    }
+
+    fn stall(&self, on: bool) {
+        self.stalled.store(on, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[tokio::test]
+async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline() {
+    let Some(redis) = redis_url() else { return };
+    let target: SocketAddr = redis
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("GALE_TEST_REDIS_URL is redis://IP:PORT");
+    let hole = BlackHole::start(target).await;
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node_with(&format!("redis://{}", hole.addr), &p, "a", &up, |c| {
+        c.cluster.call_timeout_ms = 500;
+        c.events.insert(
+            "server.stats".to_owned(),
+            toml::from_str(r#"rate_limit = "100/min""#).expect("override"),
+        );
+    })
+    .await;
+    let mut gina = user(&a, "gina").await;
+    assert_eq!(
+        gina.request("server.stats", json!({}), "0").await["ok"],
+        true
+    );
+
+    hole.stall(true);
+    // A rate-limited event: its Redis check fails within 500 ms and the
+    // local limiter answers.
+    for i in 1..=3 {
+        let started = tokio::time::Instant::now();
+        let reply = gina
+            .request("server.stats", json!({}), &format!("r{i}"))
+            .await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "call {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    // A lookup: the shared cache fails fast, the node looks up alone.
+    let mut cl = a.client().await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(cl.ask("Rome").await["city"], "Rome");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        a.sample("gale_cluster_fallbacks_total{what=\"RateLimit\"}")
+            .await
+            >= 3.0
+    );
+    assert!(
+        a.sample("gale_cluster_fallbacks_total{what=\"Cache\"}")
+            .await
+            >= 1.0
+    );
+    let body = wait_health(&a, 503).await;
+    assert!(body.contains("degraded"), "{body}");
+}
