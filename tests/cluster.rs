@@ -766,3 +766,148 @@ async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline()
     let body = wait_health(&a, 503).await;
     assert!(body.contains("degraded"), "{body}");
 }
+
+/// Three `redis-server --cluster-enabled` masters on free ports, joined
+/// into one Redis Cluster.
+struct RedisCluster {
+    nodes: Vec<PrivateRedis>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    async fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let child = std::process::Command::new("redis-server")
+                .current_dir(dir.path())
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            let deadline = std::time::Instant::now() + WAIT;
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(std::time::Instant::now() < deadline, "never listened");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            nodes.push(PrivateRedis {
+                port,
+                child: Some(child),
+            });
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli --cluster create");
+        assert!(out.status.success(), "{out:?}");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        for n in &nodes {
+            while !n
+                .command(&["CLUSTER", "INFO"])
+                .await
+                .contains("cluster_state:ok")
+            {
+                assert!(tokio::time::Instant::now() < deadline, "cluster never ok");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    /// Seed URLs of two of its masters, as `cluster.redis_url` takes them.
+    fn seeds(&self) -> String {
+        format!("{},{}", self.nodes[0].url(), self.nodes[1].url())
+    }
+}
+
+#[tokio::test]
+async fn nodes_work_over_a_three_master_redis_cluster() {
+    if redis_url().is_none() {
+        return;
+    }
+    let rc = RedisCluster::start().await;
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    up.set_latency(Duration::from_millis(300));
+    let limit = |c: &mut Config| {
+        c.events.insert(
+            "server.stats".to_owned(),
+            toml::from_str(r#"rate_limit = "2/min""#).expect("override"),
+        );
+    };
+    let a = node_with(&rc.seeds(), &p, "a", &up, limit).await;
+    let b = node_with(&rc.seeds(), &p, "b", &up, limit).await;
+
+    // User push and topic push across nodes.
+    let mut hal_a = user(&a, "hal").await;
+    let mut hal_b = user(&b, "hal").await;
+    let r = hal_b
+        .request("topic.subscribe", json!({"topic": "ops"}), "s")
+        .await;
+    assert_eq!(r["ok"], true);
+    wait_channels(&b, 2).await;
+    publish(&a, Some(API_KEY), r#"{"event":"x","users":["hal"]}"#).await;
+    assert_eq!(hal_a.next_push().await["event"], "x");
+    assert_eq!(hal_b.next_push().await["event"], "x");
+    publish(&a, Some(API_KEY), r#"{"event":"y","topic":"ops"}"#).await;
+    assert_eq!(hal_b.next_push().await["event"], "y");
+
+    // Shared rate limit: keys on whichever master owns their slot.
+    let mut ok = 0;
+    for i in 0..4 {
+        let tab = if i % 2 == 0 { &mut hal_a } else { &mut hal_b };
+        let reply = tab
+            .request("server.stats", json!({}), &format!("r{i}"))
+            .await;
+        ok += usize::from(reply["ok"] == true);
+    }
+    assert_eq!(ok, 2);
+
+    // Shared cache and single-flight.
+    let mut asks = Vec::new();
+    for n in [&a, &b] {
+        for _ in 0..2 {
+            let mut cl = n.client().await;
+            asks.push(tokio::spawn(async move { cl.ask("Lima").await }));
+        }
+    }
+    for ask in asks {
+        assert_eq!(ask.await.expect("join")["city"], "Lima");
+    }
+    assert_eq!(up.calls(), 1);
+
+    // Presence: both nodes, one user.
+    wait_json(&a, "presence over the cluster", |m| {
+        m["cluster-nodes"] == 2 && m["cluster-users"] == 1
+    })
+    .await;
+    for n in [&a, &b] {
+        assert_eq!(
+            n.sample("gale_cluster_fallbacks_total{what=\"RateLimit\"}")
+                .await
+                + n.sample("gale_cluster_fallbacks_total{what=\"Cache\"}")
+                    .await,
+            0.0,
+            "nothing fell back"
+        );
+    }
+}

@@ -18,15 +18,40 @@ fn push_config(c: &mut Config) {
     c.auth.jwt_secret = Some(SECRET.into());
 }
 
+/// The backplane a push test runs on: the same assertions hold for the
+/// single-node default and for a node in cluster mode, whose pushes also
+/// go through Redis (and come back to it, to be ignored).
+enum Backplane {
+    Local,
+    Redis { url: String, prefix: String },
+}
+
+impl Backplane {
+    /// Cluster mode on `GALE_TEST_REDIS_URL`, or a visible skip.
+    fn redis() -> Option<Backplane> {
+        let url = common::service_url("GALE_TEST_REDIS_URL")?;
+        let prefix = format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        Some(Backplane::Redis { url, prefix })
+    }
+
+    fn configure(&self, c: &mut Config) {
+        push_config(c);
+        if let Backplane::Redis { url, prefix } = self {
+            c.cluster.redis_url = Some(url.clone());
+            c.cluster.prefix = prefix.clone();
+            c.cluster.probe_interval_ms = 200;
+        }
+    }
+}
+
 async fn user(server: &TestServer, sub: &str) -> Client {
     server
         .client_with_token(&common::hs256_token(SECRET, sub, json!([])))
         .await
 }
 
-#[tokio::test]
-async fn push_to_a_user_reaches_all_their_connections() {
-    let server = start_with(push_config).await;
+async fn push_to_a_user_reaches_all_their_connections_on(backplane: Backplane) {
+    let server = start_with(|c| backplane.configure(c)).await;
     let mut tab1 = user(&server, "alice").await;
     let mut tab2 = user(&server, "alice").await;
     let mut bob = user(&server, "bob").await;
@@ -38,7 +63,7 @@ async fn push_to_a_user_reaches_all_their_connections() {
         r#"{"event":"note.shared","data":{"id":7},"users":["alice"]}"#,
     )
     .await;
-    assert_eq!((status, &body), (200, &json!({"reached": 2})));
+    assert_eq!((status, &body["reached"]), (200, &json!(2)), "{body}");
     for tab in [&mut tab1, &mut tab2] {
         assert_eq!(
             tab.next_push().await,
@@ -56,9 +81,8 @@ async fn push_to_a_user_reaches_all_their_connections() {
     assert_eq!(body["reached"], 3, "each connection once");
 }
 
-#[tokio::test]
-async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
-    let server = start_with(push_config).await;
+async fn topics_subscribe_unsubscribe_and_end_with_the_connection_on(backplane: Backplane) {
+    let server = start_with(|c| backplane.configure(c)).await;
     let mut a = server.client().await;
     let mut b = server.client().await;
     let r = a
@@ -110,9 +134,8 @@ async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
     assert_eq!(r["error"]["code"], "invalid_data", "reserved prefix: {r}");
 }
 
-#[tokio::test]
-async fn broadcast_reaches_everyone_with_the_same_bytes() {
-    let server = start_with(push_config).await;
+async fn broadcast_reaches_everyone_with_the_same_bytes_on(backplane: Backplane) {
+    let server = start_with(|c| backplane.configure(c)).await;
     let mut clients = Vec::new();
     for _ in 0..20 {
         clients.push(server.client().await);
@@ -349,10 +372,9 @@ async fn with_slow_consumer_close_a_client_that_never_reads_gets_1013() {
     server.wait_metric("connections", 0).await;
 }
 
-#[tokio::test]
-async fn lifecycle_events_reach_application_hooks_not_the_wire() {
+async fn lifecycle_events_reach_application_hooks_not_the_wire_on(backplane: Backplane) {
     use gale::broadcast::SystemEvent;
-    let server = start_with(push_config).await;
+    let server = start_with(|c| backplane.configure(c)).await;
     let mut hooks = server.app.hub.system_events();
     let tab1 = user(&server, "gina").await;
     let tab2 = user(&server, "gina").await;
@@ -415,16 +437,15 @@ async fn lifecycle_events_reach_application_hooks_not_the_wire() {
     );
 }
 
-#[tokio::test]
-async fn pushes_of_100_kb_reach_their_subscriber() {
-    let server = start_with(push_config).await;
+async fn pushes_of_100_kb_reach_their_subscriber_on(backplane: Backplane) {
+    let server = start_with(|c| backplane.configure(c)).await;
     let mut sub = server.client().await;
     sub.request("topic.subscribe", json!({"topic": "big"}), "s")
         .await;
     let body = json!({"event": "blob", "data": "x".repeat(100_000), "topic": "big"}).to_string();
     for _ in 0..3 {
         let (status, reply) = publish(&server, Some(API_KEY), &body).await;
-        assert_eq!((status, &reply), (200, &json!({"reached": 1})));
+        assert_eq!((status, &reply["reached"]), (200, &json!(1)), "{reply}");
     }
     for _ in 0..3 {
         let push = sub.next_push().await;
@@ -434,9 +455,8 @@ async fn pushes_of_100_kb_reach_their_subscriber() {
     assert_eq!(r["ok"], true, "the connection is still open: {r}");
 }
 
-#[tokio::test]
-async fn a_push_too_big_to_send_is_refused_at_the_api_with_413() {
-    let server = start_with(push_config).await;
+async fn a_push_too_big_to_send_is_refused_at_the_api_with_413_on(backplane: Backplane) {
+    let server = start_with(|c| backplane.configure(c)).await;
     let limit = server.app.config.server.max_outbound_message_bytes;
     let mut sub = server.client().await;
     sub.request("topic.subscribe", json!({"topic": "big"}), "s")
@@ -462,4 +482,76 @@ async fn a_push_too_big_to_send_is_refused_at_the_api_with_413() {
     assert_eq!(status, 200);
     assert_eq!(sub.next_push().await["event"], "small");
     assert_eq!(server.metric("connections").await, 1);
+}
+
+#[tokio::test]
+async fn push_to_a_user_reaches_all_their_connections() {
+    push_to_a_user_reaches_all_their_connections_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn push_to_a_user_reaches_all_their_connections_over_redis() {
+    if let Some(b) = Backplane::redis() {
+        push_to_a_user_reaches_all_their_connections_on(b).await;
+    }
+}
+
+#[tokio::test]
+async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
+    topics_subscribe_unsubscribe_and_end_with_the_connection_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn topics_subscribe_unsubscribe_and_end_with_the_connection_over_redis() {
+    if let Some(b) = Backplane::redis() {
+        topics_subscribe_unsubscribe_and_end_with_the_connection_on(b).await;
+    }
+}
+
+#[tokio::test]
+async fn broadcast_reaches_everyone_with_the_same_bytes() {
+    broadcast_reaches_everyone_with_the_same_bytes_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn broadcast_reaches_everyone_with_the_same_bytes_over_redis() {
+    if let Some(b) = Backplane::redis() {
+        broadcast_reaches_everyone_with_the_same_bytes_on(b).await;
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_events_reach_application_hooks_not_the_wire() {
+    lifecycle_events_reach_application_hooks_not_the_wire_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn lifecycle_events_reach_application_hooks_not_the_wire_over_redis() {
+    if let Some(b) = Backplane::redis() {
+        lifecycle_events_reach_application_hooks_not_the_wire_on(b).await;
+    }
+}
+
+#[tokio::test]
+async fn pushes_of_100_kb_reach_their_subscriber() {
+    pushes_of_100_kb_reach_their_subscriber_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn pushes_of_100_kb_reach_their_subscriber_over_redis() {
+    if let Some(b) = Backplane::redis() {
+        pushes_of_100_kb_reach_their_subscriber_on(b).await;
+    }
+}
+
+#[tokio::test]
+async fn a_push_too_big_to_send_is_refused_at_the_api_with_413() {
+    a_push_too_big_to_send_is_refused_at_the_api_with_413_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn a_push_too_big_to_send_is_refused_at_the_api_with_413_over_redis() {
+    if let Some(b) = Backplane::redis() {
+        a_push_too_big_to_send_is_refused_at_the_api_with_413_on(b).await;
+    }
 }
