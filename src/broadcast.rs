@@ -172,8 +172,6 @@ impl State {
 struct Queued {
     target: Target,
     text: Utf8Bytes,
-    /// Sent by another node: delivered here only, never forwarded.
-    remote: bool,
 }
 
 /// The registry of connections, users and topics, and the push paths.
@@ -467,17 +465,13 @@ impl Hub {
     }
 
     /// A push another node encoded, for this node's recipients of
-    /// `target`: queued for batched delivery, never forwarded again. A
-    /// full queue drops it (counted in `gale_broadcast_dropped_total`).
-    pub fn deliver_remote(&self, target: Target, text: Utf8Bytes) {
-        let queued = Queued {
-            target,
-            text,
-            remote: true,
-        };
-        if self.queue.try_send(queued).is_err() {
-            self.metrics.broadcast_dropped.inc();
-        }
+    /// `target`: delivered at once (it was batched on its way here: the
+    /// sender pipelines, the subscriber reads what arrived together) and
+    /// never forwarded again. Returns the connections it was queued for.
+    pub fn deliver_remote(&self, target: &Target, text: &Utf8Bytes) -> usize {
+        let mut out = Vec::new();
+        self.lock().recipients(target, &mut out);
+        push_all(&self.metrics, &out, text)
     }
 
     /// Queues a push for batched delivery. Returns how many connections
@@ -489,11 +483,7 @@ impl Hub {
     pub fn publish(&self, target: Target, event: &str, data: &Value) -> Result<usize, HubError> {
         let text = self.encode(event, data)?;
         let reach = self.reach(&target);
-        match self.queue.try_send(Queued {
-            target,
-            text,
-            remote: false,
-        }) {
+        match self.queue.try_send(Queued { target, text }) {
             Ok(()) => Ok(reach),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.broadcast_dropped.inc();
@@ -559,9 +549,7 @@ async fn deliver(
             outboxes.clear();
             hub.lock().recipients(&q.target, &mut outboxes);
             push_all(&hub.metrics, &outboxes, &q.text);
-            if !q.remote {
-                hub.backplane.forward(&q.target, &q.text);
-            }
+            hub.backplane.forward(&q.target, &q.text);
         }
     }
 }

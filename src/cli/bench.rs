@@ -13,7 +13,9 @@ use crate::bench::{self, Report, Target, procs::Pool};
 /// Options every WebSocket scenario shares.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchCommon {
-    /// Target, e.g. ws://127.0.0.1:8080/ws (only 127.0.0.0/8).
+    /// Target, e.g. ws://127.0.0.1:8080/ws (only 127.0.0.0/8). Several,
+    /// comma-separated, drive a cluster: connections are spread over them
+    /// by worker process (at least one process per URL).
     pub url: String,
     /// Connections.
     #[arg(short = 'n', long, default_value_t = 100)]
@@ -44,13 +46,26 @@ pub struct BenchCommon {
 }
 
 impl BenchCommon {
-    /// The arguments a worker gets: its share of connections and of the
-    /// connect rate, and its index.
+    /// The target URLs, in order.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// The arguments a worker gets: its URL, its share of connections and
+    /// of the connect rate, and its index.
     fn worker_args(&self, w: usize) -> Vec<String> {
         let procs = usize::from(self.procs.max(1));
         let rate = (self.connect_rate / u32::from(self.procs.max(1))).max(1);
+        let urls = self.urls();
         vec![
-            self.url.clone(),
+            urls.get(w % urls.len().max(1))
+                .copied()
+                .unwrap_or_default()
+                .to_owned(),
             "-n".into(),
             bench::procs::share(self.connections, procs, w).to_string(),
             "--connect-rate".into(),
@@ -158,6 +173,10 @@ pub struct BroadcastArgs {
     /// Stop waiting when no delivery arrived for this long.
     #[arg(long, default_value_t = 3_000, value_name = "MS")]
     idle_ms: u64,
+    /// Publish through this node (its ws:// URL) instead of the first
+    /// target: with the subscribers on other nodes, a cross-node run.
+    #[arg(long)]
+    publish_url: Option<String>,
 }
 
 impl BroadcastArgs {
@@ -337,16 +356,44 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         | BenchScenario::Connections { ref common, .. }
         | BenchScenario::Broadcast { ref common, .. } => common.clone(),
     };
-    let target = match Target::new(&common.url, common.sources) {
-        Ok(t) => t,
+    let mut common = common;
+    let urls = common.urls();
+    let checked: Result<Vec<Target>, _> = urls
+        .iter()
+        .map(|u| Target::new(u, common.sources))
+        .collect();
+    let target = match checked.map(|t| t.into_iter().next()) {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            eprintln!("gale bench: no target URL");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
             eprintln!("gale bench: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if urls.len() > 1 && common.worker.is_none() {
+        common.procs = common
+            .procs
+            .max(u8::try_from(urls.len()).unwrap_or(u8::MAX));
+    }
+    let publisher = match &scenario {
+        BenchScenario::Broadcast { args, .. } => match args.publish_url.as_deref() {
+            None => target.addr(),
+            Some(u) => match Target::new(u, 1) {
+                Ok(t) => t.addr(),
+                Err(e) => {
+                    eprintln!("gale bench: --publish-url {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+        },
+        _ => target.addr(),
+    };
     let stop = stop_on_ctrl_c();
     if common.procs > 1 && common.worker.is_none() {
-        return run_procs(scenario, &common, target, &stop).await;
+        return run_procs(scenario, &common, target, publisher, &stop).await;
     }
     let worker = common.worker;
     let show =
@@ -355,7 +402,6 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         Some(index) => target.for_worker(index),
         None => target,
     };
-    let addr = target.addr();
     let cpu_before = common.server_pid.and_then(bench::server_cpu);
     let mut report = match scenario {
         BenchScenario::Requests { common, args } => {
@@ -393,7 +439,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 let subscribed = subs.subscribed();
                 let server_cpu0 = common.server_pid.and_then(bench::server_cpu);
                 let (published, mut report) = tokio::join!(
-                    bench::broadcast::publish(addr, &o, &stop),
+                    bench::broadcast::publish(publisher, &o, &stop),
                     subs.drain(o.idle, grace)
                 );
                 let published = match published {
@@ -428,6 +474,7 @@ async fn run_procs(
     scenario: BenchScenario,
     common: &BenchCommon,
     target: Target,
+    publisher: std::net::SocketAddr,
     stop: &CancellationToken,
 ) -> ExitCode {
     let procs = usize::from(common.procs);
@@ -485,7 +532,7 @@ async fn run_procs(
             pool.release();
             let server_cpu0 = common.server_pid.and_then(bench::server_cpu);
             let o = b.options(common);
-            let published = bench::broadcast::publish(target.addr(), &o, stop).await;
+            let published = bench::broadcast::publish(publisher, &o, stop).await;
             let (mut report, raw, problems) = pool.finish("broadcast").await;
             let published = match published {
                 Ok(p) => p,

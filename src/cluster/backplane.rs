@@ -415,7 +415,7 @@ fn deliver(bp: &RedisBackplane, hub: &Hub, channel: &str, payload: &[u8]) {
         return;
     };
     bp.cluster.metrics.received.inc();
-    hub.deliver_remote(target, Utf8Bytes::from(text.to_owned()));
+    hub.deliver_remote(&target, &Utf8Bytes::from(text.to_owned()));
 }
 
 /// Applies the interest changes reported since the last call.

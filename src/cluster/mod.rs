@@ -12,7 +12,7 @@
 //! - `{P}:nodes` (HASH node → counts) and `{P}:nodes:exp` (ZSET node →
 //!   expiry), `{P}:users:NODE` (SET, with a TTL): presence ([`presence`]).
 //! - `P:rate:EVENT:USER`: a GCRA rate limit state (a Lua script).
-//! - `P:w:CITY`, `P:wl:CITY`: the shared weather cache and the lease of
+//! - `P:w:{CITY}`, `P:wl:{CITY}`: the shared weather cache and the lease of
 //!   the node fetching a city; `P:feed:CITY`: the lease of the node
 //!   refreshing a subscribed city ([`crate::feeds`]).
 //!
@@ -112,6 +112,17 @@ enum Commands {
 struct LazyCluster {
     client: redis::cluster::ClusterClient,
     conn: AsyncMutex<Option<ClusterConnection>>,
+}
+
+/// What [`Cluster::read_or_lease`] found.
+#[derive(Debug)]
+pub(crate) enum Shared {
+    /// The value, and how long it has left.
+    Value(String, Option<Duration>),
+    /// None: this node holds the lease to fill it.
+    Leased,
+    /// None: another node holds the lease.
+    Busy,
 }
 
 /// This node's membership of the cluster.
@@ -381,6 +392,32 @@ impl Cluster {
         inv.arg(&self.node_id).arg(ttl.as_millis() as u64);
         let held: i64 = self.script(inv).await?;
         Ok(held == 1)
+    }
+
+    /// Reads the shared value `value_key`, or takes the lease
+    /// `lease_key` for `lease` when there is none, atomically.
+    ///
+    /// # Errors
+    /// [`ClusterError`] when Redis fails or is too slow.
+    pub(crate) async fn read_or_lease(
+        &self,
+        value_key: &str,
+        lease_key: &str,
+        lease: Duration,
+    ) -> Result<Shared, ClusterError> {
+        let mut inv = self.scripts.read_or_lease.key(value_key);
+        inv.key(lease_key)
+            .arg(&self.node_id)
+            .arg(lease.as_millis() as u64);
+        let (state, value, pttl): (i64, String, i64) = self.script(inv).await?;
+        Ok(match state {
+            1 => Shared::Value(
+                value,
+                (pttl > 0).then(|| Duration::from_millis(pttl as u64)),
+            ),
+            2 => Shared::Leased,
+            _ => Shared::Busy,
+        })
     }
 
     /// Gives up the lease `key` if this node holds it.

@@ -41,6 +41,22 @@ end
 return 0
 ";
 
+/// The shared cache's read, or the lease to fill it, in one atomic step
+/// (no node can take the lease between another's write and this read).
+/// KEYS[1]: the value, KEYS[2]: the lease (same hash tag). ARGV: node,
+/// lease ms. Returns {1, value, pttl} (a hit), {2, '', 0} (the lease is
+/// this node's) or {0, '', 0} (another node is fetching).
+const READ_OR_LEASE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then
+  return {1, v, redis.call('PTTL', KEYS[1])}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, '', 0}
+end
+return {0, '', 0}
+";
+
 /// Deletes the lease KEYS[1] if ARGV[1] holds it.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -86,6 +102,7 @@ pub(crate) struct Scripts {
     pub(crate) lease: Script,
     pub(crate) release: Script,
     pub(crate) sweep: Script,
+    pub(crate) read_or_lease: Script,
 }
 
 impl Scripts {
@@ -95,6 +112,7 @@ impl Scripts {
             lease: Script::new(LEASE),
             release: Script::new(RELEASE),
             sweep: Script::new(SWEEP),
+            read_or_lease: Script::new(READ_OR_LEASE),
         }
     }
 }

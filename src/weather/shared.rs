@@ -2,10 +2,12 @@
 //! cluster.
 //!
 //! A node that misses its own cache (concurrent local misses have already
-//! coalesced into this one call) reads `P:w:CITY`. If no node has it, the
-//! node takes the short lease `P:wl:CITY` (SET NX, the lookup deadline
-//! plus a second) and calls upstream; the others, finding the lease
-//! taken, poll for the result until the deadline. A holder that dies lets
+//! coalesced into this one call) reads `P:w:{CITY}`, or, if no node has
+//! it, takes the short lease `P:wl:{CITY}` (the lookup deadline plus a
+//! second), in one Lua script, so no node can take the lease between
+//! another's write and its own read. The holder calls upstream; the
+//! others, finding the lease taken, poll for the result (25 ms, growing
+//! to 200 ms) until the deadline. A holder that dies lets
 //! its lease expire and the next waiter takes over. Whenever Redis does
 //! not answer within `cluster.call_timeout_ms`, the node looks up alone
 //! (counted: `gale_cluster_fallbacks_total{what="Cache"}`).
@@ -14,11 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Cached, Entry, Weather, WeatherError};
-use crate::cluster::{Cluster, ClusterError};
+use crate::cluster::{Cluster, ClusterError, Shared};
 use crate::metrics::Fallback;
 
-/// How often a waiter looks for another node's result.
+/// How soon a waiter first looks for another node's result; each look
+/// after waits half as long again, up to [`POLL_MAX`], so thousands of
+/// waiters do not keep Redis busy with GETs.
 const POLL: Duration = Duration::from_millis(25);
+/// The longest wait between two looks.
+const POLL_MAX: Duration = Duration::from_millis(200);
 /// What the shared cache holds for a city the provider does not know.
 const NOT_FOUND: &str = "-";
 
@@ -44,67 +50,46 @@ impl Weather {
         city: &str,
         key: &str,
     ) -> Result<Result<Entry, WeatherError>, ClusterError> {
-        let value_key = cluster.key(&["w", key]);
-        let lease_key = cluster.key(&["wl", key]);
+        // One hash tag per city: the value and its lease share a slot, so
+        // the script reading one and taking the other runs on one Redis
+        // Cluster node.
+        let tagged = format!("{{{key}}}");
+        let value_key = cluster.key(&["w", &tagged]);
+        let lease_key = cluster.key(&["wl", &tagged]);
+        let lease = self.timeout + Duration::from_secs(1);
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut waited = false;
+        let mut poll = POLL;
         loop {
-            if let Some(entry) = self.read_shared(cluster, &value_key).await? {
-                cluster.metrics().shared_cache_hits.inc();
-                return Ok(Ok(entry));
-            }
-            let lease_ms = (self.timeout + Duration::from_secs(1)).as_millis() as u64;
-            let took: Option<String> = cluster
-                .query(
-                    redis::cmd("SET")
-                        .arg(&lease_key)
-                        .arg(cluster.node_id())
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(lease_ms),
-                )
-                .await?;
-            if took.is_some() {
-                let result = self.fetch(city).await;
-                if let Ok(cached) = &result {
-                    self.write_shared(cluster, &value_key, cached).await;
+            match cluster.read_or_lease(&value_key, &lease_key, lease).await? {
+                Shared::Value(value, ttl) => {
+                    if let Some(cached) = parse_shared(&value) {
+                        cluster.metrics().shared_cache_hits.inc();
+                        return Ok(Ok(Entry { cached, ttl }));
+                    }
+                    // Not ours, or an older format: look up alone.
+                    return Ok(self.fetch(city).await.map(Entry::from));
                 }
-                let _ = cluster.release_lease(&lease_key).await;
-                return Ok(result.map(Entry::from));
+                Shared::Leased => {
+                    let result = self.fetch(city).await;
+                    if let Ok(cached) = &result {
+                        self.write_shared(cluster, &value_key, cached).await;
+                    }
+                    let _ = cluster.release_lease(&lease_key).await;
+                    return Ok(result.map(Entry::from));
+                }
+                Shared::Busy => {}
             }
             if !waited {
                 waited = true;
                 cluster.metrics().lease_waits.inc();
             }
-            if tokio::time::Instant::now() + POLL >= deadline {
+            if tokio::time::Instant::now() + poll >= deadline {
                 return Ok(Err(WeatherError::Timeout(self.timeout.as_millis() as u64)));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 3 / 2).min(POLL_MAX);
         }
-    }
-
-    /// The shared entry and its remaining TTL, if any.
-    async fn read_shared(
-        &self,
-        cluster: &Cluster,
-        value_key: &str,
-    ) -> Result<Option<Entry>, ClusterError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(value_key).cmd("PTTL").arg(value_key);
-        let (value, pttl): (Option<String>, i64) =
-            cluster.pipeline(&pipe, cluster.call_timeout()).await?;
-        let Some(value) = value else { return Ok(None) };
-        let ttl = (pttl > 0).then(|| Duration::from_millis(pttl as u64));
-        let cached = if value == NOT_FOUND {
-            Cached::NotFound
-        } else {
-            match serde_json::from_str(&value) {
-                Ok(reading) => Cached::Found(Arc::new(reading)),
-                // Not ours, or an older format: as if absent.
-                Err(_) => return Ok(None),
-            }
-        };
-        Ok(Some(Entry { cached, ttl }))
     }
 
     /// Stores a fresh result for the other nodes (best effort: a failure
@@ -133,4 +118,15 @@ impl Weather {
             cluster.fell_back(Fallback::Cache, &e);
         }
     }
+}
+
+/// A shared cache value: "-" for a city the provider does not know, else
+/// a reading's JSON.
+fn parse_shared(value: &str) -> Option<Cached> {
+    if value == NOT_FOUND {
+        return Some(Cached::NotFound);
+    }
+    serde_json::from_str(value)
+        .ok()
+        .map(|r| Cached::Found(Arc::new(r)))
 }
