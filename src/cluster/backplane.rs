@@ -38,6 +38,12 @@ use crate::metrics::LostReason;
 const MAX_PENDING_CHANGES: usize = 100_000;
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command.
 const SUBSCRIBE_CHUNK: usize = 500;
+/// The longest pause between two attempts to reconnect the subscriber.
+/// Short: once Redis is back, pushes published before this node has
+/// subscribed again are lost without anyone counting them (PUBLISH
+/// succeeds with no listener), so the subscriber must be back first. A
+/// refused connect four times a second costs nothing.
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
 /// Deadline of a batch of (un)subscriptions.
 const SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -277,12 +283,12 @@ fn down(bp: &RedisBackplane, why: &str) {
     bp.cluster.metrics.channels.set(0);
 }
 
-/// Sleeps the backoff (with jitter), then doubles it up to 5 s. Returns
-/// true when stopped meanwhile.
+/// Sleeps the backoff (with jitter), then doubles it up to
+/// [`MAX_BACKOFF`]. Returns true when stopped meanwhile.
 async fn pause(stop: &CancellationToken, backoff: &mut Duration) -> bool {
     let jitter = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0]) % 50);
     let wait = *backoff + jitter;
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
     tokio::select! {
         () = tokio::time::sleep(wait) => false,
         () = stop.cancelled() => true,
