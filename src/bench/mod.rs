@@ -130,17 +130,28 @@ pub struct Report {
 impl Report {
     /// An empty report; worker reports are merged into one like it.
     pub fn new(scenario: &'static str) -> Report {
+        Report::with_histogram(scenario, new_histogram())
+    }
+
+    fn with_histogram(scenario: &'static str, latency: Histogram<u64>) -> Report {
         Report {
             scenario,
             elapsed: Duration::ZERO,
             connected: 0,
             connect_failed: 0,
             replies: 0,
-            latency: new_histogram(),
+            latency,
             errors: BTreeMap::new(),
             cpu: Duration::ZERO,
             extra: Vec::new(),
         }
+    }
+
+    /// An empty report whose histogram starts tiny and grows with what is
+    /// recorded: for per-connection reports that record nothing
+    /// themselves.
+    pub(crate) fn light(scenario: &'static str) -> Report {
+        Report::with_histogram(scenario, Histogram::new(3).expect("valid precision"))
     }
 
     pub(crate) fn error(&mut self, kind: impl Into<String>) {
