@@ -14,7 +14,8 @@
 //! - [`protocol`]: the wire messages; no state.
 //! - [`router`]: JSON events: registry, policies, worker pool.
 //! - [`weather`]: providers, cache, single-flight, limits, breaker.
-//! - [`feeds`]: one refresh loop per subscribed city.
+//! - [`apps`]: the applications on the engine: weather (with its feeds),
+//!   topics, notes, stats; each registers its events on the router.
 //! - [`store`]: the batched, bounded request log (SQLite/PostgreSQL).
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`api`]: `POST /api/publish` for backends.
@@ -29,6 +30,7 @@
 //! - [`fake_upstream`]: a fake weather API for tests and demos.
 
 pub mod api;
+pub mod apps;
 pub mod bench;
 pub mod broadcast;
 pub mod cli;
@@ -37,7 +39,6 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod fake_upstream;
-pub mod feeds;
 pub mod identity;
 pub mod listener;
 pub mod metrics;

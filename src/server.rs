@@ -114,7 +114,7 @@ pub struct App {
     /// Connections, users, topics; push.
     pub hub: Arc<Hub>,
     /// Weather refresh loops for subscribed cities.
-    pub feeds: crate::feeds::Feeds,
+    pub feeds: crate::apps::feeds::Feeds,
     /// This node's cluster membership; `None` on a single node.
     pub cluster: Option<Arc<Cluster>>,
     /// Cancelled when the server starts to shut down: stop accepting,

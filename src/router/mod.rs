@@ -9,7 +9,6 @@
 //! event is queued on the [`pool`] and its reply goes to the connection's
 //! [`Outbox`](crate::outbox::Outbox).
 
-mod events;
 pub mod pool;
 pub mod rate;
 
@@ -150,7 +149,7 @@ impl Registry {
     /// The events gale ships.
     pub fn builtin() -> Registry {
         let mut r = Registry::new();
-        events::register(&mut r);
+        crate::apps::register(&mut r);
         r
     }
 

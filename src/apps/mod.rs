@@ -1,0 +1,37 @@
+//! The applications that run on gale's real-time engine (server,
+//! connection, outbox, identity, router, hub and backplane). Each
+//! registers its events, with their payload types and built-in policies
+//! (overridable per event in the config file), on the router's
+//! [`Registry`]:
+//!
+//! - [`weather`]: `weather.get`, `weather.subscribe`, `weather.unsubscribe`,
+//!   with [`feeds`], one refresh loop per subscribed city;
+//! - [`topics`]: `topic.subscribe`, `topic.unsubscribe`;
+//! - [`notes`]: `notes.save`, `notes.list`, `notes.import`;
+//! - [`stats`]: the `server.stats` event.
+//!
+//! The plain-text weather path (a city name as a text message) still lives
+//! in `connection.rs`.
+
+pub mod feeds;
+mod notes;
+mod stats;
+mod topics;
+mod weather;
+
+use crate::broadcast::HubError;
+use crate::protocol::{ErrorBody, ErrorCode};
+use crate::router::Registry;
+
+/// Registers every shipped application's events.
+pub(crate) fn register(r: &mut Registry) {
+    weather::register(r);
+    topics::register(r);
+    notes::register(r);
+    stats::register(r);
+}
+
+/// A refused subscription, as the client is told.
+pub(crate) fn hub_error(e: HubError) -> ErrorBody {
+    ErrorBody::new(ErrorCode::Forbidden, e.to_string())
+}
