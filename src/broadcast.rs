@@ -401,6 +401,11 @@ impl Hub {
         self.lock().users.len()
     }
 
+    /// Whether `user` has a connection here now.
+    pub fn is_online(&self, user: &str) -> bool {
+        self.lock().users.contains_key(user)
+    }
+
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.lock().conns.len()

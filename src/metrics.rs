@@ -270,6 +270,8 @@ pub enum Fallback {
     Cache,
     /// A weather feed refreshed without its cluster lease.
     Feed,
+    /// `presence.online` answered from this node's users alone.
+    Presence,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -300,7 +302,7 @@ pub struct ClusterMetrics {
     pub channels: Gauge,
     /// Probes of the subscriber connection that did not come back.
     pub probe_failures: Counter,
-    fallbacks: [Counter; 3],
+    fallbacks: [Counter; 4],
     /// Live nodes in the cluster (as of the last presence sweep).
     pub nodes: Gauge,
     /// Connections on every live node.
@@ -369,8 +371,13 @@ impl ClusterMetrics {
                 "cluster_probe_failures",
                 "Subscriber probes that did not come back in time",
             ),
-            fallbacks: [Fallback::RateLimit, Fallback::Cache, Fallback::Feed]
-                .map(|what| fallbacks.get_or_create_owned(&FallbackLabels { what })),
+            fallbacks: [
+                Fallback::RateLimit,
+                Fallback::Cache,
+                Fallback::Feed,
+                Fallback::Presence,
+            ]
+            .map(|what| fallbacks.get_or_create_owned(&FallbackLabels { what })),
             nodes: gauge(reg, "cluster_nodes", "Live nodes in the cluster"),
             connections: gauge(reg, "cluster_connections", "Connections on all live nodes"),
             users: gauge(

@@ -911,3 +911,45 @@ async fn nodes_work_over_a_three_master_redis_cluster() {
         );
     }
 }
+
+#[tokio::test]
+async fn presence_online_answers_for_users_on_any_node() {
+    let Some(redis) = redis_url() else { return };
+    let p = prefix();
+    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let a = node(&redis, &p, "a", &up).await;
+    let b = node(&redis, &p, "b", &up).await;
+    let _ivy = user(&a, "ivy").await;
+    let mut jo = user(&b, "jo").await;
+    // a's presence reaches Redis with its next refresh (every second).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = jo
+            .request(
+                "presence.online",
+                json!({"users": ["ivy", "jo", "nobody"]}),
+                "p",
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["data"]["online"]["jo"], true, "this node's own, at once");
+        assert_eq!(r["data"]["online"]["nobody"], false);
+        if r["data"]["online"]["ivy"] == true {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ivy never online: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut anon = a.client().await;
+    let r = anon
+        .request("presence.online", json!({"users": ["ivy"]}), "x")
+        .await;
+    assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+    let r = jo
+        .request("presence.online", json!({"users": []}), "e")
+        .await;
+    assert_eq!(r["error"]["code"], "invalid_data", "{r}");
+}

@@ -555,3 +555,29 @@ async fn a_push_too_big_to_send_is_refused_at_the_api_with_413_over_redis() {
         a_push_too_big_to_send_is_refused_at_the_api_with_413_on(b).await;
     }
 }
+
+async fn presence_online_knows_this_nodes_users_on(backplane: Backplane) {
+    let server = start_with(|c| backplane.configure(c)).await;
+    let mut kim = user(&server, "kim").await;
+    let _lee = user(&server, "lee").await;
+    let r = kim
+        .request("presence.online", json!({"users": ["lee", "max"]}), "p")
+        .await;
+    assert_eq!(
+        r["data"],
+        json!({"online": {"lee": true, "max": false}}),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn presence_online_knows_this_nodes_users() {
+    presence_online_knows_this_nodes_users_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn presence_online_knows_this_nodes_users_over_redis() {
+    if let Some(b) = Backplane::redis() {
+        presence_online_knows_this_nodes_users_on(b).await;
+    }
+}

@@ -8,13 +8,15 @@
 //!   with [`feeds`], one refresh loop per subscribed city;
 //! - [`topics`]: `topic.subscribe`, `topic.unsubscribe`;
 //! - [`notes`]: `notes.save`, `notes.list`, `notes.import`;
-//! - [`stats`]: the `server.stats` event.
+//! - [`stats`]: the `server.stats` event;
+//! - [`presence`]: `presence.online`, who is connected, cluster-wide.
 //!
 //! The plain-text weather path (a city name as a text message) still lives
 //! in `connection.rs`.
 
 pub mod feeds;
 mod notes;
+mod presence;
 mod stats;
 mod topics;
 mod weather;
@@ -29,6 +31,7 @@ pub(crate) fn register(r: &mut Registry) {
     topics::register(r);
     notes::register(r);
     stats::register(r);
+    presence::register(r);
 }
 
 /// A refused subscription, as the client is told.
