@@ -203,8 +203,29 @@ impl Subscribers {
     }
 }
 
+/// A subscriber's latencies, added to the process's histogram when it
+/// ends, however it ends.
+struct Latencies<'a> {
+    live: &'a Live,
+    values: Vec<u64>,
+}
+
+impl Drop for Latencies<'_> {
+    fn drop(&mut self) {
+        if self.values.is_empty() {
+            return;
+        }
+        let mut shared = self.live.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let h = shared.get_or_insert_with(super::new_histogram);
+        for &l in &self.values {
+            let _ = h.record(l);
+        }
+    }
+}
+
 /// One subscriber: connect, subscribe, count deliveries until it has
-/// `expected` or `drain` fires.
+/// `expected` or `drain` fires. Its report holds no histogram of its own:
+/// latencies go to the process's (see [`Latencies`]).
 async fn subscriber(
     target: &Target,
     i: usize,
@@ -214,41 +235,10 @@ async fn subscriber(
     done: tokio::sync::mpsc::UnboundedSender<()>,
     drain: &CancellationToken,
 ) -> Report {
-    let mut latencies = Vec::new();
-    let r = subscribe_and_count(
-        target,
-        i,
-        topic,
-        expected,
+    let mut latencies = Latencies {
         live,
-        done,
-        drain,
-        &mut latencies,
-    )
-    .await;
-    if !latencies.is_empty() {
-        let mut shared = live.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let h = shared.get_or_insert_with(|| Report::new("broadcast").latency);
-        for l in latencies {
-            let _ = h.record(l);
-        }
-    }
-    r
-}
-
-/// The subscriber's work; its latencies go to `latencies` (at most
-/// `expected` of them), its report holds no histogram of its own.
-#[allow(clippy::too_many_arguments)]
-async fn subscribe_and_count(
-    target: &Target,
-    i: usize,
-    topic: &str,
-    expected: u64,
-    live: &Live,
-    done: tokio::sync::mpsc::UnboundedSender<()>,
-    drain: &CancellationToken,
-    latencies: &mut Vec<u64>,
-) -> Report {
+        values: Vec::new(),
+    };
     let mut r = Report::light("broadcast");
     let settle = |r: &mut Report, e: &str| {
         r.error(e);
@@ -298,7 +288,7 @@ async fn subscribe_and_count(
                 let Some(sent) = sent_us(&t) else { continue };
                 let now = now_us();
                 r.replies += 1;
-                latencies.push(now.saturating_sub(sent).max(1));
+                latencies.values.push(now.saturating_sub(sent).max(1));
                 live.deliveries.fetch_add(1, Ordering::Relaxed);
                 live.last_us.fetch_max(now, Ordering::Relaxed);
             }
