@@ -12,24 +12,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use chrono::Utc;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use uuid::Uuid;
 
+use crate::apps::weather;
 use crate::identity::Identity;
-use crate::metrics::Outcome;
 use crate::outbox::{Outbox, Outgoing, Taken};
 use crate::protocol::{
-    ErrorBody, ErrorCode, GREETING, Incoming, ServerMessage, classify, echoed_city, reply_json,
+    ErrorBody, ErrorCode, GREETING, Incoming, ServerMessage, classify, reply_json,
 };
 use crate::router::Caller;
 use crate::server::App;
-use crate::store::RequestRecord;
-use crate::weather::{Reading, WeatherError};
 
 /// A client that has not taken a frame for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,7 +238,7 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
                         app.metrics.messages_in.inc();
                         match classify(text.as_str()) {
                             Incoming::City(_) => {
-                                inflight.push(Box::pin(lookup(app.clone(), client_id, text)));
+                                inflight.push(Box::pin(weather::answer_text(app.clone(), client_id, text)));
                             }
                             Incoming::Event(event) => app.router.dispatch(app, caller, event),
                             Incoming::Invalid { reply_to, message } => {
@@ -321,120 +318,6 @@ fn read_error(e: axum::Error) -> End {
         Err(other) => {
             tracing::debug!(error = %other, "connection error");
             End::Gone
-        }
-    }
-}
-
-/// Looks up one city, records the request, and returns the reply text.
-async fn lookup(app: Arc<App>, client_id: Uuid, text: Utf8Bytes) -> String {
-    match recorded_lookup(&app, client_id, text.as_str()).await {
-        Ok(reading) => ServerMessage::weather(&reading).to_json(),
-        Err(e) => {
-            let message = e.to_string();
-            ServerMessage::Error {
-                code: e.code(),
-                message: &message,
-                city: Some(echoed_city(text.as_str())),
-            }
-            .to_json()
-        }
-    }
-}
-
-/// A client's weather request, however it came (plain text or a
-/// `weather.get` / `weather.subscribe` event): the lookup, counted in the
-/// request metrics, and one row in the request log.
-pub(crate) async fn recorded_lookup(
-    app: &App,
-    client_id: Uuid,
-    city: &str,
-) -> Result<Arc<Reading>, WeatherError> {
-    let recording = Recording::start(&app.metrics, &app.log, client_id, city);
-    let result = app.weather.lookup(city).await;
-    recording.finish(
-        result
-            .as_ref()
-            .map(|r| r.temperature)
-            .map_err(WeatherError::code),
-    );
-    result
-}
-
-/// One weather request being recorded: counted in `requests` when it
-/// starts, and in exactly one outcome with one request-log row when it
-/// ends, however it ends. A lookup dropped before it finished (its
-/// handler's timeout cut it off) is recorded as `timeout`; one unwound by
-/// a panic as `internal_error`. So `requests = successful + failed` and
-/// every request has its row.
-pub(crate) struct Recording<'a> {
-    metrics: &'a crate::metrics::Metrics,
-    log: &'a crate::store::RequestLog,
-    client_id: Uuid,
-    city: &'a str,
-    started: Instant,
-    created_at: chrono::DateTime<Utc>,
-    done: bool,
-}
-
-impl<'a> Recording<'a> {
-    /// Counts the request.
-    pub(crate) fn start(
-        metrics: &'a crate::metrics::Metrics,
-        log: &'a crate::store::RequestLog,
-        client_id: Uuid,
-        city: &'a str,
-    ) -> Self {
-        metrics.requests.inc();
-        Recording {
-            metrics,
-            log,
-            client_id,
-            city,
-            started: Instant::now(),
-            created_at: Utc::now(),
-            done: false,
-        }
-    }
-
-    /// Records how the request ended: the temperature sent, or the error.
-    pub(crate) fn finish(mut self, result: Result<f64, ErrorCode>) {
-        self.done = true;
-        self.record(result);
-    }
-
-    fn record(&self, result: Result<f64, ErrorCode>) {
-        let latency_ms = u32::try_from(self.started.elapsed().as_millis()).unwrap_or(u32::MAX);
-        let (ok, temperature, error) = match result {
-            Ok(t) => {
-                self.metrics.outcome(Outcome::Ok).inc();
-                (true, Some(t), None)
-            }
-            Err(code) => {
-                self.metrics.outcome(Outcome::from(code)).inc();
-                (false, None, Some(code.as_str()))
-            }
-        };
-        self.log.record(RequestRecord {
-            client_id: self.client_id,
-            city: RequestRecord::stored_city(self.city.trim()),
-            ok,
-            temperature,
-            error,
-            latency_ms,
-            created_at: self.created_at,
-        });
-    }
-}
-
-impl Drop for Recording<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let code = if std::thread::panicking() {
-                ErrorCode::InternalError
-            } else {
-                ErrorCode::Timeout
-            };
-            self.record(Err(code));
         }
     }
 }
@@ -533,66 +416,5 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
             while let Some(Ok(_)) = socket.recv().await {}
         })
         .await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use futures_util::FutureExt;
-
-    #[tokio::test]
-    async fn a_request_cut_short_is_still_counted_and_logged() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("r.db").display());
-        let db = crate::store::Db::connect(&url, 1).await.expect("open");
-        db.migrate().await.expect("migrate");
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let cfg = crate::config::StoreConfig::default();
-        let (log, writers) = crate::store::spawn_writers(db.clone(), &cfg, metrics.clone());
-        let client_id = Uuid::new_v4();
-
-        // Unwound by a panic (a provider bug, say), as the router's
-        // catch_unwind sees it.
-        let caught = std::panic::AssertUnwindSafe(async {
-            let _recording = Recording::start(&metrics, &log, client_id, "Oslo");
-            tokio::task::yield_now().await;
-            panic!("deliberate, in a test");
-        })
-        .catch_unwind()
-        .await;
-        assert!(caught.is_err());
-        // Dropped unfinished, as a handler timeout drops it.
-        let cut = tokio::time::timeout(Duration::from_millis(10), async {
-            let _recording = Recording::start(&metrics, &log, client_id, "Lima");
-            std::future::pending::<()>().await;
-        })
-        .await;
-        assert!(cut.is_err());
-        // Finished normally.
-        Recording::start(&metrics, &log, client_id, "Rome").finish(Ok(21.5));
-
-        writers
-            .drain(Duration::from_secs(5))
-            .await
-            .expect("drained");
-        assert_eq!(metrics.requests.get(), 3);
-        assert_eq!(metrics.successful() + metrics.failed(), 3);
-        assert_eq!(metrics.outcome(Outcome::InternalError).get(), 1);
-        assert_eq!(metrics.outcome(Outcome::Timeout).get(), 1);
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
-        let rows: Vec<(String, Option<String>)> =
-            sqlx::query_as("SELECT city, error FROM weather_requests ORDER BY id")
-                .fetch_all(&pool)
-                .await
-                .expect("rows");
-        assert_eq!(
-            rows,
-            [
-                ("Oslo".to_owned(), Some("internal_error".to_owned())),
-                ("Lima".to_owned(), Some("timeout".to_owned())),
-                ("Rome".to_owned(), None),
-            ]
-        );
     }
 }

@@ -4,22 +4,23 @@
 //! (overridable per event in the config file), on the router's
 //! [`Registry`]:
 //!
-//! - [`weather`]: `weather.get`, `weather.subscribe`, `weather.unsubscribe`,
-//!   with [`feeds`], one refresh loop per subscribed city;
+//! - [`weather`]: a city name as a plain text message, `weather.get`,
+//!   `weather.subscribe`, `weather.unsubscribe`, with [`feeds`], one
+//!   refresh loop per subscribed city;
 //! - [`topics`]: `topic.subscribe`, `topic.unsubscribe`;
 //! - [`notes`]: `notes.save`, `notes.list`, `notes.import`;
 //! - [`stats`]: the `server.stats` event;
 //! - [`presence`]: `presence.online`, who is connected, cluster-wide.
 //!
-//! The plain-text weather path (a city name as a text message) still lives
-//! in `connection.rs`.
+//! The connection hands a plain-text message to [`weather`] and every
+//! event to the router; it knows no application.
 
 pub mod feeds;
 mod notes;
 mod presence;
 mod stats;
 mod topics;
-mod weather;
+pub(crate) mod weather;
 
 use crate::broadcast::HubError;
 use crate::protocol::{ErrorBody, ErrorCode};
