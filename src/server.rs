@@ -218,34 +218,33 @@ pub async fn start(
     let mut weather = Weather::from_config(&config.weather, metrics.clone())?;
     weather.share(cluster.clone());
     let (db, log, writers) = store::start(&config.store, metrics.clone()).await?;
-    let backplane = cluster.as_ref().map(|c| {
-        RedisBackplane::new(
+    // In cluster mode, the membership and its backplane, built together.
+    let joined = cluster.as_ref().map(|c| {
+        let bp = RedisBackplane::new(
             c.clone(),
             config.cluster.publish_queue,
             config.cluster.publish_batch,
-        )
+        );
+        (c.clone(), bp)
     });
     let (hub, delivery) = Hub::start(
         &config.broadcast,
         config.server.max_outbound_message_bytes,
         metrics.clone(),
-        match &backplane {
-            Some(bp) => bp.clone() as Arc<dyn Backplane>,
+        match &joined {
+            Some((_, bp)) => bp.clone() as Arc<dyn Backplane>,
             None => Arc::new(LocalOnly),
         },
     );
     let cluster_stop = CancellationToken::new();
-    let presence = match (&cluster, &backplane) {
-        (Some(c), Some(bp)) => {
-            bp.attach(&hub, cluster_stop.clone());
-            Some(tokio::spawn(crate::cluster::presence::run(
-                c.clone(),
-                Arc::downgrade(&hub),
-                cluster_stop.clone(),
-            )))
-        }
-        _ => None,
-    };
+    let presence = joined.map(|(c, bp)| {
+        bp.attach(&hub, cluster_stop.clone());
+        tokio::spawn(crate::cluster::presence::run(
+            c,
+            Arc::downgrade(&hub),
+            cluster_stop.clone(),
+        ))
+    });
     let grace = config.server.shutdown_grace();
     let app = Arc::new(App {
         config,

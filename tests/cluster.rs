@@ -37,6 +37,17 @@ fn cluster(c: &mut Config, redis: &str, prefix: &str, node: &str, upstream: &str
     c.auth.jwt_secret = Some(SECRET.to_owned());
 }
 
+/// What most tests start from: the shared Redis (`None` when
+/// `GALE_TEST_REDIS_URL` is unset), a fresh prefix and a fake upstream.
+async fn setup() -> Option<(String, String, FakeUpstream)> {
+    let redis = redis_url()?;
+    Some((redis, prefix(), upstream().await))
+}
+
+async fn upstream() -> FakeUpstream {
+    FakeUpstream::start("127.0.0.1:0").await.expect("fake")
+}
+
 async fn node(redis: &str, prefix: &str, name: &str, upstream: &FakeUpstream) -> TestServer {
     node_with(redis, prefix, name, upstream, |_| {}).await
 }
@@ -100,9 +111,9 @@ async fn wait_channels(server: &TestServer, n: usize) {
 
 #[tokio::test]
 async fn a_user_push_reaches_their_connections_on_every_node_once() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     let a = node(&redis, &p, "a", &up).await;
     let b = node(&redis, &p, "b", &up).await;
     let c = node(&redis, &p, "c", &up).await;
@@ -149,9 +160,9 @@ async fn a_user_push_reaches_their_connections_on_every_node_once() {
 
 #[tokio::test]
 async fn topic_and_everyone_pushes_cross_nodes_and_only_subscribed_nodes_receive() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     let a = node(&redis, &p, "a", &up).await;
     let b = node(&redis, &p, "b", &up).await;
     let c = node(&redis, &p, "c", &up).await;
@@ -206,9 +217,9 @@ async fn topic_and_everyone_pushes_cross_nodes_and_only_subscribed_nodes_receive
 
 #[tokio::test]
 async fn presence_counts_the_cluster_and_a_clean_stop_leaves_it() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     let a = node(&redis, &p, "a", &up).await;
     let mut b = node(&redis, &p, "b", &up).await;
     let _x = user(&a, "alice").await;
@@ -314,9 +325,9 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn a_killed_node_leaves_presence_within_the_ttl() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     let a = node(&redis, &p, "a", &up).await;
     let mut doomed = Process::start(&redis, &p, "doomed", &up).await;
     let _u = doomed.user("carol").await;
@@ -342,9 +353,9 @@ async fn a_killed_node_leaves_presence_within_the_ttl() {
 
 #[tokio::test]
 async fn a_users_rate_limit_is_shared_by_their_connections_on_all_nodes() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     let limit = |c: &mut Config| {
         c.events.insert(
             "server.stats".to_owned(),
@@ -389,9 +400,9 @@ async fn a_users_rate_limit_is_shared_by_their_connections_on_all_nodes() {
 
 #[tokio::test]
 async fn a_city_costs_one_upstream_call_for_the_whole_cluster() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     up.set_latency(Duration::from_millis(400));
     let nodes = [
         node(&redis, &p, "a", &up).await,
@@ -433,9 +444,9 @@ async fn a_city_costs_one_upstream_call_for_the_whole_cluster() {
 
 #[tokio::test]
 async fn the_weather_refresh_lease_moves_when_its_holder_dies() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     let mut first = Process::start(&redis, &p, "first", &up).await;
     let mut on_first = first.client().await;
     let r = on_first
@@ -560,8 +571,7 @@ async fn a_redis_outage_degrades_nodes_which_serve_locally_and_recover_by_themse
         return;
     }
     let mut redis = PrivateRedis::start();
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let (p, up) = (prefix(), upstream().await);
     let a = node(&redis.url(), &p, "a", &up).await;
     let b = node(&redis.url(), &p, "b", &up).await;
     let mut alice_a = user(&a, "alice").await;
@@ -611,8 +621,7 @@ async fn a_subscriber_killed_by_redis_is_resubscribed_within_seconds() {
         return;
     }
     let redis = PrivateRedis::start();
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let (p, up) = (prefix(), upstream().await);
     let a = node(&redis.url(), &p, "a", &up).await;
     let b = node(&redis.url(), &p, "b", &up).await;
     let mut on_b = b.client().await;
@@ -713,8 +722,7 @@ async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline()
         .parse()
         .expect("GALE_TEST_REDIS_URL is redis://IP:PORT");
     let hole = BlackHole::start(target).await;
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let (p, up) = (prefix(), upstream().await);
     let a = node_with(&format!("redis://{}", hole.addr), &p, "a", &up, |c| {
         c.cluster.call_timeout_ms = 500;
         c.events.insert(
@@ -872,8 +880,7 @@ async fn nodes_work_over_a_three_master_redis_cluster() {
         return;
     }
     let rc = RedisCluster::start().await;
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let (p, up) = (prefix(), upstream().await);
     up.set_latency(Duration::from_millis(300));
     let limit = |c: &mut Config| {
         c.events.insert(
@@ -941,9 +948,9 @@ async fn nodes_work_over_a_three_master_redis_cluster() {
 
 #[tokio::test]
 async fn presence_online_answers_for_users_on_any_node() {
-    let Some(redis) = redis_url() else { return };
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let Some((redis, p, up)) = setup().await else {
+        return;
+    };
     let a = node(&redis, &p, "a", &up).await;
     let b = node(&redis, &p, "b", &up).await;
     let _ivy = user(&a, "ivy").await;
@@ -987,8 +994,7 @@ async fn nodes_keep_working_when_a_redis_cluster_master_fails_over() {
         return;
     }
     let mut rc = RedisCluster::with_replicas(1).await;
-    let p = prefix();
-    let up = FakeUpstream::start("127.0.0.1:0").await.expect("fake");
+    let (p, up) = (prefix(), upstream().await);
     let a = node(&rc.seeds(), &p, "a", &up).await;
     let b = node(&rc.seeds(), &p, "b", &up).await;
     let mut kay_a = user(&a, "kay").await;
