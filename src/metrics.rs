@@ -189,6 +189,9 @@ pub struct Metrics {
     pub upstream_in_flight: Gauge,
     /// Lookups waiting for an upstream slot now.
     pub upstream_pending: Gauge,
+    /// Lookups refused at once: their wait plus a call would have ended
+    /// past the deadline.
+    pub upstream_refused_early: Counter,
     /// Breaker state (0 closed, 1 open, 2 half-open).
     pub breaker_state: Gauge,
     /// Lookups refused at once because the breaker was open.
@@ -504,6 +507,12 @@ impl Metrics {
             "Lookups waiting for an upstream slot",
             upstream_pending.clone(),
         );
+        let upstream_refused_early = Counter::default();
+        reg.register(
+            "upstream_refused_early",
+            "Lookups refused at once as busy: their wait for a slot plus a call, as recent calls took, would end past the deadline",
+            upstream_refused_early.clone(),
+        );
         let breaker_state = Gauge::default();
         reg.register(
             "upstream_breaker_state",
@@ -674,6 +683,7 @@ impl Metrics {
             upstream_latency,
             upstream_in_flight,
             upstream_pending,
+            upstream_refused_early,
             breaker_state,
             breaker_rejected,
             cache_hits,

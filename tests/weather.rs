@@ -224,6 +224,93 @@ async fn two_hundred_clients_asking_at_once_cause_one_upstream_call() {
 }
 
 #[tokio::test]
+async fn lookups_waiting_on_a_cancelled_call_take_it_over() {
+    // A weather.get cut off by its handler's timeout drops its lookup,
+    // and with it the upstream call others were waiting on.
+    let server = start_with(|c| {
+        c.events.insert(
+            "weather.get".to_owned(),
+            toml::from_str("timeout_ms = 150").expect("override"),
+        );
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(400));
+    let mut leader = server.client().await;
+    let r = serde_json::json!({"event": "weather.get", "data": {"city": "Rome"}, "ref": "l"});
+    leader.send(&r.to_string()).await;
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while server.sample("gale_upstream_in_flight").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "never called");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut waiters = Vec::new();
+    for _ in 0..5 {
+        let mut c = server.client().await;
+        c.send("Rome").await;
+        waiters.push(c);
+    }
+    assert_eq!(leader.reply_to("l").await["error"]["code"], "timeout");
+    for c in &mut waiters {
+        let reply = c.recv_json().await;
+        assert_eq!(reply["type"], "weather", "{reply}");
+    }
+    // One waiter made a second call; the others shared it.
+    assert_eq!(server.fake.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_lookup_that_cannot_finish_in_time_is_refused_at_once() {
+    let server = start_with(|c| {
+        c.weather.max_concurrent = 1;
+        c.weather.timeout_ms = 1_000;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(400));
+    let mut c = server.client().await;
+    // One call teaches the server how long calls take.
+    assert_eq!(c.ask("Warm").await["type"], "weather");
+    let started = Instant::now();
+    for city in ["A", "B", "C", "D"] {
+        c.send(city).await;
+    }
+    // A takes the slot (400 ms); B waits for it and ends near 800 ms; C
+    // and D would end near 1,200 and 1,600 ms, past the 1 s deadline:
+    // they are told at once, not after waiting 1 s.
+    let mut replies = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let r = c.recv_json().await;
+        replies.insert(
+            r["city"].as_str().expect("city").to_owned(),
+            (r, started.elapsed()),
+        );
+    }
+    for city in ["A", "B"] {
+        assert_eq!(
+            replies[city].0["type"], "weather",
+            "{city}: {:?}",
+            replies[city]
+        );
+    }
+    for city in ["C", "D"] {
+        let (r, at) = &replies[city];
+        assert_eq!(r["code"], "system_overloaded", "{city}: {r}");
+        assert!(
+            r["message"].as_str().expect("m").contains("server busy"),
+            "{r}"
+        );
+        assert!(
+            *at < Duration::from_millis(300),
+            "{city} refused after {at:?}"
+        );
+    }
+    assert_eq!(
+        server.sample("gale_upstream_refused_early_total").await,
+        2.0
+    );
+    assert_eq!(server.fake.calls(), 3);
+}
+
+#[tokio::test]
 async fn past_max_pending_lookups_are_refused_at_once() {
     let server = start_with(|c| {
         c.weather.max_concurrent = 1;

@@ -31,6 +31,7 @@ async fn server_stats(ctx: Ctx, _: Value) -> HandlerResult {
     let mut stats = app.metrics.to_json();
     stats["router-queue-depth"] = json!(app.router.queue_depth());
     stats["cached-cities"] = json!(app.weather.cached_cities());
+    stats["cities-in-flight"] = json!(app.weather.cities_in_flight());
     stats["weather-feeds"] = json!(app.feeds.len());
     Ok(stats)
 }

@@ -10,12 +10,12 @@ mod provider;
 mod shared;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
-use moka::future::Cache;
-use tokio::sync::Semaphore;
+use moka::sync::Cache;
+use tokio::sync::{Semaphore, watch};
 
 pub use breaker::Breaker;
 pub use open_meteo::{OpenMeteo, describe};
@@ -79,11 +79,80 @@ pub enum BuildError {
     Url(#[from] url::ParseError),
 }
 
+/// What the lookups waiting on one city's upstream call see: nothing
+/// yet, then its outcome. The sender is dropped, with nothing sent, when
+/// the lookup making the call is cancelled; a waiter then takes over.
+type Outcome = Option<Result<Entry, WeatherError>>;
+
+/// The single-flight table: one entry per city being fetched, removed
+/// when its call ends. Bounded by the lookups in flight (each connection's
+/// `max_inflight_per_connection`, `max_connections`), since an entry
+/// lives only as long as the lookup that made it.
+#[derive(Default)]
+struct Flights(std::sync::Mutex<std::collections::HashMap<String, watch::Receiver<Outcome>>>);
+
+/// A lookup's part in a city's single flight.
+enum Role {
+    /// Make the call and send its outcome.
+    Lead(watch::Sender<Outcome>),
+    /// Wait for the outcome of the lookup that leads.
+    Wait(watch::Receiver<Outcome>),
+}
+
+impl Flights {
+    fn join(&self, key: &str) -> Role {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rx) = map.get(key) {
+            if rx.has_changed().is_ok() {
+                return Role::Wait(rx.clone());
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.to_owned(), rx);
+        Role::Lead(tx)
+    }
+
+    fn leave(&self, key: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
+    fn len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Removes a city's flight however its leading lookup ends (finished or
+/// cancelled), after the outcome, if any, is in the cache and sent.
+struct Leading<'a> {
+    flights: &'a Flights,
+    key: &'a str,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.flights.leave(self.key);
+    }
+}
+
 /// The weather service shared by every connection.
 pub struct Weather {
     provider: Box<dyn Provider>,
     cache: Cache<String, Entry>,
+    flights: Flights,
     slots: Semaphore,
+    max_concurrent: usize,
+    /// How long recent upstream calls took, in µs (a moving average; 0
+    /// before the first call).
+    call_us: AtomicU64,
     pending: AtomicUsize,
     max_pending: usize,
     timeout: Duration,
@@ -150,7 +219,10 @@ impl Weather {
         Weather {
             provider,
             cache,
+            flights: Flights::default(),
             slots: Semaphore::new(cfg.max_concurrent),
+            max_concurrent: cfg.max_concurrent,
+            call_us: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             max_pending: cfg.max_pending,
             timeout: cfg.timeout(),
@@ -178,31 +250,38 @@ impl Weather {
     pub async fn lookup(&self, city: &str) -> Result<Arc<Reading>, WeatherError> {
         let city = parse_city(city)?;
         let key = normalise_city(city);
-        let cached = match self.cache.get(&key).await {
-            Some(hit) => {
+        let cached = loop {
+            if let Some(hit) = self.cache.get(&key) {
                 self.metrics.cache_hits.inc();
-                hit
+                break hit;
             }
-            None => {
-                let mut called = false;
-                let fetched = self
-                    .cache
-                    .entry_by_ref(&key)
-                    .or_try_insert_with(async {
-                        called = true;
-                        // Boxed, and only by the caller that fetches: the
-                        // upstream call's state is ~2 KiB, and every
-                        // request waiting on the cache would otherwise
-                        // carry room for it.
-                        Box::pin(self.fetch_shared(city, &key)).await
-                    })
-                    .await;
-                if called {
+            // Concurrent misses for one city share one call. The state a
+            // waiting lookup keeps is small: thousands wait at once.
+            match self.flights.join(&key) {
+                Role::Lead(tx) => {
+                    let _leading = Leading {
+                        flights: &self.flights,
+                        key: &key,
+                    };
                     self.metrics.cache_misses.inc();
-                } else {
-                    self.metrics.cache_coalesced.inc();
+                    // Boxed: the upstream call's state is ~2 KiB, and
+                    // only the leading lookup needs it.
+                    let outcome = Box::pin(self.fetch_shared(city, &key)).await;
+                    if let Ok(entry) = &outcome {
+                        self.cache.insert(key.clone(), entry.clone());
+                    }
+                    tx.send_replace(Some(outcome.clone()));
+                    break outcome?;
                 }
-                fetched.map_err(|e| (*e).clone())?.into_value()
+                Role::Wait(mut rx) => {
+                    // Err: the leading lookup was cancelled; try again.
+                    if let Ok(outcome) = rx.wait_for(Option::is_some).await {
+                        self.metrics.cache_coalesced.inc();
+                        if let Some(outcome) = outcome.as_ref() {
+                            break outcome.clone()?;
+                        }
+                    }
+                }
             }
         };
         match cached.cached {
@@ -229,6 +308,7 @@ impl Weather {
         let mut call = Call::start(&self.metrics);
         let answer = tokio::time::timeout_at(deadline, self.provider.current(city)).await;
         let in_flight = call.started.elapsed();
+        self.observe_call(in_flight);
         let result = match answer {
             Ok(result) => result.and_then(checked),
             Err(_) => Err(WeatherError::Timeout(self.timeout.as_millis() as u64)),
@@ -254,8 +334,9 @@ impl Weather {
         WeatherError::CircuitOpen(left.as_secs().max(1))
     }
 
-    /// An upstream slot: at once, or after waiting (refused at once past
-    /// `max_pending`, given up at `deadline`).
+    /// An upstream slot: at once, or after waiting. Refused at once past
+    /// `max_pending`, or when the wait plus a call, as recent calls have
+    /// taken, would end past `deadline`; given up at `deadline`.
     async fn slot(
         &self,
         deadline: tokio::time::Instant,
@@ -263,7 +344,14 @@ impl Weather {
         if let Ok(slot) = self.slots.try_acquire() {
             return Ok(slot);
         }
-        let _waiting = Pending::enter(self)?;
+        let waiting = Pending::enter(self)?;
+        if let Some(expected) = self.expected_wait(waiting.ahead) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if expected > left {
+                self.metrics.upstream_refused_early.inc();
+                return Err(WeatherError::WouldMissDeadline(expected.as_millis() as u64));
+            }
+        }
         match tokio::time::timeout_at(deadline, self.slots.acquire()).await {
             Ok(Ok(slot)) => Ok(slot),
             Ok(Err(_)) => Err(WeatherError::Upstream("shutting down".into())),
@@ -271,10 +359,39 @@ impl Weather {
         }
     }
 
+    /// How long a lookup with `ahead` others waiting before it would take:
+    /// slots free at `max_concurrent` per call time, then its own call.
+    /// `None` until a call has been timed.
+    fn expected_wait(&self, ahead: usize) -> Option<Duration> {
+        let call = self.call_us.load(Ordering::Relaxed);
+        if call == 0 {
+            return None;
+        }
+        let rounds = (ahead + 1) as f64 / self.max_concurrent as f64;
+        Some(Duration::from_micros(call).mul_f64(rounds + 1.0))
+    }
+
+    /// Folds one call's time into the moving average (weight 1/8).
+    fn observe_call(&self, took: Duration) {
+        let x = took.as_micros().min(u128::from(u64::MAX / 2)) as u64;
+        let old = self.call_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            x.max(1)
+        } else {
+            (old - old / 8 + x / 8).max(1)
+        };
+        self.call_us.store(new, Ordering::Relaxed);
+    }
+
     /// The breaker's state now (it moves from open to half-open with time
     /// alone), for the gauge.
     pub fn breaker_state(&self) -> crate::metrics::BreakerState {
         self.breaker.state()
+    }
+
+    /// Cities being fetched now, each by one lookup that others wait on.
+    pub fn cities_in_flight(&self) -> usize {
+        self.flights.len()
     }
 
     /// Cities in the cache now.
@@ -330,23 +447,28 @@ impl Drop for Call<'_> {
 }
 
 /// Counts one lookup waiting for a slot, for as long as it waits.
-struct Pending<'a>(&'a Weather);
+struct Pending<'a> {
+    weather: &'a Weather,
+    /// Lookups that were waiting already when this one came.
+    ahead: usize,
+}
 
 impl<'a> Pending<'a> {
     fn enter(w: &'a Weather) -> Result<Self, WeatherError> {
-        if w.pending.fetch_add(1, Ordering::AcqRel) >= w.max_pending {
+        let ahead = w.pending.fetch_add(1, Ordering::AcqRel);
+        if ahead >= w.max_pending {
             w.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(WeatherError::Busy);
         }
         w.metrics.upstream_pending.inc();
-        Ok(Pending(w))
+        Ok(Pending { weather: w, ahead })
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.upstream_pending.dec();
+        self.weather.pending.fetch_sub(1, Ordering::AcqRel);
+        self.weather.metrics.upstream_pending.dec();
     }
 }
 

@@ -47,6 +47,12 @@ pub enum WeatherError {
     /// Too many lookups are waiting already.
     #[error("server busy: too many weather lookups waiting, try again in a few seconds")]
     Busy,
+    /// The wait for a slot plus a call, as recent calls have taken,
+    /// would end past the deadline: refused at once rather than at it.
+    #[error(
+        "server busy: a weather lookup would take about {0} ms now, past its deadline; try again in a few seconds"
+    )]
+    WouldMissDeadline(u64),
     /// The breaker is open after repeated upstream failures.
     #[error("weather service unavailable: too many recent upstream failures, retry in {0} s")]
     CircuitOpen(u64),
@@ -69,7 +75,7 @@ impl WeatherError {
             WeatherError::NotFound => ErrorCode::NotFound,
             WeatherError::Timeout(_) | WeatherError::QueueTimeout(_) => ErrorCode::Timeout,
             WeatherError::Refused(_) => ErrorCode::InvalidData,
-            WeatherError::Busy => ErrorCode::SystemOverloaded,
+            WeatherError::Busy | WeatherError::WouldMissDeadline(_) => ErrorCode::SystemOverloaded,
             WeatherError::CircuitOpen(_)
             | WeatherError::BadKey
             | WeatherError::Upstream(_)
