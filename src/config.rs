@@ -345,7 +345,10 @@ pub struct WeatherConfig {
     pub api_key: Option<String>,
     /// Deadline for one lookup, including the wait for an upstream slot.
     pub timeout_ms: u64,
-    /// Most upstream calls in flight at once.
+    /// Most upstream calls in flight at once. 1,000 by default: the
+    /// seed's scenario (1,000 cities at once, 2 s each) needs them all in
+    /// flight to answer within the deadline; this bounds gale's sockets
+    /// and memory, not the provider's rate (its 429s open the breaker).
     pub max_concurrent: usize,
     /// Most lookups waiting for an upstream slot; past this new ones are
     /// refused at once with "server busy".
@@ -376,7 +379,7 @@ impl Default for WeatherConfig {
             geocoding_url: None,
             api_key: None,
             timeout_ms: 5_000,
-            max_concurrent: 200,
+            max_concurrent: 1_000,
             max_pending: 5_000,
             cache_ttl_s: 600,
             not_found_ttl_s: 60,
@@ -1035,7 +1038,7 @@ mod tests {
         assert_eq!(c.server.max_outbound_message_bytes, 1_048_576);
         assert_eq!(c.weather.provider, Provider::OpenMeteo);
         assert_eq!(c.weather.timeout_ms, 5_000);
-        assert_eq!(c.weather.max_concurrent, 200);
+        assert_eq!(c.weather.max_concurrent, 1_000);
         assert_eq!(c.weather.max_pending, 5_000);
         assert_eq!(c.weather.cache_ttl_s, 600);
         assert_eq!(c.store.url, "sqlite://gale.db");
