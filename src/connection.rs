@@ -12,9 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use uuid::Uuid;
@@ -172,11 +172,41 @@ pub(crate) async fn echo(app: Arc<App>, mut socket: Box<WebSocket>) {
     close_for(&app, &mut socket, &end).await;
 }
 
-/// The weather lookups in flight on one connection. Boxed: a
-/// `FuturesUnordered` allocates a stub task the size of its future type up
-/// front, and a lookup's state is over 2 KiB, which every idle connection
-/// would pay (measured with massif).
-type Lookups = FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = String> + Send>>>;
+/// One weather lookup in flight. Boxed: a `FuturesUnordered` allocates a
+/// stub task the size of its future type up front.
+type Lookup = std::pin::Pin<Box<dyn Future<Output = String> + Send>>;
+
+/// The weather lookups in flight on one connection. The set exists only
+/// while a lookup does: a `FuturesUnordered` allocates about 200 bytes
+/// (its ready queue and stub task) that an idle connection need not pay.
+#[derive(Default)]
+struct Lookups(Option<FuturesUnordered<Lookup>>);
+
+impl Lookups {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesUnordered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, lookup: Lookup) {
+        self.0
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(lookup);
+    }
+
+    /// The next reply; `None` when no lookup is in flight.
+    async fn next(&mut self) -> Option<String> {
+        let set = self.0.as_mut()?;
+        let reply = set.next().await;
+        if set.is_empty() {
+            self.0 = None;
+        }
+        reply
+    }
+}
 
 async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (End, Lookups) {
     let s = &app.config.server;
@@ -192,14 +222,15 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
     // A ping went out and no frame has come back since.
     let mut awaiting_pong = false;
     let client_id = caller.conn_id;
-    let mut inflight = Lookups::new();
+    let mut inflight = Lookups::default();
     let mut outgoing = Vec::new();
 
     let hello = ServerMessage::Connected {
         message: GREETING,
         client_id,
-    };
-    if !send(app, socket, hello.to_json()).await {
+    }
+    .to_json();
+    if !send(app, socket, hello).await {
         return (End::Gone, inflight);
     }
     // Created once, not per pass through the loop: both register with a
@@ -216,19 +247,16 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
         let events = caller.outbox.events();
         let may_read = inflight.len() + events < max_inflight
             && (events == 0 || events < app.router.share(max_inflight));
-        tokio::select! {
+        // The select decides; the write comes after it, so the task never
+        // holds a write's state beside the select's (every connection's
+        // task is as large as its largest state).
+        let write = tokio::select! {
             biased;
             () = &mut closing => break End::Shutdown,
-            Some(reply) = inflight.next(), if !inflight.is_empty() => {
-                if !send(app, socket, reply).await {
-                    break End::Gone;
-                }
-            }
+            Some(reply) = inflight.next(), if !inflight.is_empty() => Write::Text(reply),
             () = &mut ready => {
                 ready.set(caller.outbox.ready());
-                if let Err(end) = flush_outbox(app, socket, &caller.outbox, &mut outgoing).await {
-                    break end;
-                }
+                Write::Outbox
             }
             msg = socket.recv(), if may_read => {
                 last_seen = Instant::now();
@@ -236,43 +264,17 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
                 match msg {
                     Some(Ok(Message::Text(text))) => {
                         app.metrics.messages_in.inc();
-                        match classify(text.as_str()) {
-                            Incoming::City(_) => {
-                                inflight.push(Box::pin(weather::answer_text(app.clone(), client_id, text)));
-                            }
-                            Incoming::Event(event) => app.router.dispatch(app, caller, event),
-                            Incoming::Invalid { reply_to, message } => {
-                                app.router.count_invalid_message();
-                                let reply = match reply_to {
-                                    Some(r) => reply_json(
-                                        &r,
-                                        &Err(ErrorBody::new(ErrorCode::InvalidMessage, message)),
-                                    ),
-                                    None => ServerMessage::Error {
-                                        code: ErrorCode::InvalidMessage,
-                                        message: &message,
-                                        city: None,
-                                    }
-                                    .to_json(),
-                                };
-                                if !send(app, socket, reply).await {
-                                    break End::Gone;
-                                }
-                            }
-                        }
+                        received(app, caller, &mut inflight, text)
                     }
                     Some(Ok(Message::Binary(_))) => {
                         app.metrics.messages_in.inc();
-                        let reply = ServerMessage::Error {
+                        Write::Text(ServerMessage::Error {
                             code: ErrorCode::InvalidMessage,
                             message: "binary messages are not supported: send the city name as a text message",
                             city: None,
-                        };
-                        if !send(app, socket, reply.to_json()).await {
-                            break End::Gone;
-                        }
+                        }.to_json())
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Write::Nothing,
                     Some(Ok(Message::Close(_))) => break End::ClientClosed,
                     Some(Err(e)) => break read_error(e),
                     None => break End::Gone,
@@ -286,15 +288,69 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
                     break End::Dead;
                 }
                 if last_seen.elapsed() >= ping_every / 2 {
-                    if !send_frame(socket, Message::Ping(Default::default())).await {
-                        break End::Gone;
-                    }
                     awaiting_pong = true;
+                    Write::Ping
+                } else {
+                    Write::Nothing
                 }
             }
+        };
+        let written = match write {
+            Write::Nothing => true,
+            Write::Text(text) => send(app, socket, text).await,
+            Write::Ping => send_frame(socket, Message::Ping(Default::default())).await,
+            Write::Outbox => match flush_outbox(app, socket, &caller.outbox, &mut outgoing).await {
+                Ok(()) => true,
+                Err(end) => break end,
+            },
+        };
+        if !written {
+            break End::Gone;
         }
     };
     (end, inflight)
+}
+
+/// What one pass of the connection loop leaves to write.
+enum Write {
+    Nothing,
+    /// A reply.
+    Text(String),
+    /// What the outbox holds.
+    Outbox,
+    /// A ping.
+    Ping,
+}
+
+/// A text message from the client: a city starts a lookup, an event goes
+/// to the router, anything else is answered with an error.
+fn received(app: &Arc<App>, caller: &Caller, inflight: &mut Lookups, text: Utf8Bytes) -> Write {
+    match classify(text.as_str()) {
+        Incoming::City(_) => {
+            inflight.push(Box::pin(weather::answer_text(
+                app.clone(),
+                caller.conn_id,
+                text,
+            )));
+            Write::Nothing
+        }
+        Incoming::Event(event) => {
+            app.router.dispatch(app, caller, event);
+            Write::Nothing
+        }
+        Incoming::Invalid { reply_to, message } => {
+            app.router.count_invalid_message();
+            Write::Text(match reply_to {
+                Some(r) => reply_json(&r, &Err(ErrorBody::new(ErrorCode::InvalidMessage, message))),
+                None => ServerMessage::Error {
+                    code: ErrorCode::InvalidMessage,
+                    message: &message,
+                    city: None,
+                }
+                .to_json(),
+            })
+        }
+    }
 }
 
 /// Maps a read error to how the connection ends.
@@ -336,12 +392,7 @@ async fn flush_outbox(
         return Ok(());
     }
     let n = buf.len() as u64;
-    let write = async {
-        for m in buf.drain(..) {
-            socket.feed(Message::Text(m.text)).await?;
-        }
-        socket.flush().await
-    };
+    let write = write_all(socket, buf.drain(..).map(|m| Message::Text(m.text)));
     // A client that stops reading blocks this write; meanwhile its outbox
     // may overflow, and the slow-consumer policy must act then, not after
     // the send timeout (the close frame queues behind what is on its way).
@@ -350,14 +401,14 @@ async fn flush_outbox(
     let mut watched = false;
     let written = tokio::select! {
         biased;
-        written = tokio::time::timeout(SEND_TIMEOUT, write) => Some(written),
+        written = write => Some(written),
         () = overflowed(outbox, &mut watched) => None,
     };
     if buf.capacity() > crate::outbox::KEEP_CAPACITY {
         *buf = Vec::new(); // a burst's memory, returned
     }
     match written {
-        Some(Ok(Ok(()))) => {
+        Some(Some(Ok(()))) => {
             app.metrics.messages_out.inc_by(n);
             // Wake-ups that came while `overflowed` watched were taken by
             // it: wake the loop again, so what queued meanwhile goes out.
@@ -399,10 +450,45 @@ async fn send(app: &App, socket: &mut WebSocket, text: String) -> bool {
 }
 
 async fn send_frame(socket: &mut WebSocket, msg: Message) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
-        Ok(Ok(()))
-    )
+    matches!(write_all(socket, std::iter::once(msg)).await, Some(Ok(())))
+}
+
+/// Hands `msgs` to the socket in order and flushes, under
+/// [`SEND_TIMEOUT`]; `None` when it timed out. One poll function over the
+/// socket's `Sink` keeps only the message not yet taken, and the timer is
+/// made (boxed) only once a write has to wait: every connection's task
+/// carries room for this future, idle or not, so it is kept small.
+fn write_all(
+    socket: &mut WebSocket,
+    mut msgs: impl Iterator<Item = Message>,
+) -> impl Future<Output = Option<Result<(), axum::Error>>> {
+    use std::task::Poll;
+    let mut held: Option<Message> = None;
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut wait = move |cx: &mut std::task::Context<'_>| {
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(SEND_TIMEOUT)));
+        timer.as_mut().poll(cx).map(|()| None)
+    };
+    std::future::poll_fn(move |cx| {
+        while let Some(msg) = held.take().or_else(|| msgs.next()) {
+            match std::pin::Pin::new(&mut *socket).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {
+                    if let Err(e) = std::pin::Pin::new(&mut *socket).start_send(msg) {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => {
+                    held = Some(msg);
+                    return wait(cx);
+                }
+            }
+        }
+        match std::pin::Pin::new(&mut *socket).poll_flush(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending => wait(cx),
+        }
+    })
 }
 
 /// Sends a close frame and waits briefly for the peer's answer.
