@@ -213,11 +213,7 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);
     let pinging = !ping_every.is_zero();
-    let mut ping = tokio::time::interval_at(
-        Instant::now() + ping_every.max(Duration::from_secs(1)),
-        ping_every.max(Duration::from_secs(1)),
-    );
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = app.ping_clock.subscribe();
     let mut last_seen = Instant::now();
     // A ping went out and no frame has come back since.
     let mut awaiting_pong = false;
@@ -280,7 +276,7 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
                     None => break End::Gone,
                 }
             }
-            _ = ping.tick(), if pinging => {
+            Ok(()) = tick.changed(), if pinging => {
                 // Dead: our ping has gone a whole interval unanswered.
                 // Judged from the ping, not from wall-clock silence, so
                 // timer jitter never drops a peer that answers.
@@ -309,6 +305,40 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
         }
     };
     (end, inflight)
+}
+
+/// One clock for every connection's ping checks, in place of a timer in
+/// each (an `Interval` and its boxed `Sleep`: ~160 bytes per connection,
+/// idle or not). It ticks every `server.ping_interval_s`; at each tick a
+/// connection silent for at least half an interval is pinged, and one
+/// whose ping went a whole tick unanswered is dropped.
+#[derive(Debug)]
+pub struct PingClock(tokio::sync::watch::Sender<()>);
+
+impl PingClock {
+    /// A clock that ticks every `every` (never when zero) until `stop`.
+    pub(crate) fn start(every: Duration, stop: tokio_util::sync::CancellationToken) -> PingClock {
+        let (tx, _) = tokio::sync::watch::channel(());
+        if !every.is_zero() {
+            let ticks = tx.clone();
+            let every = every.max(Duration::from_secs(1));
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval_at(Instant::now() + every, every);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = interval.tick() => ticks.send_replace(()),
+                    };
+                }
+            });
+        }
+        PingClock(tx)
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.0.subscribe()
+    }
 }
 
 /// What one pass of the connection loop leaves to write.

@@ -125,6 +125,8 @@ pub struct App {
     pub closing: CancellationToken,
     /// Every upgraded WebSocket connection, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// The ticks of every connection's ping check.
+    pub ping_clock: crate::connection::PingClock,
 }
 
 /// Binds the configured listen address.
@@ -246,6 +248,11 @@ pub async fn start(
         ))
     });
     let grace = config.server.shutdown_grace();
+    let closing = CancellationToken::new();
+    let ping_clock = crate::connection::PingClock::start(
+        Duration::from_secs(config.server.ping_interval_s),
+        closing.clone(),
+    );
     let app = Arc::new(App {
         config,
         weather,
@@ -259,8 +266,9 @@ pub async fn start(
         feeds: Default::default(),
         cluster,
         shutdown: shutdown.clone(),
-        closing: CancellationToken::new(),
+        closing,
         tracker: TaskTracker::new(),
+        ping_clock,
     });
 
     let local = listener.local_addr()?;
