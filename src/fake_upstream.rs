@@ -20,7 +20,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// How the fake answers.
@@ -71,7 +70,9 @@ impl FakeUpstream {
     /// # Errors
     /// When `addr` cannot be bound.
     pub async fn start(addr: &str) -> std::io::Result<FakeUpstream> {
-        let listener = TcpListener::bind(addr).await?;
+        // As deep a backlog as gale's own: the seed's burst of 1,000 calls
+        // must not wait for SYN retransmits here either.
+        let listener = crate::listener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             calls: AtomicU64::new(0),

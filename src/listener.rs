@@ -47,6 +47,34 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::{HttpStage, Metrics};
 
+
+/// The listen backlog asked of the kernel (which caps it at
+/// `net.core.somaxconn`, 4096 here). tokio's `TcpListener::bind` asks for
+/// 128: a burst of connects past it (9,000 users arriving within a
+/// second) has SYNs dropped, and each such client waits a second or more
+/// for its retransmit.
+pub const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` (the first address it resolves to) with a
+/// [`BACKLOG`]-deep accept queue.
+///
+/// # Errors
+/// When `addr` does not resolve or cannot be bound.
+pub async fn bind(addr: &str) -> io::Result<TcpListener> {
+    let at = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "resolves to no address"))?;
+    let socket = if at.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(at)?;
+    socket.listen(BACKLOG)
+}
+
 /// What serving HTTP needs, shared by every connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Front {

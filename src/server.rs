@@ -134,7 +134,7 @@ pub struct App {
 /// # Errors
 /// [`ServerError::Bind`] naming `server.listen`.
 pub async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
+    crate::listener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind {
             addr: addr.to_owned(),

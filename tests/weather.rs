@@ -311,6 +311,46 @@ async fn a_lookup_that_cannot_finish_in_time_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn waiting_lookups_are_refused_as_soon_as_they_cannot_finish_in_time() {
+    // A cold start: no call has been timed when the lookups come, so none
+    // can be refused on arrival; once the first call has taken 400 ms,
+    // those that would still be waiting at their deadline are told then.
+    let server = start_with(|c| {
+        c.weather.max_concurrent = 1;
+        c.weather.timeout_ms = 1_000;
+    })
+    .await;
+    server.fake.set_latency(Duration::from_millis(400));
+    let mut c = server.client().await;
+    let started = Instant::now();
+    for city in ["A", "B", "C", "D"] {
+        c.send(city).await;
+    }
+    let mut replies = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let r = c.recv_json().await;
+        let city = r["city"].as_str().expect("city").to_owned();
+        replies.insert(city, (r, started.elapsed()));
+    }
+    for city in ["A", "B"] {
+        assert_eq!(
+            replies[city].0["type"], "weather",
+            "{city}: {:?}",
+            replies[city]
+        );
+    }
+    for city in ["C", "D"] {
+        let (r, at) = &replies[city];
+        assert_eq!(r["code"], "system_overloaded", "{city}: {r}");
+        assert!(
+            *at < Duration::from_millis(750),
+            "{city} refused after {at:?}"
+        );
+    }
+    assert_eq!(server.fake.calls(), 2);
+}
+
+#[tokio::test]
 async fn past_max_pending_lookups_are_refused_at_once() {
     let server = start_with(|c| {
         c.weather.max_concurrent = 1;
@@ -427,10 +467,12 @@ async fn waiting_for_a_slot_is_not_an_upstream_failure() {
             *codes.entry(code).or_default() += 1;
         }
     }
-    assert!(
-        codes.get("timeout").copied().unwrap_or(0) >= 25,
-        "{codes:?}"
-    );
+    // Refused for local congestion: at their deadline ("timeout"), or as
+    // soon as the first calls showed they could not make it ("server
+    // busy").
+    let congested = codes.get("timeout").copied().unwrap_or(0)
+        + codes.get("system_overloaded").copied().unwrap_or(0);
+    assert!(congested >= 25, "{codes:?}");
     assert!(!codes.contains_key("upstream_unavailable"), "{codes:?}");
 
     // The upstream is perfectly healthy: a new city is looked up.

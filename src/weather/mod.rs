@@ -154,6 +154,10 @@ pub struct Weather {
     /// before the first call).
     call_us: AtomicU64,
     pending: AtomicUsize,
+    /// Lookups that have started waiting for a slot, and those that have
+    /// stopped: a waiter's place in the queue.
+    tickets: AtomicU64,
+    departed: AtomicU64,
     max_pending: usize,
     timeout: Duration,
     breaker: Breaker,
@@ -224,6 +228,8 @@ impl Weather {
             max_concurrent: cfg.max_concurrent,
             call_us: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
+            tickets: AtomicU64::new(0),
+            departed: AtomicU64::new(0),
             max_pending: cfg.max_pending,
             timeout: cfg.timeout(),
             breaker: Breaker::new(
@@ -335,8 +341,11 @@ impl Weather {
     }
 
     /// An upstream slot: at once, or after waiting. Refused at once past
-    /// `max_pending`, or when the wait plus a call, as recent calls have
-    /// taken, would end past `deadline`; given up at `deadline`.
+    /// `max_pending`; refused as soon as the wait plus a call, as recent
+    /// calls have taken, would end past `deadline` (checked on arrival and
+    /// again every [`RECHECK`] while waiting, so a cold start, with no call
+    /// timed yet, is caught once the first calls end); given up at
+    /// `deadline`.
     async fn slot(
         &self,
         deadline: tokio::time::Instant,
@@ -345,18 +354,43 @@ impl Weather {
             return Ok(slot);
         }
         let waiting = Pending::enter(self)?;
-        if let Some(expected) = self.expected_wait(waiting.ahead) {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if expected > left {
-                self.metrics.upstream_refused_early.inc();
-                return Err(WeatherError::WouldMissDeadline(expected.as_millis() as u64));
+        // One acquire for the whole wait: the semaphore is fair, and a
+        // new acquire would go to the back of its queue.
+        let acquire = self.slots.acquire();
+        tokio::pin!(acquire);
+        loop {
+            let now = tokio::time::Instant::now();
+            if let Some(finish) = self.expected_finish(&waiting, now) {
+                if finish > deadline {
+                    self.metrics.upstream_refused_early.inc();
+                    let ms = finish.saturating_duration_since(now).as_millis() as u64;
+                    return Err(WeatherError::WouldMissDeadline(ms));
+                }
+            }
+            match tokio::time::timeout_at(deadline.min(now + RECHECK), &mut acquire).await {
+                Ok(Ok(slot)) => return Ok(slot),
+                Ok(Err(_)) => return Err(WeatherError::Upstream("shutting down".into())),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(WeatherError::QueueTimeout(self.timeout.as_millis() as u64));
+                }
+                Err(_) => {}
             }
         }
-        match tokio::time::timeout_at(deadline, self.slots.acquire()).await {
-            Ok(Ok(slot)) => Ok(slot),
-            Ok(Err(_)) => Err(WeatherError::Upstream("shutting down".into())),
-            Err(_) => Err(WeatherError::QueueTimeout(self.timeout.as_millis() as u64)),
-        }
+    }
+
+    /// When a waiting lookup should expect its call to end: the earlier of
+    /// two estimates, one from when it started waiting with the queue it
+    /// found, one from now with the queue left before it (each alone
+    /// errs late: the first if some ahead gave up, the second by the
+    /// part of a round already run). `None` until a call has been timed.
+    fn expected_finish(
+        &self,
+        waiting: &Pending<'_>,
+        now: tokio::time::Instant,
+    ) -> Option<tokio::time::Instant> {
+        let from_entry = waiting.entered + self.expected_wait(waiting.ahead_at_entry)?;
+        let from_now = now + self.expected_wait(waiting.ahead())?;
+        Some(from_entry.min(from_now))
     }
 
     /// How long a lookup with `ahead` others waiting before it would take:
@@ -399,6 +433,10 @@ impl Weather {
         self.cache.entry_count()
     }
 }
+
+/// How often a lookup waiting for a slot checks whether it can still
+/// finish in time.
+const RECHECK: Duration = Duration::from_millis(100);
 
 /// Longest city name or description accepted from a provider, in
 /// characters: a reading becomes a reply, and replies stay small.
@@ -449,25 +487,45 @@ impl Drop for Call<'_> {
 /// Counts one lookup waiting for a slot, for as long as it waits.
 struct Pending<'a> {
     weather: &'a Weather,
-    /// Lookups that were waiting already when this one came.
-    ahead: usize,
+    /// How many lookups had started waiting before this one.
+    ticket: u64,
+    /// When it started waiting, and how many were waiting before it then.
+    entered: tokio::time::Instant,
+    ahead_at_entry: usize,
 }
 
 impl<'a> Pending<'a> {
     fn enter(w: &'a Weather) -> Result<Self, WeatherError> {
-        let ahead = w.pending.fetch_add(1, Ordering::AcqRel);
-        if ahead >= w.max_pending {
+        if w.pending.fetch_add(1, Ordering::AcqRel) >= w.max_pending {
             w.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(WeatherError::Busy);
         }
         w.metrics.upstream_pending.inc();
-        Ok(Pending { weather: w, ahead })
+        let ticket = w.tickets.fetch_add(1, Ordering::AcqRel);
+        let mut waiting = Pending {
+            weather: w,
+            ticket,
+            entered: tokio::time::Instant::now(),
+            ahead_at_entry: 0,
+        };
+        waiting.ahead_at_entry = waiting.ahead();
+        Ok(waiting)
+    }
+
+    /// Lookups still waiting before this one: those that came before it,
+    /// less all that have left the wait (served or given up). The queue is
+    /// first come, first served, so this is exact unless a later lookup
+    /// gave up first.
+    fn ahead(&self) -> usize {
+        let gone = self.weather.departed.load(Ordering::Acquire);
+        usize::try_from(self.ticket.saturating_sub(gone)).unwrap_or(usize::MAX)
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.weather.pending.fetch_sub(1, Ordering::AcqRel);
+        self.weather.departed.fetch_add(1, Ordering::AcqRel);
         self.weather.metrics.upstream_pending.dec();
     }
 }
