@@ -47,7 +47,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::{HttpStage, Metrics};
 
-
 /// The listen backlog asked of the kernel (which caps it at
 /// `net.core.somaxconn`, 4096 here). tokio's `TcpListener::bind` asks for
 /// 128: a burst of connects past it (9,000 users arriving within a
