@@ -88,25 +88,11 @@ async fn wait_json(server: &TestServer, what: &str, cond: impl Fn(&Value) -> boo
     }
 }
 
-/// Waits until a `/metrics` sample reaches `value`.
-async fn wait_sample(server: &TestServer, name: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let now = server.sample(name).await;
-        if now == value {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} is {now}, expected {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The channels a node subscribes to besides `all` and its probe.
 async fn wait_channels(server: &TestServer, n: usize) {
-    wait_sample(server, "gale_cluster_channels", (n + 2) as f64).await;
+    server
+        .wait_sample("gale_cluster_channels", (n + 2) as f64)
+        .await;
 }
 
 #[tokio::test]
@@ -639,7 +625,8 @@ async fn a_subscriber_killed_by_redis_is_resubscribed_within_seconds() {
     let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     assert_eq!(killed.trim(), "2", "both nodes' subscribers killed");
     let started = tokio::time::Instant::now();
-    wait_sample(&b, "gale_cluster_subscriber_connects_total", 2.0).await;
+    b.wait_sample("gale_cluster_subscriber_connects_total", 2.0)
+        .await;
     wait_channels(&b, 2).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),

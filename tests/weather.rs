@@ -238,11 +238,7 @@ async fn lookups_waiting_on_a_cancelled_call_take_it_over() {
     let mut leader = server.client().await;
     let r = serde_json::json!({"event": "weather.get", "data": {"city": "Rome"}, "ref": "l"});
     leader.send(&r.to_string()).await;
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while server.sample("gale_upstream_in_flight").await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "never called");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server.wait_sample("gale_upstream_in_flight", 1.0).await;
     let mut waiters = Vec::new();
     for _ in 0..5 {
         let mut c = server.client().await;

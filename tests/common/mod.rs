@@ -171,6 +171,22 @@ impl TestServer {
             .unwrap_or_else(|| panic!("metric {key} missing"))
     }
 
+    /// Waits until the `/metrics` sample `name` reaches `value`.
+    pub async fn wait_sample(&self, name: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = self.sample(name).await;
+            if now == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} is {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `key` reaches `value`.
     pub async fn wait_metric(&self, key: &str, value: u64) {
         let deadline = tokio::time::Instant::now() + WAIT;
