@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::websocket::Prepared;
 use serde_json::Value;
 use tokio::sync::{broadcast as events, mpsc};
 use tokio::task::JoinHandle;
@@ -114,7 +114,7 @@ pub enum Channel {
 pub trait Backplane: Send + Sync + std::fmt::Debug {
     /// A push this node encoded and delivered locally: send it to the
     /// other nodes' recipients of `target`.
-    fn forward(&self, target: &Target, text: &Utf8Bytes);
+    fn forward(&self, target: &Target, text: &Prepared);
     /// This node now has (`true`) or no longer has (`false`) local
     /// recipients on `channel`.
     fn interest(&self, channel: Channel, on: bool);
@@ -125,7 +125,7 @@ pub trait Backplane: Send + Sync + std::fmt::Debug {
 pub struct LocalOnly;
 
 impl Backplane for LocalOnly {
-    fn forward(&self, _: &Target, _: &Utf8Bytes) {}
+    fn forward(&self, _: &Target, _: &Prepared) {}
     fn interest(&self, _: Channel, _: bool) {}
 }
 
@@ -171,7 +171,7 @@ impl State {
 
 struct Queued {
     target: Target,
-    text: Utf8Bytes,
+    text: Prepared,
 }
 
 /// The registry of connections, users and topics, and the push paths.
@@ -444,7 +444,7 @@ impl Hub {
     ///
     /// # Errors
     /// [`HubError::TooLarge`] past `server.max_outbound_message_bytes`.
-    fn encode(&self, event: &str, data: &Value) -> Result<Utf8Bytes, HubError> {
+    fn encode(&self, event: &str, data: &Value) -> Result<Prepared, HubError> {
         let text = push_json(event, data);
         if text.len() > self.max_message_bytes {
             return Err(HubError::TooLarge {
@@ -473,7 +473,7 @@ impl Hub {
     /// `target`: delivered at once (it was batched on its way here: the
     /// sender pipelines, the subscriber reads what arrived together) and
     /// never forwarded again. Returns the connections it was queued for.
-    pub fn deliver_remote(&self, target: &Target, text: &Utf8Bytes) -> usize {
+    pub fn deliver_remote(&self, target: &Target, text: &Prepared) -> usize {
         let mut out = Vec::new();
         self.lock().recipients(target, &mut out);
         push_all(&self.metrics, &out, text)
@@ -499,7 +499,7 @@ impl Hub {
     }
 }
 
-fn push_all(metrics: &Metrics, outboxes: &[Arc<Outbox>], text: &Utf8Bytes) -> usize {
+fn push_all(metrics: &Metrics, outboxes: &[Arc<Outbox>], text: &Prepared) -> usize {
     let reached = outboxes
         .iter()
         .filter(|o| o.push(text.clone(), false))

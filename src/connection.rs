@@ -12,11 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use futures_util::{Sink, StreamExt};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite;
 use uuid::Uuid;
 
 use crate::apps::weather;
@@ -27,6 +25,7 @@ use crate::protocol::{
 };
 use crate::router::Caller;
 use crate::server::App;
+use crate::websocket::{self, Message, Socket, Utf8Bytes, close_code};
 
 /// A client that has not taken a frame for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,21 +33,12 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the peer's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// RFC 6455 close codes the server sends.
-mod close_code {
-    pub(super) const GOING_AWAY: u16 = 1001;
-    pub(super) const PROTOCOL_ERROR: u16 = 1002;
-    pub(super) const INVALID_PAYLOAD: u16 = 1007;
-    pub(super) const TOO_BIG: u16 = 1009;
-    pub(super) const TRY_AGAIN_LATER: u16 = 1013;
-}
-
 /// Why the read loop ended.
 #[derive(Debug)]
 enum End {
     /// The server is shutting down: finish in-flight work, close 1001.
     Shutdown,
-    /// The client sent a close frame (tungstenite answers it).
+    /// The client sent a close frame (its answer is queued).
     ClientClosed,
     /// The socket is gone (reset, EOF, write failure).
     Gone,
@@ -80,7 +70,7 @@ impl Drop for Counted {
 /// Serves one upgraded connection until it ends.
 pub(crate) async fn serve(
     app: Arc<App>,
-    mut socket: Box<WebSocket>,
+    mut socket: Box<Socket>,
     who: Identity,
     address: std::net::IpAddr,
 ) {
@@ -122,8 +112,8 @@ pub(crate) async fn serve(
 }
 
 /// Ends the WebSocket the way `end` calls for: the matching close frame,
-/// or flushing tungstenite's answer to the client's own close.
-async fn close_for(app: &App, socket: &mut WebSocket, end: &End) {
+/// or flushing the answer to the client's own close.
+async fn close_for(app: &App, socket: &mut Socket, end: &End) {
     let m = &app.metrics;
     match end {
         End::Shutdown => close(socket, close_code::GOING_AWAY, "server shutting down").await,
@@ -136,7 +126,7 @@ async fn close_for(app: &App, socket: &mut WebSocket, end: &End) {
             close(socket, *code, reason).await;
         }
         End::ClientClosed => {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.recv()).await;
+            let _ = write_all(socket).await;
         }
         End::Gone | End::Dead => {}
     }
@@ -145,7 +135,7 @@ async fn close_for(app: &App, socket: &mut WebSocket, end: &End) {
 /// Serves one `/echo` connection: every text or binary message is sent
 /// back unchanged. Same limits, buffers, close codes and shutdown as
 /// [`serve`]; nothing else.
-pub(crate) async fn echo(app: Arc<App>, mut socket: Box<WebSocket>) {
+pub(crate) async fn echo(app: Arc<App>, mut socket: Box<Socket>) {
     let _counted = Counted::open(&app);
     let m = &app.metrics;
     let closing = app.closing.cancelled();
@@ -155,17 +145,25 @@ pub(crate) async fn echo(app: Arc<App>, mut socket: Box<WebSocket>) {
             biased;
             () = &mut closing => break End::Shutdown,
             msg = socket.recv() => match msg {
-                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                Ok(msg @ (Message::Text(_) | Message::Binary(_))) => {
                     m.messages_in.inc();
-                    if !send_frame(&mut socket, msg).await {
+                    match msg {
+                        Message::Text(t) => socket.queue_text(&t),
+                        Message::Binary(b) => socket.queue_binary(&b),
+                        _ => {}
+                    }
+                    if !flushed(&mut socket).await {
                         break End::Gone;
                     }
                     m.messages_out.inc();
                 }
-                Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => break read_error(e),
-                None => break End::Gone,
+                Ok(Message::Close) => break End::ClientClosed,
+                Ok(Message::Ping | Message::Pong) => {
+                    if !flushed(&mut socket).await {
+                        break End::Gone;
+                    }
+                }
+                Err(e) => break read_error(e),
             }
         }
     };
@@ -208,7 +206,7 @@ impl Lookups {
     }
 }
 
-async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (End, Lookups) {
+async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut Socket) -> (End, Lookups) {
     let s = &app.config.server;
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);
@@ -258,11 +256,11 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
                 last_seen = Instant::now();
                 awaiting_pong = false;
                 match msg {
-                    Some(Ok(Message::Text(text))) => {
+                    Ok(Message::Text(text)) => {
                         app.metrics.messages_in.inc();
                         received(app, caller, &mut inflight, text)
                     }
-                    Some(Ok(Message::Binary(_))) => {
+                    Ok(Message::Binary(_)) => {
                         app.metrics.messages_in.inc();
                         Write::Text(ServerMessage::Error {
                             code: ErrorCode::InvalidMessage,
@@ -270,10 +268,11 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
                             city: None,
                         }.to_json())
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Write::Nothing,
-                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                    Some(Err(e)) => break read_error(e),
-                    None => break End::Gone,
+                    // A ping's pong is queued: it goes out now.
+                    Ok(Message::Ping) => Write::Queued,
+                    Ok(Message::Pong) => Write::Nothing,
+                    Ok(Message::Close) => break End::ClientClosed,
+                    Err(e) => break read_error(e),
                 }
             }
             Ok(()) = tick.changed(), if pinging => {
@@ -294,7 +293,11 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut WebSocket) -> (
         let written = match write {
             Write::Nothing => true,
             Write::Text(text) => send(app, socket, text).await,
-            Write::Ping => send_frame(socket, Message::Ping(Default::default())).await,
+            Write::Ping => {
+                socket.queue_ping();
+                flushed(socket).await
+            }
+            Write::Queued => flushed(socket).await,
             Write::Outbox => match flush_outbox(app, socket, &caller.outbox, &mut outgoing).await {
                 Ok(()) => true,
                 Err(end) => break end,
@@ -350,6 +353,8 @@ enum Write {
     Outbox,
     /// A ping.
     Ping,
+    /// What the socket queued itself (a pong).
+    Queued,
 }
 
 /// A text message from the client: a city starts a lookup, an event goes
@@ -384,24 +389,13 @@ fn received(app: &Arc<App>, caller: &Caller, inflight: &mut Lookups, text: Utf8B
 }
 
 /// Maps a read error to how the connection ends.
-fn read_error(e: axum::Error) -> End {
-    use tungstenite::error::{CapacityError, Error};
-    match e.into_inner().downcast::<Error>() {
-        Ok(e) => match *e {
-            Error::Capacity(CapacityError::MessageTooLong { .. }) => {
-                End::Violation(close_code::TOO_BIG, "message too big")
-            }
-            Error::Utf8(_) => End::Violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in text"),
-            Error::Protocol(p) => {
-                tracing::debug!(error = %p, "protocol violation");
-                End::Violation(close_code::PROTOCOL_ERROR, "protocol error")
-            }
-            other => {
-                tracing::debug!(error = %other, "connection error");
-                End::Gone
-            }
-        },
-        Err(other) => {
+fn read_error(e: websocket::Error) -> End {
+    match e {
+        websocket::Error::Violation(code, reason) => {
+            tracing::debug!(code, reason, "protocol violation");
+            End::Violation(code, reason)
+        }
+        other => {
             tracing::debug!(error = %other, "connection error");
             End::Gone
         }
@@ -411,7 +405,7 @@ fn read_error(e: axum::Error) -> End {
 /// Writes everything queued in the outbox with one flush.
 async fn flush_outbox(
     app: &App,
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     outbox: &Outbox,
     buf: &mut Vec<Outgoing>,
 ) -> Result<(), End> {
@@ -422,7 +416,12 @@ async fn flush_outbox(
         return Ok(());
     }
     let n = buf.len() as u64;
-    let write = write_all(socket, buf.drain(..).map(|m| Message::Text(m.text)));
+    // Each message's frame was made once for all its recipients: queued
+    // here without a copy, and written with the rest in one vectored write.
+    for m in buf.drain(..) {
+        socket.queue_prepared(&m.text);
+    }
+    let write = write_all(socket);
     // A client that stops reading blocks this write; meanwhile its outbox
     // may overflow, and the slow-consumer policy must act then, not after
     // the send timeout (the close frame queues behind what is on its way).
@@ -471,65 +470,46 @@ async fn overflowed(outbox: &Outbox, watched: &mut bool) {
 }
 
 /// Sends a text message; false when the client is gone or too slow.
-async fn send(app: &App, socket: &mut WebSocket, text: String) -> bool {
-    let sent = send_frame(socket, Message::Text(text.into())).await;
+async fn send(app: &App, socket: &mut Socket, text: String) -> bool {
+    socket.queue_text(&text);
+    let sent = flushed(socket).await;
     if sent {
         app.metrics.messages_out.inc();
     }
     sent
 }
 
-async fn send_frame(socket: &mut WebSocket, msg: Message) -> bool {
-    matches!(write_all(socket, std::iter::once(msg)).await, Some(Ok(())))
+/// Writes what the socket has queued; false when the client is gone or
+/// too slow.
+async fn flushed(socket: &mut Socket) -> bool {
+    matches!(write_all(socket).await, Some(Ok(())))
 }
 
-/// Hands `msgs` to the socket in order and flushes, under
-/// [`SEND_TIMEOUT`]; `None` when it timed out. One poll function over the
-/// socket's `Sink` keeps only the message not yet taken, and the timer is
-/// made (boxed) only once a write has to wait: every connection's task
-/// carries room for this future, idle or not, so it is kept small.
-fn write_all(
-    socket: &mut WebSocket,
-    mut msgs: impl Iterator<Item = Message>,
-) -> impl Future<Output = Option<Result<(), axum::Error>>> {
-    use std::task::Poll;
-    let mut held: Option<Message> = None;
+/// Writes everything the socket has queued, under [`SEND_TIMEOUT`];
+/// `None` when it timed out. The timer is made (boxed) only once a write
+/// has to wait: every connection's task carries room for this future,
+/// idle or not, so it is kept small.
+fn write_all(socket: &mut Socket) -> impl Future<Output = Option<std::io::Result<()>>> {
     let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let mut wait = move |cx: &mut std::task::Context<'_>| {
-        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(SEND_TIMEOUT)));
-        timer.as_mut().poll(cx).map(|()| None)
-    };
-    std::future::poll_fn(move |cx| {
-        while let Some(msg) = held.take().or_else(|| msgs.next()) {
-            match std::pin::Pin::new(&mut *socket).poll_ready(cx) {
-                Poll::Ready(Ok(())) => {
-                    if let Err(e) = std::pin::Pin::new(&mut *socket).start_send(msg) {
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Pending => {
-                    held = Some(msg);
-                    return wait(cx);
-                }
-            }
-        }
-        match std::pin::Pin::new(&mut *socket).poll_flush(cx) {
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-            Poll::Pending => wait(cx),
+    std::future::poll_fn(move |cx| match socket.poll_flush(cx) {
+        std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+        std::task::Poll::Pending => {
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(SEND_TIMEOUT)));
+            timer.as_mut().poll(cx).map(|()| None)
         }
     })
 }
 
 /// Sends a close frame and waits briefly for the peer's answer.
-async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    if send_frame(socket, Message::Close(Some(frame))).await {
+async fn close(socket: &mut Socket, code: u16, reason: &'static str) {
+    socket.queue_close(code, reason);
+    if flushed(socket).await {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            while let Some(Ok(_)) = socket.recv().await {}
+            while let Ok(msg) = socket.recv().await {
+                if let Message::Close = msg {
+                    break;
+                }
+            }
         })
         .await;
     }

@@ -49,3 +49,4 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod weather;
+pub mod websocket;

@@ -236,6 +236,13 @@ pub(crate) struct LimitedStream {
     _permit: OwnedSemaphorePermit,
 }
 
+impl LimitedStream {
+    /// The socket and its permit, for a connection upgraded to WebSocket.
+    pub(crate) fn into_parts(self) -> (TcpStream, OwnedSemaphorePermit) {
+        (self.stream, self._permit)
+    }
+}
+
 impl AsyncRead for LimitedStream {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -229,6 +229,15 @@ pub struct Metrics {
     pub outbound_queued: Gauge,
     /// Connections closed as slow consumers (1013).
     pub slow_consumers: Counter,
+    /// Connections that agreed to permessage-deflate.
+    pub compressed_connections: Counter,
+    /// Messages compressed: a broadcast counts once, however many
+    /// compressed connections receive it.
+    pub compressed_messages: Counter,
+    /// Bytes given to the compressor.
+    pub compression_in_bytes: Counter,
+    /// Bytes it gave back (frame payloads).
+    pub compression_out_bytes: Counter,
     events: Family<EventLabels, Counter>,
     /// Events waiting for a router worker now.
     pub router_queue_depth: Gauge,
@@ -614,6 +623,30 @@ impl Metrics {
             "Connections closed for not reading fast enough",
             slow_consumers.clone(),
         );
+        let compressed_connections = Counter::default();
+        reg.register(
+            "compressed_connections",
+            "WebSocket connections that agreed to permessage-deflate",
+            compressed_connections.clone(),
+        );
+        let compressed_messages = Counter::default();
+        reg.register(
+            "compressed_messages",
+            "Messages compressed (a broadcast once, whatever its recipients)",
+            compressed_messages.clone(),
+        );
+        let compression_in_bytes = Counter::default();
+        reg.register(
+            "compression_in_bytes",
+            "Bytes of messages compressed",
+            compression_in_bytes.clone(),
+        );
+        let compression_out_bytes = Counter::default();
+        reg.register(
+            "compression_out_bytes",
+            "Bytes those messages compressed to",
+            compression_out_bytes.clone(),
+        );
         let events = Family::<EventLabels, Counter>::default();
         reg.register("events", "Events by name and outcome", events.clone());
         let router_queue_depth = Gauge::default();
@@ -667,6 +700,10 @@ impl Metrics {
             outbound_dropped,
             outbound_queued,
             slow_consumers,
+            compressed_connections,
+            compressed_messages,
+            compression_in_bytes,
+            compression_out_bytes,
             events,
             router_queue_depth,
             router_queue_alerts,

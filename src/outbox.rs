@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
+use crate::websocket::Prepared;
 use tokio::sync::Notify;
 
 use crate::config::SlowConsumer;
@@ -33,7 +33,7 @@ pub const KEEP_CAPACITY: usize = 16;
 pub struct Outgoing {
     /// The encoded message, shared (not copied) with every other
     /// recipient of the same push.
-    pub text: Utf8Bytes,
+    pub text: Prepared,
     /// A reply is owed to the client and is never dropped.
     pub reply: bool,
 }
@@ -86,7 +86,7 @@ impl Outbox {
 
     /// Queues a message without waiting. Returns false when it was not
     /// queued (connection closed or judged too slow).
-    pub fn push(&self, text: Utf8Bytes, reply: bool) -> bool {
+    pub fn push(&self, text: Prepared, reply: bool) -> bool {
         let mut st = self.lock();
         if st.closed || st.overflowed {
             return false;

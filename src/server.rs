@@ -15,8 +15,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::connect_info::ConnectInfo;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -27,12 +25,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::broadcast::{Backplane, Hub, LocalOnly};
 use crate::cluster::{Cluster, RedisBackplane};
-use crate::config::Config;
+use crate::config::{Compression, Config};
 use crate::identity::{self, Verifier};
 use crate::metrics::Metrics;
 use crate::router::{Registry, Router};
 use crate::store::{self, Db, RequestLog, StoreError};
 use crate::weather::{self, Weather};
+use crate::websocket::{Limits, Upgrade, UpgradeError};
 
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -509,7 +508,7 @@ async fn ws_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, UpgradeError>,
 ) -> Response {
     accept(app, peer, headers, uri, ws, Mode::Protocol)
 }
@@ -519,7 +518,7 @@ async fn echo_upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: Uri,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, UpgradeError>,
 ) -> Response {
     accept(app, peer, headers, uri, ws, Mode::Echo)
 }
@@ -531,7 +530,7 @@ fn accept(
     peer: SocketAddr,
     headers: HeaderMap,
     uri: Uri,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, UpgradeError>,
     mode: Mode,
 ) -> Response {
     let ws = match ws {
@@ -542,9 +541,8 @@ fn accept(
                 [(header::UPGRADE, "websocket")],
                 format!(
                     "{} is a WebSocket endpoint: connect with a WebSocket client \
-                     (e.g. `gale client ws://HOST:PORT/ws`). {}\n",
+                     (e.g. `gale client ws://HOST:PORT/ws`). {rejection}.\n",
                     uri.path(),
-                    rejection.body_text()
                 ),
             )
                 .into_response();
@@ -581,31 +579,24 @@ fn accept(
     // connection that is between the 101 response and its task.
     let tracked = app.tracker.token();
     let s = &app.config.server;
-    ws.read_buffer_size(s.read_buffer_bytes)
-        .write_buffer_size(s.write_buffer_bytes)
-        // Room for one frame of the largest outbound message (header at
-        // most 14 bytes) on top of what is gathered before a write: every
-        // message the server accepts to send can always be written. /echo
-        // sends back what it accepted, up to max_message_bytes.
-        .max_write_buffer_size(
-            s.write_buffer_bytes + s.max_outbound_message_bytes.max(s.max_message_bytes) + 14,
-        )
-        .max_message_size(s.max_message_bytes)
-        .max_frame_size(s.max_message_bytes)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            // Boxed once, here: every async fn the socket passes through
-            // would otherwise keep it inline, twice (as argument and as
-            // local), in the connection's task (368 bytes each time).
-            let socket = Box::new(socket);
-            async move {
-                match mode {
-                    Mode::Protocol => crate::connection::serve(app, socket, who, address).await,
-                    Mode::Echo => crate::connection::echo(app, socket).await,
-                }
-                drop(tracked);
+    let limits = Limits {
+        max_message: s.max_message_bytes,
+        read_buffer: s.read_buffer_bytes,
+        compress_min: s.compression_min_bytes,
+    };
+    let compression = s.compression == Compression::Deflate;
+    ws.on_upgrade(compression, limits, app.metrics.clone(), move |socket| {
+        // Boxed once, here: every async fn the socket passes through
+        // would otherwise keep it inline in the connection's task.
+        let socket = Box::new(socket);
+        async move {
+            match mode {
+                Mode::Protocol => crate::connection::serve(app, socket, who, address).await,
+                Mode::Echo => crate::connection::echo(app, socket).await,
             }
-        })
+            drop(tracked);
+        }
+    })
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::websocket::Utf8Bytes;
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::websocket::Prepared;
 use futures_util::StreamExt;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
@@ -138,12 +138,12 @@ impl RedisBackplane {
         self.interest.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send(&self, channel: String, text: &Utf8Bytes) {
+    fn send(&self, channel: String, text: &Prepared) {
         let node = self.cluster.node_id.as_bytes();
         let mut payload = Vec::with_capacity(node.len() + 1 + text.len());
         payload.extend_from_slice(node);
         payload.push(b'\n');
-        payload.extend_from_slice(text.as_bytes());
+        payload.extend_from_slice(text.as_str().as_bytes());
         if self.out.try_send(Outgoing { channel, payload }).is_err() {
             self.cluster.metrics.lost(LostReason::QueueFull).inc();
         }
@@ -151,7 +151,7 @@ impl RedisBackplane {
 }
 
 impl Backplane for RedisBackplane {
-    fn forward(&self, target: &Target, text: &Utf8Bytes) {
+    fn forward(&self, target: &Target, text: &Prepared) {
         match target {
             Target::Everyone => self.send(self.everyone(), text),
             Target::Topic(t) => self.send(self.cluster.key(&["t", t]), text),
@@ -421,7 +421,7 @@ fn deliver(bp: &RedisBackplane, hub: &Hub, channel: &str, payload: &[u8]) {
         return;
     };
     bp.cluster.metrics.received.inc();
-    hub.deliver_remote(&target, &Utf8Bytes::from(text.to_owned()));
+    hub.deliver_remote(&target, &Prepared::new(text));
 }
 
 /// Applies the interest changes reported since the last call.

@@ -1,0 +1,520 @@
+//! gale's own WebSocket layer (RFC 6455, with RFC 7692 compression):
+//! the handshake, the frame codec, and a socket that reads into a buffer
+//! only while bytes are arriving and writes whole queues of frames with
+//! one vectored write.
+//!
+//! Why not a library's socket: a broadcast is framed once ([`Prepared`])
+//! and the same bytes are written to every recipient, with no copy per
+//! recipient into a per-connection buffer; an idle connection holds no
+//! read or write buffer at all; and permessage-deflate compresses a
+//! broadcast once, not once per recipient. tungstenite (behind axum's
+//! socket) copies each message into each connection's buffer and has no
+//! compression. Conformance is held by the Autobahn suite
+//! (`scripts/autobahn.sh`), cases 1 to 13.
+
+pub mod deflate;
+pub mod frame;
+mod handshake;
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::metrics::Metrics;
+
+pub use handshake::{Upgrade, UpgradeError};
+pub use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use deflate::Agreed;
+use frame::{FrameError, Opcode};
+
+/// RFC 6455 close codes the server sends.
+pub(crate) mod close_code {
+    pub(crate) const GOING_AWAY: u16 = 1001;
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
+    pub(crate) const INVALID_PAYLOAD: u16 = 1007;
+    pub(crate) const TOO_BIG: u16 = 1009;
+    pub(crate) const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// Frames a socket keeps queued at most; past it a pong is skipped
+/// (RFC 6455 §5.5.3 allows answering only the latest ping), so a client
+/// that floods pings and never reads cannot grow the queue.
+const MAX_QUEUED_FRAMES: usize = 1024;
+
+/// Slices handed to one `writev`.
+const MAX_SLICES: usize = 64;
+
+/// Queue slots an emptied write queue may keep.
+const KEEP_SLOTS: usize = 16;
+
+/// A message received.
+#[derive(Debug)]
+pub enum Message {
+    /// A whole text message, UTF-8 checked.
+    Text(Utf8Bytes),
+    /// A whole binary message.
+    Binary(Bytes),
+    /// A ping; its pong is queued already.
+    Ping,
+    /// A pong.
+    Pong,
+    /// The peer's close frame; the answer is queued unless the server
+    /// sent its own close first.
+    Close,
+}
+
+/// Why reading ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The peer closed the TCP connection.
+    #[error("connection closed")]
+    Closed,
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The peer broke the protocol: close with this code.
+    #[error("{1}")]
+    Violation(u16, &'static str),
+}
+
+impl From<FrameError> for Error {
+    fn from(e: FrameError) -> Error {
+        Error::Violation(
+            close_code::PROTOCOL_ERROR,
+            match e {
+                FrameError::ReservedBits => "reserved bits set",
+                FrameError::UnknownOpcode => "unknown opcode",
+                FrameError::FragmentedControl => "fragmented control frame",
+                FrameError::ControlTooLong => "control frame too long",
+                FrameError::Unmasked => "client frames must be masked",
+                FrameError::LengthEncoding => "bad payload length",
+            },
+        )
+    }
+}
+
+/// Per-socket limits and choices, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest message accepted, whole or inflated.
+    pub max_message: usize,
+    /// Bytes asked of the kernel per read.
+    pub read_buffer: usize,
+    /// Messages shorter than this go out uncompressed.
+    pub compress_min: usize,
+}
+
+/// A text message framed once, written as the same bytes to every
+/// recipient (gorilla's `PreparedMessage`). Its compressed frame is made
+/// the first time a recipient with permessage-deflate needs it, once.
+#[derive(Debug, Clone)]
+pub struct Prepared(Arc<PreparedInner>);
+
+#[derive(Debug)]
+struct PreparedInner {
+    frame: Bytes,
+    text: Utf8Bytes,
+    deflated: OnceLock<Bytes>,
+}
+
+impl Prepared {
+    /// Frames `text`.
+    pub fn new(text: &str) -> Prepared {
+        let frame = frame::encode(Opcode::Text, false, text.as_bytes());
+        let payload = frame.slice(frame::header_len(text.len())..);
+        // Valid by construction; checked again rather than assumed.
+        let text = Utf8Bytes::try_from(payload).unwrap_or_default();
+        Prepared(Arc::new(PreparedInner {
+            frame,
+            text,
+            deflated: OnceLock::new(),
+        }))
+    }
+
+    /// The message.
+    pub fn as_str(&self) -> &str {
+        self.0.text.as_str()
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.text.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The frame for a socket, compressed when the socket agreed to it.
+    fn frame_for(&self, deflate: Option<Agreed>, min: usize, metrics: &Metrics) -> Bytes {
+        match deflate {
+            Some(a) if self.len() >= min && a.server_window_bits == deflate::MAX_WINDOW_BITS => {
+                self.0
+                    .deflated
+                    .get_or_init(|| compress(metrics, Opcode::Text, self.as_str().as_bytes(), a))
+                    .clone()
+            }
+            // A smaller window cannot share the common compressed frame.
+            Some(a) if self.len() >= min => {
+                compress(metrics, Opcode::Text, self.as_str().as_bytes(), a)
+            }
+            _ => self.0.frame.clone(),
+        }
+    }
+}
+
+impl From<String> for Prepared {
+    fn from(text: String) -> Prepared {
+        Prepared::new(&text)
+    }
+}
+
+impl From<&str> for Prepared {
+    fn from(text: &str) -> Prepared {
+        Prepared::new(text)
+    }
+}
+
+/// One compressed frame, counted.
+fn compress(metrics: &Metrics, opcode: Opcode, payload: &[u8], agreed: Agreed) -> Bytes {
+    let frame = deflate::compress_frame(opcode, payload, agreed.server_window_bits);
+    metrics.compressed_messages.inc();
+    metrics.compression_in_bytes.inc_by(payload.len() as u64);
+    let header = frame::parse_header(&frame, true).ok().flatten();
+    let payload_len = header.map_or(frame.len(), |h| frame.len() - h.header_len);
+    metrics.compression_out_bytes.inc_by(payload_len as u64);
+    frame
+}
+
+/// A message arriving in fragments.
+struct Partial {
+    opcode: Opcode,
+    compressed: bool,
+    data: BytesMut,
+    /// Bytes of `data` known to be valid UTF-8 so far (text only).
+    valid: usize,
+}
+
+/// One upgraded WebSocket connection.
+pub struct Socket {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed. Released whenever it is empty, so
+    /// an idle connection holds no read buffer.
+    read: BytesMut,
+    partial: Option<Partial>,
+    /// Whole frames waiting to be written; the front may be partly
+    /// written already (advanced).
+    out: VecDeque<Bytes>,
+    deflate: Option<Agreed>,
+    limits: Limits,
+    /// The server's close frame is queued or sent.
+    sent_close: bool,
+    metrics: Arc<Metrics>,
+    /// The listener's permit: the connection counts against
+    /// `server.max_connections` until the socket is dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("deflate", &self.deflate)
+            .field("queued", &self.out.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Socket {
+    pub(crate) fn new(
+        stream: TcpStream,
+        read: Bytes,
+        deflate: Option<Agreed>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        permit: OwnedSemaphorePermit,
+    ) -> Socket {
+        if deflate.is_some() {
+            metrics.compressed_connections.inc();
+        }
+        Socket {
+            stream,
+            read: BytesMut::from(&read[..]),
+            partial: None,
+            out: VecDeque::new(),
+            deflate,
+            limits,
+            sent_close: false,
+            metrics,
+            _permit: permit,
+        }
+    }
+
+    /// Whether permessage-deflate was agreed.
+    pub fn compressed(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// The next message. Cancel-safe: all state lives in the socket.
+    pub async fn recv(&mut self) -> Result<Message, Error> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Message, Error>> {
+        loop {
+            if let Some(msg) = self.parse()? {
+                return Poll::Ready(Ok(msg));
+            }
+            if self.read.is_empty() && self.read.capacity() > 0 {
+                self.read = BytesMut::new();
+            }
+            ready!(self.stream.poll_read_ready(cx))?;
+            if self.read.capacity() - self.read.len() < self.limits.read_buffer {
+                self.read.reserve(self.limits.read_buffer);
+            }
+            match self.stream.try_read_buf(&mut self.read) {
+                Ok(0) => return Poll::Ready(Err(Error::Closed)),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    }
+
+    /// Takes one whole message (or control frame) out of the read buffer.
+    fn parse(&mut self) -> Result<Option<Message>, Error> {
+        loop {
+            let Some(h) = frame::parse_header(&self.read, self.deflate.is_some())? else {
+                return Ok(None);
+            };
+            let Some(mask) = h.mask else {
+                return Err(FrameError::Unmasked.into());
+            };
+            let so_far = self.partial.as_ref().map_or(0, |p| p.data.len());
+            if !h.opcode.is_control()
+                && h.len > (self.limits.max_message - so_far.min(self.limits.max_message)) as u64
+            {
+                return Err(Error::Violation(close_code::TOO_BIG, "message too big"));
+            }
+            let need = h.header_len + h.len as usize;
+            if self.read.len() < need {
+                self.read.reserve(need - self.read.len());
+                return Ok(None);
+            }
+            self.read.advance(h.header_len);
+            let mut payload = self.read.split_to(h.len as usize);
+            frame::apply_mask(&mut payload, mask, 0);
+            match h.opcode {
+                Opcode::Ping => {
+                    if self.out.len() < MAX_QUEUED_FRAMES && !self.sent_close {
+                        self.out
+                            .push_back(frame::encode(Opcode::Pong, false, &payload));
+                    }
+                    return Ok(Some(Message::Ping));
+                }
+                Opcode::Pong => return Ok(Some(Message::Pong)),
+                Opcode::Close => {
+                    let code = frame::parse_close(&payload).map_err(|e| match e {
+                        frame::CloseError::Reason => Error::Violation(
+                            close_code::INVALID_PAYLOAD,
+                            "close reason is not UTF-8",
+                        ),
+                        _ => Error::Violation(close_code::PROTOCOL_ERROR, "invalid close frame"),
+                    })?;
+                    if !self.sent_close {
+                        self.sent_close = true;
+                        let answer = code
+                            .map(|c| frame::close_payload(c, ""))
+                            .unwrap_or_default();
+                        self.out
+                            .push_back(frame::encode(Opcode::Close, false, &answer));
+                    }
+                    return Ok(Some(Message::Close));
+                }
+                Opcode::Text | Opcode::Binary => {
+                    if self.partial.is_some() {
+                        return Err(Error::Violation(
+                            close_code::PROTOCOL_ERROR,
+                            "new message before the last one ended",
+                        ));
+                    }
+                    let mut p = Partial {
+                        opcode: h.opcode,
+                        compressed: h.compressed,
+                        data: payload,
+                        valid: 0,
+                    };
+                    if h.fin {
+                        return self.finish(p).map(Some);
+                    }
+                    check_utf8(&mut p)?;
+                    self.partial = Some(p);
+                }
+                Opcode::Continuation => {
+                    let Some(mut p) = self.partial.take() else {
+                        return Err(Error::Violation(
+                            close_code::PROTOCOL_ERROR,
+                            "continuation with no message",
+                        ));
+                    };
+                    p.data.extend_from_slice(&payload);
+                    if h.fin {
+                        return self.finish(p).map(Some);
+                    }
+                    check_utf8(&mut p)?;
+                    self.partial = Some(p);
+                }
+            }
+        }
+    }
+
+    fn finish(&self, p: Partial) -> Result<Message, Error> {
+        let data = if p.compressed {
+            Bytes::from(
+                deflate::decompress(&p.data, self.limits.max_message).map_err(|e| match e {
+                    deflate::InflateError::TooBig => {
+                        Error::Violation(close_code::TOO_BIG, "message too big")
+                    }
+                    deflate::InflateError::Corrupt => {
+                        Error::Violation(close_code::INVALID_PAYLOAD, "invalid compressed data")
+                    }
+                })?,
+            )
+        } else {
+            p.data.freeze()
+        };
+        Ok(match p.opcode {
+            Opcode::Text => Message::Text(Utf8Bytes::try_from(data).map_err(|_| {
+                Error::Violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in text")
+            })?),
+            _ => Message::Binary(data),
+        })
+    }
+
+    /// Queues a text message, compressed when agreed and long enough.
+    pub fn queue_text(&mut self, text: &str) {
+        self.queue_data(Opcode::Text, text.as_bytes());
+    }
+
+    /// Queues a binary message, compressed when agreed and long enough.
+    pub fn queue_binary(&mut self, data: &[u8]) {
+        self.queue_data(Opcode::Binary, data);
+    }
+
+    fn queue_data(&mut self, opcode: Opcode, data: &[u8]) {
+        let frame = match self.deflate {
+            Some(a) if data.len() >= self.limits.compress_min => {
+                compress(&self.metrics, opcode, data, a)
+            }
+            _ => frame::encode(opcode, false, data),
+        };
+        self.out.push_back(frame);
+    }
+
+    /// Queues a prepared message: the shared frame, no copy.
+    pub fn queue_prepared(&mut self, msg: &Prepared) {
+        let frame = msg.frame_for(self.deflate, self.limits.compress_min, &self.metrics);
+        self.out.push_back(frame);
+    }
+
+    /// Queues a ping.
+    pub fn queue_ping(&mut self) {
+        self.out.push_back(frame::encode(Opcode::Ping, false, &[]));
+    }
+
+    /// Queues the server's close frame (once).
+    pub fn queue_close(&mut self, code: u16, reason: &str) {
+        if !self.sent_close {
+            self.sent_close = true;
+            self.out.push_back(frame::encode(
+                Opcode::Close,
+                false,
+                &frame::close_payload(code, reason),
+            ));
+        }
+    }
+
+    /// Whether frames wait to be written.
+    pub fn has_queued(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Writes every queued frame: as many as fit in one vectored write at
+    /// a time. Cancel-safe.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.write_some() {
+                Ok(()) if self.out.is_empty() => {
+                    if self.out.capacity() > KEEP_SLOTS {
+                        self.out = VecDeque::new();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.stream.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// One vectored write of the front of the queue.
+    fn write_some(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut n = 0;
+        for (slot, frame) in slices.iter_mut().zip(&self.out) {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        let mut wrote = self.stream.try_write_vectored(&slices[..n])?;
+        if wrote == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while let Some(front) = self.out.front_mut() {
+            if wrote < front.len() {
+                front.advance(wrote);
+                break;
+            }
+            wrote -= front.len();
+            self.out.pop_front();
+            if wrote == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes what is queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+}
+
+/// Fails a fragmented text message as soon as its bytes cannot be UTF-8,
+/// rather than at its end. Compressed messages are checked once inflated.
+fn check_utf8(p: &mut Partial) -> Result<(), Error> {
+    if p.opcode != Opcode::Text || p.compressed {
+        return Ok(());
+    }
+    match std::str::from_utf8(&p.data[p.valid..]) {
+        Ok(_) => p.valid = p.data.len(),
+        Err(e) if e.error_len().is_some() => {
+            return Err(Error::Violation(
+                close_code::INVALID_PAYLOAD,
+                "invalid UTF-8 in text",
+            ));
+        }
+        Err(e) => p.valid += e.valid_up_to(),
+    }
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! permessage-deflate (RFC 7692) against the real server, with a raw
+//! client written here from the RFC: the handshake offer, masked and
+//! compressed frames out, compressed frames in. (tungstenite, the
+//! library client the other tests use, has no compression.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::{WAIT, publish, start_with};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const API_KEY: &str = "publish-key-0123456789";
+const TAIL: [u8; 4] = [0, 0, 0xFF, 0xFF];
+
+/// A frame as received.
+#[derive(Debug)]
+struct Frame {
+    compressed: bool,
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The message's text, inflated if it was compressed.
+    fn text(&self) -> String {
+        let bytes = if self.compressed {
+            inflate(&self.payload)
+        } else {
+            self.payload.clone()
+        };
+        String::from_utf8(bytes).expect("UTF-8")
+    }
+
+    fn close_code(&self) -> u16 {
+        assert_eq!(self.opcode, 8, "a close frame: {self:?}");
+        u16::from_be_bytes([self.payload[0], self.payload[1]])
+    }
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = Compress::new(Compression::default(), false);
+    let mut out = Vec::with_capacity(data.len() + 64);
+    c.compress_vec(data, &mut out, FlushCompress::Sync)
+        .expect("compress");
+    assert!(out.ends_with(&TAIL));
+    out.truncate(out.len() - 4);
+    out
+}
+
+fn inflate(data: &[u8]) -> Vec<u8> {
+    let mut d = Decompress::new(false);
+    let mut input = data.to_vec();
+    input.extend_from_slice(&TAIL);
+    let mut out = Vec::with_capacity(1 << 20);
+    d.decompress_vec(&input, &mut out, FlushDecompress::Sync)
+        .expect("inflate");
+    out
+}
+
+/// A client speaking raw RFC 6455 frames.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// The server's `Sec-WebSocket-Extensions`, if any.
+    extensions: Option<String>,
+}
+
+impl Raw {
+    async fn connect(addr: std::net::SocketAddr, path: &str, offer: Option<&str>) -> Raw {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let offer = offer
+            .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0; 1024];
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .expect("in time")
+                .expect("read");
+            assert!(n > 0, "closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8(buf[..end].to_vec()).expect("head");
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(
+            head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "{head}"
+        );
+        let extensions = head
+            .lines()
+            .find_map(|l| l.strip_prefix("sec-websocket-extensions: "))
+            .map(str::to_owned);
+        Raw {
+            stream,
+            buf: buf[end..].to_vec(),
+            extensions,
+        }
+    }
+
+    /// Sends one masked frame.
+    async fn frame(&mut self, fin: bool, rsv1: bool, opcode: u8, payload: &[u8]) {
+        let mut f = vec![(u8::from(fin) << 7) | (u8::from(rsv1) << 6) | opcode];
+        match payload.len() {
+            n @ 0..=125 => f.push(0x80 | n as u8),
+            n @ 126..=65535 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        self.stream.write_all(&f).await.expect("write");
+    }
+
+    async fn text(&mut self, text: &str) {
+        self.frame(true, false, 1, text.as_bytes()).await;
+    }
+
+    async fn compressed_text(&mut self, text: &str) {
+        self.frame(true, true, 1, &deflate(text.as_bytes())).await;
+    }
+
+    /// The next whole frame from the server (which never masks).
+    async fn next(&mut self) -> Frame {
+        loop {
+            if self.buf.len() >= 2 {
+                let (b0, b1) = (self.buf[0], self.buf[1]);
+                assert_eq!(b1 & 0x80, 0, "server frames are not masked");
+                let (len, at) = match b1 & 0x7F {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => {
+                        let mut be = [0; 8];
+                        be.copy_from_slice(&self.buf[2..10]);
+                        (u64::from_be_bytes(be) as usize, 10)
+                    }
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n as usize, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= at + len {
+                    assert!(b0 & 0x80 != 0, "the server sends whole messages");
+                    let payload = self.buf[at..at + len].to_vec();
+                    self.buf.drain(..at + len);
+                    return Frame {
+                        compressed: b0 & 0x40 != 0,
+                        opcode: b0 & 0x0F,
+                        payload,
+                    };
+                }
+            }
+            let mut chunk = [0; 16384];
+            let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("a frame in time")
+                .expect("read");
+            assert!(n > 0, "closed with no frame");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next text message, skipping the greeting.
+    async fn next_json(&mut self) -> (bool, Value) {
+        loop {
+            let f = self.next().await;
+            assert_eq!(f.opcode, 1, "{f:?}");
+            let v: Value = serde_json::from_str(&f.text()).expect("JSON");
+            if v["type"] != "connected" {
+                return (f.compressed, v);
+            }
+        }
+    }
+}
+
+const AGREED: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// A JSON text of about `n` bytes.
+fn chatty(n: usize) -> String {
+    let item = r#"{"city":"Paris","temperature_c":12.5,"wind_kmh":9.0},"#;
+    let mut s = String::from("[");
+    while s.len() + item.len() < n {
+        s.push_str(item);
+    }
+    s.pop();
+    s.push(']');
+    s
+}
+
+#[tokio::test]
+async fn deflate_is_agreed_and_messages_compress_both_ways() {
+    let server = start_with(|c| c.server.echo = true).await;
+    let mut ws = Raw::connect(
+        server.addr,
+        "/echo",
+        Some("permessage-deflate; client_max_window_bits"),
+    )
+    .await;
+    assert_eq!(ws.extensions.as_deref(), Some(AGREED));
+
+    let big = chatty(2000);
+    // Compressed in, compressed out.
+    ws.compressed_text(&big).await;
+    let f = ws.next().await;
+    assert!(f.compressed, "a long message is compressed");
+    assert!(f.payload.len() < big.len() / 5, "{} bytes", f.payload.len());
+    assert_eq!(f.text(), big);
+    // Plain in (per-message: a client may send either), compressed out.
+    ws.text(&big).await;
+    assert_eq!(ws.next().await.text(), big);
+    // Short messages go out as they are.
+    ws.compressed_text("hello").await;
+    let f = ws.next().await;
+    assert!(!f.compressed);
+    assert_eq!(f.text(), "hello");
+    // A compressed message in three fragments: RSV1 on the first only.
+    let packed = deflate(big.as_bytes());
+    let (a, rest) = packed.split_at(packed.len() / 3);
+    let (b, c) = rest.split_at(rest.len() / 2);
+    ws.frame(false, true, 1, a).await;
+    ws.frame(true, false, 9, b"ping between fragments").await;
+    ws.frame(false, false, 0, b).await;
+    ws.frame(true, false, 0, c).await;
+    let pong = ws.next().await;
+    assert_eq!(
+        (pong.opcode, pong.payload.as_slice()),
+        (10, &b"ping between fragments"[..])
+    );
+    assert_eq!(ws.next().await.text(), big);
+
+    assert!(server.sample("gale_compressed_connections_total").await >= 1.0);
+    assert!(server.sample("gale_compressed_messages_total").await >= 2.0);
+    let (into, out) = (
+        server.sample("gale_compression_in_bytes_total").await,
+        server.sample("gale_compression_out_bytes_total").await,
+    );
+    assert!(out > 0.0 && out < into / 5.0, "{out} of {into}");
+}
+
+#[tokio::test]
+async fn a_window_the_client_limits_is_respected_and_an_unknown_offer_declined() {
+    let server = start_with(|c| c.server.echo = true).await;
+    // The first offer has a parameter the server does not know: declined,
+    // and the second one taken.
+    let mut ws = Raw::connect(
+        server.addr,
+        "/echo",
+        Some("permessage-deflate; x_unknown, permessage-deflate; server_max_window_bits=10"),
+    )
+    .await;
+    assert_eq!(
+        ws.extensions.as_deref(),
+        Some(format!("{AGREED}; server_max_window_bits=10").as_str())
+    );
+    let big = chatty(5000);
+    ws.text(&big).await;
+    let f = ws.next().await;
+    assert!(f.compressed);
+    // A 10-bit inflater reads it: no match reaches further back.
+    let mut d = Decompress::new_with_window_bits(false, 10);
+    let mut input = f.payload.clone();
+    input.extend_from_slice(&TAIL);
+    let mut out = Vec::with_capacity(big.len() + 64);
+    d.decompress_vec(&input, &mut out, FlushDecompress::Sync)
+        .expect("inflates with a 1 KiB window");
+    assert_eq!(out, big.as_bytes());
+
+    let none = Raw::connect(server.addr, "/echo", Some("x-webkit-deflate-frame")).await;
+    assert_eq!(none.extensions, None);
+}
+
+#[tokio::test]
+async fn compression_off_agrees_to_nothing_and_rsv1_is_a_protocol_error() {
+    let server = start_with(|c| {
+        c.server.echo = true;
+        c.server.compression = gale::config::Compression::Off;
+    })
+    .await;
+    let mut ws = Raw::connect(server.addr, "/echo", Some("permessage-deflate")).await;
+    assert_eq!(ws.extensions, None);
+    ws.text(&chatty(2000)).await;
+    assert!(!ws.next().await.compressed);
+    ws.compressed_text("hello").await;
+    assert_eq!(ws.next().await.close_code(), 1002);
+}
+
+#[tokio::test]
+async fn a_message_that_inflates_past_the_limit_closes_1009() {
+    let server = start_with(|c| c.server.echo = true).await;
+    let mut ws = Raw::connect(server.addr, "/echo", Some("permessage-deflate")).await;
+    let limit = 131_072;
+    // 2 MiB of zeros deflate to a few KiB: small on the wire, not inside.
+    let bomb = deflate(&vec![b'a'; 16 * limit]);
+    assert!(bomb.len() < limit / 8);
+    ws.frame(true, true, 1, &bomb).await;
+    assert_eq!(ws.next().await.close_code(), 1009);
+    // Garbage that is not deflate at all is refused too, with 1007.
+    let mut ws = Raw::connect(server.addr, "/echo", Some("permessage-deflate")).await;
+    ws.frame(true, true, 1, &[0xFF, 0xFF, 0xFF, 0xFF, 0x12])
+        .await;
+    assert_eq!(ws.next().await.close_code(), 1007);
+}
+
+#[tokio::test]
+async fn a_broadcast_is_compressed_once_for_all_its_compressed_recipients() {
+    let server = start_with(|c| c.api.key = Some(API_KEY.into())).await;
+    let mut compressed = Vec::new();
+    for i in 0..3 {
+        let mut ws = Raw::connect(server.addr, "/ws", Some("permessage-deflate")).await;
+        assert_eq!(ws.extensions.as_deref(), Some(AGREED));
+        let sub =
+            json!({"event": "topic.subscribe", "data": {"topic": "news"}, "ref": i.to_string()});
+        ws.compressed_text(&sub.to_string()).await;
+        let (_, reply) = ws.next_json().await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        compressed.push(ws);
+    }
+    let mut plain = server.client().await;
+    let r = plain
+        .request("topic.subscribe", json!({"topic": "news"}), "p")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    let before = server.sample("gale_compressed_messages_total").await;
+    let data = chatty(1000);
+    let body = json!({"event": "headline", "data": data, "topic": "news"}).to_string();
+    let (status, reached) = publish(&server, Some(API_KEY), &body).await;
+    assert_eq!((status, reached["reached"].as_u64()), (200, Some(4)));
+
+    let expected = plain.next_push().await;
+    assert_eq!(expected["data"], data.as_str());
+    for ws in &mut compressed {
+        let (was_compressed, push) = ws.next_json().await;
+        assert!(was_compressed, "a 1 KB push to a compressed connection");
+        assert_eq!(push, expected);
+    }
+    // One compression served all three.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        server.sample("gale_compressed_messages_total").await - before,
+        1.0
+    );
+}
