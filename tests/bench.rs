@@ -341,6 +341,71 @@ async fn broadcast_spread_over_worker_processes_counts_every_delivery() {
 }
 
 #[tokio::test]
+async fn a_deflate_broadcast_inflates_every_delivery_and_compresses_each_message_once() {
+    let server = start_with(|c| c.api.key = Some(KEY.into())).await;
+    let url = server.ws_url();
+    let json = gale_bench(&[
+        "broadcast",
+        &url,
+        "-n",
+        "12",
+        "--procs",
+        "2",
+        "--messages",
+        "4",
+        "--rate",
+        "0",
+        "--size",
+        "2000",
+        "--api-key",
+        KEY,
+        "--idle-ms",
+        "1000",
+        "--deflate",
+    ])
+    .await;
+    assert_eq!(json["connected"], 12, "{json}");
+    assert_eq!(json["replies"], 48, "12 x 4, every one inflated: {json}");
+    assert_eq!(json["missed deliveries"], 0, "{json}");
+    assert_eq!(
+        server.sample("gale_compressed_connections_total").await,
+        12.0
+    );
+    assert_eq!(
+        server.sample("gale_compressed_messages_total").await,
+        4.0,
+        "each push compressed once for its 12 recipients"
+    );
+}
+
+#[tokio::test]
+async fn deflate_connections_fail_where_the_server_does_not_compress() {
+    let server = start_with(|c| c.server.compression = gale::config::Compression::Off).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_gale"))
+        .args([
+            "bench",
+            "connections",
+            &server.ws_url(),
+            "-n",
+            "3",
+            "--hold",
+            "0",
+            "--deflate",
+            "--json",
+        ])
+        .output()
+        .await
+        .expect("gale runs");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    assert_eq!(json["connected"], 0, "{json}");
+    let errors = json["errors"].to_string();
+    assert!(
+        errors.contains("did not agree to permessage-deflate"),
+        "{json}"
+    );
+}
+
+#[tokio::test]
 async fn echo_mode_matches_every_text_sent_back() {
     let server = start_with(|c| c.server.echo = true).await;
     let url = format!("ws://{}/echo", server.addr);

@@ -14,9 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
+use super::raw::Received;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::{Report, Target, merge, process_cpu, progress, ramp};
@@ -244,7 +243,7 @@ async fn subscriber(
         r.error(e);
         let _ = done.send(());
     };
-    let mut ws = match target.connect(i).await {
+    let mut ws = match target.connect_any(i).await {
         Ok(ws) => ws,
         Err(e) => {
             r.connect_failed = 1;
@@ -254,15 +253,15 @@ async fn subscriber(
     };
     r.connected = 1;
     let sub = json!({"event":"topic.subscribe","data":{"topic":topic},"ref":"sub"}).to_string();
-    if ws.send(Message::text(sub)).await.is_err() {
+    if ws.send_text(sub).await.is_err() {
         settle(&mut r, "send failed");
         return r;
     }
     // Until the subscription is confirmed, every text is parsed; after it,
     // deliveries are recognised by their `sent_us` without a full parse.
     let confirmed = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(Ok(m)) = ws.next().await {
-            if let Message::Text(t) = m {
+        while let Ok(m) = ws.next().await {
+            if let Received::Text(t) = m {
                 let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
                 if v["reply"] == "sub" {
                     return v["ok"] == true;
@@ -284,7 +283,7 @@ async fn subscriber(
             () = drain.cancelled() => break,
         };
         match m {
-            Some(Ok(Message::Text(t))) => {
+            Ok(Received::Text(t)) => {
                 let Some(sent) = sent_us(&t) else { continue };
                 let now = now_us();
                 r.replies += 1;
@@ -292,25 +291,18 @@ async fn subscriber(
                 live.deliveries.fetch_add(1, Ordering::Relaxed);
                 live.last_us.fetch_max(now, Ordering::Relaxed);
             }
-            Some(Ok(Message::Close(f))) => {
-                r.error(format!(
-                    "closed {}",
-                    f.map(|f| u16::from(f.code)).unwrap_or(1005)
-                ));
+            Ok(Received::Closed(code)) => {
+                r.error(format!("closed {code}"));
                 return r;
             }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                r.error(format!("read: {e}"));
-                return r;
-            }
-            None => {
-                r.error("connection ended");
+            Ok(Received::Other) => {}
+            Err(e) => {
+                r.error(e);
                 return r;
             }
         }
     }
-    let _ = ws.close(None).await;
+    ws.close().await;
     r
 }
 

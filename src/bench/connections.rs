@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{Report, Target, Ws, process_cpu, progress, ramp, server_rss};
+use super::raw::Conn;
+use super::{Report, Target, process_cpu, progress, ramp, server_rss};
 
 /// Runs `connections`: opens `n` at `rate` per second, holds them for
 /// `hold`, reports connect-time percentiles and, when the server's memory
@@ -72,14 +73,14 @@ async fn open(
     rate: u32,
     stop: &CancellationToken,
     bar: Option<&indicatif::ProgressBar>,
-) -> (Report, Vec<Ws>) {
+) -> (Report, Vec<Conn>) {
     let target = Arc::new(target);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Result<Ws, String>, Duration)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Result<Conn, String>, Duration)>();
     ramp(n, rate, stop, |i| {
         let (target, tx) = (target.clone(), tx.clone());
         async move {
             let t = Instant::now();
-            let res = tokio::time::timeout(Duration::from_secs(30), target.connect(i))
+            let res = tokio::time::timeout(Duration::from_secs(30), target.connect_any(i))
                 .await
                 .unwrap_or_else(|_| Err("connect timeout".into()));
             let _ = tx.send((res, t.elapsed()));

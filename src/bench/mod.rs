@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub mod broadcast;
 pub mod connections;
 pub mod procs;
+mod raw;
 pub mod requests;
 pub mod store;
 
@@ -44,6 +45,8 @@ pub struct Target {
     /// Offset of this process's first source address (worker processes
     /// take disjoint blocks).
     first_source: u8,
+    /// Offer permessage-deflate (and require it).
+    deflate: bool,
 }
 
 impl Target {
@@ -73,12 +76,20 @@ impl Target {
             addr: SocketAddr::new(IpAddr::V4(ip), port),
             sources: sources.max(1),
             first_source: 0,
+            deflate: false,
         })
     }
 
     /// The server's address, for reading its metrics.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections that offer permessage-deflate and fail if the server
+    /// does not agree.
+    pub fn with_deflate(mut self, on: bool) -> Target {
+        self.deflate = on;
+        self
     }
 
     /// This target for worker `index` of a multi-process run: its own
@@ -91,6 +102,26 @@ impl Target {
     /// Opens connection number `i` from source address 127.0.0.(2 + i mod
     /// sources), or from any address with one source.
     pub(crate) async fn connect(&self, i: usize) -> Result<Ws, String> {
+        let stream = self.tcp(i).await?;
+        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        Ok(ws)
+    }
+
+    /// As [`Target::connect`], compressed when the target says so.
+    pub(crate) async fn connect_any(&self, i: usize) -> Result<raw::Conn, String> {
+        if self.deflate {
+            let stream = self.tcp(i).await?;
+            return Ok(raw::Conn::Deflate(Box::new(
+                raw::Deflating::handshake(stream, &self.url).await?,
+            )));
+        }
+        Ok(raw::Conn::Plain(Box::new(self.connect(i).await?)))
+    }
+
+    /// The TCP connection for connection number `i`.
+    async fn tcp(&self, i: usize) -> Result<tokio::net::TcpStream, String> {
         let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         if self.sources > 1 || self.first_source > 0 {
             let last = 2_u8
@@ -104,10 +135,7 @@ impl Target {
             .await
             .map_err(|e| format!("connect: {}", e.kind()))?;
         let _ = stream.set_nodelay(true);
-        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        Ok(ws)
+        Ok(stream)
     }
 }
 

@@ -40,6 +40,10 @@ pub struct BenchCommon {
     /// /proc/PID/status instead of gale's /metrics.json.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Offer permessage-deflate and fail any connection the server does
+    /// not agree to compress (connections and broadcast).
+    #[arg(long)]
+    pub deflate: bool,
     /// Internal: run as worker N of a multi-process run.
     #[arg(long, hide = true)]
     pub worker: Option<u8>,
@@ -61,7 +65,7 @@ impl BenchCommon {
         let procs = usize::from(self.procs.max(1));
         let rate = (self.connect_rate / u32::from(self.procs.max(1))).max(1);
         let urls = self.urls();
-        vec![
+        let mut args = vec![
             urls.get(w % urls.len().max(1))
                 .copied()
                 .unwrap_or_default()
@@ -74,7 +78,11 @@ impl BenchCommon {
             self.sources.to_string(),
             "--worker".into(),
             w.to_string(),
-        ]
+        ];
+        if self.deflate {
+            args.push("--deflate".into());
+        }
+        args
     }
 }
 
@@ -362,8 +370,12 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         .iter()
         .map(|u| Target::new(u, common.sources))
         .collect();
+    if common.deflate && matches!(scenario, BenchScenario::Requests { .. }) {
+        eprintln!("gale bench: --deflate applies to connections and broadcast");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let target = match checked.map(|t| t.into_iter().next()) {
-        Ok(Some(t)) => t,
+        Ok(Some(t)) => t.with_deflate(common.deflate),
         Ok(None) => {
             eprintln!("gale bench: no target URL");
             return ExitCode::from(EXIT_CONFIG);
