@@ -325,8 +325,52 @@ fn message(seq: u64, size: usize) -> Value {
     json!({
         "seq": seq,
         "sent_us": now_us(),
-        "padding": "x".repeat(size.saturating_sub(frame)),
+        "padding": padding(seq, size.saturating_sub(frame)),
     })
+}
+
+/// `len` bytes of words drawn pseudo-randomly (from `seed`) from a small
+/// weather vocabulary: text that compresses about as well as real chatty
+/// JSON does (a run of one letter would compress to nearly nothing and
+/// flatter `--deflate`).
+fn padding(seed: u64, len: usize) -> String {
+    const WORDS: [&str; 24] = [
+        "paris",
+        "london",
+        "tokyo",
+        "temperature",
+        "feels_like",
+        "humidity",
+        "wind",
+        "north",
+        "light",
+        "rain",
+        "cloudy",
+        "sunny",
+        "12.5",
+        "81",
+        "7.2",
+        "1013",
+        "gusts",
+        "south",
+        "overcast",
+        "drizzle",
+        "-3.4",
+        "28.9",
+        "visibility",
+        "east",
+    ];
+    let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut out = String::with_capacity(len + 16);
+    while out.len() < len {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        out.push_str(WORDS[(state >> 33) as usize % WORDS.len()]);
+        out.push(' ');
+    }
+    out.truncate(len);
+    out
 }
 
 /// What the publisher did.
@@ -433,5 +477,20 @@ mod tests {
         assert_eq!(sent_us(&text), data["sent_us"].as_u64());
         assert!((1000..=1040).contains(&text.len()), "{}", text.len());
         assert_eq!(sent_us("{\"event\":\"other\"}"), None);
+    }
+
+    #[test]
+    fn padding_compresses_like_text_not_like_a_run_of_one_letter() {
+        let text = crate::protocol::push_json("bench", &message(7, 1024));
+        let frame = crate::websocket::deflate::compress_frame(
+            crate::websocket::frame::Opcode::Text,
+            text.as_bytes(),
+            15,
+        );
+        // Real chatty JSON deflates 2-5 times at level 1; a run of one
+        // letter, 20 times or more.
+        let ratio = text.len() as f64 / frame.len() as f64;
+        assert!((1.5..6.0).contains(&ratio), "{ratio:.1}x");
+        assert_ne!(message(7, 1024)["padding"], message(8, 1024)["padding"]);
     }
 }

@@ -15,7 +15,7 @@ const shots = resolve(here, '../../target/browser');
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 // Readings expire after a second and subscribed cities are re-checked
 // every second, so weather.update pushes arrive within the test.
-const FAST_FEEDS = { GALE_WEATHER__CACHE_TTL_S: '1', GALE_WEATHER__REFRESH_S: '1' };
+const FAST_FEEDS = { GALE_WEATHER__CACHE_TTL_S: '1', GALE_WEATHER__REFRESH_S: '1', GALE_SERVER__ECHO: 'true' };
 
 let upstream;
 let gale;
@@ -107,6 +107,33 @@ test('unsubscribing removes the city, and its updates stop', async () => {
   const settled = await page.locator('#log li').count();
   await new Promise((r) => setTimeout(r, 3_000)); // readings refresh every second
   assert.equal(await page.locator('#log li').count(), settled);
+});
+
+test('the browser agrees to permessage-deflate and reads compressed messages', async () => {
+  const metric = async (name) => {
+    const text = await (await fetch(`${gale.http}/metrics`)).text();
+    const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+    return Number(line?.split(' ')[1]);
+  };
+  const before = await metric('gale_compressed_messages_total');
+  const big = JSON.stringify(Array.from({ length: 100 }, (_, i) => ({ city: `City${i}`, temperature_c: 12.5 })));
+  const got = await page.evaluate(
+    ([url, text]) =>
+      new Promise((resolve, reject) => {
+        const ws = new WebSocket(url);
+        ws.onopen = () => ws.send(text);
+        ws.onmessage = (e) => {
+          resolve({ extensions: ws.extensions, same: e.data === text });
+          ws.close();
+        };
+        ws.onerror = () => reject(new Error('echo socket failed'));
+      }),
+    [`ws://127.0.0.1:${gale.port}/echo`, big],
+  );
+  assert.match(got.extensions, /^permessage-deflate/);
+  assert.equal(got.same, true, 'the compressed echo inflates to what was sent');
+  assert.ok((await metric('gale_compressed_messages_total')) > before, 'the echo went out compressed');
+  assert.ok((await metric('gale_compressed_connections_total')) >= 2, 'the page and the echo socket');
 });
 
 test('no console errors', () => {
