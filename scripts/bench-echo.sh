@@ -10,7 +10,8 @@ n=${1:-1000}
 secs=${2:-10}
 cargo build --release --quiet
 cargo build --release --quiet --manifest-path peers/Cargo.toml
-gale=./target/release/gale
+# GALE_BIN runs another build of gale (e.g. the previous commit's) the same way.
+gale=${GALE_BIN:-./target/release/gale}
 peers=./peers/target/release/gale-peers
 tmp=$(mktemp -d)
 pids=()
