@@ -4,6 +4,7 @@
 //! circuit breaker. Providers behind [`Provider`] only make HTTP calls.
 
 mod breaker;
+pub mod http;
 mod open_meteo;
 mod openweathermap;
 mod provider;
@@ -182,17 +183,13 @@ impl Weather {
     /// # Errors
     /// [`BuildError`] when the HTTP client or a URL cannot be made.
     pub fn from_config(cfg: &WeatherConfig, metrics: Arc<Metrics>) -> Result<Self, BuildError> {
-        // reqwest is built without a default TLS backend; ring builds
-        // faster than aws-lc. Installing twice is harmless (the first wins).
-        let _ = rustls::crypto::ring::default_provider().install_default();
         // The client's own timeout is a backstop: the lookup deadline in
         // `fetch` fires first and is what the client is told.
-        let http = reqwest::Client::builder()
-            .timeout(cfg.timeout() + Duration::from_secs(1))
-            .connect_timeout(cfg.timeout().min(Duration::from_secs(3)))
-            .pool_max_idle_per_host(cfg.max_concurrent)
-            .user_agent(concat!("gale/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = Arc::new(http::Client::new(
+            cfg.timeout() + Duration::from_secs(1),
+            cfg.timeout().min(Duration::from_secs(3)),
+            cfg.max_concurrent,
+        )?);
         let provider: Box<dyn Provider> = match cfg.provider {
             config::Provider::OpenWeatherMap => Box::new(OpenWeatherMap::new(
                 http,

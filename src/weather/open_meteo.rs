@@ -5,12 +5,14 @@
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
-use super::provider::{Provider, Reading, WeatherError, map_reqwest, map_status, read_body};
+use super::http::Client;
+use super::provider::{Provider, Reading, WeatherError, map_status};
+use std::sync::Arc;
 
 /// The Open-Meteo provider.
 #[derive(Debug, Clone)]
 pub struct OpenMeteo {
-    http: reqwest::Client,
+    http: Arc<Client>,
     search: url::Url,
     forecast: url::Url,
     max_body: usize,
@@ -22,7 +24,7 @@ impl OpenMeteo {
     /// # Errors
     /// When a URL does not parse (config validation catches this first).
     pub fn new(
-        http: reqwest::Client,
+        http: Arc<Client>,
         base_url: &str,
         geocoding_url: &str,
         max_body: usize,
@@ -39,14 +41,13 @@ impl OpenMeteo {
     }
 
     async fn get(&self, url: url::Url) -> Result<Vec<u8>, WeatherError> {
-        let resp = self.http.get(url).send().await.map_err(map_reqwest)?;
-        let status = resp.status();
-        if !status.is_success() {
+        let resp = self.http.get(url, self.max_body).await?;
+        if !(200..300).contains(&resp.status) {
             // Open-Meteo answers 400 for coordinates it cannot serve; a
             // 404 from either endpoint is still "not found".
-            return Err(map_status(status));
+            return Err(map_status(resp.status));
         }
-        read_body(resp, self.max_body).await
+        Ok(resp.body)
     }
 
     async fn fetch(&self, city: &str) -> Result<Reading, WeatherError> {

@@ -4,12 +4,14 @@
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
-use super::provider::{Provider, Reading, WeatherError, map_reqwest, map_status, read_body};
+use super::http::Client;
+use super::provider::{Provider, Reading, WeatherError, map_status};
+use std::sync::Arc;
 
 /// The OpenWeatherMap provider.
 #[derive(Debug, Clone)]
 pub struct OpenWeatherMap {
-    http: reqwest::Client,
+    http: Arc<Client>,
     endpoint: url::Url,
     api_key: String,
     max_body: usize,
@@ -21,7 +23,7 @@ impl OpenWeatherMap {
     /// # Errors
     /// When `base_url` is not a URL (config validation catches this first).
     pub fn new(
-        http: reqwest::Client,
+        http: Arc<Client>,
         base_url: &str,
         api_key: String,
         max_body: usize,
@@ -46,13 +48,11 @@ impl OpenWeatherMap {
             .append_pair("q", city)
             .append_pair("appid", &self.api_key)
             .append_pair("units", "metric");
-        let resp = self.http.get(url).send().await.map_err(map_reqwest)?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(map_status(status));
+        let resp = self.http.get(url, self.max_body).await?;
+        if !(200..300).contains(&resp.status) {
+            return Err(map_status(resp.status));
         }
-        let body = read_body(resp, self.max_body).await?;
-        parse(&body)
+        parse(&resp.body)
     }
 }
 

@@ -92,23 +92,6 @@ pub trait Provider: Send + Sync + 'static {
     fn current<'a>(&'a self, city: &'a str) -> BoxFuture<'a, Result<Reading, WeatherError>>;
 }
 
-/// Reads a response body up to `limit` bytes.
-pub(crate) async fn read_body(
-    mut resp: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, WeatherError> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(map_reqwest)? {
-        if body.len() + chunk.len() > limit {
-            return Err(WeatherError::InvalidResponse(format!(
-                "body larger than {limit} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
 /// Maps a transport error to what the client is told.
 pub(crate) fn map_reqwest(e: reqwest::Error) -> WeatherError {
     if e.is_timeout() {
@@ -125,8 +108,8 @@ pub(crate) fn map_reqwest(e: reqwest::Error) -> WeatherError {
 /// Maps a non-success status the seed's way: 404 (and 410) not found,
 /// 401/403/407 bad key, 429 and 408 the upstream's own trouble; any other
 /// 4xx refuses the city name itself; everything else is unavailable.
-pub(crate) fn map_status(status: reqwest::StatusCode) -> WeatherError {
-    match status.as_u16() {
+pub(crate) fn map_status(status: u16) -> WeatherError {
+    match status {
         404 | 410 => WeatherError::NotFound,
         401 | 403 | 407 => WeatherError::BadKey,
         429 => WeatherError::Upstream("rate limited by the weather service (429)".into()),
