@@ -467,16 +467,13 @@ impl Socket {
 
     /// One vectored write of the front of the queue.
     fn write_some(&mut self) -> io::Result<()> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut n = 0;
-        for (slot, frame) in slices.iter_mut().zip(&self.out) {
-            *slot = IoSlice::new(frame);
-            n += 1;
-        }
-        let mut wrote = self.stream.try_write_vectored(&slices[..n])?;
+        let mut wrote = match self.out.len() {
+            0 => return Ok(()),
+            // One frame (a reply): a plain write costs the kernel less
+            // than a one-slice writev.
+            1 => self.stream.try_write(&self.out[0])?,
+            _ => self.write_vectored()?,
+        };
         if wrote == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -492,6 +489,17 @@ impl Socket {
             }
         }
         Ok(())
+    }
+
+    /// One `writev` of up to [`MAX_SLICES`] queued frames.
+    fn write_vectored(&self) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut n = 0;
+        for (slot, frame) in slices.iter_mut().zip(&self.out) {
+            *slot = IoSlice::new(frame);
+            n += 1;
+        }
+        self.stream.try_write_vectored(&slices[..n])
     }
 
     /// Flushes what is queued.
