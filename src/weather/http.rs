@@ -43,6 +43,9 @@ pub(crate) struct Response {
 pub struct Client {
     tls: reqwest::Client,
     plain: Plain,
+    /// `http://` through the lean client; false when a proxy is set in
+    /// the environment (`HTTP_PROXY`, `ALL_PROXY`), which reqwest honours.
+    direct: bool,
     /// The backstop on a whole call (the lookup deadline fires first).
     timeout: Duration,
     connect_timeout: Duration,
@@ -74,6 +77,7 @@ impl Client {
                 idle: Mutex::new(VecDeque::new()),
                 max_idle,
             },
+            direct: !proxied(|k| std::env::var(k).ok()),
             timeout,
             connect_timeout,
         })
@@ -81,7 +85,7 @@ impl Client {
 
     /// `GET url`, reading at most `limit` bytes of body.
     pub(crate) async fn get(&self, url: url::Url, limit: usize) -> Result<Response, WeatherError> {
-        if url.scheme() != "http" {
+        if url.scheme() != "http" || !self.direct {
             return self.get_tls(url, limit).await;
         }
         match tokio::time::timeout(
@@ -109,6 +113,14 @@ impl Client {
         }
         Ok(Response { status, body })
     }
+}
+
+/// Whether the environment names a proxy for plain HTTP, in any of the
+/// spellings reqwest reads.
+fn proxied(var: impl Fn(&str) -> Option<String>) -> bool {
+    ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+        .iter()
+        .any(|k| var(k).is_some_and(|v| !v.trim().is_empty()))
 }
 
 const USER_AGENT: &str = concat!("gale/", env!("CARGO_PKG_VERSION"));
@@ -194,7 +206,9 @@ impl Plain {
                 Err(Exchange::Failed(e)) => return Err(e),
             }
         }
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect((host, port)))
+        // An IPv6 literal comes bracketed in URLs, bare in addresses.
+        let address = host.trim_start_matches('[').trim_end_matches(']');
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect((address, port)))
             .await
             .map_err(|_| {
                 WeatherError::Upstream("cannot reach the weather service (connect timeout)".into())
@@ -494,6 +508,38 @@ fn next_chunk(buf: &[u8]) -> Result<Option<Chunk>, &'static str> {
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_proxy_in_the_environment_sends_plain_http_through_reqwest() {
+        assert!(!proxied(|_| None));
+        assert!(!proxied(|k| (k == "HTTP_PROXY").then(|| " ".to_owned())));
+        assert!(proxied(
+            |k| (k == "http_proxy").then(|| "http://p:3128".to_owned())
+        ));
+        assert!(proxied(
+            |k| (k == "ALL_PROXY").then(|| "socks5://p".to_owned())
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_literal_is_reached() {
+        let listener = TcpListener::bind("[::1]:0")
+            .await
+            .expect("an IPv6 loopback");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut b = [0; 512];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nv6")
+                    .await;
+            }
+        });
+        let url = url::Url::parse(&format!("http://[::1]:{port}/")).expect("url");
+        let r = client().get(url, 100).await.expect("answered over IPv6");
+        assert_eq!(r.body, b"v6");
+    }
 
     #[test]
     fn chunks_are_found_whole_or_asked_for() {
