@@ -108,11 +108,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 }
 
 impl Upgrade {
-    /// Whether the client offered permessage-deflate acceptably.
-    pub fn offers_compression(&self) -> bool {
-        self.deflate.is_some()
-    }
-
     /// Answers 101 and runs `serve` on the socket once hyper hands the
     /// connection over. `compression`: whether permessage-deflate may be
     /// agreed (when the client offered it).

@@ -256,11 +256,6 @@ impl Socket {
         }
     }
 
-    /// Whether permessage-deflate was agreed.
-    pub fn compressed(&self) -> bool {
-        self.deflate.is_some()
-    }
-
     /// The next message. Cancel-safe: all state lives in the socket.
     pub async fn recv(&mut self) -> Result<Message, Error> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
@@ -438,11 +433,6 @@ impl Socket {
                 &frame::close_payload(code, reason),
             ));
         }
-    }
-
-    /// Whether frames wait to be written.
-    pub fn has_queued(&self) -> bool {
-        !self.out.is_empty()
     }
 
     /// Writes every queued frame: as many as fit in one vectored write at
