@@ -272,6 +272,15 @@ pub struct ServerConfig {
     /// Most TCP connections held at once; further clients wait in the
     /// kernel's accept backlog until one closes.
     pub max_connections: usize,
+    /// Most WebSocket connections one client address may hold at once
+    /// (IPv6 by /64); past it the handshake is answered 503. 0: no limit.
+    /// The default sits above what one source address can open to one
+    /// port (~28,000 ephemeral ports), so it never limits a benchmark.
+    pub max_connections_per_ip: usize,
+    /// WebSocket handshakes one client address may make per second (a
+    /// second's worth may come at once); past it the handshake is
+    /// answered 429 with `Retry-After`. 0: no limit.
+    pub handshake_rate_per_ip: u32,
     /// How long shutdown waits for in-flight work before giving up.
     pub shutdown_grace_ms: u64,
     /// How long a client has to send a request head (from the accept, or
@@ -326,6 +335,8 @@ impl Default for ServerConfig {
             max_message_bytes: 131_072,
             max_outbound_message_bytes: MIN_OUTBOUND_MESSAGE_BYTES,
             max_connections: 50_000,
+            max_connections_per_ip: 30_000,
+            handshake_rate_per_ip: 10_000,
             shutdown_grace_ms: 30_000,
             handshake_timeout_ms: 10_000,
             ping_interval_s: 30,
@@ -744,6 +755,18 @@ impl Config {
                 n(s.write_buffer_bytes),
                 1,
                 16 * MIB,
+            ),
+            (
+                "server.max_connections_per_ip",
+                n(s.max_connections_per_ip),
+                0,
+                10_000_000,
+            ),
+            (
+                "server.handshake_rate_per_ip",
+                u64::from(s.handshake_rate_per_ip),
+                0,
+                10_000_000,
             ),
             (
                 "server.compression_min_bytes",

@@ -29,6 +29,7 @@
 //! - [`client`]: `gale client`.
 //! - [`fake_upstream`]: a fake weather API for tests and demos.
 
+pub mod admission;
 pub mod api;
 pub mod apps;
 pub mod bench;

@@ -136,6 +136,20 @@ pub enum HttpStage {
     Body,
 }
 
+/// Why a WebSocket handshake was refused by [`crate::admission`].
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Refusal {
+    /// `server.max_connections_per_ip` reached (503).
+    ConnectionsPerIp,
+    /// `server.handshake_rate_per_ip` exceeded (429).
+    HandshakeRate,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: Refusal,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabels {
     stage: HttpStage,
@@ -179,6 +193,7 @@ pub struct Metrics {
     /// Connections closed for a protocol violation (1007, 1009, …).
     pub protocol_errors: Counter,
     http_timeouts: [Counter; 2],
+    handshakes_refused: [Counter; 2],
     /// Weather requests received (the seed's `requests`).
     pub requests: Counter,
     outcomes: [Counter; 12],
@@ -478,6 +493,14 @@ impl Metrics {
         );
         let http_timeouts = [HttpStage::Head, HttpStage::Body]
             .map(|stage| stages.get_or_create_owned(&StageLabels { stage }));
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        reg.register(
+            "handshakes_refused",
+            "WebSocket handshakes refused by a per-address limit, by reason",
+            refusals.clone(),
+        );
+        let handshakes_refused = [Refusal::ConnectionsPerIp, Refusal::HandshakeRate]
+            .map(|reason| refusals.get_or_create_owned(&RefusalLabels { reason }));
 
         let requests = Counter::default();
         reg.register("requests", "Weather requests received", requests.clone());
@@ -714,6 +737,7 @@ impl Metrics {
             messages_out,
             protocol_errors,
             http_timeouts,
+            handshakes_refused,
             requests,
             outcomes,
             upstream_calls,
@@ -738,6 +762,11 @@ impl Metrics {
             cluster,
             registry,
         }
+    }
+
+    /// The counter of handshakes refused for `reason`.
+    pub fn handshake_refused(&self, reason: Refusal) -> &Counter {
+        &self.handshakes_refused[reason as usize]
     }
 
     /// The counter of connections the handshake deadline closed at

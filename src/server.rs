@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, Refused};
 use crate::broadcast::{Backplane, Hub, LocalOnly};
 use crate::cluster::{Cluster, RedisBackplane};
 use crate::config::{Compression, Config};
@@ -94,6 +95,8 @@ impl ServerError {
 /// Everything a request or a connection needs, shared by all of them.
 #[derive(Debug)]
 pub struct App {
+    /// Per-address limits on WebSocket handshakes and connections.
+    pub admission: Arc<Admission>,
     /// The configuration in force.
     pub config: Config,
     /// Weather lookups.
@@ -252,7 +255,9 @@ pub async fn start(
         Duration::from_secs(config.server.ping_interval_s),
         closing.clone(),
     );
+    let admission = Arc::new(Admission::new(&config.server, metrics.clone()));
     let app = Arc::new(App {
+        admission,
         config,
         weather,
         log,
@@ -551,6 +556,26 @@ fn accept(
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    // Before the Origin and token checks: a flood is refused before it
+    // costs a signature check.
+    let address = identity::rate_key(identity::client_address(&headers, peer.ip(), &app.proxies));
+    let admitted = match app.admission.admit(address) {
+        Ok(a) => a,
+        Err(refused @ Refused::Connections(_)) => {
+            tracing::debug!(%address, "handshake refused: connections per address");
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("{refused}\n")).into_response();
+        }
+        Err(refused @ Refused::Rate(_, wait)) => {
+            tracing::debug!(%address, "handshake refused: handshake rate");
+            let retry = wait.as_secs().max(1).to_string();
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry)],
+                format!("{refused}\n"),
+            )
+                .into_response();
+        }
+    };
     if !identity::origin_allowed(&headers, &app.config.server.allowed_origins) {
         tracing::debug!(origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
         return (
@@ -574,7 +599,6 @@ fn accept(
                 .into_response();
         }
     };
-    let address = identity::rate_key(identity::client_address(&headers, peer.ip(), &app.proxies));
     // Taken before the upgrade completes, so shutdown also waits for a
     // connection that is between the 101 response and its task.
     let tracked = app.tracker.token();
@@ -594,6 +618,7 @@ fn accept(
                 Mode::Protocol => crate::connection::serve(app, socket, who, address).await,
                 Mode::Echo => crate::connection::echo(app, socket).await,
             }
+            drop(admitted);
             drop(tracked);
         }
     })

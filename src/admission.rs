@@ -1,0 +1,202 @@
+//! Admission of WebSocket handshakes per client address: at most
+//! `server.max_connections_per_ip` open at once (503 past it) and
+//! `server.handshake_rate_per_ip` new ones a second (429 past it), so one
+//! address cannot take every connection permit or flood the server with
+//! handshakes. The address is the client's as
+//! [`crate::identity::client_address`] finds it (behind trusted proxies,
+//! from `X-Forwarded-For`), IPv6 by /64 ([`crate::identity::rate_key`]).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::{Rate, ServerConfig};
+use crate::metrics::{Metrics, Refusal};
+use crate::router::rate::Bucket;
+
+/// Addresses whose handshake rate is tracked at most; the least recently
+/// seen are forgotten first (a forgotten address starts with a full
+/// second's allowance, which is what an address seen long ago has).
+const MAX_TRACKED: u64 = 100_000;
+
+/// Why a handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The address already holds `max_connections_per_ip` connections.
+    #[error("too many connections from this address (server.max_connections_per_ip = {0})")]
+    Connections(usize),
+    /// The address opened more than `handshake_rate_per_ip` a second;
+    /// try again after the duration.
+    #[error("too many handshakes from this address (server.handshake_rate_per_ip = {0}/s)")]
+    Rate(u32, Duration),
+}
+
+/// The per-address limits and what they count.
+pub struct Admission {
+    max_connections: usize,
+    rate: Option<Rate>,
+    open: Mutex<HashMap<IpAddr, usize>>,
+    handshakes: moka::sync::Cache<IpAddr, Arc<Bucket>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("max_connections", &self.max_connections)
+            .field("rate", &self.rate)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An admitted connection: counted against its address until dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    admission: Option<Arc<Admission>>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(a) = &self.admission {
+            let mut open = a.lock();
+            if let Some(n) = open.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// The limits of `[server]` (0: no limit).
+    pub fn new(s: &ServerConfig, metrics: Arc<Metrics>) -> Admission {
+        Admission {
+            max_connections: s.max_connections_per_ip,
+            rate: (s.handshake_rate_per_ip > 0).then(|| Rate {
+                count: s.handshake_rate_per_ip,
+                per: Duration::from_secs(1),
+            }),
+            open: Mutex::new(HashMap::new()),
+            handshakes: moka::sync::Cache::builder()
+                .max_capacity(MAX_TRACKED)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        // Every update is complete before it could panic.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a handshake from `ip`, or says why not (and counts it).
+    ///
+    /// # Errors
+    /// [`Refused`] when either limit is reached.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
+        if let Some(rate) = self.rate {
+            let bucket = self.handshakes.get_with(ip, || Arc::new(Bucket::new(rate)));
+            if let Err(wait) = bucket.take() {
+                self.metrics.handshake_refused(Refusal::HandshakeRate).inc();
+                return Err(Refused::Rate(rate.count, wait));
+            }
+        }
+        if self.max_connections == 0 {
+            return Ok(Admitted {
+                admission: None,
+                ip,
+            });
+        }
+        let mut open = self.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max_connections {
+            drop(open);
+            self.metrics
+                .handshake_refused(Refusal::ConnectionsPerIp)
+                .inc();
+            return Err(Refused::Connections(self.max_connections));
+        }
+        *n += 1;
+        Ok(Admitted {
+            admission: Some(self.clone()),
+            ip,
+        })
+    }
+
+    /// Addresses with a connection open now.
+    pub fn addresses(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(max: usize, rate: u32) -> Arc<Admission> {
+        let s = ServerConfig {
+            max_connections_per_ip: max,
+            handshake_rate_per_ip: rate,
+            ..ServerConfig::default()
+        };
+        Arc::new(Admission::new(&s, Arc::new(Metrics::new())))
+    }
+
+    #[test]
+    fn connections_are_counted_per_address_and_released() {
+        let a = admission(2, 0);
+        let (x, y): (IpAddr, IpAddr) = (
+            "10.0.0.1".parse().expect("ip"),
+            "10.0.0.2".parse().expect("ip"),
+        );
+        let first = a.admit(x).expect("1 of 2");
+        let _second = a.admit(x).expect("2 of 2");
+        assert_eq!(a.admit(x).expect_err("3 of 2"), Refused::Connections(2));
+        let _other = a.admit(y).expect("another address is counted apart");
+        drop(first);
+        let _again = a.admit(x).expect("a slot came back");
+        assert_eq!(a.addresses(), 2);
+    }
+
+    #[test]
+    fn no_entry_outlives_its_connections() {
+        let a = admission(5, 0);
+        let held: Vec<_> = (0..100_u8)
+            .map(|i| a.admit(IpAddr::from([10, 0, 1, i])).expect("admitted"))
+            .collect();
+        assert_eq!(a.addresses(), 100);
+        drop(held);
+        assert_eq!(a.addresses(), 0, "the map is bounded by what is open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handshakes_past_the_rate_wait_a_second() {
+        let a = admission(0, 3);
+        let x: IpAddr = "10.0.0.1".parse().expect("ip");
+        for _ in 0..3 {
+            a.admit(x).expect("within the rate");
+        }
+        match a.admit(x) {
+            Err(Refused::Rate(3, wait)) => assert!(wait <= Duration::from_secs(1), "{wait:?}"),
+            other => panic!("expected a rate refusal, got {other:?}"),
+        }
+        a.admit("10.0.0.2".parse().expect("ip"))
+            .expect("another address");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        a.admit(x).expect("a second later");
+    }
+
+    #[test]
+    fn zero_means_no_limit() {
+        let a = admission(0, 0);
+        let x: IpAddr = "10.0.0.1".parse().expect("ip");
+        let held: Vec<_> = (0..10_000).map(|_| a.admit(x).expect("no limit")).collect();
+        assert_eq!(held.len(), 10_000);
+        assert_eq!(a.addresses(), 0, "nothing is tracked without a limit");
+    }
+}
