@@ -208,7 +208,7 @@ pub struct ApiConfig {
 }
 
 /// `[auth]`: JSON Web Tokens presented at the handshake.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HS256 shared secret.
@@ -217,6 +217,32 @@ pub struct AuthConfig {
     pub jwt_public_key_file: Option<std::path::PathBuf>,
     /// Refuse connections without a valid token.
     pub required: bool,
+    /// Accepted `aud` values: a token must name one of them. Empty: `aud`
+    /// is not checked.
+    pub audience: Vec<String>,
+    /// Accepted `iss` values: a token must carry one of them. Empty: `iss`
+    /// is not checked.
+    pub issuer: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+    /// Close a connection once its token has expired (1008, within a ping
+    /// interval of `exp` + leeway). Off: a token is checked at the
+    /// handshake only.
+    pub close_on_expiry: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            required: false,
+            audience: Vec::new(),
+            issuer: Vec::new(),
+            leeway_s: 30,
+            close_on_expiry: true,
+        }
+    }
 }
 
 /// `server.compression`: whether permessage-deflate may be agreed.
@@ -738,6 +764,7 @@ impl Config {
                 HOUR_MS,
             ),
             ("server.ping_interval_s", s.ping_interval_s, 0, DAY_S),
+            ("auth.leeway_s", self.auth.leeway_s, 0, DAY_S),
             (
                 "server.max_inflight_per_connection",
                 n(s.max_inflight_per_connection),

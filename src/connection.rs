@@ -48,6 +48,8 @@ enum End {
     Violation(u16, &'static str),
     /// The client reads too slowly for its outbound queue.
     SlowConsumer,
+    /// The connection's token expired (`auth.close_on_expiry`).
+    Expired,
 }
 
 /// Counts an open connection in the gauges for as long as it lives.
@@ -79,6 +81,7 @@ pub(crate) async fn serve(
     tracing::debug!(%client_id, user = ?who.user, "connected");
 
     let c = &app.config.connection;
+    let expires = who.expires;
     let caller = Caller {
         conn_id: client_id,
         address,
@@ -91,7 +94,7 @@ pub(crate) async fn serve(
         )),
     };
     app.hub.join(&caller);
-    let (end, mut inflight) = read_loop(&app, &caller, &mut socket).await;
+    let (end, mut inflight) = read_loop(&app, &caller, &mut socket, expires).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
 
     if let End::Shutdown = end {
@@ -125,6 +128,7 @@ async fn close_for(app: &App, socket: &mut Socket, end: &End) {
             m.protocol_errors.inc();
             close(socket, *code, reason).await;
         }
+        End::Expired => close(socket, close_code::POLICY_VIOLATION, "token expired").await,
         End::ClientClosed => {
             let _ = write_all(socket).await;
         }
@@ -206,7 +210,19 @@ impl Lookups {
     }
 }
 
-async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut Socket) -> (End, Lookups) {
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn read_loop(
+    app: &Arc<App>,
+    caller: &Caller,
+    socket: &mut Socket,
+    expires: Option<u64>,
+) -> (End, Lookups) {
     let s = &app.config.server;
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);
@@ -281,6 +297,9 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut Socket) -> (End
                 // timer jitter never drops a peer that answers.
                 if awaiting_pong {
                     break End::Dead;
+                }
+                if expires.is_some_and(|at| unix_now() >= at) {
+                    break End::Expired;
                 }
                 if last_seen.elapsed() >= ping_every / 2 {
                     awaiting_pong = true;

@@ -27,6 +27,9 @@ pub struct Identity {
     pub user: Option<Arc<str>>,
     /// The user's roles.
     pub roles: Arc<[String]>,
+    /// When the token stops being valid (Unix seconds, leeway included),
+    /// if the connection is to be closed then (`auth.close_on_expiry`).
+    pub expires: Option<u64>,
 }
 
 /// Why a handshake was refused; the text is the 401 body.
@@ -49,6 +52,7 @@ pub enum AuthError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
     #[serde(default)]
     roles: Roles,
 }
@@ -66,6 +70,8 @@ enum Roles {
 pub struct Verifier {
     key: Option<(DecodingKey, Validation)>,
     required: bool,
+    /// `auth.leeway_s`, when connections close at expiry.
+    expiry_leeway: Option<u64>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -132,14 +138,9 @@ impl Verifier {
             ));
         }
         Ok(Verifier {
-            key: key.map(|(k, alg)| {
-                let mut v = Validation::new(alg);
-                v.leeway = 30;
-                v.validate_exp = true;
-                v.set_required_spec_claims(&["exp", "sub"]);
-                (k, v)
-            }),
+            key: key.map(|(k, alg)| (k, validation(alg, cfg))),
             required: cfg.required,
+            expiry_leeway: cfg.close_on_expiry.then_some(cfg.leeway_s),
         })
     }
 
@@ -163,7 +164,7 @@ impl Verifier {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
-        let Claims { sub, roles } = data.claims;
+        let Claims { sub, exp, roles } = data.claims;
         if sub.is_empty() {
             return Err(AuthError::Invalid("empty sub".into()));
         }
@@ -175,8 +176,31 @@ impl Verifier {
         Ok(Identity {
             user: Some(sub.into()),
             roles: roles.into(),
+            expires: self.expiry_leeway.map(|l| exp.saturating_add(l)),
         })
     }
+}
+
+/// What a token must satisfy. The algorithm is the key's, from the
+/// config, never the token's header (a token naming another is refused).
+fn validation(alg: Algorithm, cfg: &AuthConfig) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = cfg.leeway_s;
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    if cfg.audience.is_empty() {
+        v.validate_aud = false;
+    } else {
+        v.set_audience(&cfg.audience);
+        required.push("aud");
+    }
+    if !cfg.issuer.is_empty() {
+        v.set_issuer(&cfg.issuer);
+        required.push("iss");
+    }
+    v.set_required_spec_claims(&required);
+    v
 }
 
 /// The credentials of an `Authorization` value in the `Bearer` scheme,

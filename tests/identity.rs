@@ -257,3 +257,150 @@ async fn foreign_origins_are_refused_with_403() {
         "an explicit list replaces the default"
     );
 }
+
+/// An HS256 token with these claims (plus `sub`).
+fn signed(claims: Value) -> String {
+    let mut claims = claims;
+    claims["sub"] = json!("alice");
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+#[tokio::test]
+async fn audience_and_issuer_are_checked_only_when_configured() {
+    let exp = now() + 600;
+    let with_aud = signed(json!({"exp": exp, "aud": "gale", "iss": "https://id.example"}));
+    // Not configured: a token carrying aud and iss is accepted (it was
+    // refused whatever its aud before).
+    let open = start_with(with_secret).await;
+    connect(&open, "", &bearer(&with_aud))
+        .await
+        .expect("aud not checked");
+
+    let strict = start_with(|c| {
+        with_secret(c);
+        c.auth.audience = vec!["other".into(), "gale".into()];
+        c.auth.issuer = vec!["https://id.example".into()];
+    })
+    .await;
+    connect(&strict, "", &bearer(&with_aud))
+        .await
+        .expect("one of the audiences, the issuer");
+    for bad in [
+        signed(json!({"exp": exp, "aud": "elsewhere", "iss": "https://id.example"})),
+        signed(json!({"exp": exp, "aud": "gale", "iss": "https://evil.example"})),
+        signed(json!({"exp": exp, "iss": "https://id.example"})),
+        signed(json!({"exp": exp, "aud": "gale"})),
+    ] {
+        assert_eq!(
+            connect(&strict, "", &bearer(&bad)).await.err(),
+            Some(401),
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn not_before_is_honoured_within_the_leeway_and_the_algorithm_is_the_configs() {
+    let server = start_with(|c| {
+        with_secret(c);
+        c.auth.leeway_s = 5;
+    })
+    .await;
+    let exp = now() + 600;
+    connect(
+        &server,
+        "",
+        &bearer(&signed(json!({"exp": exp, "nbf": now() + 3}))),
+    )
+    .await
+    .expect("not valid for 3 s more: inside the 5 s leeway");
+    assert_eq!(
+        connect(
+            &server,
+            "",
+            &bearer(&signed(json!({"exp": exp, "nbf": now() + 60})))
+        )
+        .await
+        .err(),
+        Some(401),
+        "not valid for another minute"
+    );
+    // The same secret under another HMAC: the token's header does not
+    // choose the algorithm.
+    let hs512 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS512),
+        &json!({"sub": "alice", "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    assert_eq!(connect(&server, "", &bearer(&hs512)).await.err(), Some(401));
+    // And no signature at all.
+    let unsigned = format!(
+        "{}.{}.",
+        "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", "eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0"
+    );
+    assert_eq!(
+        connect(&server, "", &bearer(&unsigned)).await.err(),
+        Some(401)
+    );
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_with_1008_once_its_token_expires() {
+    let server = start_with(|c| {
+        with_secret(c);
+        c.auth.leeway_s = 0;
+        c.server.ping_interval_s = 1;
+    })
+    .await;
+    let short = signed(json!({"exp": now() + 2}));
+    let mut c = connect(&server, "", &bearer(&short))
+        .await
+        .expect("valid for 2 s");
+    let long = signed(json!({"exp": now() + 600}));
+    let other = connect(&server, "", &bearer(&long))
+        .await
+        .expect("valid for 10 min");
+    // The other connection keeps talking (a client that never reads
+    // would not answer the 1 s pings) through and past the expiry.
+    let talking = tokio::spawn(busy(other, 4));
+    let close = c.expect_close().await;
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "token expired");
+    talking.await.expect("the other stays open and answered");
+
+    // With close_on_expiry off, the token is checked at the handshake only.
+    let lenient = start_with(|c| {
+        with_secret(c);
+        c.auth.leeway_s = 0;
+        c.auth.close_on_expiry = false;
+        c.server.ping_interval_s = 1;
+    })
+    .await;
+    let short = signed(json!({"exp": now() + 1}));
+    let c = connect(&lenient, "", &bearer(&short))
+        .await
+        .expect("valid for 1 s");
+    busy(c, 3).await;
+}
+
+/// Asks `server.stats` every 250 ms for `secs` seconds; panics if an
+/// answer is missing.
+async fn busy(mut c: Client, secs: u64) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut i = 0;
+    while std::time::Instant::now() < until {
+        i += 1;
+        assert_eq!(
+            stats(&mut c, &i.to_string()).await["ok"],
+            true,
+            "answer {i}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}

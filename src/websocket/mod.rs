@@ -38,6 +38,7 @@ pub(crate) mod close_code {
     pub(crate) const GOING_AWAY: u16 = 1001;
     pub(crate) const PROTOCOL_ERROR: u16 = 1002;
     pub(crate) const INVALID_PAYLOAD: u16 = 1007;
+    pub(crate) const POLICY_VIOLATION: u16 = 1008;
     pub(crate) const TOO_BIG: u16 = 1009;
     pub(crate) const TRY_AGAIN_LATER: u16 = 1013;
 }
