@@ -702,10 +702,30 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table = match file {
+        let table = match file {
             Some(path) => read_file(path)?,
             None => toml::Table::new(),
         };
+        Self::from_table(table, env)
+    }
+
+    /// As [`Config::load_from`], from a file's text rather than its path
+    /// (errors name the file as `path`). What the config fuzz target runs.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the line, variable or setting at fault.
+    pub fn from_text(
+        text: &str,
+        path: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Self::from_table(parse_text(text, path)?, env)
+    }
+
+    fn from_table(
+        mut table: toml::Table,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let defaults =
             toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid {
                 key: "(defaults)".into(),
@@ -1019,13 +1039,18 @@ fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
         path: shown.clone(),
         source,
     })?;
+    parse_text(&text, &shown)
+}
+
+/// A file's text as a TOML table; a syntax error names its line.
+fn parse_text(text: &str, shown: &str) -> Result<toml::Table, ConfigError> {
     text.parse::<toml::Table>().map_err(|e| {
         let line = e
             .span()
             .map(|span| text[..span.start.min(text.len())].lines().count().max(1))
             .unwrap_or(1);
         ConfigError::Syntax {
-            path: shown,
+            path: shown.to_owned(),
             line,
             message: e.message().trim().replace('\n', " "),
         }
@@ -1259,6 +1284,14 @@ mod tests {
             .to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(!err.contains('\n'), "{err:?}");
+
+        // The same from text, as the config fuzz target loads it.
+        let c = Config::from_text("[store]\nworkers = 2\n", "t.toml", env(&[])).expect("ok");
+        assert_eq!(c.store.workers, 2);
+        let err = Config::from_text("[server]\nlisten = \n", "t.toml", env(&[]))
+            .expect_err("syntax")
+            .to_string();
+        assert!(err.contains("t.toml") && err.contains("line 2"), "{err}");
     }
 }
 

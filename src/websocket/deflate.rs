@@ -186,11 +186,14 @@ pub fn decompress(payload: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
             let mut input = input;
             loop {
                 if out.len() == out.capacity() {
-                    if out.len() >= max {
+                    // Room up to one byte past the limit: a message of
+                    // exactly `max` bytes is accepted, one byte more is
+                    // not (found by the deflate fuzz target).
+                    let room = (max + 1).saturating_sub(out.len());
+                    if room == 0 {
                         return Err(InflateError::TooBig);
                     }
-                    let more = out.capacity().min(max - out.len()).max(64);
-                    out.reserve_exact(more);
+                    out.reserve_exact(out.capacity().max(64).min(room));
                 }
                 let before = d.total_in();
                 let status = d
@@ -294,6 +297,29 @@ mod tests {
         let frame = compress_frame(Opcode::Text, b"", 15);
         let h = parse_header(&frame, true).expect("valid").expect("whole");
         assert_eq!(decompress(&frame[h.header_len..], 10), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn a_message_of_exactly_the_limit_inflates_and_one_byte_more_does_not() {
+        // The deflate fuzz target's first finding: a message that inflated
+        // to exactly the limit was refused as too big.
+        for len in [1, 63, 64, 65, 66, 1000, 4096] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let frame = compress_frame(Opcode::Binary, &data, 15);
+            let h = parse_header(&frame, true).expect("valid").expect("whole");
+            let payload = &frame[h.header_len..];
+            assert_eq!(
+                decompress(payload, len).as_deref(),
+                Ok(&data[..]),
+                "{len} at {len}"
+            );
+            assert_eq!(
+                decompress(payload, len - 1),
+                Err(InflateError::TooBig),
+                "{len} at {}",
+                len - 1
+            );
+        }
     }
 
     #[test]
