@@ -167,11 +167,24 @@ pub fn classify(text: &str) -> Incoming<'_> {
         reply_to,
         message: message.to_owned(),
     };
-    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(text) else {
-        return invalid(
-            None,
-            "not a JSON object: send {\"event\":…,\"data\":…,\"ref\":…}",
-        );
+    let mut obj = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => obj,
+        // serde_json stops at 128 levels, before the stack is at risk.
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            return invalid(None, "JSON nested more than 128 levels deep");
+        }
+        Err(e) => {
+            return Incoming::Invalid {
+                reply_to: None,
+                message: format!("invalid JSON ({e}): send {{\"event\":…,\"data\":…,\"ref\":…}}"),
+            };
+        }
+        Ok(_) => {
+            return invalid(
+                None,
+                "not a JSON object: send {\"event\":…,\"data\":…,\"ref\":…}",
+            );
+        }
     };
     let reply_to = match obj.remove("ref") {
         None | Some(Value::Null) => None,
