@@ -541,9 +541,13 @@ fn accept(
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => {
+            // RFC 6455 §4.4: the versions the server speaks.
             return (
                 StatusCode::UPGRADE_REQUIRED,
-                [(header::UPGRADE, "websocket")],
+                [
+                    (header::UPGRADE, "websocket"),
+                    (header::SEC_WEBSOCKET_VERSION, "13"),
+                ],
                 format!(
                     "{} is a WebSocket endpoint: connect with a WebSocket client \
                      (e.g. `gale client ws://HOST:PORT/ws`). {rejection}.\n",

@@ -220,3 +220,31 @@ async fn echo_sends_back_messages_as_large_as_it_accepts() {
         other => panic!("expected the echo, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_handshake_with_another_version_or_a_bad_key_gets_426_naming_version_13() {
+    let server = start().await;
+    for (version, key) in [
+        ("8", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("13", "short"),
+        ("13", "not-base64-but-24-chars!"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("handshake");
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .expect("read");
+        let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 426"), "{version} {key}: {head}");
+        assert!(head.contains("sec-websocket-version: 13"), "{head}");
+    }
+    assert_eq!(server.metric("connections-total").await, 0);
+}
