@@ -64,8 +64,10 @@ alive=$(kill -0 "$server" 2>/dev/null && echo yes || echo NO)
 fails="requests $(cat "$tmp/requests.fails"), events $(cat "$tmp/events.fails"), broadcast $(cat "$tmp/broadcast.fails"), deflate $(cat "$tmp/deflate.fails"), connections $(cat "$tmp/connections.fails")"
 metrics=$(curl -s "127.0.0.1:$port/metrics.json" || echo '{}')
 
-printf '%s\n' "${samples[@]}" >"$tmp/rss"
-python3 - "$tmp/rss" "$alive" "$fails" "$metrics" <<'PY'
+mkdir -p target/soak
+printf '%s\n' "${samples[@]}" >target/soak/rss-kib.txt
+echo "samples (KiB, every 10 s): target/soak/rss-kib.txt"
+python3 - target/soak/rss-kib.txt "$alive" "$fails" "$metrics" <<'PY'
 import json, sys
 rss = [int(l) / 1024 for l in open(sys.argv[1]) if l.strip()]
 alive, fails, metrics = sys.argv[2], sys.argv[3], sys.argv[4]
@@ -90,12 +92,20 @@ if len(xs) >= 2:
 else:
     slope = 0.0
 per_10min = slope * 60  # samples are 10 s apart
+half = rss[n // 2:]
+hx = list(range(len(half)))
+if len(hx) >= 2:
+    hmx, hmy = sum(hx) / len(hx), sum(half) / len(half)
+    half_slope = sum((x - hmx) * (y - hmy) for x, y in zip(hx, half)) / sum((x - hmx) ** 2 for x in hx) * 60
+else:
+    half_slope = 0.0
 try:
     m = json.loads(metrics)
 except ValueError:
     m = {}
 print("samples %d, RSS min %.1f / max %.1f / last %.1f MiB" % (n, lo, hi, rss[-1]))
-print("slope after warm-up (last 3/4): %+.3f MiB per 10 min" % per_10min)
+print("slope after warm-up (last 3/4): %+.3f MiB per 10 min (the verdict's rule)" % per_10min)
+print("slope over the last half, for reference: %+.3f MiB per 10 min" % half_slope)
 print("server alive: %s; load runs that failed: %s" % (alive, fails))
 print("server counted: requests %s, connections now %s" % (m.get("requests"), m.get("connections")))
 ok = alive == "yes" and per_10min <= 1.0
