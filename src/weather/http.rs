@@ -160,7 +160,15 @@ impl Plain {
     /// The most recently idled live connection to `authority`, if any.
     fn take(&self, authority: &str) -> Option<TcpStream> {
         let mut idle = self.lock();
-        idle.retain(|c| c.since.elapsed() < IDLE_TIMEOUT);
+        // Oldest first (put appends): the expired ones are at the front,
+        // so the scan stops at the first live one, with one clock read.
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
         let i = idle.iter().rposition(|c| c.authority == authority)?;
         idle.remove(i).map(|c| c.stream)
     }
