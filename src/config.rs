@@ -332,6 +332,14 @@ pub struct ServerConfig {
     /// frames go out from the buffers they were framed in, in one
     /// vectored write).
     pub write_buffer_bytes: usize,
+    /// The kernel send buffer (`SO_SNDBUF`) of each accepted socket. 0,
+    /// the default, lets the kernel size it, and Linux grows it with the
+    /// connection's window (to `net.ipv4.tcp_wmem`'s maximum, 4 MiB here):
+    /// a client that stops reading can then hold that much kernel memory
+    /// before gale's own queue (`connection.outbound_queue`) sees any back
+    /// pressure. A fixed size (e.g. 65536) bounds it, at some cost to one
+    /// connection's throughput on long fat links.
+    pub send_buffer_bytes: usize,
     /// permessage-deflate (RFC 7692): `"deflate"` agrees to it when a
     /// client offers it, `"off"` never does (`true`/`false` also work).
     /// Agreed without context takeover either way, so a compressed
@@ -369,6 +377,7 @@ impl Default for ServerConfig {
             max_inflight_per_connection: 32,
             read_buffer_bytes: 256,
             write_buffer_bytes: 4096,
+            send_buffer_bytes: 0,
             compression: Compression::Deflate,
             compression_min_bytes: 256,
             allowed_origins: Vec::new(),
@@ -519,8 +528,18 @@ pub struct StoreConfig {
     /// How long a writer waits for a batch to fill once its first row is
     /// in: fewer, larger inserts at moderate rates.
     pub batch_window_ms: u64,
-    /// Attempts per batch before its rows are counted as failed.
+    /// Attempts per batch before its rows are counted as failed (with no
+    /// spill; with one, a batch the database cannot take is spilled after
+    /// its first failed attempt).
     pub max_retries: u32,
+    /// Directory for the disk spill: rows the database cannot take now
+    /// (down, unreachable, too slow to keep the queue from filling) are
+    /// appended here and replayed once it can. Created on first use; empty
+    /// turns the spill off.
+    pub spill_dir: String,
+    /// Most bytes the spill holds not yet replayed; past this, rows are
+    /// dropped and counted.
+    pub spill_max_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -533,6 +552,8 @@ impl Default for StoreConfig {
             batch_size: 500,
             batch_window_ms: 10,
             max_retries: 8,
+            spill_dir: "gale-spill".to_owned(),
+            spill_max_bytes: 1 << 30,
         }
     }
 }
@@ -798,6 +819,12 @@ impl Config {
                 16 * MIB,
             ),
             (
+                "server.send_buffer_bytes",
+                n(s.send_buffer_bytes),
+                0,
+                64 * MIB,
+            ),
+            (
                 "server.write_buffer_bytes",
                 n(s.write_buffer_bytes),
                 1,
@@ -852,6 +879,7 @@ impl Config {
             ("store.batch_size", n(st.batch_size), 1, n(MAX_BATCH_SIZE)),
             ("store.batch_window_ms", st.batch_window_ms, 0, 1_000),
             ("store.max_retries", u64::from(st.max_retries), 0, 1_000),
+            ("store.spill_max_bytes", st.spill_max_bytes, 65_536, 1 << 40),
             ("router.workers", n(r.workers), 1, 100_000),
             ("router.queue_size", n(r.queue_size), 1, 10_000_000),
             (

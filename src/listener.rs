@@ -83,6 +83,9 @@ pub(crate) struct Front {
     pub(crate) deadline: Duration,
     /// Counts what the deadline closes.
     pub(crate) metrics: Arc<Metrics>,
+    /// `server.send_buffer_bytes`: the kernel send buffer of each accepted
+    /// socket; 0 leaves the kernel to size it.
+    pub(crate) send_buffer: usize,
 }
 
 /// Accepts connections until `shutdown`, serving each on a task in
@@ -116,6 +119,12 @@ pub(crate) async fn serve(
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        if front.send_buffer > 0 {
+            if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(front.send_buffer)
+            {
+                tracing::debug!(error = %e, "cannot set SO_SNDBUF");
+            }
         }
         let io = LimitedStream {
             stream,

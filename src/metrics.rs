@@ -236,6 +236,16 @@ pub struct Metrics {
     /// Rows waiting in the queue now (kept live: counted in as a row is
     /// queued, out as a writer takes it).
     pub db_queue_depth: Gauge,
+    /// Rows written to the disk spill (the database could not take them).
+    pub spill_rows: Counter,
+    /// Spilled rows replayed into the database.
+    pub spill_replayed: Counter,
+    /// Rows dropped because the spill was full or failed.
+    pub spill_dropped: Counter,
+    /// Spill records found torn or corrupt and skipped (their rows lost).
+    pub spill_torn: Counter,
+    /// Bytes in the spill not yet replayed.
+    pub spill_bytes: Gauge,
     /// Rows per insert.
     pub db_batch_size: Histogram,
     /// Pushes dropped from full outbound queues (`drop_oldest`).
@@ -625,6 +635,36 @@ impl Metrics {
             "Request-log rows waiting to be written",
             db_queue_depth.clone(),
         );
+        let spill_rows = Counter::default();
+        reg.register(
+            "spill_rows",
+            "Request-log rows written to the disk spill",
+            spill_rows.clone(),
+        );
+        let spill_replayed = Counter::default();
+        reg.register(
+            "spill_replayed_rows",
+            "Spilled request-log rows replayed into the database",
+            spill_replayed.clone(),
+        );
+        let spill_dropped = Counter::default();
+        reg.register(
+            "spill_dropped_rows",
+            "Request-log rows dropped: the disk spill full or failing",
+            spill_dropped.clone(),
+        );
+        let spill_torn = Counter::default();
+        reg.register(
+            "spill_torn_records",
+            "Disk spill records found torn or corrupt and skipped",
+            spill_torn.clone(),
+        );
+        let spill_bytes = Gauge::default();
+        reg.register(
+            "spill_bytes",
+            "Bytes in the disk spill not yet replayed",
+            spill_bytes.clone(),
+        );
         let db_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
         reg.register("db_batch_rows", "Rows per insert", db_batch_size.clone());
 
@@ -758,6 +798,11 @@ impl Metrics {
             db_abandoned,
             db_errors,
             db_queue_depth,
+            spill_rows,
+            spill_replayed,
+            spill_dropped,
+            spill_torn,
+            spill_bytes,
             db_batch_size,
             cluster,
             registry,
@@ -855,6 +900,11 @@ impl Metrics {
             "db-rejected": self.db_rejected.get(),
             "db-abandoned": self.db_abandoned.get(),
             "db-queue-depth": self.db_queue_depth.get(),
+            "spill-rows": self.spill_rows.get(),
+            "spill-replayed": self.spill_replayed.get(),
+            "spill-dropped": self.spill_dropped.get(),
+            "spill-torn": self.spill_torn.get(),
+            "spill-bytes": self.spill_bytes.get(),
             "connections": self.connections.get(),
             "rss-bytes": resident_bytes(),
             "users": self.users.get(),

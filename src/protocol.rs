@@ -128,6 +128,26 @@ impl ErrorCode {
             ErrorCode::InternalError => "internal_error",
         }
     }
+
+    /// Every code, in declaration order.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidMessage,
+        ErrorCode::UnknownEvent,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::InvalidData,
+        ErrorCode::NotFound,
+        ErrorCode::Timeout,
+        ErrorCode::UpstreamUnavailable,
+        ErrorCode::SystemOverloaded,
+        ErrorCode::InternalError,
+    ];
+
+    /// The code whose [`ErrorCode::as_str`] is `s`.
+    pub fn from_wire(s: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
 }
 
 /// A JSON event from a client.

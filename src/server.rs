@@ -317,6 +317,7 @@ async fn serve(
         router: routes(app.clone()),
         deadline: app.config.server.handshake_timeout(),
         metrics: app.metrics.clone(),
+        send_buffer: app.config.server.send_buffer_bytes,
     };
     let conns = TaskTracker::new();
     let mut accepting = tokio::spawn(crate::listener::serve(

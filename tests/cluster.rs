@@ -642,64 +642,6 @@ async fn a_subscriber_killed_by_redis_is_resubscribed_within_seconds() {
     assert_eq!(on_b.next_push().await["event"], "again");
 }
 
-/// A TCP proxy that can stop forwarding (a black hole: connections stay
-/// open, nothing comes back).
-struct BlackHole {
-    addr: SocketAddr,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl BlackHole {
-    async fn start(to: SocketAddr) -> BlackHole {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stalled.clone();
-        tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
-                    continue;
-                };
-                let (ri, wi) = inbound.into_split();
-                let (ro, wo) = outbound.into_split();
-                for (mut r, mut w, flag) in [
-                    (
-                        Box::new(ri) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                        Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-                        flag.clone(),
-                    ),
-                    (Box::new(ro) as _, Box::new(wi) as _, flag.clone()),
-                ] {
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let n = match r.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            while flag.load(Ordering::Acquire) {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                            if w.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        BlackHole { addr, stalled }
-    }
-
-    fn stall(&self, on: bool) {
-        self.stalled.store(on, std::sync::atomic::Ordering::Release);
-    }
-}
-
 #[tokio::test]
 async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline() {
     let Some(redis) = redis_url() else { return };
@@ -708,7 +650,7 @@ async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline()
         .trim_end_matches('/')
         .parse()
         .expect("GALE_TEST_REDIS_URL is redis://IP:PORT");
-    let hole = BlackHole::start(target).await;
+    let hole = common::faults::FaultProxy::start(target).await;
     let (p, up) = (prefix(), upstream().await);
     let a = node_with(&format!("redis://{}", hole.addr), &p, "a", &up, |c| {
         c.cluster.call_timeout_ms = 500;
@@ -724,7 +666,7 @@ async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline()
         true
     );
 
-    hole.stall(true);
+    hole.set(common::faults::Fault::Stall);
     // A rate-limited event: its Redis check fails within 500 ms and the
     // local limiter answers.
     for i in 1..=3 {

@@ -114,8 +114,9 @@ async fn queued_events_finish_and_new_ones_are_refused_during_shutdown() {
 }
 
 #[tokio::test]
-async fn rows_the_drain_cannot_write_are_counted_and_fail_the_exit() {
+async fn without_a_spill_rows_the_drain_cannot_write_are_counted_and_fail_the_exit() {
     let mut server = start_with(|c| {
+        c.store.spill_dir = String::new();
         c.store.workers = 1;
         c.server.shutdown_grace_ms = 1_000;
     })

@@ -51,8 +51,9 @@ async fn postgres_every_request_becomes_one_row() {
 }
 
 #[tokio::test]
-async fn full_queue_drops_and_counts_rows_without_delaying_replies() {
+async fn without_a_spill_a_full_queue_drops_and_counts_rows_without_delaying_replies() {
     let server = start_with(|c| {
+        c.store.spill_dir = String::new();
         c.store.queue_size = 3;
         c.store.workers = 1;
         c.store.batch_size = 1;
@@ -112,8 +113,12 @@ async fn rows_are_inserted_in_batches() {
 }
 
 #[tokio::test]
-async fn database_errors_are_retried_until_the_database_recovers() {
-    let server = start_with(|c| c.store.workers = 1).await;
+async fn without_a_spill_database_errors_are_retried_until_the_database_recovers() {
+    let server = start_with(|c| {
+        c.store.spill_dir = String::new();
+        c.store.workers = 1;
+    })
+    .await;
     let mut c = server.client().await;
     // Longer than SQLite's 5 s busy timeout: the first insert fails and is
     // retried with backoff.
@@ -398,4 +403,79 @@ async fn server_stats_shows_the_live_request_log_queue() {
     lock.release().await;
     server.wait_metric("db-completed", 10).await;
     assert_eq!(server.metric("db-queue-depth").await, 0);
+}
+
+#[tokio::test]
+async fn with_a_spill_a_full_queue_loses_nothing_and_every_row_lands() {
+    let server = start_with(|c| {
+        c.store.queue_size = 3;
+        c.store.workers = 1;
+        c.store.batch_size = 1;
+    })
+    .await;
+    let mut c = server.client().await;
+    let lock = WriteLock::take(&server).await;
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        assert_eq!(c.ask(&format!("Spilled{i}")).await["type"], "weather");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "replies never wait for the database"
+    );
+    let m = server.metrics().await;
+    assert_eq!(m["db-dropped"], 0, "{m}");
+    // Queue of 3 + one row in hand; the rest overflowed to the spill.
+    server
+        .wait_metric("spill-rows", 30 - m["db-queued"].as_u64().expect("n"))
+        .await;
+    assert!(server.metric("spill-rows").await >= 25);
+    assert!(server.metric("spill-bytes").await > 0);
+    lock.release().await;
+    server.wait_metric("spill-bytes", 0).await;
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while count_rows(&server.store_url, &c.client_id).await < 30 {
+        assert!(tokio::time::Instant::now() < deadline, "rows missing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count_rows(&server.store_url, &c.client_id).await, 30);
+    assert_eq!(server.metric("spill-dropped").await, 0);
+}
+
+#[tokio::test]
+async fn rows_spilled_when_the_database_stays_down_through_shutdown_land_after_a_restart() {
+    let configure = |c: &mut gale::config::Config| {
+        c.store.workers = 1;
+        c.server.shutdown_grace_ms = 1_000;
+    };
+    let mut server = start_with(configure).await;
+    let mut c = server.client().await;
+    // Longer than SQLite's 5 s busy timeout: the first insert fails, the
+    // database is taken to be down, and everything after goes to the
+    // spill.
+    let lock = WriteLock::take(&server).await;
+    c.ask("Down0").await;
+    server.wait_metric("spill-rows", 1).await;
+    for i in 1..20 {
+        assert_eq!(c.ask(&format!("Down{i}")).await["type"], "weather");
+    }
+    let client_id = c.client_id.clone();
+    let closer = tokio::spawn(async move { c.expect_close().await });
+    server
+        .stop()
+        .await
+        .expect("nothing lost: a clean exit though the database is down");
+    closer.await.expect("closed");
+    let m = &server.app.metrics;
+    assert_eq!(m.spill_rows.get(), 20);
+    assert_eq!(m.db_abandoned.get() + m.db_dropped.get(), 0);
+    lock.release().await;
+    assert_eq!(count_rows(&server.store_url, &client_id).await, 0);
+
+    // The next start finds the spill and replays it.
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().expect("tmp"));
+    let again = common::start_in(dir, configure).await;
+    again.wait_metric("spill-replayed", 20).await;
+    assert_eq!(count_rows(&again.store_url, &client_id).await, 20);
+    assert_eq!(again.metric("spill-bytes").await, 0);
 }

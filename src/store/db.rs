@@ -87,6 +87,19 @@ impl Db {
     /// # Errors
     /// [`StoreError::Connect`] when the database cannot be opened.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, StoreError> {
+        Self::open(url, max_connections, false).await
+    }
+
+    /// A pool that connects on first use: for starting while the database
+    /// is down.
+    ///
+    /// # Errors
+    /// [`StoreError::Connect`] when the URL cannot be used at all.
+    pub async fn connect_lazy(url: &str, max_connections: u32) -> Result<Db, StoreError> {
+        Self::open(url, max_connections, true).await
+    }
+
+    async fn open(url: &str, max_connections: u32, lazy: bool) -> Result<Db, StoreError> {
         let err = |source| StoreError::Connect {
             url: redact(url),
             source,
@@ -103,11 +116,12 @@ impl Db {
                 // placeholders per batch. The writers report slow batches
                 // themselves, in one line.
                 .disable_statement_logging();
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max)
-                .connect_with(opts)
-                .await
-                .map_err(err)?;
+            let pool = SqlitePoolOptions::new().max_connections(max);
+            let pool = if lazy {
+                pool.connect_lazy_with(opts)
+            } else {
+                pool.connect_with(opts).await.map_err(err)?
+            };
             Ok(Db::Sqlite(pool))
         } else {
             let opts = PgConnectOptions::from_str(url)
@@ -115,10 +129,12 @@ impl Db {
                 .disable_statement_logging();
             let pool = PgPoolOptions::new()
                 .max_connections(max)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_with(opts)
-                .await
-                .map_err(err)?;
+                .acquire_timeout(Duration::from_secs(5));
+            let pool = if lazy {
+                pool.connect_lazy_with(opts)
+            } else {
+                pool.connect_with(opts).await.map_err(err)?
+            };
             Ok(Db::Postgres(pool))
         }
     }
@@ -172,6 +188,17 @@ impl Db {
             }
         }
         Ok(())
+    }
+
+    /// One round trip to the database.
+    ///
+    /// # Errors
+    /// The driver's error.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Db::Sqlite(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+            Db::Postgres(pool) => sqlx::query("SELECT 1").execute(pool).await.map(drop),
+        }
     }
 
     /// Closes the pool.

@@ -4,13 +4,18 @@
 //! Rows go through a bounded queue to a fixed set of writer tasks that
 //! insert in batches (one multi-row `INSERT` per batch; a writer waits up
 //! to `store.batch_window_ms` for a batch to fill). When the queue is
-//! full the row is dropped, counted and logged (rate-limited): the reply to
-//! the client never waits for the database. Database errors are retried
-//! with backoff. On shutdown the queue is closed and drained.
+//! full the row goes to the disk spill ([`spill`]) or, with none, is
+//! dropped, counted and logged (rate-limited): the reply to the client
+//! never waits for the database. With a spill, a batch the database cannot
+//! take (down, unreachable, timed out) is spilled at once and replayed
+//! when it is back; with none, it is retried with backoff. On shutdown the
+//! queue is closed and drained.
 
 mod db;
 mod notes;
+pub mod spill;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +28,7 @@ use uuid::Uuid;
 
 pub use db::{Db, check_url};
 pub use notes::{LIST_LIMIT, NewNote, Note};
+pub use spill::{Spill, SpillError};
 
 use crate::config::StoreConfig;
 use crate::metrics::Metrics;
@@ -46,6 +52,9 @@ pub enum StoreError {
     /// The schema migrations failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The spill directory could not be read.
+    #[error(transparent)]
+    Spill(#[from] SpillError),
 }
 
 /// One row of `weather_requests`.
@@ -93,14 +102,17 @@ impl RequestRecord {
 #[derive(Debug, Clone)]
 pub struct RequestLog {
     tx: mpsc::Sender<RequestRecord>,
+    /// Rows the full queue could not take, on their way to the spill.
+    overflow: Option<mpsc::Sender<RequestRecord>>,
     metrics: Arc<Metrics>,
     warn: Arc<WarnLimiter>,
 }
 
 impl RequestLog {
-    /// Queues a row. A full queue drops it, counts it in `db-dropped` and
-    /// logs a warning at most every few seconds. Returns whether it was
-    /// queued.
+    /// Queues a row. When the queue is full it goes to the spill; with no
+    /// spill (or the spill's own queue full too) it is dropped, counted in
+    /// `db-dropped` and a warning is logged at most every few seconds.
+    /// Returns whether it was kept.
     pub fn record(&self, row: RequestRecord) -> bool {
         match self.tx.try_send(row) {
             Ok(()) => {
@@ -109,6 +121,13 @@ impl RequestLog {
                 true
             }
             Err(mpsc::error::TrySendError::Full(row)) => {
+                let row = match &self.overflow {
+                    Some(spill) => match spill.try_send(row) {
+                        Ok(()) => return true,
+                        Err(e) => e.into_inner(),
+                    },
+                    None => row,
+                };
                 let dropped = self.metrics.db_dropped.inc() + 1;
                 if self.warn.allow() {
                     tracing::warn!(
@@ -172,6 +191,9 @@ impl WarnLimiter {
 pub struct Writers {
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The overflow task and the replayer, when there is a spill.
+    spill_tasks: Vec<JoinHandle<()>>,
+    spill: Option<Arc<Spill>>,
     rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
     in_hand: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -189,21 +211,45 @@ impl Writers {
     /// insert already sent may still land.
     pub async fn drain(mut self, deadline: Duration) -> Result<(), u64> {
         self.stop.cancel();
-        let all = futures_util::future::join_all(self.tasks.iter_mut());
+        let all = futures_util::future::join_all(
+            self.tasks.iter_mut().chain(self.spill_tasks.iter_mut()),
+        );
         if tokio::time::timeout(deadline, all).await.is_ok() {
+            self.sync_spill().await;
             self.db.close().await;
             return Ok(());
         }
-        for task in &self.tasks {
+        for task in self.tasks.iter().chain(&self.spill_tasks) {
             task.abort();
         }
         // Cancelled at their next await: nothing moves after this.
-        futures_util::future::join_all(self.tasks.iter_mut()).await;
-        let queued = self.rx.try_lock().map_or(0, |rx| rx.len()) as u64;
-        self.metrics.db_queue_depth.dec_by(queued as i64);
-        let lost = self.in_hand.load(Ordering::Acquire) + queued;
+        futures_util::future::join_all(self.tasks.iter_mut().chain(self.spill_tasks.iter_mut()))
+            .await;
+        let mut queued = Vec::new();
+        if let Ok(mut rx) = self.rx.try_lock() {
+            while let Ok(row) = rx.try_recv() {
+                queued.push(row);
+            }
+        }
+        self.metrics.db_queue_depth.dec_by(queued.len() as i64);
+        let mut lost = self.in_hand.load(Ordering::Acquire);
+        match &self.spill {
+            // Still queued: the spill keeps them for the next start.
+            Some(spill) if spill_blocking(spill, queued.clone()).await => {}
+            _ => lost += queued.len() as u64,
+        }
+        self.sync_spill().await;
+        if lost == 0 {
+            return Ok(());
+        }
         self.metrics.db_abandoned.inc_by(lost);
         Err(lost)
+    }
+
+    async fn sync_spill(&self) {
+        if let Some(spill) = self.spill.clone() {
+            let _ = tokio::task::spawn_blocking(move || spill.sync()).await;
+        }
     }
 }
 
@@ -215,54 +261,235 @@ impl Writers {
 ///
 /// # Errors
 /// [`StoreError`] when the database cannot be opened or migrated.
+///
+/// With a spill (`store.spill_dir` set), a database that cannot be reached
+/// at start does not stop gale: it serves, spills the log's rows, and
+/// connects and migrates as soon as the database answers.
 pub async fn start(
     cfg: &StoreConfig,
     metrics: Arc<Metrics>,
 ) -> Result<(Db, RequestLog, Writers), StoreError> {
-    let log_db = Db::connect(&cfg.url, cfg.workers as u32).await?;
-    log_db.migrate().await?;
-    let notes_db = Db::connect(&cfg.url, cfg.notes_connections as u32).await?;
-    let (log, writers) = spawn_writers(log_db, cfg, metrics);
+    if cfg.spill_dir.is_empty() {
+        let (log_db, notes_db) = connect_both(cfg).await?;
+        let (log, writers) = spawn_writers(log_db, cfg, metrics);
+        return Ok((notes_db, log, writers));
+    }
+    let spill = Arc::new(Spill::open(
+        Path::new(&cfg.spill_dir),
+        cfg.spill_max_bytes,
+        metrics.clone(),
+    )?);
+    let opened = tokio::time::timeout(START_TIMEOUT, connect_both(cfg)).await;
+    let (log_db, notes_db, migrated) = match opened {
+        Ok(Ok((log_db, notes_db))) => (log_db, notes_db, true),
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer in {} s", START_TIMEOUT.as_secs()),
+            };
+            tracing::error!(
+                %error,
+                spill = %cfg.spill_dir,
+                "the database is unavailable at start: serving anyway; request-log rows go \
+                 to the spill until it is back, notes fail until then"
+            );
+            spill.set_down(true);
+            let log_db = Db::connect_lazy(&cfg.url, cfg.workers as u32).await?;
+            let notes_db = Db::connect_lazy(&cfg.url, cfg.notes_connections as u32).await?;
+            (log_db, notes_db, false)
+        }
+    };
+    let (log, writers) = spawn_with_spill(log_db, cfg, metrics, Some((spill, migrated)));
     Ok((notes_db, log, writers))
 }
 
-/// Starts the writers on an open, migrated database.
+/// How long start waits for the database before serving without it (with
+/// a spill).
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest one insert may take before it counts as failed (the
+/// database or the network to it stalled). An insert cut off may still
+/// land: with a spill its rows are then written twice.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn connect_both(cfg: &StoreConfig) -> Result<(Db, Db), StoreError> {
+    let log_db = Db::connect(&cfg.url, cfg.workers as u32).await?;
+    log_db.migrate().await?;
+    let notes_db = Db::connect(&cfg.url, cfg.notes_connections as u32).await?;
+    Ok((log_db, notes_db))
+}
+
+/// Starts the writers on an open, migrated database, with no spill.
 pub fn spawn_writers(db: Db, cfg: &StoreConfig, metrics: Arc<Metrics>) -> (RequestLog, Writers) {
+    spawn_with_spill(db, cfg, metrics, None)
+}
+
+/// Starts the writers and, with a spill, its overflow task and replayer
+/// (`migrated`: whether the schema is known to be up to date).
+fn spawn_with_spill(
+    db: Db,
+    cfg: &StoreConfig,
+    metrics: Arc<Metrics>,
+    spill: Option<(Arc<Spill>, bool)>,
+) -> (RequestLog, Writers) {
     let (tx, rx) = mpsc::channel(cfg.queue_size);
     let rx = Arc::new(Mutex::new(rx));
     let stop = CancellationToken::new();
-    let slow = Arc::new(WarnLimiter::new(Duration::from_secs(5)));
     let in_hand = Arc::new(AtomicU64::new(0));
+    let inserter = Arc::new(Inserter {
+        db: db.clone(),
+        slow: WarnLimiter::new(Duration::from_secs(5)),
+        max_retries: cfg.max_retries.max(1),
+        metrics: metrics.clone(),
+        spill: spill.as_ref().map(|(s, _)| s.clone()),
+    });
     let tasks = (0..cfg.workers)
         .map(|_| {
             let writer = Writer {
                 rx: rx.clone(),
                 in_hand: in_hand.clone(),
-                slow: slow.clone(),
                 window: Duration::from_millis(cfg.batch_window_ms),
-                db: db.clone(),
                 batch_size: cfg.batch_size,
-                max_retries: cfg.max_retries.max(1),
-                metrics: metrics.clone(),
+                inserter: inserter.clone(),
                 stop: stop.clone(),
             };
             tokio::spawn(writer.run())
         })
         .collect();
+    let mut spill_tasks = Vec::new();
+    let mut overflow = None;
+    if let Some((spill, migrated)) = &spill {
+        let (otx, orx) = mpsc::channel(cfg.queue_size);
+        overflow = Some(otx);
+        spill_tasks.push(tokio::spawn(spill_overflow(
+            orx,
+            spill.clone(),
+            cfg.batch_size,
+            stop.clone(),
+        )));
+        spill_tasks.push(tokio::spawn(replay(
+            inserter.clone(),
+            spill.clone(),
+            *migrated,
+            stop.clone(),
+        )));
+    }
     let log = RequestLog {
         tx,
+        overflow,
         metrics,
         warn: Arc::new(WarnLimiter::new(Duration::from_secs(5))),
     };
     let writers = Writers {
         stop,
         tasks,
+        spill_tasks,
+        spill: spill.map(|(s, _)| s),
         rx,
         in_hand,
         metrics: log.metrics.clone(),
         db,
     };
     (log, writers)
+}
+
+/// Appends `rows` to the spill off the async threads; whether it kept them.
+async fn spill_blocking(spill: &Arc<Spill>, rows: Vec<RequestRecord>) -> bool {
+    let spill = spill.clone();
+    let n = rows.len() as u64;
+    match tokio::task::spawn_blocking(move || spill.append(&rows)).await {
+        Ok(kept) => kept,
+        Err(_) => {
+            tracing::error!(rows = n, "request log: the spill task failed; rows lost");
+            false
+        }
+    }
+}
+
+/// Moves the rows the full queue could not take into the spill, a batch
+/// at a time; at shutdown, what is left too.
+async fn spill_overflow(
+    mut rx: mpsc::Receiver<RequestRecord>,
+    spill: Arc<Spill>,
+    batch_size: usize,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(batch_size);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, batch_size) => n,
+            () = stop.cancelled(), if !rx.is_closed() => {
+                rx.close();
+                continue;
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        spill_blocking(&spill, std::mem::take(&mut batch)).await;
+    }
+}
+
+/// Replays the spill into the database, oldest record first, while the
+/// database takes it; probes it (and migrates, if that never happened)
+/// with backoff while it does not. `fsync`s the spill once a second.
+async fn replay(
+    inserter: Arc<Inserter>,
+    spill: Arc<Spill>,
+    mut migrated: bool,
+    stop: CancellationToken,
+) {
+    const MAX_DELAY: Duration = Duration::from_secs(5);
+    let mut delay = Duration::from_millis(250);
+    let mut synced = Instant::now();
+    while !stop.is_cancelled() {
+        if synced.elapsed() >= Duration::from_secs(1) {
+            let s = spill.clone();
+            let _ = tokio::task::spawn_blocking(move || s.sync()).await;
+            synced = Instant::now();
+        }
+        let up = if !migrated {
+            let done = tokio::time::timeout(INSERT_TIMEOUT, inserter.db.migrate()).await;
+            migrated = matches!(done, Ok(Ok(())));
+            migrated
+        } else if spill.is_down() {
+            tokio::time::timeout(INSERT_TIMEOUT, inserter.db.ping())
+                .await
+                .is_ok_and(|r| r.is_ok())
+        } else {
+            let s = spill.clone();
+            match tokio::task::spawn_blocking(move || s.next_batch()).await {
+                Ok(Some((rows, to))) => {
+                    if inserter.write(&rows, true).await.is_empty() {
+                        let s = spill.clone();
+                        let n = rows.len();
+                        let _ = tokio::task::spawn_blocking(move || s.commit(to, n)).await;
+                        delay = Duration::from_millis(250);
+                        continue;
+                    }
+                    false
+                }
+                _ => {
+                    // Nothing to replay: wait for more, or for a second.
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = stop.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
+        };
+        spill.set_down(!up);
+        if !up {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => {}
+            }
+            delay = (delay * 2).min(MAX_DELAY);
+        } else {
+            delay = Duration::from_millis(250);
+        }
+    }
 }
 
 /// A batch insert slower than this is logged (at most every few seconds).
@@ -273,12 +500,9 @@ struct Writer {
     /// Rows taken from the queue and not yet written, set aside or given
     /// up on, across all writers: what a drain cut short loses.
     in_hand: Arc<AtomicU64>,
-    slow: Arc<WarnLimiter>,
     window: Duration,
-    db: Db,
     batch_size: usize,
-    max_retries: u32,
-    metrics: Arc<Metrics>,
+    inserter: Arc<Inserter>,
     stop: CancellationToken,
 }
 
@@ -334,19 +558,56 @@ impl Writer {
     /// Counts `n` rows just taken from the queue as in hand.
     fn took(&self, n: usize) {
         self.in_hand.fetch_add(n as u64, Ordering::AcqRel);
-        self.metrics.db_queue_depth.dec_by(n as i64);
+        self.inserter.metrics.db_queue_depth.dec_by(n as i64);
     }
 
+    /// Writes a batch; what the database cannot take goes to the spill,
+    /// or with none is counted as failed. While the database is known to
+    /// be down, the batch goes straight to the spill.
+    async fn write(&self, rows: &[RequestRecord]) {
+        let ins = &self.inserter;
+        if let Some(spill) = ins.spill.as_ref().filter(|s| s.is_down()) {
+            spill_blocking(spill, rows.to_vec()).await;
+            return;
+        }
+        for part in ins.write(rows, false).await {
+            match &ins.spill {
+                Some(spill) => {
+                    spill_blocking(spill, part.to_vec()).await;
+                }
+                None => {
+                    ins.metrics.db_failed.inc_by(part.len() as u64);
+                }
+            }
+        }
+    }
+}
+
+/// Inserts rows, for the writers and the replayer alike.
+struct Inserter {
+    db: Db,
+    slow: WarnLimiter,
+    max_retries: u32,
+    metrics: Arc<Metrics>,
+    /// With a spill, an insert the database cannot take is not retried
+    /// here: its rows are spilled and the spill marked down.
+    spill: Option<Arc<Spill>>,
+}
+
+impl Inserter {
     /// Writes `rows`. A batch the database refuses because of what one of
     /// its rows holds (a data or constraint error) is split in halves
     /// until the refused rows stand alone; they are set aside and counted
     /// as rejected, and every other row is written. Any other error
-    /// (database down, locked, timed out) is retried with backoff.
-    async fn write(&self, rows: &[RequestRecord]) {
+    /// (database down, locked, timed out) is retried with backoff, or with
+    /// a spill (or `once`) not at all. Returns the parts not written for
+    /// such errors, in order.
+    async fn write<'r>(&self, rows: &'r [RequestRecord], once: bool) -> Vec<&'r [RequestRecord]> {
+        let mut unwritten = Vec::new();
         // Halves still to write, the next one last; order is kept.
         let mut parts = vec![rows];
         while let Some(part) = parts.pop() {
-            match self.insert_retrying(part).await {
+            match self.insert_retrying(part, once).await {
                 Inserted::Ok => {}
                 Inserted::Refused(_) if part.len() > 1 => {
                     let (first, second) = part.split_at(part.len() / 2);
@@ -364,21 +625,30 @@ impl Writer {
                         );
                     }
                 }
-                Inserted::GaveUp => {
-                    self.metrics.db_failed.inc_by(part.len() as u64);
-                }
+                Inserted::Unavailable => unwritten.push(part),
             }
         }
+        unwritten
     }
 
     /// One insert of `rows`, retried with backoff while the error is not
-    /// the rows' own fault.
-    async fn insert_retrying(&self, rows: &[RequestRecord]) -> Inserted {
+    /// the rows' own fault (with a spill, or `once`, tried once).
+    async fn insert_retrying(&self, rows: &[RequestRecord], once: bool) -> Inserted {
         let n = rows.len() as u64;
+        let attempts = if once || self.spill.is_some() {
+            1
+        } else {
+            self.max_retries
+        };
         let mut delay = Duration::from_millis(50);
-        for attempt in 1..=self.max_retries {
+        for attempt in 1..=attempts {
             let began = Instant::now();
-            match self.db.insert_requests(rows).await {
+            let result =
+                match tokio::time::timeout(INSERT_TIMEOUT, self.db.insert_requests(rows)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(sqlx::Error::PoolTimedOut),
+                };
+            match result {
                 Ok(()) => {
                     self.metrics.db_completed.inc_by(n);
                     self.metrics.db_batch_size.observe(n as f64);
@@ -395,8 +665,17 @@ impl Writer {
                 Err(e) if db::refuses_row(&e) => return Inserted::Refused(e),
                 Err(e) => {
                     self.metrics.db_errors.inc();
-                    if attempt == self.max_retries {
-                        tracing::error!(rows = n, error = %e, "request log: giving up on a batch");
+                    if let Some(spill) = &self.spill {
+                        spill.set_down(true);
+                        if self.slow.allow() {
+                            tracing::warn!(rows = n, error = %e, "request log insert failed; spilling");
+                        }
+                        break;
+                    }
+                    if attempt == attempts {
+                        if !once {
+                            tracing::error!(rows = n, error = %e, "request log: giving up on a batch");
+                        }
                         break;
                     }
                     tracing::warn!(rows = n, attempt, error = %e, "request log insert failed; retrying");
@@ -405,7 +684,7 @@ impl Writer {
                 }
             }
         }
-        Inserted::GaveUp
+        Inserted::Unavailable
     }
 }
 
@@ -415,8 +694,9 @@ enum Inserted {
     Ok,
     /// The database refused what a row holds; retrying cannot help.
     Refused(sqlx::Error),
-    /// Failed every attempt.
-    GaveUp,
+    /// The database could not take it (down, unreachable, timed out),
+    /// after every attempt.
+    Unavailable,
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
+pub mod faults;
 pub mod raw;
 
 /// How long any single wait in a test may take before it fails.
@@ -33,7 +34,8 @@ pub struct TestServer {
     pub handle: Option<JoinHandle<Result<(), ServerError>>>,
     pub store_url: String,
     pub db_path: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The server's files: the SQLite database and the spill.
+    pub dir: tempfile::TempDir,
 }
 
 /// A config for tests: OpenWeatherMap against `fake`, SQLite in `dir`.
@@ -46,6 +48,7 @@ pub fn test_config(fake: &FakeUpstream, dir: &std::path::Path) -> Config {
     config.weather.api_key = Some(API_KEY.into());
     config.weather.timeout_ms = 3_000;
     config.store.url = format!("sqlite://{}", dir.join("gale.db").display());
+    config.store.spill_dir = dir.join("spill").display().to_string();
     config
 }
 
@@ -54,10 +57,15 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+    start_in(tempfile::tempdir().expect("tempdir"), configure).await
+}
+
+/// Starts a server whose files (database, spill) live in `dir`: a
+/// directory an earlier server used, to see what a restart finds.
+pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config)) -> TestServer {
     let fake = FakeUpstream::start("127.0.0.1:0")
         .await
         .expect("fake upstream");
-    let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(&fake, dir.path());
     configure(&mut config);
     config.validate().expect("test config is valid");
@@ -78,7 +86,7 @@ pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
         handle: Some(handle),
         store_url,
         db_path: dir.path().join("gale.db"),
-        _dir: dir,
+        dir,
     };
     // Ready once /healthz answers (the store is migrated by then).
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -66,7 +66,20 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(addr: std::net::SocketAddr, path: &str, offer: Option<&str>) -> Raw {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::handshake(stream, path, offer).await
+    }
+
+    /// Connects with a receive buffer of `rcvbuf` bytes: a client whose
+    /// kernel takes little before the server's writes block.
+    pub async fn connect_small(addr: std::net::SocketAddr, path: &str, rcvbuf: u32) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        Self::handshake(stream, path, None).await
+    }
+
+    async fn handshake(mut stream: TcpStream, path: &str, offer: Option<&str>) -> Raw {
         let offer = offer
             .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
             .unwrap_or_default();
