@@ -58,7 +58,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: &str, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.to_owned(),
             message: message.into(),
@@ -315,6 +315,13 @@ pub struct ServerConfig {
     /// closed and counted, so stalled sockets cannot hold every
     /// connection permit.
     pub handshake_timeout_ms: u64,
+    /// A PEM file with the certificate chain (leaf first) to serve TLS
+    /// with: set it and `tls_key` and every connection is TLS (`wss://`,
+    /// `https://`). Unset (the default), gale speaks plain TCP, for a
+    /// proxy in front to terminate TLS.
+    pub tls_cert: Option<String>,
+    /// The PEM file with `tls_cert`'s private key.
+    pub tls_key: Option<String>,
     /// Every this many seconds a connection silent for half of it is
     /// pinged; a peer that leaves a ping unanswered for a whole interval
     /// is dropped. 0 disables pings.
@@ -373,6 +380,8 @@ impl Default for ServerConfig {
             handshake_rate_per_ip: 10_000,
             shutdown_grace_ms: 30_000,
             handshake_timeout_ms: 10_000,
+            tls_cert: None,
+            tls_key: None,
             ping_interval_s: 30,
             max_inflight_per_connection: 32,
             read_buffer_bytes: 256,
@@ -994,6 +1003,21 @@ impl Config {
                 ));
             }
         }
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "server.tls_key",
+                    "is missing: server.tls_cert is set, and TLS needs both",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "server.tls_cert",
+                    "is missing: server.tls_key is set, and TLS needs both",
+                ));
+            }
+            _ => {}
+        }
         if let Some(key) = &self.api.key {
             if key.chars().count() < MIN_API_KEY_CHARS {
                 return Err(ConfigError::invalid(
@@ -1348,6 +1372,8 @@ mod example_file {
             "key",
             "redis_url",
             "node_id",
+            "tls_cert",
+            "tls_key",
         ];
         for (section, keys) in &defaults {
             if section == "events" {

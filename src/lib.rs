@@ -9,6 +9,8 @@
 //! - [`server`]: routes and the shutdown sequence.
 //! - [`listener`]: accepting connections: the connection limit, the
 //!   handshake deadline, HTTP/1.1.
+//! - [`tls`]: serving TLS directly (`server.tls_cert`, `server.tls_key`).
+//! - `transport`: a connection's stream, plain TCP or TLS.
 //! - [`identity`]: JWT at the handshake, the Origin check.
 //! - [`connection`]: one WebSocket connection's read/reply loop.
 //! - [`protocol`]: the wire messages; no state.
@@ -49,5 +51,7 @@ pub mod router;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
+mod transport;
 pub mod weather;
 pub mod websocket;

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::{HttpStage, Metrics};
+use crate::transport::Stream;
 
 /// The listen backlog asked of the kernel (which caps it at
 /// `net.core.somaxconn`, 4096 here). tokio's `TcpListener::bind` asks for
@@ -86,6 +87,8 @@ pub(crate) struct Front {
     /// `server.send_buffer_bytes`: the kernel send buffer of each accepted
     /// socket; 0 leaves the kernel to size it.
     pub(crate) send_buffer: usize,
+    /// Serve TLS with this (`server.tls_cert`, `server.tls_key`).
+    pub(crate) tls: Option<crate::tls::Tls>,
 }
 
 /// Accepts connections until `shutdown`, serving each on a task in
@@ -126,11 +129,13 @@ pub(crate) async fn serve(
                 tracing::debug!(error = %e, "cannot set SO_SNDBUF");
             }
         }
-        let io = LimitedStream {
+        conns.spawn(connection(
             stream,
-            _permit: permit,
-        };
-        conns.spawn(connection(io, addr, front.clone(), shutdown.clone()));
+            permit,
+            addr,
+            front.clone(),
+            shutdown.clone(),
+        ));
     }
 }
 
@@ -150,7 +155,8 @@ async fn accept_error(e: io::Error) {
 
 /// Serves one connection under the handshake deadline.
 async fn connection(
-    io: LimitedStream,
+    tcp: TcpStream,
+    permit: OwnedSemaphorePermit,
     addr: SocketAddr,
     front: Front,
     shutdown: CancellationToken,
@@ -159,7 +165,7 @@ async fn connection(
     // Nothing of hyper's until the client sends something.
     let mut byte = [0_u8; 1];
     tokio::select! {
-        peeked = tokio::time::timeout_at(deadline, io.stream.peek(&mut byte)) => match peeked {
+        peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut byte)) => match peeked {
             Ok(Ok(1..)) => {}
             Ok(_) => return, // closed, or an error: nothing to serve
             Err(_) => {
@@ -170,6 +176,32 @@ async fn connection(
         },
         () = shutdown.cancelled() => return,
     }
+    let stream = match &front.tls {
+        None => Stream::Plain(tcp),
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
+            tokio::select! {
+                done = handshake => match done {
+                    Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                    Ok(Err(e)) => {
+                        front.metrics.tls_failures.inc();
+                        tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        front.metrics.http_timeout(HttpStage::Tls).inc();
+                        tracing::debug!(%addr, "TLS handshake not finished in time: closed");
+                        return;
+                    }
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    };
+    let io = LimitedStream {
+        stream,
+        _permit: permit,
+    };
     let served = Arc::new(AtomicBool::new(false));
     let service = Service {
         router: front.router.clone(),
@@ -241,13 +273,13 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
 /// An accepted stream holding its connection permit.
 pub(crate) struct LimitedStream {
-    stream: TcpStream,
+    stream: Stream,
     _permit: OwnedSemaphorePermit,
 }
 
 impl LimitedStream {
-    /// The socket and its permit, for a connection upgraded to WebSocket.
-    pub(crate) fn into_parts(self) -> (TcpStream, OwnedSemaphorePermit) {
+    /// The stream and its permit, for a connection upgraded to WebSocket.
+    pub(crate) fn into_parts(self) -> (Stream, OwnedSemaphorePermit) {
         (self.stream, self._permit)
     }
 }

@@ -134,6 +134,8 @@ pub enum HttpStage {
     Head,
     /// A request body not received in time.
     Body,
+    /// A TLS handshake not finished in time.
+    Tls,
 }
 
 /// Why a WebSocket handshake was refused by [`crate::admission`].
@@ -192,7 +194,9 @@ pub struct Metrics {
     pub messages_out: Counter,
     /// Connections closed for a protocol violation (1007, 1009, …).
     pub protocol_errors: Counter,
-    http_timeouts: [Counter; 2],
+    http_timeouts: [Counter; 3],
+    /// TLS handshakes that failed.
+    pub tls_failures: Counter,
     handshakes_refused: [Counter; 2],
     /// Weather requests received (the seed's `requests`).
     pub requests: Counter,
@@ -501,8 +505,14 @@ impl Metrics {
             "HTTP connections closed by the handshake deadline, by stage",
             stages.clone(),
         );
-        let http_timeouts = [HttpStage::Head, HttpStage::Body]
+        let http_timeouts = [HttpStage::Head, HttpStage::Body, HttpStage::Tls]
             .map(|stage| stages.get_or_create_owned(&StageLabels { stage }));
+        let tls_failures = Counter::default();
+        reg.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (not TLS, no shared protocol, the peer gave up)",
+            tls_failures.clone(),
+        );
         let refusals = Family::<RefusalLabels, Counter>::default();
         reg.register(
             "handshakes_refused",
@@ -777,6 +787,7 @@ impl Metrics {
             messages_out,
             protocol_errors,
             http_timeouts,
+            tls_failures,
             handshakes_refused,
             requests,
             outcomes,

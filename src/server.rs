@@ -129,6 +129,9 @@ pub struct App {
     pub tracker: TaskTracker,
     /// The ticks of every connection's ping check.
     pub ping_clock: crate::connection::PingClock,
+    /// TLS for every connection, when `server.tls_cert` and `tls_key` are
+    /// set.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 /// Binds the configured listen address.
@@ -219,6 +222,10 @@ pub async fn start(
              shared between nodes; set store.url to the cluster's PostgreSQL"
         );
     }
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let mut weather = Weather::from_config(&config.weather, metrics.clone())?;
     weather.share(cluster.clone());
     let (db, log, writers) = store::start(&config.store, metrics.clone()).await?;
@@ -273,6 +280,7 @@ pub async fn start(
         closing,
         tracker: TaskTracker::new(),
         ping_clock,
+        tls,
     });
 
     let local = listener.local_addr()?;
@@ -318,6 +326,7 @@ async fn serve(
         deadline: app.config.server.handshake_timeout(),
         metrics: app.metrics.clone(),
         send_buffer: app.config.server.send_buffer_bytes,
+        tls: app.tls.clone(),
     };
     let conns = TaskTracker::new();
     let mut accepting = tokio::spawn(crate::listener::serve(

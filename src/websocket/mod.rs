@@ -17,15 +17,15 @@ pub mod frame;
 mod handshake;
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::metrics::Metrics;
+use crate::transport::Stream;
 
 pub use handshake::{Upgrade, UpgradeError};
 pub use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -47,9 +47,6 @@ pub(crate) mod close_code {
 /// (RFC 6455 §5.5.3 allows answering only the latest ping), so a client
 /// that floods pings and never reads cannot grow the queue.
 const MAX_QUEUED_FRAMES: usize = 1024;
-
-/// Slices handed to one `writev`.
-const MAX_SLICES: usize = 64;
 
 /// Queue slots an emptied write queue may keep.
 const KEEP_SLOTS: usize = 16;
@@ -205,7 +202,7 @@ struct Partial {
 
 /// One upgraded WebSocket connection.
 pub struct Socket {
-    stream: TcpStream,
+    stream: Stream,
     /// Bytes read and not yet parsed. Released whenever it is empty, so
     /// an idle connection holds no read buffer.
     read: BytesMut,
@@ -234,7 +231,7 @@ impl std::fmt::Debug for Socket {
 
 impl Socket {
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: Stream,
         read: Bytes,
         deflate: Option<Agreed>,
         limits: Limits,
@@ -270,14 +267,12 @@ impl Socket {
             if self.read.is_empty() && self.read.capacity() > 0 {
                 self.read = BytesMut::new();
             }
-            ready!(self.stream.poll_read_ready(cx))?;
-            if self.read.capacity() - self.read.len() < self.limits.read_buffer {
-                self.read.reserve(self.limits.read_buffer);
-            }
-            match self.stream.try_read_buf(&mut self.read) {
+            match ready!(
+                self.stream
+                    .poll_read_buf(cx, &mut self.read, self.limits.read_buffer)
+            ) {
                 Ok(0) => return Poll::Ready(Err(Error::Closed)),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
         }
@@ -439,58 +434,27 @@ impl Socket {
     /// Writes every queued frame: as many as fit in one vectored write at
     /// a time. Cancel-safe.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            match self.write_some() {
-                Ok(()) if self.out.is_empty() => {
-                    if self.out.capacity() > KEEP_SLOTS {
-                        self.out = VecDeque::new();
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.stream.poll_write_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-
-    /// One vectored write of the front of the queue.
-    fn write_some(&mut self) -> io::Result<()> {
-        let mut wrote = match self.out.len() {
-            0 => return Ok(()),
-            // One frame (a reply): a plain write costs the kernel less
-            // than a one-slice writev.
-            1 => self.stream.try_write(&self.out[0])?,
-            _ => self.write_vectored()?,
-        };
-        if wrote == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while let Some(front) = self.out.front_mut() {
-            if wrote < front.len() {
-                front.advance(wrote);
-                break;
-            }
-            wrote -= front.len();
-            self.out.pop_front();
+        while !self.out.is_empty() {
+            let mut wrote = ready!(self.stream.poll_write_frames(cx, &self.out))?;
             if wrote == 0 {
-                break;
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            while let Some(front) = self.out.front_mut() {
+                if wrote < front.len() {
+                    front.advance(wrote);
+                    break;
+                }
+                wrote -= front.len();
+                self.out.pop_front();
+                if wrote == 0 {
+                    break;
+                }
             }
         }
-        Ok(())
-    }
-
-    /// One `writev` of up to [`MAX_SLICES`] queued frames.
-    fn write_vectored(&self) -> io::Result<usize> {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut n = 0;
-        for (slot, frame) in slices.iter_mut().zip(&self.out) {
-            *slot = IoSlice::new(frame);
-            n += 1;
+        if self.out.capacity() > KEEP_SLOTS {
+            self.out = VecDeque::new();
         }
-        self.stream.try_write_vectored(&slices[..n])
+        self.stream.poll_flush_buffered(cx)
     }
 
     /// Flushes what is queued.

@@ -34,6 +34,9 @@ pub struct TestServer {
     pub handle: Option<JoinHandle<Result<(), ServerError>>>,
     pub store_url: String,
     pub db_path: PathBuf,
+    /// Serving TLS (`server.tls_cert` set): [`TestServer::get`] speaks
+    /// HTTPS.
+    pub tls: bool,
     /// The server's files: the SQLite database and the spill.
     pub dir: tempfile::TempDir,
 }
@@ -70,6 +73,7 @@ pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config
     configure(&mut config);
     config.validate().expect("test config is valid");
     let store_url = config.store.url.clone();
+    let tls = config.server.tls_cert.is_some();
     let listener = server::bind(&config.server.listen).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
@@ -86,6 +90,7 @@ pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut Config
         handle: Some(handle),
         store_url,
         db_path: dir.path().join("gale.db"),
+        tls,
         dir,
     };
     // Ready once /healthz answers (the store is migrated by then).
@@ -155,8 +160,14 @@ impl TestServer {
         }
     }
 
-    /// A plain HTTP GET: (status, body).
+    /// An HTTP GET (over TLS when the server serves TLS): (status, body).
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        if self.tls {
+            let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+            let name = rustls_pki_types::ServerName::try_from("localhost").ok()?;
+            let s = tls_connector().connect(name, tcp).await.ok()?;
+            return get_over(s, self.addr, path).await;
+        }
         http_get(self.addr, path).await
     }
 
@@ -228,8 +239,35 @@ impl TestServer {
 /// Minimal HTTP/1.1 GET over a raw socket, so tests see exactly what the
 /// server sends.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    get_over(s, addr, path).await
+}
+
+/// The test keys' file `name` (tests/keys).
+pub fn key_file(name: &str) -> String {
+    format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A TLS client that trusts the self-signed certificate in tests/keys.
+pub fn tls_connector() -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(key_file("tls-cert.pem")).expect("pem") {
+        roots.add(cert.expect("cert")).expect("root");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+async fn get_over(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: SocketAddr,
+    path: &str,
+) -> Option<(u16, String)> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();

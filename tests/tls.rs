@@ -1,0 +1,202 @@
+//! TLS served directly (`server.tls_cert` / `server.tls_key`): a real
+//! rustls client speaks `wss://` and `https://` to the real server, which
+//! trusts the self-signed certificate in tests/keys as its root.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{key_file, start_with};
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn tls_server() -> common::TestServer {
+    start_with(|c| {
+        c.server.tls_cert = Some(key_file("tls-cert.pem"));
+        c.server.tls_key = Some(key_file("tls-key.pem"));
+    })
+    .await
+}
+
+type Wss = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
+
+/// The next text message, parsed; pings are skipped.
+async fn next(ws: &mut Wss) -> Value {
+    loop {
+        match tokio::time::timeout(common::WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).expect("json"),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+async fn tls_connect(server: &common::TestServer, name: &str) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let name = ServerName::try_from(name.to_owned()).expect("name");
+    common::tls_connector()
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
+#[tokio::test]
+async fn wss_serves_weather_events_and_many_frames_at_once() {
+    let server = tls_server().await;
+    let tls = tls_connect(&server, "localhost").await;
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("WebSocket over TLS");
+    let hello = next(&mut ws).await;
+    assert!(hello["client_id"].is_string(), "{hello}");
+    ws.send(Message::text("Oslo")).await.expect("send");
+    let reply = next(&mut ws).await;
+    assert_eq!(reply["type"], "weather", "{reply}");
+    assert_eq!(reply["city"], "Oslo");
+
+    // Many requests at once: replies queue and go out many frames to a
+    // write, through rustls.
+    for i in 0..300 {
+        let msg = json!({"event": "weather.get", "data": {"city": format!("Tls{}", i % 7)}, "ref": i.to_string()});
+        ws.feed(Message::text(msg.to_string())).await.expect("feed");
+    }
+    ws.flush().await.expect("flush");
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 300 {
+        let v = next(&mut ws).await;
+        if let Some(r) = v["reply"].as_str() {
+            assert_eq!(v["ok"], true, "{v}");
+            seen.insert(r.to_owned());
+        }
+    }
+    // A large message both ways (past the TLS record size of 16 KiB).
+    let big = "x".repeat(40_000);
+    ws.send(Message::text(big)).await.expect("send");
+    let reply = next(&mut ws).await;
+    assert_eq!(reply["type"], "error", "a 40 KB city is refused: {reply}");
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test]
+async fn https_answers_and_a_plain_client_is_refused_without_harm() {
+    let server = tls_server().await;
+    let mut tls = tls_connect(&server, "127.0.0.1").await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut body = String::new();
+    tls.read_to_string(&mut body).await.expect("read");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        None,
+        "no ALPN asked, none chosen"
+    );
+
+    // Plain HTTP to the TLS port: not TLS, closed, counted.
+    let before = server.sample("gale_tls_handshake_failures_total").await;
+    let mut plain = TcpStream::connect(server.addr).await.expect("connect");
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while server.sample("gale_tls_handshake_failures_total").await <= before {
+        assert!(tokio::time::Instant::now() < deadline, "failure counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A client that starts a handshake and stalls is closed at the
+    // handshake deadline.
+    let mut stalled = TcpStream::connect(server.addr).await.expect("connect");
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
+    // Still serving meanwhile.
+    let mut again = tls_connect(&server, "localhost").await;
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut body = String::new();
+    again.read_to_string(&mut body).await.expect("read");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_stalls_is_closed_at_the_deadline() {
+    let server = start_with(|c| {
+        c.server.tls_cert = Some(key_file("tls-cert.pem"));
+        c.server.tls_key = Some(key_file("tls-key.pem"));
+        c.server.handshake_timeout_ms = 300;
+    })
+    .await;
+    let mut stalled = TcpStream::connect(server.addr).await.expect("connect");
+    // The start of a ClientHello record, and nothing more.
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.expect("write");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf))
+        .await
+        .expect("closed by the server in time");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert_eq!(
+        server
+            .sample("gale_http_timeouts_total{stage=\"Tls\"}")
+            .await,
+        1.0
+    );
+}
+
+#[test]
+fn unusable_tls_files_are_refused_by_name() {
+    let missing = gale::tls::acceptor("/no/such/cert.pem", &key_file("tls-key.pem"))
+        .expect_err("missing file");
+    assert!(missing.to_string().contains("server.tls_cert"), "{missing}");
+    let not_a_cert = gale::tls::acceptor(&key_file("tls-key.pem"), &key_file("tls-key.pem"))
+        .expect_err("a key is not a certificate");
+    assert!(
+        not_a_cert.to_string().contains("server.tls_cert"),
+        "{not_a_cert}"
+    );
+    let wrong_key = gale::tls::acceptor(&key_file("tls-cert.pem"), &key_file("rsa-private.pem"))
+        .expect_err("another key");
+    assert!(
+        wrong_key.to_string().contains("server.tls_key"),
+        "{wrong_key}"
+    );
+    assert!(gale::tls::acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).is_ok());
+}
+
+#[tokio::test]
+async fn gale_client_speaks_wss_trusting_the_system_roots_or_ssl_cert_file() {
+    let server = tls_server().await;
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    let run = |url: String, trust: bool| {
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gale"));
+            cmd.args(["client", &url, "--send", "Paris"]);
+            if trust {
+                cmd.env("SSL_CERT_FILE", key_file("tls-cert.pem"));
+            }
+            cmd.output().expect("gale client")
+        })
+    };
+    let out = run(url.clone(), true).await.expect("join");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(r#""city":"Paris""#),
+        "{out:?}"
+    );
+    // Not trusted: refused, and says why.
+    let out = run(url, false).await.expect("join");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("certificate"), "{err}");
+}
