@@ -278,6 +278,8 @@ pub struct Metrics {
     pub users: Gauge,
     /// Topics with at least one subscriber.
     pub topics: Gauge,
+    /// Per-event rate-limit buckets held (user, connection, address).
+    pub rate_buckets: Gauge,
     /// Pushes queued into connections' outboxes.
     pub pushes: Counter,
     /// Broadcasts dropped because the broadcast queue was full.
@@ -749,6 +751,12 @@ impl Metrics {
             "Topics with at least one subscriber",
             topics.clone(),
         );
+        let rate_buckets = Gauge::default();
+        reg.register(
+            "rate_limit_buckets",
+            "Per-event rate-limit buckets held (at most 200,000)",
+            rate_buckets.clone(),
+        );
         let pushes = Counter::default();
         reg.register("pushes", "Pushes queued for connections", pushes.clone());
         let broadcast_dropped = Counter::default();
@@ -767,6 +775,7 @@ impl Metrics {
         Metrics {
             users,
             topics,
+            rate_buckets,
             pushes,
             broadcast_dropped,
             broadcast_batch,
@@ -920,6 +929,7 @@ impl Metrics {
             "rss-bytes": resident_bytes(),
             "users": self.users.get(),
             "topics": self.topics.get(),
+            "rate-limit-buckets": self.rate_buckets.get(),
             "pushes": self.pushes.get(),
             "outbound-dropped": self.outbound_dropped.get(),
             "outbound-queued": self.outbound_queued.get(),

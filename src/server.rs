@@ -485,6 +485,9 @@ impl App {
         self.metrics
             .breaker_state
             .set(self.weather.breaker_state() as i64);
+        self.metrics
+            .rate_buckets
+            .set(self.router.rate_buckets() as i64);
     }
 }
 

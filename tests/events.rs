@@ -450,3 +450,36 @@ async fn a_weather_event_cut_off_by_its_handler_timeout_is_still_counted_and_log
         .collect();
     assert_eq!(got, [("Lima", Some("timeout")), ("Quito", Some("timeout"))]);
 }
+
+#[tokio::test]
+async fn a_closed_connections_rate_limit_buckets_are_forgotten() {
+    let server = common::start().await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut c = server.client().await;
+        let r = c
+            .request(
+                "weather.subscribe",
+                serde_json::json!({"city": "Oslo"}),
+                &i.to_string(),
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+        clients.push(c);
+    }
+    // One bucket per connection, and one for their shared address.
+    assert_eq!(server.metric("rate-limit-buckets").await, 21);
+    for mut c in clients {
+        c.ws.close(None).await.expect("close");
+    }
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while server.metric("connections").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "connections closed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        server.metric("rate-limit-buckets").await,
+        1,
+        "only the address's bucket outlives its connections"
+    );
+}

@@ -465,6 +465,19 @@ impl Router {
             .take(route.index, Subject::User(user.clone()), rate)
     }
 
+    /// Forgets what a closed connection held: its per-connection rate
+    /// limit buckets.
+    pub fn connection_closed(&self, conn_id: Uuid) {
+        let events = self.routes.values().map(|r| r.index + 1).max().unwrap_or(0);
+        self.limits.forget_connection(conn_id, events);
+    }
+
+    /// Rate-limit buckets held now (approximate until pending evictions
+    /// run; this runs them).
+    pub fn rate_buckets(&self) -> u64 {
+        self.limits.sync_len()
+    }
+
     /// Events waiting for a worker.
     pub fn queue_depth(&self) -> usize {
         self.pool.depth()

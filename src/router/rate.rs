@@ -92,6 +92,21 @@ impl Limits {
             .take()
     }
 
+    /// Forgets connection `id`'s buckets for events `0..events`: once it
+    /// has closed they can never be used again, and would otherwise hold
+    /// their place for an hour.
+    pub fn forget_connection(&self, id: Uuid, events: usize) {
+        for event in 0..events {
+            self.buckets.invalidate(&(event, Subject::Connection(id)));
+        }
+    }
+
+    /// Buckets held now, after pending removals have run.
+    pub fn sync_len(&self) -> u64 {
+        self.buckets.run_pending_tasks();
+        self.buckets.entry_count()
+    }
+
     /// Buckets held now (approximate).
     pub fn len(&self) -> u64 {
         self.buckets.entry_count()
@@ -137,5 +152,31 @@ mod tests {
         limits.take(0, b, rate).expect("anonymous connection");
         limits.take(1, a.clone(), rate).expect("another event");
         assert!(limits.take(0, a, rate).is_err());
+    }
+
+    #[test]
+    fn a_closed_connections_buckets_are_forgotten() {
+        let limits = Limits::default();
+        let rate = Rate {
+            count: 1,
+            per: Duration::from_secs(3600),
+        };
+        let (gone, stays) = (Uuid::new_v4(), Uuid::new_v4());
+        for event in 0..3 {
+            limits
+                .take(event, Subject::Connection(gone), rate)
+                .expect("first");
+            limits
+                .take(event, Subject::Connection(stays), rate)
+                .expect("first");
+        }
+        limits.forget_connection(gone, 3);
+        limits.buckets.run_pending_tasks();
+        assert_eq!(
+            limits.len(),
+            3,
+            "only the open connection's buckets are left"
+        );
+        assert!(limits.take(0, Subject::Connection(stays), rate).is_err());
     }
 }
