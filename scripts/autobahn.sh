@@ -26,7 +26,7 @@ cargo build --release --quiet
 rm -rf "$OUT" && mkdir -p "$OUT"
 # 16 MiB messages: the suite's largest (case 9.x) must fit.
 GALE_SERVER__ECHO=true GALE_SERVER__LISTEN="127.0.0.1:$PORT" \
-GALE_SERVER__MAX_MESSAGE_BYTES=16777216 GALE_STORE__URL="sqlite://$OUT/gale.db" \
+GALE_SERVER__MAX_MESSAGE_BYTES=16777216 GALE_STORE__URL="sqlite://$OUT/gale.db" GALE_STORE__SPILL_DIR="$OUT/spill" \
 RUST_LOG=warn target/release/gale serve &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

@@ -23,7 +23,7 @@ trap cleanup EXIT
 # fair set-up for the peers too, but each runs as its own example does.
 GALE_SERVER__ECHO=true GALE_SERVER__LISTEN=127.0.0.1:9390 \
 GALE_WEATHER__PROVIDER=openweathermap GALE_WEATHER__API_KEY=k \
-GALE_WEATHER__BASE_URL=http://127.0.0.1:9391 GALE_STORE__URL="sqlite://$tmp/bench.db" \
+GALE_WEATHER__BASE_URL=http://127.0.0.1:9391 GALE_STORE__URL="sqlite://$tmp/bench.db" GALE_STORE__SPILL_DIR="$tmp/spill" \
 RUST_LOG=warn "$gale" serve 2>"$tmp/server.log" & pids+=($!); gale_pid=$!
 "$peers" axum 127.0.0.1:9392 2>/dev/null & pids+=($!); axum_pid=$!
 "$peers" fastwebsockets 127.0.0.1:9393 2>/dev/null & pids+=($!); fws_pid=$!

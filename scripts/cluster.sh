@@ -32,6 +32,7 @@ for i in $(seq 1 "$n"); do
   GALE_WEATHER__BASE_URL="http://127.0.0.1:8079" \
   GALE_API__KEY="${GALE_API__KEY:-cluster-demo-key-0123}" \
   GALE_STORE__URL="${STORE_URL:-sqlite://target/cluster/node$i/gale.db}" \
+  GALE_STORE__SPILL_DIR="target/cluster/node$i/spill" \
     "$bin" serve --listen "127.0.0.1:$port" &
   pids+=($!)
   echo "node$i: ws://127.0.0.1:$port/ws"

@@ -310,14 +310,14 @@ impl Hub {
                 }
             }
             let mut last = false;
-            if let Some(u) = &member.user {
-                if let Some(ids) = st.users.get_mut(u) {
-                    ids.retain(|id| *id != conn_id);
-                    if ids.is_empty() {
-                        st.users.remove(u);
-                        self.backplane.interest(Channel::User(u.clone()), false);
-                        last = true;
-                    }
+            if let Some(u) = &member.user
+                && let Some(ids) = st.users.get_mut(u)
+            {
+                ids.retain(|id| *id != conn_id);
+                if ids.is_empty() {
+                    st.users.remove(u);
+                    self.backplane.interest(Channel::User(u.clone()), false);
+                    last = true;
                 }
             }
             self.metrics.users.set(st.users.len() as i64);
@@ -381,10 +381,10 @@ impl Hub {
         }
         if let Some(ids) = st.topics.get_mut(topic) {
             ids.remove(&conn_id);
-            if ids.is_empty() {
-                if let Some((key, _)) = st.topics.remove_entry(topic) {
-                    self.backplane.interest(Channel::Topic(key), false);
-                }
+            if ids.is_empty()
+                && let Some((key, _)) = st.topics.remove_entry(topic)
+            {
+                self.backplane.interest(Channel::Topic(key), false);
             }
         }
         self.metrics.topics.set(st.topics.len() as i64);

@@ -543,8 +543,8 @@ pub struct StoreConfig {
     pub max_retries: u32,
     /// Directory for the disk spill: rows the database cannot take now
     /// (down, unreachable, too slow to keep the queue from filling) are
-    /// appended here and replayed once it can. Created on first use; empty
-    /// turns the spill off.
+    /// appended here and replayed once it can. Created at start and locked
+    /// (one gale process per directory); empty turns the spill off.
     pub spill_dir: String,
     /// Most bytes the spill holds not yet replayed; past this, rows are
     /// dropped and counted.
@@ -1018,15 +1018,15 @@ impl Config {
             }
             _ => {}
         }
-        if let Some(key) = &self.api.key {
-            if key.chars().count() < MIN_API_KEY_CHARS {
-                return Err(ConfigError::invalid(
-                    "api.key",
-                    format!(
-                        "must be at least {MIN_API_KEY_CHARS} characters (it guards pushes to every user)"
-                    ),
-                ));
-            }
+        if let Some(key) = &self.api.key
+            && key.chars().count() < MIN_API_KEY_CHARS
+        {
+            return Err(ConfigError::invalid(
+                "api.key",
+                format!(
+                    "must be at least {MIN_API_KEY_CHARS} characters (it guards pushes to every user)"
+                ),
+            ));
         }
         crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
         for url in self.cluster.redis_urls() {
@@ -1045,13 +1045,13 @@ impl Config {
                 "must be 1 to 64 characters, without spaces, ':', '{' or '}'",
             ));
         }
-        if let Some(id) = &self.cluster.node_id {
-            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_graphic()) {
-                return Err(ConfigError::invalid(
-                    "cluster.node_id",
-                    "must be 1 to 64 printable ASCII characters without spaces",
-                ));
-            }
+        if let Some(id) = &self.cluster.node_id
+            && (id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(ConfigError::invalid(
+                "cluster.node_id",
+                "must be 1 to 64 printable ASCII characters without spaces",
+            ));
         }
         Ok(())
     }

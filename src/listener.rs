@@ -123,11 +123,10 @@ pub(crate) async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        if front.send_buffer > 0 {
-            if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(front.send_buffer)
-            {
-                tracing::debug!(error = %e, "cannot set SO_SNDBUF");
-            }
+        if front.send_buffer > 0
+            && let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(front.send_buffer)
+        {
+            tracing::debug!(error = %e, "cannot set SO_SNDBUF");
         }
         conns.spawn(connection(
             stream,

@@ -399,10 +399,10 @@ async fn serve(
     // Leaving the cluster: what is queued for other nodes goes out, and
     // this node's presence is removed (bounded by the call deadline).
     membership.stop.cancel();
-    if let Some(presence) = membership.presence {
-        if let Err(e) = presence.await {
-            failure.get_or_insert(ServerError::joined("cluster presence", e));
-        }
+    if let Some(presence) = membership.presence
+        && let Err(e) = presence.await
+    {
+        failure.get_or_insert(ServerError::joined("cluster presence", e));
     }
 
     let queued = app.log.depth();

@@ -188,6 +188,7 @@ async fn serve_binary_round_trips_and_exits_0_on_sigterm() {
             "GALE_STORE__URL",
             format!("sqlite://{}/g.db", dir.path().display()),
         )
+        .env("GALE_STORE__SPILL_DIR", dir.path().join("spill"))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn serve");
@@ -302,10 +303,13 @@ async fn bench_procs_merges_worker_reports_exactly() {
 /// naming `key`, or start and exit 0 on SIGTERM. Never a panic.
 fn start_or_refuse(key: &str, var: &str, value: &str, db: &str) -> Result<(), String> {
     use std::io::{BufRead, BufReader};
+    // Each run its own spill: one process per spill directory.
+    let spill = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut child = Command::new(GALE)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env(var, value)
         .env("GALE_STORE__URL", db)
+        .env("GALE_STORE__SPILL_DIR", spill.path())
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

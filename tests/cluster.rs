@@ -264,6 +264,7 @@ impl Process {
                 "GALE_STORE__URL",
                 format!("sqlite://{}/g.db", dir.path().display()),
             )
+            .env("GALE_STORE__SPILL_DIR", dir.path().join("spill"))
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .kill_on_drop(true)

@@ -101,10 +101,10 @@ pub async fn store(
                 (n, began.elapsed())
             }));
         }
-        if importing.as_ref().is_some_and(|t| t.is_finished()) {
-            if let Some(task) = importing.take() {
-                imported = task.await.ok();
-            }
+        if importing.as_ref().is_some_and(|t| t.is_finished())
+            && let Some(task) = importing.take()
+        {
+            imported = task.await.ok();
         }
         if let Some(bar) = &bar {
             bar.set_position(started.elapsed().as_millis() as u64);

@@ -420,21 +420,21 @@ impl Router {
                 ),
             ));
         }
-        if let Some(role) = &p.requires_role {
-            if !caller.roles.iter().any(|r| r == role) {
-                return Err(ErrorBody::new(
-                    ErrorCode::Forbidden,
-                    format!("{} needs the role {role:?}", route.name),
-                ));
-            }
+        if let Some(role) = &p.requires_role
+            && !caller.roles.iter().any(|r| r == role)
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::Forbidden,
+                format!("{} needs the role {role:?}", route.name),
+            ));
         }
-        if let Some(global) = &self.global {
-            if global.take().is_err() {
-                return Err(ErrorBody::new(
-                    ErrorCode::RateLimited,
-                    "the server is receiving too many events: slow down",
-                ));
-            }
+        if let Some(global) = &self.global
+            && global.take().is_err()
+        {
+            return Err(ErrorBody::new(
+                ErrorCode::RateLimited,
+                "the server is receiving too many events: slow down",
+            ));
         }
         if let Some(rate) = p.rate_limit {
             // Anonymous callers count per connection and per address, so a
@@ -536,16 +536,16 @@ async fn run(task: Task) {
         shared_rate,
         _slot,
     } = task;
-    if let Some((rate, user)) = &shared_rate {
-        if let Err(body) = take_shared(&ctx, &route, *rate, user).await {
-            route.count(Outcome::from(body.code));
-            if let Some(r) = &reply_to {
-                ctx.caller
-                    .outbox
-                    .push(reply_json(r, &Err(body)).into(), true);
-            }
-            return;
+    if let Some((rate, user)) = &shared_rate
+        && let Err(body) = take_shared(&ctx, &route, *rate, user).await
+    {
+        route.count(Outcome::from(body.code));
+        if let Some(r) = &reply_to {
+            ctx.caller
+                .outbox
+                .push(reply_json(r, &Err(body)).into(), true);
         }
+        return;
     }
     let outbox = ctx.caller.outbox.clone();
     let metrics = ctx.app.metrics.clone();
@@ -571,22 +571,22 @@ async fn run(task: Task) {
         .handler_latency
         .observe(started.elapsed().as_secs_f64());
     let mut reply = reply_to.as_ref().map(|r| reply_json(r, &result));
-    if let (Some(r), Some(text)) = (&reply_to, &reply) {
-        if text.len() > limit {
-            // A handler's bug: every shipped event keeps its replies within
-            // the limit. The client gets an error, not a dropped connection.
-            tracing::error!(
-                event = route.name,
-                bytes = text.len(),
-                limit,
-                "reply over server.max_outbound_message_bytes: replaced by an error"
-            );
-            result = Err(ErrorBody::new(
-                ErrorCode::InternalError,
-                "the reply would be larger than the server may send",
-            ));
-            reply = Some(reply_json(r, &result));
-        }
+    if let (Some(r), Some(text)) = (&reply_to, &reply)
+        && text.len() > limit
+    {
+        // A handler's bug: every shipped event keeps its replies within
+        // the limit. The client gets an error, not a dropped connection.
+        tracing::error!(
+            event = route.name,
+            bytes = text.len(),
+            limit,
+            "reply over server.max_outbound_message_bytes: replaced by an error"
+        );
+        result = Err(ErrorBody::new(
+            ErrorCode::InternalError,
+            "the reply would be larger than the server may send",
+        ));
+        reply = Some(reply_json(r, &result));
     }
     route.count(match &result {
         Ok(_) => Outcome::Ok,

@@ -17,6 +17,11 @@
 //! Delivery is at least once: a crash between a replayed insert and the
 //! cursor's update replays that one batch again.
 //!
+//! One process owns a spill directory at a time: it holds an exclusive
+//! lock on `DIR/lock` while it runs, and a second gale given the same
+//! directory refuses to start (two nodes sharing one spill would replay
+//! each other's rows).
+//!
 //! A record that is cut short, fails its checksum or does not parse (a
 //! write torn by a crash, a damaged disk) ends its segment: it and what
 //! follows in that segment are skipped and counted in
@@ -48,13 +53,30 @@ const HEADER: u64 = 12;
 const MAX_PAYLOAD: u64 = 64 << 20;
 const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 const CURSOR: &str = "cursor";
+const LOCK: &str = "lock";
 
 /// Why the spill could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the spill directory {dir}: {source}")]
-pub struct SpillError {
-    dir: String,
-    source: io::Error,
+pub enum SpillError {
+    /// The directory could not be created, read or locked.
+    #[error("cannot open the spill directory store.spill_dir = {dir}: {source}")]
+    Io {
+        /// The directory.
+        dir: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Another process holds the directory.
+    #[error(
+        "the spill directory store.spill_dir = {dir} is in use by another gale process{owner}; \
+         give each node its own"
+    )]
+    InUse {
+        /// The directory.
+        dir: String,
+        /// " (pid N)" when the owner wrote it.
+        owner: String,
+    },
 }
 
 /// Where replay stands after a record: its segment and the offset just
@@ -70,6 +92,8 @@ pub(super) struct Position {
 #[derive(Debug)]
 pub struct Spill {
     files: Mutex<Files>,
+    /// The exclusive lock on the directory, held while the spill lives.
+    _lock: File,
     /// Set when an insert failed for a reason other than the rows (the
     /// database down or unreachable); while set, writers spill without
     /// trying, and the replayer probes until an insert passes.
@@ -167,18 +191,44 @@ fn segment_seq(name: &str) -> Option<u64> {
 }
 
 impl Spill {
-    /// Opens the spill in `dir` (created on the first append, not here),
+    /// Opens the spill in `dir` (created if missing) and locks it,
     /// holding at most `max_bytes` not yet replayed. Segments left by an
     /// earlier run are kept for replay; those before the cursor are
     /// deleted.
     ///
     /// # Errors
-    /// When the directory exists but cannot be read.
+    /// When the directory cannot be created, read or locked, or another
+    /// process holds it.
     pub fn open(dir: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> Result<Spill, SpillError> {
-        let err = |source| SpillError {
+        let err = |source| SpillError::Io {
             dir: dir.display().to_string(),
             source,
         };
+        fs::create_dir_all(dir).map_err(err)?;
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK))
+            .map_err(err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let owner = fs::read_to_string(dir.join(LOCK))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default();
+                return Err(SpillError::InUse {
+                    dir: dir.display().to_string(),
+                    owner,
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(err(e)),
+        }
+        let _ = lock.set_len(0);
+        let _ = writeln!(lock, "{}", std::process::id());
         let (cursor_seq, cursor_offset) = fs::read_to_string(dir.join(CURSOR))
             .ok()
             .and_then(|s| {
@@ -223,6 +273,7 @@ impl Spill {
             );
         }
         Ok(Spill {
+            _lock: lock,
             files: Mutex::new(Files {
                 dir: dir.to_owned(),
                 max_bytes,
@@ -320,10 +371,10 @@ impl Spill {
     pub fn sync(&self) {
         let mut files = self.files();
         if files.unsynced {
-            if let Some(out) = &files.out {
-                if let Err(e) = out.sync_data() {
-                    tracing::warn!(error = %e, "request log: spill fsync failed");
-                }
+            if let Some(out) = &files.out
+                && let Err(e) = out.sync_data()
+            {
+                tracing::warn!(error = %e, "request log: spill fsync failed");
             }
             files.unsynced = false;
         }
@@ -504,8 +555,8 @@ mod tests {
         RequestRecord {
             client_id: Uuid::new_v4(),
             city: format!("City {n}"),
-            ok: n % 2 == 0,
-            temperature: (n % 2 == 0).then_some(f64::from(n)),
+            ok: n.is_multiple_of(2),
+            temperature: n.is_multiple_of(2).then_some(f64::from(n)),
             error: (n % 2 == 1).then_some("not_found"),
             latency_ms: n,
             created_at: Utc::now(),
@@ -535,7 +586,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = tmp.path().join("spill");
         let (spill, metrics) = open(&dir, 1 << 20);
-        assert!(!dir.exists(), "created on the first append only");
+        assert!(dir.join("lock").exists(), "created and locked at open");
         let rows: Vec<_> = (0..3000).map(row).collect();
         for chunk in rows.chunks(100) {
             assert!(spill.append(chunk));
@@ -564,6 +615,22 @@ mod tests {
     }
 
     #[test]
+    fn one_process_at_a_time_holds_a_spill_directory() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (first, _) = open(tmp.path(), 1 << 20);
+        let second = Spill::open(tmp.path(), 1 << 20, Arc::new(Metrics::new()))
+            .expect_err("a second owner is refused");
+        let text = second.to_string();
+        assert!(text.contains("in use by another gale process"), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        drop(first);
+        assert!(Spill::open(tmp.path(), 1 << 20, Arc::new(Metrics::new())).is_ok());
+    }
+
+    #[test]
     fn a_restart_resumes_after_the_last_replayed_batch() {
         let tmp = tempfile::tempdir().expect("tmp");
         let rows: Vec<_> = (0..50).map(row).collect();
@@ -579,6 +646,7 @@ mod tests {
         }
         let (spill, _) = open(tmp.path(), 1 << 20);
         assert_eq!(replay_all(&spill), rows[10..].to_vec());
+        drop(spill);
         let (again, _) = open(tmp.path(), 1 << 20);
         assert!(again.next_batch().is_none(), "nothing replayed twice");
     }

@@ -155,10 +155,10 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.trial && !self.recorded {
             let mut state = self.breaker.lock();
-            if let (State::HalfOpen { trial_running }, generation) = &mut *state {
-                if *generation == self.generation {
-                    *trial_running = false;
-                }
+            if let (State::HalfOpen { trial_running }, generation) = &mut *state
+                && *generation == self.generation
+            {
+                *trial_running = false;
             }
         }
     }

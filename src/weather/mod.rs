@@ -106,10 +106,10 @@ impl Flights {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(rx) = map.get(key) {
-            if rx.has_changed().is_ok() {
-                return Role::Wait(rx.clone());
-            }
+        if let Some(rx) = map.get(key)
+            && rx.has_changed().is_ok()
+        {
+            return Role::Wait(rx.clone());
         }
         let (tx, rx) = watch::channel(None);
         map.insert(key.to_owned(), rx);
@@ -357,12 +357,12 @@ impl Weather {
         tokio::pin!(acquire);
         loop {
             let now = tokio::time::Instant::now();
-            if let Some(finish) = self.expected_finish(&waiting, now) {
-                if finish > deadline {
-                    self.metrics.upstream_refused_early.inc();
-                    let ms = finish.saturating_duration_since(now).as_millis() as u64;
-                    return Err(WeatherError::WouldMissDeadline(ms));
-                }
+            if let Some(finish) = self.expected_finish(&waiting, now)
+                && finish > deadline
+            {
+                self.metrics.upstream_refused_early.inc();
+                let ms = finish.saturating_duration_since(now).as_millis() as u64;
+                return Err(WeatherError::WouldMissDeadline(ms));
             }
             match tokio::time::timeout_at(deadline.min(now + RECHECK), &mut acquire).await {
                 Ok(Ok(slot)) => return Ok(slot),

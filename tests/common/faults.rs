@@ -144,11 +144,11 @@ async fn accept_loop(
             let down = tokio::spawn(pipe(sr, cw, state, born, stop));
             let (a, b) = (up.await, down.await);
             // A reset ends both halves with RST: put them back together.
-            if let (Ok(Some((r1, w1))), Ok(Some((r2, w2)))) = (a, b) {
-                if let (Ok(c), Ok(s)) = (r1.reunite(w2), r2.reunite(w1)) {
-                    reset(c);
-                    reset(s);
-                }
+            if let (Ok(Some((r1, w1))), Ok(Some((r2, w2)))) = (a, b)
+                && let (Ok(c), Ok(s)) = (r1.reunite(w2), r2.reunite(w1))
+            {
+                reset(c);
+                reset(s);
             }
         });
     }

@@ -66,6 +66,7 @@ export async function startGale(upstreamUrl, port = 0, env = {}) {
       RUST_LOG: 'warn,gale::server=info',
       GALE_WEATHER__BASE_URL: upstreamUrl,
       GALE_STORE__URL: `sqlite://${dir}/gale.db`,
+      GALE_STORE__SPILL_DIR: `${dir}/spill`,
       GALE_API__KEY: API_KEY,
       ...env,
     },
