@@ -309,6 +309,21 @@ async fn postgres_outage_under_load_every_answered_request_has_its_row() {
     let spilled_in_outage = server.metric("spill-rows").await;
     phase.store(2, Ordering::Relaxed);
     proxy.set(Fault::Pass);
+    let back = Instant::now();
+    let metrics_url = server.addr;
+    // How long the spill takes to empty once the database is back.
+    let drained = tokio::spawn(async move {
+        loop {
+            let json = common::http_get(metrics_url, "/metrics.json").await;
+            let bytes = json
+                .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+                .and_then(|m| m["spill-bytes"].as_u64());
+            if bytes == Some(0) {
+                return back.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     tokio::time::sleep(phase_len).await;
     stop.cancel();
     let (ids, replies, mut lat) = running.await.expect("load");
@@ -318,6 +333,7 @@ async fn postgres_outage_under_load_every_answered_request_has_its_row() {
             && m["db-completed"].as_u64() == Some(replies)
     })
     .await;
+    let drained = drained.await.expect("drain timer");
     let pool = sqlx::PgPool::connect(&url_direct()).await.expect("connect");
     let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.parse().expect("uuid")).collect();
     let rows: i64 =
@@ -333,7 +349,8 @@ async fn postgres_outage_under_load_every_answered_request_has_its_row() {
     );
     println!(
         "outage {} s at {rate}/s from {clients} connections: {replies} replies, {rows} rows; \
-         spilled {} ({spilled_in_outage} during the outage), replayed {}, dropped {}; \
+         spilled {} ({spilled_in_outage} during the outage), replayed {} (spill empty {drained:?} \
+         after the database came back), dropped {}; \
          reply p99 before {before:.1} ms, during {during:.1} ms, after {after:.1} ms",
         outage.as_secs(),
         m["spill-rows"],
@@ -434,6 +451,11 @@ async fn upstream_faults_open_the_breaker_no_lookup_outlives_its_deadline_and_it
         assert!(Instant::now() < deadline, "upstream calls left in flight");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(
+        server.sample("gale_upstream_pending").await,
+        0.0,
+        "no lookup left waiting for a slot"
+    );
     assert_eq!(
         server.sample("gale_upstream_breaker_state").await,
         0.0,
@@ -608,27 +630,17 @@ async fn sigterm_under_load_every_answered_request_has_its_row() {
         .expect("fake");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = postgres_url().unwrap_or_else(|| format!("sqlite://{}/g.db", dir.path().display()));
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gale"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("GALE_WEATHER__BASE_URL", fake.url())
-        .env("GALE_STORE__URL", &store)
-        .env("GALE_STORE__SPILL_DIR", dir.path().join("spill"))
-        .env("GALE_SERVER__SHUTDOWN_GRACE_MS", "10000")
-        .env("GALE_ROUTER__GLOBAL_RATE_LIMIT", "0")
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let deadline = Instant::now() + common::WAIT;
-    while common::http_get(addr, "/healthz").await.map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "serve never came up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (child, addr) = serve_binary(&[
+        ("GALE_WEATHER__BASE_URL", fake.url()),
+        ("GALE_STORE__URL", store.clone()),
+        (
+            "GALE_STORE__SPILL_DIR",
+            dir.path().join("spill").display().to_string(),
+        ),
+        ("GALE_SERVER__SHUTDOWN_GRACE_MS", "10000".into()),
+        ("GALE_ROUTER__GLOBAL_RATE_LIMIT", "0".into()),
+    ])
+    .await;
     let stop = tokio_util::sync::CancellationToken::new();
     let clients = (rate / 50).clamp(10, 200) as usize;
     let running = tokio::spawn(load(
@@ -686,9 +698,91 @@ async fn sigterm_under_load_every_answered_request_has_its_row() {
          {rows} rows",
         store.split(':').next().unwrap_or_default()
     );
-    assert!(
-        replies as f64 > rate as f64 * 2.0,
-        "the load ran: {replies}"
-    );
+    // At least a second's worth (a busy CI machine runs behind).
+    assert!(replies > rate, "the load ran: {replies}");
     assert_eq!(rows, replies as i64, "every answered request has its row");
+}
+
+/// `gale serve` (the binary) on a free port with `env`; returns the child
+/// and its address once `/healthz` answers.
+async fn serve_binary(env: &[(&str, String)]) -> (tokio::process::Child, SocketAddr) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gale"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn serve");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_get(addr, "/healthz").await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "serve never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (child, addr)
+}
+
+#[tokio::test]
+async fn sigkill_loses_nothing_already_spilled() {
+    let Some((proxy, url)) = postgres_behind_proxy().await else {
+        return;
+    };
+    let fake = gale::fake_upstream::FakeUpstream::start("127.0.0.1:0")
+        .await
+        .expect("fake");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("GALE_WEATHER__BASE_URL", fake.url()),
+        ("GALE_STORE__URL", url.clone()),
+        (
+            "GALE_STORE__SPILL_DIR",
+            dir.path().join("spill").display().to_string(),
+        ),
+    ];
+    proxy.set(Fault::Refuse);
+    let (mut child, addr) = serve_binary(&env).await;
+    let mut c = Client::connect(&format!("ws://{addr}/ws")).await;
+    let hello = c.recv_json().await;
+    let id = hello["client_id"].as_str().expect("id").to_owned();
+    for i in 0..100 {
+        assert_eq!(c.ask(&format!("Killed{i}")).await["type"], "weather");
+    }
+    // Every row in the spill, then killed without a chance to flush.
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let (_, body) = common::http_get(addr, "/metrics.json")
+            .await
+            .expect("metrics");
+        let m: Value = serde_json::from_str(&body).expect("json");
+        if m["spill-rows"] == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "spilled: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().await.expect("SIGKILL");
+    drop(c);
+
+    proxy.set(Fault::Pass);
+    let (_again, addr) = serve_binary(&env).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rows_of(&url_direct(), &id).await < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the spill was replayed after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows_of(&url_direct(), &id).await, 100);
+    let (_, body) = common::http_get(addr, "/metrics.json")
+        .await
+        .expect("metrics");
+    let m: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(m["spill-replayed"], 100, "{m}");
+    assert_eq!(m["spill-torn"], 0, "{m}");
 }

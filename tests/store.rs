@@ -50,10 +50,14 @@ async fn postgres_every_request_becomes_one_row() {
     every_request_becomes_one_row(Some(url)).await;
 }
 
-#[tokio::test]
-async fn without_a_spill_a_full_queue_drops_and_counts_rows_without_delaying_replies() {
+/// A server with a queue of 3 rows and one writer writing one row at a
+/// time, its database locked, asked 30 cities: every reply comes at once.
+/// Returns the server, the client and the lock.
+async fn thirty_rows_into_a_full_queue(spill: bool) -> (common::TestServer, Client, WriteLock) {
     let server = start_with(|c| {
-        c.store.spill_dir = String::new();
+        if !spill {
+            c.store.spill_dir = String::new();
+        }
         c.store.queue_size = 3;
         c.store.workers = 1;
         c.store.batch_size = 1;
@@ -61,7 +65,6 @@ async fn without_a_spill_a_full_queue_drops_and_counts_rows_without_delaying_rep
     .await;
     let mut c = server.client().await;
     let lock = WriteLock::take(&server).await;
-
     let started = std::time::Instant::now();
     for i in 0..30 {
         assert_eq!(c.ask(&format!("Stuck{i}")).await["type"], "weather");
@@ -70,6 +73,12 @@ async fn without_a_spill_a_full_queue_drops_and_counts_rows_without_delaying_rep
         started.elapsed() < Duration::from_secs(3),
         "replies never wait for the database"
     );
+    (server, c, lock)
+}
+
+#[tokio::test]
+async fn without_a_spill_a_full_queue_drops_and_counts_rows_without_delaying_replies() {
+    let (server, c, lock) = thirty_rows_into_a_full_queue(false).await;
     let m = server.metrics().await;
     let queued = m["db-queued"].as_u64().expect("n");
     let dropped = m["db-dropped"].as_u64().expect("n");
@@ -407,22 +416,7 @@ async fn server_stats_shows_the_live_request_log_queue() {
 
 #[tokio::test]
 async fn with_a_spill_a_full_queue_loses_nothing_and_every_row_lands() {
-    let server = start_with(|c| {
-        c.store.queue_size = 3;
-        c.store.workers = 1;
-        c.store.batch_size = 1;
-    })
-    .await;
-    let mut c = server.client().await;
-    let lock = WriteLock::take(&server).await;
-    let started = std::time::Instant::now();
-    for i in 0..30 {
-        assert_eq!(c.ask(&format!("Spilled{i}")).await["type"], "weather");
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "replies never wait for the database"
-    );
+    let (server, c, lock) = thirty_rows_into_a_full_queue(true).await;
     let m = server.metrics().await;
     assert_eq!(m["db-dropped"], 0, "{m}");
     // Queue of 3 + one row in hand; the rest overflowed to the spill.
