@@ -200,3 +200,26 @@ async fn gale_client_speaks_wss_trusting_the_system_roots_or_ssl_cert_file() {
     let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(err.contains("certificate"), "{err}");
 }
+
+#[tokio::test]
+async fn gale_bench_loads_a_wss_server() {
+    let server = tls_server().await;
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gale"))
+            .args(["bench", "requests", &url, "-n", "3", "-d", "1", "--json"])
+            .env("SSL_CERT_FILE", key_file("tls-cert.pem"))
+            .output()
+            .expect("gale bench")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert!(report["replies"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert_eq!(report["connect_failed"], 0, "{report}");
+    assert!(
+        report["errors"].as_object().is_some_and(|e| e.is_empty()),
+        "{report}"
+    );
+}

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ pub use requests::{Ask, RequestsOptions, requests};
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    /// The URL is not a ws:// URL on the loopback network.
+    /// The URL is not a ws:// or wss:// URL on the loopback network.
     #[error("{0}")]
     Target(String),
 }
@@ -47,18 +48,24 @@ pub struct Target {
     first_source: u8,
     /// Offer permessage-deflate (and require it).
     deflate: bool,
+    /// For `wss://`: one TLS client configuration for every connection
+    /// (building one per connection, roots and all, made the generator
+    /// the bottleneck).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
-    /// Checks that `url` is `ws://` on 127.0.0.0/8 or localhost.
+    /// Checks that `url` is `ws://` or `wss://` on 127.0.0.0/8 or
+    /// localhost. Over `wss://` the server's certificate is checked against
+    /// the system's roots (`SSL_CERT_FILE` adds one).
     ///
     /// # Errors
     /// [`BenchError::Target`] saying why the URL is refused.
     pub fn new(url: &str, sources: u8) -> Result<Target, BenchError> {
         let bad = |m: &str| BenchError::Target(format!("{url}: {m}"));
         let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-        if parsed.scheme() != "ws" {
-            return Err(bad("only ws:// URLs"));
+        if !matches!(parsed.scheme(), "ws" | "wss") {
+            return Err(bad("only ws:// and wss:// URLs"));
         }
         let ip: Ipv4Addr = match parsed.host_str() {
             Some("localhost") => Ipv4Addr::LOCALHOST,
@@ -71,12 +78,18 @@ impl Target {
             return Err(bad("load goes only to 127.0.0.0/8"));
         }
         let port = parsed.port_or_known_default().unwrap_or(80);
+        let tls = if parsed.scheme() == "wss" {
+            Some(Arc::new(tls_client().map_err(|m| bad(&m))?))
+        } else {
+            None
+        };
         Ok(Target {
             url: parsed,
             addr: SocketAddr::new(IpAddr::V4(ip), port),
             sources: sources.max(1),
             first_source: 0,
             deflate: false,
+            tls,
         })
     }
 
@@ -103,15 +116,25 @@ impl Target {
     /// sources), or from any address with one source.
     pub(crate) async fn connect(&self, i: usize) -> Result<Ws, String> {
         let stream = self.tcp(i).await?;
-        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+        // TLS for wss://, plain for ws://.
+        let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+            self.url.as_str(),
+            stream,
+            None,
+            connector,
+        )
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
         Ok(ws)
     }
 
     /// As [`Target::connect`], compressed when the target says so.
     pub(crate) async fn connect_any(&self, i: usize) -> Result<raw::Conn, String> {
         if self.deflate {
+            if self.url.scheme() == "wss" {
+                return Err("--deflate speaks ws:// only".into());
+            }
             let stream = self.tcp(i).await?;
             return Ok(raw::Conn::Deflate(Box::new(
                 raw::Deflating::handshake(stream, &self.url).await?,
@@ -139,7 +162,23 @@ impl Target {
     }
 }
 
-pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+/// A TLS client trusting the system's roots (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` honoured).
+fn tls_client() -> Result<rustls::ClientConfig, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) =
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if added == 0 {
+        return Err("no trusted root certificates found (set SSL_CERT_FILE)".into());
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+pub(crate) type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// What a scenario measured.
 #[derive(Debug)]
@@ -493,11 +532,13 @@ mod tests {
         assert!(Target::new("ws://127.0.0.1:8080/ws", 1).is_ok());
         assert!(Target::new("ws://127.9.9.9:80/ws", 4).is_ok());
         assert!(Target::new("ws://localhost:8080/ws", 1).is_ok());
+        assert!(Target::new("wss://localhost:8443/ws", 1).is_ok());
         for bad in [
             "ws://10.0.0.1/ws",
             "ws://192.168.1.1/ws",
             "ws://example.com/ws",
-            "wss://127.0.0.1/ws",
+            "wss://example.com/ws",
+            "wss://10.0.0.1/ws",
             "http://127.0.0.1/",
         ] {
             assert!(Target::new(bad, 1).is_err(), "{bad} must be refused");
