@@ -194,6 +194,9 @@ pub struct Writers {
     /// The overflow task and the replayer, when there is a spill.
     spill_tasks: Vec<JoinHandle<()>>,
     spill: Option<Arc<Spill>>,
+    /// The spill's overflow queue, so a drain cut short can still spill
+    /// what it holds.
+    overflow_rx: Option<Arc<Mutex<mpsc::Receiver<RequestRecord>>>>,
     rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
     in_hand: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -202,13 +205,14 @@ pub struct Writers {
 
 impl Writers {
     /// Closes the queue and waits until every queued row is written (or
-    /// set aside, or given up on), at most `deadline`.
+    /// spilled, set aside, or given up on), at most `deadline`. When the
+    /// deadline passes the writers are stopped (an insert already sent
+    /// may still land) and rows still queued go to the spill.
     ///
     /// # Errors
-    /// The number of rows abandoned when the deadline passed (still queued,
-    /// or in a batch being written or retried), counted in
-    /// `gale_db_rows_abandoned_total`. The writers are stopped then: an
-    /// insert already sent may still land.
+    /// The number of rows abandoned when the deadline passed (in a batch
+    /// being written or retried, or still queued with no spill to take
+    /// them), counted in `gale_db_rows_abandoned_total`.
     pub async fn drain(mut self, deadline: Duration) -> Result<(), u64> {
         self.stop.cancel();
         let all = futures_util::future::join_all(
@@ -232,11 +236,20 @@ impl Writers {
             }
         }
         self.metrics.db_queue_depth.dec_by(queued.len() as i64);
+        if let Some(Ok(mut rx)) = self.overflow_rx.as_ref().map(|rx| rx.try_lock()) {
+            while let Ok(row) = rx.try_recv() {
+                queued.push(row);
+            }
+        }
         let mut lost = self.in_hand.load(Ordering::Acquire);
-        match &self.spill {
-            // Still queued: the spill keeps them for the next start.
-            Some(spill) if spill_blocking(spill, queued.clone()).await => {}
-            _ => lost += queued.len() as u64,
+        let n = queued.len() as u64;
+        // Still queued: the spill keeps them for the next start.
+        let kept = match &self.spill {
+            Some(spill) => n == 0 || spill_blocking(spill, queued).await,
+            None => false,
+        };
+        if !kept {
+            lost += n;
         }
         self.sync_spill().await;
         if lost == 0 {
@@ -358,9 +371,12 @@ fn spawn_with_spill(
         .collect();
     let mut spill_tasks = Vec::new();
     let mut overflow = None;
+    let mut overflow_rx = None;
     if let Some((spill, migrated)) = &spill {
         let (otx, orx) = mpsc::channel(cfg.queue_size);
+        let orx = Arc::new(Mutex::new(orx));
         overflow = Some(otx);
+        overflow_rx = Some(orx.clone());
         spill_tasks.push(tokio::spawn(spill_overflow(
             orx,
             spill.clone(),
@@ -385,6 +401,7 @@ fn spawn_with_spill(
         tasks,
         spill_tasks,
         spill: spill.map(|(s, _)| s),
+        overflow_rx,
         rx,
         in_hand,
         metrics: log.metrics.clone(),
@@ -409,11 +426,14 @@ async fn spill_blocking(spill: &Arc<Spill>, rows: Vec<RequestRecord>) -> bool {
 /// Moves the rows the full queue could not take into the spill, a batch
 /// at a time; at shutdown, what is left too.
 async fn spill_overflow(
-    mut rx: mpsc::Receiver<RequestRecord>,
+    rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
     spill: Arc<Spill>,
     batch_size: usize,
     stop: CancellationToken,
 ) {
+    // The only reader: held for the task's life, released if it is
+    // aborted, so the drain can take what is left.
+    let mut rx = rx.lock().await;
     let mut batch = Vec::with_capacity(batch_size);
     loop {
         let n = tokio::select! {
