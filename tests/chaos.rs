@@ -251,9 +251,10 @@ async fn load(
                 }
             }
             let tx = writer.await.expect("writer");
-            let _ = rx
-                .reunite(tx)
-                .map(|mut ws| async move { ws.close(None).await });
+            // Say goodbye (the server may already have closed).
+            if let Ok(mut ws) = rx.reunite(tx) {
+                let _ = ws.close(None).await;
+            }
             (id, replies, lat)
         }));
     }
