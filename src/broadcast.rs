@@ -33,10 +33,12 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::config::BroadcastConfig;
+use crate::history::{self, Memory, Policies, Recovery, Since};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::push_json;
 use crate::router::Caller;
+use futures_util::future::BoxFuture;
 
 /// Who a push goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +90,9 @@ pub enum HubError {
     /// The hub is shutting down.
     #[error("the server is shutting down")]
     Closed,
+    /// The shared history (Redis, in cluster mode) did not answer.
+    #[error("the topic's history is unavailable: {0}")]
+    HistoryUnavailable(String),
     /// The encoded push is larger than any connection may be sent.
     #[error(
         "the push would be {size} bytes, over server.max_outbound_message_bytes = {limit}: nothing was sent"
@@ -118,6 +123,36 @@ pub trait Backplane: Send + Sync + std::fmt::Debug {
     /// This node now has (`true`) or no longer has (`false`) local
     /// recipients on `channel`.
     fn interest(&self, channel: Channel, on: bool);
+    /// Whether topic history lives in this backplane (shared by every
+    /// node) rather than in the hub's memory.
+    fn shares_history(&self) -> bool {
+        false
+    }
+    /// A publication on a topic with history: the backplane gives it its
+    /// position and delivers it to every node, this one included.
+    /// `false` when it cannot now (the hub then delivers it here,
+    /// without a position).
+    fn append(&self, _topic: &str, _policy: history::Policy, _text: &Prepared) -> bool {
+        false
+    }
+    /// Resolves once every interest change reported so far is in effect
+    /// (this node receives what is published on those channels), or when
+    /// that takes longer than the backplane's deadline.
+    fn settled(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
+    /// Reads a shared history (see [`Backplane::shares_history`]).
+    fn recover(
+        &self,
+        topic: &str,
+        policy: history::Policy,
+        since: Option<Since>,
+    ) -> BoxFuture<'static, Result<Recovery, HubError>> {
+        let _ = (topic, policy, since);
+        Box::pin(std::future::ready(Err(HubError::HistoryUnavailable(
+            "no shared history".to_owned(),
+        ))))
+    }
 }
 
 /// The single-node backplane: there is no other node.
@@ -184,6 +219,10 @@ pub struct Hub {
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
     backplane: Arc<dyn Backplane>,
+    /// Which topics keep history.
+    policies: Policies,
+    /// Their streams, on a single node.
+    memory: Memory,
 }
 
 impl std::fmt::Debug for Hub {
@@ -214,6 +253,7 @@ impl Hub {
     /// queued for a connection.
     pub fn start(
         cfg: &BroadcastConfig,
+        history: (Policies, &crate::config::HistoryConfig),
         max_message_bytes: usize,
         metrics: Arc<Metrics>,
         backplane: Arc<dyn Backplane>,
@@ -227,8 +267,10 @@ impl Hub {
             max_topics: cfg.max_topics,
             max_topics_per_conn: cfg.max_topics_per_connection,
             max_message_bytes,
+            memory: Memory::new(history.1, metrics.clone()),
             metrics,
             backplane,
+            policies: history.0,
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(deliver(
@@ -443,16 +485,50 @@ impl Hub {
     /// Encodes a push once, for every recipient.
     ///
     /// # Errors
-    /// [`HubError::TooLarge`] past `server.max_outbound_message_bytes`.
-    fn encode(&self, event: &str, data: &Value) -> Result<Prepared, HubError> {
+    /// [`HubError::TooLarge`] past `server.max_outbound_message_bytes`
+    /// (with room for a position on a topic with history).
+    fn encode(&self, target: &Target, event: &str, data: &Value) -> Result<Prepared, HubError> {
         let text = push_json(event, data);
-        if text.len() > self.max_message_bytes {
+        let room = match target {
+            Target::Topic(t) if self.policies.get(t).is_some() => history::POSITION_BYTES,
+            _ => 0,
+        };
+        if text.len() + room > self.max_message_bytes {
             return Err(HubError::TooLarge {
-                size: text.len(),
+                size: text.len() + room,
                 limit: self.max_message_bytes,
             });
         }
         Ok(text.into())
+    }
+
+    /// Delivers one push to `target`'s connections here and forwards it
+    /// to the other nodes'; on a topic with history, gives it its
+    /// position first. Returns the local connections it was queued for.
+    fn deliver(&self, target: &Target, text: &Prepared, out: &mut Vec<Arc<Outbox>>) -> usize {
+        if let Target::Topic(topic) = target
+            && let Some(policy) = self.policies.get(topic)
+        {
+            if self.backplane.shares_history() {
+                if self.backplane.append(topic, policy, text) {
+                    // Positioned by Redis, delivered here as on every node.
+                    return self.reach(target);
+                }
+            } else {
+                let mut reached = 0;
+                self.memory.append(topic, policy, text, |positioned| {
+                    out.clear();
+                    self.lock().recipients(target, out);
+                    reached = push_all(&self.metrics, out, positioned);
+                });
+                return reached;
+            }
+        }
+        out.clear();
+        self.lock().recipients(target, out);
+        let reached = push_all(&self.metrics, out, text);
+        self.backplane.forward(target, text);
+        reached
     }
 
     /// Pushes `{"event":…,"data":…}` to `target` at once. Returns the
@@ -461,12 +537,30 @@ impl Hub {
     /// # Errors
     /// [`HubError::TooLarge`] when the push could not be sent to anyone.
     pub fn send_now(&self, target: &Target, event: &str, data: &Value) -> Result<usize, HubError> {
-        let text = self.encode(event, data)?;
-        let mut out = Vec::new();
-        self.lock().recipients(target, &mut out);
-        let reached = push_all(&self.metrics, &out, &text);
-        self.backplane.forward(target, &text);
-        Ok(reached)
+        let text = self.encode(target, event, data)?;
+        Ok(self.deliver(target, &text, &mut Vec::new()))
+    }
+
+    /// Whether `topic` keeps history.
+    pub fn has_history(&self, topic: &str) -> bool {
+        self.policies.get(topic).is_some()
+    }
+
+    /// `topic`'s position and, given `since`, what was published after
+    /// it. Call after subscribing the connection: whatever is published
+    /// from then on is pushed to it, so nothing falls between. `None`
+    /// when the topic keeps no history.
+    pub async fn recover(
+        &self,
+        topic: &str,
+        since: Option<Since>,
+    ) -> Option<Result<Recovery, HubError>> {
+        let policy = self.policies.get(topic)?;
+        if !self.backplane.shares_history() {
+            return Some(Ok(self.memory.recover(topic, policy, since.as_ref())));
+        }
+        self.backplane.settled().await;
+        Some(self.backplane.recover(topic, policy, since).await)
     }
 
     /// A push another node encoded, for this node's recipients of
@@ -486,7 +580,7 @@ impl Hub {
     /// [`HubError::TooLarge`], [`HubError::QueueFull`] (counted in
     /// `gale_broadcast_dropped_total`) or [`HubError::Closed`].
     pub fn publish(&self, target: Target, event: &str, data: &Value) -> Result<usize, HubError> {
-        let text = self.encode(event, data)?;
+        let text = self.encode(&target, event, data)?;
         let reach = self.reach(&target);
         match self.queue.try_send(Queued { target, text }) {
             Ok(()) => Ok(reach),
@@ -551,10 +645,7 @@ async fn deliver(
         let Some(hub) = hub.upgrade() else { return };
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
         for q in batch.drain(..) {
-            outboxes.clear();
-            hub.lock().recipients(&q.target, &mut outboxes);
-            push_all(&hub.metrics, &outboxes, &q.text);
-            hub.backplane.forward(&q.target, &q.text);
+            hub.deliver(&q.target, &q.text, &mut outboxes);
         }
     }
 }

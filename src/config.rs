@@ -90,6 +90,73 @@ pub struct Config {
     pub api: ApiConfig,
     /// Cluster mode: many nodes as one, over Redis.
     pub cluster: ClusterConfig,
+    /// Topic history: how much memory it may take on this node.
+    pub history: HistoryConfig,
+    /// Per-topic settings (history), keyed by a topic name or a pattern
+    /// with `*` (any characters): `[topics."weather:*"]`.
+    pub topics: BTreeMap<String, TopicConfig>,
+    /// The HTTP fallback transport: Server-Sent Events plus POST.
+    pub sse: SseConfig,
+}
+
+/// `[history]`: the bounds of the topic histories this node keeps in
+/// memory (single node; in cluster mode history lives in Redis).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Bytes of publications kept for every topic together; past this the
+    /// streams published to least recently are dropped whole (their epoch
+    /// changes) and counted.
+    pub max_bytes: usize,
+    /// Most topics with a history (a position) at once; past this the
+    /// least recently published is dropped.
+    pub max_streams: usize,
+    /// How long a topic's position (epoch and offset) outlives its last
+    /// publication, so a client away longer than `history_ttl_s` while
+    /// nothing was published still recovers (with nothing missed).
+    pub meta_ttl_s: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_bytes: 64 << 20,
+            max_streams: 100_000,
+            meta_ttl_s: 86_400,
+        }
+    }
+}
+
+/// `[topics."PATTERN"]`: settings of the topics a name or pattern matches.
+/// An exact name wins over patterns; among patterns, the longest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Publications kept for recovery (0: no history, the default).
+    pub history_size: usize,
+    /// Seconds a publication stays recoverable.
+    pub history_ttl_s: u64,
+}
+
+/// `[sse]`: the fallback transport for clients that cannot open a
+/// WebSocket: `GET /sse` streams server → client, `POST /sse/SESSION`
+/// carries client → server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseConfig {
+    /// Whether `/sse` is served.
+    pub enabled: bool,
+    /// Most SSE sessions at once; past this `GET /sse` answers 503.
+    pub max_sessions: usize,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig {
+            enabled: true,
+            max_sessions: 100_000,
+        }
+    }
 }
 
 /// What a cluster node does when Redis cannot be reached at start.
@@ -913,6 +980,20 @@ impl Config {
             ("broadcast.batch_window_ms", b.batch_window_ms, 0, 1_000),
             ("broadcast.queue_size", n(b.queue_size), 1, 10_000_000),
             ("broadcast.max_topics", n(b.max_topics), 0, 100_000_000),
+            ("history.max_bytes", n(self.history.max_bytes), 0, 1 << 40),
+            (
+                "history.max_streams",
+                n(self.history.max_streams),
+                1,
+                100_000_000,
+            ),
+            (
+                "history.meta_ttl_s",
+                self.history.meta_ttl_s,
+                1,
+                366 * DAY_S,
+            ),
+            ("sse.max_sessions", n(self.sse.max_sessions), 1, 100_000_000),
             (
                 "broadcast.max_topics_per_connection",
                 n(b.max_topics_per_connection),
@@ -988,6 +1069,24 @@ impl Config {
         ] {
             if !(v > 0.0 && v <= 1.0) {
                 return Err(ConfigError::invalid(key, "must be above 0 and at most 1"));
+            }
+        }
+        for (pattern, t) in &self.topics {
+            let key = |k: &str| format!("topics.\"{pattern}\".{k}");
+            if pattern.is_empty() {
+                return Err(ConfigError::invalid("topics", "a topic pattern is empty"));
+            }
+            if t.history_size > 100_000 {
+                return Err(ConfigError::invalid(
+                    &key("history_size"),
+                    "must be at most 100000",
+                ));
+            }
+            if t.history_size > 0 && !(1..=366 * DAY_S).contains(&t.history_ttl_s) {
+                return Err(ConfigError::invalid(
+                    &key("history_ttl_s"),
+                    format!("must be from 1 to {} when history_size is set", 366 * DAY_S),
+                ));
             }
         }
         for (name, o) in &self.events {
@@ -1380,6 +1479,13 @@ mod example_file {
                 assert!(
                     text.contains("# [events.\"weather.get\"]"),
                     "events example missing"
+                );
+                continue;
+            }
+            if section == "topics" {
+                assert!(
+                    text.contains("# [topics.\"weather:*\"]"),
+                    "topics example missing"
                 );
                 continue;
             }

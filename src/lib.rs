@@ -42,6 +42,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod fake_upstream;
+pub mod history;
 pub mod identity;
 pub mod listener;
 pub mod metrics;

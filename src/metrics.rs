@@ -280,6 +280,19 @@ pub struct Metrics {
     pub topics: Gauge,
     /// Per-event rate-limit buckets held (user, connection, address).
     pub rate_buckets: Gauge,
+    /// Topics with a history (a position) in this node's memory.
+    pub history_streams: Gauge,
+    /// Bytes of publications held in those histories.
+    pub history_bytes: Gauge,
+    /// Histories dropped whole to stay within `history.max_bytes` or
+    /// `history.max_streams` (their epoch changes).
+    pub history_evicted: Counter,
+    /// Subscribes that asked to recover and got every missed publication.
+    pub recovered: Counter,
+    /// Subscribes that asked to recover and could not (`recovered: false`).
+    pub recovery_lost: Counter,
+    /// SSE sessions open now.
+    pub sse_sessions: Gauge,
     /// Pushes queued into connections' outboxes.
     pub pushes: Counter,
     /// Broadcasts dropped because the broadcast queue was full.
@@ -757,6 +770,42 @@ impl Metrics {
             "Per-event rate-limit buckets held (at most 200,000)",
             rate_buckets.clone(),
         );
+        let history_streams = Gauge::default();
+        reg.register(
+            "history_streams",
+            "Topics with a history in this node's memory (at most history.max_streams)",
+            history_streams.clone(),
+        );
+        let history_bytes = Gauge::default();
+        reg.register(
+            "history_bytes",
+            "Bytes of publications held in topic histories (at most history.max_bytes)",
+            history_bytes.clone(),
+        );
+        let history_evicted = Counter::default();
+        reg.register(
+            "history_evicted",
+            "Topic histories dropped whole to stay within their bounds",
+            history_evicted.clone(),
+        );
+        let recovered = Counter::default();
+        reg.register(
+            "recovered",
+            "Subscribes that recovered every missed publication",
+            recovered.clone(),
+        );
+        let recovery_lost = Counter::default();
+        reg.register(
+            "recovery_lost",
+            "Subscribes that asked to recover and could not",
+            recovery_lost.clone(),
+        );
+        let sse_sessions = Gauge::default();
+        reg.register(
+            "sse_sessions",
+            "SSE sessions open now (at most sse.max_sessions)",
+            sse_sessions.clone(),
+        );
         let pushes = Counter::default();
         reg.register("pushes", "Pushes queued for connections", pushes.clone());
         let broadcast_dropped = Counter::default();
@@ -776,6 +825,12 @@ impl Metrics {
             users,
             topics,
             rate_buckets,
+            history_streams,
+            history_bytes,
+            history_evicted,
+            recovered,
+            recovery_lost,
+            sse_sessions,
             pushes,
             broadcast_dropped,
             broadcast_batch,
@@ -930,6 +985,12 @@ impl Metrics {
             "users": self.users.get(),
             "topics": self.topics.get(),
             "rate-limit-buckets": self.rate_buckets.get(),
+            "history-streams": self.history_streams.get(),
+            "history-bytes": self.history_bytes.get(),
+            "history-evicted": self.history_evicted.get(),
+            "recovered": self.recovered.get(),
+            "recovery-lost": self.recovery_lost.get(),
+            "sse-sessions": self.sse_sessions.get(),
             "pushes": self.pushes.get(),
             "outbound-dropped": self.outbound_dropped.get(),
             "outbound-queued": self.outbound_queued.get(),

@@ -240,6 +240,10 @@ pub async fn start(
     });
     let (hub, delivery) = Hub::start(
         &config.broadcast,
+        (
+            crate::history::Policies::new(&config.topics),
+            &config.history,
+        ),
         config.server.max_outbound_message_bytes,
         metrics.clone(),
         match &joined {

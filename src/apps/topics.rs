@@ -1,9 +1,10 @@
 //! Topics: clients subscribe, backends and handlers publish.
 
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Map, Value, json};
 
 use super::hub_error;
+use crate::history::Since;
 use crate::protocol::ErrorBody;
 use crate::router::{Ctx, HandlerResult, Payload, Policy, Registry, invalid_field};
 
@@ -13,11 +14,104 @@ pub(crate) fn register(r: &mut Registry) {
     r.register("topic.unsubscribe", Policy::default(), topic_unsubscribe);
 }
 
-/// `topic.subscribe {topic}` / `topic.unsubscribe {topic}`.
+/// `topic.unsubscribe {topic}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TopicRequest {
     topic: String,
+}
+
+/// `topic.subscribe {topic, since?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeRequest {
+    topic: String,
+    /// The position to recover from.
+    since: Option<Since>,
+}
+
+impl Payload for SubscribeRequest {
+    fn validate(&self) -> Result<(), ErrorBody> {
+        TopicRequest {
+            topic: self.topic.clone(),
+        }
+        .validate()?;
+        validate_since(self.since.as_ref())
+    }
+}
+
+/// Checks a `since` as a client sent it.
+pub(crate) fn validate_since(since: Option<&Since>) -> Result<(), ErrorBody> {
+    match since {
+        Some(s) if s.epoch.is_empty() || s.epoch.len() > 64 => Err(invalid_field(
+            "since",
+            "since.epoch must be the epoch of a push or reply (1 to 64 characters)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Adds a topic's position to a subscribe reply and, given `since`, what
+/// the client missed: `recovered` and `publications`. Nothing when the
+/// topic keeps no history.
+pub(crate) async fn add_recovery(
+    ctx: &Ctx,
+    topic: &str,
+    since: Option<Since>,
+    reply: &mut Map<String, Value>,
+) {
+    let asked = since.is_some();
+    let Some(found) = ctx.app.hub.recover(topic, since).await else {
+        if asked {
+            // A topic without history has nothing to recover from.
+            reply.insert("recovered".into(), Value::Bool(false));
+            ctx.app.metrics.recovery_lost.inc();
+        }
+        return;
+    };
+    let r = match found {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(topic, error = %e, "recovery read failed");
+            if asked {
+                reply.insert("recovered".into(), Value::Bool(false));
+                ctx.app.metrics.recovery_lost.inc();
+            }
+            return;
+        }
+    };
+    reply.insert("offset".into(), json!(r.position.offset));
+    reply.insert("epoch".into(), json!(&*r.position.epoch));
+    if !asked {
+        return;
+    }
+    // The reply must fit in one message: past that the client resyncs.
+    let room = ctx
+        .app
+        .config
+        .server
+        .max_outbound_message_bytes
+        .saturating_sub(4096);
+    let publications = r
+        .publications
+        .filter(|p| p.iter().map(|t| t.len() + 1).sum::<usize>() <= room)
+        .and_then(|p| {
+            p.iter()
+                .map(|t| serde_json::from_str::<Value>(t.as_str()).ok())
+                .collect::<Option<Vec<Value>>>()
+        });
+    match publications {
+        Some(p) => {
+            ctx.app.metrics.recovered.inc();
+            reply.insert("recovered".into(), Value::Bool(true));
+            reply.insert("publications".into(), Value::Array(p));
+        }
+        None => {
+            ctx.app.metrics.recovery_lost.inc();
+            reply.insert("recovered".into(), Value::Bool(false));
+            reply.insert("publications".into(), Value::Array(Vec::new()));
+        }
+    }
 }
 
 /// Longest topic name.
@@ -42,13 +136,18 @@ impl Payload for TopicRequest {
     }
 }
 
-async fn topic_subscribe(ctx: Ctx, req: TopicRequest) -> HandlerResult {
+async fn topic_subscribe(ctx: Ctx, req: SubscribeRequest) -> HandlerResult {
     let added = ctx
         .app
         .hub
         .subscribe(ctx.caller.conn_id, &req.topic)
         .map_err(hub_error)?;
-    Ok(json!({ "topic": req.topic, "subscribed": true, "new": added }))
+    let mut reply = Map::new();
+    reply.insert("topic".into(), json!(req.topic));
+    reply.insert("subscribed".into(), Value::Bool(true));
+    reply.insert("new".into(), Value::Bool(added));
+    add_recovery(&ctx, &req.topic, req.since, &mut reply).await;
+    Ok(Value::Object(reply))
 }
 
 async fn topic_unsubscribe(ctx: Ctx, req: TopicRequest) -> HandlerResult {

@@ -63,6 +63,24 @@ struct CityRequest {
     city: String,
 }
 
+/// `weather.subscribe {city, since?}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeRequest {
+    city: String,
+    /// The position to recover from.
+    since: Option<crate::history::Since>,
+}
+
+impl Payload for SubscribeRequest {
+    fn validate(&self) -> Result<(), ErrorBody> {
+        parse_city(&self.city)
+            .map(drop)
+            .map_err(|e| invalid_field("city", e.to_string()))?;
+        super::topics::validate_since(self.since.as_ref())
+    }
+}
+
 impl Payload for CityRequest {
     fn validate(&self) -> Result<(), ErrorBody> {
         parse_city(&self.city)
@@ -95,16 +113,20 @@ async fn weather_get(ctx: Ctx, req: CityRequest) -> HandlerResult {
 
 /// `weather.subscribe {city}`: replies with the current reading, then
 /// `weather.update` pushes follow whenever it refreshes.
-async fn weather_subscribe(ctx: Ctx, req: CityRequest) -> HandlerResult {
+async fn weather_subscribe(ctx: Ctx, req: SubscribeRequest) -> HandlerResult {
     let app = &ctx.app;
     let reading = recorded_lookup(app, ctx.caller.conn_id, &req.city)
         .await
         .map_err(lookup_error)?;
     let key = normalise_city(req.city.trim());
+    let topic = feeds::topic(&key);
     app.hub
-        .subscribe(ctx.caller.conn_id, &feeds::topic(&key))
+        .subscribe(ctx.caller.conn_id, &topic)
         .map_err(hub_error)?;
-    let reply = feeds::reading_json(&reading);
+    let mut reply = feeds::reading_json(&reading);
+    if let Some(fields) = reply.as_object_mut() {
+        super::topics::add_recovery(&ctx, &topic, req.since, fields).await;
+    }
     Feeds::ensure(app, key, req.city.trim().to_owned(), reading);
     Ok(reply)
 }

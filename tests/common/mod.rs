@@ -480,9 +480,12 @@ impl WriteLock {
 
 /// POSTs to /api/publish: (status, JSON body).
 pub async fn publish(server: &TestServer, key: Option<&str>, body: &str) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("connect");
+    publish_at(server.addr, key, body).await
+}
+
+/// POSTs to /api/publish at `addr`: (status, JSON body).
+pub async fn publish_at(addr: SocketAddr, key: Option<&str>, body: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let auth = key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();

@@ -1,0 +1,597 @@
+//! Topic history: the last publications of a topic, kept so a client that
+//! reconnects gets exactly what it missed, or learns it cannot.
+//!
+//! A topic has history when a `[topics."PATTERN"]` block gives it a
+//! `history_size` ([`Policies`]). Every publication on such a topic gets a
+//! position: an `offset` (1, 2, 3, … within the stream) and the stream's
+//! `epoch`, an opaque string that changes whenever the history is lost (a
+//! restart, an eviction, the position expiring), so "nothing missed" and
+//! "history gone" are never confused. The position is part of the pushed
+//! text itself (`{"event":…,"data":…,"offset":N,"epoch":"E"}`), encoded
+//! once for every recipient.
+//!
+//! On a single node the streams live here, in memory ([`Memory`]), bounded
+//! by `history.max_bytes` and `history.max_streams`: past either, the
+//! streams published to least recently are dropped whole (their epoch
+//! changes) and counted. Each entry stays recoverable for its topic's
+//! `history_ttl_s`; a stream's position outlives its entries for
+//! `history.meta_ttl_s`. In cluster mode the same streams live in Redis
+//! (`crate::cluster::history`) so any node answers a recovery.
+//!
+//! No gap: a subscriber is registered before its recovery read, and a
+//! publication gets its position and its recipients in one step under the
+//! stream's lock, so each publication is either in the history the read
+//! returns or pushed to the new subscriber afterwards (or both: a client
+//! skips a push whose offset it already has).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::config::{HistoryConfig, TopicConfig};
+use crate::metrics::Metrics;
+use crate::websocket::Prepared;
+
+/// One topic's history settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Publications kept.
+    pub size: usize,
+    /// How long each stays recoverable.
+    pub ttl: Duration,
+}
+
+/// The `[topics."PATTERN"]` blocks that turn history on.
+#[derive(Debug, Default, Clone)]
+pub struct Policies {
+    exact: HashMap<String, Policy>,
+    /// Patterns with `*`, longest first.
+    patterns: Vec<(String, Policy)>,
+}
+
+impl Policies {
+    /// The policies of `topics` (blocks without a `history_size` are
+    /// skipped).
+    pub fn new<'a>(topics: impl IntoIterator<Item = (&'a String, &'a TopicConfig)>) -> Policies {
+        let mut p = Policies::default();
+        for (name, t) in topics {
+            let policy = (t.history_size > 0).then_some(Policy {
+                size: t.history_size,
+                ttl: Duration::from_secs(t.history_ttl_s),
+            });
+            // A block with history_size = 0 still wins over a pattern:
+            // it turns history off for what it matches.
+            let policy = policy.unwrap_or(Policy {
+                size: 0,
+                ttl: Duration::ZERO,
+            });
+            if name.contains('*') {
+                p.patterns.push((name.clone(), policy));
+            } else {
+                p.exact.insert(name.clone(), policy);
+            }
+        }
+        p.patterns.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        p
+    }
+
+    /// Whether any topic has history.
+    pub fn is_empty(&self) -> bool {
+        self.exact
+            .values()
+            .chain(self.patterns.iter().map(|p| &p.1))
+            .all(|p| p.size == 0)
+    }
+
+    /// `topic`'s history policy, if it has one.
+    pub fn get(&self, topic: &str) -> Option<Policy> {
+        let p = match self.exact.get(topic) {
+            Some(p) => *p,
+            None => self.patterns.iter().find(|(pat, _)| matches(pat, topic))?.1,
+        };
+        (p.size > 0).then_some(p)
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any characters.
+fn matches(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let Some(first) = parts.next() else {
+        return pattern == name;
+    };
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.ends_with(last)
+}
+
+/// A client's last known position, sent to recover from it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    /// The last offset it has.
+    pub offset: u64,
+    /// The epoch that offset belongs to.
+    pub epoch: String,
+}
+
+/// A stream's position: the offset of its last publication (0 before the
+/// first) in its epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The last publication's offset.
+    pub offset: u64,
+    /// The stream's epoch.
+    pub epoch: Arc<str>,
+}
+
+/// What a recovery read found.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The stream's position now.
+    pub position: Position,
+    /// Every publication after the client's position, oldest first;
+    /// `None` when some are no longer kept (or the epoch changed).
+    pub publications: Option<Vec<Prepared>>,
+}
+
+/// `text` (a push, `{…}`) with its position as top-level fields.
+pub fn positioned(text: &str, offset: u64, epoch: &str) -> String {
+    let body = text.strip_suffix('}').unwrap_or(text);
+    format!("{body},\"offset\":{offset},\"epoch\":\"{epoch}\"}}")
+}
+
+/// Bytes a position adds to a push, at most (offset up to 20 digits, an
+/// epoch up to 24 characters).
+pub const POSITION_BYTES: usize = 64;
+
+/// A fresh epoch: 8 random hex digits.
+pub fn new_epoch() -> Arc<str> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    Arc::from(&id[..8])
+}
+
+struct Entry {
+    offset: u64,
+    at: Instant,
+    text: Prepared,
+}
+
+/// What an entry costs beyond its text.
+const ENTRY_OVERHEAD: usize = 64;
+
+fn entry_bytes(text: &Prepared) -> usize {
+    // The prepared frame keeps the text and its framed copy.
+    2 * text.len() + ENTRY_OVERHEAD
+}
+
+struct Stream {
+    epoch: Arc<str>,
+    top: u64,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    last_publish: Instant,
+}
+
+impl Stream {
+    fn new(now: Instant) -> Stream {
+        Stream {
+            epoch: new_epoch(),
+            top: 0,
+            entries: VecDeque::new(),
+            bytes: 0,
+            last_publish: now,
+        }
+    }
+
+    /// Drops entries past `ttl` or beyond `size`; returns the bytes freed.
+    fn trim(&mut self, size: usize, ttl: Duration, now: Instant) -> usize {
+        let mut freed = 0;
+        while let Some(e) = self.entries.front() {
+            if self.entries.len() > size || now.duration_since(e.at) >= ttl {
+                freed += entry_bytes(&e.text);
+                self.entries.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.bytes -= freed;
+        freed
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            offset: self.top,
+            epoch: self.epoch.clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Streams {
+    map: HashMap<Arc<str>, Stream>,
+    bytes: usize,
+}
+
+/// The in-memory streams of a single node.
+pub struct Memory {
+    state: Mutex<Streams>,
+    max_bytes: usize,
+    max_streams: usize,
+    meta_ttl: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory").finish_non_exhaustive()
+    }
+}
+
+impl Memory {
+    /// Empty streams within `cfg`'s bounds.
+    pub fn new(cfg: &HistoryConfig, metrics: Arc<Metrics>) -> Memory {
+        Memory {
+            state: Mutex::new(Streams::default()),
+            max_bytes: cfg.max_bytes,
+            max_streams: cfg.max_streams.max(1),
+            meta_ttl: Duration::from_secs(cfg.meta_ttl_s),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
+        // Every mutation leaves the maps consistent; a poisoned lock is
+        // still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends a publication to `topic`'s stream and, still under the
+    /// stream's lock, hands its positioned text to `deliver`, so no
+    /// recovery read falls between the two.
+    pub fn append(
+        &self,
+        topic: &str,
+        policy: Policy,
+        text: &Prepared,
+        deliver: impl FnOnce(&Prepared),
+    ) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let st = &mut *st;
+        if !st.map.contains_key(topic) {
+            self.make_room(st, now, 1);
+            st.map.insert(topic.into(), Stream::new(now));
+        }
+        let Some(stream) = st.map.get_mut(topic) else {
+            return;
+        };
+        stream.top += 1;
+        stream.last_publish = now;
+        let text = Prepared::from(positioned(text.as_str(), stream.top, &stream.epoch));
+        let added = entry_bytes(&text);
+        stream.entries.push_back(Entry {
+            offset: stream.top,
+            at: now,
+            text: text.clone(),
+        });
+        stream.bytes += added;
+        st.bytes += added;
+        st.bytes -= stream.trim(policy.size, policy.ttl, now);
+        deliver(&text);
+        if st.bytes > self.max_bytes {
+            self.make_room(st, now, 0);
+        }
+        self.gauges(st);
+    }
+
+    /// `topic`'s position, creating its stream if it has none, and the
+    /// publications after `since` when asked.
+    pub fn recover(&self, topic: &str, policy: Policy, since: Option<&Since>) -> Recovery {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let st = &mut *st;
+        if !st.map.contains_key(topic) {
+            self.make_room(st, now, 1);
+            st.map.insert(topic.into(), Stream::new(now));
+        }
+        let Some(stream) = st.map.get_mut(topic) else {
+            return Recovery {
+                position: Position {
+                    offset: 0,
+                    epoch: new_epoch(),
+                },
+                publications: None,
+            };
+        };
+        st.bytes -= stream.trim(policy.size, policy.ttl, now);
+        let position = stream.position();
+        let publications = since.and_then(|s| {
+            if *s.epoch != *stream.epoch || s.offset > stream.top {
+                return None;
+            }
+            let wanted = stream.top - s.offset;
+            let kept = stream.entries.len() as u64;
+            if wanted > kept {
+                return None;
+            }
+            let from = (kept - wanted) as usize;
+            let out: Vec<Prepared> = stream
+                .entries
+                .range(from..)
+                .map(|e| e.text.clone())
+                .collect();
+            debug_assert!(out.is_empty() || stream.entries[from].offset == s.offset + 1);
+            Some(out)
+        });
+        self.gauges(st);
+        Recovery {
+            position,
+            publications,
+        }
+    }
+
+    /// Drops expired streams, then the least recently published ones,
+    /// until `extra` more streams and the bytes fit.
+    fn make_room(&self, st: &mut Streams, now: Instant, extra: usize) {
+        let over =
+            |st: &Streams| st.map.len() + extra > self.max_streams || st.bytes > self.max_bytes;
+        if !over(st) {
+            return;
+        }
+        // Positions past their meta TTL go first: no client can recover
+        // from them anyway.
+        let meta_ttl = self.meta_ttl;
+        let before = st.map.len();
+        let mut freed = 0;
+        st.map.retain(|_, s| {
+            let keep = now.duration_since(s.last_publish) < meta_ttl;
+            if !keep {
+                freed += s.bytes;
+            }
+            keep
+        });
+        st.bytes -= freed;
+        if !over(st) {
+            return;
+        }
+        // Then whole streams, least recently published first, down to
+        // 90 % of the bounds so the next append does not sweep again.
+        let mut by_age: Vec<(Instant, Arc<str>)> = st
+            .map
+            .iter()
+            .map(|(k, s)| (s.last_publish, k.clone()))
+            .collect();
+        by_age.sort_unstable_by_key(|(at, _)| *at);
+        let bytes_goal = self.max_bytes - self.max_bytes / 10;
+        let streams_goal = (self.max_streams - self.max_streams / 10).min(self.max_streams - extra);
+        let mut evicted = 0u64;
+        for (_, key) in by_age {
+            if st.map.len() + extra <= streams_goal.max(1) && st.bytes <= bytes_goal {
+                break;
+            }
+            if let Some(s) = st.map.remove(&key) {
+                st.bytes -= s.bytes;
+                evicted += 1;
+            }
+        }
+        self.metrics.history_evicted.inc_by(evicted);
+        tracing::debug!(
+            expired = before - st.map.len() - evicted as usize,
+            evicted,
+            "topic histories dropped to stay within history.max_bytes / max_streams"
+        );
+    }
+
+    fn gauges(&self, st: &Streams) {
+        self.metrics.history_streams.set(st.map.len() as i64);
+        self.metrics.history_bytes.set(st.bytes as i64);
+    }
+
+    /// Topics with a stream now.
+    pub fn streams(&self) -> usize {
+        self.lock().map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(size: usize) -> Policy {
+        Policy {
+            size,
+            ttl: Duration::from_secs(300),
+        }
+    }
+
+    fn memory(max_bytes: usize, max_streams: usize) -> Memory {
+        Memory::new(
+            &HistoryConfig {
+                max_bytes,
+                max_streams,
+                meta_ttl_s: 86_400,
+            },
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    fn publish(m: &Memory, topic: &str, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let text = Prepared::from(format!("{{\"event\":\"e\",\"data\":{i}}}"));
+            m.append(topic, policy(3), &text, |t| out.push(t.as_str().to_owned()));
+        }
+        out
+    }
+
+    #[test]
+    fn patterns_match_with_stars_and_exact_names_win() {
+        assert!(matches("weather:*", "weather:paris"));
+        assert!(matches("*", "x"));
+        assert!(matches("a*b*c", "a-b-c"));
+        assert!(!matches("a*b*c", "a-c-b"));
+        assert!(!matches("weather:*", "weathe"));
+        assert!(matches("news", "news"));
+        let topics = [
+            (
+                "news:*".to_owned(),
+                TopicConfig {
+                    history_size: 5,
+                    history_ttl_s: 60,
+                },
+            ),
+            (
+                "news:sport:*".to_owned(),
+                TopicConfig {
+                    history_size: 9,
+                    history_ttl_s: 60,
+                },
+            ),
+            (
+                "news:quiet".to_owned(),
+                TopicConfig {
+                    history_size: 0,
+                    history_ttl_s: 0,
+                },
+            ),
+        ];
+        let p = Policies::new(topics.iter().map(|(k, v)| (k, v)));
+        assert_eq!(p.get("news:x").map(|p| p.size), Some(5));
+        assert_eq!(p.get("news:sport:f1").map(|p| p.size), Some(9));
+        assert_eq!(p.get("news:quiet"), None);
+        assert_eq!(p.get("other"), None);
+        assert!(!p.is_empty());
+        assert!(Policies::default().is_empty());
+    }
+
+    #[test]
+    fn publications_carry_consecutive_offsets_and_recover_exactly() {
+        let m = memory(1 << 20, 10);
+        let first = m.recover("t", policy(3), None).position;
+        assert_eq!(first.offset, 0);
+        let sent = publish(&m, "t", 5);
+        assert!(sent[4].ends_with(&format!(",\"offset\":5,\"epoch\":\"{}\"}}", first.epoch)));
+        let since = |offset| Since {
+            offset,
+            epoch: first.epoch.to_string(),
+        };
+        // Offsets 3, 4, 5 are kept (size 3).
+        let r = m.recover("t", policy(3), Some(&since(2)));
+        let got: Vec<&str> = r
+            .publications
+            .as_ref()
+            .expect("recovered")
+            .iter()
+            .map(Prepared::as_str)
+            .collect();
+        assert_eq!(
+            got,
+            sent[2..].iter().map(String::as_str).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            m.recover("t", policy(3), Some(&since(5)))
+                .publications
+                .map(|p| p.len()),
+            Some(0)
+        );
+        // Offset 2 was trimmed: 1 → 5 cannot be recovered.
+        assert!(
+            m.recover("t", policy(3), Some(&since(1)))
+                .publications
+                .is_none()
+        );
+        // A position ahead of the stream, or another epoch, is not ours.
+        assert!(
+            m.recover("t", policy(3), Some(&since(6)))
+                .publications
+                .is_none()
+        );
+        let other = Since {
+            offset: 5,
+            epoch: "nope".into(),
+        };
+        assert!(
+            m.recover("t", policy(3), Some(&other))
+                .publications
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn entries_expire_after_their_ttl() {
+        let m = memory(1 << 20, 10);
+        let short = Policy {
+            size: 10,
+            ttl: Duration::from_millis(1),
+        };
+        let epoch = m.recover("t", short, None).position.epoch;
+        m.append(
+            "t",
+            short,
+            &Prepared::from("{\"event\":\"e\",\"data\":1}"),
+            |_| {},
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        let since = Since {
+            offset: 0,
+            epoch: epoch.to_string(),
+        };
+        let r = m.recover("t", short, Some(&since));
+        assert!(
+            r.publications.is_none(),
+            "an expired entry is not recoverable"
+        );
+        assert_eq!(r.position.offset, 1, "the position survives its entries");
+        let since = Since {
+            offset: 1,
+            epoch: epoch.to_string(),
+        };
+        assert_eq!(
+            m.recover("t", short, Some(&since))
+                .publications
+                .map(|p| p.len()),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn the_bounds_hold_and_an_evicted_stream_gets_a_new_epoch() {
+        let m = memory(1 << 20, 4);
+        let old = m.recover("t0", policy(3), None).position.epoch;
+        for i in 0..10 {
+            publish(&m, &format!("t{}", i + 1), 1);
+        }
+        assert!(m.streams() <= 4, "{} streams", m.streams());
+        assert!(m.metrics.history_evicted.get() > 0);
+        let r = m.recover(
+            "t0",
+            policy(3),
+            Some(&Since {
+                offset: 0,
+                epoch: old.to_string(),
+            }),
+        );
+        assert!(r.publications.is_none());
+        assert_ne!(r.position.epoch, old);
+
+        let small = memory(4_000, 100);
+        for i in 0..100 {
+            publish(&small, &format!("s{i}"), 3);
+            assert!(small.lock().bytes <= 4_000, "{} bytes", small.lock().bytes);
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! History and recovery: positions on pushes, recovery after a reconnect,
+//! no gap while publications race a recovery, on a single node (memory)
+//! and in cluster mode (Redis), where a client recovers on another node.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Client, TestServer, publish, start_with};
+use gale::config::{Config, TopicConfig};
+use serde_json::{Value, json};
+
+const API_KEY: &str = "history-key-0123456789";
+
+/// Where history lives in a test: this node's memory, or Redis under a
+/// fresh prefix.
+#[derive(Clone)]
+enum Keeper {
+    Memory,
+    Redis { url: String, prefix: String },
+}
+
+impl Keeper {
+    fn redis() -> Option<Keeper> {
+        let url = common::service_url("GALE_TEST_REDIS_URL")?;
+        let prefix = format!("h{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        Some(Keeper::Redis { url, prefix })
+    }
+
+    fn configure(&self, c: &mut Config, size: usize) {
+        c.api.key = Some(API_KEY.into());
+        c.topics.insert(
+            "news:*".into(),
+            TopicConfig {
+                history_size: size,
+                history_ttl_s: 300,
+            },
+        );
+        c.topics.insert(
+            "weather:*".into(),
+            TopicConfig {
+                history_size: size,
+                history_ttl_s: 300,
+            },
+        );
+        if let Keeper::Redis { url, prefix } = self {
+            c.cluster.redis_url = Some(url.clone());
+            c.cluster.prefix = prefix.clone();
+            c.cluster.probe_interval_ms = 200;
+        }
+    }
+
+    async fn start(&self, size: usize) -> TestServer {
+        let server = start_with(|c| self.configure(c, size)).await;
+        if let Keeper::Redis { .. } = self {
+            server.wait_sample("gale_cluster_up", 1.0).await;
+        }
+        server
+    }
+}
+
+async fn publish_to(server: &TestServer, topic: &str, n: u64) {
+    let body = json!({"event": "headline", "data": {"n": n}, "topic": topic}).to_string();
+    let (status, reply) = publish(server, Some(API_KEY), &body).await;
+    assert_eq!(status, 200, "{reply}");
+}
+
+async fn subscribe(c: &mut Client, topic: &str, since: Option<Value>, r: &str) -> Value {
+    let mut data = json!({"topic": topic});
+    if let Some(s) = since {
+        data["since"] = s;
+    }
+    let reply = c.request("topic.subscribe", data, r).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    reply["data"].clone()
+}
+
+fn offsets(publications: &Value) -> Vec<u64> {
+    publications
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("offset"))
+        .collect()
+}
+
+async fn pushes_carry_positions_and_a_reconnect_recovers_what_it_missed_on(keeper: Keeper) {
+    let server = keeper.start(5).await;
+    let mut a = server.client().await;
+    let first = subscribe(&mut a, "news:1", None, "s").await;
+    assert_eq!(first["offset"], 0, "{first}");
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    assert!(
+        first.get("recovered").is_none(),
+        "nothing was asked: {first}"
+    );
+
+    for n in 1..=3 {
+        publish_to(&server, "news:1", n).await;
+    }
+    for n in 1..=3u64 {
+        let push = a.next_push().await;
+        assert_eq!(push["event"], "headline");
+        assert_eq!(push["data"]["n"], n);
+        assert_eq!(push["offset"], n, "{push}");
+        assert_eq!(push["epoch"], epoch.as_str());
+    }
+    // A watcher stays to tell when publications have been delivered (the
+    // API queues them for the delivery task).
+    let mut watcher = server.client().await;
+    subscribe(&mut watcher, "news:1", None, "w").await;
+    drop(a);
+    // Missed while away.
+    for n in 4..=6 {
+        publish_to(&server, "news:1", n).await;
+    }
+    while watcher.next_push().await["offset"] != 6 {}
+
+    let mut b = server.client().await;
+    let since = json!({"offset": 3, "epoch": epoch});
+    let back = subscribe(&mut b, "news:1", Some(since), "r").await;
+    assert_eq!(back["recovered"], true, "{back}");
+    assert_eq!(offsets(&back["publications"]), vec![4, 5, 6]);
+    let p = &back["publications"][0];
+    assert_eq!(p["event"], "headline");
+    assert_eq!(p["data"]["n"], 4);
+    assert_eq!(p["epoch"], epoch.as_str());
+    assert_eq!(back["offset"], 6);
+    assert_eq!(back["epoch"], epoch.as_str());
+
+    // Live again from where recovery ended.
+    publish_to(&server, "news:1", 7).await;
+    let push = b.next_push().await;
+    assert_eq!(push["offset"], 7, "{push}");
+    while watcher.next_push().await["offset"] != 7 {}
+
+    // Only 5 are kept (3..=7): from 1 it cannot be done, and says so.
+    let mut c = server.client().await;
+    let lost = subscribe(
+        &mut c,
+        "news:1",
+        Some(json!({"offset": 1, "epoch": epoch})),
+        "l",
+    )
+    .await;
+    assert_eq!(lost["recovered"], false, "{lost}");
+    assert_eq!(lost["publications"], json!([]));
+    assert_eq!(lost["offset"], 7, "the position to continue from: {lost}");
+    // Another epoch (history lost, e.g. a restart) is never recovered.
+    let mut d = server.client().await;
+    let other = subscribe(
+        &mut d,
+        "news:1",
+        Some(json!({"offset": 7, "epoch": "x"})),
+        "e",
+    )
+    .await;
+    assert_eq!(other["recovered"], false, "{other}");
+    // Nothing missed is a recovery of nothing.
+    let mut e = server.client().await;
+    let none = subscribe(
+        &mut e,
+        "news:1",
+        Some(json!({"offset": 7, "epoch": epoch})),
+        "n",
+    )
+    .await;
+    assert_eq!(none["recovered"], true, "{none}");
+    assert_eq!(none["publications"], json!([]));
+
+    // A topic without history: no positions; asking to recover says no.
+    let mut f = server.client().await;
+    let plain = subscribe(
+        &mut f,
+        "plain",
+        Some(json!({"offset": 1, "epoch": epoch})),
+        "p",
+    )
+    .await;
+    assert_eq!(plain["recovered"], false, "{plain}");
+    assert!(plain.get("offset").is_none(), "{plain}");
+    publish_to(&server, "plain", 1).await;
+    let push = f.next_push().await;
+    assert!(push.get("offset").is_none(), "{push}");
+
+    // Bad positions are refused clearly.
+    let bad = f
+        .request(
+            "topic.subscribe",
+            json!({"topic": "news:1", "since": {"offset": -1, "epoch": epoch}}),
+            "b",
+        )
+        .await;
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert_eq!(bad["error"]["code"], "invalid_data", "{bad}");
+    let bad = f
+        .request(
+            "topic.subscribe",
+            json!({"topic": "news:1", "since": {"offset": 1, "epoch": ""}}),
+            "b2",
+        )
+        .await;
+    assert_eq!(bad["error"]["code"], "invalid_data", "{bad}");
+    assert!(server.metric("recovered").await >= 2);
+    assert!(server.metric("recovery-lost").await >= 3);
+}
+
+#[tokio::test]
+async fn pushes_carry_positions_and_a_reconnect_recovers_what_it_missed() {
+    pushes_carry_positions_and_a_reconnect_recovers_what_it_missed_on(Keeper::Memory).await;
+}
+
+#[tokio::test]
+async fn pushes_carry_positions_and_a_reconnect_recovers_what_it_missed_in_redis() {
+    if let Some(k) = Keeper::redis() {
+        pushes_carry_positions_and_a_reconnect_recovers_what_it_missed_on(k).await;
+    }
+}
+
+/// Publications race a stream of reconnecting clients: each client's
+/// recovered publications plus the pushes it then receives cover every
+/// offset from its position to the last publication, with no gap.
+async fn no_publication_falls_between_recovery_and_live_pushes_on(keeper: Keeper) {
+    let server = keeper.start(1000).await;
+    let mut first = server.client().await;
+    let start = subscribe(&mut first, "news:race", None, "s").await;
+    let epoch = start["epoch"].as_str().expect("epoch").to_owned();
+    const TOTAL: u64 = 300;
+    let addr = server.addr;
+    let publisher = tokio::spawn(async move {
+        for n in 1..=TOTAL {
+            let body =
+                json!({"event": "headline", "data": {"n": n}, "topic": "news:race"}).to_string();
+            let (status, _) = common::publish_at(addr, Some(API_KEY), &body).await;
+            assert_eq!(status, 200);
+        }
+    });
+    let mut clients = Vec::new();
+    let mut position = 0u64;
+    for i in 0..15 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut c = server.client().await;
+        let since = json!({"offset": position, "epoch": epoch});
+        let back = subscribe(&mut c, "news:race", Some(since), &format!("r{i}")).await;
+        assert_eq!(back["recovered"], true, "{back}");
+        let seen: BTreeSet<u64> = offsets(&back["publications"]).into_iter().collect();
+        clients.push((position, c, seen));
+        position = back["offset"].as_u64().expect("offset");
+    }
+    publisher.await.expect("publisher");
+    for (from, mut c, mut seen) in clients {
+        while seen.last().copied().unwrap_or(from) < TOTAL {
+            let push = c.next_push().await;
+            seen.insert(push["offset"].as_u64().expect("offset"));
+        }
+        let missing: Vec<u64> = (from + 1..=TOTAL).filter(|o| !seen.contains(o)).collect();
+        assert!(missing.is_empty(), "from {from}: missing {missing:?}");
+    }
+}
+
+#[tokio::test]
+async fn no_publication_falls_between_recovery_and_live_pushes() {
+    no_publication_falls_between_recovery_and_live_pushes_on(Keeper::Memory).await;
+}
+
+#[tokio::test]
+async fn no_publication_falls_between_recovery_and_live_pushes_in_redis() {
+    if let Some(k) = Keeper::redis() {
+        no_publication_falls_between_recovery_and_live_pushes_on(k).await;
+    }
+}
+
+/// A client that reconnects to another node recovers there: positions are
+/// the cluster's, not a node's.
+#[tokio::test]
+async fn a_client_recovers_on_another_node() {
+    let Some(keeper) = Keeper::redis() else {
+        return;
+    };
+    let one = keeper.start(10).await;
+    let two = keeper.start(10).await;
+    let mut a = one.client().await;
+    let first = subscribe(&mut a, "news:x", None, "s").await;
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    publish_to(&one, "news:x", 1).await;
+    assert_eq!(a.next_push().await["offset"], 1);
+    drop(a);
+    // Published on both nodes while the client is away.
+    publish_to(&two, "news:x", 2).await;
+    publish_to(&one, "news:x", 3).await;
+    let mut b = two.client().await;
+    let back = subscribe(
+        &mut b,
+        "news:x",
+        Some(json!({"offset": 1, "epoch": epoch})),
+        "r",
+    )
+    .await;
+    assert_eq!(back["recovered"], true, "{back}");
+    assert_eq!(offsets(&back["publications"]), vec![2, 3]);
+    assert_eq!(back["epoch"], epoch.as_str());
+    publish_to(&one, "news:x", 4).await;
+    assert_eq!(b.next_push().await["offset"], 4);
+}
+
+/// `weather.subscribe` takes `since` too, and its updates carry positions.
+async fn weather_updates_are_recovered_on(keeper: Keeper) {
+    let server = start_with(|c| {
+        keeper.configure(c, 10);
+        c.weather.cache_ttl_s = 1;
+        c.weather.refresh_s = 1;
+    })
+    .await;
+    let mut a = server.client().await;
+    let first = a
+        .request("weather.subscribe", json!({"city": "Paris"}), "s")
+        .await;
+    assert_eq!(first["ok"], true, "{first}");
+    let epoch = first["data"]["epoch"].as_str().expect("epoch").to_owned();
+    let from = first["data"]["offset"].as_u64().expect("offset");
+    // A second subscriber keeps the feed running while the first is away.
+    let mut keep = server.client().await;
+    let k = keep
+        .request("weather.subscribe", json!({"city": "Paris"}), "k")
+        .await;
+    assert_eq!(k["ok"], true, "{k}");
+    drop(a);
+    let mut last = from;
+    while last < from + 2 {
+        let push = keep.next_push().await;
+        assert_eq!(push["event"], "weather.update");
+        last = push["offset"].as_u64().expect("offset");
+    }
+    let mut b = server.client().await;
+    let back = b
+        .request(
+            "weather.subscribe",
+            json!({"city": "Paris", "since": {"offset": from, "epoch": epoch}}),
+            "r",
+        )
+        .await;
+    assert_eq!(back["data"]["recovered"], true, "{back}");
+    let got = offsets(&back["data"]["publications"]);
+    assert!(got.len() >= 2 && got[0] == from + 1, "{got:?}");
+    assert_eq!(back["data"]["publications"][0]["event"], "weather.update");
+    assert_eq!(back["data"]["city"], "Paris");
+}
+
+#[tokio::test]
+async fn weather_updates_are_recovered() {
+    weather_updates_are_recovered_on(Keeper::Memory).await;
+}
+
+#[tokio::test]
+async fn weather_updates_are_recovered_in_redis() {
+    if let Some(k) = Keeper::redis() {
+        weather_updates_are_recovered_on(k).await;
+    }
+}
