@@ -328,6 +328,9 @@ pub enum Fallback {
     Feed,
     /// `presence.online` answered from this node's users alone.
     Presence,
+    /// A recovery answered `recovered: false` (or a publication delivered
+    /// without a position) because Redis did not answer.
+    History,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -358,7 +361,7 @@ pub struct ClusterMetrics {
     pub channels: Gauge,
     /// Probes of the subscriber connection that did not come back.
     pub probe_failures: Counter,
-    fallbacks: [Counter; 4],
+    fallbacks: [Counter; 5],
     /// Live nodes in the cluster (as of the last presence sweep).
     pub nodes: Gauge,
     /// Connections on every live node.
@@ -432,6 +435,7 @@ impl ClusterMetrics {
                 Fallback::Cache,
                 Fallback::Feed,
                 Fallback::Presence,
+                Fallback::History,
             ]
             .map(|what| fallbacks.get_or_create_owned(&FallbackLabels { what })),
             nodes: gauge(reg, "cluster_nodes", "Live nodes in the cluster"),

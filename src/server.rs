@@ -235,6 +235,7 @@ pub async fn start(
             c.clone(),
             config.cluster.publish_queue,
             config.cluster.publish_batch,
+            config.history.meta_ttl_s,
         );
         (c.clone(), bp)
     });

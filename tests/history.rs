@@ -67,13 +67,34 @@ async fn publish_to(server: &TestServer, topic: &str, n: u64) {
 }
 
 async fn subscribe(c: &mut Client, topic: &str, since: Option<Value>, r: &str) -> Value {
+    subscribe_seeing(c, topic, since, r).await.0
+}
+
+/// Subscribes; returns the reply's data and the offsets of the pushes that
+/// arrived before it (a push may overtake the reply).
+async fn subscribe_seeing(
+    c: &mut Client,
+    topic: &str,
+    since: Option<Value>,
+    r: &str,
+) -> (Value, Vec<u64>) {
     let mut data = json!({"topic": topic});
     if let Some(s) = since {
         data["since"] = s;
     }
-    let reply = c.request("topic.subscribe", data, r).await;
-    assert_eq!(reply["ok"], true, "{reply}");
-    reply["data"].clone()
+    c.send(&json!({"event": "topic.subscribe", "data": data, "ref": r}).to_string())
+        .await;
+    let mut early = Vec::new();
+    loop {
+        let msg = c.recv_json().await;
+        if msg["reply"] == r {
+            assert_eq!(msg["ok"], true, "{msg}");
+            return (msg["data"].clone(), early);
+        }
+        if let Some(o) = msg["offset"].as_u64() {
+            early.push(o);
+        }
+    }
 }
 
 fn offsets(publications: &Value) -> Vec<u64> {
@@ -242,9 +263,11 @@ async fn no_publication_falls_between_recovery_and_live_pushes_on(keeper: Keeper
         tokio::time::sleep(Duration::from_millis(10)).await;
         let mut c = server.client().await;
         let since = json!({"offset": position, "epoch": epoch});
-        let back = subscribe(&mut c, "news:race", Some(since), &format!("r{i}")).await;
+        let (back, early) =
+            subscribe_seeing(&mut c, "news:race", Some(since), &format!("r{i}")).await;
         assert_eq!(back["recovered"], true, "{back}");
-        let seen: BTreeSet<u64> = offsets(&back["publications"]).into_iter().collect();
+        let mut seen: BTreeSet<u64> = offsets(&back["publications"]).into_iter().collect();
+        seen.extend(early);
         clients.push((position, c, seen));
         position = back["offset"].as_u64().expect("offset");
     }
@@ -285,10 +308,14 @@ async fn a_client_recovers_on_another_node() {
     let epoch = first["epoch"].as_str().expect("epoch").to_owned();
     publish_to(&one, "news:x", 1).await;
     assert_eq!(a.next_push().await["offset"], 1);
+    let mut watcher = one.client().await;
+    subscribe(&mut watcher, "news:x", None, "w").await;
     drop(a);
     // Published on both nodes while the client is away.
     publish_to(&two, "news:x", 2).await;
+    while watcher.next_push().await["offset"] != 2 {}
     publish_to(&one, "news:x", 3).await;
+    while watcher.next_push().await["offset"] != 3 {}
     let mut b = two.client().await;
     let back = subscribe(
         &mut b,

@@ -20,18 +20,21 @@
 //! subscriber reconnects. `gale_cluster_up` and `/healthz` follow.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use crate::websocket::Prepared;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, mpsc};
+use futures_util::future::BoxFuture;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use crate::broadcast::{Backplane, Channel, Hub, Target};
-use crate::metrics::LostReason;
+use crate::broadcast::{Backplane, Channel, Hub, HubError, Target};
+use crate::history::{self, Recovery, Since};
+use crate::metrics::{Fallback, LostReason};
 
 /// Most pending interest changes kept; past this the subscriber resyncs
 /// from the hub's whole state instead.
@@ -56,9 +59,20 @@ struct Interest {
 }
 
 /// One message for other nodes.
-struct Outgoing {
-    channel: String,
-    payload: Vec<u8>,
+enum Outgoing {
+    /// A push, published as it is.
+    Publish { channel: String, payload: Vec<u8> },
+    /// A publication on a topic with history: positioned, stored and
+    /// published by Redis ([`super::history::APPEND`]).
+    Append {
+        list: String,
+        meta: String,
+        channel: String,
+        /// The push without its closing brace.
+        body: String,
+        size: usize,
+        ttl_s: u64,
+    },
 }
 
 /// The cluster's [`Backplane`].
@@ -69,6 +83,12 @@ pub struct RedisBackplane {
     out: mpsc::Sender<Outgoing>,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     batch: usize,
+    /// `history.meta_ttl_s`.
+    meta_ttl_s: u64,
+    /// Interest changes reported so far.
+    requested: AtomicU64,
+    /// The last of those the subscriber has applied.
+    applied: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for RedisBackplane {
@@ -81,7 +101,12 @@ impl std::fmt::Debug for RedisBackplane {
 
 impl RedisBackplane {
     /// A backplane over `cluster`; [`RedisBackplane::attach`] starts it.
-    pub fn new(cluster: Arc<Cluster>, queue: usize, batch: usize) -> Arc<RedisBackplane> {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        queue: usize,
+        batch: usize,
+        meta_ttl_s: u64,
+    ) -> Arc<RedisBackplane> {
         let (out, rx) = mpsc::channel(queue.max(1));
         Arc::new(RedisBackplane {
             cluster,
@@ -90,6 +115,9 @@ impl RedisBackplane {
             out,
             out_rx: Mutex::new(Some(rx)),
             batch: batch.max(1),
+            meta_ttl_s,
+            requested: AtomicU64::new(0),
+            applied: watch::Sender::new(0),
         })
     }
 
@@ -144,7 +172,11 @@ impl RedisBackplane {
         payload.extend_from_slice(node);
         payload.push(b'\n');
         payload.extend_from_slice(text.as_str().as_bytes());
-        if self.out.try_send(Outgoing { channel, payload }).is_err() {
+        if self
+            .out
+            .try_send(Outgoing::Publish { channel, payload })
+            .is_err()
+        {
             self.cluster.metrics.lost(LostReason::QueueFull).inc();
         }
     }
@@ -168,6 +200,7 @@ impl Backplane for RedisBackplane {
         let name = self.channel(&channel);
         {
             let mut st = self.lock();
+            self.requested.fetch_add(1, Ordering::SeqCst);
             if st.changes.len() >= MAX_PENDING_CHANGES {
                 st.changes.clear();
                 st.resync = true;
@@ -176,6 +209,66 @@ impl Backplane for RedisBackplane {
             }
         }
         self.changed.notify_one();
+    }
+
+    fn shares_history(&self) -> bool {
+        true
+    }
+
+    fn append(&self, topic: &str, policy: history::Policy, text: &Prepared) -> bool {
+        if !self.cluster.is_up() {
+            return false;
+        }
+        let (list, meta) = self.cluster.history_keys(topic);
+        let text = text.as_str();
+        let body = text.strip_suffix('}').unwrap_or(text).to_owned();
+        let out = Outgoing::Append {
+            list,
+            meta,
+            channel: self.cluster.key(&["t", topic]),
+            body,
+            size: policy.size,
+            ttl_s: policy.ttl.as_secs().max(1),
+        };
+        if self.out.try_send(out).is_err() {
+            self.cluster.metrics.lost(LostReason::QueueFull).inc();
+            return false;
+        }
+        true
+    }
+
+    fn settled(&self) -> BoxFuture<'static, ()> {
+        let wanted = self.requested.load(Ordering::SeqCst);
+        let mut applied = self.applied.subscribe();
+        let deadline = self.cluster.call_timeout.max(Duration::from_millis(100));
+        Box::pin(async move {
+            let _ = tokio::time::timeout(deadline, applied.wait_for(|a| *a >= wanted)).await;
+        })
+    }
+
+    fn recover(
+        &self,
+        topic: &str,
+        policy: history::Policy,
+        since: Option<Since>,
+    ) -> BoxFuture<'static, Result<Recovery, HubError>> {
+        let cluster = self.cluster.clone();
+        let topic = topic.to_owned();
+        let meta_ttl_s = self.meta_ttl_s;
+        Box::pin(async move {
+            cluster
+                .recover(
+                    &topic,
+                    policy.ttl.as_secs().max(1),
+                    meta_ttl_s,
+                    since.as_ref(),
+                )
+                .await
+                .map_err(|e| {
+                    cluster.fell_back(Fallback::History, &e);
+                    HubError::HistoryUnavailable(e.to_string())
+                })
+        })
     }
 }
 
@@ -201,7 +294,31 @@ async fn publish(
         }
         let mut pipe = redis::pipe();
         for m in &batch {
-            pipe.cmd("PUBLISH").arg(&m.channel).arg(&m.payload).ignore();
+            match m {
+                Outgoing::Publish { channel, payload } => {
+                    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+                }
+                Outgoing::Append {
+                    list,
+                    meta,
+                    channel,
+                    body,
+                    size,
+                    ttl_s,
+                } => {
+                    pipe.cmd("EVAL")
+                        .arg(super::history::APPEND)
+                        .arg(2)
+                        .arg(list)
+                        .arg(meta)
+                        .arg(channel)
+                        .arg(body)
+                        .arg(size)
+                        .arg(ttl_s)
+                        .arg(bp.meta_ttl_s)
+                        .ignore();
+                }
+            }
         }
         match bp
             .cluster
@@ -307,6 +424,7 @@ async fn session(
     let metrics = &bp.cluster.metrics;
     // Everything the hub has recipients for now; changes reported from
     // here on are applied after.
+    let mut snapshot_at = 0;
     let mut current: HashSet<String> = {
         let Some(hub) = hub.upgrade() else {
             return Ended::Stopped;
@@ -317,6 +435,7 @@ async fn session(
             let mut st = bp.lock();
             st.changes.clear();
             st.resync = false;
+            snapshot_at = bp.requested.load(Ordering::SeqCst);
         })
         .iter()
         .map(|c| bp.channel(c))
@@ -331,6 +450,7 @@ async fn session(
             Err(_) => return Ended::Lost("subscribe timed out".to_owned()),
         }
     }
+    bp.applied.send_replace(snapshot_at);
     metrics.connects.inc();
     metrics.channels.set(current.len() as i64 + 2);
     tracing::info!(node = %bp.cluster.node_id, channels = current.len(), "cluster: subscribed");
@@ -431,11 +551,12 @@ async fn apply_changes(
     sink: &mut redis::aio::PubSubSink,
     current: &mut HashSet<String>,
 ) -> Result<(), String> {
-    let (changes, resync) = {
+    let (changes, resync, upto) = {
         let mut st = bp.lock();
         (
             std::mem::take(&mut st.changes),
             std::mem::take(&mut st.resync),
+            bp.requested.load(Ordering::SeqCst),
         )
     };
     // The last change per channel wins.
@@ -481,5 +602,6 @@ async fn apply_changes(
     for c in &remove {
         current.remove(c);
     }
+    bp.applied.send_replace(upto);
     Ok(())
 }

@@ -21,6 +21,7 @@
 //! answer (counted in `gale_cluster_fallbacks_total`).
 
 pub mod backplane;
+pub mod history;
 pub mod presence;
 mod scripts;
 

@@ -103,6 +103,7 @@ pub(crate) struct Scripts {
     pub(crate) release: Script,
     pub(crate) sweep: Script,
     pub(crate) read_or_lease: Script,
+    pub(crate) recover: Script,
 }
 
 impl Scripts {
@@ -113,6 +114,7 @@ impl Scripts {
             release: Script::new(RELEASE),
             sweep: Script::new(SWEEP),
             read_or_lease: Script::new(READ_OR_LEASE),
+            recover: super::history::recover_script(),
         }
     }
 }
