@@ -53,10 +53,10 @@ enum End {
 }
 
 /// Counts an open connection in the gauges for as long as it lives.
-struct Counted(Arc<crate::metrics::Metrics>);
+pub(crate) struct Counted(Arc<crate::metrics::Metrics>);
 
 impl Counted {
-    fn open(app: &App) -> Counted {
+    pub(crate) fn open(app: &App) -> Counted {
         app.metrics.connections.inc();
         app.metrics.connections_total.inc();
         Counted(app.metrics.clone())
@@ -212,7 +212,7 @@ impl Lookups {
 }
 
 /// Unix seconds now.
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -359,7 +359,7 @@ impl PingClock {
         PingClock(tx)
     }
 
-    fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
         self.0.subscribe()
     }
 }
@@ -395,16 +395,21 @@ fn received(app: &Arc<App>, caller: &Caller, inflight: &mut Lookups, text: Utf8B
         }
         Incoming::Invalid { reply_to, message } => {
             app.router.count_invalid_message();
-            Write::Text(match reply_to {
-                Some(r) => reply_json(&r, &Err(ErrorBody::new(ErrorCode::InvalidMessage, message))),
-                None => ServerMessage::Error {
-                    code: ErrorCode::InvalidMessage,
-                    message: &message,
-                    city: None,
-                }
-                .to_json(),
-            })
+            Write::Text(invalid_reply(reply_to, &message))
         }
+    }
+}
+
+/// The answer to a message that is neither a city nor an event.
+pub(crate) fn invalid_reply(reply_to: Option<serde_json::Value>, message: &str) -> String {
+    match reply_to {
+        Some(r) => reply_json(&r, &Err(ErrorBody::new(ErrorCode::InvalidMessage, message))),
+        None => ServerMessage::Error {
+            code: ErrorCode::InvalidMessage,
+            message,
+            city: None,
+        }
+        .to_json(),
     }
 }
 

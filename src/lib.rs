@@ -51,6 +51,7 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod shutdown;
+pub mod sse;
 pub mod store;
 pub mod tls;
 mod transport;

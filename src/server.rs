@@ -117,6 +117,8 @@ pub struct App {
     pub hub: Arc<Hub>,
     /// Weather refresh loops for subscribed cities.
     pub feeds: crate::apps::feeds::Feeds,
+    /// Open SSE sessions.
+    pub sessions: crate::sse::Sessions,
     /// This node's cluster membership; `None` on a single node.
     pub cluster: Option<Arc<Cluster>>,
     /// Cancelled when the server starts to shut down: stop accepting,
@@ -280,6 +282,7 @@ pub async fn start(
         proxies,
         hub,
         feeds: Default::default(),
+        sessions: Default::default(),
         cluster,
         shutdown: shutdown.clone(),
         closing,
@@ -436,6 +439,8 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/", get(index))
         .route("/gale-client.js", get(client_js))
         .route("/ws", get(ws_upgrade))
+        .route("/sse", get(sse_open))
+        .route("/sse/{session}", axum::routing::post(sse_receive))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/metrics.json", get(metrics_json))
@@ -526,6 +531,29 @@ enum Mode {
     Echo,
 }
 
+async fn sse_open(
+    state: State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    if !state.0.config.sse.enabled {
+        return not_found().await;
+    }
+    crate::sse::open(state, peer, headers, uri).await
+}
+
+async fn sse_receive(
+    state: State<Arc<App>>,
+    session: axum::extract::Path<String>,
+    body: axum::body::Body,
+) -> Response {
+    if !state.0.config.sse.enabled {
+        return not_found().await;
+    }
+    crate::sse::receive(state, session, body).await
+}
+
 async fn ws_upgrade(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -575,51 +603,9 @@ fn accept(
                 .into_response();
         }
     };
-    if app.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
-    }
-    // Before the Origin and token checks: a flood is refused before it
-    // costs a signature check.
-    let address = identity::rate_key(identity::client_address(&headers, peer.ip(), &app.proxies));
-    let admitted = match app.admission.admit(address) {
-        Ok(a) => a,
-        Err(refused @ Refused::Connections(_)) => {
-            tracing::debug!(%address, "handshake refused: connections per address");
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("{refused}\n")).into_response();
-        }
-        Err(refused @ Refused::Rate(_, wait)) => {
-            tracing::debug!(%address, "handshake refused: handshake rate");
-            let retry = wait.as_secs().max(1).to_string();
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, retry)],
-                format!("{refused}\n"),
-            )
-                .into_response();
-        }
-    };
-    if !identity::origin_allowed(&headers, &app.config.server.allowed_origins) {
-        tracing::debug!(origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
-        return (
-            StatusCode::FORBIDDEN,
-            "this Origin may not open a WebSocket here (server.allowed_origins)\n",
-        )
-            .into_response();
-    }
-    let who = match app
-        .verifier
-        .identify(identity::token_from(&headers, &uri).as_deref())
-    {
-        Ok(who) => who,
-        Err(e) => {
-            tracing::debug!(error = %e, "handshake refused: token");
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                format!("{e}\n"),
-            )
-                .into_response();
-        }
+    let (admitted, who, address) = match admit(&app, peer, &headers, &uri) {
+        Ok(ok) => ok,
+        Err(refused) => return refused,
     };
     // Taken before the upgrade completes, so shutdown also waits for a
     // connection that is between the 101 response and its task.
@@ -644,6 +630,73 @@ fn accept(
             drop(tracked);
         }
     })
+}
+
+/// The checks every client connection passes, WebSocket or SSE, cheapest
+/// first: shutting down, the address's admission, Origin, token. Returns
+/// the admission (held for the connection's life), who it is and the
+/// address rate limits key it by, or the refusal to answer.
+#[allow(clippy::result_large_err)]
+pub(crate) fn admit(
+    app: &App,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<
+    (
+        crate::admission::Admitted,
+        identity::Identity,
+        std::net::IpAddr,
+    ),
+    Response,
+> {
+    if app.shutdown.is_cancelled() {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response());
+    }
+    // Before the Origin and token checks: a flood is refused before it
+    // costs a signature check.
+    let address = identity::rate_key(identity::client_address(headers, peer.ip(), &app.proxies));
+    let admitted = match app.admission.admit(address) {
+        Ok(a) => a,
+        Err(refused @ Refused::Connections(_)) => {
+            tracing::debug!(%address, "handshake refused: connections per address");
+            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("{refused}\n")).into_response());
+        }
+        Err(refused @ Refused::Rate(_, wait)) => {
+            tracing::debug!(%address, "handshake refused: handshake rate");
+            let retry = wait.as_secs().max(1).to_string();
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry)],
+                format!("{refused}\n"),
+            )
+                .into_response());
+        }
+    };
+    if !identity::origin_allowed(headers, &app.config.server.allowed_origins) {
+        tracing::debug!(origin = ?headers.get(header::ORIGIN), "handshake refused: origin");
+        return Err((
+            StatusCode::FORBIDDEN,
+            "this Origin may not connect here (server.allowed_origins)\n",
+        )
+            .into_response());
+    }
+    let who = match app
+        .verifier
+        .identify(identity::token_from(headers, uri).as_deref())
+    {
+        Ok(who) => who,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake refused: token");
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!("{e}\n"),
+            )
+                .into_response());
+        }
+    };
+    Ok((admitted, who, address))
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod faults;
 pub mod raw;
+pub mod sse;
 
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);

@@ -1,0 +1,200 @@
+//! The SSE fallback transport: the same protocol as /ws over GET /sse
+//! (server → client) and POST /sse/SESSION (client → server), with the
+//! same identity, policies, rate limits, push and recovery.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sse::SseClient;
+use common::{WAIT, publish, start_with};
+use gale::config::{Config, TopicConfig};
+use serde_json::json;
+
+const API_KEY: &str = "sse-key-0123456789ab";
+const SECRET: &str = "sse-test-secret";
+
+fn configure(c: &mut Config) {
+    c.api.key = Some(API_KEY.into());
+    c.auth.jwt_secret = Some(SECRET.into());
+    c.topics.insert(
+        "news:*".into(),
+        TopicConfig {
+            history_size: 10,
+            history_ttl_s: 300,
+        },
+    );
+}
+
+#[tokio::test]
+async fn a_session_speaks_the_websocket_protocol_over_sse_and_post() {
+    let server = start_with(configure).await;
+    let mut c = SseClient::open(server.addr, "").await.expect("open");
+    assert_eq!(server.metric("sse-sessions").await, 1);
+
+    // A city as plain text: the same reply as over /ws, on the stream.
+    assert_eq!(c.send("London").await, 202);
+    let reply = c.recv_json().await;
+    assert_eq!(reply["type"], "weather", "{reply}");
+    assert_eq!(reply["city"], "London");
+    let rows = common::count_rows(&server.store_url, &c.client_id);
+    tokio::time::timeout(WAIT, async {
+        let mut rows = rows;
+        while rows.await < 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            rows = common::count_rows(&server.store_url, &c.client_id);
+        }
+    })
+    .await
+    .expect("the request was logged under the session's client_id");
+
+    // An event and its reply.
+    let r = c
+        .request("weather.get", json!({"city": "Paris"}), "w")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"]["city"], "Paris");
+
+    // Bad input: the same errors as /ws.
+    assert_eq!(c.send("{\"event\": 5, \"ref\": \"x\"}").await, 202);
+    let err = c.recv_json().await;
+    assert_eq!(err["ok"], false, "{err}");
+    assert_eq!(err["error"]["code"], "invalid_message");
+    let r = c.request("no.such.event", json!({}), "u").await;
+    assert_eq!(r["error"]["code"], "unknown_event", "{r}");
+
+    // Anonymous: an event that requires a user is refused.
+    let r = c.request("notes.list", json!({}), "n").await;
+    assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+
+    // What the POST side refuses, it says.
+    assert_eq!(c.post_raw("not-a-session", b"London".to_vec()).await, 404);
+    assert_eq!(c.post_raw(&c.session, vec![0xff, 0xfe]).await, 400);
+    let big = vec![b'a'; server.app.config.server.max_message_bytes + 1];
+    assert_eq!(c.post_raw(&c.session, big).await, 413);
+
+    // The session ends with its stream.
+    let session = c.session.clone();
+    let probe = SseClient::open(server.addr, "").await.expect("open");
+    drop(c);
+    server.wait_metric("sse-sessions", 1).await;
+    assert_eq!(probe.post_raw(&session, b"London".to_vec()).await, 404);
+}
+
+#[tokio::test]
+async fn identity_push_and_rate_limits_are_the_same_as_over_websocket() {
+    let server = start_with(configure).await;
+    let token = common::hs256_token(SECRET, "alice", json!([]));
+    let mut alice = SseClient::open(server.addr, &format!("?token={token}"))
+        .await
+        .expect("open");
+    let mut ws = server.client_with_token(&token).await;
+    server.wait_metric("users", 1).await;
+    // Bad tokens are refused before a session exists.
+    assert_eq!(
+        SseClient::open(server.addr, "?token=nonsense").await.err(),
+        Some(401)
+    );
+
+    // Push to a user reaches the SSE session and the WebSocket alike.
+    let (status, body) = publish(
+        &server,
+        Some(API_KEY),
+        r#"{"event":"note.shared","data":{"id":7},"users":["alice"]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reached"], 2, "{body}");
+    for push in [alice.next_push().await, ws.next_push().await] {
+        assert_eq!(push["event"], "note.shared");
+        assert_eq!(push["data"]["id"], 7);
+    }
+    // A signed-in event works.
+    let r = alice.request("notes.list", json!({}), "n").await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    // weather.subscribe's limit (30/min per user) holds over SSE too.
+    let mut limited = None;
+    for i in 0..31 {
+        let r = alice
+            .request(
+                "weather.subscribe",
+                json!({"city": "Oslo"}),
+                &format!("s{i}"),
+            )
+            .await;
+        if r["ok"] == false {
+            limited = Some((i, r));
+            break;
+        }
+    }
+    let (i, r) = limited.expect("the 31st subscribe is refused");
+    assert_eq!(i, 30, "{r}");
+    assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+}
+
+#[tokio::test]
+async fn topics_and_recovery_work_over_sse() {
+    let server = start_with(configure).await;
+    let mut c = SseClient::open(server.addr, "").await.expect("open");
+    let r = c
+        .request("topic.subscribe", json!({"topic": "news:sse"}), "s")
+        .await;
+    let epoch = r["data"]["epoch"].as_str().expect("epoch").to_owned();
+    let body = json!({"event": "headline", "data": 1, "topic": "news:sse"}).to_string();
+    assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
+    let push = c.next_push().await;
+    assert_eq!(push["offset"], 1, "{push}");
+    drop(c);
+    for n in 2..=3 {
+        let body = json!({"event": "headline", "data": n, "topic": "news:sse"}).to_string();
+        assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
+    }
+    // The API queues; wait until both are in the history.
+    let mut d = SseClient::open(server.addr, "").await.expect("open");
+    let back = loop {
+        let r = d
+            .request(
+                "topic.subscribe",
+                json!({"topic": "news:sse", "since": {"offset": 1, "epoch": epoch}}),
+                "r",
+            )
+            .await;
+        if r["data"]["offset"] == 3 {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(back["data"]["recovered"], true, "{back}");
+    let got: Vec<_> = back["data"]["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["data"].clone())
+        .collect();
+    assert_eq!(got, vec![json!(2), json!(3)]);
+}
+
+#[tokio::test]
+async fn sessions_are_bounded_switchable_and_end_cleanly_at_shutdown() {
+    let mut server = start_with(|c| {
+        configure(c);
+        c.sse.max_sessions = 1;
+    })
+    .await;
+    let mut one = SseClient::open(server.addr, "").await.expect("open");
+    assert_eq!(SseClient::open(server.addr, "").await.err(), Some(503));
+    // Queued replies go out before the stream ends with the reason.
+    assert_eq!(one.send("Berlin").await, 202);
+    let reply = one.recv_json().await;
+    assert_eq!(reply["city"], "Berlin", "{reply}");
+    server.stop().await.expect("clean stop");
+    let (event, data) = one.next_message().await.expect("a close message");
+    assert_eq!(event, "close", "{data}");
+    let data: serde_json::Value = serde_json::from_str(&data).expect("json");
+    assert_eq!(data["code"], 1001, "{data}");
+    assert!(one.next_message().await.is_none(), "the stream ended");
+
+    let off = start_with(|c| c.sse.enabled = false).await;
+    assert_eq!(SseClient::open(off.addr, "").await.err(), Some(404));
+}
