@@ -148,15 +148,26 @@ pub struct Recovery {
     pub publications: Option<Vec<Prepared>>,
 }
 
-/// `text` (a push, `{…}`) with its position as top-level fields.
-pub fn positioned(text: &str, offset: u64, epoch: &str) -> String {
+/// `text` (a push, `{…}`) with its topic and without its closing brace:
+/// what a position is appended to.
+pub fn head(text: &str, topic: &str) -> String {
     let body = text.strip_suffix('}').unwrap_or(text);
-    format!("{body},\"offset\":{offset},\"epoch\":\"{epoch}\"}}")
+    let topic = serde_json::Value::from(topic);
+    format!("{body},\"topic\":{topic}")
 }
 
-/// Bytes a position adds to a push, at most (offset up to 20 digits, an
-/// epoch up to 24 characters).
-pub const POSITION_BYTES: usize = 64;
+/// `text` (a push, `{…}`) with its topic and position as top-level
+/// fields: `{"event":…,"data":…,"topic":…,"offset":N,"epoch":"E"}`.
+pub fn positioned(text: &str, topic: &str, offset: u64, epoch: &str) -> String {
+    format!(
+        "{},\"offset\":{offset},\"epoch\":\"{epoch}\"}}",
+        head(text, topic)
+    )
+}
+
+/// Bytes a topic name (at most 128 characters, escaped) and a position
+/// add to a push, at most.
+pub const POSITION_BYTES: usize = 6 * 128 + 80;
 
 /// A fresh epoch: 8 random hex digits.
 pub fn new_epoch() -> Arc<str> {
@@ -281,7 +292,7 @@ impl Memory {
         };
         stream.top += 1;
         stream.last_publish = now;
-        let text = Prepared::from(positioned(text.as_str(), stream.top, &stream.epoch));
+        let text = Prepared::from(positioned(text.as_str(), topic, stream.top, &stream.epoch));
         let added = entry_bytes(&text);
         stream.entries.push_back(Entry {
             offset: stream.top,
@@ -484,7 +495,10 @@ mod tests {
         let first = m.recover("t", policy(3), None).position;
         assert_eq!(first.offset, 0);
         let sent = publish(&m, "t", 5);
-        assert!(sent[4].ends_with(&format!(",\"offset\":5,\"epoch\":\"{}\"}}", first.epoch)));
+        assert!(sent[4].ends_with(&format!(
+            ",\"topic\":\"t\",\"offset\":5,\"epoch\":\"{}\"}}",
+            first.epoch
+        )));
         let since = |offset| Since {
             offset,
             epoch: first.epoch.to_string(),

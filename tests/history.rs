@@ -126,6 +126,7 @@ async fn pushes_carry_positions_and_a_reconnect_recovers_what_it_missed_on(keepe
         assert_eq!(push["data"]["n"], n);
         assert_eq!(push["offset"], n, "{push}");
         assert_eq!(push["epoch"], epoch.as_str());
+        assert_eq!(push["topic"], "news:1", "{push}");
     }
     // A watcher stays to tell when publications have been delivered (the
     // API queues them for the delivery task).
@@ -372,6 +373,8 @@ async fn weather_updates_are_recovered_on(keeper: Keeper) {
     assert!(got.len() >= 2 && got[0] == from + 1, "{got:?}");
     assert_eq!(back["data"]["publications"][0]["event"], "weather.update");
     assert_eq!(back["data"]["city"], "Paris");
+    assert_eq!(back["data"]["topic"], "weather:paris");
+    assert_eq!(back["data"]["publications"][0]["topic"], "weather:paris");
 }
 
 #[tokio::test]

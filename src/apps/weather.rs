@@ -125,6 +125,7 @@ async fn weather_subscribe(ctx: Ctx, req: SubscribeRequest) -> HandlerResult {
         .map_err(hub_error)?;
     let mut reply = feeds::reading_json(&reading);
     if let Some(fields) = reply.as_object_mut() {
+        fields.insert("topic".into(), json!(topic));
         super::topics::add_recovery(&ctx, &topic, req.since, fields).await;
     }
     Feeds::ensure(app, key, req.city.trim().to_owned(), reading);

@@ -68,7 +68,7 @@ enum Outgoing {
         list: String,
         meta: String,
         channel: String,
-        /// The push without its closing brace.
+        /// The push with its topic, without its closing brace.
         body: String,
         size: usize,
         ttl_s: u64,
@@ -220,8 +220,7 @@ impl Backplane for RedisBackplane {
             return false;
         }
         let (list, meta) = self.cluster.history_keys(topic);
-        let text = text.as_str();
-        let body = text.strip_suffix('}').unwrap_or(text).to_owned();
+        let body = history::head(text.as_str(), topic);
         let out = Outgoing::Append {
             list,
             meta,

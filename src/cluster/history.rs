@@ -25,7 +25,7 @@ use crate::history::{Position, Recovery, Since};
 use crate::websocket::Prepared;
 
 /// KEYS[1]: the list, KEYS[2]: the position. ARGV: the channel, the push
-/// without its closing brace, size, ttl_s, meta_ttl_s. Returns the offset.
+/// with its topic, without its closing brace ([`crate::history::head`]), size, ttl_s, meta_ttl_s. Returns the offset.
 pub(crate) const APPEND: &str = r#"local t=redis.call('TIME')
 local e=redis.call('HGET',KEYS[2],'e')
 if not e then
