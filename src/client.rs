@@ -1,7 +1,9 @@
 //! `gale client`: a WebSocket client for people and scripts. Interactive,
 //! it sends each line typed and prints every message received (like
-//! wscat); with `--send` it sends once, prints the reply and exits 0, or
-//! non-zero on an error reply, a closed connection or a timeout.
+//! wscat), with a `  # …` line under each push or subscribe reply that
+//! has a position in a topic's history; with `--send` it sends once,
+//! prints the reply and exits 0, or non-zero on an error reply, a closed
+//! connection or a timeout.
 
 use std::time::Duration;
 
@@ -78,6 +80,36 @@ pub fn is_error_reply(text: &str) -> bool {
         Ok(v) => v["type"] == "error" || v["ok"] == false,
         Err(_) => false,
     }
+}
+
+/// A note on a message's place in a topic's history, for people: where a
+/// positioned push sits, or what a recovering subscribe recovered.
+pub fn position_note(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if let (Some(topic), Some(offset), Some(epoch)) = (
+        v["topic"].as_str(),
+        v["offset"].as_u64(),
+        v["epoch"].as_str(),
+    ) {
+        return Some(format!("{topic} at offset {offset}, epoch {epoch}"));
+    }
+    let data = &v["data"];
+    let (offset, epoch) = (data["offset"].as_u64()?, data["epoch"].as_str()?);
+    let topic = data["topic"].as_str().unwrap_or("the topic");
+    Some(match data["recovered"].as_bool() {
+        Some(true) => {
+            let n = data["publications"].as_array().map_or(0, Vec::len);
+            format!(
+                "recovered {n} missed publication(s) on {topic}; now at offset {offset}, epoch {epoch}"
+            )
+        }
+        Some(false) => format!(
+            "not recovered: what was missed on {topic} is no longer kept; now at offset {offset}, epoch {epoch}"
+        ),
+        None => format!(
+            "{topic} is at offset {offset}, epoch {epoch} (send it as \"since\" to recover later)"
+        ),
+    })
 }
 
 /// Whether a message is the server's greeting rather than a reply.
@@ -180,6 +212,9 @@ pub async fn interactive(
                         due = due.saturating_sub(1);
                     }
                     println!("< {t}");
+                    if let Some(note) = position_note(&t) {
+                        println!("  # {note}");
+                    }
                 }
                 Some(Ok(Message::Binary(b))) => println!("< ({} bytes of binary)", b.len()),
                 Some(Ok(Message::Close(f))) => {
@@ -195,5 +230,28 @@ pub async fn interactive(
                 due = 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::position_note;
+
+    #[test]
+    fn positions_are_described() {
+        let push = r#"{"event":"e","data":1,"topic":"news","offset":5,"epoch":"ab"}"#;
+        assert_eq!(
+            position_note(push).as_deref(),
+            Some("news at offset 5, epoch ab")
+        );
+        let back = r#"{"reply":"1","ok":true,"data":{"topic":"news","offset":7,"epoch":"ab","recovered":true,"publications":[{},{}]}}"#;
+        assert_eq!(
+            position_note(back).as_deref(),
+            Some("recovered 2 missed publication(s) on news; now at offset 7, epoch ab")
+        );
+        let lost = r#"{"reply":"1","ok":true,"data":{"topic":"news","offset":7,"epoch":"cd","recovered":false}}"#;
+        assert!(position_note(lost).is_some_and(|n| n.starts_with("not recovered")));
+        assert_eq!(position_note(r#"{"event":"e","data":1}"#), None);
+        assert_eq!(position_note("not json"), None);
     }
 }

@@ -415,3 +415,67 @@ async fn an_api_key_shorter_than_16_characters_is_refused() {
         "{stderr}"
     );
 }
+
+/// Interactive `gale client` shows where each push sits in its topic's
+/// history, and what a subscribe's position is.
+#[tokio::test]
+async fn client_shows_positions_of_pushes() {
+    use std::io::{BufRead, Write};
+    let server = common::start_with(|c| {
+        c.api.key = Some("cli-key-0123456789ab".into());
+        c.topics.insert(
+            "news:*".into(),
+            gale::config::TopicConfig {
+                history_size: 10,
+                history_ttl_s: 60,
+            },
+        );
+    })
+    .await;
+    let mut child = Command::new(GALE)
+        .args(["client", &server.ws_url()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run gale client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut wait_for = async |needle: &str| loop {
+        let line = tokio::time::timeout(common::WAIT, rx.recv())
+            .await
+            .expect("in time")
+            .expect("a line");
+        if line.contains(needle) {
+            return line;
+        }
+    };
+    writeln!(
+        stdin,
+        r#"{{"event":"topic.subscribe","data":{{"topic":"news:cli"}},"ref":"1"}}"#
+    )
+    .expect("write");
+    let note = wait_for("# news:cli is at offset 0").await;
+    assert!(note.contains("epoch"), "{note}");
+    let body = r#"{"event":"headline","data":"hi","topic":"news:cli"}"#;
+    let (status, _) = common::publish(&server, Some("cli-key-0123456789ab"), body).await;
+    assert_eq!(status, 200);
+    wait_for("# news:cli at offset 1, epoch").await;
+    drop(stdin);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success());
+}

@@ -9,6 +9,7 @@ import { resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import { startGale, startUpstream } from '../../clients/js/test/server.js';
+import { startNoUpgradeProxy } from '../../clients/js/test/proxy.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const shots = resolve(here, '../../target/browser');
@@ -82,6 +83,25 @@ test('the stats panel fills from server.stats', async () => {
   assert.notEqual(await page.locator('#stat-requests b').innerText(), '–');
 });
 
+test('a dropped connection gets back the updates it missed, and the page says so', async () => {
+  assert.equal(await page.locator('#status').innerText(), 'open · WebSocket');
+  // Away for 1.25 to 2.5 s (the client's jittered backoff) while Oslo
+  // refreshes every second: at least one update is published meanwhile.
+  await page.evaluate(() => {
+    window.gale.options.minDelayMs = 2_500;
+    window.gale.options.maxDelayMs = 2_500;
+    window.gale.ws.close();
+  });
+  const note = page.locator('#log li.note', { hasText: /recovered \d+ missed updates? \(weather:oslo\)/ });
+  await note.waitFor({ timeout: 15_000 });
+  await page.locator('#status', { hasText: 'open · WebSocket' }).waitFor();
+  await page.screenshot({ path: `${shots}/recovered.png`, fullPage: true });
+  await page.evaluate(() => {
+    window.gale.options.minDelayMs = 500;
+    window.gale.options.maxDelayMs = 10_000;
+  });
+});
+
 test('a stopped server shows "reconnecting"; a restarted one is used again', async () => {
   const port = gale.port;
   await gale.stop();
@@ -89,7 +109,7 @@ test('a stopped server shows "reconnecting"; a restarted one is used again', asy
   assert.match(await page.locator('#status').innerText(), /closed 1001/);
   await page.screenshot({ path: `${shots}/reconnecting.png`, fullPage: true });
   gale = await startGale(upstream.url, port, FAST_FEEDS);
-  await page.locator('#status', { hasText: /^open$/ }).waitFor({ timeout: 20_000 });
+  await page.locator('#status', { hasText: /^open · WebSocket$/ }).waitFor({ timeout: 20_000 });
   // Usable again, and the subscription was renewed on the new connection.
   await page.fill('#city', 'Madrid');
   await page.keyboard.press('Enter');
@@ -134,6 +154,29 @@ test('the browser agrees to permessage-deflate and reads compressed messages', a
   assert.equal(got.same, true, 'the compressed echo inflates to what was sent');
   assert.ok((await metric('gale_compressed_messages_total')) > before, 'the echo went out compressed');
   assert.ok((await metric('gale_compressed_connections_total')) >= 2, 'the page and the echo socket');
+});
+
+test('behind a proxy that refuses WebSocket upgrades, the page falls back to SSE and works', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  const behind = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  const errors = [];
+  behind.on('pageerror', (e) => errors.push(e.message));
+  try {
+    await behind.goto(`http://127.0.0.1:${proxy.port}/`);
+    await behind.locator('#status', { hasText: 'open · SSE (fallback)' }).waitFor({ timeout: 15_000 });
+    await behind.fill('#city', 'Vienna');
+    await behind.keyboard.press('Enter');
+    await behind.locator('#card', { hasText: 'Vienna' }).waitFor();
+    await behind.click('#sub');
+    await behind.locator('#subs li[data-city="Vienna"]').waitFor();
+    await behind.locator('#log li', { hasText: 'Vienna' }).first().waitFor({ timeout: 15_000 });
+    await behind.waitForFunction(() => Number(document.querySelector('#stat-connections b').textContent) >= 1);
+    await behind.screenshot({ path: `${shots}/sse-fallback.png`, fullPage: true });
+    assert.deepEqual(errors, []);
+  } finally {
+    await behind.close();
+    await proxy.stop();
+  }
 });
 
 test('no console errors', () => {

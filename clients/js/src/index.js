@@ -2,10 +2,13 @@
 /**
  * A client for gale's JSON event protocol (docs/protocol.md): requests
  * that settle with their reply, pushes by event name, weather and topic
- * subscriptions that survive reconnects, automatic reconnection with
- * exponential backoff and jitter, and a bounded queue while disconnected.
- * No dependencies: it uses the platform's WebSocket (browsers; Node 22+,
- * or Node 20 with --experimental-websocket) unless one is passed in.
+ * subscriptions that survive reconnects and recover what was missed
+ * meanwhile (topics with history), automatic reconnection with
+ * exponential backoff and jitter, a bounded queue while disconnected, and
+ * a fallback to Server-Sent Events + POST when a WebSocket cannot be
+ * opened. No dependencies: it uses the platform's WebSocket (browsers;
+ * Node 22+, or Node 20 with --experimental-websocket) unless one is
+ * passed in, and fetch for SSE.
  */
 
 /** An error reply from the server, or a failure on the client's side. */
@@ -29,7 +32,128 @@ const DEFAULTS = {
   reconnect: true,
   minDelayMs: 500,
   maxDelayMs: 30_000,
+  transports: ['websocket', 'sse'],
 };
+
+/** Transports, as `client.transport` names them. */
+export const Transport = Object.freeze({ WEBSOCKET: 'websocket', SSE: 'sse' });
+
+/**
+ * gale's fallback transport with a WebSocket's shape (readyState, send,
+ * close, onopen/onmessage/onclose): GET /sse read as a stream through
+ * fetch, each message sent with POST /sse/SESSION, in order.
+ */
+export class SseTransport {
+  /**
+   * @param {string} url http(s):// URL of gale's /sse (with ?token=…)
+   * @param {typeof fetch} [fetchImpl]
+   */
+  constructor(url, fetchImpl = globalThis.fetch) {
+    this.url = url;
+    this.fetch = fetchImpl;
+    this.readyState = 0;
+    this.session = null;
+    this.onopen = null;
+    this.onmessage = null;
+    this.onclose = null;
+    this.onerror = null;
+    this.abort = new AbortController();
+    this.sending = Promise.resolve();
+    this.ended = null;
+    this.#run();
+  }
+
+  async #run() {
+    try {
+      const res = await this.fetch(this.url, {
+        headers: { accept: 'text/event-stream' },
+        cache: 'no-store',
+        signal: this.abort.signal,
+      });
+      if (!res.ok || !res.body) {
+        this.#closed(1006, `GET /sse answered ${res.status}`);
+        return;
+      }
+      const reader = res.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += decoder.decode(value, { stream: true });
+        let at;
+        while ((at = buf.indexOf('\n\n')) >= 0) {
+          const raw = buf.slice(0, at);
+          buf = buf.slice(at + 2);
+          this.#message(raw);
+        }
+      }
+      this.#closed(this.ended?.code ?? 1006, this.ended?.reason ?? 'the event stream ended');
+    } catch (e) {
+      this.#closed(1006, String(e));
+    }
+  }
+
+  #message(raw) {
+    let event = 'message';
+    const data = [];
+    for (const line of raw.split('\n')) {
+      if (line.startsWith('data:')) data.push(line.slice(line[5] === ' ' ? 6 : 5));
+      else if (line.startsWith('event:')) event = line.slice(6).trim();
+    }
+    if (data.length === 0) return; // a keep-alive comment
+    const text = data.join('\n');
+    if (event === 'close') {
+      try {
+        this.ended = JSON.parse(text);
+      } catch {}
+      return;
+    }
+    if (this.readyState === 0) {
+      try {
+        this.session = JSON.parse(text).session ?? null;
+      } catch {}
+      this.readyState = 1;
+      this.onopen?.();
+    }
+    this.onmessage?.({ data: text });
+  }
+
+  /** Sends one message (POSTs go one at a time, so order holds). */
+  send(text) {
+    const base = new URL(this.url);
+    base.search = '';
+    const url = `${base.toString().replace(/\/$/, '')}/${this.session}`;
+    this.sending = this.sending.then(async () => {
+      for (let tries = 0; tries < 30 && this.readyState === 1; tries++) {
+        let res;
+        try {
+          res = await this.fetch(url, { method: 'POST', body: text, headers: { 'content-type': 'text/plain' } });
+        } catch {
+          return; // the stream's end reports the drop
+        }
+        // 429: too much in flight for this session; wait, then resend.
+        if (res.status !== 429) {
+          if (res.status === 404) this.close(4404, 'session ended');
+          return;
+        }
+        await new Promise((r) => setTimeout(r, 100 * (tries + 1)));
+      }
+    });
+  }
+
+  close(code = 1000, reason = 'client closed') {
+    this.ended ??= { code, reason };
+    this.abort.abort();
+    this.#closed(code, reason);
+  }
+
+  #closed(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.onclose?.({ code, reason });
+  }
+}
 
 /** Connection states, as reported to `onState`. */
 export const State = Object.freeze({
@@ -52,16 +176,43 @@ export class GaleClient {
    * @param {number} [options.minDelayMs] first reconnect delay
    * @param {number} [options.maxDelayMs] largest reconnect delay
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket class to use
+   * @param {string[]} [options.transports] in the order tried:
+   *   "websocket", "sse" (default both; the first that opens is kept)
+   * @param {string} [options.sseUrl] gale's /sse URL (default: `url` with
+   *   http(s) and /sse in place of ws(s) and /ws)
    */
   constructor(url, options = {}) {
     this.options = { ...DEFAULTS, ...options };
     const u = new URL(url);
     if (this.options.token) u.searchParams.set('token', this.options.token);
     this.url = u.toString();
-    this.WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
-    if (!this.WebSocket) {
-      throw new Error('no WebSocket: pass options.WebSocket, or use Node 22+ (Node 20: --experimental-websocket)');
+    const sse = new URL(this.options.sseUrl ?? u.toString());
+    if (!this.options.sseUrl) {
+      sse.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+      sse.pathname = u.pathname.replace(/\/ws$/, '') + '/sse';
     }
+    if (this.options.token) sse.searchParams.set('token', this.options.token);
+    this.sseUrl = sse.toString();
+    this.transports = this.options.transports.filter((t) => t === 'websocket' || t === 'sse');
+    if (this.transports.length === 0) throw new Error('options.transports: name "websocket" and/or "sse"');
+    this.WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
+    if (!this.WebSocket && this.transports.includes('websocket')) {
+      if (this.transports.includes('sse')) this.transports = ['sse'];
+      else throw new Error('no WebSocket: pass options.WebSocket, or use Node 22+ (Node 20: --experimental-websocket)');
+    }
+    /** The transport of the current (or last) connection. */
+    this.transport = null;
+    /** Index in `transports` of the one to try next. */
+    this.tryIndex = 0;
+    /**
+     * Last known position per topic with history: topic → {offset, epoch}.
+     * @type {Map<string, {offset: number, epoch: string}>}
+     */
+    this.positions = new Map();
+    /** @type {Map<string, string>} weather city → its topic */
+    this.cityTopics = new Map();
+    /** @type {Map<string, any[]>} pushes that overtook a recovering subscribe */
+    this.held = new Map();
     /** @type {WebSocket | null} */
     this.ws = null;
     this.state = State.CLOSED;
@@ -138,9 +289,14 @@ export class GaleClient {
   }
 
   /**
-   * Calls `handler(data, event)` for every push of `event` ("*" for all).
+   * Calls `handler(data, event, position)` for every push of `event` ("*"
+   * for all); `position` is `{topic, offset, epoch}` on a topic with
+   * history. Client events: `gale.recovered` ({topic, count}) after a
+   * resubscribe delivered what was missed, `gale.recovery_failed` ({topic,
+   * from, to}) when it could not (resync from your source of truth),
+   * `gale.resubscribe_failed`.
    * @param {string} event
-   * @param {(data: any, event: string) => void} handler
+   * @param {(data: any, event: string, position?: {topic: string, offset: number, epoch: string}) => void} handler
    * @returns {() => void} removes the handler
    */
   on(event, handler) {
@@ -171,26 +327,111 @@ export class GaleClient {
    * current reading. Renewed after every reconnect.
    */
   async subscribe(city, opts) {
-    const reading = await this.request('weather.subscribe', { city }, opts);
+    const reading = await this.#subscribeAt('weather.subscribe', { city }, opts);
     this.cities.add(city);
     return reading;
   }
 
   async unsubscribe(city, opts) {
     this.cities.delete(city);
+    const topic = this.cityTopics.get(city);
+    if (topic) this.positions.delete(topic);
     return this.request('weather.unsubscribe', { city }, opts);
   }
 
-  /** Subscribes to a topic's pushes; renewed after every reconnect. */
+  /**
+   * Subscribes to a topic's pushes; renewed after every reconnect, from
+   * the last position seen when the topic keeps history, so what was
+   * published meanwhile is delivered (or `gale.recovery_failed` says it
+   * could not be).
+   */
   async subscribeTopic(topic, opts) {
-    const r = await this.request('topic.subscribe', { topic }, opts);
+    const r = await this.#subscribeAt('topic.subscribe', { topic }, opts);
     this.topics.add(topic);
     return r;
   }
 
   async unsubscribeTopic(topic, opts) {
     this.topics.delete(topic);
+    this.positions.delete(topic);
     return this.request('topic.unsubscribe', { topic }, opts);
+  }
+
+  /** The topic a subscribe is about: known for topics, learnt for cities. */
+  #topicOf(data) {
+    return data.topic ?? this.cityTopics.get(data.city) ?? null;
+  }
+
+  /**
+   * A subscribe that asks to recover from the last known position, holds
+   * the pushes that overtake its reply, then delivers what was missed and
+   * what was held, in order, without duplicates.
+   */
+  async #subscribeAt(event, data, opts) {
+    const topic = this.#topicOf(data);
+    const at = topic ? this.positions.get(topic) : undefined;
+    const ask = at ? { ...data, since: { offset: at.offset, epoch: at.epoch } } : data;
+    if (topic) this.held.set(topic, []);
+    let reply;
+    try {
+      reply = await this.request(event, ask, opts);
+    } catch (e) {
+      if (topic) this.#release(topic);
+      throw e;
+    }
+    const t = reply?.topic ?? topic;
+    if (data.city !== undefined && reply?.topic) this.cityTopics.set(data.city, reply.topic);
+    if (t && typeof reply?.epoch === 'string') {
+      if (at && reply.recovered === true) {
+        // What was missed, in order; then what overtook the reply, less
+        // what the recovery already gave.
+        const missed = reply.publications ?? [];
+        for (const p of missed) this.#deliver(p);
+        if (missed.length > 0) this.#emit('gale.recovered', { topic: t, count: missed.length });
+      } else {
+        if (at && reply.recovered === false) {
+          this.#emit('gale.recovery_failed', { topic: t, from: at, to: { offset: reply.offset, epoch: reply.epoch } });
+        }
+        // A fresh position: every push that overtook the reply is new.
+        this.positions.delete(t);
+      }
+      this.#release(t);
+      if (t !== topic && topic) this.#release(topic);
+      const now = this.positions.get(t);
+      if (!now || now.epoch !== reply.epoch || now.offset < reply.offset) {
+        this.positions.set(t, { offset: reply.offset, epoch: reply.epoch });
+      }
+    } else {
+      if (topic) this.#release(topic);
+      if (t && t !== topic) this.#release(t);
+    }
+    return reply;
+  }
+
+  /** Delivers the pushes held for `topic` while its subscribe ran. */
+  #release(topic) {
+    const held = this.held.get(topic);
+    this.held.delete(topic);
+    for (const m of held ?? []) this.#push(m);
+  }
+
+  /** A push: held while its topic's subscribe runs, else delivered. */
+  #push(msg) {
+    const held = typeof msg.topic === 'string' ? this.held.get(msg.topic) : undefined;
+    if (held) held.push(msg);
+    else this.#deliver(msg);
+  }
+
+  /** Emits a push, unless its position was delivered already. */
+  #deliver(msg) {
+    if (typeof msg.topic === 'string' && typeof msg.offset === 'number') {
+      const at = this.positions.get(msg.topic);
+      if (at && at.epoch === msg.epoch && msg.offset <= at.offset) return; // a duplicate
+      this.positions.set(msg.topic, { offset: msg.offset, epoch: msg.epoch });
+      this.#emit(msg.event, msg.data, { topic: msg.topic, offset: msg.offset, epoch: msg.epoch });
+      return;
+    }
+    this.#emit(msg.event, msg.data);
   }
 
   /** Closes for good: no reconnect; waiting requests fail with "closed". */
@@ -215,18 +456,22 @@ export class GaleClient {
   }
 
   #open() {
-    this.#setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING, { delayMs: 0 });
+    const transport = this.transports[this.tryIndex % this.transports.length];
+    this.transport = transport;
+    this.#setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING, { delayMs: 0, transport });
     let ws;
     try {
-      ws = new this.WebSocket(this.url);
+      ws = transport === 'sse' ? new SseTransport(this.sseUrl) : new this.WebSocket(this.url);
     } catch (e) {
-      this.#dropped(1006, String(e));
+      this.#dropped(1006, String(e), false);
       return;
     }
     this.ws = ws;
+    let opened = false;
     ws.onopen = () => {
+      opened = true;
       this.attempt = 0;
-      this.#setState(State.OPEN);
+      this.#setState(State.OPEN, { transport });
       // Renew subscriptions first, then what waited.
       for (const city of this.cities) this.#renew('weather.subscribe', { city });
       for (const topic of this.topics) this.#renew('topic.subscribe', { topic });
@@ -236,13 +481,23 @@ export class GaleClient {
     };
     ws.onmessage = (ev) => this.#receive(ev.data);
     ws.onclose = (ev) => {
-      if (this.ws === ws) this.#dropped(ev.code, ev.reason);
+      if (this.ws === ws) this.#dropped(ev.code, ev.reason, opened);
     };
-    ws.onerror = () => {}; // a close event follows with the details
+    ws.onerror = () => {
+      // Once open, a close event follows with the details. Before, some
+      // runtimes (Node 20's WebSocket on a refused upgrade) fire no close:
+      // the attempt has failed either way.
+      if (!opened && this.ws === ws) {
+        this.#dropped(1006, 'could not connect', false);
+        try {
+          ws.close();
+        } catch {}
+      }
+    };
   }
 
   #renew(event, data) {
-    this.request(event, data).catch((e) => {
+    this.#subscribeAt(event, data).catch((e) => {
       this.#emit('gale.resubscribe_failed', { event, data, code: e.code, message: e.message });
     });
   }
@@ -277,15 +532,15 @@ export class GaleClient {
     } else if (msg.type === 'connected') {
       this.clientId = msg.client_id ?? null;
     } else if (typeof msg.event === 'string') {
-      this.#emit(msg.event, msg.data);
+      this.#push(msg);
     }
   }
 
-  #emit(event, data) {
+  #emit(event, data, position) {
     for (const key of [event, '*']) {
       for (const h of [...(this.handlers.get(key) ?? [])]) {
         try {
-          h(data, event);
+          h(data, event, position);
         } catch (e) {
           queueMicrotask(() => { throw e; });
         }
@@ -301,8 +556,18 @@ export class GaleClient {
     this.pending.clear();
   }
 
-  #dropped(code, reason) {
+  #dropped(code, reason, opened) {
     this.ws = null;
+    // A transport that never opened (a proxy that refuses the upgrade):
+    // the next one is tried at once; after the last, the backoff applies.
+    if (!opened && !this.stopped) {
+      this.tryIndex++;
+      if (this.tryIndex % this.transports.length !== 0) {
+        this.#setState(State.RECONNECTING, { delayMs: 0, code, reason, fallback: true });
+        this.reconnectTimer = setTimeout(() => this.#open(), 0);
+        return;
+      }
+    }
     this.lastClose = { code, reason };
     // What was sent may or may not have been handled: its callers decide.
     const waiting = new Set(this.queue.map((q) => q.ref));

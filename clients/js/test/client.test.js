@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { GaleClient, GaleError, State } from '../src/index.js';
 import { createHmac } from 'node:crypto';
 import { startGale, startUpstream, publish } from './server.js';
+import { startNoUpgradeProxy } from './proxy.js';
 
 let upstream;
 let gale;
@@ -204,4 +205,95 @@ test('a token signs the connection in; without one, signed-in events are refused
   assert.ok(notes.some((n) => n.title === 'from js'));
   alice.close();
   await own.stop();
+});
+
+/** Resolves with `count` pushes of `event` (data, in order). */
+function collect(c, event) {
+  const got = [];
+  c.on(event, (data) => got.push(data));
+  return got;
+}
+
+test('a dropped connection recovers, in order and once, what was published meanwhile', async () => {
+  const c = new GaleClient(gale.url, { minDelayMs: 400, maxDelayMs: 400 });
+  await c.connect();
+  const got = collect(c, 'headline');
+  const recovered = [];
+  c.on('gale.recovered', (r) => recovered.push(r));
+  const first = await c.subscribeTopic('news:js');
+  assert.equal(first.offset, 0);
+  assert.equal(typeof first.epoch, 'string');
+  await publish(gale.http, 'news:js', 'headline', 1);
+  await until(() => got.length === 1);
+  assert.deepEqual(c.positions.get('news:js'), { offset: 1, epoch: first.epoch });
+
+  // The network drops; three are published before the client is back.
+  c.ws.close();
+  for (const n of [2, 3, 4]) await publish(gale.http, 'news:js', 'headline', n);
+  await until(() => got.length === 4);
+  assert.deepEqual(got, [1, 2, 3, 4]);
+  assert.deepEqual(recovered, [{ topic: 'news:js', count: 3 }]);
+  await publish(gale.http, 'news:js', 'headline', 5);
+  await until(() => got.length === 5);
+  assert.deepEqual(got, [1, 2, 3, 4, 5]);
+  c.close();
+});
+
+test('weather subscriptions recover too, and a lost history is reported', async () => {
+  const c = new GaleClient(gale.url, { minDelayMs: 200, maxDelayMs: 200 });
+  await c.connect();
+  const reading = await c.subscribe('Lisbon');
+  assert.equal(reading.topic, 'weather:lisbon');
+  assert.ok(c.positions.has('weather:lisbon'));
+
+  const failed = [];
+  c.on('gale.recovery_failed', (f) => failed.push(f));
+  // A position the server never gave (an epoch from before a restart).
+  c.positions.set('news:gone', { offset: 5, epoch: 'lost' });
+  c.topics.add('news:gone');
+  c.ws.close();
+  await until(() => failed.length === 1);
+  assert.equal(failed[0].topic, 'news:gone');
+  assert.equal(failed[0].to.offset, 0);
+  assert.notEqual(c.positions.get('news:gone').epoch, 'lost');
+  c.close();
+});
+
+test('falls back to SSE when a proxy refuses the WebSocket upgrade, and works the same', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  const c = new GaleClient(`ws://127.0.0.1:${proxy.port}/ws`, { minDelayMs: 300, maxDelayMs: 300 });
+  const seen = [];
+  c.onState((state, info) => seen.push([state, info?.transport ?? null]));
+  await c.connect();
+  assert.equal(c.transport, 'sse');
+  assert.deepEqual(seen.at(-1), ['open', 'sse']);
+  assert.ok(seen.some(([s, t]) => s === 'connecting' && t === 'websocket'), JSON.stringify(seen));
+  await until(() => c.clientId !== null);
+
+  const r = await c.weather('Paris');
+  assert.equal(r.city, 'Paris');
+  await assert.rejects(c.weather('Atlantis'), (e) => e.code === 'not_found');
+  const readings = await Promise.all(['A1', 'A2', 'A3', 'A4', 'A5'].map((city) => c.weather(city)));
+  assert.deepEqual(readings.map((x) => x.city), ['A1', 'A2', 'A3', 'A4', 'A5']);
+
+  // Push and recovery over SSE.
+  const got = collect(c, 'headline');
+  await c.subscribeTopic('news:sse');
+  await publish(gale.http, 'news:sse', 'headline', 'a');
+  await until(() => got.length === 1);
+  c.ws.close(); // the stream drops; the client reconnects over SSE again
+  await publish(gale.http, 'news:sse', 'headline', 'b');
+  await until(() => got.length === 2);
+  assert.deepEqual(got, ['a', 'b']);
+  assert.equal(c.transport, 'sse');
+  c.close();
+  await proxy.stop();
+});
+
+test('transports: ["sse"] skips the WebSocket', async () => {
+  const c = new GaleClient(gale.url, { transports: ['sse'] });
+  await c.connect();
+  assert.equal(c.transport, 'sse');
+  assert.equal((await c.weather('Rome')).city, 'Rome');
+  c.close();
 });

@@ -1,7 +1,7 @@
 // Starts the real `gale serve` (and the fake weather API, the only
 // stand-in: the provider is external) on port 0, for the tests.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -52,14 +52,27 @@ function logged(child, pattern) {
   });
 }
 
+/** The tests' config file: history on for news and weather topics. */
+export const HISTORY = `
+[topics."news:*"]
+history_size = 100
+history_ttl_s = 300
+
+[topics."weather:*"]
+history_size = 10
+history_ttl_s = 300
+`;
+
 /**
  * `gale serve` on 127.0.0.1:`port`, or on port 0 (the OS picks; the port
  * is read from the server's "listening" log line), against `upstreamUrl`.
  * Returns {url, http, port, stop()} where stop resolves once it exited.
  */
-export async function startGale(upstreamUrl, port = 0, env = {}) {
+export async function startGale(upstreamUrl, port = 0, env = {}, config = HISTORY) {
   const dir = mkdtempSync(join(tmpdir(), 'gale-js-'));
-  const child = spawn(GALE, ['serve', '--listen', `127.0.0.1:${port}`], {
+  const file = join(dir, 'gale.toml');
+  writeFileSync(file, config);
+  const child = spawn(GALE, ['serve', '--listen', `127.0.0.1:${port}`, '--config', file], {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: {
       ...process.env,
