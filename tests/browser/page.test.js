@@ -85,6 +85,20 @@ test('the stats panel fills from server.stats', async () => {
 
 test('a dropped connection gets back the updates it missed, and the page says so', async () => {
   assert.equal(await page.locator('#status').innerText(), 'open · WebSocket');
+  // Another subscriber of Oslo keeps its feed running while the page is
+  // away (a city's feed stops with its last subscriber).
+  await page.evaluate(
+    (url) =>
+      new Promise((resolve) => {
+        const ws = new WebSocket(url);
+        window.otherSubscriber = ws;
+        ws.onopen = () => ws.send(JSON.stringify({ event: 'weather.subscribe', data: { city: 'Oslo' }, ref: 'x' }));
+        ws.onmessage = (e) => {
+          if (JSON.parse(e.data).reply === 'x') resolve();
+        };
+      }),
+    `ws://127.0.0.1:${gale.port}/ws`,
+  );
   // Away for 1.25 to 2.5 s (the client's jittered backoff) while Oslo
   // refreshes every second: at least one update is published meanwhile.
   await page.evaluate(() => {
@@ -99,6 +113,7 @@ test('a dropped connection gets back the updates it missed, and the page says so
   await page.evaluate(() => {
     window.gale.options.minDelayMs = 500;
     window.gale.options.maxDelayMs = 10_000;
+    window.otherSubscriber.close();
   });
 });
 

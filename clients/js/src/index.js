@@ -50,7 +50,8 @@ export class SseTransport {
    */
   constructor(url, fetchImpl = globalThis.fetch) {
     this.url = url;
-    this.fetch = fetchImpl;
+    // Called as a plain function: browsers refuse fetch with another `this`.
+    this.fetch = (input, init) => fetchImpl(input, init);
     this.readyState = 0;
     this.session = null;
     this.onopen = null;
@@ -182,7 +183,9 @@ export class GaleClient {
    *   http(s) and /sse in place of ws(s) and /ws)
    */
   constructor(url, options = {}) {
-    this.options = { ...DEFAULTS, ...options };
+    // An option given as undefined keeps its default.
+    this.options = { ...DEFAULTS };
+    for (const [k, v] of Object.entries(options)) if (v !== undefined) this.options[k] = v;
     const u = new URL(url);
     if (this.options.token) u.searchParams.set('token', this.options.token);
     this.url = u.toString();
