@@ -23,6 +23,7 @@ pub mod broadcast;
 pub mod connections;
 pub mod procs;
 mod raw;
+pub mod recovery;
 pub mod requests;
 pub mod store;
 
@@ -48,6 +49,8 @@ pub struct Target {
     first_source: u8,
     /// Offer permessage-deflate (and require it).
     deflate: bool,
+    /// Open SSE sessions (`GET /sse`) instead of WebSockets.
+    sse: bool,
     /// For `wss://`: one TLS client configuration for every connection
     /// (building one per connection, roots and all, made the generator
     /// the bottleneck).
@@ -89,6 +92,7 @@ impl Target {
             sources: sources.max(1),
             first_source: 0,
             deflate: false,
+            sse: false,
             tls,
         })
     }
@@ -102,6 +106,12 @@ impl Target {
     /// does not agree.
     pub fn with_deflate(mut self, on: bool) -> Target {
         self.deflate = on;
+        self
+    }
+
+    /// SSE sessions (`GET /sse`, plain HTTP only) instead of WebSockets.
+    pub fn with_sse(mut self, on: bool) -> Target {
+        self.sse = on;
         self
     }
 
@@ -131,6 +141,15 @@ impl Target {
 
     /// As [`Target::connect`], compressed when the target says so.
     pub(crate) async fn connect_any(&self, i: usize) -> Result<raw::Conn, String> {
+        if self.sse {
+            if self.url.scheme() == "wss" {
+                return Err("--sse speaks plain HTTP only".into());
+            }
+            let stream = self.tcp(i).await?;
+            return Ok(raw::Conn::Sse(Box::new(
+                raw::SseSession::open(stream, &self.url).await?,
+            )));
+        }
         if self.deflate {
             if self.url.scheme() == "wss" {
                 return Err("--deflate speaks ws:// only".into());

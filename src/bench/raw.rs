@@ -162,13 +162,89 @@ impl Deflating {
     }
 }
 
-/// A bench connection: tungstenite's, or [`Deflating`] for `--deflate`.
+/// An SSE session held open (`--sse`): `GET /sse` read up to the
+/// greeting. It only listens; what it would send goes by POST, which the
+/// scenarios that use `--sse` (connections) never do.
+#[derive(Debug)]
+pub(crate) struct SseSession {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl SseSession {
+    /// Opens `GET /sse` (the path of `url` with `/sse` for `/ws`) and reads
+    /// the response head and the greeting.
+    pub(crate) async fn open(mut stream: TcpStream, url: &url::Url) -> Result<Self, String> {
+        let host = url.host_str().unwrap_or("127.0.0.1");
+        let path = url.path().strip_suffix("/ws").unwrap_or("");
+        let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let req = format!(
+            "GET {path}/sse{query} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut s = SseSession {
+            stream,
+            buf: BytesMut::with_capacity(1024),
+        };
+        let head = s.read_until(b"\r\n\r\n").await?;
+        if !head.starts_with(b"HTTP/1.1 200") {
+            let line = String::from_utf8_lossy(&head[..head.len().min(40)]).into_owned();
+            return Err(format!("GET /sse: {}", line.lines().next().unwrap_or("")));
+        }
+        s.read_until(b"\n\n").await?;
+        // What a held session keeps: no read buffer beyond this.
+        s.buf = BytesMut::new();
+        Ok(s)
+    }
+
+    /// Reads until `end` and returns what came up to it, consumed.
+    async fn read_until(&mut self, end: &[u8]) -> Result<BytesMut, String> {
+        loop {
+            if let Some(at) = self.buf.windows(end.len()).position(|w| w == end) {
+                return Ok(self.buf.split_to(at + end.len()));
+            }
+            if self.buf.len() > MAX_MESSAGE {
+                return Err("no end of message in 16 MiB".into());
+            }
+            self.buf.reserve(1024);
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err("connection ended".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    /// The next `data:` message's text (chunk framing and keep-alive
+    /// comments skipped).
+    async fn next(&mut self) -> Result<Received, String> {
+        loop {
+            let block = self.read_until(b"\n\n").await?;
+            let text = String::from_utf8_lossy(&block);
+            let data: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if !data.is_empty() {
+                return Ok(Received::Text(data.join("\n").into()));
+            }
+        }
+    }
+}
+
+/// A bench connection: tungstenite's, [`Deflating`] for `--deflate`, or
+/// an [`SseSession`] for `--sse`.
 #[derive(Debug)]
 pub(crate) enum Conn {
     /// No compression.
     Plain(Box<super::Ws>),
     /// permessage-deflate agreed.
     Deflate(Box<Deflating>),
+    /// The SSE fallback, listening only.
+    Sse(Box<SseSession>),
 }
 
 impl Conn {
@@ -181,6 +257,7 @@ impl Conn {
                 .await
                 .map_err(|e| format!("send: {e}")),
             Conn::Deflate(ws) => ws.send_text(&text).await,
+            Conn::Sse(_) => Err("--sse sessions only listen (connections scenario)".into()),
         }
     }
 
@@ -199,6 +276,7 @@ impl Conn {
                 None => Err("connection ended".into()),
             },
             Conn::Deflate(ws) => ws.next().await,
+            Conn::Sse(s) => s.next().await,
         }
     }
 

@@ -44,6 +44,10 @@ pub struct BenchCommon {
     /// not agree to compress (connections and broadcast).
     #[arg(long)]
     pub deflate: bool,
+    /// Open SSE sessions (GET /sse, the fallback transport) instead of
+    /// WebSockets (connections only).
+    #[arg(long)]
+    pub sse: bool,
     /// Internal: run as worker N of a multi-process run.
     #[arg(long, hide = true)]
     pub worker: Option<u8>,
@@ -81,6 +85,9 @@ impl BenchCommon {
         ];
         if self.deflate {
             args.push("--deflate".into());
+        }
+        if self.sse {
+            args.push("--sse".into());
         }
         args
     }
@@ -250,6 +257,32 @@ pub enum BenchScenario {
         #[command(flatten)]
         args: BroadcastArgs,
     },
+    /// N clients subscribe to a topic with history, drop, miss M
+    /// publications, then all reconnect at once (each to another node,
+    /// given several URLs) and recover them; time until all recovered,
+    /// and Redis's load with --redis.
+    Recovery {
+        /// Target(s) and clients.
+        #[command(flatten)]
+        common: BenchCommon,
+        /// The topic: the server must keep history for it, at least
+        /// --missed publications ([topics."PATTERN"] history_size).
+        #[arg(long, default_value = "bench:recovery")]
+        topic: String,
+        /// Publications sent while the clients are away.
+        #[arg(short, long, default_value_t = 100)]
+        missed: u64,
+        /// Bytes per publication.
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        /// The server's [api] key.
+        #[arg(long, env = "GALE_API__KEY", hide_env_values = true)]
+        api_key: String,
+        /// The cluster's Redis (redis://…): its commands and CPU during
+        /// the reconnect are reported.
+        #[arg(long)]
+        redis: Option<String>,
+    },
     /// Rows/s the request log's batched writers sustain into a database
     /// (the server's own pipeline, run in this process).
     Store {
@@ -360,6 +393,52 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 }
             };
         }
+        BenchScenario::Recovery {
+            common,
+            topic,
+            missed,
+            size,
+            api_key,
+            redis,
+        } => {
+            let targets: Result<Vec<Target>, _> = common
+                .urls()
+                .iter()
+                .map(|u| Target::new(u, common.sources))
+                .collect();
+            let targets = match targets {
+                Ok(t) if !t.is_empty() => t,
+                Ok(_) => return fail("no target URL"),
+                Err(e) => return fail(&e.to_string()),
+            };
+            if common.procs > 1 || common.deflate {
+                return fail("recovery runs in one process, without --deflate");
+            }
+            let o = bench::recovery::RecoveryOptions {
+                clients: common.connections,
+                connect_rate: common.connect_rate,
+                topic,
+                missed,
+                size,
+                api_key,
+                redis_url: redis,
+            };
+            let cpu_before = common.server_pid.and_then(bench::server_cpu);
+            return match bench::recovery::recovery(targets, &o, stop_on_ctrl_c()).await {
+                Ok(mut report) => {
+                    if let Some(pid) = common.server_pid {
+                        bench::add_server_cpu(&mut report, pid, cpu_before);
+                    }
+                    print(&report, common.json, false);
+                    if report.errors.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail(&e),
+            };
+        }
         BenchScenario::Requests { ref common, .. }
         | BenchScenario::Connections { ref common, .. }
         | BenchScenario::Broadcast { ref common, .. } => common.clone(),
@@ -374,8 +453,12 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         eprintln!("gale bench: --deflate applies to connections and broadcast");
         return ExitCode::from(EXIT_CONFIG);
     }
+    if common.sse && !matches!(scenario, BenchScenario::Connections { .. }) {
+        eprintln!("gale bench: --sse applies to connections");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let target = match checked.map(|t| t.into_iter().next()) {
-        Ok(Some(t)) => t.with_deflate(common.deflate),
+        Ok(Some(t)) => t.with_deflate(common.deflate).with_sse(common.sse),
         Ok(None) => {
             eprintln!("gale bench: no target URL");
             return ExitCode::from(EXIT_CONFIG);
@@ -469,7 +552,9 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 report
             }
         }
-        BenchScenario::Store { .. } | BenchScenario::Upstream { .. } => {
+        BenchScenario::Store { .. }
+        | BenchScenario::Upstream { .. }
+        | BenchScenario::Recovery { .. } => {
             return ExitCode::SUCCESS; // run above
         }
     };
@@ -562,7 +647,9 @@ async fn run_procs(
             }
             (report, problems)
         }
-        BenchScenario::Store { .. } | BenchScenario::Upstream { .. } => {
+        BenchScenario::Store { .. }
+        | BenchScenario::Upstream { .. }
+        | BenchScenario::Recovery { .. } => {
             return fail("--procs applies to requests, connections and broadcast");
         }
     };

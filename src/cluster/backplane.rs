@@ -217,6 +217,9 @@ impl Backplane for RedisBackplane {
 
     fn append(&self, topic: &str, policy: history::Policy, text: &Prepared) -> bool {
         if !self.cluster.is_up() {
+            // Pushed here without a position: counted like any decision
+            // taken without Redis.
+            self.cluster.metrics.fallback(Fallback::History).inc();
             return false;
         }
         let (list, meta) = self.cluster.history_keys(topic);
