@@ -251,6 +251,11 @@ impl ErrorBody {
 
 /// The single reply to an event that carried a `ref`.
 pub fn reply_json(reply_to: &Value, result: &Result<Value, ErrorBody>) -> String {
+    reply_json_ref(reply_to, result.as_ref())
+}
+
+/// As [`reply_json`], from borrowed parts.
+pub fn reply_json_ref(reply_to: &Value, result: Result<&Value, &ErrorBody>) -> String {
     #[derive(Serialize)]
     struct Reply<'a> {
         reply: &'a Value,
@@ -263,8 +268,8 @@ pub fn reply_json(reply_to: &Value, result: &Result<Value, ErrorBody>) -> String
     let reply = Reply {
         reply: reply_to,
         ok: result.is_ok(),
-        data: result.as_ref().ok(),
-        error: result.as_ref().err(),
+        data: result.ok(),
+        error: result.err(),
     };
     serde_json::to_string(&reply).unwrap_or_else(|_| {
         r#"{"ok":false,"error":{"code":"internal_error","message":"internal error"}}"#.to_owned()

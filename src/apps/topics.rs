@@ -6,11 +6,13 @@ use serde_json::{Map, Value, json};
 use super::hub_error;
 use crate::history::Since;
 use crate::protocol::ErrorBody;
-use crate::router::{Ctx, HandlerResult, Payload, Policy, Registry, invalid_field};
+use crate::router::{
+    Answer, AnswerResult, Ctx, HandlerResult, Payload, Policy, Registry, invalid_field,
+};
 
 /// Registers this application's events.
 pub(crate) fn register(r: &mut Registry) {
-    r.register("topic.subscribe", Policy::default(), topic_subscribe);
+    r.register_answer("topic.subscribe", Policy::default(), topic_subscribe);
     r.register("topic.unsubscribe", Policy::default(), topic_unsubscribe);
 }
 
@@ -51,39 +53,38 @@ pub(crate) fn validate_since(since: Option<&Since>) -> Result<(), ErrorBody> {
     }
 }
 
-/// Adds a topic's position to a subscribe reply and, given `since`, what
-/// the client missed: `recovered` and `publications`. Nothing when the
-/// topic keeps no history.
-pub(crate) async fn add_recovery(
+/// Adds a topic's position to a subscribe reply (`fields`) and, given
+/// `since`, what the client missed: `recovered` and `publications`. The
+/// publications are spliced in as the exact texts once pushed, not parsed
+/// and encoded again: a reconnecting crowd's replies are mostly these.
+/// Only a position when the topic keeps no history is added nothing to.
+pub(crate) async fn answer_with_recovery(
     ctx: &Ctx,
     topic: &str,
     since: Option<Since>,
-    reply: &mut Map<String, Value>,
-) {
+    mut fields: Map<String, Value>,
+) -> Answer {
     let asked = since.is_some();
-    let Some(found) = ctx.app.hub.recover(topic, since).await else {
+    let found = match ctx.app.hub.recover(topic, since).await {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            tracing::debug!(topic, error = %e, "recovery read failed");
+            None
+        }
+        // A topic without history has nothing to recover from.
+        None => None,
+    };
+    let Some(r) = found else {
         if asked {
-            // A topic without history has nothing to recover from.
-            reply.insert("recovered".into(), Value::Bool(false));
+            fields.insert("recovered".into(), Value::Bool(false));
             ctx.app.metrics.recovery_lost.inc();
         }
-        return;
+        return Answer::Value(Value::Object(fields));
     };
-    let r = match found {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(topic, error = %e, "recovery read failed");
-            if asked {
-                reply.insert("recovered".into(), Value::Bool(false));
-                ctx.app.metrics.recovery_lost.inc();
-            }
-            return;
-        }
-    };
-    reply.insert("offset".into(), json!(r.position.offset));
-    reply.insert("epoch".into(), json!(&*r.position.epoch));
+    fields.insert("offset".into(), json!(r.position.offset));
+    fields.insert("epoch".into(), json!(&*r.position.epoch));
     if !asked {
-        return;
+        return Answer::Value(Value::Object(fields));
     }
     // The reply must fit in one message: past that the client resyncs.
     let room = ctx
@@ -94,24 +95,30 @@ pub(crate) async fn add_recovery(
         .saturating_sub(4096);
     let publications = r
         .publications
-        .filter(|p| p.iter().map(|t| t.len() + 1).sum::<usize>() <= room)
-        .and_then(|p| {
-            p.iter()
-                .map(|t| serde_json::from_str::<Value>(t.as_str()).ok())
-                .collect::<Option<Vec<Value>>>()
-        });
-    match publications {
-        Some(p) => {
-            ctx.app.metrics.recovered.inc();
-            reply.insert("recovered".into(), Value::Bool(true));
-            reply.insert("publications".into(), Value::Array(p));
+        .filter(|p| p.iter().map(|t| t.len() + 1).sum::<usize>() <= room);
+    fields.insert("recovered".into(), Value::Bool(publications.is_some()));
+    let Some(publications) = publications else {
+        ctx.app.metrics.recovery_lost.inc();
+        fields.insert("publications".into(), Value::Array(Vec::new()));
+        return Answer::Value(Value::Object(fields));
+    };
+    ctx.app.metrics.recovered.inc();
+    let head = Value::Object(fields).to_string();
+    let head = head.strip_suffix('}').unwrap_or(&head);
+    let mut out = String::with_capacity(
+        head.len() + 20 + publications.iter().map(|t| t.len() + 1).sum::<usize>(),
+    );
+    out.push_str(head);
+    out.push_str(if head.len() > 1 { "," } else { "" });
+    out.push_str("\"publications\":[");
+    for (i, p) in publications.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
         }
-        None => {
-            ctx.app.metrics.recovery_lost.inc();
-            reply.insert("recovered".into(), Value::Bool(false));
-            reply.insert("publications".into(), Value::Array(Vec::new()));
-        }
+        out.push_str(p.as_str());
     }
+    out.push_str("]}");
+    Answer::Encoded(out)
 }
 
 /// Longest topic name.
@@ -136,7 +143,7 @@ impl Payload for TopicRequest {
     }
 }
 
-async fn topic_subscribe(ctx: Ctx, req: SubscribeRequest) -> HandlerResult {
+async fn topic_subscribe(ctx: Ctx, req: SubscribeRequest) -> AnswerResult {
     let added = ctx
         .app
         .hub
@@ -146,8 +153,7 @@ async fn topic_subscribe(ctx: Ctx, req: SubscribeRequest) -> HandlerResult {
     reply.insert("topic".into(), json!(req.topic));
     reply.insert("subscribed".into(), Value::Bool(true));
     reply.insert("new".into(), Value::Bool(added));
-    add_recovery(&ctx, &req.topic, req.since, &mut reply).await;
-    Ok(Value::Object(reply))
+    Ok(answer_with_recovery(&ctx, &req.topic, req.since, reply).await)
 }
 
 async fn topic_unsubscribe(ctx: Ctx, req: TopicRequest) -> HandlerResult {

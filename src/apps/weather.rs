@@ -20,7 +20,7 @@ use crate::metrics::Outcome;
 use crate::protocol::{
     ErrorBody, ErrorCode, ServerMessage, echoed_city, normalise_city, parse_city,
 };
-use crate::router::{Ctx, HandlerResult, Payload, Policy, Registry, invalid_field};
+use crate::router::{AnswerResult, Ctx, HandlerResult, Payload, Policy, Registry, invalid_field};
 use crate::server::App;
 use crate::store::RequestRecord;
 use crate::weather::{Reading, WeatherError};
@@ -37,7 +37,7 @@ pub(crate) fn register(r: &mut Registry) {
         },
         weather_get,
     );
-    r.register(
+    r.register_answer(
         "weather.subscribe",
         Policy {
             rate_limit: Some(Rate {
@@ -113,7 +113,7 @@ async fn weather_get(ctx: Ctx, req: CityRequest) -> HandlerResult {
 
 /// `weather.subscribe {city}`: replies with the current reading, then
 /// `weather.update` pushes follow whenever it refreshes.
-async fn weather_subscribe(ctx: Ctx, req: SubscribeRequest) -> HandlerResult {
+async fn weather_subscribe(ctx: Ctx, req: SubscribeRequest) -> AnswerResult {
     let app = &ctx.app;
     let reading = recorded_lookup(app, ctx.caller.conn_id, &req.city)
         .await
@@ -123,13 +123,14 @@ async fn weather_subscribe(ctx: Ctx, req: SubscribeRequest) -> HandlerResult {
     app.hub
         .subscribe(ctx.caller.conn_id, &topic)
         .map_err(hub_error)?;
-    let mut reply = feeds::reading_json(&reading);
-    if let Some(fields) = reply.as_object_mut() {
-        fields.insert("topic".into(), json!(topic));
-        super::topics::add_recovery(&ctx, &topic, req.since, fields).await;
-    }
+    let mut fields = match feeds::reading_json(&reading) {
+        serde_json::Value::Object(fields) => fields,
+        _ => serde_json::Map::new(),
+    };
+    fields.insert("topic".into(), json!(topic));
+    let answer = super::topics::answer_with_recovery(&ctx, &topic, req.since, fields).await;
     Feeds::ensure(app, key, req.city.trim().to_owned(), reading);
-    Ok(reply)
+    Ok(answer)
 }
 
 async fn weather_unsubscribe(ctx: Ctx, req: CityRequest) -> HandlerResult {

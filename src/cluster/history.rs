@@ -43,30 +43,32 @@ redis.call('PUBLISH',ARGV[1],'\n'..text)
 return o"#;
 
 /// KEYS as [`APPEND`]. ARGV: the client's offset (-1: none), its epoch,
-/// ttl_s, meta_ttl_s. Returns {epoch, offset, 1 if recovered, texts…}.
-const RECOVER: &str = r#"local t=redis.call('TIME')
-local e=redis.call('HGET',KEYS[2],'e')
+/// ttl_s, meta_ttl_s. Returns {epoch, offset, 1 if recovered, entries…};
+/// the entries keep their `OFFSET:UNIX_S:` heads (stripped by the node:
+/// Redis's CPU is the cluster's shared one).
+const RECOVER: &str = r#"local m=redis.call('HMGET',KEYS[2],'e','o')
+local e=m[1]
 if not e then
+local t=redis.call('TIME')
 e=string.format('%x%05x',tonumber(t[1]),tonumber(t[2]))
 redis.call('HSET',KEYS[2],'e',e,'o',0)
 redis.call('EXPIRE',KEYS[2],ARGV[4])
 redis.call('DEL',KEYS[1])
 return {e,0,0}
 end
-local top=tonumber(redis.call('HGET',KEYS[2],'o'))
+local top=tonumber(m[2])
 local since=tonumber(ARGV[1])
 if since<0 or ARGV[2]~=e or since>top then return {e,top,0} end
 if since==top then return {e,top,1} end
 local items=redis.call('LRANGE',KEYS[1],-(top-since),-1)
 if #items<top-since then return {e,top,0} end
 local o,at=string.match(items[1],'^(%d+):(%d+):')
-if tonumber(o)~=since+1 or tonumber(at)+tonumber(ARGV[3])<=tonumber(t[1]) then return {e,top,0} end
-local out={e,top,1}
-for _,item in ipairs(items) do
-local head=string.match(item,'^%d+:%d+:')
-out[#out+1]=string.sub(item,#head+1)
-end
-return out"#;
+local now=tonumber(redis.call('TIME')[1])
+if tonumber(o)~=since+1 or tonumber(at)+tonumber(ARGV[3])<=now then return {e,top,0} end
+table.insert(items,1,1)
+table.insert(items,1,top)
+table.insert(items,1,e)
+return items"#;
 
 impl Cluster {
     /// The keys of `topic`'s history: (the list, the position).
@@ -113,9 +115,10 @@ impl Cluster {
         let publications = if ok && since.is_some() {
             let texts: Result<Vec<Prepared>, ClusterError> = it
                 .map(|v| {
-                    String::from_redis_value(v)
-                        .map(|t| Prepared::new(&t))
-                        .map_err(|_| bad())
+                    let entry = String::from_redis_value(v).map_err(|_| bad())?;
+                    // OFFSET:UNIX_S:TEXT
+                    let text = entry.splitn(3, ':').nth(2).ok_or_else(bad)?;
+                    Ok(Prepared::new(text))
                 })
                 .collect();
             Some(texts?)

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::config::{Config, ConfigError, Priority, Rate};
 use crate::metrics::{Metrics, Outcome};
 use crate::outbox::Outbox;
-use crate::protocol::{ErrorBody, ErrorCode, Event, reply_json};
+use crate::protocol::{ErrorBody, ErrorCode, Event, reply_json, reply_json_ref};
 use crate::server::App;
 
 pub use pool::{Pool, Refused};
@@ -35,6 +35,21 @@ pub use rate::{Bucket, Limits, Subject};
 
 /// What a handler returns: the reply's `data`, or an error.
 pub type HandlerResult = Result<Value, ErrorBody>;
+
+/// What a handler registered with [`Registry::register_answer`] returns:
+/// its reply's `data` as a value to encode, or already encoded (JSON
+/// text spliced into the reply as it is: a recovery's publications, each
+/// the exact text once pushed, are not parsed and encoded again).
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// Encoded with the reply.
+    Value(Value),
+    /// Valid JSON text, spliced in.
+    Encoded(String),
+}
+
+/// A handler's outcome, as the worker replies with it.
+pub type AnswerResult = Result<Answer, ErrorBody>;
 
 /// Who sent an event. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -110,7 +125,7 @@ pub fn invalid_field(field: &str, message: impl Into<String>) -> ErrorBody {
     }
 }
 
-type Job = Box<dyn FnOnce(Ctx) -> BoxFuture<'static, HandlerResult> + Send>;
+type Job = Box<dyn FnOnce(Ctx) -> BoxFuture<'static, AnswerResult> + Send>;
 type Prepare = Box<dyn Fn(Value) -> Result<Job, ErrorBody> + Send + Sync>;
 
 /// One registered event.
@@ -165,6 +180,20 @@ impl Registry {
         T: Payload,
         F: Fn(Ctx, T) -> Fut + Send + Sync + Clone + 'static,
         Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.register_answer(name, policy, move |ctx, payload: T| {
+            let answered = handler(ctx, payload);
+            async move { answered.await.map(Answer::Value) }
+        });
+    }
+
+    /// As [`Registry::register`], for a handler that may answer with
+    /// data already encoded ([`Answer::Encoded`]).
+    pub fn register_answer<T, F, Fut>(&mut self, name: &'static str, policy: Policy, handler: F)
+    where
+        T: Payload,
+        F: Fn(Ctx, T) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = AnswerResult> + Send + 'static,
     {
         let prepare: Prepare = Box::new(move |data: Value| {
             let payload: T = serde_path_to_error::deserialize(data).map_err(|e| {
@@ -526,6 +555,18 @@ async fn take_shared(
     taken.map_err(|wait| rate_limited(route, rate, wait))
 }
 
+/// The reply to `reply_to` with a handler's outcome.
+fn answer_json(reply_to: &Value, result: &AnswerResult) -> String {
+    match result {
+        Ok(Answer::Value(v)) => reply_json_ref(reply_to, Ok(v)),
+        Ok(Answer::Encoded(data)) => {
+            let r = serde_json::to_string(reply_to).unwrap_or_else(|_| "null".to_owned());
+            format!("{{\"reply\":{r},\"ok\":true,\"data\":{data}}}")
+        }
+        Err(e) => reply_json_ref(reply_to, Err(e)),
+    }
+}
+
 /// Runs one handler under its deadline, catching a panic, and replies.
 async fn run(task: Task) {
     let Task {
@@ -570,7 +611,7 @@ async fn run(task: Task) {
     metrics
         .handler_latency
         .observe(started.elapsed().as_secs_f64());
-    let mut reply = reply_to.as_ref().map(|r| reply_json(r, &result));
+    let mut reply = reply_to.as_ref().map(|r| answer_json(r, &result));
     if let (Some(r), Some(text)) = (&reply_to, &reply)
         && text.len() > limit
     {
@@ -586,7 +627,7 @@ async fn run(task: Task) {
             ErrorCode::InternalError,
             "the reply would be larger than the server may send",
         ));
-        reply = Some(reply_json(r, &result));
+        reply = Some(answer_json(r, &result));
     }
     route.count(match &result {
         Ok(_) => Outcome::Ok,
