@@ -1007,3 +1007,119 @@ async fn nodes_keep_working_when_a_redis_cluster_master_fails_over() {
         );
     }
 }
+
+fn with_history(c: &mut Config) {
+    c.topics.insert(
+        "hist:*".into(),
+        gale::config::TopicConfig {
+            history_size: 10,
+            history_ttl_s: 60,
+        },
+    );
+}
+
+/// Topic history over a three-master Redis Cluster: the script's keys
+/// share a hash tag, so each append and recovery runs on one master.
+#[tokio::test]
+async fn history_and_recovery_work_over_a_three_master_redis_cluster() {
+    if redis_url().is_none() {
+        return;
+    }
+    let rc = RedisCluster::start().await;
+    let (p, up) = (prefix(), upstream().await);
+    let a = node_with(&rc.seeds(), &p, "a", &up, with_history).await;
+    let b = node_with(&rc.seeds(), &p, "b", &up, with_history).await;
+    for topic in ["hist:1", "hist:2", "hist:3"] {
+        let mut watcher = b.client().await;
+        let first = watcher
+            .request("topic.subscribe", json!({"topic": topic}), "w")
+            .await;
+        let epoch = first["data"]["epoch"].as_str().expect("epoch").to_owned();
+        wait_channels(&b, 1).await;
+        for n in 1..=3 {
+            let body = json!({"event": "e", "data": n, "topic": topic}).to_string();
+            publish(&a, Some(API_KEY), &body).await;
+        }
+        let mut last = 0;
+        while last < 3 {
+            last = watcher.next_push().await["offset"]
+                .as_u64()
+                .expect("offset");
+        }
+        let mut back = a.client().await;
+        let r = back
+            .request(
+                "topic.subscribe",
+                json!({"topic": topic, "since": {"offset": 1, "epoch": epoch}}),
+                "r",
+            )
+            .await;
+        assert_eq!(r["data"]["recovered"], true, "{r}");
+        let got: Vec<_> = r["data"]["publications"]
+            .as_array()
+            .expect("publications")
+            .iter()
+            .map(|p| p["data"].clone())
+            .collect();
+        assert_eq!(got, vec![json!(2), json!(3)], "{topic}");
+    }
+}
+
+/// With Redis gone, a publication on a topic with history still reaches
+/// this node's subscribers (without a position), a recovery says it
+/// cannot, both are counted, and positions resume when Redis is back.
+#[tokio::test]
+async fn without_redis_history_falls_back_visibly() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut redis = PrivateRedis::start();
+    let (p, up) = (prefix(), upstream().await);
+    let a = node_with(&redis.url(), &p, "a", &up, with_history).await;
+    let mut sub = a.client().await;
+    let first = sub
+        .request("topic.subscribe", json!({"topic": "hist:x"}), "s")
+        .await;
+    let epoch = first["data"]["epoch"].as_str().expect("epoch").to_owned();
+
+    redis.kill();
+    wait_health(&a, 503).await;
+    let (status, _) = publish(
+        &a,
+        Some(API_KEY),
+        r#"{"event":"e","data":1,"topic":"hist:x"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let push = sub.next_push().await;
+    assert_eq!(push["data"], 1);
+    assert!(push.get("offset").is_none(), "{push}");
+    let mut late = a.client().await;
+    let r = late
+        .request(
+            "topic.subscribe",
+            json!({"topic": "hist:x", "since": {"offset": 0, "epoch": epoch}}),
+            "r",
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"]["recovered"], false, "{r}");
+    assert!(
+        a.sample("gale_cluster_fallbacks_total{what=\"History\"}")
+            .await
+            >= 2.0
+    );
+
+    redis.restart();
+    wait_health(&a, 200).await;
+    let (status, _) = publish(
+        &a,
+        Some(API_KEY),
+        r#"{"event":"e","data":2,"topic":"hist:x"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let push = sub.next_push().await;
+    assert_eq!(push["data"], 2);
+    assert!(push["offset"].as_u64().is_some(), "{push}");
+}
