@@ -28,7 +28,7 @@ use crate::server::App;
 use crate::websocket::{self, Message, Socket, Utf8Bytes, close_code};
 
 /// A client that has not taken a frame for this long is dropped.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long to wait for the peer's answer to our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);

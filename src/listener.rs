@@ -202,10 +202,12 @@ async fn connection(
         _permit: permit,
     };
     let served = Arc::new(AtomicBool::new(false));
+    let abort = ConnAbort::default();
     let service = Service {
         router: front.router.clone(),
         addr,
         served: served.clone(),
+        abort: abort.clone(),
     };
     let mut http = hyper::server::conn::http1::Builder::new();
     // Every head after the first: a kept-alive connection may not idle
@@ -222,6 +224,10 @@ async fn connection(
     loop {
         tokio::select! {
             ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
+            () = abort.0.cancelled() => {
+                tracing::debug!(%addr, "connection ended by its handler");
+                return;
+            }
             () = &mut first, if watching => {
                 watching = false;
                 if !served.load(Ordering::Acquire) {
@@ -256,7 +262,17 @@ struct Service {
     router: axum::Router,
     addr: SocketAddr,
     served: Arc<AtomicBool>,
+    abort: ConnAbort,
 }
+
+/// Ends the HTTP connection a request came on, from its handler's side:
+/// the accept loop drops the connection (and the response in progress)
+/// once it fires. Every request carries its connection's in its
+/// extensions. An SSE session whose client stopped reading is ended this
+/// way: hyper stops polling a response body whose socket is full, so the
+/// body itself can never notice.
+#[derive(Debug, Clone, Default)]
+pub struct ConnAbort(pub tokio_util::sync::CancellationToken);
 
 impl hyper::service::Service<Request<Incoming>> for Service {
     type Response = Response<Body>;
@@ -266,6 +282,7 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.served.store(true, Ordering::Release);
         req.extensions_mut().insert(ConnectInfo(self.addr));
+        req.extensions_mut().insert(self.abort.clone());
         tower_service::Service::call(&mut self.router.clone(), req)
     }
 }

@@ -534,13 +534,14 @@ enum Mode {
 async fn sse_open(
     state: State<Arc<App>>,
     peer: ConnectInfo<SocketAddr>,
+    abort: Option<axum::Extension<crate::listener::ConnAbort>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
     if !state.0.config.sse.enabled {
         return not_found().await;
     }
-    crate::sse::open(state, peer, headers, uri).await
+    crate::sse::open(state, peer, abort, headers, uri).await
 }
 
 async fn sse_receive(

@@ -17,13 +17,17 @@
 //! when the client goes (or the stream ends for shutdown, a slow consumer
 //! or an expired token) it leaves the hub and a POST to it answers 404.
 //! Sessions are bounded by `sse.max_sessions` (503 past it) and, like
-//! WebSocket connections, by the per-address admission limits.
+//! WebSocket connections, by the per-address admission limits. A client
+//! that stops reading while something waits for it is dropped after 10 s,
+//! as on a WebSocket (a watchdog beside the streams: hyper does not poll
+//! a body whose socket is full).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, State};
@@ -32,7 +36,8 @@ use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
 use crate::apps::weather;
-use crate::connection::{Counted, invalid_reply};
+use crate::connection::{Counted, SEND_TIMEOUT, invalid_reply};
+use crate::listener::ConnAbort;
 use crate::outbox::{Outbox, Outgoing, Taken};
 use crate::protocol::{GREETING, Incoming, classify};
 use crate::router::Caller;
@@ -43,12 +48,63 @@ struct Session {
     caller: Caller,
     /// Plain-text (city) lookups running for it.
     lookups: AtomicUsize,
+    /// Ends its HTTP connection (a client that stopped reading).
+    abort: Option<ConnAbort>,
+    /// When its stream last handed bytes to hyper (ms since `EPOCH`).
+    last_write_ms: AtomicU64,
 }
 
 /// The open sessions, by id.
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
+    watchdog: std::sync::OnceLock<()>,
+}
+
+/// What session clocks count from.
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
+}
+
+/// Ends the sessions whose client stopped reading: something has waited
+/// in the outbox and nothing was written for [`SEND_TIMEOUT`], the same
+/// rule as a WebSocket's. hyper stops polling a body whose socket is
+/// full, so this runs beside the streams, once a second.
+fn watch(app: &Arc<App>) {
+    let app = Arc::downgrade(app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(app) = app.upgrade() else { return };
+            if app.closing.is_cancelled() {
+                return;
+            }
+            let limit = SEND_TIMEOUT.as_millis() as u64;
+            let now = now_ms();
+            let stalled: Vec<Arc<Session>> = app
+                .sessions
+                .lock()
+                .values()
+                .filter(|s| {
+                    now.saturating_sub(s.last_write_ms.load(Ordering::Relaxed)) >= limit
+                        && !s.caller.outbox.is_empty()
+                })
+                .cloned()
+                .collect();
+            for s in stalled {
+                tracing::debug!(client_id = %s.caller.conn_id, "sse session: the client stopped reading");
+                app.metrics.slow_consumers.inc();
+                // Nothing more is queued for it; the connection goes.
+                s.caller.outbox.close();
+                if let Some(abort) = &s.abort {
+                    abort.0.cancel();
+                }
+            }
+        }
+    });
 }
 
 impl std::fmt::Debug for Sessions {
@@ -120,6 +176,7 @@ struct Stream {
 pub(crate) async fn open(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    abort: Option<axum::Extension<ConnAbort>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
@@ -143,7 +200,10 @@ pub(crate) async fn open(
     let session = Arc::new(Session {
         caller,
         lookups: AtomicUsize::new(0),
+        abort: abort.map(|a| a.0),
+        last_write_ms: AtomicU64::new(now_ms()),
     });
+    app.sessions.watchdog.get_or_init(|| watch(&app));
     {
         let mut map = app.sessions.lock();
         if map.len() >= app.config.sse.max_sessions {
@@ -220,6 +280,10 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
         }
         if !st.buf.is_empty() {
             app.metrics.messages_out.inc_by(st.buf.len() as u64);
+            st.open
+                .session
+                .last_write_ms
+                .store(now_ms(), Ordering::Relaxed);
             return Some(encode(&mut st.buf));
         }
         tokio::select! {
@@ -238,6 +302,7 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
                     st.done = true;
                     return Some(closing(1008, "token expired"));
                 }
+                st.open.session.last_write_ms.store(now_ms(), Ordering::Relaxed);
                 return Some(Bytes::from_static(b":\n\n"));
             }
         }

@@ -198,3 +198,78 @@ async fn sessions_are_bounded_switchable_and_end_cleanly_at_shutdown() {
     let off = start_with(|c| c.sse.enabled = false).await;
     assert_eq!(SseClient::open(off.addr, "").await.err(), Some(404));
 }
+
+/// A client that stops reading its stream while pushes wait is dropped
+/// after 10 s, as a WebSocket one is: its session leaves, its
+/// connection closes, and the server's memory for it is bounded meanwhile.
+#[tokio::test]
+async fn a_session_whose_client_stopped_reading_is_ended() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = start_with(|c| {
+        configure(c);
+        c.server.send_buffer_bytes = 4096;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stream = socket.connect(server.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("write");
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    while !seen.contains("\"type\":\"connected\"}") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert!(n > 0, "stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let session = seen
+        .split("\"session\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("session id")
+        .to_owned();
+    let probe = SseClient::open(server.addr, "").await.expect("open");
+    let subscribe = r#"{"event":"topic.subscribe","data":{"topic":"firehose"}}"#;
+    assert_eq!(
+        probe
+            .post_raw(&session, subscribe.as_bytes().to_vec())
+            .await,
+        202
+    );
+    server.wait_metric("topics", 1).await;
+    // From here the client reads nothing.
+    let pad = "x".repeat(1000);
+    let body = json!({"event": "big", "data": pad, "topic": "firehose"}).to_string();
+    for _ in 0..600 {
+        assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
+    }
+    let started = tokio::time::Instant::now();
+    // `probe` is the one session left once the stalled one is ended.
+    while server.metric("sse-sessions").await != 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the stalled session is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.metric("slow-consumers").await >= 1);
+    assert!(
+        server.metric("outbound-queued").await
+            <= server.app.config.connection.outbound_queue as u64,
+        "what waited for it was released"
+    );
+    assert_eq!(probe.post_raw(&session, b"London".to_vec()).await, 404);
+    // Its connection is closed: what the kernel held drains, then the
+    // read ends (EOF or a reset, either is the end) within the wait.
+    let _ended = tokio::time::timeout(WAIT, async {
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await
+    })
+    .await
+    .expect("the server closed the connection");
+}
