@@ -80,19 +80,8 @@ pub(crate) async fn serve(
     let _counted = Counted::open(&app);
     tracing::debug!(%client_id, user = ?who.user, "connected");
 
-    let c = &app.config.connection;
     let expires = who.expires;
-    let caller = Caller {
-        conn_id: client_id,
-        address,
-        user: who.user,
-        roles: who.roles,
-        outbox: Arc::new(Outbox::new(
-            c.outbound_queue,
-            c.slow_consumer,
-            app.metrics.clone(),
-        )),
-    };
+    let caller = new_caller(&app, client_id, address, who);
     app.hub.join(&caller);
     let (end, mut inflight) = read_loop(&app, &caller, &mut socket, expires).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
@@ -113,6 +102,27 @@ pub(crate) async fn serve(
     // and writes its request-log row.
     while inflight.next().await.is_some() {}
     tracing::debug!(%client_id, "disconnected");
+}
+
+/// A connection's caller: who it is, and its own bounded outbox.
+pub(crate) fn new_caller(
+    app: &App,
+    conn_id: Uuid,
+    address: std::net::IpAddr,
+    who: Identity,
+) -> Caller {
+    let c = &app.config.connection;
+    Caller {
+        conn_id,
+        address,
+        user: who.user,
+        roles: who.roles,
+        outbox: Arc::new(Outbox::new(
+            c.outbound_queue,
+            c.slow_consumer,
+            app.metrics.clone(),
+        )),
+    }
 }
 
 /// Ends the WebSocket the way `end` calls for: the matching close frame,

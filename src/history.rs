@@ -283,10 +283,7 @@ impl Memory {
         let now = Instant::now();
         let mut st = self.lock();
         let st = &mut *st;
-        if !st.map.contains_key(topic) {
-            self.make_room(st, now, 1);
-            st.map.insert(topic.into(), Stream::new(now));
-        }
+        self.ensure(st, topic, now);
         let Some(stream) = st.map.get_mut(topic) else {
             return;
         };
@@ -315,10 +312,7 @@ impl Memory {
         let now = Instant::now();
         let mut st = self.lock();
         let st = &mut *st;
-        if !st.map.contains_key(topic) {
-            self.make_room(st, now, 1);
-            st.map.insert(topic.into(), Stream::new(now));
-        }
+        self.ensure(st, topic, now);
         let Some(stream) = st.map.get_mut(topic) else {
             return Recovery {
                 position: Position {
@@ -352,6 +346,14 @@ impl Memory {
         Recovery {
             position,
             publications,
+        }
+    }
+
+    /// Gives `topic` a stream (a new epoch) if it has none, making room.
+    fn ensure(&self, st: &mut Streams, topic: &str, now: Instant) {
+        if !st.map.contains_key(topic) {
+            self.make_room(st, now, 1);
+            st.map.insert(topic.into(), Stream::new(now));
         }
     }
 

@@ -36,9 +36,9 @@ use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
 use crate::apps::weather;
-use crate::connection::{Counted, SEND_TIMEOUT, invalid_reply};
+use crate::connection::{Counted, SEND_TIMEOUT, invalid_reply, new_caller};
 use crate::listener::ConnAbort;
-use crate::outbox::{Outbox, Outgoing, Taken};
+use crate::outbox::{Outgoing, Taken};
 use crate::protocol::{GREETING, Incoming, classify};
 use crate::router::Caller;
 use crate::server::App;
@@ -184,18 +184,8 @@ pub(crate) async fn open(
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
-    let c = &app.config.connection;
-    let caller = Caller {
-        conn_id: Uuid::new_v4(),
-        address,
-        user: who.user,
-        roles: who.roles,
-        outbox: Arc::new(Outbox::new(
-            c.outbound_queue,
-            c.slow_consumer,
-            app.metrics.clone(),
-        )),
-    };
+    let expires = who.expires;
+    let caller = new_caller(&app, Uuid::new_v4(), address, who);
     let id = Uuid::new_v4().simple().to_string();
     let session = Arc::new(Session {
         caller,
@@ -233,7 +223,7 @@ pub(crate) async fn open(
     let state = Stream {
         hello: Some(Bytes::from(format!("retry: 2000\ndata: {hello}\n\n"))),
         tick: app.ping_clock.subscribe(),
-        expires: who.expires,
+        expires,
         buf: Vec::new(),
         done: false,
         open: Open {
