@@ -207,6 +207,8 @@ impl State {
 struct Queued {
     target: Target,
     text: Prepared,
+    /// The topic's history policy, looked up once when encoded.
+    history: Option<history::Policy>,
 }
 
 /// The registry of connections, users and topics, and the push paths.
@@ -482,16 +484,27 @@ impl Hub {
         out.len()
     }
 
-    /// Encodes a push once, for every recipient.
+    /// Encodes a push once, for every recipient, with its topic's history
+    /// policy (looked up here, once).
     ///
     /// # Errors
     /// [`HubError::TooLarge`] past `server.max_outbound_message_bytes`
     /// (with room for a position on a topic with history).
-    fn encode(&self, target: &Target, event: &str, data: &Value) -> Result<Prepared, HubError> {
+    fn encode(
+        &self,
+        target: &Target,
+        event: &str,
+        data: &Value,
+    ) -> Result<(Prepared, Option<history::Policy>), HubError> {
         let text = push_json(event, data);
-        let room = match target {
-            Target::Topic(t) if self.policies.get(t).is_some() => history::POSITION_BYTES,
-            _ => 0,
+        let policy = match target {
+            Target::Topic(t) => self.policies.get(t),
+            _ => None,
+        };
+        let room = if policy.is_some() {
+            history::POSITION_BYTES
+        } else {
+            0
         };
         if text.len() + room > self.max_message_bytes {
             return Err(HubError::TooLarge {
@@ -499,15 +512,21 @@ impl Hub {
                 limit: self.max_message_bytes,
             });
         }
-        Ok(text.into())
+        Ok((text.into(), policy))
     }
 
     /// Delivers one push to `target`'s connections here and forwards it
     /// to the other nodes'; on a topic with history, gives it its
     /// position first. Returns the local connections it was queued for.
-    fn deliver(&self, target: &Target, text: &Prepared, out: &mut Vec<Arc<Outbox>>) -> usize {
+    fn deliver(
+        &self,
+        target: &Target,
+        text: &Prepared,
+        history: Option<history::Policy>,
+        out: &mut Vec<Arc<Outbox>>,
+    ) -> usize {
         if let Target::Topic(topic) = target
-            && let Some(policy) = self.policies.get(topic)
+            && let Some(policy) = history
         {
             if self.backplane.shares_history() {
                 if self.backplane.append(topic, policy, text) {
@@ -537,8 +556,8 @@ impl Hub {
     /// # Errors
     /// [`HubError::TooLarge`] when the push could not be sent to anyone.
     pub fn send_now(&self, target: &Target, event: &str, data: &Value) -> Result<usize, HubError> {
-        let text = self.encode(target, event, data)?;
-        Ok(self.deliver(target, &text, &mut Vec::new()))
+        let (text, history) = self.encode(target, event, data)?;
+        Ok(self.deliver(target, &text, history, &mut Vec::new()))
     }
 
     /// Whether `topic` keeps history.
@@ -580,9 +599,13 @@ impl Hub {
     /// [`HubError::TooLarge`], [`HubError::QueueFull`] (counted in
     /// `gale_broadcast_dropped_total`) or [`HubError::Closed`].
     pub fn publish(&self, target: Target, event: &str, data: &Value) -> Result<usize, HubError> {
-        let text = self.encode(&target, event, data)?;
+        let (text, history) = self.encode(&target, event, data)?;
         let reach = self.reach(&target);
-        match self.queue.try_send(Queued { target, text }) {
+        match self.queue.try_send(Queued {
+            target,
+            text,
+            history,
+        }) {
             Ok(()) => Ok(reach),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.broadcast_dropped.inc();
@@ -645,7 +668,7 @@ async fn deliver(
         let Some(hub) = hub.upgrade() else { return };
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
         for q in batch.drain(..) {
-            hub.deliver(&q.target, &q.text, &mut outboxes);
+            hub.deliver(&q.target, &q.text, q.history, &mut outboxes);
         }
     }
 }
