@@ -117,6 +117,7 @@ export class GaleClient {
   request<T = any>(event: string, data?: unknown, opts?: { timeoutMs?: number }): Promise<T>;
   /** Pushes of `event` ("*": all). Client events: `gale.recovered`
    * ({topic, count}), `gale.recovery_failed` ({topic, from, to}),
+   * `gale.gap` ({topic, from, to}: a push skipped offsets; refilled),
    * `gale.resubscribe_failed`. */
   on(event: string, handler: (data: any, event: string, position?: PushPosition) => void): () => void;
   onState(handler: (state: ConnectionState, info?: StateInfo) => void): () => void;

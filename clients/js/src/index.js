@@ -297,6 +297,8 @@ export class GaleClient {
    * history. Client events: `gale.recovered` ({topic, count}) after a
    * resubscribe delivered what was missed, `gale.recovery_failed` ({topic,
    * from, to}) when it could not (resync from your source of truth),
+   * `gale.gap` ({topic, from, to}) when a push skipped offsets (the
+   * topic is then subscribed again from `from` to fill them),
    * `gale.resubscribe_failed`.
    * @param {string} event
    * @param {(data: any, event: string, position?: {topic: string, offset: number, epoch: string}) => void} handler
@@ -411,6 +413,30 @@ export class GaleClient {
     return reply;
   }
 
+  /**
+   * Resubscribes to `msg.topic` from its last position, holding `msg`
+   * until the missing pushes came; false when the topic is not one this
+   * client subscribed to (nothing to refill from).
+   */
+  #refill(msg) {
+    const topic = msg.topic;
+    let sub = null;
+    if (this.topics.has(topic)) sub = ['topic.subscribe', { topic }];
+    else {
+      for (const [city, t] of this.cityTopics) {
+        if (t === topic && this.cities.has(city)) sub = ['weather.subscribe', { city }];
+      }
+    }
+    if (!sub) return false;
+    this.#emit('gale.gap', { topic, from: this.positions.get(topic)?.offset, to: msg.offset });
+    // Holds the topic's pushes synchronously, before its first await.
+    this.#subscribeAt(sub[0], sub[1]).catch((e) => {
+      this.#emit('gale.resubscribe_failed', { event: sub[0], data: sub[1], code: e.code, message: e.message });
+    });
+    this.held.get(topic)?.push(msg);
+    return true;
+  }
+
   /** Delivers the pushes held for `topic` while its subscribe ran. */
   #release(topic) {
     const held = this.held.get(topic);
@@ -425,11 +451,18 @@ export class GaleClient {
     else this.#deliver(msg);
   }
 
-  /** Emits a push, unless its position was delivered already. */
+  /**
+   * Emits a push, unless its position was delivered already. A push past
+   * the next offset means some were lost on the way (the server dropped
+   * them for a slow reader, a cross-node message was lost): the topic is
+   * subscribed again from the last position, which delivers the missing
+   * ones first.
+   */
   #deliver(msg) {
     if (typeof msg.topic === 'string' && typeof msg.offset === 'number') {
       const at = this.positions.get(msg.topic);
       if (at && at.epoch === msg.epoch && msg.offset <= at.offset) return; // a duplicate
+      if (at && at.epoch === msg.epoch && msg.offset > at.offset + 1 && this.#refill(msg)) return;
       this.positions.set(msg.topic, { offset: msg.offset, epoch: msg.epoch });
       this.#emit(msg.event, msg.data, { topic: msg.topic, offset: msg.offset, epoch: msg.epoch });
       return;

@@ -297,3 +297,27 @@ test('transports: ["sse"] skips the WebSocket', async () => {
   assert.equal((await c.weather('Rome')).city, 'Rome');
   c.close();
 });
+
+test('a push that skips offsets makes the client fill the gap from the history', async () => {
+  const c = new GaleClient(gale.url);
+  await c.connect();
+  const got = collect(c, 'headline');
+  const gaps = [];
+  c.on('gale.gap', (g) => gaps.push(g));
+  await c.subscribeTopic('news:gap');
+  for (const n of [1, 2, 3]) await publish(gale.http, 'news:gap', 'headline', n);
+  await until(() => got.length === 3);
+  // Two pushes lost on the way (as when the server drops them for a slow
+  // reader): the client's position is two behind what was published.
+  const at = c.positions.get('news:gap');
+  c.positions.set('news:gap', { offset: at.offset - 2, epoch: at.epoch });
+  got.length = 0;
+  await publish(gale.http, 'news:gap', 'headline', 4);
+  await until(() => got.length === 3);
+  assert.deepEqual(got, [2, 3, 4], 'the missing two first, then the push that showed the gap');
+  assert.deepEqual(gaps, [{ topic: 'news:gap', from: at.offset - 2, to: at.offset + 1 }]);
+  await publish(gale.http, 'news:gap', 'headline', 5);
+  await until(() => got.length === 4);
+  assert.deepEqual(got, [2, 3, 4, 5]);
+  c.close();
+});
