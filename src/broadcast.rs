@@ -560,11 +560,6 @@ impl Hub {
         Ok(self.deliver(target, &text, history, &mut Vec::new()))
     }
 
-    /// Whether `topic` keeps history.
-    pub fn has_history(&self, topic: &str) -> bool {
-        self.policies.get(topic).is_some()
-    }
-
     /// `topic`'s position and, given `since`, what was published after
     /// it. Call after subscribing the connection: whatever is published
     /// from then on is pushed to it, so nothing falls between. `None`
