@@ -28,10 +28,10 @@ fn env_u64(var: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The PostgreSQL test database behind a fault proxy: (proxy, URL
-/// through it).
-async fn postgres_behind_proxy() -> Option<(FaultProxy, String)> {
-    let url = postgres_url()?;
+/// A new PostgreSQL test database behind a fault proxy: (proxy, URL
+/// through it, URL direct to it).
+async fn postgres_behind_proxy() -> (FaultProxy, String, String) {
+    let url = postgres_url().await;
     let parsed = url::Url::parse(&url).expect("postgres URL");
     let host = parsed.host_str().expect("host");
     let port = parsed.port().unwrap_or(5432);
@@ -44,7 +44,7 @@ async fn postgres_behind_proxy() -> Option<(FaultProxy, String)> {
     let mut through = parsed.clone();
     through.set_host(Some("127.0.0.1")).expect("host");
     through.set_port(Some(proxy.addr.port())).expect("port");
-    Some((proxy, through.to_string()))
+    (proxy, through.to_string(), url)
 }
 
 /// Waits until `cond` holds of the server's metrics, or fails naming
@@ -70,11 +70,21 @@ async fn rows_of(store_url: &str, client_id: &str) -> i64 {
     common::count_rows(store_url, client_id).await
 }
 
+/// Whether gale has created its tables in the PostgreSQL database at
+/// `url` (a database it could never reach has none).
+async fn migrated(url: &str) -> bool {
+    let pool = sqlx::PgPool::connect(url).await.expect("open postgres");
+    let found: Option<String> = sqlx::query_scalar("SELECT to_regclass('weather_requests')::TEXT")
+        .fetch_one(&pool)
+        .await
+        .expect("query postgres");
+    pool.close().await;
+    found.is_some()
+}
+
 #[tokio::test]
 async fn postgres_down_at_start_gale_serves_spills_and_every_row_lands_once_it_is_back() {
-    let Some((proxy, url)) = postgres_behind_proxy().await else {
-        return;
-    };
+    let (proxy, url, direct) = postgres_behind_proxy().await;
     proxy.set(Fault::Refuse);
     let server = start_with(|c| c.store.url = url.clone()).await;
     let mut c = server.client().await;
@@ -85,7 +95,7 @@ async fn postgres_down_at_start_gale_serves_spills_and_every_row_lands_once_it_i
         m["spill-rows"].as_u64() == Some(40)
     })
     .await;
-    assert_eq!(rows_of(&url_direct(), &c.client_id).await, 0);
+    assert!(!migrated(&direct).await, "nothing reached the database");
     assert!(server.metric("spill-bytes").await > 0);
 
     proxy.set(Fault::Pass);
@@ -94,7 +104,7 @@ async fn postgres_down_at_start_gale_serves_spills_and_every_row_lands_once_it_i
     })
     .await;
     assert_eq!(m["spill-bytes"], 0, "{m}");
-    assert_eq!(rows_of(&url_direct(), &c.client_id).await, 40);
+    assert_eq!(rows_of(&direct, &c.client_id).await, 40);
     // New rows go straight to the database again.
     c.ask("AfterTheOutage").await;
     wait_until(&server, "written directly", common::WAIT, |m| {
@@ -105,15 +115,9 @@ async fn postgres_down_at_start_gale_serves_spills_and_every_row_lands_once_it_i
     assert_eq!(server.metric("db-dropped").await, 0);
 }
 
-fn url_direct() -> String {
-    postgres_url().expect("checked by the caller")
-}
-
 #[tokio::test]
 async fn postgres_lost_mid_run_costs_no_reply_time_and_no_row() {
-    let Some((proxy, url)) = postgres_behind_proxy().await else {
-        return;
-    };
+    let (proxy, url, direct) = postgres_behind_proxy().await;
     let server = start_with(|c| c.store.url = url.clone()).await;
     let mut c = server.client().await;
     for i in 0..20 {
@@ -147,16 +151,14 @@ async fn postgres_lost_mid_run_costs_no_reply_time_and_no_row() {
         m["db-completed"].as_u64() == Some(80)
     })
     .await;
-    assert_eq!(rows_of(&url_direct(), &c.client_id).await, 80);
+    assert_eq!(rows_of(&direct, &c.client_id).await, 80);
     assert_eq!(server.metric("db-failed").await, 0);
     assert_eq!(server.metric("spill-dropped").await, 0);
 }
 
 #[tokio::test]
 async fn a_slow_postgres_one_second_a_query_does_not_slow_replies() {
-    let Some((proxy, url)) = postgres_behind_proxy().await else {
-        return;
-    };
+    let (proxy, url, direct) = postgres_behind_proxy().await;
     let server = start_with(|c| {
         c.store.url = url.clone();
         c.store.batch_window_ms = 0;
@@ -184,7 +186,7 @@ async fn a_slow_postgres_one_second_a_query_does_not_slow_replies() {
     })
     .await;
     proxy.set(Fault::Pass);
-    assert_eq!(rows_of(&url_direct(), &c.client_id).await, 51);
+    assert_eq!(rows_of(&direct, &c.client_id).await, 51);
 }
 
 /// Sends cities at `rate` a second from `clients` connections until
@@ -282,9 +284,7 @@ fn p99_ms(v: &mut [u64]) -> f64 {
 
 #[tokio::test]
 async fn postgres_outage_under_load_every_answered_request_has_its_row() {
-    let Some((proxy, url)) = postgres_behind_proxy().await else {
-        return;
-    };
+    let (proxy, url, direct) = postgres_behind_proxy().await;
     let outage = Duration::from_secs(env_u64("GALE_CHAOS_OUTAGE_S", 3));
     let rate = env_u64("GALE_CHAOS_RATE", 300);
     let phase_len = Duration::from_secs(env_u64("GALE_CHAOS_PHASE_S", 3));
@@ -335,7 +335,7 @@ async fn postgres_outage_under_load_every_answered_request_has_its_row() {
     })
     .await;
     let drained = drained.await.expect("drain timer");
-    let pool = sqlx::PgPool::connect(&url_direct()).await.expect("connect");
+    let pool = sqlx::PgPool::connect(&direct).await.expect("connect");
     let ids: Vec<uuid::Uuid> = ids.iter().map(|i| i.parse().expect("uuid")).collect();
     let rows: i64 =
         sqlx::query_scalar("SELECT count(*) FROM weather_requests WHERE client_id = ANY($1)")
@@ -630,7 +630,7 @@ async fn sigterm_under_load_every_answered_request_has_its_row() {
         .await
         .expect("fake");
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = postgres_url().unwrap_or_else(|| format!("sqlite://{}/g.db", dir.path().display()));
+    let store = postgres_url().await;
     let (child, addr) = serve_binary(&[
         ("GALE_WEATHER__BASE_URL", fake.url()),
         ("GALE_STORE__URL", store.clone()),
@@ -730,9 +730,7 @@ async fn serve_binary(env: &[(&str, String)]) -> (tokio::process::Child, SocketA
 
 #[tokio::test]
 async fn sigkill_loses_nothing_already_spilled() {
-    let Some((proxy, url)) = postgres_behind_proxy().await else {
-        return;
-    };
+    let (proxy, url, direct) = postgres_behind_proxy().await;
     let fake = gale::fake_upstream::FakeUpstream::start("127.0.0.1:0")
         .await
         .expect("fake");
@@ -772,14 +770,14 @@ async fn sigkill_loses_nothing_already_spilled() {
     proxy.set(Fault::Pass);
     let (_again, addr) = serve_binary(&env).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while rows_of(&url_direct(), &id).await < 100 {
+    while rows_of(&direct, &id).await < 100 {
         assert!(
             Instant::now() < deadline,
             "the spill was replayed after the kill"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(rows_of(&url_direct(), &id).await, 100);
+    assert_eq!(rows_of(&direct, &id).await, 100);
     let (_, body) = common::http_get(addr, "/metrics.json")
         .await
         .expect("metrics");

@@ -1,6 +1,6 @@
-//! Cluster mode: several real nodes against a real Redis
-//! (`GALE_TEST_REDIS_URL`, e.g. redis://127.0.0.1:6379), each test under
-//! its own key prefix. Faults use a private `redis-server` on a free port.
+//! Cluster mode: several real nodes against a real Redis, a private
+//! `redis-server` of each test's own (`common::services`), or a Redis
+//! Cluster of three of them.
 
 mod common;
 
@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::services::{Redis, free_port};
 use common::{Client, TestServer, WAIT, publish, quiet, start_with};
 use gale::config::Config;
 use gale::fake_upstream::FakeUpstream;
@@ -16,10 +17,6 @@ use serde_json::{Value, json};
 const API_KEY: &str = "cluster-publish-key-0123";
 const SECRET: &str = "cluster-test-secret";
 const GALE: &str = env!("CARGO_BIN_EXE_gale");
-
-fn redis_url() -> Option<String> {
-    common::service_url("GALE_TEST_REDIS_URL")
-}
 
 /// A key prefix no other test uses.
 fn prefix() -> String {
@@ -37,11 +34,10 @@ fn cluster(c: &mut Config, redis: &str, prefix: &str, node: &str, upstream: &str
     c.auth.jwt_secret = Some(SECRET.to_owned());
 }
 
-/// What most tests start from: the shared Redis (`None` when
-/// `GALE_TEST_REDIS_URL` is unset), a fresh prefix and a fake upstream.
-async fn setup() -> Option<(String, String, FakeUpstream)> {
-    let redis = redis_url()?;
-    Some((redis, prefix(), upstream().await))
+/// What most tests start from: a private Redis, a fresh prefix and a
+/// fake upstream.
+async fn setup() -> (Redis, String, FakeUpstream) {
+    (Redis::start(), prefix(), upstream().await)
 }
 
 async fn upstream() -> FakeUpstream {
@@ -97,9 +93,8 @@ async fn wait_channels(server: &TestServer, n: usize) {
 
 #[tokio::test]
 async fn a_user_push_reaches_their_connections_on_every_node_once() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     let a = node(&redis, &p, "a", &up).await;
     let b = node(&redis, &p, "b", &up).await;
     let c = node(&redis, &p, "c", &up).await;
@@ -146,9 +141,8 @@ async fn a_user_push_reaches_their_connections_on_every_node_once() {
 
 #[tokio::test]
 async fn topic_and_everyone_pushes_cross_nodes_and_only_subscribed_nodes_receive() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     let a = node(&redis, &p, "a", &up).await;
     let b = node(&redis, &p, "b", &up).await;
     let c = node(&redis, &p, "c", &up).await;
@@ -203,9 +197,8 @@ async fn topic_and_everyone_pushes_cross_nodes_and_only_subscribed_nodes_receive
 
 #[tokio::test]
 async fn presence_counts_the_cluster_and_a_clean_stop_leaves_it() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     let a = node(&redis, &p, "a", &up).await;
     let mut b = node(&redis, &p, "b", &up).await;
     let _x = user(&a, "alice").await;
@@ -305,16 +298,10 @@ impl Process {
     }
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 #[tokio::test]
 async fn a_killed_node_leaves_presence_within_the_ttl() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     let a = node(&redis, &p, "a", &up).await;
     let mut doomed = Process::start(&redis, &p, "doomed", &up).await;
     let _u = doomed.user("carol").await;
@@ -340,9 +327,8 @@ async fn a_killed_node_leaves_presence_within_the_ttl() {
 
 #[tokio::test]
 async fn a_users_rate_limit_is_shared_by_their_connections_on_all_nodes() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     let limit = |c: &mut Config| {
         c.events.insert(
             "server.stats".to_owned(),
@@ -387,9 +373,8 @@ async fn a_users_rate_limit_is_shared_by_their_connections_on_all_nodes() {
 
 #[tokio::test]
 async fn a_city_costs_one_upstream_call_for_the_whole_cluster() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     up.set_latency(Duration::from_millis(400));
     let nodes = [
         node(&redis, &p, "a", &up).await,
@@ -431,9 +416,8 @@ async fn a_city_costs_one_upstream_call_for_the_whole_cluster() {
 
 #[tokio::test]
 async fn the_weather_refresh_lease_moves_when_its_holder_dies() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     let mut first = Process::start(&redis, &p, "first", &up).await;
     let mut on_first = first.client().await;
     let r = on_first
@@ -466,76 +450,6 @@ async fn the_weather_refresh_lease_moves_when_its_holder_dies() {
     assert_eq!(on_b.next_push().await["event"], "weather.update");
 }
 
-/// A `redis-server` of this test's own on a free port, to kill and
-/// restart.
-struct PrivateRedis {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let mut r = PrivateRedis {
-            port: free_port(),
-            child: None,
-        };
-        r.restart();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    async fn command(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new("redis-cli")
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(args)
-            .output()
-            .await
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 async fn wait_health(server: &TestServer, status: u16) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -553,11 +467,7 @@ async fn wait_health(server: &TestServer, status: u16) -> String {
 
 #[tokio::test]
 async fn a_redis_outage_degrades_nodes_which_serve_locally_and_recover_by_themselves() {
-    // Needs redis-server; the shared Redis is not touched.
-    if redis_url().is_none() {
-        return;
-    }
-    let mut redis = PrivateRedis::start();
+    let mut redis = Redis::start();
     let (p, up) = (prefix(), upstream().await);
     let a = node(&redis.url(), &p, "a", &up).await;
     let b = node(&redis.url(), &p, "b", &up).await;
@@ -604,10 +514,7 @@ async fn a_redis_outage_degrades_nodes_which_serve_locally_and_recover_by_themse
 
 #[tokio::test]
 async fn a_subscriber_killed_by_redis_is_resubscribed_within_seconds() {
-    if redis_url().is_none() {
-        return;
-    }
-    let redis = PrivateRedis::start();
+    let redis = Redis::start();
     let (p, up) = (prefix(), upstream().await);
     let a = node(&redis.url(), &p, "a", &up).await;
     let b = node(&redis.url(), &p, "b", &up).await;
@@ -645,12 +552,8 @@ async fn a_subscriber_killed_by_redis_is_resubscribed_within_seconds() {
 
 #[tokio::test]
 async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline() {
-    let Some(redis) = redis_url() else { return };
-    let target: SocketAddr = redis
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("GALE_TEST_REDIS_URL is redis://IP:PORT");
+    let redis = Redis::start();
+    let target: SocketAddr = redis.addr().parse().expect("redis address");
     let hole = common::faults::FaultProxy::start(target).await;
     let (p, up) = (prefix(), upstream().await);
     let a = node_with(&format!("redis://{}", hole.addr), &p, "a", &up, |c| {
@@ -708,8 +611,7 @@ async fn a_black_holed_redis_fails_every_request_path_call_within_its_deadline()
 /// Three `redis-server --cluster-enabled` masters on free ports, joined
 /// into one Redis Cluster.
 struct RedisCluster {
-    nodes: Vec<PrivateRedis>,
-    _dir: tempfile::TempDir,
+    nodes: Vec<Redis>,
 }
 
 impl RedisCluster {
@@ -719,39 +621,18 @@ impl RedisCluster {
 
     /// Three masters, each with `replicas` replicas.
     async fn with_replicas(replicas: usize) -> RedisCluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut nodes = Vec::new();
-        for _ in 0..3 * (1 + replicas) {
-            let port = free_port();
-            let child = std::process::Command::new("redis-server")
-                .current_dir(dir.path())
-                .args([
-                    "--port",
-                    &port.to_string(),
+        let nodes: Vec<Redis> = (0..3 * (1 + replicas))
+            .map(|_| {
+                Redis::with_args(&[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
-                    &format!("nodes-{port}.conf"),
+                    "nodes.conf",
                     "--cluster-node-timeout",
                     "1000",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
                 ])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            let deadline = std::time::Instant::now() + WAIT;
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(std::time::Instant::now() < deadline, "never listened");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            nodes.push(PrivateRedis {
-                port,
-                child: Some(child),
-            });
-        }
+            })
+            .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
@@ -790,7 +671,7 @@ impl RedisCluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        RedisCluster { nodes, _dir: dir }
+        RedisCluster { nodes }
     }
 
     /// Seed URLs of its first three nodes (the masters, as `redis-cli
@@ -798,7 +679,7 @@ impl RedisCluster {
     fn seeds(&self) -> String {
         self.nodes[..3]
             .iter()
-            .map(PrivateRedis::url)
+            .map(Redis::url)
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -806,9 +687,6 @@ impl RedisCluster {
 
 #[tokio::test]
 async fn nodes_work_over_a_three_master_redis_cluster() {
-    if redis_url().is_none() {
-        return;
-    }
     let rc = RedisCluster::start().await;
     let (p, up) = (prefix(), upstream().await);
     up.set_latency(Duration::from_millis(300));
@@ -878,9 +756,8 @@ async fn nodes_work_over_a_three_master_redis_cluster() {
 
 #[tokio::test]
 async fn presence_online_answers_for_users_on_any_node() {
-    let Some((redis, p, up)) = setup().await else {
-        return;
-    };
+    let (private, p, up) = setup().await;
+    let redis = private.url();
     let a = node(&redis, &p, "a", &up).await;
     let b = node(&redis, &p, "b", &up).await;
     let _ivy = user(&a, "ivy").await;
@@ -920,9 +797,6 @@ async fn presence_online_answers_for_users_on_any_node() {
 
 #[tokio::test]
 async fn nodes_keep_working_when_a_redis_cluster_master_fails_over() {
-    if redis_url().is_none() {
-        return;
-    }
     let mut rc = RedisCluster::with_replicas(1).await;
     let (p, up) = (prefix(), upstream().await);
     let a = node(&rc.seeds(), &p, "a", &up).await;
@@ -1022,9 +896,6 @@ fn with_history(c: &mut Config) {
 /// share a hash tag, so each append and recovery runs on one master.
 #[tokio::test]
 async fn history_and_recovery_work_over_a_three_master_redis_cluster() {
-    if redis_url().is_none() {
-        return;
-    }
     let rc = RedisCluster::start().await;
     let (p, up) = (prefix(), upstream().await);
     let a = node_with(&rc.seeds(), &p, "a", &up, with_history).await;
@@ -1070,10 +941,7 @@ async fn history_and_recovery_work_over_a_three_master_redis_cluster() {
 /// cannot, both are counted, and positions resume when Redis is back.
 #[tokio::test]
 async fn without_redis_history_falls_back_visibly() {
-    if redis_url().is_none() {
-        return;
-    }
-    let mut redis = PrivateRedis::start();
+    let mut redis = Redis::start();
     let (p, up) = (prefix(), upstream().await);
     let a = node_with(&redis.url(), &p, "a", &up, with_history).await;
     let mut sub = a.client().await;

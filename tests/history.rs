@@ -18,14 +18,23 @@ const API_KEY: &str = "history-key-0123456789";
 #[derive(Clone)]
 enum Keeper {
     Memory,
-    Redis { url: String, prefix: String },
+    Redis {
+        url: String,
+        prefix: String,
+        _server: std::sync::Arc<common::services::Redis>,
+    },
 }
 
 impl Keeper {
-    fn redis() -> Option<Keeper> {
-        let url = common::service_url("GALE_TEST_REDIS_URL")?;
+    /// A private Redis of the test's own.
+    fn redis() -> Keeper {
+        let server = common::services::Redis::start();
         let prefix = format!("h{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Some(Keeper::Redis { url, prefix })
+        Keeper::Redis {
+            url: server.url(),
+            prefix,
+            _server: std::sync::Arc::new(server),
+        }
     }
 
     fn configure(&self, c: &mut Config, size: usize) {
@@ -44,7 +53,7 @@ impl Keeper {
                 history_ttl_s: 300,
             },
         );
-        if let Keeper::Redis { url, prefix } = self {
+        if let Keeper::Redis { url, prefix, .. } = self {
             c.cluster.redis_url = Some(url.clone());
             c.cluster.prefix = prefix.clone();
             c.cluster.probe_interval_ms = 200;
@@ -235,7 +244,8 @@ async fn pushes_carry_positions_and_a_reconnect_recovers_what_it_missed() {
 
 #[tokio::test]
 async fn pushes_carry_positions_and_a_reconnect_recovers_what_it_missed_in_redis() {
-    if let Some(k) = Keeper::redis() {
+    {
+        let k = Keeper::redis();
         pushes_carry_positions_and_a_reconnect_recovers_what_it_missed_on(k).await;
     }
 }
@@ -290,7 +300,8 @@ async fn no_publication_falls_between_recovery_and_live_pushes() {
 
 #[tokio::test]
 async fn no_publication_falls_between_recovery_and_live_pushes_in_redis() {
-    if let Some(k) = Keeper::redis() {
+    {
+        let k = Keeper::redis();
         no_publication_falls_between_recovery_and_live_pushes_on(k).await;
     }
 }
@@ -299,9 +310,7 @@ async fn no_publication_falls_between_recovery_and_live_pushes_in_redis() {
 /// the cluster's, not a node's.
 #[tokio::test]
 async fn a_client_recovers_on_another_node() {
-    let Some(keeper) = Keeper::redis() else {
-        return;
-    };
+    let keeper = Keeper::redis();
     let one = keeper.start(10).await;
     let two = keeper.start(10).await;
     let mut a = one.client().await;
@@ -384,7 +393,8 @@ async fn weather_updates_are_recovered() {
 
 #[tokio::test]
 async fn weather_updates_are_recovered_in_redis() {
-    if let Some(k) = Keeper::redis() {
+    {
+        let k = Keeper::redis();
         weather_updates_are_recovered_on(k).await;
     }
 }
@@ -396,9 +406,7 @@ async fn weather_updates_are_recovered_in_redis() {
 /// every round starts unsubscribed.
 #[tokio::test]
 async fn recovery_on_a_node_that_was_not_subscribed_misses_nothing() {
-    let Some(keeper) = Keeper::redis() else {
-        return;
-    };
+    let keeper = Keeper::redis();
     let one = keeper.start(1000).await;
     let two = keeper.start(1000).await;
     let mut first = one.client().await;

@@ -123,7 +123,7 @@ async fn sqlite_notes_are_saved_shared_listed_and_imported() {
 
 #[tokio::test]
 async fn postgres_notes_are_saved_shared_listed_and_imported() {
-    let Some(url) = postgres_url() else { return };
+    let url = postgres_url().await;
     notes_round_trip(Some(url)).await;
 }
 
@@ -316,7 +316,7 @@ async fn sqlite_large_notes_and_long_lists_reach_their_readers() {
 
 #[tokio::test]
 async fn postgres_large_notes_and_long_lists_reach_their_readers() {
-    let Some(url) = postgres_url() else { return };
+    let url = postgres_url().await;
     large_notes_and_long_lists(Some(url)).await;
 }
 
@@ -374,6 +374,6 @@ async fn sqlite_imports_attach_collaborators_to_the_right_notes() {
 
 #[tokio::test]
 async fn postgres_imports_attach_collaborators_to_the_right_notes() {
-    let Some(url) = postgres_url() else { return };
+    let url = postgres_url().await;
     imports_attach_collaborators_to_the_right_notes(Some(url)).await;
 }

@@ -23,20 +23,28 @@ fn push_config(c: &mut Config) {
 /// go through Redis (and come back to it, to be ignored).
 enum Backplane {
     Local,
-    Redis { url: String, prefix: String },
+    Redis {
+        url: String,
+        prefix: String,
+        _server: common::services::Redis,
+    },
 }
 
 impl Backplane {
-    /// Cluster mode on `GALE_TEST_REDIS_URL`, or a visible skip.
-    fn redis() -> Option<Backplane> {
-        let url = common::service_url("GALE_TEST_REDIS_URL")?;
+    /// Cluster mode on a private Redis of the test's own.
+    fn redis() -> Backplane {
+        let server = common::services::Redis::start();
         let prefix = format!("p{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Some(Backplane::Redis { url, prefix })
+        Backplane::Redis {
+            url: server.url(),
+            prefix,
+            _server: server,
+        }
     }
 
     fn configure(&self, c: &mut Config) {
         push_config(c);
-        if let Backplane::Redis { url, prefix } = self {
+        if let Backplane::Redis { url, prefix, .. } = self {
             c.cluster.redis_url = Some(url.clone());
             c.cluster.prefix = prefix.clone();
             c.cluster.probe_interval_ms = 200;
@@ -491,7 +499,8 @@ async fn push_to_a_user_reaches_all_their_connections() {
 
 #[tokio::test]
 async fn push_to_a_user_reaches_all_their_connections_over_redis() {
-    if let Some(b) = Backplane::redis() {
+    {
+        let b = Backplane::redis();
         push_to_a_user_reaches_all_their_connections_on(b).await;
     }
 }
@@ -503,7 +512,8 @@ async fn topics_subscribe_unsubscribe_and_end_with_the_connection() {
 
 #[tokio::test]
 async fn topics_subscribe_unsubscribe_and_end_with_the_connection_over_redis() {
-    if let Some(b) = Backplane::redis() {
+    {
+        let b = Backplane::redis();
         topics_subscribe_unsubscribe_and_end_with_the_connection_on(b).await;
     }
 }
@@ -515,7 +525,8 @@ async fn broadcast_reaches_everyone_with_the_same_bytes() {
 
 #[tokio::test]
 async fn broadcast_reaches_everyone_with_the_same_bytes_over_redis() {
-    if let Some(b) = Backplane::redis() {
+    {
+        let b = Backplane::redis();
         broadcast_reaches_everyone_with_the_same_bytes_on(b).await;
     }
 }
@@ -527,7 +538,8 @@ async fn lifecycle_events_reach_application_hooks_not_the_wire() {
 
 #[tokio::test]
 async fn lifecycle_events_reach_application_hooks_not_the_wire_over_redis() {
-    if let Some(b) = Backplane::redis() {
+    {
+        let b = Backplane::redis();
         lifecycle_events_reach_application_hooks_not_the_wire_on(b).await;
     }
 }
@@ -539,7 +551,8 @@ async fn pushes_of_100_kb_reach_their_subscriber() {
 
 #[tokio::test]
 async fn pushes_of_100_kb_reach_their_subscriber_over_redis() {
-    if let Some(b) = Backplane::redis() {
+    {
+        let b = Backplane::redis();
         pushes_of_100_kb_reach_their_subscriber_on(b).await;
     }
 }
@@ -551,7 +564,8 @@ async fn a_push_too_big_to_send_is_refused_at_the_api_with_413() {
 
 #[tokio::test]
 async fn a_push_too_big_to_send_is_refused_at_the_api_with_413_over_redis() {
-    if let Some(b) = Backplane::redis() {
+    {
+        let b = Backplane::redis();
         a_push_too_big_to_send_is_refused_at_the_api_with_413_on(b).await;
     }
 }
@@ -577,7 +591,8 @@ async fn presence_online_knows_this_nodes_users() {
 
 #[tokio::test]
 async fn presence_online_knows_this_nodes_users_over_redis() {
-    if let Some(b) = Backplane::redis() {
+    {
+        let b = Backplane::redis();
         presence_online_knows_this_nodes_users_on(b).await;
     }
 }

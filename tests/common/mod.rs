@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod faults;
 pub mod raw;
+pub mod services;
 pub mod sse;
 
 /// How long any single wait in a test may take before it fails.
@@ -431,28 +432,10 @@ pub fn hs256_token(secret: &str, sub: &str, roles: Value) -> String {
     .expect("sign")
 }
 
-/// The URL of a service a test needs, from the variable `var`. When it
-/// is unset the test cannot run: under CI (`CI=true`) that fails the test;
-/// elsewhere it prints `SKIPPED <test>` to the terminal (written to stderr
-/// directly, so the harness's capture of passing tests does not hide it)
-/// and the caller returns early.
-pub fn service_url(var: &str) -> Option<String> {
-    if let Some(url) = std::env::var(var).ok().filter(|u| !u.is_empty()) {
-        return Some(url);
-    }
-    let test = std::thread::current().name().unwrap_or("a test").to_owned();
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: {var} is not set, and CI=true: this test must run in CI");
-    }
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: set {var} to run it");
-    None
-}
-
-/// The PostgreSQL URL for tests (`GALE_TEST_DATABASE_URL`), or a visible
-/// skip (see [`service_url`]).
-pub fn postgres_url() -> Option<String> {
-    service_url("GALE_TEST_DATABASE_URL")
+/// A new, empty database on this test binary's private PostgreSQL
+/// ([`services::postgres`]).
+pub async fn postgres_url() -> String {
+    services::postgres().await
 }
 
 /// Holds SQLite's write lock from another connection, as a slow or busy
