@@ -13,7 +13,8 @@
 //! On a single node the streams live here, in memory ([`Memory`]), bounded
 //! by `history.max_bytes` and `history.max_streams`: past either, the
 //! streams published to least recently are dropped whole (their epoch
-//! changes) and counted. Each entry stays recoverable for its topic's
+//! changes) and counted. Only a publication makes a stream: a read
+//! stores nothing, so subscribes cannot push real history out. Each entry stays recoverable for its topic's
 //! `history_ttl_s`; a stream's position outlives its entries for
 //! `history.meta_ttl_s`. In cluster mode the same streams live in Redis
 //! (`crate::cluster::history`) so any node answers a recovery.
@@ -161,10 +162,9 @@ pub fn positioned(text: &str, topic: &str, offset: u64, epoch: &str) -> String {
 /// add to a push, at most.
 pub const POSITION_BYTES: usize = 6 * 128 + 80;
 
-/// A fresh epoch: 8 random hex digits.
-pub fn new_epoch() -> Arc<str> {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    Arc::from(&id[..8])
+/// 64 random bits.
+fn rand_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
 }
 
 struct Entry {
@@ -190,9 +190,9 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(now: Instant) -> Stream {
+    fn new(epoch: Arc<str>, now: Instant) -> Stream {
         Stream {
-            epoch: new_epoch(),
+            epoch,
             top: 0,
             entries: VecDeque::new(),
             bytes: 0,
@@ -227,15 +227,31 @@ impl Stream {
 struct Streams {
     map: HashMap<Arc<str>, Stream>,
     bytes: usize,
+    /// Streams dropped (expired or evicted) so far: part of every epoch
+    /// made after, so no topic's new stream repeats a lost one's epoch.
+    losses: u64,
 }
 
 /// The in-memory streams of a single node.
+///
+/// Only a publication creates a stream; a read (a subscribe, with or
+/// without `since`) leaves nothing behind. A topic's epoch is known before
+/// its first publication: a digest of this process, the streams lost so
+/// far and the topic's name. A subscriber of a topic without publications
+/// is at offset 0 of that epoch, which the first publication's stream
+/// takes, so it recovers the first publications like any others. Once
+/// any stream is lost the digest changes, so a stream made after a loss
+/// never repeats the epoch of one before it (a position from before the
+/// loss is not recovered from: "history gone", never a wrong "nothing
+/// missed").
 pub struct Memory {
     state: Mutex<Streams>,
     max_bytes: usize,
     max_streams: usize,
     meta_ttl: Duration,
     metrics: Arc<Metrics>,
+    /// This process, in epochs: random, so a restart changes them all.
+    instance: u64,
 }
 
 impl std::fmt::Debug for Memory {
@@ -253,7 +269,17 @@ impl Memory {
             max_streams: cfg.max_streams.max(1),
             meta_ttl: Duration::from_secs(cfg.meta_ttl_s),
             metrics,
+            instance: rand_u64(),
         }
+    }
+
+    /// `topic`'s epoch for a stream made now: this process, the losses so
+    /// far, the name.
+    fn epoch_for(&self, topic: &str, losses: u64) -> Arc<str> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.instance, losses, topic).hash(&mut h);
+        Arc::from(format!("{:08x}", h.finish() as u32))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
@@ -298,20 +324,20 @@ impl Memory {
         self.gauges(st);
     }
 
-    /// `topic`'s position, creating its stream if it has none, and the
-    /// publications after `since` when asked.
+    /// `topic`'s position and, when asked, the publications after `since`.
+    /// Creates nothing: a topic without a stream is at offset 0 of the
+    /// epoch its first publication will have (see [`Memory`]).
     pub fn recover(&self, topic: &str, policy: Policy, since: Option<&Since>) -> Recovery {
         let now = Instant::now();
         let mut st = self.lock();
         let st = &mut *st;
-        self.ensure(st, topic, now);
         let Some(stream) = st.map.get_mut(topic) else {
+            let epoch = self.epoch_for(topic, st.losses);
+            let publications =
+                since.and_then(|s| (s.offset == 0 && *s.epoch == *epoch).then(Vec::new));
             return Recovery {
-                position: Position {
-                    offset: 0,
-                    epoch: new_epoch(),
-                },
-                publications: None,
+                position: Position { offset: 0, epoch },
+                publications,
             };
         };
         st.bytes -= stream.trim(policy.size, policy.ttl, now);
@@ -345,7 +371,8 @@ impl Memory {
     fn ensure(&self, st: &mut Streams, topic: &str, now: Instant) {
         if !st.map.contains_key(topic) {
             self.make_room(st, now, 1);
-            st.map.insert(topic.into(), Stream::new(now));
+            let epoch = self.epoch_for(topic, st.losses);
+            st.map.insert(topic.into(), Stream::new(epoch, now));
         }
     }
 
@@ -370,6 +397,7 @@ impl Memory {
             keep
         });
         st.bytes -= freed;
+        st.losses += (before - st.map.len()) as u64;
         if !over(st) {
             return;
         }
@@ -393,6 +421,7 @@ impl Memory {
                 evicted += 1;
             }
         }
+        st.losses += evicted;
         self.metrics.history_evicted.inc_by(evicted);
         tracing::debug!(
             expired = before - st.map.len() - evicted as usize,
@@ -489,13 +518,16 @@ mod tests {
         let first = m.recover("t", policy(3), None).position;
         assert_eq!(first.offset, 0);
         let sent = publish(&m, "t", 5);
+        // The epoch a read gave before the first publication is the
+        // stream's.
+        let epoch = m.recover("t", policy(3), None).position.epoch;
+        assert_eq!(epoch, first.epoch);
         assert!(sent[4].ends_with(&format!(
-            ",\"topic\":\"t\",\"offset\":5,\"epoch\":\"{}\"}}",
-            first.epoch
+            ",\"topic\":\"t\",\"offset\":5,\"epoch\":\"{epoch}\"}}"
         )));
         let since = |offset| Since {
             offset,
-            epoch: first.epoch.to_string(),
+            epoch: epoch.to_string(),
         };
         // Offsets 3, 4, 5 are kept (size 3).
         let r = m.recover("t", policy(3), Some(&since(2)));
@@ -595,6 +627,16 @@ mod tests {
         );
         assert!(r.publications.is_none());
         assert_ne!(r.position.epoch, old);
+
+        // Reads leave nothing behind: no stream, nothing to evict.
+        let m = memory(1 << 20, 4);
+        publish(&m, "real", 2);
+        for i in 0..1_000 {
+            let r = m.recover(&format!("junk{i}"), policy(3), None);
+            assert_eq!(r.position.offset, 0);
+        }
+        assert_eq!(m.streams(), 1);
+        assert_eq!(m.recover("real", policy(3), None).position.offset, 2);
 
         let small = memory(4_000, 100);
         for i in 0..100 {

@@ -21,7 +21,7 @@ enum Keeper {
     Redis {
         url: String,
         prefix: String,
-        _server: std::sync::Arc<common::services::Redis>,
+        server: std::sync::Arc<common::services::Redis>,
     },
 }
 
@@ -33,7 +33,7 @@ impl Keeper {
         Keeper::Redis {
             url: server.url(),
             prefix,
-            _server: std::sync::Arc::new(server),
+            server: std::sync::Arc::new(server),
         }
     }
 
@@ -61,7 +61,15 @@ impl Keeper {
     }
 
     async fn start(&self, size: usize) -> TestServer {
-        let server = start_with(|c| self.configure(c, size)).await;
+        self.start_with(size, |_| {}).await
+    }
+
+    async fn start_with(&self, size: usize, more: impl FnOnce(&mut Config)) -> TestServer {
+        let server = start_with(|c| {
+            self.configure(c, size);
+            more(c);
+        })
+        .await;
         if let Keeper::Redis { .. } = self {
             server.wait_sample("gale_cluster_up", 1.0).await;
         }
@@ -455,4 +463,129 @@ async fn recovery_on_a_node_that_was_not_subscribed_misses_nothing() {
     stop.cancel();
     let published = publisher.await.expect("publisher");
     assert!(published > 10, "{published} publications");
+}
+
+/// One anonymous client subscribes to `n` never-published topics, 64 per
+/// connection, reconnecting.
+async fn subscribe_to_junk(server: &TestServer, n: usize) {
+    let mut c = server.client().await;
+    for i in 0..n {
+        if i > 0 && i % 64 == 0 {
+            c = server.client().await;
+        }
+        let r = c
+            .request(
+                "topic.subscribe",
+                json!({"topic": format!("news:junk{i}"), "since": {"offset": 0, "epoch": "x"}}),
+                &i.to_string(),
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+}
+
+/// Reads leave no state that outranks publications: a flood of
+/// subscribes to never-published topics does not cost a real topic its
+/// history or its epoch.
+async fn subscribes_do_not_evict_history_on(keeper: Keeper) {
+    let server = keeper.start_with(10, |c| c.history.max_streams = 100).await;
+    let mut reader = server.client().await;
+    let first = subscribe(&mut reader, "news:real", None, "s").await;
+    for n in 1..=3 {
+        publish_to(&server, "news:real", n).await;
+    }
+    let mut epoch = first["epoch"].clone();
+    let mut offset = 0;
+    while offset < 3 {
+        let push = reader.next_push().await;
+        offset = push["offset"].as_u64().expect("offset");
+        epoch = push["epoch"].clone();
+    }
+    drop(reader);
+
+    subscribe_to_junk(&server, 300).await;
+
+    let mut back = server.client().await;
+    let r = subscribe(
+        &mut back,
+        "news:real",
+        Some(json!({"offset": 3, "epoch": epoch})),
+        "r",
+    )
+    .await;
+    assert_eq!(r["recovered"], true, "nothing was missed: {r}");
+    assert_eq!(r["epoch"], epoch, "{r}");
+    assert_eq!(offsets(&r["publications"]), Vec::<u64>::new());
+    if let Keeper::Redis {
+        server: redis,
+        prefix,
+        ..
+    } = &keeper
+    {
+        let keys = redis
+            .command(&["--scan", "--pattern", &format!("{prefix}*junk*")])
+            .await;
+        assert_eq!(keys.lines().count(), 0, "a read writes nothing: {keys}");
+    }
+}
+
+#[tokio::test]
+async fn subscribes_do_not_evict_history() {
+    subscribes_do_not_evict_history_on(Keeper::Memory).await;
+}
+
+#[tokio::test]
+async fn subscribes_do_not_evict_history_or_write_to_redis() {
+    subscribes_do_not_evict_history_on(Keeper::redis()).await;
+}
+
+/// A client that subscribed while a topic had no publications yet, and
+/// was away for the first ones, recovers them all.
+async fn the_first_publications_are_recovered_on(keeper: Keeper) {
+    let server = keeper.start(10).await;
+    let mut a = server.client().await;
+    let first = subscribe(&mut a, "news:fresh", None, "s").await;
+    assert_eq!(first["offset"], 0, "{first}");
+    let position = json!({"offset": 0, "epoch": first["epoch"]});
+    drop(a);
+    // The API queues publications: a watcher tells when they are out.
+    let mut watcher = server.client().await;
+    subscribe(&mut watcher, "news:fresh", None, "w").await;
+    for n in 1..=2 {
+        publish_to(&server, "news:fresh", n).await;
+    }
+    while watcher.next_push().await["offset"] != 2 {}
+    let mut b = server.client().await;
+    let r = subscribe(&mut b, "news:fresh", Some(position.clone()), "r").await;
+    assert_eq!(r["recovered"], true, "{r}");
+    assert_eq!(offsets(&r["publications"]), vec![1, 2]);
+    // From an empty topic's position, on a topic still empty: nothing
+    // missed.
+    let mut c = server.client().await;
+    let empty = subscribe(&mut c, "news:still-empty", None, "e").await;
+    let since = json!({"offset": 0, "epoch": empty["epoch"]});
+    drop(c);
+    let mut d = server.client().await;
+    let r = subscribe(&mut d, "news:still-empty", Some(since), "r").await;
+    assert_eq!(r["recovered"], true, "{r}");
+    assert_eq!(offsets(&r["publications"]), Vec::<u64>::new());
+    // A made-up position is not taken for an empty topic's.
+    let r = subscribe(
+        &mut d,
+        "news:fresh",
+        Some(json!({"offset": 0, "epoch": "~0000"})),
+        "m",
+    )
+    .await;
+    assert_eq!(r["recovered"], false, "{r}");
+}
+
+#[tokio::test]
+async fn the_first_publications_are_recovered() {
+    the_first_publications_are_recovered_on(Keeper::Memory).await;
+}
+
+#[tokio::test]
+async fn the_first_publications_are_recovered_in_redis() {
+    the_first_publications_are_recovered_on(Keeper::redis()).await;
 }

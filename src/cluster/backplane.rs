@@ -309,7 +309,7 @@ async fn publish(
                     ttl_s,
                 } => {
                     pipe.cmd("EVAL")
-                        .arg(super::history::APPEND)
+                        .arg(super::history::APPEND.as_str())
                         .arg(2)
                         .arg(list)
                         .arg(meta)

@@ -1,10 +1,12 @@
 //! Topic history in Redis, shared by every node (see `crate::history` for
 //! the model). A topic with history has two keys with the same hash tag,
-//! so each script runs on the one Redis (Cluster) node owning them:
+//! so each script runs on the one Redis (Cluster) node owning them (`}`
+//! and `%` in a topic are percent-encoded in the tag, `Cluster::tag`):
 //!
-//! - `P:hm:{TOPIC}`, a HASH: `e` the epoch, `o` the last offset. It
-//!   expires `history.meta_ttl_s` after the last publication; a new one
-//!   gets a new epoch.
+//! - `P:hm:{TOPIC}`, a HASH: `e` the epoch, `o` the last offset. It is
+//!   created by the first publication (never by a read) and expires
+//!   `history.meta_ttl_s` after the last; a new one gets a new epoch
+//!   ([`EPOCH`]).
 //! - `P:h:{TOPIC}`, a LIST of the last `history_size` publications, each
 //!   `OFFSET:UNIX_SECONDS:TEXT`, expiring `history_ttl_s` after the last.
 //!
@@ -24,12 +26,25 @@ use super::{Cluster, ClusterError};
 use crate::history::{Position, Recovery, Since};
 use crate::websocket::Prepared;
 
+/// A topic's epoch before its first publication, and its stream's when
+/// that publication makes it: a digest of this Redis's `run_id`, the
+/// meta TTL window the time falls in, and the position's key (the
+/// topic). A reader of a topic without publications is given it, so it
+/// recovers the first publications like any others; a stream made after
+/// a restart or after the last one expired (which takes a whole meta TTL
+/// without publications) gets another. Expects `t` (TIME) and `mttl`.
+const EPOCH: &str = r#"local function epoch_of(key)
+local run=string.match(redis.call('INFO','server'),'run_id:(%x+)')
+return string.sub(redis.sha1hex(run..':'..math.floor(tonumber(t[1])/mttl)..':'..key),1,8)
+end
+"#;
+
 /// KEYS[1]: the list, KEYS[2]: the position. ARGV: the channel, the push
-/// with its topic, without its closing brace ([`crate::history::head`]), size, ttl_s, meta_ttl_s. Returns the offset.
-pub(crate) const APPEND: &str = r#"local t=redis.call('TIME')
-local e=redis.call('HGET',KEYS[2],'e')
+/// with its topic, without its closing brace ([`crate::history::head`]),
+/// size, ttl_s, meta_ttl_s. Returns the offset.
+const APPEND_BODY: &str = r#"local e=redis.call('HGET',KEYS[2],'e')
 if not e then
-e=string.format('%x%05x',tonumber(t[1]),tonumber(t[2]))
+e=epoch_of(KEYS[2])
 redis.call('HSET',KEYS[2],'e',e,'o',0)
 redis.call('DEL',KEYS[1])
 end
@@ -45,40 +60,48 @@ return o"#;
 /// KEYS as [`APPEND`]. ARGV: the client's offset (-1: none), its epoch,
 /// ttl_s, meta_ttl_s. Returns {epoch, offset, 1 if recovered, entries…};
 /// the entries keep their `OFFSET:UNIX_S:` heads (stripped by the node:
-/// Redis's CPU is the cluster's shared one).
-const RECOVER: &str = r#"local m=redis.call('HMGET',KEYS[2],'e','o')
+/// Redis's CPU is the cluster's shared one). Writes nothing: a topic
+/// without a position is at offset 0 of the epoch its first publication
+/// will have.
+const RECOVER_BODY: &str = r#"local m=redis.call('HMGET',KEYS[2],'e','o')
 local e=m[1]
+local since=tonumber(ARGV[1])
 if not e then
-local t=redis.call('TIME')
-e=string.format('%x%05x',tonumber(t[1]),tonumber(t[2]))
-redis.call('HSET',KEYS[2],'e',e,'o',0)
-redis.call('EXPIRE',KEYS[2],ARGV[4])
-redis.call('DEL',KEYS[1])
+e=epoch_of(KEYS[2])
+if since==0 and ARGV[2]==e then return {e,0,1} end
 return {e,0,0}
 end
 local top=tonumber(m[2])
-local since=tonumber(ARGV[1])
 if since<0 or ARGV[2]~=e or since>top then return {e,top,0} end
 if since==top then return {e,top,1} end
 local items=redis.call('LRANGE',KEYS[1],-(top-since),-1)
 if #items<top-since then return {e,top,0} end
 local o,at=string.match(items[1],'^(%d+):(%d+):')
-local now=tonumber(redis.call('TIME')[1])
-if tonumber(o)~=since+1 or tonumber(at)+tonumber(ARGV[3])<=now then return {e,top,0} end
+if tonumber(o)~=since+1 or tonumber(at)+tonumber(ARGV[3])<=tonumber(t[1]) then return {e,top,0} end
 table.insert(items,1,1)
 table.insert(items,1,top)
 table.insert(items,1,e)
 return items"#;
 
+/// [`APPEND_BODY`] with what it expects.
+pub(crate) static APPEND: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("local t=redis.call('TIME')\nlocal mttl=tonumber(ARGV[5])\n{EPOCH}{APPEND_BODY}")
+});
+
+/// [`RECOVER_BODY`] with what it expects.
+static RECOVER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("local t=redis.call('TIME')\nlocal mttl=tonumber(ARGV[4])\n{EPOCH}{RECOVER_BODY}")
+});
+
 impl Cluster {
     /// The keys of `topic`'s history: (the list, the position).
     pub(crate) fn history_keys(&self, topic: &str) -> (String, String) {
-        let tagged = format!("{{{topic}}}");
+        let tagged = Cluster::tag(topic);
         (self.key(&["h", &tagged]), self.key(&["hm", &tagged]))
     }
 
-    /// `topic`'s position, creating it if it has none, and the
-    /// publications after `since` when asked.
+    /// `topic`'s position and, when asked, the publications after
+    /// `since`. Writes nothing to Redis.
     ///
     /// # Errors
     /// [`ClusterError`] when Redis fails, is too slow, or answers what
@@ -136,5 +159,5 @@ impl Cluster {
 }
 
 pub(crate) fn recover_script() -> redis::Script {
-    redis::Script::new(RECOVER)
+    redis::Script::new(&RECOVER)
 }

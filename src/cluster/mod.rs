@@ -282,6 +282,25 @@ impl Cluster {
         self.metrics.up.get() == 1
     }
 
+    /// `name` as a Redis Cluster hash tag, `{…}`: every key built with
+    /// the same tag lands in one slot. Redis takes the tag to end at the
+    /// first `}`, so a `}` in the name (and `%`, which escapes it) is
+    /// percent-encoded: a name that begins with `}` would otherwise give
+    /// an empty tag, and its keys would scatter over slots.
+    pub(crate) fn tag(name: &str) -> String {
+        let mut t = String::with_capacity(name.len() + 2);
+        t.push('{');
+        for c in name.chars() {
+            match c {
+                '%' => t.push_str("%25"),
+                '}' => t.push_str("%7D"),
+                c => t.push(c),
+            }
+        }
+        t.push('}');
+        t
+    }
+
     /// A key or channel in this cluster's namespace.
     pub(crate) fn key(&self, parts: &[&str]) -> String {
         let mut k = self.prefix.clone();
@@ -439,5 +458,40 @@ impl Cluster {
 
     fn commands_ok(&self) -> bool {
         self.commands_up.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cluster;
+
+    /// What Redis Cluster hashes: the text between the first `{` and the
+    /// first `}` after it, when not empty.
+    fn hashed(key: &str) -> &str {
+        let Some(open) = key.find('{') else {
+            return key;
+        };
+        match key[open + 1..].find('}') {
+            Some(0) | None => key,
+            Some(len) => &key[open + 1..open + 1 + len],
+        }
+    }
+
+    #[test]
+    fn a_hash_tag_is_the_whole_name_whatever_braces_it_holds() {
+        let names = ["}x", "}", "{}", "a}b{c", "{x}y", "%7D", "plain", "%", "x%}"];
+        let mut seen = std::collections::HashSet::new();
+        for name in names {
+            let tag = Cluster::tag(name);
+            let list = format!("P:h:{tag}");
+            let meta = format!("P:hm:{tag}");
+            assert_eq!(hashed(&list), hashed(&meta), "{name}: one slot");
+            assert_eq!(
+                format!("{{{}}}", hashed(&list)),
+                tag,
+                "{name}: the whole tag"
+            );
+            assert!(seen.insert(tag), "{name}: no two names share a tag");
+        }
     }
 }
