@@ -48,6 +48,8 @@ struct Shared {
     mode: Mutex<Mode>,
     city_latency_ms: Mutex<HashMap<String, u64>>,
     city_status: Mutex<HashMap<String, u16>>,
+    /// Statuses for query texts exactly as sent (no case folding).
+    exact_status: Mutex<HashMap<String, u16>>,
     queries: Mutex<VecDeque<Vec<(String, String)>>>,
 }
 
@@ -83,6 +85,7 @@ impl FakeUpstream {
             mode: Mutex::new(Mode::Normal),
             city_latency_ms: Mutex::new(HashMap::new()),
             city_status: Mutex::new(HashMap::new()),
+            exact_status: Mutex::new(HashMap::new()),
             queries: Mutex::new(VecDeque::new()),
         });
         let stop = CancellationToken::new();
@@ -141,6 +144,13 @@ impl FakeUpstream {
         lock(&self.shared.city_status).insert(city.to_lowercase(), status);
     }
 
+    /// Answer calls whose city is exactly `text` (byte for byte) with this
+    /// HTTP status: a provider that does not know an unusual spelling
+    /// (a look-alike character, say) of a name it knows.
+    pub fn set_exact_status(&self, text: &str, status: u16) {
+        lock(&self.shared.exact_status).insert(text.to_owned(), status);
+    }
+
     /// Fraction of calls (0.0–1.0) answered with 500, spread evenly.
     pub fn set_error_rate(&self, rate: f64) {
         let ppm = (rate.clamp(0.0, 1.0) * 1_000_000.0) as u64;
@@ -190,6 +200,9 @@ async fn admit(s: &Shared, q: &[(String, String)], city: Option<&str>) -> Result
     if let Some(code) = city.and_then(|c| lock(&s.city_status).get(&c.to_lowercase()).copied()) {
         return Err(status(code));
     }
+    if let Some(code) = city.and_then(|c| lock(&s.exact_status).get(c).copied()) {
+        return Err(status(code));
+    }
     let ppm = s.error_ppm.load(Ordering::SeqCst);
     // Evenly spread: call n fails when the running total of errors steps up.
     if ppm > 0 && (n + 1) * ppm / 1_000_000 > n * ppm / 1_000_000 {
@@ -227,6 +240,20 @@ fn status(code: u16) -> Response {
         axum::Json(json!({"cod": code.as_u16(), "message": "fake upstream failure"})),
     )
         .into_response()
+}
+
+/// The name a provider gives a city, whatever case it was asked in:
+/// each word capitalised ("new york" → "New York").
+fn display_name(city: &str) -> String {
+    city.split_whitespace()
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn exists(city: &str) -> bool {
@@ -279,7 +306,7 @@ async fn owm_weather(State(s): State<Arc<Shared>>, Query(q): Params) -> Response
     }
     let (temp, feels, humidity, code) = reading(&city);
     axum::Json(json!({
-        "name": city.trim(),
+        "name": display_name(&city),
         "cod": 200,
         "main": {"temp": temp, "feels_like": feels, "humidity": humidity, "pressure": 1012},
         "weather": [{"id": 800, "main": "Weather", "description": crate::weather::describe(code)}],
@@ -299,7 +326,7 @@ async fn om_search(State(s): State<Arc<Shared>>, Query(q): Params) -> Response {
     // Encode the city in the coordinates so the forecast call can find
     // the same reading again.
     axum::Json(json!({
-        "results": [{"name": city.trim(), "latitude": temp, "longitude": feels, "country": "Fakeland"}],
+        "results": [{"name": display_name(&city), "latitude": temp, "longitude": feels, "country": "Fakeland"}],
     }))
     .into_response()
 }

@@ -327,11 +327,25 @@ pub fn echoed_city(text: &str) -> &str {
     }
 }
 
-/// The cache key for a city: case and inner white space do not matter, so
-/// "new  york" and "New York" share one upstream call.
+/// A city's canonical form: the text gale both caches under and asks the
+/// provider for, so no spelling can fill the cache entry of another.
+/// Compatibility characters are folded (NFKC: `K` U+212A KELVIN SIGN is
+/// `K`, full-width `Ｋ` is `K`), case does not matter (lower case), nor does
+/// white space (trimmed, runs of it one space): "New  York", "new york"
+/// and "ＮＥＷ ＹＯＲＫ" are one city, asked as "new york". Providers match
+/// names without regard to case.
 pub fn normalise_city(city: &str) -> String {
-    let mut key = String::with_capacity(city.len());
-    for word in city.split_whitespace() {
+    use unicode_normalization::UnicodeNormalization;
+    let folded: String;
+    let text = if city.is_ascii() {
+        city
+    } else {
+        // Lower-casing can undo NFKC (rarely), hence once more after it.
+        folded = city.nfkc().flat_map(char::to_lowercase).nfkc().collect();
+        &folded
+    };
+    let mut key = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
         if !key.is_empty() {
             key.push(' ');
         }
@@ -362,6 +376,25 @@ mod tests {
     fn normalisation_ignores_case_and_spacing() {
         assert_eq!(normalise_city("New   York"), "new york");
         assert_eq!(normalise_city("ZÜRICH"), "zürich");
+        // Decomposed Ü (U + combining diaeresis) is the same city.
+        assert_eq!(normalise_city("ZU\u{308}RICH"), "zürich");
+    }
+
+    #[test]
+    fn look_alike_spellings_are_one_canonical_form() {
+        for spelling in [
+            "\u{212A}yiv",
+            "\u{FF2B}\u{FF59}\u{FF49}\u{FF56}",
+            "KYIV",
+            " kyiv\u{3000}",
+        ] {
+            assert_eq!(normalise_city(spelling), "kyiv", "{spelling:?}");
+        }
+        // Idempotent: the canonical form is its own key.
+        for city in ["Straße", "İstanbul", "ΣΊΣΥΦΟΣ", "\u{FDFA}", "ǅemal"] {
+            let once = normalise_city(city);
+            assert_eq!(normalise_city(&once), once, "{city:?}");
+        }
     }
 
     #[test]

@@ -991,3 +991,60 @@ async fn without_redis_history_falls_back_visibly() {
     assert_eq!(push["data"], 2);
     assert!(push["offset"].as_u64().is_some(), "{push}");
 }
+
+/// Names that begin with `}` (or hold braces) keep their keys in one
+/// slot of a Redis Cluster: history and the shared weather cache work for
+/// them as for any other name.
+#[tokio::test]
+async fn braces_in_names_keep_their_keys_in_one_slot() {
+    let rc = RedisCluster::start().await;
+    let (p, up) = (prefix(), upstream().await);
+    let everything = |c: &mut Config| {
+        c.topics.insert(
+            "*".into(),
+            gale::config::TopicConfig {
+                history_size: 10,
+                history_ttl_s: 60,
+            },
+        );
+    };
+    let a = node_with(&rc.seeds(), &p, "a", &up, everything).await;
+    for topic in ["}x", "}", "{}", "a}b{c", "{x}y"] {
+        let mut watcher = a.client().await;
+        let first = watcher
+            .request("topic.subscribe", json!({"topic": topic}), "w")
+            .await;
+        assert_eq!(first["ok"], true, "{topic}: {first}");
+        let body = json!({"event": "e", "data": 1, "topic": topic}).to_string();
+        let (status, reply) = publish(&a, Some(API_KEY), &body).await;
+        assert_eq!(status, 200, "{topic}: {reply}");
+        let push = watcher.next_push().await;
+        assert_eq!(push["offset"], 1, "{topic}: {push}");
+        let epoch = push["epoch"].clone();
+        let mut back = a.client().await;
+        let r = back
+            .request(
+                "topic.subscribe",
+                json!({"topic": topic, "since": {"offset": 0, "epoch": epoch}}),
+                "r",
+            )
+            .await;
+        assert_eq!(r["data"]["recovered"], true, "{topic}: {r}");
+    }
+    let mut c = a.client().await;
+    for city in ["}Paris", "Ro{me}", "Oslo}"] {
+        assert_eq!(c.ask(city).await["type"], "weather", "{city}");
+    }
+    assert_eq!(
+        a.sample("gale_cluster_lost_total{reason=\"RedisError\"}")
+            .await,
+        0.0,
+        "no publication was lost"
+    );
+    assert_eq!(
+        a.sample("gale_cluster_fallbacks_total{what=\"Cache\"}")
+            .await,
+        0.0,
+        "the cache never fell back"
+    );
+}

@@ -127,8 +127,8 @@ async fn city_cannot_inject_query_parameters() {
         "exactly our three parameters"
     );
     assert_eq!(
-        q[0].1, "London&appid=x&units=imperial",
-        "the city is one literal value"
+        q[0].1, "london&appid=x&units=imperial",
+        "the city is one literal value (in its canonical form)"
     );
     assert_eq!(q[1].1, API_KEY);
     assert_eq!(q[2].1, "metric");
@@ -552,4 +552,38 @@ async fn an_upstream_slower_than_the_deadline_opens_the_breaker() {
     );
     assert_eq!(reply["code"], "upstream_unavailable", "{reply}");
     assert_eq!(server.fake.calls(), 3);
+}
+
+/// The provider is asked with exactly the text the cache keys: a name
+/// spelled with a look-alike character (K as U+212A KELVIN SIGN, full-width
+/// letters) is asked as its plain form, so it cannot poison the cache
+/// entry of the city it looks like.
+#[tokio::test]
+async fn a_look_alike_spelling_cannot_poison_the_cache() {
+    let server = start_with(|c| c.weather.not_found_ttl_s = 300).await;
+    // A provider that knows Kyiv but not these spellings of it.
+    server.fake.set_exact_status("\u{212A}yiv", 404);
+    server
+        .fake
+        .set_exact_status("\u{FF2B}\u{FF59}\u{FF49}\u{FF56}", 404);
+    let mut c = server.client().await;
+    for asked in [
+        "\u{212A}yiv",
+        "\u{FF2B}\u{FF59}\u{FF49}\u{FF56}",
+        "Kyiv",
+        "KYIV",
+        " kyiv ",
+    ] {
+        let reply = c.ask(asked).await;
+        assert_eq!(reply["type"], "weather", "{asked:?}: {reply}");
+        assert_eq!(reply["city"], "Kyiv", "{asked:?}: {reply}");
+    }
+    assert_eq!(server.fake.calls(), 1, "one entry for every spelling");
+    let asked: Vec<String> = server
+        .fake
+        .queries()
+        .iter()
+        .filter_map(|q| q.iter().find(|(k, _)| k == "q").map(|(_, v)| v.clone()))
+        .collect();
+    assert_eq!(asked, ["kyiv"], "upstream is asked the canonical form");
 }

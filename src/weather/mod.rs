@@ -245,7 +245,8 @@ impl Weather {
         self.cluster = cluster;
     }
 
-    /// The current weather for `city` as a client typed it.
+    /// The current weather for `city` as a client typed it. The provider
+    /// is asked for its canonical form, the text the cache keys.
     ///
     /// # Errors
     /// [`WeatherError`]: invalid city, not found, timeout, busy, breaker
@@ -269,7 +270,7 @@ impl Weather {
                     self.metrics.cache_misses.inc();
                     // Boxed: the upstream call's state is ~2 KiB, and
                     // only the leading lookup needs it.
-                    let outcome = Box::pin(self.fetch_shared(city, &key)).await;
+                    let outcome = Box::pin(self.fetch_shared(&key)).await;
                     if let Ok(entry) = &outcome {
                         self.cache.insert(key.clone(), entry.clone());
                     }

@@ -29,12 +29,14 @@ const POLL_MAX: Duration = Duration::from_millis(200);
 const NOT_FOUND: &str = "-";
 
 impl Weather {
-    /// The single-flight body: through the cluster when there is one.
-    pub(super) async fn fetch_shared(&self, city: &str, key: &str) -> Result<Entry, WeatherError> {
+    /// The single-flight body for `city` in its canonical form
+    /// ([`crate::protocol::normalise_city`]: what is cached is what the
+    /// provider was asked): through the cluster when there is one.
+    pub(super) async fn fetch_shared(&self, city: &str) -> Result<Entry, WeatherError> {
         let Some(cluster) = &self.cluster else {
             return self.fetch(city).await.map(Entry::from);
         };
-        match self.through(cluster, city, key).await {
+        match self.through(cluster, city).await {
             Ok(result) => result,
             Err(e) => {
                 cluster.fell_back(Fallback::Cache, &e);
@@ -48,12 +50,11 @@ impl Weather {
         &self,
         cluster: &Cluster,
         city: &str,
-        key: &str,
     ) -> Result<Result<Entry, WeatherError>, ClusterError> {
         // One hash tag per city: the value and its lease share a slot, so
         // the script reading one and taking the other runs on one Redis
         // Cluster node.
-        let tagged = format!("{{{key}}}");
+        let tagged = Cluster::tag(city);
         let value_key = cluster.key(&["w", &tagged]);
         let lease_key = cluster.key(&["wl", &tagged]);
         let lease = self.timeout + Duration::from_secs(1);
