@@ -145,6 +145,16 @@ struct Idle {
     since: Instant,
 }
 
+/// Whether nothing waits to be read on an idle connection: no byte and no
+/// close from the server (a non-blocking peek).
+fn quiet(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        socket2::SockRef::from(stream).peek(&mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
+
 /// The plain-HTTP side: a bounded pool of idle connections.
 #[derive(Debug)]
 struct Plain {
@@ -158,6 +168,9 @@ impl Plain {
     }
 
     /// The most recently idled live connection to `authority`, if any.
+    /// A connection with anything waiting to be read (bytes the server
+    /// sent after its response, or its close) is dropped, never reused:
+    /// those bytes would be read as the next city's response.
     fn take(&self, authority: &str) -> Option<TcpStream> {
         let mut idle = self.lock();
         // Oldest first (put appends): the expired ones are at the front,
@@ -169,8 +182,13 @@ impl Plain {
         {
             idle.pop_front();
         }
-        let i = idle.iter().rposition(|c| c.authority == authority)?;
-        idle.remove(i).map(|c| c.stream)
+        loop {
+            let i = idle.iter().rposition(|c| c.authority == authority)?;
+            let stream = idle.remove(i)?.stream;
+            if quiet(&stream) {
+                return Some(stream);
+            }
+        }
     }
 
     fn put(&self, authority: String, stream: TcpStream) {
@@ -664,6 +682,52 @@ mod tests {
             assert_eq!(r.body, b"ok");
         }
         assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    /// A server that sends bytes nobody asked for after a complete
+    /// response: the next lookup must not read them as its answer.
+    #[tokio::test]
+    async fn a_pooled_connection_with_unasked_bytes_is_not_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/v1?q=x", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                n += 1;
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    while !req.ends_with(b"\r\n\r\n") {
+                        let mut b = [0; 1];
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        req.push(b[0]);
+                    }
+                    let body = format!("reply{n}");
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+                        .await;
+                    // Hold the connection open, as a keep-alive server does.
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                });
+            }
+        });
+        let c = client();
+        let url = url::Url::parse(&url).expect("url");
+        let r = c.get(url.clone(), 100).await.expect("first");
+        assert_eq!(r.body, b"reply1");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let r = c.get(url, 100).await.expect("second");
+        assert_eq!(
+            r.body, b"reply2",
+            "answered on a new connection, never by the unasked bytes"
+        );
     }
 
     #[tokio::test]
