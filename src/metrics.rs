@@ -248,6 +248,8 @@ pub struct Metrics {
     pub spill_dropped: Counter,
     /// Spill records found torn or corrupt and skipped (their rows lost).
     pub spill_torn: Counter,
+    /// Spill segments that could not be read and were set aside.
+    pub spill_unreadable: Counter,
     /// Bytes in the spill not yet replayed.
     pub spill_bytes: Gauge,
     /// Rows per insert.
@@ -688,6 +690,12 @@ impl Metrics {
             "Disk spill records found torn or corrupt and skipped",
             spill_torn.clone(),
         );
+        let spill_unreadable = Counter::default();
+        reg.register(
+            "spill_unreadable_segments",
+            "Disk spill segments that could not be read, set aside as .unreadable",
+            spill_unreadable.clone(),
+        );
         let spill_bytes = Gauge::default();
         reg.register(
             "spill_bytes",
@@ -881,6 +889,7 @@ impl Metrics {
             spill_replayed,
             spill_dropped,
             spill_torn,
+            spill_unreadable,
             spill_bytes,
             db_batch_size,
             cluster,
@@ -983,6 +992,7 @@ impl Metrics {
             "spill-replayed": self.spill_replayed.get(),
             "spill-dropped": self.spill_dropped.get(),
             "spill-torn": self.spill_torn.get(),
+            "spill-unreadable": self.spill_unreadable.get(),
             "spill-bytes": self.spill_bytes.get(),
             "connections": self.connections.get(),
             "rss-bytes": resident_bytes(),

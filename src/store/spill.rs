@@ -25,7 +25,10 @@
 //! A record that is cut short, fails its checksum or does not parse (a
 //! write torn by a crash, a damaged disk) ends its segment: it and what
 //! follows in that segment are skipped and counted in
-//! `gale_spill_torn_records_total`.
+//! `gale_spill_torn_records_total`. A segment that cannot be read at all
+//! (an I/O error, three reads in a row) is renamed `….log.unreadable`,
+//! kept, counted in `gale_spill_unreadable_segments_total`, and replay
+//! goes on with the next.
 //!
 //! Durability: every record reaches the kernel when it is written, so
 //! killing gale loses nothing already spilled; segments are `fsync`ed when
@@ -118,6 +121,23 @@ struct Files {
     pending: u64,
     /// Written since the last `fsync`.
     unsynced: bool,
+    /// Reads of the oldest segment that failed in a row.
+    failures: u32,
+}
+
+/// Reads of one segment that may fail in a row (an I/O error, not a torn
+/// record) before it is set aside: a passing error (out of file
+/// descriptors) is waited out; a segment that cannot be read does not
+/// stop replay of the ones after it.
+const UNREADABLE_TRIES: u32 = 3;
+
+/// What a replay read found besides its batch.
+#[derive(Default)]
+struct Skipped {
+    /// Torn or corrupt records (each with the rest of its segment).
+    torn: u64,
+    /// Segments set aside as unreadable.
+    unreadable: u64,
 }
 
 /// One row as the spill keeps it.
@@ -284,6 +304,7 @@ impl Spill {
                 read_offset,
                 pending,
                 unsynced: false,
+                failures: 0,
             }),
             down: AtomicBool::new(false),
             metrics,
@@ -347,14 +368,15 @@ impl Spill {
     /// Skips (and counts) torn records. Blocking file I/O.
     pub(super) fn next_batch(&self) -> Option<(Vec<RequestRecord>, Position)> {
         let mut files = self.files();
-        let (batch, torn) = files.next_batch();
-        if torn > 0 {
-            self.metrics.spill_torn.inc_by(torn);
+        let (batch, skipped) = files.next_batch();
+        if skipped.torn > 0 {
+            self.metrics.spill_torn.inc_by(skipped.torn);
             tracing::error!(
-                records = torn,
+                records = skipped.torn,
                 "request log: torn or corrupt spill record skipped with the rest of its segment"
             );
         }
+        self.metrics.spill_unreadable.inc_by(skipped.unreadable);
         self.metrics.spill_bytes.set(files.pending as i64);
         batch
     }
@@ -444,26 +466,28 @@ impl Files {
         Ok(())
     }
 
-    fn next_batch(&mut self) -> (Option<(Vec<RequestRecord>, Position)>, u64) {
-        let mut torn = 0;
+    fn next_batch(&mut self) -> (Option<(Vec<RequestRecord>, Position)>, Skipped) {
+        let mut skipped = Skipped::default();
         loop {
             let Some(&(seq, len)) = self.segments.front() else {
-                return (None, torn);
+                return (None, skipped);
             };
             if self.read_offset >= len {
                 if len == 0 && self.out.is_some() && self.segments.len() == 1 {
                     // The newest segment, just begun: nothing to read.
-                    return (None, torn);
+                    return (None, skipped);
                 }
                 self.finish_front();
                 continue;
             }
             match self.read_at(seq, self.read_offset, len) {
                 Ok(Read1::Record(rows, next)) => {
-                    return (Some((rows, Position { seq, offset: next })), torn);
+                    self.failures = 0;
+                    return (Some((rows, Position { seq, offset: next })), skipped);
                 }
                 Ok(Read1::Torn) => {
-                    torn += 1;
+                    self.failures = 0;
+                    skipped.torn += 1;
                     // Nothing after a torn record can be trusted to start
                     // where it seems to: skip the rest of the segment.
                     self.pending -= len - self.read_offset;
@@ -473,11 +497,43 @@ impl Files {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, segment = seq, "request log: cannot read the spill");
-                    return (None, torn);
+                    self.failures += 1;
+                    if self.failures < UNREADABLE_TRIES {
+                        tracing::error!(error = %e, segment = seq, "request log: cannot read the spill; trying again");
+                        return (None, skipped);
+                    }
+                    self.set_aside(seq, &e);
+                    skipped.unreadable += 1;
                 }
             }
         }
+    }
+
+    /// Gives up on the oldest segment, which failed every read: renamed
+    /// to `….log.unreadable` and kept for a person to look at (its
+    /// records are the documented format), its bytes no longer pending.
+    fn set_aside(&mut self, seq: u64, e: &io::Error) {
+        self.failures = 0;
+        let Some((_, len)) = self.segments.pop_front() else {
+            return;
+        };
+        self.pending -= len.saturating_sub(self.read_offset).min(self.pending);
+        if self.segments.is_empty() {
+            self.out = None;
+        }
+        let name = self.dir.join(segment_name(seq));
+        let aside = self.dir.join(format!("{}.unreadable", segment_name(seq)));
+        if let Err(r) = fs::rename(&name, &aside) {
+            tracing::error!(error = %r, segment = seq, "request log: cannot rename an unreadable spill segment");
+        }
+        tracing::error!(
+            error = %e,
+            segment = %aside.display(),
+            bytes = len - self.read_offset.min(len),
+            "request log: a spill segment cannot be read; set aside, replay goes on with the next"
+        );
+        self.read_offset = 0;
+        self.save_cursor();
     }
 
     fn read_at(&self, seq: u64, offset: u64, len: u64) -> io::Result<Read1> {
@@ -697,6 +753,42 @@ mod tests {
         let (spill, metrics) = open(tmp.path(), 1 << 20);
         assert_eq!(replay_all(&spill), rows[..10].to_vec());
         assert_eq!(metrics.spill_torn.get(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_segment_is_set_aside_and_replay_goes_on() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (spill, metrics) = open(tmp.path(), 1 << 20);
+        let rows: Vec<_> = (0..3000).map(row).collect();
+        for chunk in rows.chunks(100) {
+            assert!(spill.append(chunk));
+        }
+        // The oldest segment cannot be read at all (an I/O error, not a
+        // torn record): here, it became a directory.
+        let first = tmp.path().join(segment_name(1));
+        fs::remove_file(&first).expect("remove");
+        fs::create_dir(&first).expect("a directory in its place");
+        let mut got = Vec::new();
+        for _ in 0..UNREADABLE_TRIES + 1 {
+            got.extend(replay_all(&spill));
+        }
+        assert!(!got.is_empty() && got.len() < rows.len(), "{}", got.len());
+        assert_eq!(
+            got,
+            rows[rows.len() - got.len()..],
+            "the later segments, in order"
+        );
+        assert_eq!(metrics.spill_unreadable.get(), 1);
+        assert!(
+            tmp.path()
+                .join(format!("{}.unreadable", segment_name(1)))
+                .exists(),
+            "set aside, not deleted"
+        );
+        assert_eq!(spill.pending_bytes(), 0);
+        // New rows are taken and replayed.
+        assert!(spill.append(&rows[..5]));
+        assert_eq!(replay_all(&spill), rows[..5].to_vec());
     }
 
     #[test]
