@@ -1,10 +1,18 @@
-//! Admission of WebSocket handshakes per client address: at most
-//! `server.max_connections_per_ip` open at once (503 past it) and
-//! `server.handshake_rate_per_ip` new ones a second (429 past it), so one
-//! address cannot take every connection permit or flood the server with
-//! handshakes. The address is the client's as
-//! [`crate::identity::client_address`] finds it (behind trusted proxies,
-//! from `X-Forwarded-For`), IPv6 by /64 ([`crate::identity::rate_key`]).
+//! Admission per client address: at most `server.max_connections_per_ip`
+//! connections open at once (503 past it) and
+//! `server.handshake_rate_per_ip` new WebSocket or SSE handshakes a
+//! second (429 past it), so one address cannot take every connection
+//! permit or flood the server with handshakes. IPv6 addresses count by
+//! /64 ([`crate::identity::rate_key`]).
+//!
+//! Every TCP connection counts against its peer's address from the
+//! accept on ([`Admission::connect`], by the listener), whatever it is
+//! used for: an upgrade, an SSE stream, a request, or nothing. A
+//! connection from a trusted proxy (`server.trusted_proxies`) counts
+//! instead at its handshake, against the client the proxy names
+//! ([`Admission::admit`]). The count of open connections per address is
+//! kept even without a limit: the router scales an address's rate limits
+//! by it, so users behind one NAT each get a user's allowance.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -36,7 +44,7 @@ pub enum Refused {
 pub struct Admission {
     max_connections: usize,
     rate: Option<Rate>,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<Open>,
     handshakes: moka::sync::Cache<IpAddr, Arc<Bucket>>,
     metrics: Arc<Metrics>,
 }
@@ -50,25 +58,58 @@ impl std::fmt::Debug for Admission {
     }
 }
 
-/// An admitted connection: counted against its address until dropped.
+/// An admitted connection: counted against its address until dropped,
+/// as a connection, a session (a WebSocket or an SSE stream: a client),
+/// or both.
 #[derive(Debug)]
 pub struct Admitted {
-    admission: Option<Arc<Admission>>,
+    admission: Arc<Admission>,
     ip: IpAddr,
+    connection: bool,
+    session: bool,
+}
+
+impl Admitted {
+    /// The same connection, now also a session (upgraded to WebSocket).
+    pub fn with_session(mut self) -> Admitted {
+        if !self.session {
+            let mut open = self.admission.lock();
+            open.by_ip.entry(self.ip).or_default().sessions += 1;
+            open.sessions += 1;
+            self.session = true;
+        }
+        self
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        if let Some(a) = &self.admission {
-            let mut open = a.lock();
-            if let Some(n) = open.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    open.remove(&self.ip);
-                }
+        let mut open = self.admission.lock();
+        if self.session {
+            open.sessions -= 1;
+        }
+        if let Some(n) = open.by_ip.get_mut(&self.ip) {
+            n.connections -= usize::from(self.connection);
+            n.sessions -= usize::from(self.session);
+            if n.connections == 0 && n.sessions == 0 {
+                open.by_ip.remove(&self.ip);
             }
         }
     }
+}
+
+/// What one address holds open.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    connections: usize,
+    sessions: usize,
+}
+
+/// Connections and sessions open now, per address, and sessions in all.
+#[derive(Debug, Default)]
+struct Open {
+    by_ip: HashMap<IpAddr, Counts>,
+    sessions: usize,
 }
 
 impl Admission {
@@ -80,7 +121,7 @@ impl Admission {
                 count: s.handshake_rate_per_ip,
                 per: Duration::from_secs(1),
             }),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(Open::default()),
             handshakes: moka::sync::Cache::builder()
                 .max_capacity(MAX_TRACKED)
                 .time_to_idle(Duration::from_secs(60))
@@ -89,16 +130,65 @@ impl Admission {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
         // Every update is complete before it could panic.
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a handshake from `ip`, or says why not (and counts it).
+    /// Counts a connection (and a session with it, when `session`).
+    fn count(self: &Arc<Self>, ip: IpAddr, session: bool) -> Result<Admitted, Refused> {
+        let mut open = self.lock();
+        let n = open.by_ip.entry(ip).or_default();
+        if self.max_connections > 0 && n.connections >= self.max_connections {
+            if n.connections == 0 && n.sessions == 0 {
+                open.by_ip.remove(&ip);
+            }
+            drop(open);
+            self.metrics
+                .handshake_refused(Refusal::ConnectionsPerIp)
+                .inc();
+            return Err(Refused::Connections(self.max_connections));
+        }
+        n.connections += 1;
+        n.sessions += usize::from(session);
+        open.sessions += usize::from(session);
+        Ok(Admitted {
+            admission: self.clone(),
+            ip,
+            connection: true,
+            session,
+        })
+    }
+
+    /// Counts a connection from `ip` until the guard is dropped, or says
+    /// why not (and counts that).
     ///
     /// # Errors
-    /// [`Refused`] when either limit is reached.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
+    /// [`Refused::Connections`] when `ip` holds its maximum already.
+    pub fn connect(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
+        self.count(ip, false)
+    }
+
+    /// Counts a session (a client: an SSE stream) from `ip`, whose
+    /// connection is counted already, until the guard is dropped.
+    pub fn session(self: &Arc<Self>, ip: IpAddr) -> Admitted {
+        let mut open = self.lock();
+        open.by_ip.entry(ip).or_default().sessions += 1;
+        open.sessions += 1;
+        Admitted {
+            admission: self.clone(),
+            ip,
+            connection: false,
+            session: true,
+        }
+    }
+
+    /// Takes one handshake from `ip`'s allowance, or says why not (and
+    /// counts it).
+    ///
+    /// # Errors
+    /// [`Refused::Rate`] past `handshake_rate_per_ip`.
+    pub fn handshake(&self, ip: IpAddr) -> Result<(), Refused> {
         if let Some(rate) = self.rate {
             let bucket = self.handshakes.get_with(ip, || Arc::new(Bucket::new(rate)));
             if let Err(wait) = bucket.take() {
@@ -106,31 +196,29 @@ impl Admission {
                 return Err(Refused::Rate(rate.count, wait));
             }
         }
-        if self.max_connections == 0 {
-            return Ok(Admitted {
-                admission: None,
-                ip,
-            });
-        }
-        let mut open = self.lock();
-        let n = open.entry(ip).or_insert(0);
-        if *n >= self.max_connections {
-            drop(open);
-            self.metrics
-                .handshake_refused(Refusal::ConnectionsPerIp)
-                .inc();
-            return Err(Refused::Connections(self.max_connections));
-        }
-        *n += 1;
-        Ok(Admitted {
-            admission: Some(self.clone()),
-            ip,
-        })
+        Ok(())
+    }
+
+    /// A handshake, a connection and a session from `ip` (a client behind
+    /// a trusted proxy, not counted at the accept).
+    ///
+    /// # Errors
+    /// [`Refused`] when either limit is reached.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
+        self.handshake(ip)?;
+        self.count(ip, true)
     }
 
     /// Addresses with a connection open now.
     pub fn addresses(&self) -> usize {
-        self.lock().len()
+        self.lock().by_ip.len()
+    }
+
+    /// Sessions (WebSocket and SSE clients) open now from `ip`, and from
+    /// every address: what rate limits are shared by.
+    pub fn sessions(&self, ip: IpAddr) -> (usize, usize) {
+        let open = self.lock();
+        (open.by_ip.get(&ip).map_or(0, |n| n.sessions), open.sessions)
     }
 }
 
@@ -192,11 +280,17 @@ mod tests {
     }
 
     #[test]
-    fn zero_means_no_limit() {
+    fn zero_means_no_limit_and_still_counts() {
         let a = admission(0, 0);
         let x: IpAddr = "10.0.0.1".parse().expect("ip");
         let held: Vec<_> = (0..10_000).map(|_| a.admit(x).expect("no limit")).collect();
         assert_eq!(held.len(), 10_000);
-        assert_eq!(a.addresses(), 0, "nothing is tracked without a limit");
+        assert_eq!(
+            a.sessions(x),
+            (10_000, 10_000),
+            "counted for the rate limits"
+        );
+        drop(held);
+        assert_eq!((a.addresses(), a.sessions(x)), (0, (0, 0)));
     }
 }

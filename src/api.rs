@@ -17,14 +17,13 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::broadcast::{HubError, Target};
-use crate::metrics::HttpStage;
 use crate::server::App;
 
 /// Most users named in one publish.
@@ -68,23 +67,16 @@ pub(crate) async fn publish(
             .into_response();
     }
     let limit = app.config.server.max_outbound_message_bytes + BODY_ALLOWANCE;
-    let deadline = app.config.server.handshake_timeout();
-    let body = match tokio::time::timeout(deadline, read_body(&headers, body, limit)).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(response)) => return response,
-        Err(_) => {
-            app.metrics.http_timeout(HttpStage::Body).inc();
-            let mut response = error(
-                StatusCode::REQUEST_TIMEOUT,
-                "the body did not arrive within server.handshake_timeout_ms",
-            );
-            // The rest of the body may never come: do not wait for it.
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-            return response;
-        }
+    let body = match crate::body::read(
+        &headers,
+        body,
+        limit,
+        "server.max_outbound_message_bytes + 1 MiB",
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(e) => return json_error(e),
     };
     let (event, data, target) = match parse(&body) {
         Ok(p) => p,
@@ -110,38 +102,10 @@ pub(crate) async fn publish(
     }
 }
 
-/// Reads the body, at most `limit` bytes.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Response> {
-    let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "the body is larger than {limit} bytes (server.max_outbound_message_bytes + 1 MiB)"
-            ),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
-    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-        let chunk = chunk.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot read the body: {e}"),
-            )
-        })?;
-        if buf.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.into())
+/// A body that could not be read, answered as the API answers: JSON
+/// `{"error": …}` with its status.
+fn json_error(e: crate::body::BodyError) -> Response {
+    e.close(error(e.status(), &e.to_string()))
 }
 
 /// Reads and checks a publish body.

@@ -9,6 +9,8 @@
 //! - [`server`]: routes and the shutdown sequence.
 //! - [`listener`]: accepting connections: the connection limit, the
 //!   handshake deadline, HTTP/1.1.
+//! - [`body`]: request bodies: the deadline every one has, read whole
+//!   within a limit.
 //! - [`tls`]: serving TLS directly (`server.tls_cert`, `server.tls_key`).
 //! - `transport`: a connection's stream, plain TCP or TLS.
 //! - [`identity`]: JWT at the handshake, the Origin check.
@@ -35,6 +37,7 @@ pub mod admission;
 pub mod api;
 pub mod apps;
 pub mod bench;
+pub mod body;
 pub mod broadcast;
 pub mod cli;
 pub mod client;

@@ -6,12 +6,20 @@
 //! in the kernel's backlog. The permit lives in the accepted stream and is
 //! released when the connection (upgraded or not) is dropped.
 //!
+//! Every accepted connection also counts against its peer's address
+//! (`server.max_connections_per_ip`, [`crate::admission`]) until it
+//! closes, upgraded or not; one past the limit is answered 503 and closed
+//! at once, so one address cannot hold every permit. Connections from a
+//! trusted proxy are counted at their handshake instead, against the
+//! client the proxy names.
+//!
 //! A socket holds its permit only while it makes progress: the first
 //! request head must arrive within `server.handshake_timeout_ms` of the
 //! accept (a watchdog here: zero bytes, a partial head, a trickle), each
 //! later one within the same time of the previous response on a
-//! kept-alive connection (hyper's header timer), and request bodies are
-//! read under the same deadline (by their handlers). A
+//! kept-alive connection (hyper's header timer), and every request body
+//! within the same time of its head ([`crate::body::Deadline`], on every
+//! route). A
 //! WebSocket upgrade is complete once its 101 is written: hyper hands the
 //! socket to the WebSocket task at once, whose own deadlines (pings, the
 //! send timeout) apply from then on. Each connection closed this way is
@@ -45,8 +53,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, Admitted};
+use crate::identity::Cidr;
 use crate::metrics::{HttpStage, Metrics};
 use crate::transport::Stream;
+
+/// Refused connections being answered 503 at once (each for at most a
+/// second, reading what the client sends so it sees the answer); past
+/// this many they are closed without one.
+const MAX_REFUSING: usize = 256;
 
 /// The listen backlog asked of the kernel (which caps it at
 /// `net.core.somaxconn`, 4096 here). tokio's `TcpListener::bind` asks for
@@ -89,6 +104,10 @@ pub(crate) struct Front {
     pub(crate) send_buffer: usize,
     /// Serve TLS with this (`server.tls_cert`, `server.tls_key`).
     pub(crate) tls: Option<crate::tls::Tls>,
+    /// Counts every connection against its address.
+    pub(crate) admission: Arc<Admission>,
+    /// `server.trusted_proxies`: their connections count at the handshake.
+    pub(crate) proxies: Arc<[Cidr]>,
 }
 
 /// Accepts connections until `shutdown`, serving each on a task in
@@ -102,6 +121,7 @@ pub(crate) async fn serve(
     conns: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -128,14 +148,68 @@ pub(crate) async fn serve(
         {
             tracing::debug!(error = %e, "cannot set SO_SNDBUF");
         }
+        let ip = addr.ip().to_canonical();
+        let counted = if front.proxies.iter().any(|c| c.contains(ip)) {
+            None
+        } else {
+            match front.admission.connect(crate::identity::rate_key(ip)) {
+                Ok(admitted) => Some(admitted),
+                Err(refused) => {
+                    drop(permit);
+                    tracing::debug!(%addr, "connection refused: connections per address");
+                    refuse(stream, &refused.to_string(), front.tls.is_some(), &refusing);
+                    continue;
+                }
+            }
+        };
         conns.spawn(connection(
             stream,
             permit,
+            counted,
             addr,
             front.clone(),
             shutdown.clone(),
         ));
     }
+}
+
+/// Answers a connection refused at the accept with 503 and closes it.
+/// The answer is written at once; the socket then lingers (at most a
+/// second, up to [`MAX_REFUSING`] at a time) reading what the client
+/// sends, since closing with unread bytes would reset the connection and
+/// could discard the answer before the client reads it. Over TLS, or
+/// with too many lingering, it is closed at once.
+fn refuse(stream: TcpStream, why: &str, tls: bool, refusing: &Arc<Semaphore>) {
+    if tls {
+        return;
+    }
+    let Ok(slot) = refusing.clone().try_acquire_owned() else {
+        return;
+    };
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{why}\n",
+        why.len() + 1
+    );
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _slot = slot;
+        let mut stream = stream;
+        let linger = async {
+            stream.write_all(answer.as_bytes()).await?;
+            stream.shutdown().await?;
+            let mut sink = [0_u8; 4096];
+            let mut read = 0;
+            while read < 65_536 {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => read += n,
+                }
+            }
+            Ok::<(), io::Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+    });
 }
 
 /// An accept error: a peer that gave up before we accepted is nothing;
@@ -156,6 +230,7 @@ async fn accept_error(e: io::Error) {
 async fn connection(
     tcp: TcpStream,
     permit: OwnedSemaphorePermit,
+    counted: Option<Admitted>,
     addr: SocketAddr,
     front: Front,
     shutdown: CancellationToken,
@@ -197,9 +272,11 @@ async fn connection(
             }
         }
     };
+    let is_counted = counted.is_some();
     let io = LimitedStream {
         stream,
         _permit: permit,
+        counted,
     };
     let served = Arc::new(AtomicBool::new(false));
     let abort = ConnAbort::default();
@@ -208,6 +285,9 @@ async fn connection(
         addr,
         served: served.clone(),
         abort: abort.clone(),
+        counted: is_counted,
+        deadline: front.deadline,
+        metrics: front.metrics.clone(),
     };
     let mut http = hyper::server::conn::http1::Builder::new();
     // Every head after the first: a kept-alive connection may not idle
@@ -263,7 +343,19 @@ struct Service {
     addr: SocketAddr,
     served: Arc<AtomicBool>,
     abort: ConnAbort,
+    /// The connection is counted against the peer's address already.
+    counted: bool,
+    /// `server.handshake_timeout_ms`: each request's body arrives within
+    /// it.
+    deadline: Duration,
+    metrics: Arc<Metrics>,
 }
+
+/// In a request's extensions when its connection is counted against its
+/// peer's address already ([`Admission::connect`]): a handshake on it
+/// does not count it again.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted;
 
 /// Ends the HTTP connection a request came on, from its handler's side:
 /// the accept loop drops the connection (and the response in progress)
@@ -279,24 +371,33 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     type Error = Infallible;
     type Future = axum::routing::future::RouteFuture<Infallible>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
         self.served.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        let metrics = self.metrics.clone();
+        let mut req = req.map(|b| Body::new(crate::body::Deadline::new(b, deadline, metrics)));
         req.extensions_mut().insert(ConnectInfo(self.addr));
         req.extensions_mut().insert(self.abort.clone());
+        if self.counted {
+            req.extensions_mut().insert(Counted);
+        }
         tower_service::Service::call(&mut self.router.clone(), req)
     }
 }
 
-/// An accepted stream holding its connection permit.
+/// An accepted stream holding its connection permit and its count
+/// against its address.
 pub(crate) struct LimitedStream {
     stream: Stream,
     _permit: OwnedSemaphorePermit,
+    counted: Option<Admitted>,
 }
 
 impl LimitedStream {
-    /// The stream and its permit, for a connection upgraded to WebSocket.
-    pub(crate) fn into_parts(self) -> (Stream, OwnedSemaphorePermit) {
-        (self.stream, self._permit)
+    /// The stream, its permit and its count, for a connection upgraded to
+    /// WebSocket.
+    pub(crate) fn into_parts(self) -> (Stream, OwnedSemaphorePermit, Option<Admitted>) {
+        (self.stream, self._permit, self.counted)
     }
 }
 

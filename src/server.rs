@@ -28,6 +28,7 @@ use crate::broadcast::{Backplane, Hub, LocalOnly};
 use crate::cluster::{Cluster, RedisBackplane};
 use crate::config::{Compression, Config};
 use crate::identity::{self, Verifier};
+use crate::listener::Counted;
 use crate::metrics::Metrics;
 use crate::router::{Registry, Router};
 use crate::store::{self, Db, RequestLog, StoreError};
@@ -335,6 +336,8 @@ async fn serve(
         metrics: app.metrics.clone(),
         send_buffer: app.config.server.send_buffer_bytes,
         tls: app.tls.clone(),
+        admission: app.admission.clone(),
+        proxies: app.proxies.clone().into(),
     };
     let conns = TaskTracker::new();
     let mut accepting = tokio::spawn(crate::listener::serve(
@@ -535,44 +538,56 @@ async fn sse_open(
     state: State<Arc<App>>,
     peer: ConnectInfo<SocketAddr>,
     abort: Option<axum::Extension<crate::listener::ConnAbort>>,
+    counted: Option<axum::Extension<Counted>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
     if !state.0.config.sse.enabled {
         return not_found().await;
     }
-    crate::sse::open(state, peer, abort, headers, uri).await
+    crate::sse::open(state, peer, abort, counted, headers, uri).await
 }
 
 async fn sse_receive(
     state: State<Arc<App>>,
     session: axum::extract::Path<String>,
+    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
     if !state.0.config.sse.enabled {
         return not_found().await;
     }
-    crate::sse::receive(state, session, body).await
+    crate::sse::receive(state, session, headers, body).await
 }
 
 async fn ws_upgrade(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    counted: Option<axum::Extension<Counted>>,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<Upgrade, UpgradeError>,
 ) -> Response {
-    accept(app, peer, headers, uri, ws, Mode::Protocol)
+    accept(
+        app,
+        peer,
+        counted.is_some(),
+        headers,
+        uri,
+        ws,
+        Mode::Protocol,
+    )
 }
 
 async fn echo_upgrade(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    counted: Option<axum::Extension<Counted>>,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<Upgrade, UpgradeError>,
 ) -> Response {
-    accept(app, peer, headers, uri, ws, Mode::Echo)
+    accept(app, peer, counted.is_some(), headers, uri, ws, Mode::Echo)
 }
 
 /// The upgrade path both WebSocket routes share: the same checks, limits
@@ -580,6 +595,7 @@ async fn echo_upgrade(
 fn accept(
     app: Arc<App>,
     peer: SocketAddr,
+    counted: bool,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<Upgrade, UpgradeError>,
@@ -604,7 +620,7 @@ fn accept(
                 .into_response();
         }
     };
-    let (admitted, who, address) = match admit(&app, peer, &headers, &uri) {
+    let (admitted, who, address) = match admit(&app, peer, counted, &headers, &uri) {
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
@@ -618,34 +634,44 @@ fn accept(
         compress_min: s.compression_min_bytes,
     };
     let compression = s.compression == Compression::Deflate;
-    ws.on_upgrade(compression, limits, app.metrics.clone(), move |socket| {
-        // Boxed once, here: every async fn the socket passes through
-        // would otherwise keep it inline in the connection's task.
-        let socket = Box::new(socket);
-        async move {
-            match mode {
-                Mode::Protocol => crate::connection::serve(app, socket, who, address).await,
-                Mode::Echo => crate::connection::echo(app, socket).await,
+    ws.on_upgrade(
+        compression,
+        limits,
+        app.metrics.clone(),
+        move |socket, counted| {
+            // Boxed once, here: every async fn the socket passes through
+            // would otherwise keep it inline in the connection's task.
+            let socket = Box::new(socket);
+            // Counted at the accept (now a session too), or (behind a
+            // proxy) at the handshake.
+            let admitted = counted.map(|c| c.with_session()).or(admitted);
+            async move {
+                match mode {
+                    Mode::Protocol => crate::connection::serve(app, socket, who, address).await,
+                    Mode::Echo => crate::connection::echo(app, socket).await,
+                }
+                drop(admitted);
+                drop(tracked);
             }
-            drop(admitted);
-            drop(tracked);
-        }
-    })
+        },
+    )
 }
 
 /// The checks every client connection passes, WebSocket or SSE, cheapest
 /// first: shutting down, the address's admission, Origin, token. Returns
-/// the admission (held for the connection's life), who it is and the
+/// the admission (held for the connection's life; `None` when the
+/// connection was `counted` at the accept already), who it is and the
 /// address rate limits key it by, or the refusal to answer.
 #[allow(clippy::result_large_err)]
 pub(crate) fn admit(
     app: &App,
     peer: SocketAddr,
+    counted: bool,
     headers: &HeaderMap,
     uri: &Uri,
 ) -> Result<
     (
-        crate::admission::Admitted,
+        Option<crate::admission::Admitted>,
         identity::Identity,
         std::net::IpAddr,
     ),
@@ -657,7 +683,13 @@ pub(crate) fn admit(
     // Before the Origin and token checks: a flood is refused before it
     // costs a signature check.
     let address = identity::rate_key(identity::client_address(headers, peer.ip(), &app.proxies));
-    let admitted = match app.admission.admit(address) {
+    let admitted = if counted {
+        // The connection is counted; its session is, once it is one.
+        app.admission.handshake(address).map(|()| None)
+    } else {
+        app.admission.admit(address).map(Some)
+    };
+    let admitted = match admitted {
         Ok(a) => a,
         Err(refused @ Refused::Connections(_)) => {
             tracing::debug!(%address, "handshake refused: connections per address");

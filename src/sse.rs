@@ -177,13 +177,18 @@ pub(crate) async fn open(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     abort: Option<axum::Extension<ConnAbort>>,
+    counted: Option<axum::Extension<crate::listener::Counted>>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let (admitted, who, address) = match crate::server::admit(&app, peer, &headers, &uri) {
-        Ok(ok) => ok,
-        Err(refused) => return refused,
-    };
+    let (admitted, who, address) =
+        match crate::server::admit(&app, peer, counted.is_some(), &headers, &uri) {
+            Ok(ok) => ok,
+            Err(refused) => return refused,
+        };
+    // Counted as a connection at the accept, or with its session behind a
+    // proxy; a session either way.
+    let admitted = admitted.unwrap_or_else(|| app.admission.session(address));
     let expires = who.expires;
     let caller = new_caller(&app, Uuid::new_v4(), address, who);
     let id = Uuid::new_v4().simple().to_string();
@@ -329,6 +334,7 @@ fn closing(code: u16, reason: &str) -> Bytes {
 pub(crate) async fn receive(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
     let Some(session) = app.sessions.get(&id) else {
@@ -339,15 +345,9 @@ pub(crate) async fn receive(
             .into_response();
     };
     let limit = app.config.server.max_message_bytes;
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let bytes = match crate::body::read(&headers, body, limit, "server.max_message_bytes").await {
         Ok(b) => b,
-        Err(_) => {
-            return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("a message is at most {limit} bytes (server.max_message_bytes)\n"),
-            )
-                .into_response();
-        }
+        Err(e) => return e.into_response(),
     };
     let Ok(text) = String::from_utf8(bytes.to_vec()) else {
         return (StatusCode::BAD_REQUEST, "a message must be UTF-8 text\n").into_response();

@@ -295,3 +295,75 @@ async fn oversized_http_headers_are_refused_and_the_server_stays_up() {
     );
     bystander_is_served(&server, "oversized headers").await;
 }
+
+/// What a stalled request's connection ended with: a response status, a
+/// close without one, or nothing by `limit`.
+async fn ending(mut s: TcpStream, limit: Duration) -> Result<Option<u16>, &'static str> {
+    let mut got = Vec::new();
+    match tokio::time::timeout(limit, s.read_to_end(&mut got)).await {
+        Err(_) => Err("still open"),
+        Ok(_) => Ok(String::from_utf8_lossy(&got)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())),
+    }
+}
+
+/// POSTs that declare a body and never send it, on an SSE session's
+/// route: each is cut at the handshake deadline (408), one address holds
+/// no more than its share of connections (the rest are refused at once
+/// with 503), and another address is served all along.
+#[tokio::test]
+async fn stalled_sse_posts_are_cut_at_the_deadline_and_one_address_holds_only_its_share() {
+    let server = start_with(|c| {
+        c.server.max_connections = 60;
+        c.server.handshake_timeout_ms = 1_000;
+        c.server.max_connections_per_ip = 5;
+    })
+    .await;
+    let session = common::sse::SseClient::open(server.addr, "")
+        .await
+        .expect("an SSE session");
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..59 {
+        let mut s = TcpStream::connect(server.addr).await.expect("connect");
+        let head = format!(
+            "POST /sse/{} HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\nab",
+            session.session
+        );
+        // A refused connection may be closed before all of it is sent.
+        let _ = s.write_all(head.as_bytes()).await;
+        stalled.push(tokio::spawn(ending(s, Duration::from_secs(6))));
+    }
+    // Another address is served while they stall.
+    let health = common::http_get_from(server.addr, "127.0.0.2", "/healthz").await;
+    assert_eq!(health.map(|h| h.0), Some(200), "another address is served");
+
+    let mut statuses = Vec::new();
+    for s in stalled {
+        match s.await.expect("join") {
+            Ok(status) => statuses.push(status),
+            Err(why) => panic!("a stalled POST was {why} after {:?}", started.elapsed()),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "every stall ended by the deadline: {:?}",
+        started.elapsed()
+    );
+    let timed_out = statuses.iter().filter(|s| **s == Some(408)).count();
+    let refused = statuses.iter().filter(|s| **s == Some(503)).count();
+    assert!(
+        timed_out <= 4,
+        "the address holds 5 connections, one of them the session: {statuses:?}"
+    );
+    assert_eq!(timed_out + refused, 59, "{statuses:?}");
+    assert!(
+        server
+            .sample("gale_http_timeouts_total{stage=\"Body\"}")
+            .await
+            >= timed_out as f64
+    );
+    bystander_is_served(&server, "stalled SSE posts").await;
+}

@@ -119,7 +119,7 @@ impl Upgrade {
         serve: F,
     ) -> Response
     where
-        F: FnOnce(Socket) -> Fut + Send + 'static,
+        F: FnOnce(Socket, Option<crate::admission::Admitted>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let deflate = self.deflate.filter(|_| compression);
@@ -139,15 +139,11 @@ impl Upgrade {
                     return;
                 }
             };
-            let (stream, permit) = parts.io.into_inner().into_parts();
-            serve(Socket::new(
-                stream,
-                parts.read_buf,
-                deflate,
-                limits,
-                metrics,
-                permit,
-            ))
+            let (stream, permit, counted) = parts.io.into_inner().into_parts();
+            serve(
+                Socket::new(stream, parts.read_buf, deflate, limits, metrics, permit),
+                counted,
+            )
             .await;
         });
         let mut response = (

@@ -28,6 +28,9 @@ pub const WAIT: Duration = Duration::from_secs(15);
 
 pub const API_KEY: &str = "test-key";
 
+/// The source address of the tests' looks at `/healthz` and `/metrics`.
+pub const MONITOR: &str = "127.0.0.254";
+
 pub struct TestServer {
     pub app: std::sync::Arc<gale::server::App>,
     pub addr: SocketAddr,
@@ -121,6 +124,16 @@ impl TestServer {
         c
     }
 
+    /// Connects from the source address `ip` (127.0.0.2, …: another
+    /// client address on this machine) and reads the greeting.
+    pub async fn client_from(&self, ip: &str) -> Client {
+        let mut c = Client::connect_from(&self.ws_url(), ip).await;
+        let hello = c.recv_json().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
+        c
+    }
+
     /// Connects with `?token=…` and reads the greeting.
     pub async fn client_with_token(&self, token: &str) -> Client {
         let mut c = Client::connect(&format!("{}?token={token}", self.ws_url())).await;
@@ -163,14 +176,17 @@ impl TestServer {
     }
 
     /// An HTTP GET (over TLS when the server serves TLS): (status, body).
+    /// From [`MONITOR`], an address of its own, as a monitoring system
+    /// would: the tests' own looks never count against the clients'
+    /// per-address limits.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         if self.tls {
-            let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+            let tcp = connect_tcp_from(self.addr, MONITOR).await;
             let name = rustls_pki_types::ServerName::try_from("localhost").ok()?;
             let s = tls_connector().connect(name, tcp).await.ok()?;
             return get_over(s, self.addr, path).await;
         }
-        http_get(self.addr, path).await
+        http_get_from(self.addr, MONITOR, path).await
     }
 
     pub async fn metrics(&self) -> Value {
@@ -245,6 +261,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     get_over(s, addr, path).await
 }
 
+/// [`http_get`] from the source address `ip`.
+pub async fn http_get_from(addr: SocketAddr, ip: &str, path: &str) -> Option<(u16, String)> {
+    let s = connect_tcp_from(addr, ip).await;
+    get_over(s, addr, path).await
+}
+
 /// The test keys' file `name` (tests/keys).
 pub fn key_file(name: &str) -> String {
     format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -299,6 +321,19 @@ impl Client {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("connect");
+        Client {
+            ws,
+            client_id: String::new(),
+        }
+    }
+
+    /// Connects to `url` from the source address `ip`.
+    pub async fn connect_from(url: &str, ip: &str) -> Client {
+        let stream = connect_tcp_from(url_addr(url), ip).await;
+        let (ws, _) =
+            tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+                .await
+                .expect("handshake");
         Client {
             ws,
             client_id: String::new(),
@@ -495,6 +530,23 @@ pub async fn publish_at(addr: SocketAddr, key: Option<&str>, body: &str) -> (u16
 }
 
 /// Asserts nothing arrives for a moment.
+/// The address of a `ws://HOST:PORT/…` URL.
+pub fn url_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split('/').next().unwrap_or(rest);
+    host.parse().expect("an IP:PORT URL")
+}
+
+/// A TCP connection to `addr` from the source address `ip` (any port).
+pub async fn connect_tcp_from(addr: SocketAddr, ip: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    let local: std::net::IpAddr = ip.parse().expect("source ip");
+    socket
+        .bind(SocketAddr::new(local, 0))
+        .expect("bind the source address");
+    socket.connect(addr).await.expect("connect")
+}
+
 pub async fn quiet(c: &mut Client) {
     let got = tokio::time::timeout(
         Duration::from_millis(300),
