@@ -79,11 +79,18 @@ pub enum SystemEvent {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HubError {
     /// The connection holds `broadcast.max_topics_per_connection` already.
-    #[error("at most {0} topics per connection")]
+    #[error("at most {0} topics per connection (broadcast.max_topics_per_connection)")]
     TooManyTopics(usize),
     /// The node holds `broadcast.max_topics` topics already.
-    #[error("the server holds its maximum of {0} topics")]
+    #[error("the server holds its maximum of {0} topics (broadcast.max_topics)")]
     TopicLimit(usize),
+    /// The client (its user, or its address when anonymous) brought its
+    /// share of the node's topics into existence already.
+    #[error(
+        "this client has started its share of {0} topics on this server \
+         (broadcast.max_topics_share): subscribe to topics others hold, or leave some"
+    )]
+    ClientTopicLimit(usize),
     /// The broadcast queue is full; the message was dropped.
     #[error("the broadcast queue is full: message dropped")]
     QueueFull,
@@ -168,6 +175,16 @@ struct Member {
     outbox: Arc<Outbox>,
     user: Option<Arc<str>>,
     topics: Vec<Arc<str>>,
+    /// Who a topic this connection brings into existence counts against.
+    owner: Owner,
+}
+
+/// Who the topics a connection creates count against: its user, or, when
+/// anonymous, its client address (so reconnecting does not escape it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Owner {
+    User(Arc<str>),
+    Address(std::net::IpAddr),
 }
 
 #[derive(Default)]
@@ -175,9 +192,25 @@ struct State {
     conns: HashMap<Uuid, Member>,
     users: HashMap<Arc<str>, Vec<Uuid>>,
     topics: HashMap<Arc<str>, HashSet<Uuid>>,
+    /// Who brought each topic into existence (bounded by `topics`).
+    created_by: HashMap<Arc<str>, Owner>,
+    /// How many of the topics each owner brought into existence.
+    owned: HashMap<Owner, usize>,
 }
 
 impl State {
+    /// Forgets a topic that no connection holds any more.
+    fn topic_gone(&mut self, topic: &str) {
+        if let Some(owner) = self.created_by.remove(topic)
+            && let Some(n) = self.owned.get_mut(&owner)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.owned.remove(&owner);
+            }
+        }
+    }
+
     /// Outboxes of `target`'s connections, into `out`.
     fn recipients(&self, target: &Target, out: &mut Vec<Arc<Outbox>>) {
         let mut add = |id: &Uuid| {
@@ -218,6 +251,9 @@ pub struct Hub {
     system: events::Sender<SystemEvent>,
     max_topics: usize,
     max_topics_per_conn: usize,
+    /// `broadcast.max_topics_share` of `max_topics`: what one owner may
+    /// bring into existence.
+    max_topics_per_owner: usize,
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
     backplane: Arc<dyn Backplane>,
@@ -268,6 +304,7 @@ impl Hub {
             system,
             max_topics: cfg.max_topics,
             max_topics_per_conn: cfg.max_topics_per_connection,
+            max_topics_per_owner: ((cfg.max_topics as f64 * cfg.max_topics_share) as usize).max(1),
             max_message_bytes,
             memory: Memory::new(history.1, metrics.clone()),
             metrics,
@@ -312,6 +349,10 @@ impl Hub {
                     outbox: caller.outbox.clone(),
                     user: caller.user.clone(),
                     topics: Vec::new(),
+                    owner: match &caller.user {
+                        Some(u) => Owner::User(u.clone()),
+                        None => Owner::Address(caller.address),
+                    },
                 },
             );
             let first = caller.user.as_ref().map(|u| {
@@ -348,6 +389,7 @@ impl Hub {
                     ids.remove(&conn_id);
                     if ids.is_empty() {
                         st.topics.remove(topic);
+                        st.topic_gone(topic);
                         self.backplane
                             .interest(Channel::Topic(topic.clone()), false);
                     }
@@ -400,7 +442,16 @@ impl Hub {
                 return Err(HubError::TopicLimit(self.max_topics));
             }
             None => {
+                let owned = st.owned.entry(member.owner.clone()).or_default();
+                if *owned >= self.max_topics_per_owner {
+                    if *owned == 0 {
+                        st.owned.remove(&member.owner);
+                    }
+                    return Err(HubError::ClientTopicLimit(self.max_topics_per_owner));
+                }
+                *owned += 1;
                 let key: Arc<str> = topic.into();
+                st.created_by.insert(key.clone(), member.owner.clone());
                 self.backplane.interest(Channel::Topic(key.clone()), true);
                 key
             }
@@ -428,6 +479,7 @@ impl Hub {
             if ids.is_empty()
                 && let Some((key, _)) = st.topics.remove_entry(topic)
             {
+                st.topic_gone(&key);
                 self.backplane.interest(Channel::Topic(key), false);
             }
         }

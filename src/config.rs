@@ -252,6 +252,10 @@ pub struct BroadcastConfig {
     pub max_topics: usize,
     /// Most topics one connection may subscribe to.
     pub max_topics_per_connection: usize,
+    /// The part (0–1) of `max_topics` one client (a signed-in user, or an
+    /// anonymous client address) may bring into existence on the node, so
+    /// no one client can take them all.
+    pub max_topics_share: f64,
 }
 
 impl Default for BroadcastConfig {
@@ -262,6 +266,7 @@ impl Default for BroadcastConfig {
             queue_size: 10_000,
             max_topics: 100_000,
             max_topics_per_connection: 64,
+            max_topics_share: 0.1,
         }
     }
 }
@@ -651,8 +656,12 @@ pub struct RouterConfig {
     pub global_rate_limit: u32,
     /// Anonymous callers' per-event limits count per connection and per
     /// client address; the address may use this many times the event's
-    /// rate (raise it where many users share one address, behind NAT).
+    /// rate for each connection it holds open.
     pub address_limit_factor: u32,
+    /// The part (0–1) of `global_rate_limit` one client address may take
+    /// (or its part of the node's connections, when larger), so one
+    /// client cannot spend the whole node's budget.
+    pub global_rate_share: f64,
 }
 
 impl Default for RouterConfig {
@@ -664,6 +673,7 @@ impl Default for RouterConfig {
             drop_threshold: 0.9,
             global_rate_limit: 50_000,
             address_limit_factor: 1,
+            global_rate_share: 0.1,
         }
     }
 }
@@ -1066,6 +1076,11 @@ impl Config {
         for (key, v) in [
             ("router.alert_threshold", r.alert_threshold),
             ("router.drop_threshold", r.drop_threshold),
+            ("router.global_rate_share", r.global_rate_share),
+            (
+                "broadcast.max_topics_share",
+                self.broadcast.max_topics_share,
+            ),
         ] {
             if !(v > 0.0 && v <= 1.0) {
                 return Err(ConfigError::invalid(key, "must be above 0 and at most 1"));

@@ -42,11 +42,16 @@ pub enum Outcome {
     SystemOverloaded,
     /// `internal_error`.
     InternalError,
+    /// `limit_exceeded`.
+    LimitExceeded,
 }
 
 impl Outcome {
+    /// How many there are.
+    pub const COUNT: usize = 13;
+
     /// Every outcome, in declaration order (index = `as usize`).
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; Outcome::COUNT] = [
         Outcome::Ok,
         Outcome::InvalidMessage,
         Outcome::UnknownEvent,
@@ -59,6 +64,7 @@ impl Outcome {
         Outcome::UpstreamUnavailable,
         Outcome::SystemOverloaded,
         Outcome::InternalError,
+        Outcome::LimitExceeded,
     ];
 }
 
@@ -76,6 +82,7 @@ impl From<ErrorCode> for Outcome {
             ErrorCode::UpstreamUnavailable => Outcome::UpstreamUnavailable,
             ErrorCode::SystemOverloaded => Outcome::SystemOverloaded,
             ErrorCode::InternalError => Outcome::InternalError,
+            ErrorCode::LimitExceeded => Outcome::LimitExceeded,
         }
     }
 }
@@ -200,7 +207,7 @@ pub struct Metrics {
     handshakes_refused: [Counter; 2],
     /// Weather requests received (the seed's `requests`).
     pub requests: Counter,
-    outcomes: [Counter; 12],
+    outcomes: [Counter; Outcome::COUNT],
     upstream_calls: [Counter; 6],
     /// Upstream call latency in seconds.
     pub upstream_latency: Histogram,
@@ -922,7 +929,7 @@ impl Metrics {
     /// `Outcome as usize`. Look them up once, when the event is
     /// registered: event names come from the registry, so the number of
     /// series stays bounded.
-    pub fn event_counters(&self, event: &str) -> [Counter; 12] {
+    pub fn event_counters(&self, event: &str) -> [Counter; Outcome::COUNT] {
         Outcome::ALL.map(|outcome| {
             self.events.get_or_create_owned(&EventLabels {
                 event: event.to_owned(),

@@ -109,6 +109,9 @@ pub enum ErrorCode {
     SystemOverloaded,
     /// A bug on our side.
     InternalError,
+    /// A bound on what one client, connection or node may hold was
+    /// reached (topics, …); the message names the setting.
+    LimitExceeded,
 }
 
 impl ErrorCode {
@@ -126,11 +129,12 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable => "upstream_unavailable",
             ErrorCode::SystemOverloaded => "system_overloaded",
             ErrorCode::InternalError => "internal_error",
+            ErrorCode::LimitExceeded => "limit_exceeded",
         }
     }
 
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidMessage,
         ErrorCode::UnknownEvent,
         ErrorCode::Unauthorized,
@@ -142,6 +146,7 @@ impl ErrorCode {
         ErrorCode::UpstreamUnavailable,
         ErrorCode::SystemOverloaded,
         ErrorCode::InternalError,
+        ErrorCode::LimitExceeded,
     ];
 
     /// The code whose [`ErrorCode::as_str`] is `s`.

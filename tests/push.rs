@@ -596,3 +596,71 @@ async fn presence_online_knows_this_nodes_users_over_redis() {
         presence_online_knows_this_nodes_users_on(b).await;
     }
 }
+
+/// A node-wide bound on topics has a share per client: one address
+/// cannot take every topic, and the refusal says it was a limit.
+#[tokio::test]
+async fn one_address_cannot_take_every_topic_on_the_node() {
+    let server = start_with(|c| {
+        push_config(c);
+        c.broadcast.max_topics = 100;
+    })
+    .await;
+    let mut held = Vec::new();
+    let mut c = server.client().await;
+    let mut refused = None;
+    for i in 0..100 {
+        if i > 0 && i % 64 == 0 {
+            held.push(std::mem::replace(&mut c, server.client().await));
+        }
+        let r = c
+            .request(
+                "topic.subscribe",
+                json!({"topic": format!("mine{i}")}),
+                &i.to_string(),
+            )
+            .await;
+        if r["ok"] != true {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("one address is refused before the node is full");
+    assert_eq!(r["error"]["code"], "limit_exceeded", "{r}");
+
+    let mut other = server.client_from("127.0.0.2").await;
+    let r = other
+        .request("topic.subscribe", json!({"topic": "theirs"}), "o")
+        .await;
+    assert_eq!(r["ok"], true, "another address still subscribes: {r}");
+    let r = other
+        .request("weather.subscribe", json!({"city": "Oslo"}), "w")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+#[tokio::test]
+async fn a_connection_past_its_topic_limit_is_told_it_is_a_limit() {
+    let server = start_with(push_config).await;
+    let mut c = server.client().await;
+    for i in 0..64 {
+        let r = c
+            .request(
+                "topic.subscribe",
+                json!({"topic": format!("t{i}")}),
+                &i.to_string(),
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let r = c
+        .request("topic.subscribe", json!({"topic": "one-too-many"}), "x")
+        .await;
+    assert_eq!(r["error"]["code"], "limit_exceeded", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_topics_per_connection")),
+        "{r}"
+    );
+}

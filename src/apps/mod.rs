@@ -35,7 +35,16 @@ pub(crate) fn register(r: &mut Registry) {
     presence::register(r);
 }
 
-/// A refused subscription, as the client is told.
+/// A refused subscription or publication, as the client is told: a code
+/// that says what happened, and the hub's message (naming the setting).
 pub(crate) fn hub_error(e: HubError) -> ErrorBody {
-    ErrorBody::new(ErrorCode::Forbidden, e.to_string())
+    let code = match e {
+        HubError::TooManyTopics(_) | HubError::TopicLimit(_) | HubError::ClientTopicLimit(_) => {
+            ErrorCode::LimitExceeded
+        }
+        HubError::QueueFull | HubError::Closed => ErrorCode::SystemOverloaded,
+        HubError::HistoryUnavailable(_) => ErrorCode::UpstreamUnavailable,
+        HubError::TooLarge { .. } => ErrorCode::InvalidData,
+    };
+    ErrorBody::new(code, e.to_string())
 }

@@ -134,7 +134,7 @@ struct Route {
     index: usize,
     policy: Policy,
     prepare: Prepare,
-    outcomes: [Counter; 12],
+    outcomes: [Counter; Outcome::COUNT],
 }
 
 impl Route {
@@ -259,7 +259,7 @@ impl Drop for Slot {
 /// The router: routes, limits and the worker pool.
 pub struct Router {
     routes: HashMap<&'static str, Arc<Route>>,
-    unknown: [Counter; 12],
+    unknown: [Counter; Outcome::COUNT],
     invalid: Counter,
     limits: Limits,
     global: Option<Bucket>,
@@ -385,7 +385,7 @@ impl Router {
             data,
             reply_to,
         } = event;
-        let refuse = |outcomes: &[Counter; 12], body: ErrorBody| {
+        let refuse = |outcomes: &[Counter; Outcome::COUNT], body: ErrorBody| {
             outcomes[Outcome::from(body.code) as usize].inc();
             if let Some(r) = &reply_to {
                 caller.outbox.push(reply_json(r, &Err(body)).into(), true);
