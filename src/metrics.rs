@@ -289,6 +289,8 @@ pub struct Metrics {
     pub topics: Gauge,
     /// Per-event rate-limit buckets held (user, connection, address).
     pub rate_buckets: Gauge,
+    /// Client addresses whose part of the node's event budget is tracked.
+    pub rate_shares: Gauge,
     /// Topics with a history (a position) in this node's memory.
     pub history_streams: Gauge,
     /// Bytes of publications held in those histories.
@@ -789,6 +791,12 @@ impl Metrics {
             "Per-event rate-limit buckets held (at most 200,000)",
             rate_buckets.clone(),
         );
+        let rate_shares = Gauge::default();
+        reg.register(
+            "rate_limit_shares",
+            "Client addresses whose part of router.global_rate_limit is tracked (at most 100,000)",
+            rate_shares.clone(),
+        );
         let history_streams = Gauge::default();
         reg.register(
             "history_streams",
@@ -844,6 +852,7 @@ impl Metrics {
             users,
             topics,
             rate_buckets,
+            rate_shares,
             history_streams,
             history_bytes,
             history_evicted,
@@ -1006,6 +1015,7 @@ impl Metrics {
             "users": self.users.get(),
             "topics": self.topics.get(),
             "rate-limit-buckets": self.rate_buckets.get(),
+            "rate-limit-shares": self.rate_shares.get(),
             "history-streams": self.history_streams.get(),
             "history-bytes": self.history_bytes.get(),
             "history-evicted": self.history_evicted.get(),

@@ -501,6 +501,9 @@ impl App {
         self.metrics
             .rate_buckets
             .set(self.router.rate_buckets() as i64);
+        self.metrics
+            .rate_shares
+            .set(self.router.share_buckets() as i64);
     }
 }
 

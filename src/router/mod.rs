@@ -256,6 +256,11 @@ impl Drop for Slot {
     }
 }
 
+/// Client addresses whose part of the node's event budget is tracked at
+/// most; the least recently seen are forgotten first (and start again
+/// with their whole part).
+const MAX_SHARES: u64 = 100_000;
+
 /// The router: routes, limits and the worker pool.
 pub struct Router {
     routes: HashMap<&'static str, Arc<Route>>,
@@ -263,6 +268,12 @@ pub struct Router {
     invalid: Counter,
     limits: Limits,
     global: Option<Bucket>,
+    /// Each client address's part of `global`, by address.
+    shares: moka::sync::Cache<std::net::IpAddr, Arc<Bucket>>,
+    /// `global_rate_limit × global_rate_share` a second: the least part
+    /// of the node's budget an address may take.
+    share_rate: Rate,
+    global_share: f64,
     address_factor: u32,
     /// Connections with at least one event in the pool now.
     busy: Arc<AtomicUsize>,
@@ -351,6 +362,18 @@ impl Router {
             invalid: metrics.event_counters("invalid")[Outcome::InvalidMessage as usize].clone(),
             limits: Limits::default(),
             global,
+            shares: moka::sync::Cache::builder()
+                .max_capacity(MAX_SHARES)
+                .time_to_idle(Duration::from_secs(10))
+                .build(),
+            share_rate: Rate {
+                count: ((f64::from(config.router.global_rate_limit)
+                    * config.router.global_rate_share)
+                    .ceil() as u32)
+                    .max(1),
+                per: Duration::from_secs(1),
+            },
+            global_share: config.router.global_rate_share,
             address_factor: config.router.address_limit_factor.max(1),
             busy: Arc::new(AtomicUsize::new(0)),
             pool,
@@ -399,7 +422,7 @@ impl Router {
             );
         };
         let shared = app.cluster.is_some();
-        let shared_rate = match self.check(route, caller, shared) {
+        let shared_rate = match self.check(app, route, caller, shared) {
             Ok(deferred) => deferred,
             Err(body) => return refuse(&route.outcomes, body),
         };
@@ -430,11 +453,14 @@ impl Router {
         }
     }
 
-    /// Auth, role and rate checks, in that order. With `shared` (cluster
-    /// mode) a signed-in user's rate limit is left to the task: it is
-    /// returned, to be checked in Redis.
+    /// Auth, role and rate checks, in that order: the caller's own limits
+    /// before the node's, so a caller over its own limits spends nothing
+    /// of everyone's budget. With `shared` (cluster mode) a signed-in
+    /// user's rate limit is left to the task: it is returned, to be
+    /// checked in Redis.
     fn check(
         &self,
+        app: &App,
         route: &Route,
         caller: &Caller,
         shared: bool,
@@ -457,35 +483,65 @@ impl Router {
                 format!("{} needs the role {role:?}", route.name),
             ));
         }
-        if let Some(global) = &self.global
-            && global.take().is_err()
-        {
-            return Err(ErrorBody::new(
-                ErrorCode::RateLimited,
-                "the server is receiving too many events: slow down",
-            ));
-        }
+        let mut deferred = None;
         if let Some(rate) = p.rate_limit {
             // Anonymous callers count per connection and per address, so a
-            // reconnect does not start a fresh allowance.
+            // reconnect does not start a fresh allowance. The address's
+            // allowance is a connection's for each client (WebSocket or
+            // SSE session) it holds open: users behind one NAT each have
+            // their own.
             let taken = match &caller.user {
-                Some(user) if shared => return Ok(Some((rate, user.clone()))),
+                Some(user) if shared => {
+                    deferred = Some((rate, user.clone()));
+                    Ok(())
+                }
                 Some(user) => self.take_local(route, user, rate),
-                None => self
-                    .limits
-                    .take(
-                        route.index,
-                        Subject::Address(caller.address),
-                        rate.times(self.address_factor),
-                    )
-                    .and_then(|()| {
-                        self.limits
-                            .take(route.index, Subject::Connection(caller.conn_id), rate)
-                    }),
+                None => {
+                    let (open, _) = app.admission.sessions(caller.address);
+                    self.limits
+                        .take_shared(
+                            route.index,
+                            Subject::Address(caller.address),
+                            rate.times(self.address_factor),
+                            open as f64,
+                        )
+                        .and_then(|()| {
+                            self.limits
+                                .take(route.index, Subject::Connection(caller.conn_id), rate)
+                        })
+                }
             };
             taken.map_err(|wait| rate_limited(route, rate, wait))?;
         }
-        Ok(None)
+        self.take_global(app, caller)?;
+        Ok(deferred)
+    }
+
+    /// One event from the node's budget (`router.global_rate_limit`), and
+    /// first from the caller's address's part of it: at least
+    /// `global_rate_share`, or the address's part of the node's
+    /// connections when larger, and never more than all but that share,
+    /// so one client cannot spend what everyone else needs.
+    fn take_global(&self, app: &App, caller: &Caller) -> Result<(), ErrorBody> {
+        let Some(global) = &self.global else {
+            return Ok(());
+        };
+        let over = || {
+            ErrorBody::new(
+                ErrorCode::RateLimited,
+                "the server is receiving too many events: slow down",
+            )
+        };
+        let (mine, all) = app.admission.sessions(caller.address);
+        let part = (mine as f64 / all.max(1) as f64)
+            .max(self.global_share)
+            .min((1.0 - self.global_share).max(self.global_share));
+        let rate = self.share_rate;
+        self.shares
+            .get_with(caller.address, || Arc::new(Bucket::new(rate)))
+            .take_shared(part / self.global_share)
+            .map_err(|_| over())?;
+        global.take().map_err(|_| over())
     }
 
     /// Takes one event from a user's budget on this node.
@@ -499,6 +555,13 @@ impl Router {
     pub fn connection_closed(&self, conn_id: Uuid) {
         let events = self.routes.values().map(|r| r.index + 1).max().unwrap_or(0);
         self.limits.forget_connection(conn_id, events);
+    }
+
+    /// Client addresses whose part of the node's event budget is tracked
+    /// now (each forgotten 10 s after its last event).
+    pub fn share_buckets(&self) -> u64 {
+        self.shares.run_pending_tasks();
+        self.shares.entry_count()
     }
 
     /// Rate-limit buckets held now (approximate until pending evictions

@@ -12,6 +12,11 @@ use crate::config::Rate;
 /// A token bucket: `count` events at once, refilled at `count` per `per`.
 /// So the (N+1)th event inside a window is refused, and a full window
 /// later N are allowed again.
+///
+/// It keeps what was spent rather than what is left, so it can be shared
+/// by a number of members that changes ([`Bucket::take_shared`]): its
+/// room and its refill are that many times one member's, and a newcomer
+/// finds room at once.
 #[derive(Debug)]
 pub struct Bucket {
     state: Mutex<(f64, Instant)>,
@@ -24,7 +29,7 @@ impl Bucket {
     pub fn new(rate: Rate) -> Bucket {
         let capacity = f64::from(rate.count);
         Bucket {
-            state: Mutex::new((capacity, Instant::now())),
+            state: Mutex::new((0.0, Instant::now())),
             capacity,
             per_second: capacity / rate.per.as_secs_f64(),
         }
@@ -32,18 +37,35 @@ impl Bucket {
 
     /// Takes one token. `Err` holds the wait until the next one.
     pub fn take(&self) -> Result<(), Duration> {
+        self.take_shared(1.0)
+    }
+
+    /// Takes one token from a bucket shared by `members` (at least 1):
+    /// `members` times the room and the refill of one.
+    pub fn take_shared(&self, members: f64) -> Result<(), Duration> {
+        let members = members.max(1.0);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let (tokens, last) = *st;
-        let tokens =
-            (tokens + now.duration_since(last).as_secs_f64() * self.per_second).min(self.capacity);
-        if tokens >= 1.0 {
-            *st = (tokens - 1.0, now);
+        let (spent, last) = *st;
+        let refill = self.per_second * members;
+        let spent = (spent - now.duration_since(last).as_secs_f64() * refill).max(0.0);
+        let room = self.capacity * members;
+        if spent + 1.0 <= room {
+            *st = (spent + 1.0, now);
             Ok(())
         } else {
-            *st = (tokens, now);
-            Err(Duration::from_secs_f64((1.0 - tokens) / self.per_second))
+            *st = (spent, now);
+            Err(Duration::from_secs_f64((spent + 1.0 - room) / refill))
         }
+    }
+
+    /// The part (0–1) of its room in use now.
+    pub fn fill(&self) -> f64 {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (spent, last) = *st;
+        let spent =
+            (spent - Instant::now().duration_since(last).as_secs_f64() * self.per_second).max(0.0);
+        spent / self.capacity
     }
 }
 
@@ -87,9 +109,24 @@ impl Limits {
     /// # Errors
     /// The wait until the next token.
     pub fn take(&self, event: usize, subject: Subject, rate: Rate) -> Result<(), Duration> {
+        self.take_shared(event, subject, rate, 1.0)
+    }
+
+    /// Takes a token from `subject`'s bucket for event number `event`,
+    /// shared by `members` ([`Bucket::take_shared`]).
+    ///
+    /// # Errors
+    /// The wait until the next token.
+    pub fn take_shared(
+        &self,
+        event: usize,
+        subject: Subject,
+        rate: Rate,
+        members: f64,
+    ) -> Result<(), Duration> {
         self.buckets
             .get_with((event, subject), || Arc::new(Bucket::new(rate)))
-            .take()
+            .take_shared(members)
     }
 
     /// Forgets connection `id`'s buckets for events `0..events`: once it
@@ -152,6 +189,27 @@ mod tests {
         limits.take(0, b, rate).expect("anonymous connection");
         limits.take(1, a.clone(), rate).expect("another event");
         assert!(limits.take(0, a, rate).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_bucket_grows_with_its_members_at_once() {
+        let b = Bucket::new(Rate {
+            count: 2,
+            per: Duration::from_secs(60),
+        });
+        b.take_shared(1.0).expect("1 of 2");
+        b.take_shared(1.0).expect("2 of 2");
+        assert!(b.take_shared(1.0).is_err(), "one member's room is spent");
+        // A second and third member arrive: room for them at once.
+        for _ in 0..4 {
+            b.take_shared(3.0).expect("three members' room");
+        }
+        assert!(b.take_shared(3.0).is_err());
+        // Back to one member, whose share was spent: it waits.
+        assert!(b.take_shared(1.0).is_err());
+        // Six spent, refilled at one member's 2 a minute.
+        tokio::time::advance(Duration::from_secs(180)).await;
+        b.take_shared(1.0).expect("refilled");
     }
 
     #[test]
