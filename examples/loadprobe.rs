@@ -1,5 +1,10 @@
-//! A minimal load client used for the baseline numbers in
-//! docs/benchmarks.md, until `gale bench` (issue 4) replaces it.
+//! A small standalone load probe: one process, one WebSocket client per
+//! connection (tokio-tungstenite), plain-text city requests only. It took
+//! the earliest figures under "History" in docs/benchmarks.md and is kept
+//! as a short example of driving gale from Rust. For real load runs
+//! (several processes and source addresses, HDR histograms, the server's
+//! CPU and memory, JSON events, broadcast) use `gale bench`; see
+//! docs/benchmarks.md.
 //!
 //! ```sh
 //! cargo run --release --example loadprobe -- idle ws://127.0.0.1:8282/ws 10000 20
