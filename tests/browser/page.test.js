@@ -2,13 +2,13 @@
 // against a real `gale serve` and the fake weather API (the provider is
 // external, so it is the one stand-in). Saves screenshots under
 // target/browser/ for review. Run: npm test (after `cargo build`).
-import { test, before, after } from 'node:test';
+import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import { resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startGale, startUpstream } from '../../clients/js/test/server.js';
+import { requireGale, startGale, startUpstream } from '../../clients/js/test/server.js';
 import { startNoUpgradeProxy } from '../../clients/js/test/proxy.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -25,6 +25,11 @@ let page;
 const problems = [];
 
 before(async () => {
+  // Fail at once, saying what is missing, rather than time out later.
+  requireGale();
+  if (!existsSync(CHROMIUM)) {
+    throw new Error(`Chromium not found at ${CHROMIUM}: install Debian's (apt-get install chromium) or set CHROMIUM`);
+  }
   mkdirSync(shots, { recursive: true });
   upstream = await startUpstream();
   gale = await startGale(upstream.url, undefined, FAST_FEEDS);
@@ -117,11 +122,20 @@ test('a dropped connection gets back the updates it missed, and the page says so
   });
 });
 
-test('a stopped server shows "reconnecting"; a restarted one is used again', async () => {
+test('a stopped server is named in plain words, the close code in the tooltip; a restarted one is used again', async () => {
   const port = gale.port;
   await gale.stop();
-  await page.locator('#status', { hasText: /reconnecting in \d+ s/ }).waitFor({ timeout: 10_000 });
-  assert.match(await page.locator('#status').innerText(), /closed 1001/);
+  // Text and tooltip read together: the next attempt soon replaces both.
+  const shown = await page.waitForFunction(
+    () => {
+      const s = document.querySelector('#status');
+      return /^The server stopped — reconnecting in \d+ s$/.test(s.textContent) && { text: s.textContent, title: s.title };
+    },
+    undefined,
+    { timeout: 10_000 },
+  );
+  const { title } = await shown.jsonValue();
+  assert.match(title, /code 1001, server shutting down/);
   await page.screenshot({ path: `${shots}/reconnecting.png`, fullPage: true });
   gale = await startGale(upstream.url, port, FAST_FEEDS);
   await page.locator('#status', { hasText: /^open · WebSocket$/ }).waitFor({ timeout: 20_000 });
@@ -192,6 +206,219 @@ test('behind a proxy that refuses WebSocket upgrades, the page falls back to SSE
     await behind.close();
     await proxy.stop();
   }
+});
+
+// ---- Layout, colours and words, each on a page of its own ----
+
+/** A new page at `url` whose page errors land in `errors`. */
+async function openPage(url, viewport, errors, options = {}) {
+  const p = await browser.newPage({ viewport, ...options });
+  p.on('pageerror', (e) => errors.push(`page error: ${e.message}`));
+  p.on('console', (m) => {
+    if (m.type() === 'error' && !/WebSocket connection to .* failed|Failed to load resource/.test(m.text())) {
+      errors.push(`console: ${m.text()}`);
+    }
+  });
+  await p.goto(url);
+  await p.locator('#status', { hasText: 'open' }).waitFor();
+  return p;
+}
+
+test('every row of panels fills the width: no empty column, at 1280 px nor elsewhere', async () => {
+  const errors = [];
+  const p = await openPage(`http://127.0.0.1:${gale.port}/`, { width: 1280, height: 800 }, errors);
+  try {
+    for (const width of [1280, 1920, 1024, 800, 390, 320]) {
+      await p.setViewportSize({ width, height: 800 });
+      const { content, rows } = await p.evaluate(() => {
+        const main = document.querySelector('main');
+        const r = main.getBoundingClientRect();
+        const cs = getComputedStyle(main);
+        const content = { left: r.left + parseFloat(cs.paddingLeft), right: r.right - parseFloat(cs.paddingRight) };
+        const rows = {};
+        for (const s of main.querySelectorAll(':scope > section')) {
+          const b = s.getBoundingClientRect();
+          (rows[Math.round(b.top)] ??= []).push({ id: s.getAttribute('aria-labelledby'), left: b.left, right: b.right });
+        }
+        return { content, rows: Object.values(rows) };
+      });
+      for (const row of rows) {
+        const left = Math.min(...row.map((b) => b.left));
+        const right = Math.max(...row.map((b) => b.right));
+        const what = `${width} px, row ${row.map((b) => b.id).join(' + ')}: ${left}..${right} in ${content.left}..${content.right}`;
+        assert.ok(Math.abs(left - content.left) <= 1, what);
+        assert.ok(Math.abs(right - content.right) <= 1, `blank area at the right: ${what}`);
+      }
+      if (width === 1280) {
+        assert.deepEqual(rows.map((r) => r.length), [2, 1], 'two panels side by side, the stats below');
+        await p.screenshot({ path: `${shots}/desktop-1280.png`, fullPage: true });
+      }
+      if (width === 390) assert.ok(rows.every((r) => r.length === 1), 'one panel a row on a phone');
+    }
+    assert.deepEqual(errors, []);
+  } finally {
+    await p.close();
+  }
+});
+
+/** [r, g, b, a] of a computed CSS colour, "rgb(…)" or "rgba(…)". */
+function rgba(css) {
+  const [r, g, b, a = 1] = css.match(/[\d.]+/g).map(Number);
+  return [r, g, b, a];
+}
+/** WCAG 2 contrast ratio of two opaque colours. */
+function contrast(fg, bg) {
+  const lum = ([r, g, b]) => {
+    const [R, G, B] = [r, g, b].map((v) => {
+      const c = v / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * R + 0.7152 * G + 0.0722 * B;
+  };
+  const [hi, lo] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+  return (hi + 0.05) / (lo + 0.05);
+}
+
+for (const colorScheme of ['light', 'dark']) {
+  test(`buttons meet WCAG AA contrast (4.5:1) in ${colorScheme} mode`, async () => {
+    const errors = [];
+    const p = await openPage(`http://127.0.0.1:${gale.port}/`, { width: 1280, height: 800 }, errors);
+    try {
+      await p.emulateMedia({ colorScheme });
+      assert.equal(await p.evaluate(() => matchMedia('(prefers-color-scheme: dark)').matches), colorScheme === 'dark');
+      for (const id of ['get', 'sub']) {
+        // The button's text colour on what is behind it: its own
+        // background, or (transparent) the nearest ancestor's.
+        const { color, background, disabled } = await p.evaluate((id) => {
+          const b = document.getElementById(id);
+          let e = b;
+          let bg = getComputedStyle(e).backgroundColor;
+          while (e && /rgba\(.*, 0\)|transparent/.test(bg)) {
+            e = e.parentElement;
+            bg = e ? getComputedStyle(e).backgroundColor : 'rgb(255, 255, 255)';
+          }
+          return { color: getComputedStyle(b).color, background: bg, disabled: b.disabled };
+        }, id);
+        assert.equal(disabled, false);
+        const ratio = contrast(rgba(color), rgba(background));
+        assert.ok(ratio >= 4.5, `#${id} in ${colorScheme} mode: ${color} on ${background} is ${ratio.toFixed(2)}:1`);
+      }
+      await p.screenshot({ path: `${shots}/scheme-${colorScheme}.png`, fullPage: true });
+      assert.deepEqual(errors, []);
+    } finally {
+      await p.close();
+    }
+  });
+}
+
+describe('on a quiet server of its own (default feeds, no other client)', () => {
+  let quiet;
+  let p;
+  const errors = [];
+  before(async () => {
+    quiet = await startGale(upstream.url);
+    p = await openPage(`http://127.0.0.1:${quiet.port}/`, { width: 1280, height: 800 }, errors);
+  });
+  after(async () => {
+    await p?.close();
+    await quiet?.stop();
+  });
+
+  test('the Updates panel says in plain words what will appear there, and when', async () => {
+    const empty = p.locator('#no-log');
+    const first = await empty.innerText();
+    assert.doesNotMatch(first, /weather\.update|push/);
+    assert.match(first, /^Nothing yet\. Subscribe to a city, and its new readings appear here .*about every 10 minutes/);
+    await p.fill('#city', 'Lyon');
+    await p.click('#sub');
+    await p.locator('#subs li[data-city="Lyon"]').waitFor();
+    assert.match(await empty.innerText(), /^Following Lyon\. Its next reading appears here when the weather service refreshes it: about every 10 minutes/);
+    await p.screenshot({ path: `${shots}/waiting-for-updates.png`, fullPage: true });
+    await p.click('#subs li[data-city="Lyon"] button');
+    await p.locator('#subs li[data-city="Lyon"]').waitFor({ state: 'detached' });
+    assert.match(await empty.innerText(), /^Nothing yet\./);
+  });
+
+  test("messages/s leaves out the page's own polling: an idle server reads 0, other clients' messages count", async () => {
+    const msgs = p.locator('#stat-msgs b');
+    // A few polls in: the rate is computed from the second on.
+    await p.waitForFunction(() => document.querySelector('#spark-line').getAttribute('points').split(' ').length >= 3);
+    const seen = [];
+    for (let i = 0; i < 4; i++) {
+      seen.push(await msgs.innerText());
+      await new Promise((r) => setTimeout(r, 1_000));
+    }
+    assert.deepEqual(seen, ['0', '0', '0', '0'], 'only this page polls the server');
+    assert.equal(await p.locator('#spark-peak').innerText(), '0');
+    // Another client sends 10 messages a second for 3 s.
+    await p.evaluate(
+      (url) =>
+        new Promise((resolve, reject) => {
+          const ws = new WebSocket(url);
+          ws.onerror = () => reject(new Error('the other client could not connect'));
+          ws.onopen = () => {
+            let n = 0;
+            const t = setInterval(() => {
+              ws.send(JSON.stringify({ event: 'no.such.event', ref: String(n) }));
+              if (++n === 30) {
+                clearInterval(t);
+                setTimeout(() => (ws.close(), resolve()), 200);
+              }
+            }, 100);
+          };
+        }),
+      `ws://127.0.0.1:${quiet.port}/ws`,
+    );
+    await p.waitForFunction(() => Number(document.querySelector('#spark-peak').textContent) >= 5);
+    assert.deepEqual(errors, []);
+  });
+});
+
+describe('when the server dies', () => {
+  let doomed;
+  let p;
+  const errors = [];
+  before(async () => {
+    doomed = await startGale(upstream.url);
+    p = await openPage(`http://127.0.0.1:${doomed.port}/`, { width: 1280, height: 800 }, errors);
+    await p.waitForFunction(() => Number(document.querySelector('#stat-connections b').textContent) >= 1);
+    await doomed.kill(); // SIGKILL: no goodbye, as in a crash
+  });
+  after(async () => {
+    await p?.close();
+    await doomed?.stop();
+  });
+
+  test('the status says in plain words that the server cannot be reached', async () => {
+    const status = p.locator('#status');
+    await status.filter({ hasText: /^Cannot reach the server/ }).waitFor({ timeout: 10_000 });
+    const text = await status.innerText();
+    assert.match(text, /^Cannot reach the server — retrying in \d+ s$/);
+    assert.doesNotMatch(text, /TypeError|1006|Failed to fetch|closed/);
+    // The technical reason stays available, in the tooltip.
+    assert.match(await status.getAttribute('title'), /code 1006/);
+    await p.screenshot({ path: `${shots}/server-down.png`, fullPage: true });
+  });
+
+  test('the stats are marked stale, with the time they are from', async () => {
+    const panel = p.locator('#stats-panel');
+    await panel.and(p.locator('.stale')).waitFor({ timeout: 10_000 });
+    assert.equal(await panel.getAttribute('data-stale'), 'true');
+    assert.match(await p.locator('#stats-age').innerText(), /^not live · last update \d{1,2}:\d{2}:\d{2}/);
+    assert.notEqual(await p.locator('#stat-connections b').innerText(), '–', 'the last values stay');
+  });
+
+  test('back to live once the server is back', async () => {
+    const port = doomed.port;
+    doomed = await startGale(upstream.url, port);
+    await p.locator('#status', { hasText: /^open · WebSocket$/ }).waitFor({ timeout: 20_000 });
+    await p.waitForFunction(() => document.querySelector('#stats-age').textContent.startsWith('live'), undefined, {
+      timeout: 5_000,
+    });
+    assert.equal(await p.locator('#stats-panel').getAttribute('data-stale'), 'false');
+    assert.equal(await p.locator('#stats-panel.stale').count(), 0);
+    assert.deepEqual(errors, []);
+  });
 });
 
 test('no console errors', () => {

@@ -43,6 +43,9 @@ export interface StateInfo {
   /** The close code of the connection that ended. */
   code?: number;
   reason?: string;
+  /** Set when the client works other than asked: no WebSocket in this
+   * runtime (Node 20 without `--experimental-websocket`), so SSE only. */
+  warning?: string;
 }
 
 export interface GaleOptions {
@@ -111,6 +114,9 @@ export class GaleClient {
   readonly lastClose: { code: number; reason: string } | null;
   /** The transport of the current (or last) connection. */
   readonly transport: TransportName | null;
+  /** Why the client works other than asked (no WebSocket in this runtime:
+   * SSE only, also printed once per process with `console.warn`), or null. */
+  readonly warning: string | null;
   /** The last position seen per topic with history. */
   readonly positions: Map<string, Position>;
   connect(): Promise<void>;

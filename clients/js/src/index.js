@@ -156,6 +156,12 @@ export class SseTransport {
   }
 }
 
+const NO_WEBSOCKET_FIX = 'Node 20 needs --experimental-websocket (Node 22+ has one), or pass options.WebSocket';
+/** The warning when the platform has no WebSocket and SSE stands in. */
+const NO_WEBSOCKET = `no WebSocket in this runtime (${NO_WEBSOCKET_FIX}); using SSE`;
+/** The warning is printed once per process, however many clients. */
+let warnedNoWebSocket = false;
+
 /** Connection states, as reported to `onState`. */
 export const State = Object.freeze({
   CONNECTING: 'connecting',
@@ -199,9 +205,23 @@ export class GaleClient {
     this.transports = this.options.transports.filter((t) => t === 'websocket' || t === 'sse');
     if (this.transports.length === 0) throw new Error('options.transports: name "websocket" and/or "sse"');
     this.WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
+    /**
+     * Why the client does not work as asked, when it works all the same
+     * (no WebSocket in this runtime: SSE only); null otherwise. Also in
+     * `onState`'s `info.warning`.
+     * @type {string | null}
+     */
+    this.warning = null;
     if (!this.WebSocket && this.transports.includes('websocket')) {
-      if (this.transports.includes('sse')) this.transports = ['sse'];
-      else throw new Error('no WebSocket: pass options.WebSocket, or use Node 22+ (Node 20: --experimental-websocket)');
+      if (!this.transports.includes('sse')) {
+        throw new Error(`no WebSocket in this runtime: ${NO_WEBSOCKET_FIX}`);
+      }
+      this.transports = ['sse'];
+      this.warning = NO_WEBSOCKET;
+      if (!warnedNoWebSocket) {
+        warnedNoWebSocket = true;
+        console.warn(`@gale/client: ${NO_WEBSOCKET}`);
+      }
     }
     /** The transport of the current (or last) connection. */
     this.transport = null;
@@ -313,7 +333,9 @@ export class GaleClient {
 
   /**
    * Calls `handler(state, info)` on every change of connection state.
-   * `info` has `delayMs` when reconnecting, `code` and `reason` when closed.
+   * `info` has `delayMs` when reconnecting, `code` and `reason` when closed,
+   * `transport` when connecting or open, and `warning` when the client
+   * works other than asked (no WebSocket in this runtime: SSE only).
    * @param {(state: string, info?: any) => void} handler
    * @returns {() => void}
    */
@@ -482,6 +504,7 @@ export class GaleClient {
 
   #setState(state, info) {
     this.state = state;
+    if (this.warning) info = { ...info, warning: this.warning };
     for (const h of [...this.stateHandlers]) {
       try {
         h(state, info);

@@ -1,7 +1,7 @@
 // Starts the real `gale serve` (and the fake weather API, the only
 // stand-in: the provider is external) on port 0, for the tests.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { accessSync, constants, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -9,6 +9,21 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 export const GALE = process.env.GALE_BIN ?? resolve(here, '../../../target/debug/gale');
 export const API_KEY = 'js-test-key-0123456789';
+
+/**
+ * Throws at once, with what to do, when there is no gale binary to run:
+ * without it every start would wait for a start-up line that never comes.
+ */
+export function requireGale() {
+  let ok = false;
+  try {
+    accessSync(GALE, constants.X_OK);
+    ok = statSync(GALE).isFile();
+  } catch {}
+  if (!ok) {
+    throw new Error(`gale binary not found at ${GALE}: build it with \`cargo build\` (or set GALE_BIN)`);
+  }
+}
 
 async function waitFor(url, ms = 15_000) {
   const until = Date.now() + ms;
@@ -24,6 +39,7 @@ async function waitFor(url, ms = 15_000) {
 
 /** The fake weather API, `gale fake-upstream [args]`, on port 0. */
 export async function startUpstream(args = []) {
+  requireGale();
   const child = spawn(GALE, ['fake-upstream', '--listen', '127.0.0.1:0', ...args], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -48,7 +64,14 @@ function logged(child, pattern) {
       }
     };
     child.stderr.on('data', onData);
-    child.on('exit', (code) => reject(new Error(`exited (${code}) before starting:\n${seen}`)));
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(new Error(`${GALE} could not be started: ${e.message}`));
+    });
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`exited (${code ?? signal}) before starting:\n${seen}`));
+    });
   });
 }
 
@@ -66,9 +89,11 @@ history_ttl_s = 300
 /**
  * `gale serve` on 127.0.0.1:`port`, or on port 0 (the OS picks; the port
  * is read from the server's "listening" log line), against `upstreamUrl`.
- * Returns {url, http, port, stop()} where stop resolves once it exited.
+ * Returns {url, http, port, stop(), kill()}; stop and kill resolve once it
+ * exited.
  */
 export async function startGale(upstreamUrl, port = 0, env = {}, config = HISTORY) {
+  requireGale();
   const dir = mkdtempSync(join(tmpdir(), 'gale-js-'));
   const file = join(dir, 'gale.toml');
   writeFileSync(file, config);
@@ -93,6 +118,12 @@ export async function startGale(upstreamUrl, port = 0, env = {}, config = HISTOR
     http: `http://127.0.0.1:${bound}`,
     async stop() {
       child.kill('SIGTERM');
+      await exited;
+      rmSync(dir, { recursive: true, force: true });
+    },
+    /** Kills it without a goodbye (SIGKILL: no close frames), as a crash would. */
+    async kill() {
+      child.kill('SIGKILL');
       await exited;
       rmSync(dir, { recursive: true, force: true });
     },
