@@ -749,6 +749,9 @@ mod tests {
         let mut config = Config::default();
         config.weather.base_url = Some(fake.url());
         config.store.url = format!("sqlite://{}", dir.path().join("g.db").display());
+        // Nothing of the working directory: a gale serve running there
+        // holds the default spill directory's lock.
+        config.store.spill_dir = dir.path().join("spill").display().to_string();
         let listener = bind("127.0.0.1:0").await.expect("bind");
         let shutdown = CancellationToken::new();
         let mut running = start(listener, config, shutdown.clone())
