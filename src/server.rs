@@ -436,7 +436,7 @@ fn routes(app: Arc<App>) -> axum::Router {
     let router = if app.config.server.echo {
         axum::Router::new().route("/echo", get(echo_upgrade))
     } else {
-        axum::Router::new()
+        axum::Router::new().route("/echo", get(echo_off))
     };
     router
         .route("/", get(index))
@@ -580,6 +580,16 @@ async fn ws_upgrade(
         ws,
         Mode::Protocol,
     )
+}
+
+/// `/echo` while `[server] echo` is off: 404, saying how to turn it on.
+async fn echo_off() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "the /echo endpoint is off: start the server with [server] echo = true \
+         (GALE_SERVER__ECHO=true)\n",
+    )
+        .into_response()
 }
 
 async fn echo_upgrade(

@@ -479,3 +479,153 @@ async fn client_shows_positions_of_pushes() {
         .expect("wait");
     assert!(status.success());
 }
+
+/// Runs `gale ARGS` in a fresh directory with `env`; (exit code, stdout,
+/// stderr).
+async fn gale_in_temp(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(GALE)
+            .args(&args)
+            .envs(env)
+            .env_remove("GALE_TOKEN")
+            .current_dir(dir.path())
+            .output()
+            .expect("run gale");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test]
+async fn token_signs_what_the_server_accepts_roles_audience_and_all() {
+    let server = common::start_with(|c| {
+        c.auth.jwt_secret = Some("token-cli-secret".into());
+        c.auth.required = true;
+        c.auth.audience = vec!["gale-app".into()];
+        c.auth.issuer = vec!["my-backend".into()];
+    })
+    .await;
+    let (code, token, stderr) = gale_in_temp(
+        &["token", "--sub", "alice", "--roles", "admin,editor", "--ttl", "10m"],
+        &[
+            ("GALE_AUTH__JWT_SECRET", "token-cli-secret"),
+            ("GALE_AUTH__AUDIENCE", r#"["gale-app"]"#),
+            ("GALE_AUTH__ISSUER", r#"["my-backend"]"#),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut c = server.client_with_token(token.trim()).await;
+    // notes.import needs the role admin.
+    let r = c
+        .request(
+            "notes.import",
+            serde_json::json!({"notes": [{"title": "t", "content": "c"}]}),
+            "i",
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["data"]["imported"], 1, "{r}");
+}
+
+#[tokio::test]
+async fn token_without_a_secret_says_how_to_set_one() {
+    let (code, stdout, stderr) = gale_in_temp(&["token", "--sub", "alice"], &[]).await;
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("GALE_AUTH__JWT_SECRET"), "{stderr}");
+    let (code, _, stderr) = gale_in_temp(
+        &["token", "--sub", "alice", "--ttl", "soon"],
+        &[("GALE_AUTH__JWT_SECRET", "x")],
+    )
+    .await;
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("90s, 15m, 1h or 7d"), "{stderr}");
+}
+
+#[tokio::test]
+async fn client_prints_why_the_server_refused_the_handshake() {
+    let server = common::start_with(|c| {
+        c.auth.jwt_secret = Some("refusal-secret".into());
+        c.auth.required = true;
+    })
+    .await;
+    let url = server.ws_url();
+    let (code, _, stderr) =
+        gale_in_temp(&["client", &url, "--token", "not.a.jwt", "--send", "Oslo"], &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("HTTP 401"), "{stderr}");
+    assert!(stderr.contains("invalid token"), "the server's reason: {stderr}");
+}
+
+#[tokio::test]
+async fn serve_reads_gale_toml_from_the_working_directory_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = common::services::free_port();
+    std::fs::write(
+        dir.path().join("gale.toml"),
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .expect("write gale.toml");
+    let mut child = tokio::process::Command::new(GALE)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while common::http_get(addr, "/healthz").await.map(|r| r.0) != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gale did not listen where ./gale.toml says"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = child.id().expect("pid").to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let out = child.wait_with_output().await.expect("exit");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("gale.toml"), "names the file it read: {log}");
+}
+
+#[tokio::test]
+async fn bench_runs_that_fail_exit_non_zero_and_say_why() {
+    let server = start().await;
+    let echo = format!("ws://{}/echo", server.addr);
+    let (code, _, stderr) =
+        gale_in_temp(&["bench", "requests", &echo, "--echo", "-n", "3", "-d", "1"], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("the run failed"), "{stderr}");
+    assert!(stderr.contains("GALE_SERVER__ECHO=true"), "{stderr}");
+
+    let url = server.ws_url();
+    let (code, stdout, stderr) = gale_in_temp(
+        &[
+            "bench", "broadcast", &url, "-n", "2", "-m", "2", "--idle-ms", "500", "--api-key",
+            "bench-key-0123456789",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("publish API is off"), "{stderr}");
+    assert!(!stdout.contains("e+") && !stdout.contains("00000%"), "{stdout}");
+}

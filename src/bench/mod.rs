@@ -135,7 +135,7 @@ impl Target {
             connector,
         )
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(handshake_error)?;
         Ok(ws)
     }
 
@@ -273,6 +273,7 @@ impl Report {
             },
             "errors": self.errors,
             "generator_cpu_percent": self.cpu_percent(),
+            "failure": self.failure(),
         });
         for (k, val) in &self.extra {
             v[*k] = val.clone();
@@ -342,8 +343,39 @@ impl Report {
         self.cpu += cpu;
     }
 
-    fn cpu_percent(&self) -> f64 {
-        100.0 * self.cpu.as_secs_f64() / self.elapsed.as_secs_f64().max(1e-9)
+    /// The generator's CPU over the run, in percent of one core; none
+    /// for a run too short to say (nothing was delivered, say).
+    fn cpu_percent(&self) -> Option<f64> {
+        let elapsed = self.elapsed.as_secs_f64();
+        (elapsed >= 0.01).then(|| 100.0 * self.cpu.as_secs_f64() / elapsed)
+    }
+
+    /// Why the run failed, in words, when nothing it set out to do
+    /// happened: no connection opened, no request answered, no push
+    /// delivered. Partial failures are in the errors, not here.
+    pub fn failure(&self) -> Option<String> {
+        let top = self
+            .errors
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(kind, n)| format!("{kind} ({n} times)"))
+            .unwrap_or_else(|| "no error was reported".into());
+        let why = if self.scenario != "store" && self.connected == 0 && self.connect_failed > 0 {
+            format!("no connection could be opened: {top}")
+        } else if self.replies == 0 && !self.errors.is_empty() {
+            match self.scenario {
+                "broadcast" => format!("nothing was delivered: {top}"),
+                "store" => format!("no row was written: {top}"),
+                "connections" | "recovery" => return None,
+                _ => format!("every request failed: {top}"),
+            }
+        } else {
+            return None;
+        };
+        Some(match hint(&self.errors) {
+            Some(hint) => format!("{why}. {hint}"),
+            None => why,
+        })
     }
 
     /// A table for people.
@@ -401,9 +433,49 @@ impl Report {
         }
         row(
             "generator CPU",
-            format!("{:.0}% of one core", self.cpu_percent()),
+            match self.cpu_percent() {
+                Some(pct) => format!("{pct:.0}% of one core"),
+                None => "- (the run was too short to say)".into(),
+            },
         );
         out
+    }
+}
+
+/// A refused handshake in words, with the server's own explanation (the
+/// body of its answer) when it gave one.
+fn handshake_error(e: tokio_tungstenite::tungstenite::Error) -> String {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .map(|b| b.trim().chars().take(200).collect::<String>())
+                .unwrap_or_default();
+            match body.is_empty() {
+                true => format!("handshake: HTTP {}", response.status()),
+                false => format!("handshake: HTTP {}: {body}", response.status()),
+            }
+        }
+        e => format!("handshake: {e}"),
+    }
+}
+
+/// What a person can do about the errors a run met, when one of them says.
+fn hint(errors: &BTreeMap<String, u64>) -> Option<&'static str> {
+    let seen = |s: &str| errors.keys().any(|k| k.contains(s));
+    if seen("publish 404") {
+        Some(
+            "The publish API is off: start the server with an [api] key \
+             (GALE_API__KEY=…) and give gale bench the same key (--api-key or GALE_API__KEY)",
+        )
+    } else if seen("publish 401") {
+        Some("The server refused the API key: give gale bench the key the server was started with")
+    } else if seen("Connection refused") || seen("connection refused") {
+        Some("Nothing listens there: start the server first (cargo run --release -- serve)")
+    } else {
+        None
     }
 }
 

@@ -40,13 +40,12 @@ pub struct BenchCommon {
     /// /proc/PID/status instead of gale's /metrics.json.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Offer permessage-deflate and fail any connection the server does
-    /// not agree to compress (connections and broadcast).
-    #[arg(long)]
+    /// Offer permessage-deflate (`--deflate` of connections and
+    /// broadcast).
+    #[arg(skip)]
     pub deflate: bool,
-    /// Open SSE sessions (GET /sse, the fallback transport) instead of
-    /// WebSockets (connections only).
-    #[arg(long)]
+    /// Open SSE sessions instead of WebSockets (`--sse` of connections).
+    #[arg(skip)]
     pub sse: bool,
     /// Internal: run as worker N of a multi-process run.
     #[arg(long, hide = true)]
@@ -91,6 +90,24 @@ impl BenchCommon {
         }
         args
     }
+}
+
+/// `--deflate`, for the scenarios that can compress.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct DeflateArg {
+    /// Offer permessage-deflate and fail any connection the server does
+    /// not agree to compress.
+    #[arg(long)]
+    pub deflate: bool,
+}
+
+/// `--sse`, for the scenario that can hold SSE sessions.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct SseArg {
+    /// Open SSE sessions (GET /sse, the fallback transport) instead of
+    /// WebSockets.
+    #[arg(long)]
+    pub sse: bool,
 }
 
 /// Options of `gale bench requests`.
@@ -241,6 +258,12 @@ pub enum BenchScenario {
         /// Target and connections.
         #[command(flatten)]
         common: BenchCommon,
+        /// Compression.
+        #[command(flatten)]
+        deflate: DeflateArg,
+        /// The fallback transport.
+        #[command(flatten)]
+        sse: SseArg,
         /// Seconds to hold the connections once open before weighing the
         /// server.
         #[arg(long, default_value_t = 5)]
@@ -253,6 +276,9 @@ pub enum BenchScenario {
         /// Target and subscribers.
         #[command(flatten)]
         common: BenchCommon,
+        /// Compression.
+        #[command(flatten)]
+        deflate: DeflateArg,
         /// What to publish.
         #[command(flatten)]
         args: BroadcastArgs,
@@ -311,6 +337,11 @@ pub enum BenchScenario {
         /// (as notes.import does) and report the request log's stall.
         #[arg(long, default_value_t = 0)]
         import: usize,
+        /// A disk spill for rows the database cannot take (store.spill_dir;
+        /// it must not be a running server's). Without it there is none:
+        /// the run measures the database, and counts what it drops.
+        #[arg(long, value_name = "DIR")]
+        spill_dir: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -354,7 +385,7 @@ fn print(report: &Report, json: bool, worker: bool) {
 }
 
 /// Runs a scenario.
-pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
+pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
     let common = match scenario {
         BenchScenario::Upstream {
             listen,
@@ -370,10 +401,12 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             batch_size,
             queue_size,
             import,
+            spill_dir,
             json,
         } => {
             let mut cfg = crate::config::StoreConfig {
                 url,
+                spill_dir: spill_dir.unwrap_or_default(),
                 ..Default::default()
             };
             cfg.workers = workers.unwrap_or(cfg.workers).max(1);
@@ -385,7 +418,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
             return match bench::store::store(&cfg, rate, clients, took, import, stop, show).await {
                 Ok(report) => {
                     print(&report, json, false);
-                    ExitCode::SUCCESS
+                    outcome(&report)
                 }
                 Err(e) => {
                     eprintln!("gale bench store: {e}");
@@ -439,9 +472,25 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 Err(e) => fail(&e),
             };
         }
-        BenchScenario::Requests { ref common, .. }
-        | BenchScenario::Connections { ref common, .. }
-        | BenchScenario::Broadcast { ref common, .. } => common.clone(),
+        BenchScenario::Requests { ref common, .. } => common.clone(),
+        BenchScenario::Connections {
+            ref mut common,
+            deflate,
+            sse,
+            ..
+        } => {
+            common.deflate = deflate.deflate;
+            common.sse = sse.sse;
+            common.clone()
+        }
+        BenchScenario::Broadcast {
+            ref mut common,
+            deflate,
+            ..
+        } => {
+            common.deflate = deflate.deflate;
+            common.clone()
+        }
     };
     let mut common = common;
     let urls = common.urls();
@@ -449,14 +498,6 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         .iter()
         .map(|u| Target::new(u, common.sources))
         .collect();
-    if common.deflate && matches!(scenario, BenchScenario::Requests { .. }) {
-        eprintln!("gale bench: --deflate applies to connections and broadcast");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    if common.sse && !matches!(scenario, BenchScenario::Connections { .. }) {
-        eprintln!("gale bench: --sse applies to connections");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let target = match checked.map(|t| t.into_iter().next()) {
         Ok(Some(t)) => t.with_deflate(common.deflate).with_sse(common.sse),
         Ok(None) => {
@@ -502,7 +543,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         BenchScenario::Requests { common, args } => {
             bench::requests(target, args.options(&common), stop, show).await
         }
-        BenchScenario::Connections { common, hold } => {
+        BenchScenario::Connections { common, hold, .. } => {
             let (n, rate, hold) = (
                 common.connections,
                 common.connect_rate,
@@ -523,7 +564,7 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
                 .await
             }
         }
-        BenchScenario::Broadcast { common, args } => {
+        BenchScenario::Broadcast { common, args, .. } => {
             let o = args.options(&common);
             let subs = bench::broadcast::subscribe(target, &o, &stop, show).await;
             let grace = Duration::from_secs(10);
@@ -562,7 +603,21 @@ pub(super) async fn run(scenario: BenchScenario) -> ExitCode {
         bench::add_server_cpu(&mut report, pid, cpu_before);
     }
     print(&report, common.json, worker.is_some());
-    ExitCode::SUCCESS
+    if worker.is_some() {
+        return ExitCode::SUCCESS; // its parent judges the merged run
+    }
+    outcome(&report)
+}
+
+/// Success, or the run's failure said in words and a non-zero exit.
+fn outcome(report: &Report) -> ExitCode {
+    match report.failure() {
+        None => ExitCode::SUCCESS,
+        Some(why) => {
+            eprintln!("gale bench: the run failed: {why}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs a scenario as `--procs` worker processes (this same binary) and
@@ -661,7 +716,7 @@ async fn run_procs(
     }
     print(&report, common.json, false);
     if problems.is_empty() {
-        ExitCode::SUCCESS
+        outcome(&report)
     } else {
         ExitCode::FAILURE
     }
