@@ -24,6 +24,14 @@ pub enum ClientError {
         /// What went wrong.
         source: Box<tokio_tungstenite::tungstenite::Error>,
     },
+    /// The server refused the handshake, and said why.
+    #[error("the server refused the connection: HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    Refused {
+        /// The HTTP status (401 for a bad token, 403 for an Origin, …).
+        status: u16,
+        /// The server's explanation, the body of its answer.
+        body: String,
+    },
     /// The connection failed while in use.
     #[error("connection error: {0}")]
     Socket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
@@ -63,7 +71,17 @@ async fn connect(url: &str, token: Option<&str>) -> Result<Socket, ClientError> 
     }
     let (socket, _) = tokio_tungstenite::connect_async(request)
         .await
-        .map_err(fail)?;
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(response) => ClientError::Refused {
+                status: response.status().as_u16(),
+                body: response
+                    .body()
+                    .as_deref()
+                    .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                    .unwrap_or_default(),
+            },
+            e => fail(e),
+        })?;
     Ok(socket)
 }
 

@@ -838,11 +838,23 @@ impl Config {
                 key: "(defaults)".into(),
                 message: e.to_string(),
             })?;
-        apply_env(&mut table, &defaults, env)?;
+        let from_env = apply_env(&mut table, &defaults, env)?;
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
-                ConfigError::invalid(&key, e.into_inner().message().to_owned())
+                let message = humanize(&key, e.into_inner().message());
+                // A value that came from a variable: name the variable the
+                // user typed, not only the setting it became.
+                let var = from_env.iter().find(|(set, _)| {
+                    **set == key || set.strip_prefix(key.as_str()).is_some_and(|r| r.starts_with('.'))
+                });
+                match var {
+                    Some((set, var)) => ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("{set}: {message}"),
+                    },
+                    None => ConfigError::invalid(&key, message),
+                }
             })?;
         config.validate()?;
         Ok(config)
@@ -1223,15 +1235,61 @@ fn parse_text(text: &str, shown: &str) -> Result<toml::Table, ConfigError> {
     })
 }
 
+/// A serde message for people: "a whole number" rather than `usize`, an
+/// address for the listen address, and the nearest real setting for a
+/// misspelt one.
+fn humanize(key: &str, message: &str) -> String {
+    let mut m = message.to_owned();
+    for t in ["usize", "u64", "u32", "u16", "u8", "i64", "i32"] {
+        m = m.replace(&format!("expected {t}"), "expected a whole number (0 or more)");
+    }
+    for t in ["f64", "f32"] {
+        m = m.replace(&format!("expected {t}"), "expected a number, like 0.5");
+    }
+    if key.ends_with("listen") && m.contains("expected a string") {
+        m = m.replace(
+            "expected a string",
+            "expected an address like \"127.0.0.1:8080\" (in quotes)",
+        );
+    }
+    if let Some(rest) = m.strip_prefix("unknown field `")
+        && let Some((name, known)) = rest.split_once('`')
+    {
+        let known: Vec<&str> = known
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|k| !k.is_empty())
+            .collect();
+        let nearest = known
+            .iter()
+            .map(|k| (strsim::levenshtein(name, k), *k))
+            .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+            .min();
+        let section = key.rsplit_once('.').map_or("", |(s, _)| s);
+        let dotted = |k: &str| match section {
+            "" => k.to_owned(),
+            s => format!("{s}.{k}"),
+        };
+        m = match nearest {
+            Some((_, k)) => format!("no such setting; did you mean {}?", dotted(k)),
+            None => format!("no such setting (known here: {})", known.join(", ")),
+        };
+    }
+    m
+}
+
 /// Merges `WEATHER_API_KEY` and every `GALE_<SECTION>__<KEY>` variable into
 /// `table`. A value is read as the type the default has at that key
 /// (integer, float, boolean, array), else as a string, so
-/// `GALE_WEATHER__API_KEY=12345` stays a string.
+/// `GALE_WEATHER__API_KEY=12345` stays a string. Returns which setting
+/// (`section.key`) each variable set.
 fn apply_env(
     table: &mut toml::Table,
     defaults: &toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut applied = BTreeMap::new();
     // Sorted so that the result never depends on the environment's order.
     let vars: BTreeMap<String, String> = env.into_iter().collect();
     if let Some(key) = vars.get(API_KEY_ENV).filter(|k| !k.is_empty()) {
@@ -1270,9 +1328,10 @@ fn apply_env(
             var: var.clone(),
             message,
         })?;
+        applied.insert(format!("{sec}.{key}"), var.clone());
         section(table, &sec).insert(key, value);
     }
-    Ok(())
+    Ok(applied)
 }
 
 fn section<'a>(table: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
@@ -1294,11 +1353,11 @@ fn env_value(raw: &str, default: Option<&toml::Value>) -> Result<toml::Value, St
         Some(toml::Value::Integer(_)) => raw
             .parse::<i64>()
             .map(toml::Value::Integer)
-            .map_err(|_| format!("expected an integer, got {raw:?}")),
+            .map_err(|_| format!("expected a whole number, got {raw:?}")),
         Some(toml::Value::Float(_)) => raw
             .parse::<f64>()
             .map(toml::Value::Float)
-            .map_err(|_| format!("expected a number, got {raw:?}")),
+            .map_err(|_| format!("expected a number, like 0.5, got {raw:?}")),
         Some(toml::Value::Boolean(_)) => raw
             .parse::<bool>()
             .map(toml::Value::Boolean)
@@ -1322,6 +1381,40 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn errors_speak_of_whole_numbers_addresses_and_the_variable_typed() {
+        let err = |text: &str| {
+            Config::from_text(text, "gale.toml", env(&[]))
+                .expect_err("refused")
+                .to_string()
+        };
+        let e = err("[server]\nmax_connections = \"many\"");
+        assert!(e.contains("server.max_connections") && e.contains("a whole number"), "{e}");
+        assert!(!e.contains("usize"), "{e}");
+        let e = err("[store]\nworkers = -1");
+        assert!(e.contains("a whole number") && !e.contains("usize"), "{e}");
+        let e = err("[router]\nalert_threshold = \"x\"");
+        assert!(e.contains("a number") && !e.contains("f64"), "{e}");
+        let e = err("[server]\nlisten = 8080");
+        assert!(e.contains("an address like \"127.0.0.1:8080\""), "{e}");
+        let e = err("[server]\nlistn = \"127.0.0.1:1\"");
+        assert!(e.contains("did you mean server.listen?"), "{e}");
+
+        let e = Config::load_from(None, env(&[("GALE_SERVER__LISTN", "127.0.0.1:1")]))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("GALE_SERVER__LISTN"), "names the variable typed: {e}");
+        assert!(e.contains("did you mean server.listen?"), "{e}");
+        let e = Config::load_from(None, env(&[("GALE_SERVR__LISTEN", "127.0.0.1:1")]))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("GALE_SERVR__LISTEN"), "{e}");
+        let e = Config::load_from(None, env(&[("GALE_STORE__WORKERS", "five")]))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("a whole number"), "{e}");
     }
 
     #[test]

@@ -66,6 +66,87 @@ enum Roles {
     Many(Vec<String>),
 }
 
+/// What is wrong with a token, in words a person can act on.
+fn why_invalid(kind: &jsonwebtoken::errors::ErrorKind) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+            "not a JWT (three base64url parts joined by dots)".into()
+        }
+        K::InvalidSignature => "its signature does not match the server's key".into(),
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => {
+            "signed with another algorithm than the server's key".into()
+        }
+        K::InvalidAudience => "its aud is not one the server accepts (auth.audience)".into(),
+        K::InvalidIssuer => "its iss is not one the server accepts (auth.issuer)".into(),
+        K::ImmatureSignature => "not valid yet (nbf is in the future)".into(),
+        K::MissingRequiredClaim(c) => format!("the claim {c} is missing"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Why `gale token` cannot make a token the server would accept.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The server checks tokens with a public key (RS256, EdDSA): only
+    /// the holder of the private key can sign them.
+    #[error(
+        "the server checks tokens with auth.jwt_public_key_file: sign them with your private key; \
+         gale token signs with an HS256 auth.jwt_secret"
+    )]
+    PublicKey,
+    /// No key at all: the server accepts no token.
+    #[error(
+        "no auth.jwt_secret is set, so the server accepts no token: set one in gale.toml \
+         ([auth] jwt_secret = \"…\") or GALE_AUTH__JWT_SECRET, for both the server and gale token"
+    )]
+    NoSecret,
+    /// The signing library refused.
+    #[error("cannot sign the token: {0}")]
+    Sign(String),
+}
+
+/// A token the server configured by `auth` accepts: `sub`, `roles`,
+/// `iat`, `exp` (`ttl` from now) and, when the server checks them, its
+/// first `aud` and `iss`; HS256 with `auth.jwt_secret`.
+///
+/// # Errors
+/// [`IssueError`] when the server has no secret to sign with.
+pub fn issue(
+    auth: &AuthConfig,
+    sub: &str,
+    roles: &[String],
+    ttl: std::time::Duration,
+) -> Result<String, IssueError> {
+    let Some(secret) = auth.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
+        return Err(match auth.jwt_public_key_file {
+            Some(_) => IssueError::PublicKey,
+            None => IssueError::NoSecret,
+        });
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut claims = serde_json::json!({
+        "sub": sub,
+        "roles": roles,
+        "iat": now,
+        "exp": now.saturating_add(ttl.as_secs()),
+    });
+    if let Some(aud) = auth.audience.first() {
+        claims["aud"] = serde_json::json!(aud);
+    }
+    if let Some(iss) = auth.issuer.first() {
+        claims["iss"] = serde_json::json!(iss);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| IssueError::Sign(e.to_string()))
+}
+
 /// Checks tokens with the configured key.
 pub struct Verifier {
     key: Option<(DecodingKey, Validation)>,
@@ -162,7 +243,7 @@ impl Verifier {
         let data =
             jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
+                kind => AuthError::Invalid(why_invalid(kind)),
             })?;
         let Claims { sub, exp, roles } = data.claims;
         if sub.is_empty() {

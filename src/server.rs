@@ -219,10 +219,10 @@ pub async fn start(
         _ => None,
     };
     if cluster.is_some() && config.store.url.starts_with("sqlite:") {
-        tracing::warn!(
+        tracing::info!(
             store = %config.store.url,
-            "cluster mode with a per-node SQLite file: notes and the request log are not \
-             shared between nodes; set store.url to the cluster's PostgreSQL"
+            "cluster mode with SQLite: this node keeps its own notes and request log; \
+             give every node the cluster's PostgreSQL (store.url) for shared ones"
         );
     }
     let tls = match (&config.server.tls_cert, &config.server.tls_key) {

@@ -1,4 +1,5 @@
-//! The `gale` command line: `serve`, `client`, `bench` and `fake-upstream`.
+//! The `gale` command line: `serve`, `client`, `token`, `bench` and
+//! `fake-upstream`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,8 +30,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (embedded defaults; see docs/configuration.md).
+    #[command(after_help = CONFIG_HELP)]
     Serve {
-        /// A TOML config file; every key is optional.
+        /// A TOML config file; every key is optional. Without it,
+        /// ./gale.toml is read when it exists.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Listen address, overriding server.listen.
@@ -53,6 +56,26 @@ pub enum Command {
         #[arg(long, env = "GALE_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Print a JWT the server accepts, for a first try without writing
+    /// code: signed with the server's auth.jwt_secret (from --config,
+    /// ./gale.toml or GALE_AUTH__JWT_SECRET, as serve reads it), with its
+    /// audience and issuer when it checks them.
+    #[command(after_help = CONFIG_HELP)]
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        sub: String,
+        /// Roles, comma-separated (e.g. admin,editor).
+        #[arg(long, value_delimiter = ',', value_name = "ROLE,…")]
+        roles: Vec<String>,
+        /// How long it is valid: e.g. 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_name = "DURATION")]
+        ttl: String,
+        /// The server's TOML config file. Without it, ./gale.toml is read
+        /// when it exists.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Load scenarios against a WebSocket URL on this machine.
     Bench {
         /// The scenario.
@@ -74,6 +97,14 @@ pub enum Command {
     },
 }
 
+/// Where settings come from, for `--help`.
+const CONFIG_HELP: &str = "Settings come from, each over the one before: embedded defaults; \
+the file given with --config, or ./gale.toml when it exists; environment variables \
+GALE_<SECTION>__<KEY> (two underscores), e.g. GALE_SERVER__LISTEN=0.0.0.0:8080, \
+GALE_AUTH__JWT_SECRET=…, GALE_WEATHER__BASE_URL=http://127.0.0.1:9090 (WEATHER_API_KEY \
+is read as weather.api_key); then --listen. Every key: docs/configuration.md and \
+gale.example.toml.";
+
 /// Parses the command line, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -82,6 +113,9 @@ pub fn main() -> ExitCode {
         _ => "info",
     };
     init_tracing(default_level);
+    if matches!(cli.command, Command::Serve { .. } | Command::Bench { .. }) {
+        open_files();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -90,6 +124,16 @@ pub fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(cli.command))
+}
+
+/// A server and a load generator hold a socket per connection: raise the
+/// soft limit on open files to the hard one (often 1,024 against 524,288),
+/// as a user would with `ulimit -n`.
+fn open_files() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 fn init_tracing(default_level: &str) {
@@ -152,18 +196,82 @@ async fn run(command: Command) -> ExitCode {
             latency_ms,
             error_rate,
         } => fake_upstream(&listen, latency_ms, error_rate).await,
+        Command::Token {
+            sub,
+            roles,
+            ttl,
+            config,
+        } => token(&sub, &roles, &ttl, config),
         Command::Bench { scenario } => bench::run(scenario).await,
     }
 }
 
-async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
-    let mut config = match Config::load(file.as_deref()) {
-        Ok(c) => c,
+/// The config file to read: the one given, else ./gale.toml when it
+/// exists (as Centrifugo reads its file from the working directory).
+fn config_file(given: Option<PathBuf>) -> Option<PathBuf> {
+    given.or_else(|| {
+        let here = PathBuf::from("gale.toml");
+        here.is_file().then_some(here)
+    })
+}
+
+/// The configuration from `given` (or ./gale.toml) and the environment.
+fn load_config(given: Option<PathBuf>) -> Result<(Config, Option<PathBuf>), ExitCode> {
+    let file = config_file(given);
+    match Config::load(file.as_deref()) {
+        Ok(c) => Ok((c, file)),
         Err(e) => {
             eprintln!("gale: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            Err(ExitCode::from(EXIT_CONFIG))
         }
+    }
+}
+
+fn token(sub: &str, roles: &[String], ttl: &str, config: Option<PathBuf>) -> ExitCode {
+    let Some(ttl) = parse_duration(ttl) else {
+        eprintln!("gale token: --ttl {ttl:?} is not a duration like 90s, 15m, 1h or 7d");
+        return ExitCode::from(EXIT_CONFIG);
     };
+    let (config, _) = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match crate::identity::issue(&config.auth, sub, roles, ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gale token: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `90s`, `15m`, `1h`, `7d`, or a number of seconds.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (n, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit.trim() {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3_600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+    let (mut config, file) = match load_config(file) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
@@ -174,6 +282,17 @@ async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Said once the server is sure to start: a refusal stays one line.
+    match &file {
+        Some(path) => tracing::info!(
+            file = %path.display(),
+            "configuration: {} and GALE_* variables over the defaults",
+            path.display()
+        ),
+        None => tracing::info!(
+            "configuration: embedded defaults and GALE_* variables (no --config, no ./gale.toml)"
+        ),
+    }
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
     match crate::server::run(listener, config, shutdown).await {

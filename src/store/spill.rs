@@ -72,7 +72,7 @@ pub enum SpillError {
     /// Another process holds the directory.
     #[error(
         "the spill directory store.spill_dir = {dir} is in use by another gale process{owner}; \
-         give each node its own"
+         give each server its own (GALE_STORE__SPILL_DIR=…), or start it in another directory"
     )]
     InUse {
         /// The directory.
