@@ -846,7 +846,10 @@ impl Config {
                 // A value that came from a variable: name the variable the
                 // user typed, not only the setting it became.
                 let var = from_env.iter().find(|(set, _)| {
-                    **set == key || set.strip_prefix(key.as_str()).is_some_and(|r| r.starts_with('.'))
+                    **set == key
+                        || set
+                            .strip_prefix(key.as_str())
+                            .is_some_and(|r| r.starts_with('.'))
                 });
                 match var {
                     Some((set, var)) => ConfigError::Env {
@@ -1241,7 +1244,10 @@ fn parse_text(text: &str, shown: &str) -> Result<toml::Table, ConfigError> {
 fn humanize(key: &str, message: &str) -> String {
     let mut m = message.to_owned();
     for t in ["usize", "u64", "u32", "u16", "u8", "i64", "i32"] {
-        m = m.replace(&format!("expected {t}"), "expected a whole number (0 or more)");
+        m = m.replace(
+            &format!("expected {t}"),
+            "expected a whole number (0 or more)",
+        );
     }
     for t in ["f64", "f32"] {
         m = m.replace(&format!("expected {t}"), "expected a number, like 0.5");
@@ -1391,7 +1397,10 @@ mod tests {
                 .to_string()
         };
         let e = err("[server]\nmax_connections = \"many\"");
-        assert!(e.contains("server.max_connections") && e.contains("a whole number"), "{e}");
+        assert!(
+            e.contains("server.max_connections") && e.contains("a whole number"),
+            "{e}"
+        );
         assert!(!e.contains("usize"), "{e}");
         let e = err("[store]\nworkers = -1");
         assert!(e.contains("a whole number") && !e.contains("usize"), "{e}");
@@ -1405,7 +1414,10 @@ mod tests {
         let e = Config::load_from(None, env(&[("GALE_SERVER__LISTN", "127.0.0.1:1")]))
             .expect_err("refused")
             .to_string();
-        assert!(e.contains("GALE_SERVER__LISTN"), "names the variable typed: {e}");
+        assert!(
+            e.contains("GALE_SERVER__LISTN"),
+            "names the variable typed: {e}"
+        );
         assert!(e.contains("did you mean server.listen?"), "{e}");
         let e = Config::load_from(None, env(&[("GALE_SERVR__LISTEN", "127.0.0.1:1")]))
             .expect_err("refused")

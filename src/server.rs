@@ -459,12 +459,18 @@ async fn index() -> axum::response::Html<&'static str> {
 }
 
 /// The JavaScript client (clients/js), as the page imports it.
+/// The JavaScript client. Any page may import it (a team's own site,
+/// on another origin): it is public code, fetched without credentials;
+/// its WebSocket still passes the Origin check (`server.allowed_origins`).
 async fn client_js() -> impl IntoResponse {
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/javascript; charset=utf-8",
-        )],
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            (axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
         include_str!("../clients/js/src/index.js"),
     )
 }

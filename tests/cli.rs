@@ -517,7 +517,15 @@ async fn token_signs_what_the_server_accepts_roles_audience_and_all() {
     })
     .await;
     let (code, token, stderr) = gale_in_temp(
-        &["token", "--sub", "alice", "--roles", "admin,editor", "--ttl", "10m"],
+        &[
+            "token",
+            "--sub",
+            "alice",
+            "--roles",
+            "admin,editor",
+            "--ttl",
+            "10m",
+        ],
         &[
             ("GALE_AUTH__JWT_SECRET", "token-cli-secret"),
             ("GALE_AUTH__AUDIENCE", r#"["gale-app"]"#),
@@ -562,11 +570,17 @@ async fn client_prints_why_the_server_refused_the_handshake() {
     })
     .await;
     let url = server.ws_url();
-    let (code, _, stderr) =
-        gale_in_temp(&["client", &url, "--token", "not.a.jwt", "--send", "Oslo"], &[]).await;
+    let (code, _, stderr) = gale_in_temp(
+        &["client", &url, "--token", "not.a.jwt", "--send", "Oslo"],
+        &[],
+    )
+    .await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("HTTP 401"), "{stderr}");
-    assert!(stderr.contains("invalid token"), "the server's reason: {stderr}");
+    assert!(
+        stderr.contains("invalid token"),
+        "the server's reason: {stderr}"
+    );
 }
 
 #[tokio::test]
@@ -610,8 +624,11 @@ async fn serve_reads_gale_toml_from_the_working_directory_and_says_so() {
 async fn bench_runs_that_fail_exit_non_zero_and_say_why() {
     let server = start().await;
     let echo = format!("ws://{}/echo", server.addr);
-    let (code, _, stderr) =
-        gale_in_temp(&["bench", "requests", &echo, "--echo", "-n", "3", "-d", "1"], &[]).await;
+    let (code, _, stderr) = gale_in_temp(
+        &["bench", "requests", &echo, "--echo", "-n", "3", "-d", "1"],
+        &[],
+    )
+    .await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("the run failed"), "{stderr}");
     assert!(stderr.contains("GALE_SERVER__ECHO=true"), "{stderr}");
@@ -619,7 +636,16 @@ async fn bench_runs_that_fail_exit_non_zero_and_say_why() {
     let url = server.ws_url();
     let (code, stdout, stderr) = gale_in_temp(
         &[
-            "bench", "broadcast", &url, "-n", "2", "-m", "2", "--idle-ms", "500", "--api-key",
+            "bench",
+            "broadcast",
+            &url,
+            "-n",
+            "2",
+            "-m",
+            "2",
+            "--idle-ms",
+            "500",
+            "--api-key",
             "bench-key-0123456789",
         ],
         &[],
@@ -627,5 +653,43 @@ async fn bench_runs_that_fail_exit_non_zero_and_say_why() {
     .await;
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("publish API is off"), "{stderr}");
-    assert!(!stdout.contains("e+") && !stdout.contains("00000%"), "{stdout}");
+    assert!(
+        !stdout.contains("e+") && !stdout.contains("00000%"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bench_help_lists_only_the_options_a_scenario_takes() {
+    let help = |scenario: &str| {
+        let out = Command::new(GALE)
+            .args(["bench", scenario, "--help"])
+            .output()
+            .expect("run");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let requests = help("requests");
+    assert!(
+        !requests.contains("--sse") && !requests.contains("--deflate"),
+        "{requests}"
+    );
+    let connections = help("connections");
+    assert!(
+        connections.contains("--sse") && connections.contains("--deflate"),
+        "{connections}"
+    );
+    let broadcast = help("broadcast");
+    assert!(
+        !broadcast.contains("--sse") && broadcast.contains("--deflate"),
+        "{broadcast}"
+    );
+    let serve = Command::new(GALE)
+        .args(["serve", "--help"])
+        .output()
+        .expect("run");
+    let serve = String::from_utf8_lossy(&serve.stdout);
+    assert!(
+        serve.contains("GALE_<SECTION>__<KEY>") && serve.contains("gale.toml"),
+        "{serve}"
+    );
 }

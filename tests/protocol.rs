@@ -248,3 +248,76 @@ async fn a_handshake_with_another_version_or_a_bad_key_gets_426_naming_version_1
     }
     assert_eq!(server.metric("connections-total").await, 0);
 }
+
+/// The raw head of `GET path`.
+async fn head_of(server: &common::TestServer, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn any_page_may_import_the_js_client() {
+    let server = start().await;
+    let head = head_of(&server, "/gale-client.js").await;
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+}
+
+/// Fields come in the documented order, in every kind of message.
+#[tokio::test]
+async fn replies_and_pushes_keep_the_documented_field_order() {
+    let server = start_with(|c| c.api.key = Some("order-key-0123456789".into())).await;
+    let mut c = server.client().await;
+    let order = |text: &str, keys: &[&str]| {
+        let at: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                text.find(&format!("\"{k}\":"))
+                    .unwrap_or_else(|| panic!("{k} in {text}"))
+            })
+            .collect();
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "{keys:?} in order: {text}"
+        );
+    };
+    let reading = [
+        "city",
+        "temperature",
+        "feels_like",
+        "description",
+        "humidity",
+    ];
+    c.send("Paris").await;
+    let text = c.next_text().await;
+    order(&text, &[&["type"][..], &reading[..]].concat());
+    c.send(r#"{"event":"weather.get","data":{"city":"Oslo"},"ref":"1"}"#)
+        .await;
+    let text = c.next_text().await;
+    order(
+        &text,
+        &[&["reply", "ok", "data"][..], &reading[..]].concat(),
+    );
+    c.send(r#"{"event":"topic.subscribe","data":{"topic":"news"},"ref":"2"}"#)
+        .await;
+    c.next_text().await;
+    let (status, _) = common::publish(
+        &server,
+        Some("order-key-0123456789"),
+        r#"{"event":"headline","data":{"z":1,"a":2},"topic":"news"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = c.next_text().await;
+    order(&text, &["event", "data", "z", "a"]);
+}

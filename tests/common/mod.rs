@@ -353,6 +353,17 @@ impl Client {
         }
     }
 
+    /// The next text message as sent (pings are skipped).
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            match self.next().await {
+                Some(Message::Text(t)) => return t.to_string(),
+                Some(Message::Ping(_) | Message::Pong(_)) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
     /// The next text message, parsed (pings are skipped).
     pub async fn recv_json(&mut self) -> Value {
         loop {
