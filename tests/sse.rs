@@ -219,7 +219,8 @@ async fn a_session_whose_client_stopped_reading_is_ended() {
         .expect("write");
     let mut seen = String::new();
     let mut buf = [0u8; 1024];
-    while !seen.contains("\"type\":\"connected\"}") {
+    // The greeting, whole: its data line and the blank line after it.
+    while !(seen.contains("\"type\":\"connected\"") && seen.contains("}\n\n")) {
         let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
             .await
             .expect("in time")
