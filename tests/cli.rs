@@ -592,7 +592,7 @@ async fn serve_reads_gale_toml_from_the_working_directory_and_says_so() {
         format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
     )
     .expect("write gale.toml");
-    let mut child = tokio::process::Command::new(GALE)
+    let child = tokio::process::Command::new(GALE)
         .arg("serve")
         .current_dir(dir.path())
         .env("RUST_LOG", "info")
