@@ -242,6 +242,9 @@ async fn store_bench_writes_every_offered_row() {
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let cfg = gale::config::StoreConfig {
         url: url.clone(),
+        // Nothing in the working directory (a server there holds
+        // ./gale-spill).
+        spill_dir: dir.path().join("spill").display().to_string(),
         ..Default::default()
     };
     let r = bench::store::store(
