@@ -92,11 +92,14 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Topic history: how much memory it may take on this node.
     pub history: HistoryConfig,
-    /// Per-topic settings (history), keyed by a topic name or a pattern
-    /// with `*` (any characters): `[topics."weather:*"]`.
+    /// Per-topic settings (who may subscribe and publish, history, …),
+    /// keyed by a topic name or a pattern with `*` (any characters):
+    /// `[topics."weather:*"]`.
     pub topics: BTreeMap<String, TopicConfig>,
     /// The HTTP fallback transport: Server-Sent Events plus POST.
     pub sse: SseConfig,
+    /// The application's backend in the loop.
+    pub proxy: ProxyConfig,
 }
 
 /// `[history]`: the bounds of the topic histories this node keeps in
@@ -128,14 +131,229 @@ impl Default for HistoryConfig {
 }
 
 /// `[topics."PATTERN"]`: settings of the topics a name or pattern matches.
-/// An exact name wins over patterns; among patterns, the longest.
+/// Each setting comes from the most specific block that sets it: an exact
+/// name first, then patterns, longest first; a block that leaves one out
+/// leaves it to the next block that matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TopicConfig {
     /// Publications kept for recovery (0: no history, the default).
-    pub history_size: usize,
-    /// Seconds a publication stays recoverable.
-    pub history_ttl_s: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_size: Option<usize>,
+    /// Seconds a publication stays recoverable (required with
+    /// `history_size`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_ttl_s: Option<u64>,
+    /// Who may subscribe from a client (default: nobody).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<SubscribeMode>,
+    /// Who may publish from a client with `topic.publish` (default:
+    /// nobody).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishMode>,
+    /// Subscribers hear `topic.join` / `topic.leave` (default: false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_leave: Option<bool>,
+    /// `topic.presence` answers who is subscribed (default: false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence: Option<bool>,
+    /// Roles a subscriber or publisher needs one of (default: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+}
+
+impl TopicConfig {
+    /// A block that only keeps history: `size` publications for `ttl_s`.
+    pub fn history(size: usize, ttl_s: u64) -> TopicConfig {
+        TopicConfig {
+            history_size: Some(size),
+            history_ttl_s: Some(ttl_s),
+            ..TopicConfig::default()
+        }
+    }
+}
+
+/// Who may subscribe to a topic from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribeMode {
+    /// Anyone, signed in or not.
+    Anyone,
+    /// Signed-in users.
+    Users,
+    /// A client with a subscription token for the topic.
+    Token,
+    /// Whoever the backend's `[proxy] subscribe_url` allows.
+    Proxy,
+    /// No client (the backend subscribes users through the server API).
+    Nobody,
+}
+
+/// Who may publish on a topic from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// No client (the backend publishes through the server API).
+    Nobody,
+    /// The topic's subscribers.
+    Subscribers,
+    /// Signed-in users.
+    Users,
+    /// Whoever the backend's `[proxy] publish_url` allows, with the data
+    /// it answers.
+    Proxy,
+}
+
+/// `[proxy]`: the application's backend in the loop, over HTTP. Every
+/// URL is optional; each call is a `POST` with a JSON body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Decides who a connection without a valid JWT is.
+    pub connect_url: Option<String>,
+    /// Extends a connection's identity before it expires.
+    pub refresh_url: Option<String>,
+    /// Decides subscriptions to topics with `subscribe = "proxy"`.
+    pub subscribe_url: Option<String>,
+    /// Decides (and may rewrite) publications on topics with
+    /// `publish = "proxy"`.
+    pub publish_url: Option<String>,
+    /// Answers the events `rpc_events` names.
+    pub rpc_url: Option<String>,
+    /// Event names (or patterns with `*`) forwarded to `rpc_url`.
+    pub rpc_events: Vec<String>,
+    /// Receives lifecycle notifications, batched.
+    pub events_url: Option<String>,
+    /// Which: `user.online`, `user.offline`, `connection.closed`.
+    pub events: Vec<String>,
+    /// How long a user's last connection must stay closed before
+    /// `user.offline` (a page reload is not an offline).
+    pub offline_grace_ms: u64,
+    /// Notifications waiting to be sent; past this they are dropped and
+    /// counted.
+    pub events_queue: usize,
+    /// Notifications per `POST` at most.
+    pub events_batch: usize,
+    /// Handshake headers forwarded to `connect_url` (e.g. `Cookie`).
+    pub headers: Vec<String>,
+    /// Headers sent with every call (a shared secret the backend checks).
+    pub static_headers: BTreeMap<String, String>,
+    /// Deadline of one call.
+    pub timeout_ms: u64,
+    /// Calls in flight at once, every kind together; past this a call is
+    /// refused at once (`system_overloaded`).
+    pub max_concurrent: usize,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before a trial call.
+    pub breaker_cooldown_ms: u64,
+    /// Largest answer read, in bytes.
+    pub max_response_bytes: usize,
+}
+
+impl ProxyConfig {
+    /// Lifecycle notifications the backend may ask for.
+    pub const EVENTS: [&'static str; 3] = ["user.online", "user.offline", "connection.closed"];
+
+    /// Checks what parses but cannot work, naming the setting.
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, url) in [
+            ("proxy.connect_url", &self.connect_url),
+            ("proxy.refresh_url", &self.refresh_url),
+            ("proxy.subscribe_url", &self.subscribe_url),
+            ("proxy.publish_url", &self.publish_url),
+            ("proxy.rpc_url", &self.rpc_url),
+            ("proxy.events_url", &self.events_url),
+        ] {
+            if let Some(url) = url {
+                check_http_url(key, url)?;
+            }
+        }
+        if !self.rpc_events.is_empty() && self.rpc_url.is_none() {
+            return Err(ConfigError::invalid(
+                "proxy.rpc_events",
+                "needs proxy.rpc_url: where should the events go?",
+            ));
+        }
+        if let Some(bad) = self.rpc_events.iter().find(|e| {
+            e.is_empty() || e.len() > 128 || e.chars().any(|c| c.is_whitespace() || c.is_control())
+        }) {
+            return Err(ConfigError::invalid(
+                "proxy.rpc_events",
+                format!("{bad:?} is not an event name or pattern (1 to 128 characters, no spaces)"),
+            ));
+        }
+        if let Some(bad) = self.events.iter().find(|e| !Self::EVENTS.contains(&e.as_str())) {
+            return Err(ConfigError::invalid(
+                "proxy.events",
+                format!("{bad:?} is not one of {}", Self::EVENTS.join(", ")),
+            ));
+        }
+        for h in &self.headers {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(ConfigError::invalid(
+                    "proxy.headers",
+                    format!("{h:?} is not a header name"),
+                ));
+            }
+        }
+        for (name, value) in &self.static_headers {
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || axum::http::HeaderValue::from_str(value).is_err()
+            {
+                return Err(ConfigError::invalid(
+                    &format!("proxy.static_headers.{name}"),
+                    "is not a header name with a header value",
+                ));
+            }
+        }
+        let ranges: [(&str, u64, u64, u64); 7] = [
+            ("proxy.timeout_ms", self.timeout_ms, 1, 600_000),
+            ("proxy.max_concurrent", self.max_concurrent as u64, 1, 1_000_000),
+            ("proxy.breaker_failures", u64::from(self.breaker_failures), 1, 1_000_000),
+            ("proxy.breaker_cooldown_ms", self.breaker_cooldown_ms, 1, 3_600_000),
+            ("proxy.events_queue", self.events_queue as u64, 1, 10_000_000),
+            ("proxy.events_batch", self.events_batch as u64, 1, 100_000),
+            ("proxy.max_response_bytes", self.max_response_bytes as u64, 1, 64 << 20),
+        ];
+        for (key, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::invalid(key, format!("must be from {min} to {max}")));
+            }
+        }
+        if self.offline_grace_ms > 3_600_000 {
+            return Err(ConfigError::invalid(
+                "proxy.offline_grace_ms",
+                "must be at most 3600000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_url: None,
+            refresh_url: None,
+            subscribe_url: None,
+            publish_url: None,
+            rpc_url: None,
+            rpc_events: Vec::new(),
+            events_url: None,
+            events: vec!["user.online".into(), "user.offline".into()],
+            offline_grace_ms: 5_000,
+            events_queue: 10_000,
+            events_batch: 100,
+            headers: vec!["Cookie".into(), "Authorization".into()],
+            static_headers: BTreeMap::new(),
+            timeout_ms: 3_000,
+            max_concurrent: 256,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 5_000,
+            max_response_bytes: 1 << 20,
+        }
+    }
 }
 
 /// `[sse]`: the fallback transport for clients that cannot open a
@@ -275,8 +493,12 @@ impl Default for BroadcastConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Bearer key for `POST /api/publish`; the API is off when unset.
+    /// Bearer key for the server API (`POST /api/…`); the API is off
+    /// when unset.
     pub key: Option<String>,
+    /// A second key that may only read: presence, presence_stats,
+    /// history, topics, info.
+    pub read_key: Option<String>,
 }
 
 /// `[auth]`: JSON Web Tokens presented at the handshake.
@@ -1106,13 +1328,15 @@ impl Config {
             if pattern.is_empty() {
                 return Err(ConfigError::invalid("topics", "a topic pattern is empty"));
             }
-            if t.history_size > 100_000 {
+            if t.history_size.unwrap_or(0) > 100_000 {
                 return Err(ConfigError::invalid(
                     &key("history_size"),
                     "must be at most 100000",
                 ));
             }
-            if t.history_size > 0 && !(1..=366 * DAY_S).contains(&t.history_ttl_s) {
+            if t.history_size.unwrap_or(0) > 0
+                && !(1..=366 * DAY_S).contains(&t.history_ttl_s.unwrap_or(0))
+            {
                 return Err(ConfigError::invalid(
                     &key("history_ttl_s"),
                     format!("must be from 1 to {} when history_size is set", 366 * DAY_S),
@@ -1157,6 +1381,21 @@ impl Config {
                 ),
             ));
         }
+        if let Some(key) = &self.api.read_key {
+            if key.chars().count() < MIN_API_KEY_CHARS {
+                return Err(ConfigError::invalid(
+                    "api.read_key",
+                    format!("must be at least {MIN_API_KEY_CHARS} characters"),
+                ));
+            }
+            if self.api.key.is_none() {
+                return Err(ConfigError::invalid(
+                    "api.read_key",
+                    "needs api.key: the API is off without it",
+                ));
+            }
+        }
+        self.proxy.validate()?;
         crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
         for url in self.cluster.redis_urls() {
             check_redis_url(&url)?;

@@ -54,14 +54,17 @@ pub struct Policies {
 }
 
 impl Policies {
-    /// The policies of `topics` (blocks without a `history_size` are
-    /// skipped).
+    /// The policies of `topics` (blocks that do not set `history_size`
+    /// are left out: they leave it to the next block that matches).
     pub fn new<'a>(topics: impl IntoIterator<Item = (&'a String, &'a TopicConfig)>) -> Policies {
         let mut p = Policies::default();
         for (name, t) in topics {
-            let policy = (t.history_size > 0).then_some(Policy {
-                size: t.history_size,
-                ttl: Duration::from_secs(t.history_ttl_s),
+            let Some(size) = t.history_size else {
+                continue;
+            };
+            let policy = (size > 0).then_some(Policy {
+                size,
+                ttl: Duration::from_secs(t.history_ttl_s.unwrap_or(0)),
             });
             // A block with history_size = 0 still wins over a pattern:
             // it turns history off for what it matches.
@@ -90,7 +93,7 @@ impl Policies {
 }
 
 /// Whether `name` matches `pattern`, where `*` matches any characters.
-fn matches(pattern: &str, name: &str) -> bool {
+pub(crate) fn matches(pattern: &str, name: &str) -> bool {
     let mut parts = pattern.split('*');
     let Some(first) = parts.next() else {
         return pattern == name;
@@ -485,22 +488,24 @@ mod tests {
             (
                 "news:*".to_owned(),
                 TopicConfig {
-                    history_size: 5,
-                    history_ttl_s: 60,
+                    history_size: Some(5),
+                    history_ttl_s: Some(60),
+                    ..Default::default()
                 },
             ),
             (
                 "news:sport:*".to_owned(),
                 TopicConfig {
-                    history_size: 9,
-                    history_ttl_s: 60,
+                    history_size: Some(9),
+                    history_ttl_s: Some(60),
+                    ..Default::default()
                 },
             ),
             (
                 "news:quiet".to_owned(),
                 TopicConfig {
-                    history_size: 0,
-                    history_ttl_s: 0,
+                    history_size: Some(0),
+                    ..Default::default()
                 },
             ),
         ];

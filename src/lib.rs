@@ -18,12 +18,16 @@
 //! - [`protocol`]: the wire messages; no state.
 //! - [`router`]: JSON events: registry, policies, worker pool.
 //! - [`weather`]: providers, cache, single-flight, limits, breaker.
+//! - [`breaker`]: the circuit breaker of gale's calls to those services.
+//! - [`http_client`]: the HTTP client of gale's calls to the services
+//!   behind it (the weather provider, the application's backend).
 //! - [`apps`]: the applications on the engine: weather (with its feeds),
 //!   topics, notes, stats; each registers its events on the router.
 //! - [`store`]: the batched, bounded request log (SQLite/PostgreSQL).
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`api`]: `POST /api/publish` for backends.
 //! - [`bench`]: `gale bench`, load scenarios that report honestly.
+//! - [`channels`]: who may subscribe to and publish on which topics.
 //! - [`broadcast`]: push to users, topics and everyone, and the backplane
 //!   seam between nodes.
 //! - [`cluster`]: cluster mode over Redis: the backplane, presence,
@@ -38,7 +42,9 @@ pub mod api;
 pub mod apps;
 pub mod bench;
 pub mod body;
+pub mod breaker;
 pub mod broadcast;
+pub mod channels;
 pub mod cli;
 pub mod client;
 pub mod cluster;
@@ -46,6 +52,7 @@ pub mod config;
 pub mod connection;
 pub mod fake_upstream;
 pub mod history;
+pub mod http_client;
 pub mod identity;
 pub mod listener;
 pub mod metrics;

@@ -44,11 +44,15 @@ pub enum Outcome {
     InternalError,
     /// `limit_exceeded`.
     LimitExceeded,
+    /// `permission_denied`.
+    PermissionDenied,
+    /// An error of the application's backend.
+    ApplicationError,
 }
 
 impl Outcome {
     /// How many there are.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 15;
 
     /// Every outcome, in declaration order (index = `as usize`).
     pub const ALL: [Outcome; Outcome::COUNT] = [
@@ -65,6 +69,8 @@ impl Outcome {
         Outcome::SystemOverloaded,
         Outcome::InternalError,
         Outcome::LimitExceeded,
+        Outcome::PermissionDenied,
+        Outcome::ApplicationError,
     ];
 }
 
@@ -83,6 +89,8 @@ impl From<ErrorCode> for Outcome {
             ErrorCode::SystemOverloaded => Outcome::SystemOverloaded,
             ErrorCode::InternalError => Outcome::InternalError,
             ErrorCode::LimitExceeded => Outcome::LimitExceeded,
+            ErrorCode::PermissionDenied => Outcome::PermissionDenied,
+            ErrorCode::ApplicationError => Outcome::ApplicationError,
         }
     }
 }

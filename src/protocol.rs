@@ -112,6 +112,12 @@ pub enum ErrorCode {
     /// A bound on what one client, connection or node may hold was
     /// reached (topics, …); the message names the setting.
     LimitExceeded,
+    /// The topic's rules (or the application's backend) do not let this
+    /// client subscribe or publish.
+    PermissionDenied,
+    /// The application's backend refused, with a code of its own (which
+    /// is what the client is shown).
+    ApplicationError,
 }
 
 impl ErrorCode {
@@ -130,11 +136,13 @@ impl ErrorCode {
             ErrorCode::SystemOverloaded => "system_overloaded",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::ApplicationError => "application_error",
         }
     }
 
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidMessage,
         ErrorCode::UnknownEvent,
         ErrorCode::Unauthorized,
@@ -147,6 +155,8 @@ impl ErrorCode {
         ErrorCode::SystemOverloaded,
         ErrorCode::InternalError,
         ErrorCode::LimitExceeded,
+        ErrorCode::PermissionDenied,
+        ErrorCode::ApplicationError,
     ];
 
     /// The code whose [`ErrorCode::as_str`] is `s`.
@@ -232,15 +242,33 @@ pub fn classify(text: &str) -> Incoming<'_> {
 }
 
 /// An error as the event protocol reports it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ErrorBody {
     /// Stable code.
     pub code: ErrorCode,
     /// For people.
     pub message: String,
     /// With `invalid_data`: the field at fault, e.g. `city`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// With `application_error`: the code the application's backend gave
+    /// (a string or a number), shown to the client in place of gale's.
+    pub app_code: Option<serde_json::Value>,
+}
+
+impl Serialize for ErrorBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        match &self.app_code {
+            Some(code) => m.serialize_entry("code", code)?,
+            None => m.serialize_entry("code", &self.code)?,
+        }
+        m.serialize_entry("message", &self.message)?;
+        if let Some(field) = &self.field {
+            m.serialize_entry("field", field)?;
+        }
+        m.end()
+    }
 }
 
 impl ErrorBody {
@@ -250,6 +278,15 @@ impl ErrorBody {
             code,
             message: message.into(),
             field: None,
+            app_code: None,
+        }
+    }
+
+    /// An error the application's backend answered, shown as it gave it.
+    pub fn application(code: serde_json::Value, message: impl Into<String>) -> Self {
+        ErrorBody {
+            app_code: Some(code),
+            ..ErrorBody::new(ErrorCode::ApplicationError, message)
         }
     }
 }

@@ -425,10 +425,7 @@ async fn client_shows_positions_of_pushes() {
         c.api.key = Some("cli-key-0123456789ab".into());
         c.topics.insert(
             "news:*".into(),
-            gale::config::TopicConfig {
-                history_size: 10,
-                history_ttl_s: 60,
-            },
+            gale::config::TopicConfig::history(10, 60),
         );
     })
     .await;

@@ -885,10 +885,7 @@ async fn nodes_keep_working_when_a_redis_cluster_master_fails_over() {
 fn with_history(c: &mut Config) {
     c.topics.insert(
         "hist:*".into(),
-        gale::config::TopicConfig {
-            history_size: 10,
-            history_ttl_s: 60,
-        },
+        gale::config::TopicConfig::history(10, 60),
     );
 }
 
@@ -1002,10 +999,7 @@ async fn braces_in_names_keep_their_keys_in_one_slot() {
     let everything = |c: &mut Config| {
         c.topics.insert(
             "*".into(),
-            gale::config::TopicConfig {
-                history_size: 10,
-                history_ttl_s: 60,
-            },
+            gale::config::TopicConfig::history(10, 60),
         );
     };
     let a = node_with(&rc.seeds(), &p, "a", &up, everything).await;

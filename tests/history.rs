@@ -41,17 +41,11 @@ impl Keeper {
         c.api.key = Some(API_KEY.into());
         c.topics.insert(
             "news:*".into(),
-            TopicConfig {
-                history_size: size,
-                history_ttl_s: 300,
-            },
+            TopicConfig::history(size, 300),
         );
         c.topics.insert(
             "weather:*".into(),
-            TopicConfig {
-                history_size: size,
-                history_ttl_s: 300,
-            },
+            TopicConfig::history(size, 300),
         );
         if let Keeper::Redis { url, prefix, .. } = self {
             c.cluster.redis_url = Some(url.clone());

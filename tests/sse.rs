@@ -19,10 +19,7 @@ fn configure(c: &mut Config) {
     c.auth.jwt_secret = Some(SECRET.into());
     c.topics.insert(
         "news:*".into(),
-        TopicConfig {
-            history_size: 10,
-            history_ttl_s: 300,
-        },
+        TopicConfig::history(10, 300),
     );
 }
 

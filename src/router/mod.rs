@@ -119,9 +119,8 @@ impl Payload for Value {}
 /// An `invalid_data` error for `field`.
 pub fn invalid_field(field: &str, message: impl Into<String>) -> ErrorBody {
     ErrorBody {
-        code: ErrorCode::InvalidData,
-        message: message.into(),
         field: Some(field.to_owned()),
+        ..ErrorBody::new(ErrorCode::InvalidData, message)
     }
 }
 

@@ -3,8 +3,6 @@
 //! bound on concurrent and waiting upstream calls, a deadline, and a
 //! circuit breaker. Providers behind [`Provider`] only make HTTP calls.
 
-mod breaker;
-pub mod http;
 mod open_meteo;
 mod openweathermap;
 mod provider;
@@ -18,7 +16,7 @@ use moka::Expiry;
 use moka::sync::Cache;
 use tokio::sync::{Semaphore, watch};
 
-pub use breaker::Breaker;
+pub use crate::breaker::Breaker;
 pub use open_meteo::{OpenMeteo, describe};
 pub use openweathermap::OpenWeatherMap;
 pub use provider::{Provider, Reading, WeatherError};
@@ -185,7 +183,7 @@ impl Weather {
     pub fn from_config(cfg: &WeatherConfig, metrics: Arc<Metrics>) -> Result<Self, BuildError> {
         // The client's own timeout is a backstop: the lookup deadline in
         // `fetch` fires first and is what the client is told.
-        let http = Arc::new(http::Client::new(
+        let http = Arc::new(crate::http_client::Client::new(
             cfg.timeout() + Duration::from_secs(1),
             cfg.timeout().min(Duration::from_secs(3)),
             cfg.max_concurrent,

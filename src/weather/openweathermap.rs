@@ -4,7 +4,7 @@
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
-use super::http::Client;
+use crate::http_client::Client;
 use super::provider::{Provider, Reading, WeatherError, map_status};
 use std::sync::Arc;
 

@@ -92,16 +92,25 @@ pub trait Provider: Send + Sync + 'static {
     fn current<'a>(&'a self, city: &'a str) -> BoxFuture<'a, Result<Reading, WeatherError>>;
 }
 
-/// Maps a transport error to what the client is told.
-pub(crate) fn map_reqwest(e: reqwest::Error) -> WeatherError {
-    if e.is_timeout() {
-        WeatherError::Upstream("the weather service did not answer in time (timeout)".into())
-    } else if e.is_connect() {
-        WeatherError::Upstream("cannot reach the weather service".into())
-    } else if e.is_decode() || e.is_body() {
-        WeatherError::InvalidResponse("unreadable body".into())
-    } else {
-        WeatherError::Upstream("request to the weather service failed".into())
+/// A failed HTTP call, as the weather service's failure.
+impl From<crate::http_client::HttpError> for WeatherError {
+    fn from(e: crate::http_client::HttpError) -> WeatherError {
+        use crate::http_client::HttpError as H;
+        match e {
+            H::Timeout => {
+                WeatherError::Upstream("the weather service did not answer in time (timeout)".into())
+            }
+            H::Unreachable(how) => {
+                WeatherError::Upstream(format!("cannot reach the weather service{how}"))
+            }
+            H::Failed => WeatherError::Upstream("request to the weather service failed".into()),
+            H::TooLarge(limit) => {
+                WeatherError::InvalidResponse(format!("body larger than {limit} bytes"))
+            }
+            H::Unreadable(what) => {
+                WeatherError::InvalidResponse(format!("unreadable response: {what}"))
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! A circuit breaker for the upstream: after `threshold` consecutive
+//! A circuit breaker for a service behind gale (the weather provider, the
+//! application's backend): after `threshold` consecutive
 //! failures it opens and fails fast for `cooldown`, then lets one trial
 //! call through (half-open); the trial's result closes or re-opens it.
 //!

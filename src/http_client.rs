@@ -1,5 +1,6 @@
-//! The HTTP client of the provider calls: `GET` a URL, get its status and
-//! body (up to a limit).
+//! The HTTP client of gale's calls to the services behind it (the
+//! weather provider, the application's backend): `GET` or `POST` a URL,
+//! get its status and body (up to a limit).
 //!
 //! `https://` goes through reqwest (rustls). `http://` goes through a lean
 //! HTTP/1.1 client written here, because memory per call in flight is
@@ -8,10 +9,11 @@
 //! 8 KiB read buffer, its dispatch channel's 8.8 KiB block, the request's
 //! futures; measured with massif, docs/benchmarks.md); this client holds
 //! the socket, a buffer the size of the response (1 KiB to start) and its
-//! future. It speaks the small part of HTTP/1.1 a JSON GET needs: one
-//! request at a time per connection, `Content-Length`, chunked or
-//! close-delimited bodies, keep-alive with a bounded idle pool. Over TLS
-//! the session's own buffers dominate, so reqwest stays there.
+//! future. It speaks the small part of HTTP/1.1 a JSON call needs: one
+//! request at a time per connection (`GET`, or `POST` with a body),
+//! `Content-Length`, chunked or close-delimited bodies, keep-alive with a
+//! bounded idle pool. Over TLS the session's own buffers dominate, so
+//! reqwest stays there.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -20,7 +22,38 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::provider::{WeatherError, map_reqwest};
+/// Why a call got no usable response; each says what to tell a person.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    /// No answer in time.
+    #[error("did not answer in time (timeout)")]
+    Timeout,
+    /// Could not connect.
+    #[error("cannot reach it{0}")]
+    Unreachable(&'static str),
+    /// The call broke off.
+    #[error("the request failed")]
+    Failed,
+    /// The body was larger than the limit.
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    /// Not HTTP as this client reads it.
+    #[error("unreadable response: {0}")]
+    Unreadable(String),
+}
+
+/// A reqwest error as an [`HttpError`].
+fn map_reqwest(e: reqwest::Error) -> HttpError {
+    if e.is_timeout() {
+        HttpError::Timeout
+    } else if e.is_connect() {
+        HttpError::Unreachable("")
+    } else if e.is_decode() || e.is_body() {
+        HttpError::Unreadable("unreadable body".into())
+    } else {
+        HttpError::Failed
+    }
+}
 
 /// How long a pooled connection may sit idle before it is not reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,12 +66,14 @@ const MAX_HEADERS: usize = 48;
 
 /// A response: its status and body.
 #[derive(Debug)]
-pub(crate) struct Response {
-    pub(crate) status: u16,
-    pub(crate) body: Vec<u8>,
+pub struct Response {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body, whole.
+    pub body: Vec<u8>,
 }
 
-/// The provider calls' client.
+/// A client for one kind of call (one per service: its pool is its own).
 #[derive(Debug)]
 pub struct Client {
     tls: reqwest::Client,
@@ -53,7 +88,9 @@ pub struct Client {
 
 impl Client {
     /// A client whose calls give up after `timeout` (connecting after
-    /// `connect_timeout`), keeping at most `max_idle` idle connections.
+    /// `connect_timeout`), keeping at most `max_idle` idle connections
+    /// (each for at most a minute, or `idle` when shorter: a server that
+    /// closes idle connections sooner is better left before it does).
     ///
     /// # Errors
     /// When reqwest's TLS client cannot be built.
@@ -62,6 +99,19 @@ impl Client {
         connect_timeout: Duration,
         max_idle: usize,
     ) -> Result<Client, reqwest::Error> {
+        Self::with_idle(timeout, connect_timeout, max_idle, IDLE_TIMEOUT)
+    }
+
+    /// As [`Client::new`], keeping idle connections at most `idle`.
+    ///
+    /// # Errors
+    /// When reqwest's TLS client cannot be built.
+    pub fn with_idle(
+        timeout: Duration,
+        connect_timeout: Duration,
+        max_idle: usize,
+        idle: Duration,
+    ) -> Result<Client, reqwest::Error> {
         // reqwest is built without a default TLS backend; ring builds
         // faster than aws-lc. Installing twice is harmless (the first wins).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -69,6 +119,7 @@ impl Client {
             .timeout(timeout)
             .connect_timeout(connect_timeout)
             .pool_max_idle_per_host(max_idle)
+            .pool_idle_timeout(idle.min(IDLE_TIMEOUT))
             .user_agent(USER_AGENT)
             .build()?;
         Ok(Client {
@@ -76,6 +127,7 @@ impl Client {
             plain: Plain {
                 idle: Mutex::new(VecDeque::new()),
                 max_idle,
+                idle_timeout: idle.min(IDLE_TIMEOUT),
             },
             direct: !proxied(|k| std::env::var(k).ok()),
             timeout,
@@ -84,34 +136,87 @@ impl Client {
     }
 
     /// `GET url`, reading at most `limit` bytes of body.
-    pub(crate) async fn get(&self, url: url::Url, limit: usize) -> Result<Response, WeatherError> {
-        if url.scheme() != "http" || !self.direct {
-            return self.get_tls(url, limit).await;
+    ///
+    /// # Errors
+    /// [`HttpError`] when no usable response came.
+    pub async fn get(&self, url: url::Url, limit: usize) -> Result<Response, HttpError> {
+        self.call(&Request::get(url), limit).await
+    }
+
+    /// `POST url` with a JSON `body` and `headers`, reading at most
+    /// `limit` bytes of body.
+    ///
+    /// # Errors
+    /// [`HttpError`] when no usable response came.
+    pub async fn post_json(
+        &self,
+        url: url::Url,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<Response, HttpError> {
+        let request = Request {
+            url,
+            body: Some(body),
+            headers,
+        };
+        self.call(&request, limit).await
+    }
+
+    async fn call(&self, request: &Request<'_>, limit: usize) -> Result<Response, HttpError> {
+        if request.url.scheme() != "http" || !self.direct {
+            return self.call_tls(request, limit).await;
         }
         match tokio::time::timeout(
             self.timeout,
-            self.plain.get(&url, limit, self.connect_timeout),
+            self.plain.call(request, limit, self.connect_timeout),
         )
         .await
         {
             Ok(r) => r,
-            Err(_) => Err(WeatherError::Upstream(
-                "the weather service did not answer in time (timeout)".into(),
-            )),
+            Err(_) => Err(HttpError::Timeout),
         }
     }
 
-    async fn get_tls(&self, url: url::Url, limit: usize) -> Result<Response, WeatherError> {
-        let mut resp = self.tls.get(url).send().await.map_err(map_reqwest)?;
+    async fn call_tls(&self, request: &Request<'_>, limit: usize) -> Result<Response, HttpError> {
+        let mut builder = match &request.body {
+            None => self.tls.get(request.url.clone()),
+            Some(body) => self
+                .tls
+                .post(request.url.clone())
+                .header("content-type", "application/json")
+                .body(body.clone()),
+        };
+        for (name, value) in request.headers {
+            builder = builder.header(name, value);
+        }
+        let mut resp = builder.send().await.map_err(map_reqwest)?;
         let status = resp.status().as_u16();
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(map_reqwest)? {
             if body.len() + chunk.len() > limit {
-                return Err(too_large(limit));
+                return Err(HttpError::TooLarge(limit));
             }
             body.extend_from_slice(&chunk);
         }
         Ok(Response { status, body })
+    }
+}
+
+/// One call: `GET` without a body, `POST` (JSON) with one.
+struct Request<'a> {
+    url: url::Url,
+    body: Option<Vec<u8>>,
+    headers: &'a [(String, String)],
+}
+
+impl Request<'static> {
+    fn get(url: url::Url) -> Request<'static> {
+        Request {
+            url,
+            body: None,
+            headers: &[],
+        }
     }
 }
 
@@ -125,16 +230,16 @@ fn proxied(var: impl Fn(&str) -> Option<String>) -> bool {
 
 const USER_AGENT: &str = concat!("gale/", env!("CARGO_PKG_VERSION"));
 
-fn too_large(limit: usize) -> WeatherError {
-    WeatherError::InvalidResponse(format!("body larger than {limit} bytes"))
+fn too_large(limit: usize) -> HttpError {
+    HttpError::TooLarge(limit)
 }
 
-fn unreadable(what: &str) -> WeatherError {
-    WeatherError::InvalidResponse(format!("unreadable response: {what}"))
+fn unreadable(what: &str) -> HttpError {
+    HttpError::Unreadable(what.to_owned())
 }
 
-fn failed() -> WeatherError {
-    WeatherError::Upstream("request to the weather service failed".into())
+fn failed() -> HttpError {
+    HttpError::Failed
 }
 
 /// An idle keep-alive connection.
@@ -160,6 +265,7 @@ fn quiet(stream: &TcpStream) -> bool {
 struct Plain {
     idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
+    idle_timeout: Duration,
 }
 
 impl Plain {
@@ -178,7 +284,7 @@ impl Plain {
         let now = Instant::now();
         while idle
             .front()
-            .is_some_and(|c| now.duration_since(c.since) >= IDLE_TIMEOUT)
+            .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
         {
             idle.pop_front();
         }
@@ -203,12 +309,13 @@ impl Plain {
         });
     }
 
-    async fn get(
+    async fn call(
         &self,
-        url: &url::Url,
+        req: &Request<'_>,
         limit: usize,
         connect_timeout: Duration,
-    ) -> Result<Response, WeatherError> {
+    ) -> Result<Response, HttpError> {
+        let url = &req.url;
         let host = url
             .host_str()
             .ok_or_else(|| unreadable("no host in the URL"))?;
@@ -217,16 +324,36 @@ impl Plain {
             Some(p) => format!("{host}:{p}"),
             None => host.to_owned(),
         };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n\
-             Accept: application/json\r\n\r\n",
-            &url[url::Position::BeforePath..url::Position::AfterQuery]
-        );
+        let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        let mut request = match &req.body {
+            None => format!(
+                "GET {target} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n\
+                 Accept: application/json\r\n"
+            ),
+            Some(body) => format!(
+                "POST {target} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n\
+                 Accept: application/json\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n",
+                body.len()
+            ),
+        }
+        .into_bytes();
+        for (name, value) in req.headers {
+            request.extend_from_slice(name.as_bytes());
+            request.extend_from_slice(b": ");
+            request.extend_from_slice(value.as_bytes());
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"\r\n");
+        if let Some(body) = &req.body {
+            request.extend_from_slice(body);
+        }
         // A pooled connection the server has meanwhile closed fails before
-        // any byte of a response: GET is safe to send again, once, on a
-        // new connection.
+        // any byte of a response: the request is sent again, once, on a
+        // new connection (a server closing its side as the request
+        // arrives has not acted on it).
         if let Some(stream) = self.take(&authority) {
-            match exchange(stream, request.as_bytes(), limit).await {
+            match exchange(stream, &request, limit).await {
                 Ok(done) => return Ok(self.finish(authority, done)),
                 Err(Exchange::Stale) => {}
                 Err(Exchange::Failed(e)) => return Err(e),
@@ -236,12 +363,10 @@ impl Plain {
         let address = host.trim_start_matches('[').trim_end_matches(']');
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect((address, port)))
             .await
-            .map_err(|_| {
-                WeatherError::Upstream("cannot reach the weather service (connect timeout)".into())
-            })?
-            .map_err(|_| WeatherError::Upstream("cannot reach the weather service".into()))?;
+            .map_err(|_| HttpError::Unreachable(" (connect timeout)"))?
+            .map_err(|_| HttpError::Unreachable(""))?;
         let _ = stream.set_nodelay(true);
-        match exchange(stream, request.as_bytes(), limit).await {
+        match exchange(stream, &request, limit).await {
             Ok(done) => Ok(self.finish(authority, done)),
             Err(Exchange::Stale) => Err(failed()),
             Err(Exchange::Failed(e)) => Err(e),
@@ -266,11 +391,11 @@ struct Done {
 enum Exchange {
     /// Nothing came back at all: the connection was already closed.
     Stale,
-    Failed(WeatherError),
+    Failed(HttpError),
 }
 
-impl From<WeatherError> for Exchange {
-    fn from(e: WeatherError) -> Exchange {
+impl From<HttpError> for Exchange {
+    fn from(e: HttpError) -> Exchange {
         Exchange::Failed(e)
     }
 }
@@ -293,7 +418,7 @@ struct Head {
 }
 
 /// Parses the head at the start of `buf`; `None` when incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, WeatherError> {
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut headers);
     let len = match r.parse(buf) {
