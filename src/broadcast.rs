@@ -148,6 +148,12 @@ pub trait Backplane: Send + Sync + std::fmt::Debug {
     fn settled(&self) -> BoxFuture<'static, ()> {
         Box::pin(std::future::ready(()))
     }
+    /// Runs `cmd` on every other node; their answers, as many as came
+    /// within the backplane's deadline (none on a single node).
+    fn everywhere(&self, cmd: crate::control::Command) -> BoxFuture<'static, Vec<Value>> {
+        let _ = cmd;
+        Box::pin(std::future::ready(Vec::new()))
+    }
     /// Reads a shared history (see [`Backplane::shares_history`]).
     fn recover(
         &self,
@@ -160,6 +166,27 @@ pub trait Backplane: Send + Sync + std::fmt::Debug {
             "no shared history".to_owned(),
         ))))
     }
+}
+
+/// A subscriber of a topic, as presence shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Present {
+    /// Its connection.
+    pub client: Uuid,
+    /// Its user.
+    pub user: Option<Arc<str>>,
+    /// Its user's public data (JSON).
+    pub info: Option<Arc<str>>,
+}
+
+/// Whose connections to end.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// Every connection of a user.
+    User(String),
+    /// One connection.
+    Client(Uuid),
 }
 
 /// The single-node backplane: there is no other node.
@@ -177,6 +204,8 @@ struct Member {
     topics: Vec<Arc<str>>,
     /// Who a topic this connection brings into existence counts against.
     owner: Owner,
+    /// Public data about its user (JSON), for presence and join/leave.
+    info: Option<Arc<str>>,
 }
 
 /// Who the topics a connection creates count against: its user, or, when
@@ -196,11 +225,14 @@ struct State {
     created_by: HashMap<Arc<str>, Owner>,
     /// How many of the topics each owner brought into existence.
     owned: HashMap<Owner, usize>,
+    /// Topics whose subscribers hear joins and leaves.
+    announced: HashSet<Arc<str>>,
 }
 
 impl State {
     /// Forgets a topic that no connection holds any more.
     fn topic_gone(&mut self, topic: &str) {
+        self.announced.remove(topic);
         if let Some(owner) = self.created_by.remove(topic)
             && let Some(n) = self.owned.get_mut(&owner)
         {
@@ -353,6 +385,7 @@ impl Hub {
                         Some(u) => Owner::User(u.clone()),
                         None => Owner::Address(caller.address),
                     },
+                    info: caller.info.clone(),
                 },
             );
             let first = caller.user.as_ref().map(|u| {
@@ -379,12 +412,16 @@ impl Hub {
 
     /// Unregisters a connection and ends its subscriptions.
     pub fn leave(&self, conn_id: Uuid) {
+        let mut leaves = Vec::new();
         let (user, last) = {
             let mut st = self.lock();
             let Some(member) = st.conns.remove(&conn_id) else {
                 return;
             };
             for topic in &member.topics {
+                if st.announced.contains(topic) {
+                    leaves.push(topic.clone());
+                }
                 if let Some(ids) = st.topics.get_mut(topic) {
                     ids.remove(&conn_id);
                     if ids.is_empty() {
@@ -410,6 +447,9 @@ impl Hub {
             self.metrics.topics.set(st.topics.len() as i64);
             (member.user, last)
         };
+        for topic in leaves {
+            self.announce(&topic, "topic.leave", conn_id, user.as_deref(), None);
+        }
         self.emit(SystemEvent::Closed {
             conn_id,
             user: user.clone(),
@@ -425,13 +465,52 @@ impl Hub {
     /// # Errors
     /// [`HubError`] past the per-connection or node topic limit.
     pub fn subscribe(&self, conn_id: Uuid, topic: &str) -> Result<bool, HubError> {
+        self.subscribe_announced(conn_id, topic, false)
+    }
+
+    /// As [`Hub::subscribe`]; with `announce`, the topic's subscribers
+    /// (here and on every node) hear `topic.join` with the new
+    /// subscriber, and `topic.leave` when it goes.
+    ///
+    /// # Errors
+    /// [`HubError`] past the per-connection or node topic limit.
+    pub fn subscribe_announced(
+        &self,
+        conn_id: Uuid,
+        topic: &str,
+        announce: bool,
+    ) -> Result<bool, HubError> {
+        let Some((user, info)) = self.add(conn_id, topic, announce)? else {
+            return Ok(false);
+        };
+        if announce {
+            self.announce(
+                topic,
+                "topic.join",
+                conn_id,
+                user.as_deref(),
+                info.as_deref(),
+            );
+        }
+        Ok(true)
+    }
+
+    /// Adds the subscription; `Some((user, info))` of the subscriber when
+    /// it is new.
+    #[allow(clippy::type_complexity)]
+    fn add(
+        &self,
+        conn_id: Uuid,
+        topic: &str,
+        announce: bool,
+    ) -> Result<Option<(Option<Arc<str>>, Option<Arc<str>>)>, HubError> {
         let mut st = self.lock();
         let st = &mut *st;
         let Some(member) = st.conns.get_mut(&conn_id) else {
             return Err(HubError::Closed);
         };
         if member.topics.iter().any(|t| &**t == topic) {
-            return Ok(false);
+            return Ok(None);
         }
         if member.topics.len() >= self.max_topics_per_conn {
             return Err(HubError::TooManyTopics(self.max_topics_per_conn));
@@ -457,23 +536,68 @@ impl Hub {
             }
         };
         member.topics.push(key.clone());
+        let who = (member.user.clone(), member.info.clone());
+        if announce {
+            st.announced.insert(key.clone());
+        }
         st.topics.entry(key).or_default().insert(conn_id);
         self.metrics.topics.set(st.topics.len() as i64);
-        Ok(true)
+        Ok(Some(who))
     }
 
-    /// Ends a subscription. Returns whether there was one.
+    /// Tells `topic`'s subscribers, here and on every node, that
+    /// `conn_id` joined or left (`event`): never in the topic's history.
+    fn announce(
+        &self,
+        topic: &str,
+        event: &str,
+        conn_id: Uuid,
+        user: Option<&str>,
+        info: Option<&str>,
+    ) {
+        let info: Value = info
+            .and_then(|i| serde_json::from_str(i).ok())
+            .unwrap_or(Value::Null);
+        let data =
+            serde_json::json!({"topic": topic, "client": conn_id, "user": user, "info": info});
+        let text = Prepared::from(push_json(event, &data));
+        if text.len() <= self.max_message_bytes {
+            self.deliver(
+                &Target::Topic(topic.to_owned()),
+                &text,
+                None,
+                &mut Vec::new(),
+            );
+        }
+    }
+
+    /// Ends a subscription (its topic's subscribers hear `topic.leave`
+    /// when it announces). Returns whether there was one.
     pub fn unsubscribe(&self, conn_id: Uuid, topic: &str) -> bool {
+        match self.remove(conn_id, topic) {
+            None => false,
+            Some((announced, user)) => {
+                if announced {
+                    self.announce(topic, "topic.leave", conn_id, user.as_deref(), None);
+                }
+                true
+            }
+        }
+    }
+
+    /// Removes a subscription: `Some((whether its topic announces, the
+    /// subscriber's user))` when there was one.
+    fn remove(&self, conn_id: Uuid, topic: &str) -> Option<(bool, Option<Arc<str>>)> {
         let mut st = self.lock();
         let st = &mut *st;
-        let Some(member) = st.conns.get_mut(&conn_id) else {
-            return false;
-        };
+        let member = st.conns.get_mut(&conn_id)?;
         let before = member.topics.len();
         member.topics.retain(|t| &**t != topic);
         if member.topics.len() == before {
-            return false;
+            return None;
         }
+        let user = member.user.clone();
+        let announced = st.announced.contains(topic);
         if let Some(ids) = st.topics.get_mut(topic) {
             ids.remove(&conn_id);
             if ids.is_empty()
@@ -484,7 +608,108 @@ impl Hub {
             }
         }
         self.metrics.topics.set(st.topics.len() as i64);
-        true
+        Some((announced, user))
+    }
+
+    /// Whether `conn_id` is subscribed to `topic`.
+    pub fn is_subscribed(&self, conn_id: Uuid, topic: &str) -> bool {
+        self.lock()
+            .topics
+            .get(topic)
+            .is_some_and(|ids| ids.contains(&conn_id))
+    }
+
+    /// Who is subscribed to `topic` here: at most `limit` of them.
+    pub fn presence(&self, topic: &str, limit: usize) -> Vec<Present> {
+        let st = self.lock();
+        let Some(ids) = st.topics.get(topic) else {
+            return Vec::new();
+        };
+        ids.iter()
+            .take(limit)
+            .filter_map(|id| {
+                let m = st.conns.get(id)?;
+                Some(Present {
+                    client: *id,
+                    user: m.user.clone(),
+                    info: m.info.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Topics with subscribers here whose name matches `pattern` (`*`:
+    /// any characters; `None`: every topic), with how many: at most
+    /// `limit` of them.
+    pub fn topics_matching(&self, pattern: Option<&str>, limit: usize) -> Vec<(Arc<str>, usize)> {
+        let st = self.lock();
+        st.topics
+            .iter()
+            .filter(|(t, _)| pattern.is_none_or(|p| history::matches(p, t)))
+            .take(limit)
+            .map(|(t, ids)| (t.clone(), ids.len()))
+            .collect()
+    }
+
+    /// Subscribes every connection of `user` here to `topic` (announced
+    /// as [`Hub::subscribe_announced`] says); how many were subscribed
+    /// anew.
+    pub fn subscribe_user(&self, user: &str, topic: &str, announce: bool) -> usize {
+        self.conns_of(user)
+            .into_iter()
+            .filter(|id| matches!(self.subscribe_announced(*id, topic, announce), Ok(true)))
+            .count()
+    }
+
+    /// Unsubscribes every connection of `user` here from `topic`; how
+    /// many were subscribed.
+    pub fn unsubscribe_user(&self, user: &str, topic: &str) -> usize {
+        self.conns_of(user)
+            .into_iter()
+            .filter(|id| self.unsubscribe(*id, topic))
+            .count()
+    }
+
+    /// Ends every connection of `user` here, or the one connection
+    /// `client`, with `code` and `reason` once what is queued for it is
+    /// written; how many.
+    pub fn end(&self, who: &Ending, code: u16, reason: &str) -> usize {
+        let outboxes: Vec<Arc<Outbox>> = {
+            let st = self.lock();
+            match who {
+                Ending::User(user) => st
+                    .users
+                    .get(user.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| st.conns.get(id).map(|m| m.outbox.clone()))
+                    .collect(),
+                Ending::Client(id) => st
+                    .conns
+                    .get(id)
+                    .map(|m| m.outbox.clone())
+                    .into_iter()
+                    .collect(),
+            }
+        };
+        for o in &outboxes {
+            o.end(code, reason);
+        }
+        outboxes.len()
+    }
+
+    fn conns_of(&self, user: &str) -> Vec<Uuid> {
+        self.lock().users.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Runs `cmd` on every other node ([`crate::control`]).
+    pub fn everywhere(&self, cmd: crate::control::Command) -> BoxFuture<'static, Vec<Value>> {
+        self.backplane.everywhere(cmd)
+    }
+
+    /// Topics with subscribers here now.
+    pub fn topic_count(&self) -> usize {
+        self.lock().topics.len()
     }
 
     /// Subscribers of a topic now.
@@ -548,7 +773,23 @@ impl Hub {
         event: &str,
         data: &Value,
     ) -> Result<(Prepared, Option<history::Policy>), HubError> {
-        let text = push_json(event, data);
+        self.encode_from(target, event, data, None)
+    }
+
+    /// As [`Hub::encode`], naming the publisher's `user` when given.
+    fn encode_from(
+        &self,
+        target: &Target,
+        event: &str,
+        data: &Value,
+        user: Option<&str>,
+    ) -> Result<(Prepared, Option<history::Policy>), HubError> {
+        let text = match user {
+            None => push_json(event, data),
+            Some(user) => {
+                serde_json::json!({"event": event, "data": data, "user": user}).to_string()
+            }
+        };
         let policy = match target {
             Target::Topic(t) => self.policies.get(t),
             _ => None,
@@ -639,6 +880,22 @@ impl Hub {
         push_all(&self.metrics, &out, text)
     }
 
+    /// As [`Hub::publish`], for a publication from a client: the push
+    /// names the publisher's `user` (`{"event":…,"data":…,"user":…}`).
+    ///
+    /// # Errors
+    /// As [`Hub::publish`].
+    pub fn publish_from(
+        &self,
+        target: Target,
+        event: &str,
+        data: &Value,
+        user: Option<&str>,
+    ) -> Result<usize, HubError> {
+        let (text, history) = self.encode_from(&target, event, data, user)?;
+        self.enqueue(target, text, history)
+    }
+
     /// Queues a push for batched delivery. Returns how many connections
     /// `target` reaches now.
     ///
@@ -647,6 +904,15 @@ impl Hub {
     /// `gale_broadcast_dropped_total`) or [`HubError::Closed`].
     pub fn publish(&self, target: Target, event: &str, data: &Value) -> Result<usize, HubError> {
         let (text, history) = self.encode(&target, event, data)?;
+        self.enqueue(target, text, history)
+    }
+
+    fn enqueue(
+        &self,
+        target: Target,
+        text: Prepared,
+        history: Option<history::Policy>,
+    ) -> Result<usize, HubError> {
         let reach = self.reach(&target);
         match self.queue.try_send(Queued {
             target,

@@ -87,9 +87,7 @@ impl Rules {
                 .unwrap_or(PublishMode::Nobody),
             join_leave: self.setting(topic, |t| t.join_leave).unwrap_or(false),
             presence: self.setting(topic, |t| t.presence).unwrap_or(false),
-            roles: self
-                .setting(topic, |t| t.roles.clone())
-                .unwrap_or_default(),
+            roles: self.setting(topic, |t| t.roles.clone()).unwrap_or_default(),
         }
     }
 
@@ -173,7 +171,9 @@ pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision
     match channel.subscribe {
         SubscribeMode::Anyone => Decision::Allow,
         SubscribeMode::Users if who.user.is_some() => Decision::Allow,
-        SubscribeMode::Users => denied(format!("{topic} is for signed-in users: connect with a token")),
+        SubscribeMode::Users => denied(format!(
+            "{topic} is for signed-in users: connect with a token"
+        )),
         SubscribeMode::Token => Decision::Token,
         SubscribeMode::Proxy => Decision::Proxy,
         SubscribeMode::Nobody => denied(format!(
@@ -223,7 +223,10 @@ mod tests {
     fn undeclared_topics_are_closed_and_settings_come_from_the_most_specific_block() {
         let r = rules(&[
             ("*", r#"subscribe = "anyone""#),
-            ("news:*", "history_size = 10\nhistory_ttl_s = 60\njoin_leave = true"),
+            (
+                "news:*",
+                "history_size = 10\nhistory_ttl_s = 60\njoin_leave = true",
+            ),
             ("news:vip", r#"subscribe = "users""#),
         ]);
         assert_eq!(r.channel("x").subscribe, SubscribeMode::Anyone);
@@ -251,13 +254,22 @@ mod tests {
             ..anon()
         };
         assert_eq!(may_subscribe(&ch, "dm:#alice,bob", alice), Decision::Allow);
-        assert!(matches!(may_subscribe(&ch, "dm:#alice,bob", carol), Decision::Deny(_)));
-        assert!(matches!(may_subscribe(&ch, "dm:#alice,bob", anon()), Decision::Deny(_)));
+        assert!(matches!(
+            may_subscribe(&ch, "dm:#alice,bob", carol),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            may_subscribe(&ch, "dm:#alice,bob", anon()),
+            Decision::Deny(_)
+        ));
     }
 
     #[test]
     fn roles_refuse_with_forbidden_and_everything_else_with_permission_denied() {
-        let r = rules(&[("ops", "subscribe = \"users\"\npublish = \"subscribers\"\nroles = [\"admin\"]")]);
+        let r = rules(&[(
+            "ops",
+            "subscribe = \"users\"\npublish = \"subscribers\"\nroles = [\"admin\"]",
+        )]);
         let ch = r.channel("ops");
         let admin = ["admin".to_owned()];
         let user = Asker {
@@ -275,7 +287,14 @@ mod tests {
         };
         assert_eq!(may_subscribe(&ch, "ops", admin_user), Decision::Allow);
         assert_eq!(may_publish(&ch, "ops", admin_user), Decision::Allow);
-        match may_publish(&ch, "ops", Asker { subscribed: false, ..admin_user }) {
+        match may_publish(
+            &ch,
+            "ops",
+            Asker {
+                subscribed: false,
+                ..admin_user
+            },
+        ) {
             Decision::Deny(e) => assert_eq!(e.code, ErrorCode::PermissionDenied),
             d => panic!("{d:?}"),
         }

@@ -50,6 +50,9 @@ enum End {
     SlowConsumer,
     /// The connection's token expired (`auth.close_on_expiry`).
     Expired,
+    /// The application (or the server API) ended it: close with this code
+    /// and reason.
+    Ended(u16, String),
 }
 
 /// Counts an open connection in the gauges for as long as it lives.
@@ -73,17 +76,15 @@ impl Drop for Counted {
 pub(crate) async fn serve(
     app: Arc<App>,
     mut socket: Box<Socket>,
+    client_id: Uuid,
     who: Identity,
     address: std::net::IpAddr,
 ) {
-    let client_id = Uuid::new_v4();
     let _counted = Counted::open(&app);
     tracing::debug!(%client_id, user = ?who.user, "connected");
 
-    let expires = who.expires;
-    let caller = new_caller(&app, client_id, address, who);
-    app.hub.join(&caller);
-    let (end, mut inflight) = read_loop(&app, &caller, &mut socket, expires).await;
+    let caller = opened(&app, client_id, address, who);
+    let (end, mut inflight) = read_loop(&app, &caller, &mut socket).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
 
     if let End::Shutdown = end {
@@ -104,6 +105,79 @@ pub(crate) async fn serve(
     tracing::debug!(%client_id, "disconnected");
 }
 
+/// A connection that opened (WebSocket or SSE): its caller, joined to the
+/// hub, its identity's expiry set, subscribed to the topics the
+/// application gave it at connect.
+pub(crate) fn opened(
+    app: &Arc<App>,
+    conn_id: Uuid,
+    address: std::net::IpAddr,
+    who: Identity,
+) -> Caller {
+    let (expires, topics) = (who.expires, who.topics.clone());
+    let caller = new_caller(app, conn_id, address, who);
+    join(app, &caller, expires, topics);
+    caller
+}
+
+/// Joins `caller` to the hub: its identity's end (`expires`), and the
+/// topics the application subscribed it to at connect (no rules asked,
+/// no recovery: the application's own choice).
+pub(crate) fn join(app: &Arc<App>, caller: &Caller, expires: Option<u64>, topics: Vec<String>) {
+    caller.outbox.set_expires(expires);
+    app.hub.join(caller);
+    for topic in topics {
+        let announce = app.hooks.join_leave(&topic);
+        if let Err(e) = app
+            .hub
+            .subscribe_announced(caller.conn_id, &topic, announce)
+        {
+            tracing::debug!(client_id = %caller.conn_id, topic, error = %e, "server-side subscription refused");
+        }
+    }
+}
+
+/// Asks the application to extend the connection's identity once it is
+/// near its end (`at`, Unix seconds): within a minute of it. One refresh
+/// at a time; one that cannot reach the application is tried again at the
+/// next tick, until the end, when the connection closes with 1008.
+pub(crate) fn refresh_if_due(app: &Arc<App>, caller: &Caller, at: u64) {
+    if at.saturating_sub(unix_now()) > REFRESH_AHEAD_S || !caller.outbox.start_refresh() {
+        return;
+    }
+    let Some(refresh) = app.hooks.refresh(caller.who()) else {
+        // Nobody extends identities: it ends at `at`. Left marked as
+        // refreshing, so this is not asked again.
+        return;
+    };
+    let outbox = caller.outbox.clone();
+    app.tracker.spawn(async move {
+        match refresh.await {
+            Ok(r) => outbox.set_expires(Some(r.expire_at)),
+            Err(crate::hooks::Refusal::Disconnect { code, reason }) => outbox.end(code, &reason),
+            Err(crate::hooks::Refusal::Denied(e))
+                if matches!(
+                    e.code,
+                    ErrorCode::UpstreamUnavailable | ErrorCode::Timeout | ErrorCode::SystemOverloaded
+                ) =>
+            {
+                tracing::debug!(error = %e.message, "refresh failed; trying again at the next tick");
+            }
+            Err(crate::hooks::Refusal::Denied(e)) => {
+                tracing::debug!(error = %e.message, "refresh refused");
+                outbox.end(
+                    close_code::POLICY_VIOLATION,
+                    "the application did not extend this connection",
+                );
+            }
+        }
+        outbox.refresh_done();
+    });
+}
+
+/// How soon before its identity ends a connection asks for a refresh.
+const REFRESH_AHEAD_S: u64 = 60;
+
 /// A connection's caller: who it is, and its own bounded outbox.
 pub(crate) fn new_caller(
     app: &App,
@@ -117,6 +191,7 @@ pub(crate) fn new_caller(
         address,
         user: who.user,
         roles: who.roles,
+        info: who.info,
         outbox: Arc::new(Outbox::new(
             c.outbound_queue,
             c.slow_consumer,
@@ -140,6 +215,7 @@ async fn close_for(app: &App, socket: &mut Socket, end: &End) {
             close(socket, *code, reason).await;
         }
         End::Expired => close(socket, close_code::POLICY_VIOLATION, "token expired").await,
+        End::Ended(code, reason) => close(socket, *code, reason).await,
         End::ClientClosed => {
             let _ = write_all(socket).await;
         }
@@ -228,12 +304,7 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn read_loop(
-    app: &Arc<App>,
-    caller: &Caller,
-    socket: &mut Socket,
-    expires: Option<u64>,
-) -> (End, Lookups) {
+async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut Socket) -> (End, Lookups) {
     let s = &app.config.server;
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);
@@ -309,8 +380,11 @@ async fn read_loop(
                 if awaiting_pong {
                     break End::Dead;
                 }
-                if expires.is_some_and(|at| unix_now() >= at) {
-                    break End::Expired;
+                if let Some(at) = caller.outbox.expires() {
+                    if unix_now() >= at {
+                        break End::Expired;
+                    }
+                    refresh_if_due(app, caller, at);
                 }
                 if last_seen.elapsed() >= ping_every / 2 {
                     awaiting_pong = true;
@@ -444,11 +518,13 @@ async fn flush_outbox(
     outbox: &Outbox,
     buf: &mut Vec<Outgoing>,
 ) -> Result<(), End> {
-    if outbox.take(buf) == Taken::SlowConsumer {
-        return Err(End::SlowConsumer);
-    }
+    let ending = match outbox.take(buf) {
+        Taken::SlowConsumer => return Err(End::SlowConsumer),
+        Taken::End(code, reason) => Some(End::Ended(code, reason)),
+        Taken::Messages => None,
+    };
     if buf.is_empty() {
-        return Ok(());
+        return ending.map_or(Ok(()), Err);
     }
     let n = buf.len() as u64;
     // Each message's frame was made once for all its recipients: queued
@@ -479,7 +555,7 @@ async fn flush_outbox(
             if watched {
                 outbox.wake();
             }
-            Ok(())
+            ending.map_or(Ok(()), Err)
         }
         None => {
             buf.clear();
@@ -536,7 +612,7 @@ fn write_all(socket: &mut Socket) -> impl Future<Output = Option<std::io::Result
 }
 
 /// Sends a close frame and waits briefly for the peer's answer.
-async fn close(socket: &mut Socket, code: u16, reason: &'static str) {
+async fn close(socket: &mut Socket, code: u16, reason: &str) {
     socket.queue_close(code, reason);
     if flushed(socket).await {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {

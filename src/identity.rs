@@ -28,8 +28,16 @@ pub struct Identity {
     /// The user's roles.
     pub roles: Arc<[String]>,
     /// When the token stops being valid (Unix seconds, leeway included),
-    /// if the connection is to be closed then (`auth.close_on_expiry`).
+    /// if the connection is to be closed then (`auth.close_on_expiry`), or
+    /// when the application's backend said it ends (`expire_at`).
     pub expires: Option<u64>,
+    /// Public data about the user (the token's `info` claim, or what the
+    /// backend's connect answer gave), JSON: what presence and join/leave
+    /// show others.
+    pub info: Option<Arc<str>>,
+    /// Topics to subscribe the connection to at once (the backend's
+    /// connect answer).
+    pub topics: Vec<String>,
 }
 
 /// Why a handshake was refused; the text is the 401 body.
@@ -55,6 +63,15 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     roles: Roles,
+    #[serde(default)]
+    info: Option<serde_json::Value>,
+}
+
+/// A subscription token's claims: the user it is for and the topic.
+#[derive(Deserialize)]
+struct SubscriptionClaims {
+    sub: String,
+    topic: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -245,7 +262,12 @@ impl Verifier {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 kind => AuthError::Invalid(why_invalid(kind)),
             })?;
-        let Claims { sub, exp, roles } = data.claims;
+        let Claims {
+            sub,
+            exp,
+            roles,
+            info,
+        } = data.claims;
         if sub.is_empty() {
             return Err(AuthError::Invalid("empty sub".into()));
         }
@@ -258,7 +280,45 @@ impl Verifier {
             user: Some(sub.into()),
             roles: roles.into(),
             expires: self.expiry_leeway.map(|l| exp.saturating_add(l)),
+            info: info
+                .filter(|i| !i.is_null())
+                .map(|i| Arc::from(i.to_string())),
+            topics: Vec::new(),
         })
+    }
+
+    /// Checks a subscription token: signed with the connection tokens'
+    /// key and checked the same way (algorithm, `exp`, `aud`, `iss`,
+    /// leeway), its `topic` is `topic` and its `sub` is `user` (`""` for
+    /// an anonymous connection).
+    ///
+    /// # Errors
+    /// [`AuthError`] saying what is wrong with it.
+    pub fn subscription(
+        &self,
+        token: &str,
+        topic: &str,
+        user: Option<&str>,
+    ) -> Result<(), AuthError> {
+        let Some((key, validation)) = &self.key else {
+            return Err(AuthError::NotAccepted);
+        };
+        let data = jsonwebtoken::decode::<SubscriptionClaims>(token, key, validation).map_err(
+            |e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                kind => AuthError::Invalid(why_invalid(kind)),
+            },
+        )?;
+        if data.claims.topic != topic {
+            return Err(AuthError::Invalid(format!(
+                "it is for the topic {:?}",
+                data.claims.topic
+            )));
+        }
+        if data.claims.sub != user.unwrap_or("") {
+            return Err(AuthError::Invalid("it is for another user".into()));
+        }
+        Ok(())
     }
 }
 

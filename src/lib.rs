@@ -14,8 +14,14 @@
 //! - [`tls`]: serving TLS directly (`server.tls_cert`, `server.tls_key`).
 //! - `transport`: a connection's stream, plain TCP or TLS.
 //! - [`identity`]: JWT at the handshake, the Origin check.
+//! - [`hooks`]: the one seam where the application decides about its
+//!   clients (connect, refresh, subscribe, publish), and gale's own
+//!   decisions (topic rules, tokens, the backend).
 //! - [`connection`]: one WebSocket connection's read/reply loop.
+//! - [`control`]: commands every node runs (the server API's operations
+//!   on users' connections, presence, topics, counts).
 //! - [`protocol`]: the wire messages; no state.
+//! - [`proxy`]: the application's backend in the loop, over HTTP.
 //! - [`router`]: JSON events: registry, policies, worker pool.
 //! - [`weather`]: providers, cache, single-flight, limits, breaker.
 //! - [`breaker`]: the circuit breaker of gale's calls to those services.
@@ -50,14 +56,17 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod fake_upstream;
 pub mod history;
+pub mod hooks;
 pub mod http_client;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod shutdown;

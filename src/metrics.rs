@@ -320,6 +320,8 @@ pub struct Metrics {
     pub broadcast_batch: Histogram,
     /// Cluster metrics; `None` on a single node.
     pub cluster: Option<ClusterMetrics>,
+    /// Calls to the application's backend (`gale_proxy_*`).
+    pub proxy: ProxyMetrics,
 }
 
 /// Why a cross-node message was lost.
@@ -360,6 +362,160 @@ struct FallbackLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
     node_id: String,
+}
+
+/// A kind of call to the application's backend.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ProxyKind {
+    /// `connect_url`.
+    Connect,
+    /// `refresh_url`.
+    Refresh,
+    /// `subscribe_url`.
+    Subscribe,
+    /// `publish_url`.
+    Publish,
+    /// `rpc_url`.
+    Rpc,
+    /// `events_url`.
+    Events,
+}
+
+impl ProxyKind {
+    /// Every kind, in declaration order (index = `as usize`).
+    pub const ALL: [ProxyKind; 6] = [
+        ProxyKind::Connect,
+        ProxyKind::Refresh,
+        ProxyKind::Subscribe,
+        ProxyKind::Publish,
+        ProxyKind::Rpc,
+        ProxyKind::Events,
+    ];
+}
+
+/// How one call to the backend ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ProxyResult {
+    /// It answered `result`.
+    Ok,
+    /// It answered `error`.
+    Refused,
+    /// It answered `disconnect`.
+    Disconnect,
+    /// No answer by the deadline.
+    Timeout,
+    /// No connection, or an answer that breaks the protocol.
+    Failed,
+    /// Not made: the circuit breaker was open.
+    Open,
+}
+
+impl ProxyResult {
+    const ALL: [ProxyResult; 6] = [
+        ProxyResult::Ok,
+        ProxyResult::Refused,
+        ProxyResult::Disconnect,
+        ProxyResult::Timeout,
+        ProxyResult::Failed,
+        ProxyResult::Open,
+    ];
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyCallLabels {
+    kind: ProxyKind,
+    result: ProxyResult,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyKindLabels {
+    kind: ProxyKind,
+}
+
+/// The application's backend's metrics (`gale_proxy_*`), looked up once.
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    calls: Vec<Counter>,
+    latency: Vec<Histogram>,
+    /// Calls in flight now.
+    pub in_flight: Gauge,
+    /// Lifecycle notifications delivered.
+    pub events_sent: Counter,
+    /// Lifecycle notifications dropped: the queue was full.
+    pub events_dropped: Counter,
+    /// Lifecycle notifications waiting to be sent.
+    pub events_queued: Gauge,
+}
+
+impl ProxyMetrics {
+    fn register(reg: &mut Registry) -> ProxyMetrics {
+        let calls = Family::<ProxyCallLabels, Counter>::default();
+        reg.register(
+            "proxy_calls",
+            "Calls to the application's backend, by kind and result",
+            calls.clone(),
+        );
+        let latency = Family::<ProxyKindLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        reg.register(
+            "proxy_latency_seconds",
+            "Latency of calls to the application's backend, by kind",
+            latency.clone(),
+        );
+        let gauge = |reg: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            reg.register(name, help, g.clone());
+            g
+        };
+        let counter = |reg: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            reg.register(name, help, c.clone());
+            c
+        };
+        ProxyMetrics {
+            calls: ProxyKind::ALL
+                .iter()
+                .flat_map(|&kind| {
+                    ProxyResult::ALL
+                        .map(|result| calls.get_or_create_owned(&ProxyCallLabels { kind, result }))
+                })
+                .collect(),
+            latency: ProxyKind::ALL
+                .map(|kind| latency.get_or_create_owned(&ProxyKindLabels { kind }))
+                .to_vec(),
+            in_flight: gauge(
+                reg,
+                "proxy_in_flight",
+                "Calls to the application's backend running now",
+            ),
+            events_sent: counter(
+                reg,
+                "proxy_events_sent",
+                "Lifecycle notifications delivered to the application's backend",
+            ),
+            events_dropped: counter(
+                reg,
+                "proxy_events_dropped",
+                "Lifecycle notifications dropped: their queue ([proxy] events_queue) was full",
+            ),
+            events_queued: gauge(
+                reg,
+                "proxy_events_queued",
+                "Lifecycle notifications waiting to be sent",
+            ),
+        }
+    }
+
+    /// The counter of calls of `kind` that ended with `result`.
+    pub fn call(&self, kind: ProxyKind, result: ProxyResult) -> &Counter {
+        &self.calls[kind as usize * ProxyResult::ALL.len() + result as usize]
+    }
+
+    /// The latency histogram of `kind`.
+    pub fn latency(&self, kind: ProxyKind) -> &Histogram {
+        &self.latency[kind as usize]
+    }
 }
 
 /// Cluster mode's metrics (`gale_cluster_*`).
@@ -504,6 +660,7 @@ impl Metrics {
     pub fn for_node(node_id: Option<&str>) -> Metrics {
         let mut registry = Registry::with_prefix("gale");
         let cluster = node_id.map(|id| ClusterMetrics::register(&mut registry, id));
+        let proxy = ProxyMetrics::register(&mut registry);
         let reg = &mut registry;
 
         let connections = Gauge::default();
@@ -917,6 +1074,7 @@ impl Metrics {
             spill_bytes,
             db_batch_size,
             cluster,
+            proxy,
             registry,
         }
     }

@@ -15,7 +15,7 @@
 //! that finishes wakes it, reply or not.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::websocket::Prepared;
@@ -43,6 +43,9 @@ struct State {
     queue: VecDeque<Outgoing>,
     overflowed: bool,
     closed: bool,
+    /// To be closed with this code and reason once what is queued is
+    /// written (the application, or the server API, ended it).
+    ending: Option<Box<(u16, String)>>,
 }
 
 /// The queue. Shared between the connection task and whoever sends to it.
@@ -51,6 +54,10 @@ pub struct Outbox {
     state: Mutex<State>,
     ready: Notify,
     events: AtomicUsize,
+    /// When the connection's identity ends (Unix seconds; 0: never).
+    expires: AtomicU64,
+    /// A refresh of that identity is under way.
+    refreshing: AtomicBool,
     capacity: usize,
     policy: SlowConsumer,
     metrics: Arc<Metrics>,
@@ -63,6 +70,9 @@ pub enum Taken {
     Messages,
     /// The consumer is too slow: close the connection.
     SlowConsumer,
+    /// Everything queued was taken and the connection is to be closed
+    /// with this code and reason.
+    End(u16, String),
 }
 
 impl Outbox {
@@ -72,6 +82,8 @@ impl Outbox {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
             events: AtomicUsize::new(0),
+            expires: AtomicU64::new(0),
+            refreshing: AtomicBool::new(false),
             capacity: capacity.max(1),
             policy,
             metrics,
@@ -152,7 +164,51 @@ impl Outbox {
         if st.queue.capacity() > KEEP_CAPACITY {
             st.queue = VecDeque::new();
         }
-        Taken::Messages
+        match st.ending.take() {
+            Some(end) => {
+                let (code, reason) = *end;
+                Taken::End(code, reason)
+            }
+            None => Taken::Messages,
+        }
+    }
+
+    /// Ends the connection: what is queued is written, then it closes
+    /// with `code` and `reason` (at most 123 bytes). Nothing more is
+    /// queued.
+    pub fn end(&self, code: u16, reason: &str) {
+        let mut reason = reason.to_owned();
+        while reason.len() > 123 {
+            reason.pop();
+        }
+        let mut st = self.lock();
+        if st.closed || st.ending.is_some() {
+            return;
+        }
+        st.ending = Some(Box::new((code, reason)));
+        st.closed = true;
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    /// When the connection's identity ends (Unix seconds), if it does.
+    pub fn expires(&self) -> Option<u64> {
+        Some(self.expires.load(Ordering::Acquire)).filter(|&at| at > 0)
+    }
+
+    /// Sets when the connection's identity ends.
+    pub fn set_expires(&self, at: Option<u64>) {
+        self.expires.store(at.unwrap_or(0), Ordering::Release);
+    }
+
+    /// Marks a refresh as started; false when one already runs.
+    pub fn start_refresh(&self) -> bool {
+        !self.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the refresh as done.
+    pub fn refresh_done(&self) {
+        self.refreshing.store(false, Ordering::Release);
     }
 
     /// Counts one more event of this connection in the router; true when

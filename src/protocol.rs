@@ -252,7 +252,7 @@ pub struct ErrorBody {
     pub field: Option<String>,
     /// With `application_error`: the code the application's backend gave
     /// (a string or a number), shown to the client in place of gale's.
-    pub app_code: Option<serde_json::Value>,
+    pub app_code: Option<Box<serde_json::Value>>,
 }
 
 impl Serialize for ErrorBody {
@@ -285,7 +285,7 @@ impl ErrorBody {
     /// An error the application's backend answered, shown as it gave it.
     pub fn application(code: serde_json::Value, message: impl Into<String>) -> Self {
         ErrorBody {
-            app_code: Some(code),
+            app_code: Some(Box::new(code)),
             ..ErrorBody::new(ErrorCode::ApplicationError, message)
         }
     }

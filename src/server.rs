@@ -59,6 +59,9 @@ pub enum ServerError {
     /// Cluster mode could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The application's backend's HTTP client could not be built.
+    #[error("cannot create the HTTP client of [proxy]: {0}")]
+    Backend(reqwest::Error),
     /// The listener failed while serving.
     #[error("server I/O error: {0}")]
     Io(#[from] io::Error),
@@ -112,6 +115,11 @@ pub struct App {
     pub router: Router,
     /// Checks handshake tokens.
     pub verifier: Verifier,
+    /// What the application decides about connections, subscriptions and
+    /// publications.
+    pub hooks: Arc<dyn crate::hooks::Hooks>,
+    /// The application's backend, when `[proxy]` names one.
+    pub backend: Option<Arc<crate::proxy::Backend>>,
     /// `server.trusted_proxies`, parsed.
     pub proxies: Vec<identity::Cidr>,
     /// Connections, users, topics; push.
@@ -213,6 +221,22 @@ pub async fn start(
     let metrics = Arc::new(Metrics::for_node(node_id.as_deref()));
     let verifier = Verifier::from_config(&config.auth)?;
     let proxies = config.server.trusted_proxies()?;
+    let backend = crate::proxy::Backend::new(&config.proxy, metrics.clone())
+        .map_err(ServerError::Backend)?
+        .map(Arc::new);
+    let rules = crate::channels::Rules::new(&config.topics);
+    if rules.all_closed() {
+        tracing::info!(
+            "no [topics] block opens a topic to clients: topic.subscribe and topic.publish are \
+             refused (permission_denied) until one does, e.g. [topics.\"*\"] subscribe = \"anyone\""
+        );
+    }
+    let hooks: Arc<dyn crate::hooks::Hooks> = Arc::new(crate::hooks::Permissions::new(
+        rules,
+        Verifier::from_config(&config.auth)?,
+        backend.clone(),
+        &config.proxy.headers,
+    ));
     let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
     let cluster = match (node_id, &metrics.cluster) {
         (Some(id), Some(m)) => Some(Cluster::connect(&config.cluster, id, m.clone()).await?),
@@ -280,6 +304,8 @@ pub async fn start(
         metrics,
         router: events,
         verifier,
+        hooks,
+        backend,
         proxies,
         hub,
         feeds: Default::default(),
@@ -496,6 +522,12 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 impl App {
+    /// This node's id: the cluster's name for it, or `"local"` on a
+    /// single node.
+    pub fn node_id(&self) -> &str {
+        self.cluster.as_ref().map_or("local", |c| c.node_id())
+    }
+
     /// Brings the gauges that depend on time alone up to date; every
     /// reader of the metrics (`/metrics`, `/metrics.json`, `server.stats`)
     /// calls it first. The others are kept live where they change.
@@ -586,6 +618,7 @@ async fn ws_upgrade(
         ws,
         Mode::Protocol,
     )
+    .await
 }
 
 /// `/echo` while `[server] echo` is off: 404, saying how to turn it on.
@@ -606,12 +639,12 @@ async fn echo_upgrade(
     uri: Uri,
     ws: Result<Upgrade, UpgradeError>,
 ) -> Response {
-    accept(app, peer, counted.is_some(), headers, uri, ws, Mode::Echo)
+    accept(app, peer, counted.is_some(), headers, uri, ws, Mode::Echo).await
 }
 
 /// The upgrade path both WebSocket routes share: the same checks, limits
 /// and buffers, so `/echo` measures the stack `/ws` runs on.
-fn accept(
+async fn accept(
     app: Arc<App>,
     peer: SocketAddr,
     counted: bool,
@@ -639,7 +672,12 @@ fn accept(
                 .into_response();
         }
     };
-    let (admitted, who, address) = match admit(&app, peer, counted, &headers, &uri) {
+    let Admitted {
+        admission: admitted,
+        who,
+        address,
+        client,
+    } = match admit(&app, peer, counted, &headers, &uri, "websocket").await {
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
@@ -666,7 +704,9 @@ fn accept(
             let admitted = counted.map(|c| c.with_session()).or(admitted);
             async move {
                 match mode {
-                    Mode::Protocol => crate::connection::serve(app, socket, who, address).await,
+                    Mode::Protocol => {
+                        crate::connection::serve(app, socket, client, who, address).await
+                    }
                     Mode::Echo => crate::connection::echo(app, socket).await,
                 }
                 drop(admitted);
@@ -676,26 +716,32 @@ fn accept(
     )
 }
 
+/// A handshake let in: what the connection holds and is.
+pub(crate) struct Admitted {
+    /// Counted against its address for its life (`None`: counted at the
+    /// accept already).
+    pub(crate) admission: Option<crate::admission::Admitted>,
+    /// Who it is.
+    pub(crate) who: identity::Identity,
+    /// The address rate limits key it by.
+    pub(crate) address: std::net::IpAddr,
+    /// Its `client_id` (the application's connect hook was told it).
+    pub(crate) client: uuid::Uuid,
+}
+
 /// The checks every client connection passes, WebSocket or SSE, cheapest
-/// first: shutting down, the address's admission, Origin, token. Returns
-/// the admission (held for the connection's life; `None` when the
-/// connection was `counted` at the accept already), who it is and the
-/// address rate limits key it by, or the refusal to answer.
+/// first: shutting down, the address's admission, Origin, token; and,
+/// without a valid token, the application's connect hook. Returns what
+/// the connection holds and is, or the refusal to answer.
 #[allow(clippy::result_large_err)]
-pub(crate) fn admit(
+pub(crate) async fn admit(
     app: &App,
     peer: SocketAddr,
     counted: bool,
     headers: &HeaderMap,
     uri: &Uri,
-) -> Result<
-    (
-        Option<crate::admission::Admitted>,
-        identity::Identity,
-        std::net::IpAddr,
-    ),
-    Response,
-> {
+    transport: &'static str,
+) -> Result<Admitted, Response> {
     if app.shutdown.is_cancelled() {
         return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response());
     }
@@ -708,7 +754,7 @@ pub(crate) fn admit(
     } else {
         app.admission.admit(address).map(Some)
     };
-    let admitted = match admitted {
+    let admission = match admitted {
         Ok(a) => a,
         Err(refused @ Refused::Connections(_)) => {
             tracing::debug!(%address, "handshake refused: connections per address");
@@ -733,22 +779,82 @@ pub(crate) fn admit(
         )
             .into_response());
     }
-    let who = match app
+    let client = uuid::Uuid::new_v4();
+    let verdict = app
         .verifier
-        .identify(identity::token_from(headers, uri).as_deref())
-    {
-        Ok(who) => who,
-        Err(e) => {
-            tracing::debug!(error = %e, "handshake refused: token");
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                format!("{e}\n"),
-            )
-                .into_response());
-        }
+        .identify(identity::token_from(headers, uri).as_deref());
+    let who = match verdict {
+        Ok(who) if who.user.is_some() || !app.hooks.connects() => who,
+        // No valid token: the application decides who this is.
+        verdict => match connect(app, client, address, headers, transport).await? {
+            Some(who) => who,
+            None => verdict.map_err(|e| {
+                tracing::debug!(error = %e, "handshake refused: token");
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    format!("{e}\n"),
+                )
+                    .into_response()
+            })?,
+        },
     };
-    Ok((admitted, who, address))
+    Ok(Admitted {
+        admission,
+        who,
+        address,
+        client,
+    })
+}
+
+/// Asks the application's connect hook who a handshake without a valid
+/// token is: `None` when it leaves that open.
+#[allow(clippy::result_large_err)]
+async fn connect(
+    app: &App,
+    client: uuid::Uuid,
+    address: std::net::IpAddr,
+    headers: &HeaderMap,
+    transport: &'static str,
+) -> Result<Option<identity::Identity>, Response> {
+    let forwarded = app
+        .config
+        .proxy
+        .headers
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(name.as_str())?.to_str().ok()?;
+            Some((name.to_ascii_lowercase(), value.to_owned()))
+        })
+        .collect();
+    let req = crate::hooks::ConnectRequest {
+        client,
+        transport,
+        address,
+        headers: forwarded,
+    };
+    match app.hooks.connect(req).await {
+        Ok(None) => Ok(None),
+        Ok(Some(c)) => Ok(Some(identity::Identity {
+            user: c.user.map(Arc::from),
+            roles: c.roles.into(),
+            expires: c.expire_at,
+            info: c.info.map(|i| Arc::from(i.to_string())),
+            topics: c.topics,
+        })),
+        Err(refusal) => {
+            let body = refusal.body();
+            tracing::debug!(error = %body.message, "handshake refused by the application");
+            let status = match body.code {
+                crate::protocol::ErrorCode::UpstreamUnavailable
+                | crate::protocol::ErrorCode::Timeout
+                | crate::protocol::ErrorCode::SystemOverloaded => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::FORBIDDEN,
+            };
+            let json = serde_json::json!({ "error": body }).to_string();
+            Err((status, [(header::CONTENT_TYPE, "application/json")], json).into_response())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use uuid::Uuid;
 
 use crate::apps::weather;
-use crate::connection::{Counted, SEND_TIMEOUT, invalid_reply, new_caller};
+use crate::connection::{Counted, SEND_TIMEOUT, invalid_reply, join, new_caller, refresh_if_due};
 use crate::listener::ConnAbort;
 use crate::outbox::{Outgoing, Taken};
 use crate::protocol::{GREETING, Incoming, classify};
@@ -167,7 +167,6 @@ struct Stream {
     open: Open,
     hello: Option<Bytes>,
     tick: tokio::sync::watch::Receiver<()>,
-    expires: Option<u64>,
     buf: Vec<Outgoing>,
     done: bool,
 }
@@ -181,16 +180,20 @@ pub(crate) async fn open(
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
-    let (admitted, who, address) =
-        match crate::server::admit(&app, peer, counted.is_some(), &headers, &uri) {
-            Ok(ok) => ok,
-            Err(refused) => return refused,
-        };
+    let crate::server::Admitted {
+        admission,
+        who,
+        address,
+        client,
+    } = match crate::server::admit(&app, peer, counted.is_some(), &headers, &uri, "sse").await {
+        Ok(ok) => ok,
+        Err(refused) => return refused,
+    };
     // Counted as a connection at the accept, or with its session behind a
     // proxy; a session either way.
-    let admitted = admitted.unwrap_or_else(|| app.admission.session(address));
-    let expires = who.expires;
-    let caller = new_caller(&app, Uuid::new_v4(), address, who);
+    let admitted = admission.unwrap_or_else(|| app.admission.session(address));
+    let (expires, topics) = (who.expires, who.topics.clone());
+    let caller = new_caller(&app, client, address, who);
     let id = Uuid::new_v4().simple().to_string();
     let session = Arc::new(Session {
         caller,
@@ -214,7 +217,7 @@ pub(crate) async fn open(
         map.insert(id.clone(), session.clone());
         app.metrics.sse_sessions.set(map.len() as i64);
     }
-    app.hub.join(&session.caller);
+    join(&app, &session.caller, expires, topics);
     let client_id = session.caller.conn_id;
     tracing::debug!(%client_id, user = ?session.caller.user, "sse session opened");
     let hello = serde_json::json!({
@@ -228,7 +231,6 @@ pub(crate) async fn open(
     let state = Stream {
         hello: Some(Bytes::from(format!("retry: 2000\ndata: {hello}\n\n"))),
         tick: app.ping_clock.subscribe(),
-        expires,
         buf: Vec::new(),
         done: false,
         open: Open {
@@ -268,10 +270,19 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
     let app = st.open.app.clone();
     let outbox = &st.open.session.caller.outbox;
     loop {
-        if outbox.take(&mut st.buf) == Taken::SlowConsumer {
-            app.metrics.slow_consumers.inc();
-            st.done = true;
-            return Some(closing(1013, "slow consumer"));
+        match outbox.take(&mut st.buf) {
+            Taken::SlowConsumer => {
+                app.metrics.slow_consumers.inc();
+                st.done = true;
+                return Some(closing(1013, "slow consumer"));
+            }
+            Taken::End(code, reason) => {
+                st.done = true;
+                let mut out = encode(&mut st.buf).to_vec();
+                out.extend_from_slice(&closing(code, &reason));
+                return Some(Bytes::from(out));
+            }
+            Taken::Messages => {}
         }
         if !st.buf.is_empty() {
             app.metrics.messages_out.inc_by(st.buf.len() as u64);
@@ -293,9 +304,12 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
             }
             () = outbox.ready() => {}
             Ok(()) = st.tick.changed() => {
-                if st.expires.is_some_and(|at| crate::connection::unix_now() >= at) {
-                    st.done = true;
-                    return Some(closing(1008, "token expired"));
+                if let Some(at) = outbox.expires() {
+                    if crate::connection::unix_now() >= at {
+                        st.done = true;
+                        return Some(closing(1008, "token expired"));
+                    }
+                    refresh_if_due(&app, &st.open.session.caller, at);
                 }
                 st.open.session.last_write_ms.store(now_ms(), Ordering::Relaxed);
                 return Some(Bytes::from_static(b":\n\n"));

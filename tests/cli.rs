@@ -423,10 +423,8 @@ async fn client_shows_positions_of_pushes() {
     use std::io::{BufRead, Write};
     let server = common::start_with(|c| {
         c.api.key = Some("cli-key-0123456789ab".into());
-        c.topics.insert(
-            "news:*".into(),
-            gale::config::TopicConfig::history(10, 60),
-        );
+        c.topics
+            .insert("news:*".into(), gale::config::TopicConfig::history(10, 60));
     })
     .await;
     let mut child = Command::new(GALE)

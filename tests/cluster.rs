@@ -84,10 +84,11 @@ async fn wait_json(server: &TestServer, what: &str, cond: impl Fn(&Value) -> boo
     }
 }
 
-/// The channels a node subscribes to besides `all` and its probe.
+/// The channels a node subscribes to besides its four own: `all`, its
+/// probe, the commands to every node and the answers to its own.
 async fn wait_channels(server: &TestServer, n: usize) {
     server
-        .wait_sample("gale_cluster_channels", (n + 2) as f64)
+        .wait_sample("gale_cluster_channels", (n + 4) as f64)
         .await;
 }
 
@@ -883,10 +884,8 @@ async fn nodes_keep_working_when_a_redis_cluster_master_fails_over() {
 }
 
 fn with_history(c: &mut Config) {
-    c.topics.insert(
-        "hist:*".into(),
-        gale::config::TopicConfig::history(10, 60),
-    );
+    c.topics
+        .insert("hist:*".into(), gale::config::TopicConfig::history(10, 60));
 }
 
 /// Topic history over a three-master Redis Cluster: the script's keys
@@ -999,7 +998,10 @@ async fn braces_in_names_keep_their_keys_in_one_slot() {
     let everything = |c: &mut Config| {
         c.topics.insert(
             "*".into(),
-            gale::config::TopicConfig::history(10, 60),
+            gale::config::TopicConfig {
+                subscribe: Some(gale::config::SubscribeMode::Anyone),
+                ..gale::config::TopicConfig::history(10, 60)
+            },
         );
     };
     let a = node_with(&rc.seeds(), &p, "a", &up, everything).await;

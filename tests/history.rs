@@ -39,14 +39,10 @@ impl Keeper {
 
     fn configure(&self, c: &mut Config, size: usize) {
         c.api.key = Some(API_KEY.into());
-        c.topics.insert(
-            "news:*".into(),
-            TopicConfig::history(size, 300),
-        );
-        c.topics.insert(
-            "weather:*".into(),
-            TopicConfig::history(size, 300),
-        );
+        c.topics
+            .insert("news:*".into(), TopicConfig::history(size, 300));
+        c.topics
+            .insert("weather:*".into(), TopicConfig::history(size, 300));
         if let Keeper::Redis { url, prefix, .. } = self {
             c.cluster.redis_url = Some(url.clone());
             c.cluster.prefix = prefix.clone();

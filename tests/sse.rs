@@ -17,10 +17,8 @@ const SECRET: &str = "sse-test-secret";
 fn configure(c: &mut Config) {
     c.api.key = Some(API_KEY.into());
     c.auth.jwt_secret = Some(SECRET.into());
-    c.topics.insert(
-        "news:*".into(),
-        TopicConfig::history(10, 300),
-    );
+    c.topics
+        .insert("news:*".into(), TopicConfig::history(10, 300));
 }
 
 #[tokio::test]

@@ -1,11 +1,16 @@
-//! Topics: clients subscribe, backends and handlers publish.
+//! Topics: clients subscribe, publish and ask who is there, as the
+//! application's hooks allow ([`crate::hooks`]); backends and handlers
+//! publish too.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::hub_error;
+use crate::broadcast::Target;
 use crate::history::Since;
+use crate::hooks::Refusal;
 use crate::protocol::ErrorBody;
+use crate::protocol::ErrorCode;
 use crate::router::{
     Answer, AnswerResult, Ctx, HandlerResult, Payload, Policy, Registry, invalid_field,
 };
@@ -14,6 +19,8 @@ use crate::router::{
 pub(crate) fn register(r: &mut Registry) {
     r.register_answer("topic.subscribe", Policy::default(), topic_subscribe);
     r.register("topic.unsubscribe", Policy::default(), topic_unsubscribe);
+    r.register("topic.publish", Policy::default(), topic_publish);
+    r.register("topic.presence", Policy::default(), topic_presence);
 }
 
 /// `topic.unsubscribe {topic}`.
@@ -23,13 +30,33 @@ struct TopicRequest {
     topic: String,
 }
 
-/// `topic.subscribe {topic, since?}`.
+/// `topic.subscribe {topic, since?, token?}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SubscribeRequest {
     topic: String,
     /// The position to recover from.
     since: Option<Since>,
+    /// A subscription token for the topic.
+    token: Option<String>,
+}
+
+/// `topic.publish {topic, data}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    topic: String,
+    #[serde(default)]
+    data: Value,
+}
+
+impl Payload for PublishRequest {
+    fn validate(&self) -> Result<(), ErrorBody> {
+        TopicRequest {
+            topic: self.topic.clone(),
+        }
+        .validate()
+    }
 }
 
 impl Payload for SubscribeRequest {
@@ -143,11 +170,24 @@ impl Payload for TopicRequest {
     }
 }
 
+/// What a hook's refusal does to the connection, and the reply's error.
+fn refused(ctx: &Ctx, refusal: Refusal) -> ErrorBody {
+    if let Refusal::Disconnect { code, reason } = &refusal {
+        ctx.caller.outbox.end(*code, reason);
+    }
+    refusal.body()
+}
+
 async fn topic_subscribe(ctx: Ctx, req: SubscribeRequest) -> AnswerResult {
-    let added = ctx
-        .app
+    let app = &ctx.app;
+    app.hooks
+        .subscribe(ctx.caller.who(), req.topic.clone(), req.token)
+        .await
+        .map_err(|r| refused(&ctx, r))?;
+    let announce = app.hooks.join_leave(&req.topic);
+    let added = app
         .hub
-        .subscribe(ctx.caller.conn_id, &req.topic)
+        .subscribe_announced(ctx.caller.conn_id, &req.topic, announce)
         .map_err(hub_error)?;
     let mut reply = Map::new();
     reply.insert("topic".into(), json!(req.topic));
@@ -159,4 +199,72 @@ async fn topic_subscribe(ctx: Ctx, req: SubscribeRequest) -> AnswerResult {
 async fn topic_unsubscribe(ctx: Ctx, req: TopicRequest) -> HandlerResult {
     let was = ctx.app.hub.unsubscribe(ctx.caller.conn_id, &req.topic);
     Ok(json!({ "topic": req.topic, "unsubscribed": was }))
+}
+
+/// `topic.publish {topic, data}`: as the hooks allow, pushed to the
+/// topic's subscribers as `topic.message`, with the publisher's user,
+/// exactly as a publication from the API is (history, offsets).
+async fn topic_publish(ctx: Ctx, req: PublishRequest) -> HandlerResult {
+    let app = &ctx.app;
+    let subscribed = app.hub.is_subscribed(ctx.caller.conn_id, &req.topic);
+    let data = app
+        .hooks
+        .publish(ctx.caller.who(), req.topic.clone(), subscribed, req.data)
+        .await
+        .map_err(|r| refused(&ctx, r))?;
+    app.hub
+        .publish_from(
+            Target::Topic(req.topic.clone()),
+            "topic.message",
+            &data,
+            ctx.caller.user.as_deref(),
+        )
+        .map_err(hub_error)?;
+    Ok(json!({ "topic": req.topic, "accepted": true }))
+}
+
+/// Most subscribers one `topic.presence` lists.
+pub(crate) const MAX_PRESENCE: usize = 10_000;
+
+/// `topic.presence {topic}`: who is subscribed, on every node, for a
+/// subscriber of a topic whose rules turn presence on.
+async fn topic_presence(ctx: Ctx, req: TopicRequest) -> HandlerResult {
+    let app = &ctx.app;
+    if !app.hooks.presence(&req.topic) {
+        return Err(ErrorBody::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "{} does not show presence (no [topics] block sets presence = true)",
+                req.topic
+            ),
+        ));
+    }
+    if !app.hub.is_subscribed(ctx.caller.conn_id, &req.topic) {
+        return Err(ErrorBody::new(
+            ErrorCode::PermissionDenied,
+            format!("subscribe to {} to see who is there", req.topic),
+        ));
+    }
+    Ok(presence_of(app, &req.topic, MAX_PRESENCE).await)
+}
+
+/// Who is subscribed to `topic` on every node (at most `limit`), with
+/// how many clients and distinct users: `{"topic", "clients": [{client,
+/// user, info}], "count", "users"}`.
+pub(crate) async fn presence_of(app: &crate::server::App, topic: &str, limit: usize) -> Value {
+    let cmd = crate::control::Command::Presence {
+        topic: topic.to_owned(),
+        limit,
+    };
+    let answers = crate::control::everywhere(&app.hub, app.node_id(), cmd).await;
+    let clients: Vec<Value> = answers
+        .iter()
+        .filter_map(|a| a["clients"].as_array())
+        .flatten()
+        .take(limit)
+        .cloned()
+        .collect();
+    let users: std::collections::HashSet<&str> =
+        clients.iter().filter_map(|c| c["user"].as_str()).collect();
+    json!({"topic": topic, "clients": clients, "count": clients.len(), "users": users.len()})
 }

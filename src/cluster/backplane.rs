@@ -18,6 +18,12 @@
 //! through the subscriber within the interval means the subscription is
 //! dead even if the socket looks alive (a failover, a proxy), and the
 //! subscriber reconnects. `gale_cluster_up` and `/healthz` follow.
+//!
+//! Commands every node runs ([`crate::control`]) go out on `P:ctl`, each
+//! `{"id", "cmd"}` behind the sender's node id; every other node runs it
+//! and answers `{"id", "answer"}` on the sender's `P:ctl:NODE`. The
+//! sender waits for as many answers as presence counts other nodes, or
+//! `cluster.call_timeout_ms`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +95,25 @@ pub struct RedisBackplane {
     requested: AtomicU64,
     /// The last of those the subscriber has applied.
     applied: watch::Sender<u64>,
+    /// Commands sent to the other nodes and waiting for their answers, by
+    /// id.
+    asked: Arc<Asked>,
+    next_ask: AtomicU64,
+}
+
+/// Commands waiting for answers, by id.
+type Asked = Mutex<HashMap<u64, mpsc::Sender<serde_json::Value>>>;
+
+/// Forgets a command's id when its wait ends, however it ends.
+struct Forget(u64, Arc<Asked>);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
 }
 
 impl std::fmt::Debug for RedisBackplane {
@@ -118,7 +143,76 @@ impl RedisBackplane {
             meta_ttl_s,
             requested: AtomicU64::new(0),
             applied: watch::Sender::new(0),
+            asked: Arc::new(Mutex::new(HashMap::new())),
+            next_ask: AtomicU64::new(1),
         })
+    }
+
+    /// Where every node hears commands.
+    fn control_channel(&self) -> String {
+        self.cluster.key(&["ctl"])
+    }
+
+    /// Where node `node` hears the answers to its commands.
+    fn answers_channel(&self, node: &str) -> String {
+        self.cluster.key(&["ctl", node])
+    }
+
+    fn asked(&self) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::Sender<serde_json::Value>>> {
+        self.asked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `payload` for `channel` (lost and counted when the queue is
+    /// full).
+    fn publish_raw(&self, channel: String, payload: Vec<u8>) {
+        if self
+            .out
+            .try_send(Outgoing::Publish { channel, payload })
+            .is_err()
+        {
+            self.cluster.metrics.lost(LostReason::QueueFull).inc();
+        }
+    }
+
+    /// A command from another node: run it here and answer.
+    fn on_command(&self, hub: &Hub, payload: &[u8]) {
+        let Some(cut) = payload.iter().position(|&b| b == b'\n') else {
+            return;
+        };
+        let (origin, body) = (&payload[..cut], &payload[cut + 1..]);
+        if origin == self.cluster.node_id.as_bytes() {
+            return; // run here already, by the sender
+        }
+        let Ok(origin) = std::str::from_utf8(origin) else {
+            return;
+        };
+        #[derive(serde::Deserialize)]
+        struct Envelope {
+            id: u64,
+            cmd: crate::control::Command,
+        }
+        let Ok(env) = serde_json::from_slice::<Envelope>(body) else {
+            tracing::debug!("cluster: a command gale cannot read, ignored");
+            return;
+        };
+        let answer = crate::control::run(hub, &self.cluster.node_id, &env.cmd);
+        let reply = serde_json::json!({"id": env.id, "answer": answer});
+        self.publish_raw(self.answers_channel(origin), reply.to_string().into_bytes());
+    }
+
+    /// An answer to one of this node's commands.
+    fn on_answer(&self, payload: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            id: u64,
+            answer: serde_json::Value,
+        }
+        let Ok(r) = serde_json::from_slice::<Reply>(payload) else {
+            return;
+        };
+        if let Some(tx) = self.asked().get(&r.id) {
+            let _ = tx.try_send(r.answer);
+        }
     }
 
     /// Starts the publisher and the subscriber for `hub`; they stop at
@@ -237,6 +331,44 @@ impl Backplane for RedisBackplane {
             return false;
         }
         true
+    }
+
+    fn everywhere(
+        &self,
+        cmd: crate::control::Command,
+    ) -> BoxFuture<'static, Vec<serde_json::Value>> {
+        let others = usize::try_from(self.cluster.metrics.nodes.get() - 1).unwrap_or(0);
+        if others == 0 || !self.cluster.is_up() {
+            return Box::pin(std::future::ready(Vec::new()));
+        }
+        let id = self.next_ask.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel(others.min(1024));
+        self.asked().insert(id, tx);
+        let mut payload = self.cluster.node_id.as_bytes().to_vec();
+        payload.push(b'\n');
+        payload.extend_from_slice(
+            serde_json::json!({"id": id, "cmd": cmd})
+                .to_string()
+                .as_bytes(),
+        );
+        self.publish_raw(self.control_channel(), payload);
+        let deadline = Instant::now() + self.cluster.call_timeout.max(Duration::from_millis(100));
+        let me = self.cluster.clone();
+        let asked = Forget(id, self.asked.clone());
+        Box::pin(async move {
+            let _asked = asked;
+            let mut answers = Vec::with_capacity(others);
+            while answers.len() < others {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(a)) => answers.push(a),
+                    _ => break,
+                }
+            }
+            if answers.len() < others {
+                tracing::debug!(node = %me.node_id, got = answers.len(), of = others, "cluster: not every node answered a command in time");
+            }
+            answers
+        })
     }
 
     fn settled(&self) -> BoxFuture<'static, ()> {
@@ -443,7 +575,12 @@ async fn session(
         .map(|c| bp.channel(c))
         .collect()
     };
-    let fixed = [bp.everyone(), bp.probe_channel()];
+    let fixed = [
+        bp.everyone(),
+        bp.probe_channel(),
+        bp.control_channel(),
+        bp.answers_channel(&bp.cluster.node_id),
+    ];
     let all: Vec<&String> = fixed.iter().chain(current.iter()).collect();
     for chunk in all.chunks(SUBSCRIBE_CHUNK) {
         match tokio::time::timeout(SUBSCRIBE_DEADLINE, sink.subscribe(chunk)).await {
@@ -454,7 +591,7 @@ async fn session(
     }
     bp.applied.send_replace(snapshot_at);
     metrics.connects.inc();
-    metrics.channels.set(current.len() as i64 + 2);
+    metrics.channels.set((current.len() + fixed.len()) as i64);
     tracing::info!(node = %bp.cluster.node_id, channels = current.len(), "cluster: subscribed");
 
     let probe = bp.probe_channel();
@@ -485,13 +622,19 @@ async fn session(
                     continue;
                 }
                 let Some(hub) = hub.upgrade() else { return Ended::Stopped };
-                deliver(bp, &hub, channel, msg.get_payload_bytes());
+                if channel == fixed[2] {
+                    bp.on_command(&hub, msg.get_payload_bytes());
+                } else if channel == fixed[3] {
+                    bp.on_answer(msg.get_payload_bytes());
+                } else {
+                    deliver(bp, &hub, channel, msg.get_payload_bytes());
+                }
             }
             () = bp.changed.notified() => {
                 if let Err(why) = apply_changes(bp, hub, &mut sink, &mut current).await {
                     return Ended::Lost(why);
                 }
-                metrics.channels.set(current.len() as i64 + 2);
+                metrics.channels.set((current.len() + fixed.len()) as i64);
             }
             _ = tick.tick() => {
                 if let Some((_, sent)) = waiting {

@@ -63,8 +63,22 @@ pub struct Caller {
     pub user: Option<Arc<str>>,
     /// The user's roles.
     pub roles: Arc<[String]>,
+    /// Public data about the user (JSON), for presence and join/leave.
+    pub info: Option<Arc<str>>,
     /// Where replies and pushes for this connection go.
     pub outbox: Arc<Outbox>,
+}
+
+impl Caller {
+    /// The caller as the application's hooks see it.
+    pub fn who(&self) -> crate::hooks::Who {
+        crate::hooks::Who {
+            client: self.conn_id,
+            user: self.user.clone(),
+            roles: self.roles.clone(),
+            address: self.address,
+        }
+    }
 }
 
 /// What a handler gets: the app and the caller.

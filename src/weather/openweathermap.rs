@@ -4,8 +4,8 @@
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
-use crate::http_client::Client;
 use super::provider::{Provider, Reading, WeatherError, map_status};
+use crate::http_client::Client;
 use std::sync::Arc;
 
 /// The OpenWeatherMap provider.

@@ -97,9 +97,9 @@ impl From<crate::http_client::HttpError> for WeatherError {
     fn from(e: crate::http_client::HttpError) -> WeatherError {
         use crate::http_client::HttpError as H;
         match e {
-            H::Timeout => {
-                WeatherError::Upstream("the weather service did not answer in time (timeout)".into())
-            }
+            H::Timeout => WeatherError::Upstream(
+                "the weather service did not answer in time (timeout)".into(),
+            ),
             H::Unreachable(how) => {
                 WeatherError::Upstream(format!("cannot reach the weather service{how}"))
             }

@@ -57,6 +57,15 @@ pub fn test_config(fake: &FakeUpstream, dir: &std::path::Path) -> Config {
     config.weather.timeout_ms = 3_000;
     config.store.url = format!("sqlite://{}", dir.join("gale.db").display());
     config.store.spill_dir = dir.join("spill").display().to_string();
+    // Every topic open to clients, as most tests use them; the tests of
+    // the rules set their own.
+    config.topics.insert(
+        "*".into(),
+        gale::config::TopicConfig {
+            subscribe: Some(gale::config::SubscribeMode::Anyone),
+            ..Default::default()
+        },
+    );
     config
 }
 
