@@ -14,6 +14,8 @@
 //! - [`tls`]: serving TLS directly (`server.tls_cert`, `server.tls_key`).
 //! - `transport`: a connection's stream, plain TCP or TLS.
 //! - [`identity`]: JWT at the handshake, the Origin check.
+//! - [`lifecycle`]: user online/offline notifications to the
+//!   application's backend.
 //! - [`hooks`]: the one seam where the application decides about its
 //!   clients (connect, refresh, subscribe, publish), and gale's own
 //!   decisions (topic rules, tokens, the backend).
@@ -62,6 +64,7 @@ pub mod history;
 pub mod hooks;
 pub mod http_client;
 pub mod identity;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;

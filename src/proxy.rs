@@ -274,6 +274,52 @@ impl Backend {
     }
 }
 
+/// Registers the events `[proxy] rpc_events` names on the router: each is
+/// forwarded to `rpc_url` with its caller, and the backend's `result` is
+/// the reply's `data`. The router's policies apply to them as to any
+/// event (`[events."orders.create"]` overrides, rate limits, timeouts,
+/// priorities, the connection's bound).
+pub fn register_rpc(registry: &mut crate::router::Registry, cfg: &ProxyConfig) {
+    for pattern in &cfg.rpc_events {
+        registry.register_pattern(pattern, crate::router::Policy::default(), rpc);
+    }
+}
+
+/// One forwarded event.
+async fn rpc(ctx: crate::router::Ctx, event: String, data: Value) -> crate::router::HandlerResult {
+    let Some(backend) = ctx.app.backend.clone().filter(|b| b.has(ProxyKind::Rpc)) else {
+        return Err(
+            BackendError::NotConfigured(word(ProxyKind::Rpc), setting(ProxyKind::Rpc)).to_body(),
+        );
+    };
+    let caller = &ctx.caller;
+    let body = serde_json::json!({
+        "client": caller.conn_id,
+        "user": caller.user.as_deref(),
+        "roles": &*caller.roles,
+        "event": event,
+        "data": data,
+    });
+    match backend.call(ProxyKind::Rpc, &body).await {
+        Ok(Answer::Result(v)) => Ok(v),
+        Ok(answer @ Answer::Error { .. }) => Err(answer.refusal().unwrap_or_else(|| {
+            ErrorBody::new(ErrorCode::InternalError, "no refusal in an error answer")
+        })),
+        Ok(answer @ Answer::Disconnect { .. }) => {
+            if let Answer::Disconnect { code, reason } = &answer {
+                caller.outbox.end(*code, reason);
+            }
+            Err(answer.refusal().unwrap_or_else(|| {
+                ErrorBody::new(
+                    ErrorCode::InternalError,
+                    "no refusal in a disconnect answer",
+                )
+            }))
+        }
+        Err(e) => Err(e.to_body()),
+    }
+}
+
 fn http_failure(e: &http_client::HttpError) -> String {
     match e {
         http_client::HttpError::Unreachable(how) => format!("cannot reach it{how}"),

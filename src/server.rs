@@ -237,7 +237,9 @@ pub async fn start(
         backend.clone(),
         &config.proxy.headers,
     ));
-    let events = Router::new(Registry::builtin(), &config, metrics.clone())?;
+    let mut registry = Registry::builtin();
+    crate::proxy::register_rpc(&mut registry, &config.proxy);
+    let events = Router::new(registry, &config, metrics.clone())?;
     let cluster = match (node_id, &metrics.cluster) {
         (Some(id), Some(m)) => Some(Cluster::connect(&config.cluster, id, m.clone()).await?),
         _ => None,
@@ -318,6 +320,8 @@ pub async fn start(
         tls,
     });
 
+    let lifecycle_stop = CancellationToken::new();
+    let lifecycle = crate::lifecycle::start(&app, lifecycle_stop.clone());
     let local = listener.local_addr()?;
     let task = tokio::spawn(serve(
         app.clone(),
@@ -329,6 +333,8 @@ pub async fn start(
         Membership {
             stop: cluster_stop,
             presence,
+            lifecycle_stop,
+            lifecycle,
         },
     ));
     Ok(Running { app, task })
@@ -338,6 +344,10 @@ pub async fn start(
 struct Membership {
     stop: CancellationToken,
     presence: Option<tokio::task::JoinHandle<()>>,
+    /// The lifecycle notifications: what the closed connections queued
+    /// goes out before the node leaves.
+    lifecycle_stop: CancellationToken,
+    lifecycle: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Serves until shutdown, then runs the shutdown sequence.
@@ -433,6 +443,10 @@ async fn serve(
         );
     }
 
+    membership.lifecycle_stop.cancel();
+    if let Some(lifecycle) = membership.lifecycle {
+        let _ = lifecycle.await;
+    }
     // Leaving the cluster: what is queued for other nodes goes out, and
     // this node's presence is removed (bounded by the call deadline).
     membership.stop.cancel();
@@ -474,7 +488,7 @@ fn routes(app: Arc<App>) -> axum::Router {
         .route("/metrics", get(metrics_text))
         .route("/metrics.json", get(metrics_json))
         // The handler reads the body under its own limit.
-        .route("/api/publish", axum::routing::post(crate::api::publish))
+        .route("/api/{method}", axum::routing::post(crate::api::call))
         .fallback(not_found)
         .with_state(app)
 }

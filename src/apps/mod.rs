@@ -19,7 +19,7 @@ pub mod feeds;
 mod notes;
 mod presence;
 mod stats;
-mod topics;
+pub(crate) mod topics;
 pub(crate) mod weather;
 
 use crate::broadcast::HubError;

@@ -137,6 +137,8 @@ pub struct Cluster {
     call_timeout: Duration,
     probe_every: Duration,
     presence_ttl: Duration,
+    /// Where the sweep of the users told online goes on from.
+    online_cursor: std::sync::atomic::AtomicU64,
     metrics: ClusterMetrics,
     /// Redis answered the last command (probe, presence).
     commands_up: AtomicBool,
@@ -233,6 +235,7 @@ impl Cluster {
             call_timeout,
             probe_every: Duration::from_millis(cfg.probe_interval_ms),
             presence_ttl: Duration::from_secs(cfg.presence_ttl_s),
+            online_cursor: std::sync::atomic::AtomicU64::new(0),
             metrics,
             commands_up: AtomicBool::new(false),
             scripts: scripts::Scripts::new(),

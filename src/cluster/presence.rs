@@ -182,3 +182,125 @@ pub async fn run(cluster: Arc<Cluster>, hub: Weak<Hub>, stop: CancellationToken)
     }
     cluster.leave().await;
 }
+
+/// KEYS[1]: this node's users (`{P}:uconn:NODE`), KEYS[2]: the users told
+/// online (`{P}:online`). ARGV: the user, the TTL (ms) of KEYS[1].
+/// Returns 1 when the backend is to hear the user is online.
+const USER_CAME: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('HSETNX', KEYS[2], ARGV[1], '1')
+";
+
+/// KEYS[1]: the live nodes (`{P}:nodes`), KEYS[2]: the users told online.
+/// ARGV: the prefix of the nodes' user keys (`{P}:uconn:`), then users.
+/// Returns the users no live node has that were told online, removing
+/// them: the backend is to hear they are offline.
+const USERS_GONE: &str = r"
+local nodes = redis.call('HKEYS', KEYS[1])
+local gone = {}
+for i = 2, #ARGV do
+  local here = false
+  for _, n in ipairs(nodes) do
+    if redis.call('HEXISTS', ARGV[1] .. n, ARGV[i]) == 1 then here = true break end
+  end
+  if not here and redis.call('HDEL', KEYS[2], ARGV[i]) == 1 then
+    table.insert(gone, ARGV[i])
+  end
+end
+return gone
+";
+
+impl Cluster {
+    fn online_key(&self) -> String {
+        format!("{{{}}}:online", self.prefix)
+    }
+
+    fn uconn_prefix(&self) -> String {
+        format!("{{{}}}:uconn:", self.prefix)
+    }
+
+    fn uconn_ttl_ms(&self) -> u64 {
+        3 * self.presence_ttl.as_millis() as u64
+    }
+
+    /// `user`'s first connection on this node opened: whether the
+    /// application is to hear they are online (no node had them).
+    ///
+    /// # Errors
+    /// When Redis does not answer.
+    pub(crate) async fn user_came(&self, user: &str) -> Result<bool, ClusterError> {
+        let mine = format!("{}{}", self.uconn_prefix(), self.node_id);
+        let script = redis::Script::new(USER_CAME);
+        let mut inv = script.key(mine);
+        inv.key(self.online_key())
+            .arg(user)
+            .arg(self.uconn_ttl_ms());
+        let told: i64 = self.script(inv).await?;
+        Ok(told == 1)
+    }
+
+    /// `user`'s last connection on this node closed.
+    ///
+    /// # Errors
+    /// When Redis does not answer.
+    pub(crate) async fn user_left_here(&self, user: &str) -> Result<(), ClusterError> {
+        let mine = format!("{}{}", self.uconn_prefix(), self.node_id);
+        let _: i64 = self.query(redis::cmd("HDEL").arg(mine).arg(user)).await?;
+        Ok(())
+    }
+
+    /// After the grace: whether `user` is gone from every node and was
+    /// told online (then no longer is).
+    ///
+    /// # Errors
+    /// When Redis does not answer.
+    pub(crate) async fn user_gone(&self, user: &str) -> Result<bool, ClusterError> {
+        Ok(!self.users_gone(&[user.to_owned()]).await?.is_empty())
+    }
+
+    async fn users_gone(&self, users: &[String]) -> Result<Vec<String>, ClusterError> {
+        let script = redis::Script::new(USERS_GONE);
+        let mut inv = script.key(self.nodes_key());
+        inv.key(self.online_key()).arg(self.uconn_prefix());
+        for u in users {
+            inv.arg(u);
+        }
+        self.script(inv).await
+    }
+
+    /// Renews this node's users' TTL and finds the users told online that
+    /// no live node has (their node died): they are removed, to be told
+    /// offline. Looks at up to 10,000 users a round.
+    ///
+    /// # Errors
+    /// When Redis does not answer.
+    pub(crate) async fn sweep_online(&self) -> Result<Vec<String>, ClusterError> {
+        let mine = format!("{}{}", self.uconn_prefix(), self.node_id);
+        let _: i64 = self
+            .query(redis::cmd("PEXPIRE").arg(mine).arg(self.uconn_ttl_ms()))
+            .await?;
+        let (_, users): (u64, Vec<String>) = self
+            .query(
+                redis::cmd("HSCAN")
+                    .arg(self.online_key())
+                    .arg(
+                        self.online_cursor
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                    )
+                    .arg("COUNT")
+                    .arg(1_000),
+            )
+            .await
+            .map(|(c, fields): (u64, Vec<String>)| {
+                self.online_cursor
+                    .store(c, std::sync::atomic::Ordering::Relaxed);
+                (c, fields.into_iter().step_by(2).collect())
+            })?;
+        let mut gone = Vec::new();
+        for chunk in users.chunks(500) {
+            gone.extend(self.users_gone(chunk).await?);
+        }
+        Ok(gone)
+    }
+}

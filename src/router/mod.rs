@@ -139,11 +139,13 @@ pub fn invalid_field(field: &str, message: impl Into<String>) -> ErrorBody {
 }
 
 type Job = Box<dyn FnOnce(Ctx) -> BoxFuture<'static, AnswerResult> + Send>;
-type Prepare = Box<dyn Fn(Value) -> Result<Job, ErrorBody> + Send + Sync>;
+/// Reads an event's payload (given the event's name) into its job.
+type Prepare = Arc<dyn Fn(&str, Value) -> Result<Job, ErrorBody> + Send + Sync>;
 
-/// One registered event.
+/// One registered event (or, for a pattern, every event it matches that
+/// has no route of its own).
 struct Route {
-    name: &'static str,
+    name: Arc<str>,
     index: usize,
     policy: Policy,
     prepare: Prepare,
@@ -159,6 +161,8 @@ impl Route {
 /// Builds the table of events.
 pub struct Registry {
     routes: Vec<(&'static str, Policy, Prepare)>,
+    /// Handlers of every event a pattern (`orders.*`) matches.
+    patterns: Vec<(String, Policy, Prepare)>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -171,7 +175,31 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// An empty registry.
     pub fn new() -> Registry {
-        Registry { routes: Vec::new() }
+        Registry {
+            routes: Vec::new(),
+            patterns: Vec::new(),
+        }
+    }
+
+    /// Registers a handler for every event whose name matches `pattern`
+    /// (`*`: any characters) and has no handler of its own; the handler
+    /// gets the event's name and its `data` as it came. An
+    /// `[events."NAME"]` override of a name the pattern matches gives
+    /// that name a policy (and a rate limit, metrics) of its own.
+    pub fn register_pattern<F, Fut>(&mut self, pattern: &str, policy: Policy, handler: F)
+    where
+        F: Fn(Ctx, String, Value) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let prepare: Prepare = Arc::new(move |name: &str, data: Value| {
+            let handler = handler.clone();
+            let name = name.to_owned();
+            let job: Job = Box::new(move |ctx| {
+                Box::pin(async move { handler(ctx, name, data).await.map(Answer::Value) })
+            });
+            Ok(job)
+        });
+        self.patterns.push((pattern.to_owned(), policy, prepare));
     }
 
     /// The events gale ships.
@@ -208,7 +236,7 @@ impl Registry {
         F: Fn(Ctx, T) -> Fut + Send + Sync + Clone + 'static,
         Fut: Future<Output = AnswerResult> + Send + 'static,
     {
-        let prepare: Prepare = Box::new(move |data: Value| {
+        let prepare: Prepare = Arc::new(move |_: &str, data: Value| {
             let payload: T = serde_path_to_error::deserialize(data).map_err(|e| {
                 let path = e.path().to_string();
                 let field = if path == "." { "data".to_owned() } else { path };
@@ -269,6 +297,37 @@ impl Drop for Slot {
     }
 }
 
+/// Applies an `[events."NAME"]` override to `policy`.
+fn override_policy(
+    policy: &mut Policy,
+    name: &str,
+    o: &crate::config::EventOverride,
+) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("events.\"{name}\".{k}");
+    if let Some(rate) = &o.rate_limit {
+        policy.rate_limit = match rate.as_str() {
+            "off" => None,
+            r => Some(Rate::parse(r).map_err(|m| ConfigError::Invalid {
+                key: key("rate_limit"),
+                message: m,
+            })?),
+        };
+    }
+    if let Some(ms) = o.timeout_ms {
+        policy.timeout = Duration::from_millis(ms);
+    }
+    if let Some(p) = o.priority {
+        policy.priority = p;
+    }
+    if let Some(a) = o.requires_auth {
+        policy.requires_auth = a;
+    }
+    if let Some(role) = &o.requires_role {
+        policy.requires_role = Some(role.clone()).filter(|r| !r.is_empty());
+    }
+    Ok(())
+}
+
 /// Client addresses whose part of the node's event budget is tracked at
 /// most; the least recently seen are forgotten first (and start again
 /// with their whole part).
@@ -276,7 +335,10 @@ const MAX_SHARES: u64 = 100_000;
 
 /// The router: routes, limits and the worker pool.
 pub struct Router {
-    routes: HashMap<&'static str, Arc<Route>>,
+    routes: HashMap<Arc<str>, Arc<Route>>,
+    /// Routes of the events a pattern matches, most recently registered
+    /// last.
+    patterns: Vec<(String, Arc<Route>)>,
     unknown: [Counter; Outcome::COUNT],
     invalid: Counter,
     limits: Limits,
@@ -315,47 +377,50 @@ impl Router {
         config: &Config,
         metrics: Arc<Metrics>,
     ) -> Result<Router, ConfigError> {
-        let mut routes = HashMap::new();
-        for (index, (name, mut policy, prepare)) in registry.routes.into_iter().enumerate() {
+        let mut routes: HashMap<Arc<str>, Arc<Route>> = HashMap::new();
+        let mut index = 0;
+        let mut route = |name: &str, mut policy: Policy, prepare: Prepare| {
             if let Some(o) = config.events.get(name) {
-                let key = |k: &str| format!("events.\"{name}\".{k}");
-                if let Some(rate) = &o.rate_limit {
-                    policy.rate_limit = match rate.as_str() {
-                        "off" => None,
-                        r => Some(Rate::parse(r).map_err(|m| ConfigError::Invalid {
-                            key: key("rate_limit"),
-                            message: m,
-                        })?),
-                    };
-                }
-                if let Some(ms) = o.timeout_ms {
-                    policy.timeout = Duration::from_millis(ms);
-                }
-                if let Some(p) = o.priority {
-                    policy.priority = p;
-                }
-                if let Some(a) = o.requires_auth {
-                    policy.requires_auth = a;
-                }
-                if let Some(role) = &o.requires_role {
-                    policy.requires_role = Some(role.clone()).filter(|r| !r.is_empty());
-                }
+                override_policy(&mut policy, name, o)?;
             }
-            let route = Route {
-                name,
+            let route = Arc::new(Route {
+                name: Arc::from(name),
                 index,
                 policy,
                 prepare,
                 outcomes: metrics.event_counters(name),
-            };
-            routes.insert(name, Arc::new(route));
+            });
+            index += 1;
+            Ok::<_, ConfigError>(route)
+        };
+        for (name, policy, prepare) in registry.routes {
+            routes.insert(Arc::from(name), route(name, policy, prepare)?);
+        }
+        let mut patterns = Vec::new();
+        for (pattern, policy, prepare) in registry.patterns {
+            // A name the pattern matches with an override of its own gets
+            // a route of its own.
+            let own: Vec<&String> = config
+                .events
+                .keys()
+                .filter(|n| {
+                    !routes.contains_key(n.as_str()) && crate::history::matches(&pattern, n)
+                })
+                .collect();
+            for name in own {
+                routes.insert(
+                    Arc::from(name.as_str()),
+                    route(name, policy.clone(), prepare.clone())?,
+                );
+            }
+            patterns.push((pattern.clone(), route(&pattern, policy, prepare)?));
         }
         if let Some(name) = config
             .events
             .keys()
             .find(|n| !routes.contains_key(n.as_str()))
         {
-            let mut known: Vec<_> = routes.keys().copied().collect();
+            let mut known: Vec<_> = routes.keys().map(|k| k.to_string()).collect();
             known.sort_unstable();
             return Err(ConfigError::Invalid {
                 key: format!("events.\"{name}\""),
@@ -371,6 +436,7 @@ impl Router {
         let pool = Pool::start(&config.router, metrics.clone(), |task: Task| run(task));
         Ok(Router {
             routes,
+            patterns,
             unknown: metrics.event_counters("unknown"),
             invalid: metrics.event_counters("invalid")[Outcome::InvalidMessage as usize].clone(),
             limits: Limits::default(),
@@ -427,7 +493,13 @@ impl Router {
                 caller.outbox.push(reply_json(r, &Err(body)).into(), true);
             }
         };
-        let Some(route) = self.routes.get(name.as_str()) else {
+        let route = self.routes.get(name.as_str()).or_else(|| {
+            self.patterns
+                .iter()
+                .find(|(p, _)| crate::history::matches(p, &name))
+                .map(|(_, r)| r)
+        });
+        let Some(route) = route else {
             let shown: String = name.chars().take(64).collect();
             return refuse(
                 &self.unknown,
@@ -439,7 +511,7 @@ impl Router {
             Ok(deferred) => deferred,
             Err(body) => return refuse(&route.outcomes, body),
         };
-        let job = match (route.prepare)(data) {
+        let job = match (route.prepare)(&name, data) {
             Ok(job) => job,
             Err(body) => return refuse(&route.outcomes, body),
         };
@@ -619,7 +691,7 @@ async fn take_shared(
 ) -> Result<(), ErrorBody> {
     let app = &ctx.app;
     let taken = match &app.cluster {
-        Some(cluster) => match cluster.take_rate(route.name, user, rate).await {
+        Some(cluster) => match cluster.take_rate(&route.name, user, rate).await {
             Ok(taken) => taken,
             Err(e) => {
                 cluster.fell_back(crate::metrics::Fallback::RateLimit, &e);
@@ -672,7 +744,7 @@ async fn run(task: Task) {
     let mut result = match tokio::time::timeout(route.policy.timeout, work).await {
         Ok(Ok(result)) => result,
         Ok(Err(_panic)) => {
-            tracing::error!(event = route.name, "handler panicked");
+            tracing::error!(event = &*route.name, "handler panicked");
             Err(ErrorBody::new(ErrorCode::InternalError, "internal error"))
         }
         Err(_) => Err(ErrorBody::new(
@@ -694,7 +766,7 @@ async fn run(task: Task) {
         // A handler's bug: every shipped event keeps its replies within
         // the limit. The client gets an error, not a dropped connection.
         tracing::error!(
-            event = route.name,
+            event = &*route.name,
             bytes = text.len(),
             limit,
             "reply over server.max_outbound_message_bytes: replaced by an error"
