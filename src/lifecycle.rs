@@ -89,13 +89,11 @@ async fn watch(app: Arc<App>, wanted: Wanted, tx: mpsc::Sender<Value>, stop: Can
     // Users whose last connection closed, oldest first (one grace for
     // all: the deadlines come in order).
     let mut closing: VecDeque<(Instant, Arc<str>)> = VecDeque::new();
-    let mut sweep = tokio::time::interval(
-        app.config
-            .cluster
-            .enabled()
-            .then(|| Duration::from_secs(app.config.cluster.presence_ttl_s))
-            .unwrap_or(Duration::from_secs(3600)),
-    );
+    let mut sweep = tokio::time::interval(if app.config.cluster.enabled() {
+        Duration::from_secs(app.config.cluster.presence_ttl_s)
+    } else {
+        Duration::from_secs(3600)
+    });
     let queue = |n: Value| {
         if tx.try_send(n).is_err() {
             app.metrics.proxy.events_dropped.inc();
