@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::CancellationToken;
 
+pub mod backend;
 pub mod faults;
 pub mod raw;
 pub mod services;
@@ -27,6 +28,9 @@ pub mod sse;
 pub const WAIT: Duration = Duration::from_secs(15);
 
 pub const API_KEY: &str = "test-key";
+
+/// A server API key (`[api] key` needs 16 characters or more).
+pub const API_KEY_LONG: &str = "api-key-0123456789abcdef";
 
 /// The source address of the tests' looks at `/healthz` and `/metrics`.
 pub const MONITOR: &str = "127.0.0.254";
@@ -482,6 +486,20 @@ pub fn hs256_token(secret: &str, sub: &str, roles: Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &serde_json::json!({"sub": sub, "roles": roles, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// An HS256 token with these `claims` (an `exp` ten minutes away is
+/// added when they have none).
+pub fn hs256_token_with(secret: &str, mut claims: Value) -> String {
+    if claims.get("exp").is_none() {
+        claims["exp"] = serde_json::json!(chrono::Utc::now().timestamp() + 600);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("sign")

@@ -75,8 +75,15 @@ function logged(child, pattern) {
   });
 }
 
-/** The tests' config file: history on for news and weather topics. */
+/**
+ * The tests' config file: the tests' topics open to anonymous clients
+ * (topics are closed unless the config opens them), history on for news
+ * and weather topics.
+ */
 export const HISTORY = `
+[topics."*"]
+subscribe = "anyone"
+
 [topics."news:*"]
 history_size = 100
 history_ttl_s = 300
