@@ -130,6 +130,17 @@ pub fn position_note(text: &str) -> Option<String> {
     })
 }
 
+/// Whether `text` answers the message sent with `reference` (any text
+/// does when the message had none: the plain protocol).
+fn answers(text: &str, reference: Option<&serde_json::Value>) -> bool {
+    let Some(reference) = reference else {
+        return true;
+    };
+    serde_json::from_str::<serde_json::Value>(text)
+        .map(|v| v.get("reply") == Some(reference))
+        .unwrap_or(false)
+}
+
 /// Whether a message is the server's greeting rather than a reply.
 fn is_greeting(text: &str) -> bool {
     serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v["type"] == "connected")
@@ -147,6 +158,11 @@ pub async fn send_once(
     timeout: Duration,
 ) -> Result<String, ClientError> {
     let ms = timeout.as_millis() as u64;
+    // A JSON event's reply carries its ref; pushes that come first (a
+    // server-side subscription's, say) are not it.
+    let reference = serde_json::from_str::<serde_json::Value>(message)
+        .ok()
+        .and_then(|v| v.get("ref").cloned());
     let work = async {
         let mut socket = connect(url, token).await?;
         socket
@@ -156,6 +172,7 @@ pub async fn send_once(
         let reply = loop {
             match socket.next().await {
                 Some(Ok(Message::Text(t))) if is_greeting(&t) => continue,
+                Some(Ok(Message::Text(t))) if !answers(&t, reference.as_ref()) => continue,
                 Some(Ok(Message::Text(t))) => break t.to_string(),
                 Some(Ok(Message::Close(f))) => {
                     return Err(ClientError::Closed(closed_reason(f.as_ref())));

@@ -155,6 +155,105 @@ async fn client_token_flag_signs_in() {
 }
 
 #[tokio::test]
+async fn client_publishes_and_calls_the_backend() {
+    let backend = common::backend::Backend::start().await;
+    backend.set(
+        "rpc",
+        common::backend::Reply::With(std::sync::Arc::new(
+            |body| serde_json::json!({"result": {"echo": body["data"], "by": body["user"]}}),
+        )),
+    );
+    let rpc_url = backend.url("rpc");
+    let server = common::start_with(move |c| {
+        c.auth.jwt_secret = Some("cli-secret".into());
+        c.topics.insert(
+            "room:*".into(),
+            gale::config::TopicConfig {
+                publish: Some(gale::config::PublishMode::Users),
+                ..gale::config::TopicConfig::default()
+            },
+        );
+        c.proxy.rpc_url = Some(rpc_url);
+        c.proxy.rpc_events = vec!["orders.*".into()];
+    })
+    .await;
+    let mut watcher = server.client().await;
+    let sub = watcher
+        .request(
+            "topic.subscribe",
+            serde_json::json!({"topic": "room:1"}),
+            "s",
+        )
+        .await;
+    assert_eq!(sub["ok"], true, "{sub}");
+    let token = common::hs256_token_with("cli-secret", serde_json::json!({"sub": "ann"}));
+    let url = server.ws_url();
+    let run = move |args: Vec<String>| {
+        let token = token.clone();
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(GALE)
+                .args(["client", &url, "--token", &token])
+                .args(args)
+                .output()
+                .expect("run")
+        })
+    };
+    let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    let out = run(args(&["--publish", "room:1", "--data", r#"{"text":"hi"}"#]))
+        .await
+        .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        reply["data"],
+        serde_json::json!({"topic": "room:1", "accepted": true})
+    );
+    let push = watcher.next_push().await;
+    assert_eq!(
+        (
+            push["event"].clone(),
+            push["data"].clone(),
+            push["user"].clone()
+        ),
+        (
+            serde_json::json!("topic.message"),
+            serde_json::json!({"text": "hi"}),
+            serde_json::json!("ann")
+        )
+    );
+
+    let out = run(args(&["--call", "orders.create", "--data", r#"{"n":2}"#]))
+        .await
+        .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        reply["data"],
+        serde_json::json!({"echo": {"n": 2}, "by": "ann"})
+    );
+
+    // Refused: printed, and the exit code says so.
+    let out = run(args(&["--publish", "closed", "--data", "1"]))
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("permission_denied"),
+        "{out:?}"
+    );
+    let out = run(args(&["--call", "x", "--data", "{nope"]))
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--data is not JSON"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
 async fn client_send_fails_when_nothing_listens() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("ws://{}/ws", free.local_addr().expect("addr"));

@@ -45,8 +45,20 @@ pub enum Command {
         /// e.g. ws://127.0.0.1:8080/ws
         url: String,
         /// Send this message, print the reply and exit (0 = success).
-        #[arg(long, value_name = "MESSAGE")]
+        #[arg(long, value_name = "MESSAGE", conflicts_with_all = ["call", "publish"])]
         send: Option<String>,
+        /// Call this event with --data (a local event or one the server
+        /// proxies to the application's backend), print the reply and
+        /// exit (0 = success).
+        #[arg(long, value_name = "EVENT", conflicts_with = "publish")]
+        call: Option<String>,
+        /// Publish --data to this topic (topic.publish; the topic's
+        /// `publish` setting decides who may), print the reply and exit.
+        #[arg(long, value_name = "TOPIC")]
+        publish: Option<String>,
+        /// The JSON data of --call or --publish.
+        #[arg(long, value_name = "JSON", default_value = "{}")]
+        data: String,
         /// How long to wait for a reply (with --send), or for the replies
         /// still due at the end of input.
         #[arg(long, default_value_t = 10_000, value_name = "MS")]
@@ -153,10 +165,20 @@ async fn run(command: Command) -> ExitCode {
         Command::Serve { config, listen } => serve(config, listen).await,
         Command::Client {
             url,
-            send: Some(message),
+            send,
+            call,
+            publish,
+            data,
             timeout_ms,
             token,
-        } => {
+        } if send.is_some() || call.is_some() || publish.is_some() => {
+            let message = match one_message(send, call, publish, &data) {
+                Ok(message) => message,
+                Err(e) => {
+                    eprintln!("gale client: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let timeout = Duration::from_millis(timeout_ms);
             match crate::client::send_once(&url, token.as_deref(), &message, timeout).await {
                 Ok(reply) => {
@@ -204,6 +226,30 @@ async fn run(command: Command) -> ExitCode {
         } => token(&sub, &roles, &ttl, config),
         Command::Bench { scenario } => bench::run(scenario).await,
     }
+}
+
+/// The one message `gale client` sends: --send as given, or the event of
+/// --call / --publish carrying --data.
+fn one_message(
+    send: Option<String>,
+    call: Option<String>,
+    publish: Option<String>,
+    data: &str,
+) -> Result<String, String> {
+    if let Some(message) = send {
+        return Ok(message);
+    }
+    let data: serde_json::Value =
+        serde_json::from_str(data).map_err(|e| format!("--data is not JSON: {e}"))?;
+    let (event, data) = match (call, publish) {
+        (Some(event), _) => (event, data),
+        (None, Some(topic)) => (
+            "topic.publish".to_owned(),
+            serde_json::json!({"topic": topic, "data": data}),
+        ),
+        (None, None) => return Err("nothing to send".to_owned()),
+    };
+    Ok(serde_json::json!({"event": event, "data": data, "ref": "1"}).to_string())
 }
 
 /// The config file to read: the one given, else ./gale.toml when it
