@@ -32,7 +32,7 @@ trap cleanup EXIT
 GALE_SERVER__LISTEN="127.0.0.1:$port" GALE_API__KEY=$key \
 GALE_WEATHER__PROVIDER=openweathermap GALE_WEATHER__API_KEY=k \
 GALE_WEATHER__BASE_URL="http://127.0.0.1:$up" GALE_STORE__URL="sqlite://$tmp/soak.db" GALE_STORE__SPILL_DIR="$tmp/spill" \
-RUST_LOG=warn "$gale" serve 2>"$tmp/server.log" & pids+=($!); server=$!
+RUST_LOG=warn "$gale" serve --config scripts/bench.toml 2>"$tmp/server.log" & pids+=($!); server=$!
 sleep 1
 url="ws://127.0.0.1:$port/ws"
 end=$(( $(date +%s) + secs ))

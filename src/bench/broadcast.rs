@@ -264,16 +264,26 @@ async fn subscriber(
             if let Received::Text(t) = m {
                 let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
                 if v["reply"] == "sub" {
-                    return v["ok"] == true;
+                    return match v["ok"] == true {
+                        true => Ok(()),
+                        false => Err(super::refusal(&v)),
+                    };
                 }
             }
         }
-        false
+        Err("subscribe: the connection closed".to_owned())
     })
     .await;
-    if confirmed != Ok(true) {
-        settle(&mut r, "subscribe refused or timed out");
-        return r;
+    match confirmed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            settle(&mut r, &e);
+            return r;
+        }
+        Err(_) => {
+            settle(&mut r, "subscribe timed out");
+            return r;
+        }
     }
     live.subscribed.fetch_add(1, Ordering::Relaxed);
     let _ = done.send(());

@@ -462,6 +462,17 @@ fn handshake_error(e: tokio_tungstenite::tungstenite::Error) -> String {
     }
 }
 
+/// A refused subscribe, as the error a run counts: the server's code and
+/// message.
+pub(crate) fn refusal(reply: &Value) -> String {
+    let error = &reply["error"];
+    format!(
+        "subscribe refused: {}: {}",
+        error["code"].as_str().unwrap_or("?"),
+        error["message"].as_str().unwrap_or("")
+    )
+}
+
 /// What a person can do about the errors a run met, when one of them says.
 fn hint(errors: &BTreeMap<String, u64>) -> Option<&'static str> {
     let seen = |s: &str| errors.keys().any(|k| k.contains(s));
@@ -472,6 +483,11 @@ fn hint(errors: &BTreeMap<String, u64>) -> Option<&'static str> {
         )
     } else if seen("publish 401") {
         Some("The server refused the API key: give gale bench the key the server was started with")
+    } else if seen("permission_denied") {
+        Some(
+            "The topic is closed to clients: start the server with a config that opens it, \
+             like scripts/bench.toml ([topics.\"bench\"] subscribe = \"anyone\")",
+        )
     } else if seen("Connection refused") || seen("connection refused") {
         Some("Nothing listens there: start the server first (cargo run --release -- serve)")
     } else {

@@ -48,7 +48,7 @@ async fn subscribe(conn: &mut Conn, data: Value) -> Result<Value, String> {
                     serde_json::from_str(t.as_str()).map_err(|e| format!("json: {e}"))?;
                 if v["reply"] == "s" {
                     if v["ok"] != true {
-                        return Err(format!("subscribe refused: {}", v["error"]["code"]));
+                        return Err(super::refusal(&v));
                     }
                     return Ok(v["data"].clone());
                 }
