@@ -15,7 +15,9 @@
 //!
 //! Whatever a block says, a topic whose name holds `#` is limited to the
 //! users listed after it, comma-separated: `dm:#alice,bob` may be
-//! subscribed to by alice and bob only (Centrifugo's convention).
+//! subscribed to by alice and bob only (Centrifugo's convention), once a
+//! block opens it (`[topics."dm:*"] subscribe = "users"`): for them, the
+//! name stands in for the block's mode and roles.
 
 use std::collections::HashMap;
 
@@ -91,15 +93,27 @@ impl Rules {
         }
     }
 
-    /// Whether no block opens anything to clients (for the start-up log).
-    pub fn all_closed(&self) -> bool {
-        self.exact
-            .values()
-            .chain(self.patterns.iter().map(|(_, t)| t))
-            .all(|t| {
-                matches!(t.subscribe, None | Some(SubscribeMode::Nobody))
-                    && matches!(t.publish, None | Some(PublishMode::Nobody))
+    /// The blocks that open something to clients, as `PATTERN (subscribe
+    /// MODE, publish MODE)`, for the start-up log; empty when every topic
+    /// is closed.
+    pub fn open(&self) -> Vec<String> {
+        let mut open: Vec<String> = self
+            .exact
+            .iter()
+            .chain(self.patterns.iter().map(|(p, t)| (p, t)))
+            .filter_map(|(name, t)| {
+                let mut what = Vec::new();
+                if let Some(m) = t.subscribe.filter(|m| *m != SubscribeMode::Nobody) {
+                    what.push(format!("subscribe {m:?}").to_lowercase());
+                }
+                if let Some(m) = t.publish.filter(|m| *m != PublishMode::Nobody) {
+                    what.push(format!("publish {m:?}").to_lowercase());
+                }
+                (!what.is_empty()).then(|| format!("{name} ({})", what.join(", ")))
             })
+            .collect();
+        open.sort();
+        open
     }
 }
 
@@ -159,7 +173,12 @@ fn missing_role(channel: &Channel, topic: &str, who: Asker<'_>) -> Option<Decisi
 /// token, when one comes, is checked by the caller first: it grants the
 /// subscription whatever this says).
 pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
-    if let Some(mut users) = limited_to(topic) {
+    // A user-limited topic still needs a block that opens it: the name
+    // narrows who may, it never opens a closed topic.
+    if let (Some(mut users), false) = (
+        limited_to(topic),
+        channel.subscribe == SubscribeMode::Nobody,
+    ) {
         return match who.user {
             Some(u) if users.any(|l| l == u) => Decision::Allow,
             _ => denied(format!("{topic} is limited to the users its name lists")),
@@ -239,7 +258,11 @@ mod tests {
         assert_eq!(vip.publish, PublishMode::Nobody);
         let none = rules(&[]);
         assert_eq!(none.channel("x").subscribe, SubscribeMode::Nobody);
-        assert!(none.all_closed() && !r.all_closed());
+        assert!(none.open().is_empty());
+        assert_eq!(
+            r.open(),
+            vec!["* (subscribe anyone)", "news:vip (subscribe users)"]
+        );
     }
 
     #[test]
@@ -260,6 +283,12 @@ mod tests {
         ));
         assert!(matches!(
             may_subscribe(&ch, "dm:#alice,bob", anon()),
+            Decision::Deny(_)
+        ));
+        // The name narrows who may; it never opens a closed topic.
+        let closed = rules(&[]).channel("dm:#alice,bob");
+        assert!(matches!(
+            may_subscribe(&closed, "dm:#alice,bob", alice),
             Decision::Deny(_)
         ));
     }

@@ -225,11 +225,16 @@ pub async fn start(
         .map_err(ServerError::Backend)?
         .map(Arc::new);
     let rules = crate::channels::Rules::new(&config.topics);
-    if rules.all_closed() {
-        tracing::info!(
+    match rules.open() {
+        open if open.is_empty() => tracing::info!(
             "no [topics] block opens a topic to clients: topic.subscribe and topic.publish are \
              refused (permission_denied) until one does, e.g. [topics.\"*\"] subscribe = \"anyone\""
-        );
+        ),
+        open => tracing::info!(
+            open = %open.join("; "),
+            "topics open to clients as these [topics] blocks say; every other topic is closed \
+             to them (permission_denied)"
+        ),
     }
     let hooks: Arc<dyn crate::hooks::Hooks> = Arc::new(crate::hooks::Permissions::new(
         rules,
