@@ -124,8 +124,9 @@ pub enum IssueError {
 }
 
 /// A token the server configured by `auth` accepts: `sub`, `roles`,
-/// `iat`, `exp` (`ttl` from now) and, when the server checks them, its
-/// first `aud` and `iss`; HS256 with `auth.jwt_secret`.
+/// `iat`, `exp` (`ttl` from now), with `topic` a subscription token for
+/// that topic, and, when the server checks them, its first `aud` and
+/// `iss`; HS256 with `auth.jwt_secret`.
 ///
 /// # Errors
 /// [`IssueError`] when the server has no secret to sign with.
@@ -133,6 +134,7 @@ pub fn issue(
     auth: &AuthConfig,
     sub: &str,
     roles: &[String],
+    topic: Option<&str>,
     ttl: std::time::Duration,
 ) -> Result<String, IssueError> {
     let Some(secret) = auth.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
@@ -150,6 +152,9 @@ pub fn issue(
         "iat": now,
         "exp": now.saturating_add(ttl.as_secs()),
     });
+    if let Some(topic) = topic {
+        claims["topic"] = serde_json::json!(topic);
+    }
     if let Some(aud) = auth.audience.first() {
         claims["aud"] = serde_json::json!(aud);
     }

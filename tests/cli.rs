@@ -642,6 +642,37 @@ async fn token_signs_what_the_server_accepts_roles_audience_and_all() {
 }
 
 #[tokio::test]
+async fn token_topic_signs_a_subscription_token() {
+    let server = common::start_with(|c| {
+        c.auth.jwt_secret = Some("token-cli-secret".into());
+        c.topics.insert(
+            "vip".into(),
+            gale::config::TopicConfig {
+                subscribe: Some(gale::config::SubscribeMode::Token),
+                ..gale::config::TopicConfig::default()
+            },
+        );
+    })
+    .await;
+    let env = [("GALE_AUTH__JWT_SECRET", "token-cli-secret")];
+    let (code, token, stderr) = gale_in_temp(&["token", "--sub", "", "--topic", "vip"], &env).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut anonymous = server.client().await;
+    let r = anonymous
+        .request("topic.subscribe", serde_json::json!({"topic": "vip"}), "1")
+        .await;
+    assert_eq!(r["error"]["code"], "permission_denied", "no token: {r}");
+    let data = serde_json::json!({"topic": "vip", "token": token.trim()});
+    let r = anonymous.request("topic.subscribe", data, "2").await;
+    assert_eq!(r["ok"], true, "{r}");
+    // A token for another topic grants nothing here.
+    let (_, other, _) = gale_in_temp(&["token", "--sub", "", "--topic", "vip2"], &env).await;
+    let data = serde_json::json!({"topic": "vip", "token": other.trim()});
+    let r = anonymous.request("topic.subscribe", data, "3").await;
+    assert_eq!(r["ok"], false, "{r}");
+}
+
+#[tokio::test]
 async fn token_without_a_secret_says_how_to_set_one() {
     let (code, stdout, stderr) = gale_in_temp(&["token", "--sub", "alice"], &[]).await;
     assert_eq!(code, Some(2), "{stdout}{stderr}");

@@ -80,6 +80,11 @@ pub enum Command {
         /// Roles, comma-separated (e.g. admin,editor).
         #[arg(long, value_delimiter = ',', value_name = "ROLE,…")]
         roles: Vec<String>,
+        /// A subscription token for this topic instead (the `token` of
+        /// topic.subscribe on a `subscribe = "token"` topic), for the
+        /// user --sub ("" for an anonymous connection).
+        #[arg(long, value_name = "TOPIC")]
+        topic: Option<String>,
         /// How long it is valid: e.g. 90s, 15m, 1h, 7d.
         #[arg(long, default_value = "1h", value_name = "DURATION")]
         ttl: String,
@@ -221,9 +226,10 @@ async fn run(command: Command) -> ExitCode {
         Command::Token {
             sub,
             roles,
+            topic,
             ttl,
             config,
-        } => token(&sub, &roles, &ttl, config),
+        } => token(&sub, &roles, topic.as_deref(), &ttl, config),
         Command::Bench { scenario } => bench::run(scenario).await,
     }
 }
@@ -273,7 +279,13 @@ fn load_config(given: Option<PathBuf>) -> Result<(Config, Option<PathBuf>), Exit
     }
 }
 
-fn token(sub: &str, roles: &[String], ttl: &str, config: Option<PathBuf>) -> ExitCode {
+fn token(
+    sub: &str,
+    roles: &[String],
+    topic: Option<&str>,
+    ttl: &str,
+    config: Option<PathBuf>,
+) -> ExitCode {
     let Some(ttl) = parse_duration(ttl) else {
         eprintln!("gale token: --ttl {ttl:?} is not a duration like 90s, 15m, 1h or 7d");
         return ExitCode::from(EXIT_CONFIG);
@@ -282,7 +294,7 @@ fn token(sub: &str, roles: &[String], ttl: &str, config: Option<PathBuf>) -> Exi
         Ok(c) => c,
         Err(code) => return code,
     };
-    match crate::identity::issue(&config.auth, sub, roles, ttl) {
+    match crate::identity::issue(&config.auth, sub, roles, topic, ttl) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS
