@@ -7,6 +7,11 @@
 //! Cities named `Atlantis` or starting with `Nowhere` do not exist; every
 //! other city does, with a reading derived from its name (stable across
 //! runs). The API key `bad-key` (or none) is refused with 401.
+//!
+//! For the load tools it also stands in for an application's backend:
+//! `POST /backend/ANYTHING` answers every proxy call (connect, subscribe,
+//! publish, RPC, notifications) with `{"result": {}}` after the same
+//! latency, counted with the weather calls.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -18,7 +23,7 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -94,6 +99,7 @@ impl FakeUpstream {
             .route("/v1/search", get(om_search))
             .route("/v1/forecast", get(om_forecast))
             .route("/stats", get(stats))
+            .route("/backend/{*kind}", post(backend))
             .with_state(shared.clone());
         let token = stop.clone();
         tokio::spawn(async move {
@@ -212,6 +218,15 @@ async fn admit(s: &Shared, q: &[(String, String)], city: Option<&str>) -> Result
         Mode::Normal => Ok(()),
         Mode::Status(code) => Err(status(code)),
         Mode::Garbage => Err((StatusCode::OK, "<html>not json</html>").into_response()),
+    }
+}
+
+/// `POST /backend/…`: an application backend that allows everything,
+/// for measuring what the proxies cost.
+async fn backend(State(s): State<Arc<Shared>>) -> Response {
+    match admit(&s, &[], None).await {
+        Ok(()) => axum::Json(json!({"result": {}})).into_response(),
+        Err(failure) => failure,
     }
 }
 

@@ -61,7 +61,7 @@ async fn json_events_with_a_window_match_every_reply() {
     server.fake.set_latency(Duration::from_millis(50));
     let target = Target::new(&server.ws_url(), 2).expect("target");
     let mut o = options(3, 1);
-    o.ask = Ask::Event;
+    o.ask = Ask::Event("weather.get".into(), None);
     o.window = 4;
     let r = bench::requests(target, o, CancellationToken::new(), false).await;
     let json = r.to_json();

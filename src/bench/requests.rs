@@ -37,12 +37,13 @@ struct ReplyError<'a> {
 }
 
 /// What a `requests` connection sends and how it matches replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ask {
     /// A plain-text city name; the reply names the city.
     City,
-    /// A JSON `weather.get` event; the reply carries its `ref`.
-    Event,
+    /// A JSON event (`weather.get`, or the one named) with data
+    /// `{"city"}` or the data given; the reply carries its `ref`.
+    Event(String, Option<serde_json::Value>),
     /// A text any echo server sends back unchanged (for baselines such as
     /// gale's `/echo` or another crate's echo example).
     Echo,
@@ -181,10 +182,10 @@ async fn one_connection(
         {
             seq = seq.wrapping_add(1);
             let city = format!("City{}", seq % o.cities.max(1));
-            let (key, text) = if o.ask == Ask::Event {
+            let (key, text) = if let Ask::Event(event, data) = &o.ask {
                 let key = seq.to_string();
-                let text =
-                    json!({"event":"weather.get","data":{"city":city},"ref":key}).to_string();
+                let data = data.clone().unwrap_or_else(|| json!({ "city": city }));
+                let text = json!({"event":event,"data":data,"ref":key}).to_string();
                 (key, text)
             } else {
                 (city.clone(), city)
@@ -238,7 +239,7 @@ async fn one_connection(
                 continue; // the greeting
             }
             let failed = v.kind.as_deref() == Some("error") || v.ok == Some(false);
-            let (key, code) = if o.ask == Ask::Event {
+            let (key, code) = if matches!(o.ask, Ask::Event(..)) {
                 (v.reply, v.error.and_then(|e| e.code))
             } else {
                 (v.city, v.code)

@@ -110,6 +110,10 @@ pub struct SseArg {
     pub sse: bool,
 }
 
+fn parse_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
+}
+
 /// Options of `gale bench requests`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RequestsArgs {
@@ -125,6 +129,19 @@ pub struct RequestsArgs {
     /// Send JSON weather.get events instead of plain text.
     #[arg(long, conflicts_with = "echo")]
     events: bool,
+    /// With --events: this event instead of weather.get, with data
+    /// {"city": …} (e.g. one the server proxies to a backend).
+    #[arg(
+        long,
+        default_value = "weather.get",
+        requires = "events",
+        value_name = "EVENT"
+    )]
+    event: String,
+    /// With --events: this JSON as every event's data instead of
+    /// {"city": …} (e.g. --event topic.subscribe --data '{"topic":"bench"}').
+    #[arg(long, requires = "events", value_name = "JSON", value_parser = parse_json)]
+    data: Option<serde_json::Value>,
     /// Send texts and expect them back unchanged: for echo servers
     /// (gale's /echo, or a peer crate's echo example).
     #[arg(long)]
@@ -147,7 +164,7 @@ impl RequestsArgs {
             cities: self.cities,
             window: self.window,
             ask: match (self.events, self.echo) {
-                (true, _) => bench::Ask::Event,
+                (true, _) => bench::Ask::Event(self.event.clone(), self.data.clone()),
                 (_, true) => bench::Ask::Echo,
                 _ => bench::Ask::City,
             },
@@ -175,7 +192,10 @@ impl RequestsArgs {
             self.per_connection.to_string(),
         ];
         if self.events {
-            a.push("--events".into());
+            a.extend(["--events".into(), "--event".into(), self.event.clone()]);
+            if let Some(data) = &self.data {
+                a.extend(["--data".into(), data.to_string()]);
+            }
         }
         if self.echo {
             a.push("--echo".into());
