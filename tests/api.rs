@@ -43,7 +43,11 @@ async fn api_at(addr: SocketAddr, key: &str, method: &str, params: Value) -> (u1
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.expect("read");
     let text = String::from_utf8_lossy(&out);
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
@@ -77,12 +81,29 @@ async fn every_method_on_one_node() {
     let mut bob = user(&server, "bob").await;
 
     // subscribe: the user's connections, server-side.
-    let r = api(&server, "subscribe", json!({"user": "alice", "topic": "news:eu"})).await;
+    let r = api(
+        &server,
+        "subscribe",
+        json!({"user": "alice", "topic": "news:eu"}),
+    )
+    .await;
     assert_eq!(r["subscribed"], 1, "{r}");
-    let r = api(&server, "broadcast", json!({"topics": ["news:eu", "news:us"], "event": "headline", "data": {"t": 1}})).await;
+    let r = api(
+        &server,
+        "broadcast",
+        json!({"topics": ["news:eu", "news:us"], "event": "headline", "data": {"t": 1}}),
+    )
+    .await;
     assert_eq!(r["reached"], 1, "{r}");
     let push = next_publication(&mut alice).await;
-    assert_eq!((push["event"].clone(), push["topic"].clone(), push["offset"].clone()), (json!("headline"), json!("news:eu"), json!(1)));
+    assert_eq!(
+        (
+            push["event"].clone(),
+            push["topic"].clone(),
+            push["offset"].clone()
+        ),
+        (json!("headline"), json!("news:eu"), json!(1))
+    );
 
     // presence and its stats.
     let r = api(&server, "presence", json!({"topic": "news:eu"})).await;
@@ -91,51 +112,99 @@ async fn every_method_on_one_node() {
     assert_eq!(r["clients"][0]["info"], json!({"n": "alice"}));
     assert_eq!(r["clients"][0]["client"], alice.client_id.as_str());
     let r = api(&server, "presence_stats", json!({"topic": "news:eu"})).await;
-    assert_eq!((r["clients"].clone(), r["users"].clone()), (json!(1), json!(1)), "{r}");
+    assert_eq!(
+        (r["clients"].clone(), r["users"].clone()),
+        (json!(1), json!(1)),
+        "{r}"
+    );
 
     // history.
     for n in 2..=4 {
-        api(&server, "publish", json!({"event": "headline", "data": {"t": n}, "topic": "news:eu"})).await;
+        api(
+            &server,
+            "publish",
+            json!({"event": "headline", "data": {"t": n}, "topic": "news:eu"}),
+        )
+        .await;
     }
     for _ in 2..=4 {
         next_publication(&mut alice).await;
     }
     let r = api(&server, "history", json!({"topic": "news:eu"})).await;
     assert_eq!(r["offset"], 4, "{r}");
-    let offsets: Vec<u64> = r["publications"].as_array().expect("pubs").iter().filter_map(|p| p["offset"].as_u64()).collect();
+    let offsets: Vec<u64> = r["publications"]
+        .as_array()
+        .expect("pubs")
+        .iter()
+        .filter_map(|p| p["offset"].as_u64())
+        .collect();
     assert_eq!(offsets, vec![1, 2, 3, 4], "{r}");
     let r = api(&server, "history", json!({"topic": "news:eu", "limit": 2})).await;
-    let offsets: Vec<u64> = r["publications"].as_array().expect("pubs").iter().filter_map(|p| p["offset"].as_u64()).collect();
+    let offsets: Vec<u64> = r["publications"]
+        .as_array()
+        .expect("pubs")
+        .iter()
+        .filter_map(|p| p["offset"].as_u64())
+        .collect();
     assert_eq!(offsets, vec![3, 4], "{r}");
-    let (status, _) = api_at(server.addr, API_KEY_LONG, "history", json!({"topic": "plain"})).await;
+    let (status, _) = api_at(
+        server.addr,
+        API_KEY_LONG,
+        "history",
+        json!({"topic": "plain"}),
+    )
+    .await;
     assert_eq!(status, 400, "a topic without history");
 
     // topics and info.
-    let sub = bob.request("topic.subscribe", json!({"topic": "news:us"}), "s").await;
+    let sub = bob
+        .request("topic.subscribe", json!({"topic": "news:us"}), "s")
+        .await;
     assert_eq!(sub["ok"], true);
     let r = api(&server, "topics", json!({"pattern": "news:*"})).await;
-    assert_eq!(r["topics"], json!([{"topic": "news:eu", "subscribers": 1}, {"topic": "news:us", "subscribers": 1}]));
+    assert_eq!(
+        r["topics"],
+        json!([{"topic": "news:eu", "subscribers": 1}, {"topic": "news:us", "subscribers": 1}])
+    );
     let r = api(&server, "info", json!({})).await;
     assert_eq!(r["connections"], 2, "{r}");
     assert_eq!(r["nodes"][0]["users"], 2, "{r}");
 
     // unsubscribe, then disconnect with a code and reason.
-    let r = api(&server, "unsubscribe", json!({"user": "alice", "topic": "news:eu"})).await;
+    let r = api(
+        &server,
+        "unsubscribe",
+        json!({"user": "alice", "topic": "news:eu"}),
+    )
+    .await;
     assert_eq!(r["unsubscribed"], 1, "{r}");
-    let r = api(&server, "disconnect", json!({"user": "bob", "code": 4100, "reason": "account closed"})).await;
+    let r = api(
+        &server,
+        "disconnect",
+        json!({"user": "bob", "code": 4100, "reason": "account closed"}),
+    )
+    .await;
     assert_eq!(r["disconnected"], 1, "{r}");
     let close = bob.expect_close().await;
-    assert_eq!((u16::from(close.code), close.reason.as_str()), (4100, "account closed"));
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (4100, "account closed")
+    );
     let r = api(&server, "disconnect", json!({"client": alice.client_id})).await;
     assert_eq!(r["disconnected"], 1, "{r}");
     assert_eq!(u16::from(alice.expect_close().await.code), 4000);
 
     // batch, in order, each with its own answer.
-    let r = api(&server, "batch", json!({"commands": [
-        {"method": "info", "params": {}},
-        {"method": "nope", "params": {}},
-        {"method": "publish", "params": {"event": "e", "broadcast": true}},
-    ]})).await;
+    let r = api(
+        &server,
+        "batch",
+        json!({"commands": [
+            {"method": "info", "params": {}},
+            {"method": "nope", "params": {}},
+            {"method": "publish", "params": {"event": "e", "broadcast": true}},
+        ]}),
+    )
+    .await;
     let replies = r["replies"].as_array().expect("replies");
     assert_eq!(replies.len(), 3);
     assert!(replies[0]["result"]["nodes"].is_array(), "{r}");
@@ -148,9 +217,21 @@ async fn the_read_key_reads_and_nothing_else() {
     let server = start_with(configured).await;
     let (status, _) = api_at(server.addr, READ_KEY, "info", json!({})).await;
     assert_eq!(status, 200);
-    let (status, body) = api_at(server.addr, READ_KEY, "publish", json!({"event": "e", "broadcast": true})).await;
+    let (status, body) = api_at(
+        server.addr,
+        READ_KEY,
+        "publish",
+        json!({"event": "e", "broadcast": true}),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
-    let (status, body) = api_at(server.addr, READ_KEY, "batch", json!({"commands": [{"method": "info", "params": {}}]})).await;
+    let (status, body) = api_at(
+        server.addr,
+        READ_KEY,
+        "batch",
+        json!({"commands": [{"method": "info", "params": {}}]}),
+    )
+    .await;
     assert_eq!(status, 403, "a batch is not read-only: {body}");
     let (status, _) = api_at(server.addr, "wrong-key-0123456789ab", "info", json!({})).await;
     assert_eq!(status, 401);
@@ -195,7 +276,11 @@ async fn across_nodes_the_api_reaches_every_node_and_the_backend_hears_one_onlin
 
     // Subscribe carol everywhere through node a; publish through a.
     let r = api(&a, "subscribe", json!({"user": "carol", "topic": "news:x"})).await;
-    assert_eq!((r["subscribed"].clone(), r["nodes"].clone()), (json!(2), json!(2)), "{r}");
+    assert_eq!(
+        (r["subscribed"].clone(), r["nodes"].clone()),
+        (json!(2), json!(2)),
+        "{r}"
+    );
     api(&a, "publish", json!({"event": "hi", "topic": "news:x"})).await;
     assert_eq!(next_publication(&mut carol_b).await["event"], "hi");
     assert_eq!(next_publication(&mut carol_a).await["event"], "hi");
@@ -203,7 +288,11 @@ async fn across_nodes_the_api_reaches_every_node_and_the_backend_hears_one_onlin
     let r = api(&b, "presence", json!({"topic": "news:x"})).await;
     assert_eq!(r["count"], 2, "{r}");
     let r = api(&b, "topics", json!({})).await;
-    assert_eq!(r["topics"], json!([{"topic": "news:x", "subscribers": 2}]), "{r}");
+    assert_eq!(
+        r["topics"],
+        json!([{"topic": "news:x", "subscribers": 2}]),
+        "{r}"
+    );
     let r = api(&a, "info", json!({})).await;
     assert_eq!(r["connections"], 2, "{r}");
 
@@ -214,20 +303,41 @@ async fn across_nodes_the_api_reaches_every_node_and_the_backend_hears_one_onlin
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let onlines = backend.notifications().iter().filter(|n| n["type"] == "user.online").count();
+    let onlines = backend
+        .notifications()
+        .iter()
+        .filter(|n| n["type"] == "user.online")
+        .count();
     assert_eq!(onlines, 1, "{:?}", backend.notifications());
 
     // Disconnect her everywhere through b: then, once, offline.
-    let r = api(&b, "disconnect", json!({"user": "carol", "code": 4001, "reason": "bye"})).await;
+    let r = api(
+        &b,
+        "disconnect",
+        json!({"user": "carol", "code": 4001, "reason": "bye"}),
+    )
+    .await;
     assert_eq!(r["disconnected"], 2, "{r}");
     assert_eq!(u16::from(carol_a.expect_close().await.code), 4001);
     assert_eq!(u16::from(carol_b.expect_close().await.code), 4001);
     let deadline = tokio::time::Instant::now() + common::WAIT;
-    while !backend.notifications().iter().any(|n| n["type"] == "user.offline") {
-        assert!(tokio::time::Instant::now() < deadline, "no offline: {:?}", backend.notifications());
+    while !backend
+        .notifications()
+        .iter()
+        .any(|n| n["type"] == "user.offline")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no offline: {:?}",
+            backend.notifications()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let offlines = backend.notifications().iter().filter(|n| n["type"] == "user.offline").count();
+    let offlines = backend
+        .notifications()
+        .iter()
+        .filter(|n| n["type"] == "user.offline")
+        .count();
     assert_eq!(offlines, 1, "{:?}", backend.notifications());
 }

@@ -47,7 +47,8 @@ fn code(r: &Value) -> &str {
 }
 
 async fn subscribe(c: &mut Client, topic: &str, r: &str) -> Value {
-    c.request("topic.subscribe", json!({"topic": topic}), r).await
+    c.request("topic.subscribe", json!({"topic": topic}), r)
+        .await
 }
 
 async fn user(server: &TestServer, sub: &str, roles: Value) -> Client {
@@ -60,7 +61,12 @@ async fn topics_no_block_opens_are_closed_to_clients() {
     let mut c = server.client().await;
     let r = subscribe(&mut c, "news:eu", "s").await;
     assert_eq!(code(&r), "permission_denied", "{r}");
-    assert!(r["error"]["message"].as_str().is_some_and(|m| m.contains("not open")), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not open")),
+        "{r}"
+    );
     let r = c
         .request("topic.publish", json!({"topic": "news:eu", "data": 1}), "p")
         .await;
@@ -81,8 +87,14 @@ async fn subscribe_modes_roles_and_user_limited_topics() {
         rules(
             c,
             vec![
-                ("open:*", block(|t| t.subscribe = Some(SubscribeMode::Anyone))),
-                ("members:*", block(|t| t.subscribe = Some(SubscribeMode::Users))),
+                (
+                    "open:*",
+                    block(|t| t.subscribe = Some(SubscribeMode::Anyone)),
+                ),
+                (
+                    "members:*",
+                    block(|t| t.subscribe = Some(SubscribeMode::Users)),
+                ),
                 (
                     "ops:*",
                     block(|t| {
@@ -91,7 +103,10 @@ async fn subscribe_modes_roles_and_user_limited_topics() {
                     }),
                 ),
                 ("dm:*", block(|t| t.subscribe = Some(SubscribeMode::Anyone))),
-                ("paid:*", block(|t| t.subscribe = Some(SubscribeMode::Token))),
+                (
+                    "paid:*",
+                    block(|t| t.subscribe = Some(SubscribeMode::Token)),
+                ),
             ],
         );
     })
@@ -101,20 +116,42 @@ async fn subscribe_modes_roles_and_user_limited_topics() {
     let mut root = user(&server, "root", json!(["admin"])).await;
 
     assert_eq!(subscribe(&mut anon, "open:x", "1").await["ok"], true);
-    assert_eq!(code(&subscribe(&mut anon, "members:x", "2").await), "permission_denied");
+    assert_eq!(
+        code(&subscribe(&mut anon, "members:x", "2").await),
+        "permission_denied"
+    );
     assert_eq!(subscribe(&mut alice, "members:x", "3").await["ok"], true);
-    assert_eq!(code(&subscribe(&mut alice, "ops:x", "4").await), "forbidden");
+    assert_eq!(
+        code(&subscribe(&mut alice, "ops:x", "4").await),
+        "forbidden"
+    );
     assert_eq!(subscribe(&mut root, "ops:x", "5").await["ok"], true);
 
-    assert_eq!(subscribe(&mut alice, "dm:#alice,bob", "6").await["ok"], true);
-    assert_eq!(code(&subscribe(&mut root, "dm:#alice,bob", "7").await), "permission_denied");
-    assert_eq!(code(&subscribe(&mut anon, "dm:#alice,bob", "8").await), "permission_denied");
+    assert_eq!(
+        subscribe(&mut alice, "dm:#alice,bob", "6").await["ok"],
+        true
+    );
+    assert_eq!(
+        code(&subscribe(&mut root, "dm:#alice,bob", "7").await),
+        "permission_denied"
+    );
+    assert_eq!(
+        code(&subscribe(&mut anon, "dm:#alice,bob", "8").await),
+        "permission_denied"
+    );
 
     // A token-only topic.
-    assert_eq!(code(&subscribe(&mut alice, "paid:a", "9").await), "permission_denied");
+    assert_eq!(
+        code(&subscribe(&mut alice, "paid:a", "9").await),
+        "permission_denied"
+    );
     let with = |t: String| json!({"topic": "paid:a", "token": t});
     let r = alice
-        .request("topic.subscribe", with(sub_token("alice", "paid:a", 60)), "10")
+        .request(
+            "topic.subscribe",
+            with(sub_token("alice", "paid:a", 60)),
+            "10",
+        )
         .await;
     assert_eq!(r["ok"], true, "{r}");
     for (bad, why) in [
@@ -175,7 +212,11 @@ async fn client_publications_are_pushed_like_the_apis_with_history() {
     assert_eq!(subscribe(&mut alice, "room:1", "s1").await["ok"], true);
     assert_eq!(subscribe(&mut bob, "room:1", "s2").await["ok"], true);
     let r = alice
-        .request("topic.publish", publish("room:1", json!({"text": "hi"})), "p1")
+        .request(
+            "topic.publish",
+            publish("room:1", json!({"text": "hi"})),
+            "p1",
+        )
         .await;
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["data"], json!({"topic": "room:1", "accepted": true}));
@@ -191,12 +232,19 @@ async fn client_publications_are_pushed_like_the_apis_with_history() {
     assert_eq!(r["publications"][0]["user"], "alice", "{r}");
 
     assert_eq!(subscribe(&mut anon, "wall", "w").await["ok"], true);
-    let r = anon.request("topic.publish", publish("wall", json!(1)), "a").await;
+    let r = anon
+        .request("topic.publish", publish("wall", json!(1)), "a")
+        .await;
     assert_eq!(code(&r), "permission_denied", "wall takes users: {r}");
-    let r = bob.request("topic.publish", publish("wall", json!(2)), "b").await;
+    let r = bob
+        .request("topic.publish", publish("wall", json!(2)), "b")
+        .await;
     assert_eq!(r["ok"], true, "{r}");
     let push = anon.next_push().await;
-    assert_eq!((push["data"].clone(), push["user"].clone()), (json!(2), json!("bob")));
+    assert_eq!(
+        (push["data"].clone(), push["user"].clone()),
+        (json!(2), json!("bob"))
+    );
 }
 
 async fn anon_recover(c: &mut Client, topic: &str, epoch: Value) -> Value {
@@ -221,11 +269,21 @@ fn lobby() -> TopicConfig {
 
 #[tokio::test]
 async fn joins_leaves_and_presence_show_users_and_their_info() {
-    let server = start_with(|c| rules(c, vec![("lobby", lobby()), ("quiet", block(|t| t.subscribe = Some(SubscribeMode::Anyone)))])).await;
-    let alice_token = common::hs256_token_with(
-        SECRET,
-        json!({"sub": "alice", "info": {"name": "Alice"}}),
-    );
+    let server = start_with(|c| {
+        rules(
+            c,
+            vec![
+                ("lobby", lobby()),
+                (
+                    "quiet",
+                    block(|t| t.subscribe = Some(SubscribeMode::Anyone)),
+                ),
+            ],
+        )
+    })
+    .await;
+    let alice_token =
+        common::hs256_token_with(SECRET, json!({"sub": "alice", "info": {"name": "Alice"}}));
     let mut watcher = server.client().await;
     assert_eq!(subscribe(&mut watcher, "lobby", "w").await["ok"], true);
     let mut alice = server.client_with_token(&alice_token).await;
@@ -239,18 +297,33 @@ async fn joins_leaves_and_presence_show_users_and_their_info() {
     assert_eq!(join["data"]["client"], alice.client_id.as_str());
     assert!(join.get("offset").is_none(), "never in history: {join}");
 
-    let r = watcher.request("topic.presence", json!({"topic": "lobby"}), "p").await;
+    let r = watcher
+        .request("topic.presence", json!({"topic": "lobby"}), "p")
+        .await;
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["data"]["count"], 2, "{r}");
     assert_eq!(r["data"]["users"], 1, "{r}");
-    let listed: Vec<&Value> = r["data"]["clients"].as_array().expect("clients").iter().collect();
-    assert!(listed.iter().any(|c| c["user"] == "alice" && c["info"]["name"] == "Alice"), "{r}");
+    let listed: Vec<&Value> = r["data"]["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .collect();
+    assert!(
+        listed
+            .iter()
+            .any(|c| c["user"] == "alice" && c["info"]["name"] == "Alice"),
+        "{r}"
+    );
 
     let mut outsider = server.client().await;
-    let r = outsider.request("topic.presence", json!({"topic": "lobby"}), "o").await;
+    let r = outsider
+        .request("topic.presence", json!({"topic": "lobby"}), "o")
+        .await;
     assert_eq!(code(&r), "permission_denied", "only subscribers: {r}");
     assert_eq!(subscribe(&mut outsider, "quiet", "q").await["ok"], true);
-    let r = outsider.request("topic.presence", json!({"topic": "quiet"}), "q2").await;
+    let r = outsider
+        .request("topic.presence", json!({"topic": "quiet"}), "q2")
+        .await;
     assert_eq!(code(&r), "permission_denied", "presence is off there: {r}");
 
     // Unsubscribing and disconnecting both announce a leave.
@@ -258,7 +331,10 @@ async fn joins_leaves_and_presence_show_users_and_their_info() {
         .request("topic.unsubscribe", json!({"topic": "lobby"}), "u")
         .await;
     let leave = watcher.next_push().await;
-    assert_eq!((leave["event"].clone(), leave["data"]["user"].clone()), (json!("topic.leave"), json!("alice")));
+    assert_eq!(
+        (leave["event"].clone(), leave["data"]["user"].clone()),
+        (json!("topic.leave"), json!("alice"))
+    );
     assert_eq!(subscribe(&mut alice, "lobby", "a2").await["ok"], true);
     assert_eq!(watcher.next_push().await["event"], "topic.join");
     drop(alice);
@@ -308,16 +384,32 @@ async fn across_nodes_presence_joins_and_client_publications_are_the_clusters() 
     let mut bob = user(&b, "bob", json!([])).await;
     assert_eq!(subscribe(&mut bob, "lobby", "b").await["ok"], true);
     let join = on_a.next_push().await;
-    assert_eq!((join["event"].clone(), join["data"]["user"].clone()), (json!("topic.join"), json!("bob")));
+    assert_eq!(
+        (join["event"].clone(), join["data"]["user"].clone()),
+        (json!("topic.join"), json!("bob"))
+    );
 
-    let r = on_a.request("topic.presence", json!({"topic": "lobby"}), "p").await;
+    let r = on_a
+        .request("topic.presence", json!({"topic": "lobby"}), "p")
+        .await;
     assert_eq!(r["data"]["count"], 2, "both nodes' subscribers: {r}");
     assert_eq!(r["data"]["users"], 1, "{r}");
 
     let r = bob
-        .request("topic.publish", json!({"topic": "lobby", "data": "from b"}), "pub")
+        .request(
+            "topic.publish",
+            json!({"topic": "lobby", "data": "from b"}),
+            "pub",
+        )
         .await;
     assert_eq!(r["ok"], true, "{r}");
     let push = on_a.next_push().await;
-    assert_eq!((push["event"].clone(), push["data"].clone(), push["user"].clone()), (json!("topic.message"), json!("from b"), json!("bob")));
+    assert_eq!(
+        (
+            push["event"].clone(),
+            push["data"].clone(),
+            push["user"].clone()
+        ),
+        (json!("topic.message"), json!("from b"), json!("bob"))
+    );
 }

@@ -27,7 +27,9 @@ fn wired(c: &mut Config, backend: &Backend) {
     c.proxy.rpc_url = Some(backend.url("rpc"));
     c.proxy.rpc_events = vec!["orders.*".into()];
     c.proxy.timeout_ms = 500;
-    c.proxy.static_headers.insert("X-Gale-Secret".into(), "s3cret".into());
+    c.proxy
+        .static_headers
+        .insert("X-Gale-Secret".into(), "s3cret".into());
     c.topics.insert(
         "room:*".into(),
         TopicConfig {
@@ -50,7 +52,9 @@ fn sessions() -> Reply {
     Reply::With(Arc::new(|body: &Value| {
         let cookie = body["headers"]["cookie"].as_str().unwrap_or("");
         match cookie.strip_prefix("session=") {
-            Some(name) => json!({"result": {"user": name, "roles": ["member"], "info": {"name": name.to_uppercase()}, "topics": ["room:welcome"]}}),
+            Some(name) => {
+                json!({"result": {"user": name, "roles": ["member"], "info": {"name": name.to_uppercase()}, "topics": ["room:welcome"]}})
+            }
             None => json!({"error": {"code": "no_session", "message": "log in first"}}),
         }
     }))
@@ -68,9 +72,16 @@ async fn the_backend_says_who_a_connection_is_from_its_cookie() {
     let call = &backend.calls_of("connect")[0];
     assert_eq!(call.body["headers"]["cookie"], "session=alice");
     assert_eq!(call.body["transport"], "websocket");
-    assert_eq!(call.body["client"], alice.client_id.as_str(), "the client_id it will have");
+    assert_eq!(
+        call.body["client"],
+        alice.client_id.as_str(),
+        "the client_id it will have"
+    );
     assert_eq!(call.headers["x-gale-secret"], "s3cret", "static headers");
-    assert!(call.body["headers"].get("user-agent").is_none(), "only the allowed headers");
+    assert!(
+        call.body["headers"].get("user-agent").is_none(),
+        "only the allowed headers"
+    );
     // Subscribed at once to what the backend named: a push reaches it.
     let (status, _) = common::publish(
         &server,
@@ -83,8 +94,14 @@ async fn the_backend_says_who_a_connection_is_from_its_cookie() {
 
     // Refused: the backend's error is the handshake's answer.
     assert_eq!(with_cookie(&server, "other=1").await.err(), Some(403));
-    backend.set("connect", Reply::Json(json!({"disconnect": {"code": 4003, "reason": "banned"}})));
-    assert_eq!(with_cookie(&server, "session=mallory").await.err(), Some(403));
+    backend.set(
+        "connect",
+        Reply::Json(json!({"disconnect": {"code": 4003, "reason": "banned"}})),
+    );
+    assert_eq!(
+        with_cookie(&server, "session=mallory").await.err(),
+        Some(403)
+    );
 }
 
 #[tokio::test]
@@ -92,7 +109,10 @@ async fn a_dead_or_slow_backend_refuses_at_its_deadline_and_opens_the_breaker() 
     let backend = Backend::start().await;
     backend.set(
         "connect",
-        Reply::Slow(Duration::from_secs(5), Box::new(Reply::Json(json!({"result": {}})))),
+        Reply::Slow(
+            Duration::from_secs(5),
+            Box::new(Reply::Json(json!({"result": {}}))),
+        ),
     );
     let server = start_with(|c| {
         wired(c, &backend);
@@ -103,7 +123,10 @@ async fn a_dead_or_slow_backend_refuses_at_its_deadline_and_opens_the_breaker() 
     let started = Instant::now();
     assert_eq!(with_cookie(&server, "session=a").await.err(), Some(503));
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(1_500), "at the 500 ms deadline: {took:?}");
+    assert!(
+        took < Duration::from_millis(1_500),
+        "at the 500 ms deadline: {took:?}"
+    );
     // Others are served meanwhile: a plain-text lookup needs no backend…
     // …and a JWT connection needs no connect call at all.
     backend.set("connect", Reply::Status(500));
@@ -114,8 +137,16 @@ async fn a_dead_or_slow_backend_refuses_at_its_deadline_and_opens_the_breaker() 
     let before = backend.calls_of("connect").len();
     let started = Instant::now();
     assert_eq!(with_cookie(&server, "session=a").await.err(), Some(503));
-    assert!(started.elapsed() < Duration::from_millis(200), "{:?}", started.elapsed());
-    assert_eq!(backend.calls_of("connect").len(), before, "not called while open");
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        backend.calls_of("connect").len(),
+        before,
+        "not called while open"
+    );
     assert!(
         server
             .sample("gale_proxy_calls_total{kind=\"Connect\",result=\"Open\"}")
@@ -159,25 +190,53 @@ async fn subscriptions_and_publications_are_the_backends_to_decide() {
     let mut alice = with_cookie(&server, "session=alice").await.expect("in");
     let mut bob = with_cookie(&server, "session=bob").await.expect("in");
     let sub = |t: &str| json!({"topic": t});
-    assert_eq!(alice.request("topic.subscribe", sub("room:vip"), "1").await["ok"], true);
+    assert_eq!(
+        alice.request("topic.subscribe", sub("room:vip"), "1").await["ok"],
+        true
+    );
     let r = bob.request("topic.subscribe", sub("room:vip"), "2").await;
-    assert_eq!(r["error"], json!({"code": 4031, "message": "VIPs only"}), "the backend's own: {r}");
-    assert_eq!(bob.request("topic.subscribe", sub("room:1"), "3").await["ok"], true);
-    assert_eq!(alice.request("topic.subscribe", sub("room:1"), "4").await["ok"], true);
+    assert_eq!(
+        r["error"],
+        json!({"code": 4031, "message": "VIPs only"}),
+        "the backend's own: {r}"
+    );
+    assert_eq!(
+        bob.request("topic.subscribe", sub("room:1"), "3").await["ok"],
+        true
+    );
+    assert_eq!(
+        alice.request("topic.subscribe", sub("room:1"), "4").await["ok"],
+        true
+    );
 
     let r = bob
-        .request("topic.publish", json!({"topic": "room:1", "data": {"text": "hello"}}), "5")
+        .request(
+            "topic.publish",
+            json!({"topic": "room:1", "data": {"text": "hello"}}),
+            "5",
+        )
         .await;
     assert_eq!(r["ok"], true, "{r}");
     let push = alice.next_push().await;
-    assert_eq!(push["data"], json!({"text": "HELLO", "by": "bob"}), "rewritten: {push}");
+    assert_eq!(
+        push["data"],
+        json!({"text": "HELLO", "by": "bob"}),
+        "rewritten: {push}"
+    );
     let r = bob
-        .request("topic.publish", json!({"topic": "room:1", "data": {"text": "buy spam"}}), "6")
+        .request(
+            "topic.publish",
+            json!({"topic": "room:1", "data": {"text": "buy spam"}}),
+            "6",
+        )
         .await;
     assert_eq!(r["error"]["code"], "spam", "{r}");
 
     // A backend that answers a disconnect closes the connection.
-    backend.set("subscribe", Reply::Json(json!({"disconnect": {"code": 4009, "reason": "go away"}})));
+    backend.set(
+        "subscribe",
+        Reply::Json(json!({"disconnect": {"code": 4009, "reason": "go away"}})),
+    );
     bob.send(&json!({"event": "topic.subscribe", "data": sub("room:2"), "ref": "7"}).to_string())
         .await;
     let close = bob.expect_close().await;
@@ -192,7 +251,9 @@ async fn rpc_events_are_answered_by_the_backend_under_the_routers_policies() {
     backend.set(
         "rpc",
         Reply::With(Arc::new(|b: &Value| match b["event"].as_str() {
-            Some("orders.create") => json!({"result": {"id": 7, "by": b["user"], "echo": b["data"]}}),
+            Some("orders.create") => {
+                json!({"result": {"id": 7, "by": b["user"], "echo": b["data"]}})
+            }
             _ => json!({"error": {"code": "unknown_order_op", "message": "no such operation"}}),
         })),
     );
@@ -208,7 +269,11 @@ async fn rpc_events_are_answered_by_the_backend_under_the_routers_policies() {
     let r = alice
         .request("orders.create", json!({"item": "book"}), "1")
         .await;
-    assert_eq!(r["data"], json!({"id": 7, "by": "alice", "echo": {"item": "book"}}), "{r}");
+    assert_eq!(
+        r["data"],
+        json!({"id": 7, "by": "alice", "echo": {"item": "book"}}),
+        "{r}"
+    );
     let r = alice.request("orders.cancel", json!({}), "2").await;
     assert_eq!(r["error"]["code"], "unknown_order_op", "{r}");
     let r = alice.request("billing.pay", json!({}), "3").await;
@@ -217,10 +282,20 @@ async fn rpc_events_are_answered_by_the_backend_under_the_routers_policies() {
     alice.request("orders.create", json!({}), "4").await;
     let r = alice.request("orders.create", json!({}), "5").await;
     assert_eq!(code(&r), "rate_limited", "{r}");
-    assert_eq!(backend.calls_of("rpc").len(), 3, "the refused one never left");
+    assert_eq!(
+        backend.calls_of("rpc").len(),
+        3,
+        "the refused one never left"
+    );
     // A backend that does not answer: the event's own error, at the
     // proxy's deadline; the connection goes on.
-    backend.set("rpc", Reply::Slow(Duration::from_secs(3), Box::new(Reply::Json(json!({"result": {}})))));
+    backend.set(
+        "rpc",
+        Reply::Slow(
+            Duration::from_secs(3),
+            Box::new(Reply::Json(json!({"result": {}}))),
+        ),
+    );
     let r = alice.request("orders.cancel", json!({}), "6").await;
     assert_eq!(code(&r), "timeout", "{r}");
     assert_eq!(alice.ask("Oslo").await["type"], "weather");
@@ -232,11 +307,15 @@ async fn identities_are_refreshed_before_they_end_or_closed() {
     let expire = || chrono::Utc::now().timestamp() as u64 + 2;
     backend.set(
         "connect",
-        Reply::With(Arc::new(move |_| json!({"result": {"user": "alice", "expire_at": expire()}}))),
+        Reply::With(Arc::new(
+            move |_| json!({"result": {"user": "alice", "expire_at": expire()}}),
+        )),
     );
     backend.set(
         "refresh",
-        Reply::With(Arc::new(move |_| json!({"result": {"expire_at": chrono::Utc::now().timestamp() as u64 + 60}}))),
+        Reply::With(Arc::new(
+            move |_| json!({"result": {"expire_at": chrono::Utc::now().timestamp() as u64 + 60}}),
+        )),
     );
     let server = start_with(|c| {
         wired(c, &backend);
@@ -249,13 +328,18 @@ async fn identities_are_refreshed_before_they_end_or_closed() {
     // not read misses the pings of a 1 s interval).
     for i in 0..8 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let r = alice.request("notes.list", Value::Null, &i.to_string()).await;
+        let r = alice
+            .request("notes.list", Value::Null, &i.to_string())
+            .await;
         assert_eq!(r["ok"], true, "still open: {r}");
     }
     assert_eq!(backend.calls_of("refresh")[0].body["user"], "alice");
 
     // Refused: closed.
-    backend.set("refresh", Reply::Json(json!({"error": {"code": "expired", "message": "log in again"}})));
+    backend.set(
+        "refresh",
+        Reply::Json(json!({"error": {"code": "expired", "message": "log in again"}})),
+    );
     let mut bob = with_cookie(&server, "session=bob").await.expect("in");
     let close = bob.expect_close().await;
     assert_eq!(u16::from(close.code), 1008, "{close:?}");
@@ -268,7 +352,11 @@ async fn lifecycle_notifications_say_online_once_and_offline_after_the_grace() {
     let server = start_with(|c| {
         wired(c, &backend);
         c.proxy.events_url = Some(backend.url("events"));
-        c.proxy.events = vec!["user.online".into(), "user.offline".into(), "connection.closed".into()];
+        c.proxy.events = vec![
+            "user.online".into(),
+            "user.offline".into(),
+            "connection.closed".into(),
+        ];
         c.proxy.offline_grace_ms = 500;
     })
     .await;
@@ -292,7 +380,12 @@ async fn lifecycle_notifications_say_online_once_and_offline_after_the_grace() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(kinds, ["user.online", "user.offline"], "{:?}", backend.notifications());
+    assert_eq!(
+        kinds,
+        ["user.online", "user.offline"],
+        "{:?}",
+        backend.notifications()
+    );
     let closed = backend
         .notifications()
         .iter()
@@ -303,10 +396,21 @@ async fn lifecycle_notifications_say_online_once_and_offline_after_the_grace() {
     // The backend down: notifications wait and arrive once it is back.
     backend.set("events", Reply::Status(503));
     let again = with_cookie(&server, "session=bob").await.expect("in");
-    backend.wait_calls("events", |c| c.iter().filter(|c| c.body.to_string().contains("bob")).count() >= 2).await;
+    backend
+        .wait_calls("events", |c| {
+            c.iter()
+                .filter(|c| c.body.to_string().contains("bob"))
+                .count()
+                >= 2
+        })
+        .await;
     backend.set("events", Reply::Json(json!({"result": {}})));
     let deadline = Instant::now() + common::WAIT;
-    while !backend.notifications().iter().any(|n| n["user"] == "bob" && n["type"] == "user.online") {
+    while !backend
+        .notifications()
+        .iter()
+        .any(|n| n["user"] == "bob" && n["type"] == "user.online")
+    {
         assert!(Instant::now() < deadline, "never delivered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -91,7 +91,10 @@ impl Backend {
 
     /// The calls of `kind` so far.
     pub fn calls_of(&self, kind: &str) -> Vec<Call> {
-        self.calls().into_iter().filter(|c| c.kind == kind).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.kind == kind)
+            .collect()
     }
 
     /// Waits until `cond` holds of the calls of `kind`.
