@@ -413,7 +413,7 @@ impl Hub {
     /// Unregisters a connection and ends its subscriptions.
     pub fn leave(&self, conn_id: Uuid) {
         let mut leaves = Vec::new();
-        let (user, last) = {
+        let (user, info, last) = {
             let mut st = self.lock();
             let Some(member) = st.conns.remove(&conn_id) else {
                 return;
@@ -445,10 +445,16 @@ impl Hub {
             }
             self.metrics.users.set(st.users.len() as i64);
             self.metrics.topics.set(st.topics.len() as i64);
-            (member.user, last)
+            (member.user, member.info, last)
         };
         for topic in leaves {
-            self.announce(&topic, "topic.leave", conn_id, user.as_deref(), None);
+            self.announce(
+                &topic,
+                "topic.leave",
+                conn_id,
+                user.as_deref(),
+                info.as_deref(),
+            );
         }
         self.emit(SystemEvent::Closed {
             conn_id,
@@ -576,9 +582,15 @@ impl Hub {
     pub fn unsubscribe(&self, conn_id: Uuid, topic: &str) -> bool {
         match self.remove(conn_id, topic) {
             None => false,
-            Some((announced, user)) => {
+            Some((announced, user, info)) => {
                 if announced {
-                    self.announce(topic, "topic.leave", conn_id, user.as_deref(), None);
+                    self.announce(
+                        topic,
+                        "topic.leave",
+                        conn_id,
+                        user.as_deref(),
+                        info.as_deref(),
+                    );
                 }
                 true
             }
@@ -587,7 +599,11 @@ impl Hub {
 
     /// Removes a subscription: `Some((whether its topic announces, the
     /// subscriber's user))` when there was one.
-    fn remove(&self, conn_id: Uuid, topic: &str) -> Option<(bool, Option<Arc<str>>)> {
+    fn remove(
+        &self,
+        conn_id: Uuid,
+        topic: &str,
+    ) -> Option<(bool, Option<Arc<str>>, Option<Arc<str>>)> {
         let mut st = self.lock();
         let st = &mut *st;
         let member = st.conns.get_mut(&conn_id)?;
@@ -596,7 +612,7 @@ impl Hub {
         if member.topics.len() == before {
             return None;
         }
-        let user = member.user.clone();
+        let (user, info) = (member.user.clone(), member.info.clone());
         let announced = st.announced.contains(topic);
         if let Some(ids) = st.topics.get_mut(topic) {
             ids.remove(&conn_id);
@@ -608,7 +624,7 @@ impl Hub {
             }
         }
         self.metrics.topics.set(st.topics.len() as i64);
-        Some((announced, user))
+        Some((announced, user, info))
     }
 
     /// Whether `conn_id` is subscribed to `topic`.
@@ -793,6 +809,12 @@ impl Hub {
         let policy = match target {
             Target::Topic(t) => self.policies.get(t),
             _ => None,
+        };
+        // Every topic push names its topic: with history the position
+        // brings it (at delivery); without, it goes in here.
+        let text = match (target, &policy) {
+            (Target::Topic(t), None) => format!("{}}}", history::head(&text, t)),
+            _ => text,
         };
         let room = if policy.is_some() {
             history::POSITION_BYTES
