@@ -191,7 +191,7 @@ pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision
         SubscribeMode::Anyone => Decision::Allow,
         SubscribeMode::Users if who.user.is_some() => Decision::Allow,
         SubscribeMode::Users => denied(format!(
-            "{topic} is for signed-in users: connect with a token"
+            "{topic} is for signed-in users: sign in first (a token, or the connect proxy)"
         )),
         SubscribeMode::Token => Decision::Token,
         SubscribeMode::Proxy => Decision::Proxy,
@@ -203,6 +203,13 @@ pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision
 
 /// Whether `who` may publish on `topic` from a client.
 pub fn may_publish(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
+    // A user-limited topic takes publications from its users only,
+    // whatever the block says.
+    if let Some(mut users) = limited_to(topic)
+        && !who.user.is_some_and(|u| users.any(|l| l == u))
+    {
+        return denied(format!("{topic} is limited to the users its name lists"));
+    }
     if let Some(d) = missing_role(channel, topic, who) {
         return d;
     }
@@ -283,6 +290,13 @@ mod tests {
         ));
         assert!(matches!(
             may_subscribe(&ch, "dm:#alice,bob", anon()),
+            Decision::Deny(_)
+        ));
+        // Publishing too, whatever the block says.
+        let open = rules(&[("dm:*", r#"publish = "users""#)]).channel("dm:#alice,bob");
+        assert_eq!(may_publish(&open, "dm:#alice,bob", alice), Decision::Allow);
+        assert!(matches!(
+            may_publish(&open, "dm:#alice,bob", carol),
             Decision::Deny(_)
         ));
         // The name narrows who may; it never opens a closed topic.

@@ -555,7 +555,7 @@ impl Router {
             return Err(ErrorBody::new(
                 ErrorCode::Unauthorized,
                 format!(
-                    "{} needs a signed-in user: connect with a token",
+                    "{} needs a signed-in user: sign in first (a token, or the connect proxy)",
                     route.name
                 ),
             ));
