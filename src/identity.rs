@@ -65,6 +65,10 @@ struct Claims {
     roles: Roles,
     #[serde(default)]
     info: Option<serde_json::Value>,
+    /// Set on subscription tokens only: such a token never signs a
+    /// connection in.
+    #[serde(default)]
+    topic: Option<serde_json::Value>,
 }
 
 /// A subscription token's claims: the user it is for and the topic.
@@ -87,9 +91,10 @@ enum Roles {
 fn why_invalid(kind: &jsonwebtoken::errors::ErrorKind) -> String {
     use jsonwebtoken::errors::ErrorKind as K;
     match kind {
-        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+        K::InvalidToken | K::Base64(_) | K::Utf8(_) => {
             "not a JWT (three base64url parts joined by dots)".into()
         }
+        K::Json(e) => format!("its header or claims are not what the server reads ({e})"),
         K::InvalidSignature => "its signature does not match the server's key".into(),
         K::InvalidAlgorithm | K::InvalidAlgorithmName => {
             "signed with another algorithm than the server's key".into()
@@ -272,7 +277,13 @@ impl Verifier {
             exp,
             roles,
             info,
+            topic,
         } = data.claims;
+        if topic.is_some() {
+            return Err(AuthError::Invalid(
+                "a subscription token (it names a topic) signs no connection in".into(),
+            ));
+        }
         if sub.is_empty() {
             return Err(AuthError::Invalid("empty sub".into()));
         }
@@ -494,6 +505,35 @@ pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
 mod tests {
     use super::*;
     use axum::http::HeaderValue;
+
+    #[test]
+    fn a_subscription_token_signs_no_connection_in() {
+        let cfg = AuthConfig {
+            jwt_secret: Some("identity-test-secret".into()),
+            ..AuthConfig::default()
+        };
+        let v = Verifier::from_config(&cfg).expect("verifier");
+        let hour = std::time::Duration::from_secs(3600);
+        let login = issue(&cfg, "mallory", &[], None, hour).expect("sign");
+        assert!(v.identify(Some(&login)).is_ok());
+        let sub = issue(&cfg, "mallory", &[], Some("sec:1"), hour).expect("sign");
+        assert!(v.subscription(&sub, "sec:1", Some("mallory")).is_ok());
+        match v.identify(Some(&sub)) {
+            Err(AuthError::Invalid(why)) => assert!(why.contains("subscription token"), "{why}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // A claim missing is named, not called "not a JWT".
+        let no_topic = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": "a", "exp": u64::MAX / 2}),
+            &jsonwebtoken::EncodingKey::from_secret(b"identity-test-secret"),
+        )
+        .expect("sign");
+        match v.subscription(&no_topic, "sec:1", Some("a")) {
+            Err(AuthError::Invalid(why)) => assert!(why.contains("topic"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn cidr_blocks() {
