@@ -240,8 +240,8 @@ pub struct ProxyConfig {
     pub static_headers: BTreeMap<String, String>,
     /// Deadline of one call.
     pub timeout_ms: u64,
-    /// Calls in flight at once, every kind together; past this a call is
-    /// refused at once (`system_overloaded`).
+    /// Calls in flight at once, every kind together; past this a call
+    /// waits for a slot within its deadline (`timeout` past it).
     pub max_concurrent: usize,
     /// Consecutive failures that open the circuit breaker.
     pub breaker_failures: u32,
@@ -1428,6 +1428,21 @@ impl Config {
             }
         }
         self.proxy.validate()?;
+        // A topic the backend decides needs the backend's endpoint.
+        for (name, t) in &self.topics {
+            if t.subscribe == Some(SubscribeMode::Proxy) && self.proxy.subscribe_url.is_none() {
+                return Err(ConfigError::invalid(
+                    &format!("topics.\"{name}\".subscribe"),
+                    "is \"proxy\": set proxy.subscribe_url (the backend that decides)",
+                ));
+            }
+            if t.publish == Some(PublishMode::Proxy) && self.proxy.publish_url.is_none() {
+                return Err(ConfigError::invalid(
+                    &format!("topics.\"{name}\".publish"),
+                    "is \"proxy\": set proxy.publish_url (the backend that decides)",
+                ));
+            }
+        }
         crate::store::check_url(&st.url).map_err(|m| ConfigError::invalid("store.url", m))?;
         for url in self.cluster.redis_urls() {
             check_redis_url(&url)?;
@@ -1714,6 +1729,24 @@ mod tests {
         assert_eq!(c.store.url, "sqlite://gale.db");
         assert_eq!(c.store.queue_size, 10_000);
         assert_eq!(c.store.workers, 5);
+    }
+
+    #[test]
+    fn a_proxy_topic_needs_its_backend_url() {
+        let file = "[topics.\"room:*\"]\nsubscribe = \"proxy\"\n";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("g.toml");
+        std::fs::write(&path, file).expect("write");
+        let e = Config::load_from(Some(&path), env(&[]))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("proxy.subscribe_url"), "{e}");
+        std::fs::write(
+            &path,
+            format!("{file}[proxy]\nsubscribe_url = \"http://127.0.0.1:1/s\"\n"),
+        )
+        .expect("write");
+        assert!(Config::load_from(Some(&path), env(&[])).is_ok());
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub enum Refusal {
     Denied(ErrorBody),
     /// Refused, and the connection is closed with this code and reason.
     Disconnect {
-        /// The close code (4000–4999: the application's own).
+        /// The close code (3000–4999: registered and application codes).
         code: u16,
         /// Why.
         reason: String,

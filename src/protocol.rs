@@ -264,6 +264,11 @@ impl Serialize for ErrorBody {
             None => m.serialize_entry("code", &self.code)?,
         }
         m.serialize_entry("message", &self.message)?;
+        // The backend's own code, told apart from gale's that may share
+        // its name ("not_found", …).
+        if self.app_code.is_some() {
+            m.serialize_entry("application", &true)?;
+        }
         if let Some(field) = &self.field {
             m.serialize_entry("field", field)?;
         }

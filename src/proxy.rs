@@ -15,10 +15,10 @@
 //!
 //! Calls share one keep-alive pool (`http_client`), `[proxy]
 //! max_concurrent` slots (a call waits for one within its deadline), a
-//! deadline (`timeout_ms`) and a circuit breaker: `breaker_failures`
-//! failures in a row (no answer, an answer that is not HTTP 2xx with one
-//! of the three bodies) stop calls for `breaker_cooldown_ms`, after which
-//! one trial call decides. A slow or dead backend is refused with a clear
+//! deadline (`timeout_ms`) and a circuit breaker per endpoint:
+//! `breaker_failures` failures in a row (no answer, an answer that is not
+//! HTTP 2xx with one of the three bodies) stop calls to that endpoint for
+//! `breaker_cooldown_ms`, after which one trial call decides. A slow or dead backend is refused with a clear
 //! error at the deadline and never holds other connections; what it
 //! answers with `error` reaches the client with its code and message.
 //! Counted in `gale_proxy_calls_total{kind,result}`,
@@ -53,7 +53,7 @@ pub enum Answer {
     /// Refused, and the connection is to be closed with this code and
     /// reason.
     Disconnect {
-        /// A WebSocket close code (4000–4999 are the application's).
+        /// A WebSocket close code (3000–4999: registered and application codes).
         code: u16,
         /// Why, for people (at most 123 bytes).
         reason: String,
@@ -113,7 +113,9 @@ pub struct Backend {
     urls: [Option<url::Url>; ProxyKind::ALL.len()],
     headers: Vec<(String, String)>,
     slots: Arc<Semaphore>,
-    breaker: Breaker,
+    /// One per kind: a failing endpoint (say events_url) does not stop
+    /// calls to the others.
+    breakers: [Breaker; ProxyKind::ALL.len()],
     timeout: Duration,
     limit: usize,
     metrics: Arc<Metrics>,
@@ -189,10 +191,12 @@ impl Backend {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
-            breaker: Breaker::new(
-                cfg.breaker_failures,
-                Duration::from_millis(cfg.breaker_cooldown_ms),
-            ),
+            breakers: ProxyKind::ALL.map(|_| {
+                Breaker::new(
+                    cfg.breaker_failures,
+                    Duration::from_millis(cfg.breaker_cooldown_ms),
+                )
+            }),
             timeout,
             limit: cfg.max_response_bytes,
             metrics,
@@ -214,7 +218,8 @@ impl Backend {
             return Err(BackendError::NotConfigured(word(kind), setting(kind)));
         };
         let m = &self.metrics.proxy;
-        if let Err(left) = self.breaker.check() {
+        let breaker = &self.breakers[kind as usize];
+        if let Err(left) = breaker.check() {
             m.call(kind, ProxyResult::Open).inc();
             return Err(BackendError::Open(left.as_millis() as u64));
         }
@@ -227,9 +232,10 @@ impl Backend {
             m.call(kind, ProxyResult::Timeout).inc();
             return Err(BackendError::Timeout(timeout_ms));
         };
-        let Ok(permit) = self.breaker.try_acquire() else {
+        let Ok(permit) = breaker.try_acquire() else {
             m.call(kind, ProxyResult::Open).inc();
-            return Err(BackendError::Open(self.breaker_left()));
+            let left = breaker.check().err().unwrap_or_default();
+            return Err(BackendError::Open(left.as_millis() as u64));
         };
         m.in_flight.inc();
         let bytes = serde_json::to_vec(body).unwrap_or_default();
@@ -264,13 +270,6 @@ impl Backend {
             tracing::debug!(kind = word(kind), error = %e, "proxy call failed");
         }
         outcome
-    }
-
-    fn breaker_left(&self) -> u64 {
-        match self.breaker.check() {
-            Err(left) => left.as_millis() as u64,
-            Ok(()) => 0,
-        }
     }
 }
 

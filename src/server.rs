@@ -806,6 +806,16 @@ pub(crate) async fn admit(
         Ok(who) if who.user.is_some() || !app.hooks.connects() => who,
         // No valid token: the application decides who this is.
         verdict => match connect(app, client, address, headers, transport).await? {
+            // auth.required: the backend must name a user too.
+            Some(who) if who.user.is_none() && app.config.auth.required => {
+                return Err((
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "sign-in required (auth.required): no valid token, and the application's \
+                     backend named no user\n",
+                )
+                    .into_response());
+            }
             Some(who) => who,
             None => verdict.map_err(|e| {
                 tracing::debug!(error = %e, "handshake refused: token");

@@ -20,6 +20,7 @@ fn code(r: &Value) -> &str {
 /// The server with `backend` for every kind of call and a few topics.
 fn wired(c: &mut Config, backend: &Backend) {
     c.api.key = Some(common::API_KEY_LONG.into());
+    c.auth.jwt_secret = Some("proxy-secret".into());
     c.proxy.connect_url = Some(backend.url("connect"));
     c.proxy.refresh_url = Some(backend.url("refresh"));
     c.proxy.subscribe_url = Some(backend.url("subscribe"));
@@ -159,6 +160,37 @@ async fn a_dead_or_slow_backend_refuses_at_its_deadline_and_opens_the_breaker() 
             .await,
         1.0
     );
+    // The breaker is the connect endpoint's: an RPC still reaches the
+    // backend.
+    let token = common::hs256_token_with("proxy-secret", json!({"sub": "bo"}));
+    let mut bo = server.client_with_token(&token).await;
+    let r = bo.request("orders.get", json!({}), "1").await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+#[tokio::test]
+async fn with_auth_required_the_backend_must_name_a_user() {
+    let backend = Backend::start().await;
+    backend.set(
+        "connect",
+        Reply::With(Arc::new(|body: &Value| {
+            match body["headers"]["cookie"].as_str() {
+                Some("session=alice") => json!({"result": {"user": "alice"}}),
+                _ => json!({"result": {}}),
+            }
+        })),
+    );
+    let server = start_with(|c| {
+        wired(c, &backend);
+        c.auth.required = true;
+    })
+    .await;
+    assert!(with_cookie(&server, "session=alice").await.is_ok());
+    assert_eq!(
+        with_cookie(&server, "session=none").await.err(),
+        Some(401),
+        "no user named: not let in anonymously"
+    );
 }
 
 #[tokio::test]
@@ -197,7 +229,7 @@ async fn subscriptions_and_publications_are_the_backends_to_decide() {
     let r = bob.request("topic.subscribe", sub("room:vip"), "2").await;
     assert_eq!(
         r["error"],
-        json!({"code": 4031, "message": "VIPs only"}),
+        json!({"code": 4031, "message": "VIPs only", "application": true}),
         "the backend's own: {r}"
     );
     assert_eq!(
@@ -276,8 +308,13 @@ async fn rpc_events_are_answered_by_the_backend_under_the_routers_policies() {
     );
     let r = alice.request("orders.cancel", json!({}), "2").await;
     assert_eq!(r["error"]["code"], "unknown_order_op", "{r}");
+    assert_eq!(
+        r["error"]["application"], true,
+        "the backend's, not gale's: {r}"
+    );
     let r = alice.request("billing.pay", json!({}), "3").await;
     assert_eq!(code(&r), "unknown_event", "not forwarded: {r}");
+    assert!(r["error"].get("application").is_none(), "gale's own: {r}");
     // The override's rate limit: 2 a minute.
     alice.request("orders.create", json!({}), "4").await;
     let r = alice.request("orders.create", json!({}), "5").await;

@@ -1,11 +1,17 @@
 /** An error reply from the server, or a failure on the client's side. */
 export class GaleError extends Error {
-  constructor(code: string, message: string, field?: string);
-  /** The server's code (`not_found`, `invalid_data`, `rate_limited`, …) or
-   * the client's (`timeout`, `disconnected`, `queue_full`, `closed`). */
+  constructor(code: string, message: string, field?: string, appCode?: string | number);
+  /** The server's code (`not_found`, `invalid_data`, `rate_limited`,
+   * `permission_denied`, …), the application backend's (as a string), or
+   * the client's (`timeout`, `disconnected`, `queue_full`, `closed`,
+   * `token_error`). */
   readonly code: string;
   /** For `invalid_data`: the field at fault. */
   readonly field?: string;
+  /** The application backend's own code, as it gave it (a string or a
+   * number), when it refused (an rpc event, a proxied subscribe or
+   * publish): the server marks its errors `"application": true`. */
+  readonly appCode?: string | number;
 }
 
 export declare const State: {
@@ -31,6 +37,43 @@ export interface Position {
 /** Where a push sits in its topic's history (topics with history only). */
 export interface PushPosition extends Position {
   topic: string;
+}
+
+/** What a handler learns besides a push's data: its position on a topic
+ * with history, and the publisher's user on a `topic.message` from a
+ * signed-in client. */
+export interface PushMeta extends Partial<PushPosition> {
+  /** The publisher's user (`topic.message`; absent when anonymous). */
+  user?: string;
+}
+
+/** A subscription token, or a function giving one (asked again for
+ * every resubscribe). */
+export type TokenSource = string | ((topic: string) => string | Promise<string>);
+
+/** A client on a topic: in `presence()`, `topic.join`, `topic.leave`. */
+export interface TopicClient {
+  /** Its connection's id (the other client's `clientId`). */
+  client: string;
+  /** Its user; null when anonymous. */
+  user: string | null;
+  /** Its user's public data (the token's `info`), or null. */
+  info: any;
+}
+
+/** A `topic.join` or `topic.leave` push's data. */
+export interface JoinLeave extends TopicClient {
+  topic: string;
+}
+
+/** `presence()`: who is subscribed to a topic, on every node. */
+export interface Presence {
+  topic: string;
+  clients: TopicClient[];
+  /** How many clients. */
+  count: number;
+  /** How many distinct signed-in users. */
+  users: number;
 }
 
 export interface StateInfo {
@@ -121,20 +164,38 @@ export class GaleClient {
   readonly positions: Map<string, Position>;
   connect(): Promise<void>;
   request<T = any>(event: string, data?: unknown, opts?: { timeoutMs?: number }): Promise<T>;
-  /** Pushes of `event` ("*": all). Client events: `gale.recovered`
-   * ({topic, count}), `gale.recovery_failed` ({topic, from, to}),
-   * `gale.gap` ({topic, from, to}: a push skipped offsets; refilled),
-   * `gale.resubscribe_failed`. */
-  on(event: string, handler: (data: any, event: string, position?: PushPosition) => void): () => void;
+  /** Pushes of `event` ("*": all); `meta`: the push's position on a
+   * topic with history, and its publisher's `user` (`topic.message`).
+   * Client events: `gale.recovered` ({topic, count}),
+   * `gale.recovery_failed` ({topic, from, to}), `gale.gap` ({topic, from,
+   * to}: a push skipped offsets; refilled), `gale.resubscribe_failed`
+   * ({event, data, code, message}). */
+  on(event: string, handler: (data: any, event: string, meta?: PushMeta) => void): () => void;
   onState(handler: (state: ConnectionState, info?: StateInfo) => void): () => void;
   weather(city: string, opts?: { timeoutMs?: number }): Promise<Reading>;
   subscribe(city: string, opts?: { timeoutMs?: number }): Promise<Reading>;
   unsubscribe(city: string, opts?: { timeoutMs?: number }): Promise<{ city: string; unsubscribed: boolean }>;
+  /** `token`: a subscription token (topics with `subscribe = "token"`),
+   * or a function asked for one for this subscribe and every resubscribe. */
   subscribeTopic(
     topic: string,
-    opts?: { timeoutMs?: number },
+    opts?: { timeoutMs?: number; token?: TokenSource },
   ): Promise<{ topic: string; subscribed: boolean; new: boolean } & Recovery>;
   unsubscribeTopic(topic: string, opts?: { timeoutMs?: number }): Promise<{ topic: string; unsubscribed: boolean }>;
+  /** `topic.publish`: subscribers get a `topic.message` push with `data`
+   * and the publisher's user; rejects with `permission_denied` when the
+   * topic's rules do not allow it. */
+  publish(topic: string, data: unknown, opts?: { timeoutMs?: number }): Promise<{ topic: string; accepted: true }>;
+  /** `topic.presence`: for a subscriber of a topic with `presence = true`. */
+  presence(topic: string, opts?: { timeoutMs?: number }): Promise<Presence>;
+  /** An event the server forwards to the application's backend (`[proxy]
+   * rpc_events`): resolves with the backend's result; its refusals reject
+   * with `code` and `appCode` the backend's code. */
+  rpc<T = any>(event: string, data?: unknown, opts?: { timeoutMs?: number }): Promise<T>;
+  /** `topic.join` pushes for `topic` (topics with `join_leave = true`). */
+  onJoin(topic: string, handler: (who: JoinLeave) => void): () => void;
+  /** `topic.leave` pushes for `topic`. */
+  onLeave(topic: string, handler: (who: JoinLeave) => void): () => void;
   close(code?: number, reason?: string): void;
   /** The delay before reconnect attempt `n`, with jitter. */
   backoff(n: number): number;

@@ -3,7 +3,9 @@
  * A client for gale's JSON event protocol (docs/protocol.md): requests
  * that settle with their reply, pushes by event name, weather and topic
  * subscriptions that survive reconnects and recover what was missed
- * meanwhile (topics with history), automatic reconnection with
+ * meanwhile (topics with history), subscription tokens fetched again for
+ * every resubscribe, publishing, presence, join/leave notices, calls
+ * answered by the application's backend (rpc), automatic reconnection with
  * exponential backoff and jitter, a bounded queue while disconnected, and
  * a fallback to Server-Sent Events + POST when a WebSocket cannot be
  * opened. No dependencies: it uses the platform's WebSocket (browsers;
@@ -17,13 +19,26 @@ export class GaleError extends Error {
    * @param {string} code e.g. "not_found", "timeout", "disconnected"
    * @param {string} message
    * @param {string} [field] the field at fault, for "invalid_data"
+   * @param {string | number} [appCode] the application backend's own code
    */
-  constructor(code, message, field) {
+  constructor(code, message, field, appCode) {
     super(message);
     this.name = 'GaleError';
     this.code = code;
     if (field !== undefined) this.field = field;
+    if (appCode !== undefined) this.appCode = appCode;
   }
+}
+
+/**
+ * The GaleError of a reply's `error`: `code` always a string; `appCode`
+ * the backend's code as it gave it (a string or a number) when the error
+ * is the application backend's (the server marks it `application: true`).
+ */
+function replyError(e) {
+  const raw = e.code ?? 'error';
+  const app = e.application === true ? raw : undefined;
+  return new GaleError(String(raw), e.message ?? 'request failed', e.field, app);
 }
 
 const DEFAULTS = {
@@ -156,6 +171,19 @@ export class SseTransport {
   }
 }
 
+/**
+ * What a handler learns besides a push's data: its topic's position
+ * (topics with history) and its publisher's user (`topic.message` from a
+ * signed-in client); undefined when the push carries none of these.
+ */
+function pushMeta(msg) {
+  let meta;
+  for (const k of ['topic', 'offset', 'epoch', 'user']) {
+    if (msg[k] !== undefined) (meta ??= {})[k] = msg[k];
+  }
+  return meta;
+}
+
 const NO_WEBSOCKET_FIX = 'Node 20 needs --experimental-websocket (Node 22+ has one), or pass options.WebSocket';
 /** The warning when the platform has no WebSocket and SSE stands in. */
 const NO_WEBSOCKET = `no WebSocket in this runtime (${NO_WEBSOCKET_FIX}); using SSE`;
@@ -253,6 +281,12 @@ export class GaleClient {
     this.cities = new Set();
     /** @type {Set<string>} */
     this.topics = new Set();
+    /**
+     * Subscription tokens per topic, as `subscribeTopic` was given them:
+     * a string, or a function asked again for every resubscribe.
+     * @type {Map<string, string | ((topic: string) => string | Promise<string>)>}
+     */
+    this.topicTokens = new Map();
     this.attempt = 0;
     this.reconnectTimer = null;
     this.stopped = true;
@@ -312,16 +346,18 @@ export class GaleClient {
   }
 
   /**
-   * Calls `handler(data, event, position)` for every push of `event` ("*"
-   * for all); `position` is `{topic, offset, epoch}` on a topic with
-   * history. Client events: `gale.recovered` ({topic, count}) after a
+   * Calls `handler(data, event, meta)` for every push of `event` ("*"
+   * for all); `meta` is `{topic, offset, epoch}` on a topic with history,
+   * plus `user` when the push names its publisher (`topic.message` from a
+   * signed-in client), undefined when the push has none of these. Client
+   * events: `gale.recovered` ({topic, count}) after a
    * resubscribe delivered what was missed, `gale.recovery_failed` ({topic,
    * from, to}) when it could not (resync from your source of truth),
    * `gale.gap` ({topic, from, to}) when a push skipped offsets (the
    * topic is then subscribed again from `from` to fill them),
    * `gale.resubscribe_failed`.
    * @param {string} event
-   * @param {(data: any, event: string, position?: {topic: string, offset: number, epoch: string}) => void} handler
+   * @param {(data: any, event: string, meta?: {topic?: string, offset?: number, epoch?: string, user?: string}) => void} handler
    * @returns {() => void} removes the handler
    */
   on(event, handler) {
@@ -371,17 +407,134 @@ export class GaleClient {
    * the last position seen when the topic keeps history, so what was
    * published meanwhile is delivered (or `gale.recovery_failed` says it
    * could not be).
+   *
+   * `opts.token`: a subscription token, for topics with `subscribe =
+   * "token"`: a string, or a function `(topic) => token` (it may return a
+   * promise), called for this subscribe and again for every resubscribe
+   * (after a reconnect, or to fill a gap), so a short-lived token is
+   * fresh each time. A function that throws, returns no string or takes
+   * longer than the timeout fails the subscribe with code "token_error".
+   * @param {string} topic
+   * @param {{timeoutMs?: number, token?: string | ((topic: string) => string | Promise<string>)}} [opts]
    */
-  async subscribeTopic(topic, opts) {
-    const r = await this.#subscribeAt('topic.subscribe', { topic }, opts);
+  async subscribeTopic(topic, opts = {}) {
+    const r = await this.#subscribeAt('topic.subscribe', { topic }, opts, opts.token);
     this.topics.add(topic);
+    if (opts.token !== undefined) this.topicTokens.set(topic, opts.token);
+    else this.topicTokens.delete(topic);
     return r;
   }
 
   async unsubscribeTopic(topic, opts) {
     this.topics.delete(topic);
+    this.topicTokens.delete(topic);
     this.positions.delete(topic);
     return this.request('topic.unsubscribe', { topic }, opts);
+  }
+
+  /**
+   * Publishes `data` on `topic` (`topic.publish`), as the topic's rules
+   * allow (`publish = "subscribers"`, `"users"`, or the backend decides);
+   * its subscribers get a `topic.message` push naming the publisher's
+   * user. Resolves with `{topic, accepted: true}`; rejects with a
+   * GaleError, `permission_denied` when the topic does not take it.
+   * @param {string} topic
+   * @param {unknown} data
+   * @param {{timeoutMs?: number}} [opts]
+   */
+  publish(topic, data, opts) {
+    return this.request('topic.publish', { topic, data }, opts);
+  }
+
+  /**
+   * Who is subscribed to `topic` (`topic.presence`), on every node: for
+   * a subscriber of a topic with `presence = true` (else
+   * `permission_denied`). Resolves with `{topic, clients: [{client, user,
+   * info}], count, users}` (`users`: distinct signed-in users).
+   * @param {string} topic
+   * @param {{timeoutMs?: number}} [opts]
+   */
+  presence(topic, opts) {
+    return this.request('topic.presence', { topic }, opts);
+  }
+
+  /**
+   * Calls an event the server forwards to the application's backend
+   * (`[proxy] rpc_events`): the same as `request`, named for what it is.
+   * Resolves with the backend's `result`; a refusal by the backend
+   * rejects with a GaleError whose `code` (a string) and `appCode` (as
+   * the backend gave it: a string or a number) are the backend's code.
+   * @param {string} event
+   * @param {unknown} [data]
+   * @param {{timeoutMs?: number}} [opts]
+   * @returns {Promise<any>}
+   */
+  rpc(event, data, opts) {
+    return this.request(event, data, opts);
+  }
+
+  /**
+   * Calls `handler({topic, client, user, info})` when a client joins
+   * `topic` (`topic.join` pushes, on topics with `join_leave = true`, to
+   * their subscribers; your own subscribe included).
+   * @param {string} topic
+   * @param {(who: {topic: string, client: string, user: string | null, info: any}) => void} handler
+   * @returns {() => void} removes the handler
+   */
+  onJoin(topic, handler) {
+    return this.on('topic.join', (data) => {
+      if (data?.topic === topic) handler(data);
+    });
+  }
+
+  /**
+   * Calls `handler({topic, client, user, info})` when a client leaves
+   * `topic` (unsubscribed or disconnected: `topic.leave`).
+   * @param {string} topic
+   * @param {(who: {topic: string, client: string, user: string | null, info: any}) => void} handler
+   * @returns {() => void} removes the handler
+   */
+  onLeave(topic, handler) {
+    return this.on('topic.leave', (data) => {
+      if (data?.topic === topic) handler(data);
+    });
+  }
+
+  /**
+   * The token `source` gives for `topic`: a string as is, a function's
+   * answer (a promise when it is asynchronous), undefined without one.
+   * Throws (or rejects) with a GaleError "token_error".
+   * @returns {string | undefined | Promise<string>}
+   */
+  #token(topic, source, timeoutMs) {
+    if (source === undefined || typeof source === 'string') return source;
+    const fail = (why, cause) => {
+      const e = new GaleError('token_error', `subscription token for ${topic}: ${why}`);
+      if (cause !== undefined) e.cause = cause;
+      return e;
+    };
+    const check = (t) => {
+      if (typeof t !== 'string' || t === '') throw fail(`the function gave ${t === '' ? 'an empty string' : typeof t}, not a token`);
+      return t;
+    };
+    let t;
+    try {
+      t = source(topic);
+    } catch (e) {
+      throw fail(String(e?.message ?? e), e);
+    }
+    if (typeof t?.then !== 'function') return check(t);
+    const ms = timeoutMs ?? this.options.timeoutMs;
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(fail(`no token within ${ms} ms`)), ms);
+    });
+    return Promise.race([
+      Promise.resolve(t).then(check, (e) => {
+        throw e instanceof GaleError ? e : fail(String(e?.message ?? e), e);
+      }),
+      late,
+    ]).finally(() => clearTimeout(timer));
   }
 
   /** The topic a subscribe is about: known for topics, learnt for cities. */
@@ -392,15 +545,21 @@ export class GaleClient {
   /**
    * A subscribe that asks to recover from the last known position, holds
    * the pushes that overtake its reply, then delivers what was missed and
-   * what was held, in order, without duplicates.
+   * what was held, in order, without duplicates. `token`: the topic's
+   * subscription token, or its source (see `subscribeTopic`).
    */
-  async #subscribeAt(event, data, opts) {
+  async #subscribeAt(event, data, opts, token) {
     const topic = this.#topicOf(data);
     const at = topic ? this.positions.get(topic) : undefined;
-    const ask = at ? { ...data, since: { offset: at.offset, epoch: at.epoch } } : data;
+    const ask = at ? { ...data, since: { offset: at.offset, epoch: at.epoch } } : { ...data };
     if (topic) this.held.set(topic, []);
     let reply;
     try {
+      // A string, or a synchronous function's answer, is sent at once: no
+      // await, so the subscribe keeps its place among what is sent.
+      let t = this.#token(data.topic, token, opts?.timeoutMs);
+      if (typeof t === 'object') t = await t;
+      if (t !== undefined) ask.token = t;
       reply = await this.request(event, ask, opts);
     } catch (e) {
       if (topic) this.#release(topic);
@@ -443,7 +602,7 @@ export class GaleClient {
   #refill(msg) {
     const topic = msg.topic;
     let sub = null;
-    if (this.topics.has(topic)) sub = ['topic.subscribe', { topic }];
+    if (this.topics.has(topic)) sub = ['topic.subscribe', { topic }, this.topicTokens.get(topic)];
     else {
       for (const [city, t] of this.cityTopics) {
         if (t === topic && this.cities.has(city)) sub = ['weather.subscribe', { city }];
@@ -452,7 +611,7 @@ export class GaleClient {
     if (!sub) return false;
     this.#emit('gale.gap', { topic, from: this.positions.get(topic)?.offset, to: msg.offset });
     // Holds the topic's pushes synchronously, before its first await.
-    this.#subscribeAt(sub[0], sub[1]).catch((e) => {
+    this.#subscribeAt(sub[0], sub[1], undefined, sub[2]).catch((e) => {
       this.#emit('gale.resubscribe_failed', { event: sub[0], data: sub[1], code: e.code, message: e.message });
     });
     this.held.get(topic)?.push(msg);
@@ -474,7 +633,10 @@ export class GaleClient {
   }
 
   /**
-   * Emits a push, unless its position was delivered already. A push past
+   * Emits a push, unless its position was delivered already. Only pushes
+   * with a `topic` and an `offset` take part in this: `topic.join` and
+   * `topic.leave` (no offset, never in a topic's history) are emitted as
+   * they come and leave positions alone. A push past
    * the next offset means some were lost on the way (the server dropped
    * them for a slow reader, a cross-node message was lost): the topic is
    * subscribed again from the last position, which delivers the missing
@@ -486,10 +648,8 @@ export class GaleClient {
       if (at && at.epoch === msg.epoch && msg.offset <= at.offset) return; // a duplicate
       if (at && at.epoch === msg.epoch && msg.offset > at.offset + 1 && this.#refill(msg)) return;
       this.positions.set(msg.topic, { offset: msg.offset, epoch: msg.epoch });
-      this.#emit(msg.event, msg.data, { topic: msg.topic, offset: msg.offset, epoch: msg.epoch });
-      return;
     }
-    this.#emit(msg.event, msg.data);
+    this.#emit(msg.event, msg.data, pushMeta(msg));
   }
 
   /** Closes for good: no reconnect; waiting requests fail with "closed". */
@@ -530,13 +690,32 @@ export class GaleClient {
     ws.onopen = () => {
       opened = true;
       this.attempt = 0;
-      this.#setState(State.OPEN, { transport });
-      // Renew subscriptions first, then what waited.
-      for (const city of this.cities) this.#renew('weather.subscribe', { city });
-      for (const topic of this.topics) this.#renew('topic.subscribe', { topic });
-      const waiting = this.queue;
-      this.queue = [];
-      for (const q of waiting) ws.send(q.text);
+      // Token functions are asked first, while requests still queue, so
+      // that the subscriptions are renewed before anything else is sent.
+      const tokens = new Map();
+      const asked = [];
+      for (const topic of this.topics) {
+        let t;
+        try {
+          t = this.#token(topic, this.topicTokens.get(topic));
+        } catch (e) {
+          t = e;
+        }
+        if (t instanceof Promise) asked.push(t.then((v) => tokens.set(topic, v), (e) => tokens.set(topic, e)));
+        else tokens.set(topic, t);
+      }
+      const ready = () => {
+        if (this.ws !== ws || this.stopped) return; // dropped meanwhile
+        this.#setState(State.OPEN, { transport });
+        // Renew subscriptions first, then what waited.
+        for (const city of this.cities) this.#renew('weather.subscribe', { city });
+        for (const topic of this.topics) this.#renew('topic.subscribe', { topic }, tokens.get(topic));
+        const waiting = this.queue;
+        this.queue = [];
+        for (const q of waiting) ws.send(q.text);
+      };
+      if (asked.length === 0) ready();
+      else Promise.all(asked).then(ready);
     };
     ws.onmessage = (ev) => this.#receive(ev.data);
     ws.onclose = (ev) => {
@@ -555,8 +734,10 @@ export class GaleClient {
     };
   }
 
-  #renew(event, data) {
-    this.#subscribeAt(event, data).catch((e) => {
+  /** A resubscribe; `token`: the topic's token, or why there is none. */
+  #renew(event, data, token) {
+    const run = token instanceof Error ? Promise.reject(token) : this.#subscribeAt(event, data, undefined, token);
+    run.catch((e) => {
       this.#emit('gale.resubscribe_failed', { event, data, code: e.code, message: e.message });
     });
   }
@@ -584,10 +765,7 @@ export class GaleClient {
       this.pending.delete(String(msg.reply));
       clearTimeout(p.timer);
       if (msg.ok) p.resolve(msg.data);
-      else {
-        const e = msg.error ?? {};
-        p.reject(new GaleError(e.code ?? 'error', e.message ?? 'request failed', e.field));
-      }
+      else p.reject(replyError(msg.error ?? {}));
     } else if (msg.type === 'connected') {
       this.clientId = msg.client_id ?? null;
     } else if (typeof msg.event === 'string') {
