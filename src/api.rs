@@ -406,23 +406,10 @@ async fn history(app: &App, params: Value) -> Result<Value, Failure> {
         ));
     };
     let position = read.map_err(hub_failure)?.position;
-    let since = since.unwrap_or_else(|| crate::history::Since {
-        offset: position.offset.saturating_sub(limit.min(100_000) as u64),
-        epoch: position.epoch.to_string(),
-    });
-    let found = app
-        .hub
-        .recover(&topic, Some(since))
-        .await
-        .into_iter()
-        .flatten()
-        .next()
-        .ok_or_else(|| {
-            failed(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the history is unavailable",
-            )
-        })?;
+    let found = match since {
+        Some(since) => read_since(app, &topic, since).await?,
+        None => latest(app, &topic, &position, limit).await?,
+    };
     let (complete, publications) = match found.publications {
         Some(p) => (true, p),
         None => (false, Vec::new()),
@@ -441,6 +428,59 @@ async fn history(app: &App, params: Value) -> Result<Value, Failure> {
         "complete": complete,
         "publications": publications,
     }))
+}
+
+/// The publications after `since` (all or none: `publications` is
+/// `None` when some are gone).
+async fn read_since(
+    app: &App,
+    topic: &str,
+    since: crate::history::Since,
+) -> Result<crate::history::Recovery, Failure> {
+    app.hub
+        .recover(topic, Some(since))
+        .await
+        .into_iter()
+        .flatten()
+        .next()
+        .ok_or_else(|| {
+            failed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the history is unavailable",
+            )
+        })
+}
+
+/// The last `limit` publications the topic still keeps (fewer when
+/// fewer are kept): the largest window behind `position` that is whole,
+/// found by halving (a read per step, so at most ~17 for 100,000).
+async fn latest(
+    app: &App,
+    topic: &str,
+    position: &crate::history::Position,
+    limit: usize,
+) -> Result<crate::history::Recovery, Failure> {
+    let at = |n: u64| crate::history::Since {
+        offset: position.offset - n,
+        epoch: position.epoch.to_string(),
+    };
+    let mut want = position.offset.min(limit.min(100_000) as u64);
+    let found = read_since(app, topic, at(want)).await?;
+    if found.publications.is_some() || want == 0 {
+        return Ok(found);
+    }
+    // `ok` publications are known to be kept, `want` not.
+    let (mut ok, mut best) = (0, read_since(app, topic, at(0)).await?);
+    while want - ok > 1 {
+        let mid = ok + (want - ok) / 2;
+        let r = read_since(app, topic, at(mid)).await?;
+        if r.publications.is_some() {
+            (ok, best) = (mid, r);
+        } else {
+            want = mid;
+        }
+    }
+    Ok(best)
 }
 
 /// `topics {pattern?}`: topics with subscribers on any node.

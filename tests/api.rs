@@ -341,3 +341,66 @@ async fn across_nodes_the_api_reaches_every_node_and_the_backend_hears_one_onlin
         .count();
     assert_eq!(offlines, 1, "{:?}", backend.notifications());
 }
+
+#[tokio::test]
+async fn history_without_since_gives_the_last_ones_kept() {
+    let server = start_with(configured).await;
+    // 15 published, 10 kept (history_size = 10).
+    for n in 1..=15 {
+        api(
+            &server,
+            "publish",
+            json!({"event": "e", "data": n, "topic": "news:long"}),
+        )
+        .await;
+    }
+    let offsets = |r: &Value| -> Vec<u64> {
+        r["publications"]
+            .as_array()
+            .expect("pubs")
+            .iter()
+            .filter_map(|p| p["offset"].as_u64())
+            .collect()
+    };
+    // Publications are delivered (and kept) asynchronously.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    let r = loop {
+        let r = api(&server, "history", json!({"topic": "news:long"})).await;
+        if r["offset"] == 15 {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let top = 15;
+    let last = |n: u64| ((top - n + 1)..=top).collect::<Vec<u64>>();
+    assert_eq!(offsets(&r), last(10), "{r}");
+    assert_eq!(r["complete"], true, "{r}");
+    let r = api(
+        &server,
+        "history",
+        json!({"topic": "news:long", "limit": 50}),
+    )
+    .await;
+    assert_eq!(offsets(&r), last(10), "{r}");
+    let r = api(
+        &server,
+        "history",
+        json!({"topic": "news:long", "limit": 3}),
+    )
+    .await;
+    assert_eq!(offsets(&r), last(3), "{r}");
+    // With a since that is gone: not complete, nothing.
+    let epoch = r["epoch"].clone();
+    let r = api(
+        &server,
+        "history",
+        json!({"topic": "news:long", "since": {"offset": 2, "epoch": epoch}}),
+    )
+    .await;
+    assert_eq!(
+        (r["complete"].clone(), offsets(&r).len()),
+        (json!(false), 0),
+        "{r}"
+    );
+}
