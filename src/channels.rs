@@ -204,8 +204,9 @@ pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision
 /// Whether `who` may publish on `topic` from a client.
 pub fn may_publish(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
     // A user-limited topic takes publications from its users only,
-    // whatever the block says.
+    // unless the backend decides (an inbox anyone may knock on, say).
     if let Some(mut users) = limited_to(topic)
+        && channel.publish != PublishMode::Proxy
         && !who.user.is_some_and(|u| users.any(|l| l == u))
     {
         return denied(format!("{topic} is limited to the users its name lists"));
@@ -292,13 +293,15 @@ mod tests {
             may_subscribe(&ch, "dm:#alice,bob", anon()),
             Decision::Deny(_)
         ));
-        // Publishing too, whatever the block says.
+        // Publishing too, unless the backend decides.
         let open = rules(&[("dm:*", r#"publish = "users""#)]).channel("dm:#alice,bob");
         assert_eq!(may_publish(&open, "dm:#alice,bob", alice), Decision::Allow);
         assert!(matches!(
             may_publish(&open, "dm:#alice,bob", carol),
             Decision::Deny(_)
         ));
+        let inbox = rules(&[("inbox:*", r#"publish = "proxy""#)]).channel("inbox:#alice");
+        assert_eq!(may_publish(&inbox, "inbox:#alice", carol), Decision::Proxy);
         // The name narrows who may; it never opens a closed topic.
         let closed = rules(&[]).channel("dm:#alice,bob");
         assert!(matches!(
