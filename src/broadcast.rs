@@ -208,6 +208,14 @@ struct Member {
     info: Option<Arc<str>>,
 }
 
+/// A subscription [`Hub::remove`] ended: whether its topic announces
+/// leaves, and who left.
+struct Removed {
+    announced: bool,
+    user: Option<Arc<str>>,
+    info: Option<Arc<str>>,
+}
+
 /// Who the topics a connection creates count against: its user, or, when
 /// anonymous, its client address (so reconnecting does not escape it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -582,7 +590,11 @@ impl Hub {
     pub fn unsubscribe(&self, conn_id: Uuid, topic: &str) -> bool {
         match self.remove(conn_id, topic) {
             None => false,
-            Some((announced, user, info)) => {
+            Some(Removed {
+                announced,
+                user,
+                info,
+            }) => {
                 if announced {
                     self.announce(
                         topic,
@@ -599,11 +611,7 @@ impl Hub {
 
     /// Removes a subscription: `Some((whether its topic announces, the
     /// subscriber's user))` when there was one.
-    fn remove(
-        &self,
-        conn_id: Uuid,
-        topic: &str,
-    ) -> Option<(bool, Option<Arc<str>>, Option<Arc<str>>)> {
+    fn remove(&self, conn_id: Uuid, topic: &str) -> Option<Removed> {
         let mut st = self.lock();
         let st = &mut *st;
         let member = st.conns.get_mut(&conn_id)?;
@@ -624,7 +632,11 @@ impl Hub {
             }
         }
         self.metrics.topics.set(st.topics.len() as i64);
-        Some((announced, user, info))
+        Some(Removed {
+            announced,
+            user,
+            info,
+        })
     }
 
     /// Whether `conn_id` is subscribed to `topic`.
