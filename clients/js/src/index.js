@@ -347,7 +347,8 @@ export class GaleClient {
 
   /**
    * Calls `handler(data, event, meta)` for every push of `event` ("*"
-   * for all); `meta` is `{topic, offset, epoch}` on a topic with history,
+   * for all); `meta` has the push's `topic` (any topic push), with
+   * `offset` and `epoch` on a topic with history,
    * plus `user` when the push names its publisher (`topic.message` from a
    * signed-in client), undefined when the push has none of these. Client
    * events: `gale.recovered` ({topic, count}) after a

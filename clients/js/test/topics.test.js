@@ -154,12 +154,12 @@ test('publish: accepted, and delivered to the other subscribers as topic.message
   const reply = await alice.publish('room:chat', { text: 'hi' });
   assert.deepEqual(reply, { topic: 'room:chat', accepted: true });
   await until(() => toBob.length === 1 && toAlice.length === 1);
-  assert.deepEqual(toBob[0], { data: { text: 'hi' }, meta: { user: 'alice' } });
+  assert.deepEqual(toBob[0], { data: { text: 'hi' }, meta: { topic: 'room:chat', user: 'alice' } });
 
   // An anonymous publisher is named by no user.
   await bob.publish('room:chat', 'hello');
   await until(() => toAlice.length === 2);
-  assert.deepEqual(toAlice[1], { data: 'hello', meta: undefined });
+  assert.deepEqual(toAlice[1], { data: 'hello', meta: { topic: 'room:chat' } });
   alice.close();
   bob.close();
 });
@@ -329,7 +329,7 @@ test('a token function is asked again after the server restarts, before anything
     await publish(own.http, 'secret:restart', 'topic.message', 'after');
     await until(() => got.length === 3);
     assert.deepEqual(got.map((g) => g.data), ['before', 'queued', 'after']);
-    assert.deepEqual(got[1].meta, { user: 'alice' });
+    assert.deepEqual(got[1].meta, { topic: 'secret:restart', user: 'alice' });
   } finally {
     alice?.close();
     await own?.stop();
