@@ -15,9 +15,10 @@
 //!
 //! Whatever a block says, a topic whose name holds `#` is limited to the
 //! users listed after it, comma-separated: `dm:#alice,bob` may be
-//! subscribed to by alice and bob only (Centrifugo's convention), once a
-//! block opens it (`[topics."dm:*"] subscribe = "users"`): for them, the
-//! name stands in for the block's mode and roles.
+//! subscribed to by alice and bob only (Centrifugo's convention): the
+//! name narrows who may, and the block that matches it (`[topics."dm:*"]
+//! subscribe = "users"`) still decides for them, roles, tokens and the
+//! backend included; a closed topic stays closed.
 
 use std::collections::HashMap;
 
@@ -173,16 +174,12 @@ fn missing_role(channel: &Channel, topic: &str, who: Asker<'_>) -> Option<Decisi
 /// token, when one comes, is checked by the caller first: it grants the
 /// subscription whatever this says).
 pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
-    // A user-limited topic still needs a block that opens it: the name
-    // narrows who may, it never opens a closed topic.
-    if let (Some(mut users), false) = (
-        limited_to(topic),
-        channel.subscribe == SubscribeMode::Nobody,
-    ) {
-        return match who.user {
-            Some(u) if users.any(|l| l == u) => Decision::Allow,
-            _ => denied(format!("{topic} is limited to the users its name lists")),
-        };
+    // The name only narrows who may: the block's mode and roles still
+    // apply to the users it lists (a closed topic stays closed).
+    if let Some(mut users) = limited_to(topic)
+        && !who.user.is_some_and(|u| users.any(|l| l == u))
+    {
+        return denied(format!("{topic} is limited to the users its name lists"));
     }
     if let Some(d) = missing_role(channel, topic, who) {
         return d;
@@ -302,7 +299,13 @@ mod tests {
         ));
         let inbox = rules(&[("inbox:*", r#"publish = "proxy""#)]).channel("inbox:#alice");
         assert_eq!(may_publish(&inbox, "inbox:#alice", carol), Decision::Proxy);
-        // The name narrows who may; it never opens a closed topic.
+        // The name narrows who may; the block still decides for them.
+        let proxied = rules(&[("room:*", r#"subscribe = "proxy""#)]).channel("room:#alice");
+        assert_eq!(
+            may_subscribe(&proxied, "room:#alice", alice),
+            Decision::Proxy
+        );
+        // It never opens a closed topic.
         let closed = rules(&[]).channel("dm:#alice,bob");
         assert!(matches!(
             may_subscribe(&closed, "dm:#alice,bob", alice),
