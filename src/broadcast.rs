@@ -860,6 +860,14 @@ impl Hub {
                     // Positioned by Redis, delivered here as on every node.
                     return self.reach(target);
                 }
+                // Redis could not take it: pushed without a position,
+                // still naming its topic.
+                let named = Prepared::from(format!("{}}}", history::head(text.as_str(), topic)));
+                out.clear();
+                self.lock().recipients(target, out);
+                let reached = push_all(&self.metrics, out, &named);
+                self.backplane.forward(target, &named);
+                return reached;
             } else {
                 let mut reached = 0;
                 self.memory.append(topic, policy, text, |positioned| {

@@ -335,11 +335,13 @@ async fn joins_leaves_and_presence_show_users_and_their_info() {
         (leave["event"].clone(), leave["data"]["user"].clone()),
         (json!("topic.leave"), json!("alice"))
     );
+    assert_eq!(leave["data"]["info"], json!({"name": "Alice"}), "{leave}");
     assert_eq!(subscribe(&mut alice, "lobby", "a2").await["ok"], true);
     assert_eq!(watcher.next_push().await["event"], "topic.join");
     drop(alice);
     let leave = watcher.next_push().await;
     assert_eq!(leave["event"], "topic.leave", "{leave}");
+    assert_eq!(leave["data"]["info"], json!({"name": "Alice"}), "{leave}");
 }
 
 #[tokio::test]
