@@ -136,8 +136,14 @@ fn answers(text: &str, reference: Option<&serde_json::Value>) -> bool {
     let Some(reference) = reference else {
         return true;
     };
+    // An error the server could not tie to the message (a ref it refused,
+    // a rate limit) answers it too.
     serde_json::from_str::<serde_json::Value>(text)
-        .map(|v| v.get("reply") == Some(reference))
+        .map(|v| {
+            v.get("reply") == Some(reference)
+                || v["type"] == "error"
+                || (v["ok"] == false && v["reply"].is_null())
+        })
         .unwrap_or(false)
 }
 
