@@ -825,7 +825,7 @@ impl Hub {
         // Every topic push names its topic: with history the position
         // brings it (at delivery); without, it goes in here.
         let text = match (target, &policy) {
-            (Target::Topic(t), None) => format!("{}}}", history::head(&text, t)),
+            (Target::Topic(t), None) => history::with_topic(&text, t),
             _ => text,
         };
         let room = if policy.is_some() {
@@ -852,6 +852,7 @@ impl Hub {
         history: Option<history::Policy>,
         out: &mut Vec<Arc<Outbox>>,
     ) -> usize {
+        let mut named = None;
         if let Target::Topic(topic) = target
             && let Some(policy) = history
         {
@@ -862,12 +863,7 @@ impl Hub {
                 }
                 // Redis could not take it: pushed without a position,
                 // still naming its topic.
-                let named = Prepared::from(format!("{}}}", history::head(text.as_str(), topic)));
-                out.clear();
-                self.lock().recipients(target, out);
-                let reached = push_all(&self.metrics, out, &named);
-                self.backplane.forward(target, &named);
-                return reached;
+                named = Some(Prepared::from(history::with_topic(text.as_str(), topic)));
             } else {
                 let mut reached = 0;
                 self.memory.append(topic, policy, text, |positioned| {
@@ -878,6 +874,7 @@ impl Hub {
                 return reached;
             }
         }
+        let text = named.as_ref().unwrap_or(text);
         out.clear();
         self.lock().recipients(target, out);
         let reached = push_all(&self.metrics, out, text);

@@ -152,6 +152,12 @@ pub fn head(text: &str, topic: &str) -> String {
     format!("{body},\"topic\":{topic}")
 }
 
+/// `text` (a push, `{…}`) with its topic as a top-level field: a topic
+/// push without a position.
+pub fn with_topic(text: &str, topic: &str) -> String {
+    format!("{}}}", head(text, topic))
+}
+
 /// `text` (a push, `{…}`) with its topic and position as top-level
 /// fields: `{"event":…,"data":…,"topic":…,"offset":N,"epoch":"E"}`.
 pub fn positioned(text: &str, topic: &str, offset: u64, epoch: &str) -> String {
