@@ -52,6 +52,16 @@ async fn api_at(addr: SocketAddr, key: &str, method: &str, params: Value) -> (u1
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// The offsets of a history answer's publications.
+fn offsets(r: &Value) -> Vec<u64> {
+    r["publications"]
+        .as_array()
+        .expect("pubs")
+        .iter()
+        .filter_map(|p| p["offset"].as_u64())
+        .collect()
+}
+
 async fn api(server: &TestServer, method: &str, params: Value) -> Value {
     let (status, body) = api_at(server.addr, API_KEY_LONG, method, params).await;
     assert_eq!(status, 200, "{method}: {body}");
@@ -132,21 +142,9 @@ async fn every_method_on_one_node() {
     }
     let r = api(&server, "history", json!({"topic": "news:eu"})).await;
     assert_eq!(r["offset"], 4, "{r}");
-    let offsets: Vec<u64> = r["publications"]
-        .as_array()
-        .expect("pubs")
-        .iter()
-        .filter_map(|p| p["offset"].as_u64())
-        .collect();
-    assert_eq!(offsets, vec![1, 2, 3, 4], "{r}");
+    assert_eq!(offsets(&r), vec![1, 2, 3, 4], "{r}");
     let r = api(&server, "history", json!({"topic": "news:eu", "limit": 2})).await;
-    let offsets: Vec<u64> = r["publications"]
-        .as_array()
-        .expect("pubs")
-        .iter()
-        .filter_map(|p| p["offset"].as_u64())
-        .collect();
-    assert_eq!(offsets, vec![3, 4], "{r}");
+    assert_eq!(offsets(&r), vec![3, 4], "{r}");
     let (status, _) = api_at(
         server.addr,
         API_KEY_LONG,
@@ -354,14 +352,6 @@ async fn history_without_since_gives_the_last_ones_kept() {
         )
         .await;
     }
-    let offsets = |r: &Value| -> Vec<u64> {
-        r["publications"]
-            .as_array()
-            .expect("pubs")
-            .iter()
-            .filter_map(|p| p["offset"].as_u64())
-            .collect()
-    };
     // Publications are delivered (and kept) asynchronously.
     let deadline = tokio::time::Instant::now() + common::WAIT;
     let r = loop {

@@ -4,7 +4,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { GaleClient, GaleError, State } from '../src/index.js';
 import { createHmac } from 'node:crypto';
-import { startGale, startUpstream, publish } from './server.js';
+import { startGale, startUpstream, publish, until } from './server.js';
 import { startNoUpgradeProxy } from './proxy.js';
 
 let upstream;
@@ -20,17 +20,6 @@ after(async () => {
   upstream?.stop();
 });
 
-function until(predicate, ms = 10_000) {
-  return new Promise((resolve, reject) => {
-    const start = Date.now();
-    const tick = () => {
-      if (predicate()) return resolve();
-      if (Date.now() - start > ms) return reject(new Error('condition never held'));
-      setTimeout(tick, 20);
-    };
-    tick();
-  });
-}
 
 test('request resolves with the reading and the greeting gives a client id', async () => {
   const c = new GaleClient(gale.url);

@@ -147,3 +147,17 @@ export async function publish(http, topic, event, data) {
   if (!r.ok) throw new Error(`publish: ${r.status} ${await r.text()}`);
   return r.json();
 }
+
+/** Resolves once `predicate()` holds (checked every 20 ms); rejects
+ * after `ms`. */
+export function until(predicate, ms = 10_000) {
+  return new Promise((resolve, reject) => {
+    const start = Date.now();
+    const tick = () => {
+      if (predicate()) return resolve();
+      if (Date.now() - start > ms) return reject(new Error('condition never held'));
+      setTimeout(tick, 20);
+    };
+    tick();
+  });
+}

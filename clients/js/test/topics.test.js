@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import http from 'node:http';
 import { createHmac } from 'node:crypto';
 import { GaleClient, GaleError, State } from '../src/index.js';
-import { startGale, startUpstream, publish } from './server.js';
+import { startGale, startUpstream, publish, until as eventually } from './server.js';
 
 const SECRET = 'js-topics-secret-0123456789';
 const ENV = { GALE_AUTH__JWT_SECRET: SECRET };
@@ -115,17 +115,8 @@ after(async () => {
   upstream?.stop();
 });
 
-function until(predicate, ms = 5_000) {
-  return new Promise((resolve, reject) => {
-    const start = Date.now();
-    const tick = () => {
-      if (predicate()) return resolve();
-      if (Date.now() - start > ms) return reject(new Error('condition never held'));
-      setTimeout(tick, 20);
-    };
-    tick();
-  });
-}
+/** Waits for `predicate`, 5 s at most. */
+const until = (predicate, ms = 5_000) => eventually(predicate, ms);
 
 /** A connected client: signed in as `user`, or anonymous. */
 async function client(user, url = gale.url, options = {}) {
