@@ -12,8 +12,8 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use gale::config::{Provider, WeatherConfig};
 use gale::fake_upstream::FakeUpstream;
-use gale::metrics::Metrics;
-use gale::protocol::{ServerMessage, classify, push_json, reply_json};
+use gale::protocol::{classify, push_json, reply_json};
+use gale::weather::metrics::WeatherMetrics;
 use gale::weather::{Reading, Weather};
 use gale::websocket::{Prepared, deflate, frame};
 use serde_json::json;
@@ -35,7 +35,7 @@ fn protocol(c: &mut Criterion) {
         humidity: 81,
     };
     c.bench_function("encode weather reply", |b| {
-        b.iter(|| ServerMessage::weather(black_box(&reading)).to_json())
+        b.iter(|| gale::weather::reading_reply(black_box(&reading)))
     });
     let data = json!({"city":"London","temperature":12.5,"feels_like":11.0,"description":"light rain","humidity":81});
     let r = json!("17");
@@ -61,8 +61,9 @@ fn cache_hit(c: &mut Criterion) {
             api_key: Some("bench".into()),
             ..WeatherConfig::default()
         };
-        let weather =
-            Arc::new(Weather::from_config(&cfg, Arc::new(Metrics::new())).expect("weather"));
+        let weather = Arc::new(
+            Weather::from_config(&cfg, Arc::new(WeatherMetrics::default())).expect("weather"),
+        );
         weather.lookup("London").await.expect("warm the cache");
         (weather, fake)
     });

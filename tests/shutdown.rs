@@ -135,9 +135,9 @@ async fn without_a_spill_rows_the_drain_cannot_write_are_counted_and_fail_the_ex
         err.to_string().contains("20 request-log rows"),
         "names what was lost: {err}"
     );
-    let m = &server.app.metrics;
-    assert_eq!(m.db_abandoned.get(), 20, "counted");
-    assert_eq!(m.db_completed.get(), 0);
+    let m = server.app.metrics.to_json();
+    assert_eq!(m["db-abandoned"], 20, "counted");
+    assert_eq!(m["db-completed"], 0);
     closer.await.expect("closed");
     // The abandoned insert was waiting on SQLite's 5 s busy timeout: let
     // it fail before the lock goes, so nothing lands after being counted.

@@ -262,12 +262,11 @@ async fn a_row_the_database_refuses_is_set_aside_and_its_batch_written() {
 #[tokio::test]
 async fn postgres_a_row_postgres_refuses_does_not_take_its_batch() {
     use gale::config::StoreConfig;
-    use gale::metrics::Metrics;
-    use gale::store::{Db, RequestRecord, spawn_writers};
+    use gale::store::{Db, RequestRecord, StoreMetrics, spawn_writers};
     let url = postgres_url().await;
     let db = Db::connect(&url, 2).await.expect("connect");
     db.migrate().await.expect("migrate");
-    let metrics = std::sync::Arc::new(Metrics::new());
+    let metrics = std::sync::Arc::new(StoreMetrics::default());
     let cfg = StoreConfig {
         workers: 1,
         batch_window_ms: 300,
@@ -421,9 +420,12 @@ async fn rows_spilled_when_the_database_stays_down_through_shutdown_land_after_a
         .await
         .expect("nothing lost: a clean exit though the database is down");
     closer.await.expect("closed");
-    let m = &server.app.metrics;
-    assert_eq!(m.spill_rows.get(), 20);
-    assert_eq!(m.db_abandoned.get() + m.db_dropped.get(), 0);
+    let m = server.app.metrics.to_json();
+    assert_eq!(m["spill-rows"], 20);
+    assert_eq!(
+        m["db-abandoned"].as_u64().expect("a count") + m["db-dropped"].as_u64().expect("a count"),
+        0
+    );
     lock.release().await;
     assert_eq!(count_rows(&server.store_url, &client_id).await, 0);
 

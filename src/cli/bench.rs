@@ -483,7 +483,7 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
                         bench::add_server_cpu(&mut report, pid, cpu_before);
                     }
                     print(&report, common.json, false);
-                    if report.errors.is_empty() {
+                    if report.errors().is_empty() {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

@@ -1,0 +1,419 @@
+//! The fallback transport, for clients that cannot open a WebSocket (a
+//! proxy that strips `Upgrade`, an old corporate network): Server-Sent
+//! Events carry server → client, `POST` carries client → server, on the
+//! same events, identity, limits, push and recovery as `/ws`.
+//!
+//! `GET /sse` passes the same checks as a WebSocket handshake (admission,
+//! Origin, token) and opens a session: a [`Caller`] with its own bounded
+//! outbox, joined to the hub like any connection. The response is an
+//! event stream whose first message is the `connected` greeting with the
+//! session's id; every reply and push follows as one `data:` message, and
+//! a comment line keeps the stream alive every `server.ping_interval_s`.
+//! `POST /sse/SESSION` takes one message (exactly what a WebSocket text
+//! frame would carry) and answers 202; its reply comes on the stream.
+//!
+//! The session id is a 128-bit random bearer secret, distinct from the
+//! `client_id` others may see. A session lives as long as its stream:
+//! when the client goes (or the stream ends for shutdown, a slow consumer
+//! or an expired token) it leaves the hub and a POST to it answers 404.
+//! Sessions are bounded by `sse.max_sessions` (503 past it) and, like
+//! WebSocket connections, by the per-address admission limits. A client
+//! that stops reading while something waits for it is dropped after 10 s,
+//! as on a WebSocket (a watchdog beside the streams: hyper does not poll
+//! a body whose socket is full).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use uuid::Uuid;
+
+use crate::connection::{Counted, SEND_TIMEOUT, invalid_reply, join, new_caller, refresh_if_due};
+use crate::listener::ConnAbort;
+use crate::outbox::{Outgoing, Taken};
+use crate::protocol::{Incoming, classify};
+use crate::router::Caller;
+use crate::server::App;
+
+/// One open session.
+struct Session {
+    caller: Caller,
+    /// Plain-text (city) lookups running for it.
+    lookups: AtomicUsize,
+    /// Ends its HTTP connection (a client that stopped reading).
+    abort: Option<ConnAbort>,
+    /// When its stream last handed bytes to hyper (ms since `EPOCH`).
+    last_write_ms: AtomicU64,
+}
+
+/// The open sessions, by id.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+    watchdog: std::sync::OnceLock<()>,
+}
+
+/// What session clocks count from.
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
+}
+
+/// Ends the sessions whose client stopped reading: something has waited
+/// in the outbox and nothing was written for [`SEND_TIMEOUT`], the same
+/// rule as a WebSocket's. hyper stops polling a body whose socket is
+/// full, so this runs beside the streams, once a second.
+fn watch(app: &Arc<App>) {
+    let app = Arc::downgrade(app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(app) = app.upgrade() else { return };
+            if app.closing.is_cancelled() {
+                return;
+            }
+            let limit = SEND_TIMEOUT.as_millis() as u64;
+            let now = now_ms();
+            let stalled: Vec<Arc<Session>> = app
+                .sessions
+                .lock()
+                .values()
+                .filter(|s| {
+                    now.saturating_sub(s.last_write_ms.load(Ordering::Relaxed)) >= limit
+                        && !s.caller.outbox.is_empty()
+                })
+                .cloned()
+                .collect();
+            for s in stalled {
+                tracing::debug!(client_id = %s.caller.conn_id, "sse session: the client stopped reading");
+                app.metrics.slow_consumers.inc();
+                // Nothing more is queued for it; the connection goes.
+                s.caller.outbox.close();
+                if let Some(abort) = &s.abort {
+                    abort.0.cancel();
+                }
+            }
+        }
+    });
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("open", &self.len())
+            .finish()
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        // Inserts and removes are single map operations.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sessions open now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.lock().get(id).cloned()
+    }
+}
+
+/// Ends a session when its stream is dropped, however that happens.
+struct Open {
+    app: Arc<App>,
+    id: String,
+    session: Arc<Session>,
+    _counted: Counted,
+    _admitted: crate::admission::Admitted,
+    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let app = &self.app;
+        let conn_id = self.session.caller.conn_id;
+        {
+            let mut map = app.sessions.lock();
+            map.remove(&self.id);
+            app.metrics.sse_sessions.set(map.len() as i64);
+        }
+        app.hub.leave(conn_id);
+        app.router.connection_closed(conn_id);
+        self.session.caller.outbox.close();
+        tracing::debug!(client_id = %conn_id, "sse session closed");
+    }
+}
+
+/// The stream's state between two chunks.
+struct Stream {
+    open: Open,
+    hello: Option<Bytes>,
+    tick: tokio::sync::watch::Receiver<()>,
+    buf: Vec<Outgoing>,
+    done: bool,
+}
+
+/// `GET /sse`: opens a session and streams it.
+pub(crate) async fn open(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    abort: Option<axum::Extension<ConnAbort>>,
+    counted: Option<axum::Extension<crate::listener::Counted>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let crate::server::Admitted {
+        admission,
+        who,
+        address,
+        client,
+    } = match crate::server::admit(&app, peer, counted.is_some(), &headers, &uri, "sse").await {
+        Ok(ok) => ok,
+        Err(refused) => return refused,
+    };
+    // Counted as a connection at the accept, or with its session behind a
+    // proxy; a session either way.
+    let admitted = admission.unwrap_or_else(|| app.admission.session(address));
+    let (expires, topics) = (who.expires, who.topics.clone());
+    let caller = new_caller(&app, client, address, who);
+    let id = Uuid::new_v4().simple().to_string();
+    let session = Arc::new(Session {
+        caller,
+        lookups: AtomicUsize::new(0),
+        abort: abort.map(|a| a.0),
+        last_write_ms: AtomicU64::new(now_ms()),
+    });
+    app.sessions.watchdog.get_or_init(|| watch(&app));
+    {
+        let mut map = app.sessions.lock();
+        if map.len() >= app.config.sse.max_sessions {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the server holds its maximum of {} SSE sessions (sse.max_sessions)\n",
+                    app.config.sse.max_sessions
+                ),
+            )
+                .into_response();
+        }
+        map.insert(id.clone(), session.clone());
+        app.metrics.sse_sessions.set(map.len() as i64);
+    }
+    join(&app, &session.caller, expires, topics);
+    let client_id = session.caller.conn_id;
+    tracing::debug!(%client_id, user = ?session.caller.user, "sse session opened");
+    let hello = serde_json::json!({
+        "type": "connected",
+        "message": &*app.text.greeting,
+        "client_id": client_id,
+        "session": id,
+        "transport": "sse",
+    })
+    .to_string();
+    let state = Stream {
+        hello: Some(Bytes::from(format!("retry: 2000\ndata: {hello}\n\n"))),
+        tick: app.ping_clock.subscribe(),
+        buf: Vec::new(),
+        done: false,
+        open: Open {
+            _counted: Counted::open(&app),
+            _admitted: admitted,
+            _tracked: app.tracker.token(),
+            app,
+            id,
+            session,
+        },
+    };
+    let body = futures_util::stream::unfold(state, |mut st| async move {
+        let chunk = next_chunk(&mut st).await?;
+        Some((Ok::<Bytes, Infallible>(chunk), st))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache, no-transform"),
+            // Proxies that buffer responses (nginx) would hold pushes.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// The next bytes of a stream: what the outbox holds, a keep-alive, or
+/// the end.
+async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
+    if let Some(hello) = st.hello.take() {
+        return Some(hello);
+    }
+    if st.done {
+        return None;
+    }
+    let app = st.open.app.clone();
+    let outbox = &st.open.session.caller.outbox;
+    loop {
+        match outbox.take(&mut st.buf) {
+            Taken::SlowConsumer => {
+                app.metrics.slow_consumers.inc();
+                st.done = true;
+                return Some(closing(1013, "slow consumer"));
+            }
+            Taken::End(code, reason) => {
+                st.done = true;
+                let mut out = encode(&mut st.buf).to_vec();
+                out.extend_from_slice(&closing(code, &reason));
+                return Some(Bytes::from(out));
+            }
+            Taken::Messages => {}
+        }
+        if !st.buf.is_empty() {
+            app.metrics.messages_out.inc_by(st.buf.len() as u64);
+            st.open
+                .session
+                .last_write_ms
+                .store(now_ms(), Ordering::Relaxed);
+            return Some(encode(&mut st.buf));
+        }
+        tokio::select! {
+            biased;
+            () = app.closing.cancelled() => {
+                // The router has drained: what is queued goes out first.
+                st.done = true;
+                let _ = outbox.take(&mut st.buf);
+                let mut out = encode(&mut st.buf).to_vec();
+                out.extend_from_slice(&closing(1001, "server shutting down"));
+                return Some(Bytes::from(out));
+            }
+            () = outbox.ready() => {}
+            Ok(()) = st.tick.changed() => {
+                if let Some(at) = outbox.expires() {
+                    if crate::connection::unix_now() >= at {
+                        st.done = true;
+                        return Some(closing(1008, "token expired"));
+                    }
+                    refresh_if_due(&app, &st.open.session.caller, at);
+                }
+                st.open.session.last_write_ms.store(now_ms(), Ordering::Relaxed);
+                return Some(Bytes::from_static(b":\n\n"));
+            }
+        }
+    }
+}
+
+/// Queued messages as SSE `data:` messages. A message with a line break
+/// (never one gale encodes, but a handler's text could hold one) becomes
+/// several `data:` lines, which the client joins back.
+fn encode(buf: &mut Vec<Outgoing>) -> Bytes {
+    let mut out = Vec::with_capacity(buf.iter().map(|m| m.text.len() + 8).sum());
+    for m in buf.drain(..) {
+        for line in m.text.as_str().split('\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
+    }
+    if buf.capacity() > crate::outbox::KEEP_CAPACITY {
+        *buf = Vec::new();
+    }
+    Bytes::from(out)
+}
+
+/// The stream's last message: why it ends, with the WebSocket close code
+/// the same end would have had.
+fn closing(code: u16, reason: &str) -> Bytes {
+    let msg = serde_json::json!({"type": "close", "code": code, "reason": reason});
+    Bytes::from(format!("event: close\ndata: {msg}\n\n"))
+}
+
+/// `POST /sse/SESSION`: one message from the client.
+pub(crate) async fn receive(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(session) = app.sessions.get(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no such SSE session: it ended or never existed; open a new one with GET /sse\n",
+        )
+            .into_response();
+    };
+    let limit = app.config.server.max_message_bytes;
+    let bytes = match crate::body::read(&headers, body, limit, "server.max_message_bytes").await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let Ok(text) = String::from_utf8(bytes.to_vec()) else {
+        return (StatusCode::BAD_REQUEST, "a message must be UTF-8 text\n").into_response();
+    };
+    if app.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    // The same bound as a WebSocket connection's: lookups and events in
+    // flight together, and events within the connection's router share.
+    let max = app.config.server.max_inflight_per_connection;
+    let caller = &session.caller;
+    let events = caller.outbox.events();
+    let lookups = session.lookups.load(Ordering::Acquire);
+    if lookups + events >= max || (events > 0 && events >= app.router.share(max)) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            format!(
+                "{max} messages of this session are in flight (server.max_inflight_per_connection); \
+                 wait for their replies\n"
+            ),
+        )
+            .into_response();
+    }
+    app.metrics.messages_in.inc();
+    match classify(&text) {
+        Incoming::Text(_) => match app.text.handler.clone() {
+            Some(handler) => {
+                session.lookups.fetch_add(1, Ordering::AcqRel);
+                let ctx = crate::router::Ctx {
+                    app: app.clone(),
+                    caller: session.caller.clone(),
+                };
+                let session = session.clone();
+                app.tracker.spawn(async move {
+                    let reply = handler(ctx, text.into()).await;
+                    session.caller.outbox.push(reply.into(), true);
+                    session.lookups.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            None => {
+                caller
+                    .outbox
+                    .push(invalid_reply(None, crate::connection::NO_TEXT).into(), true);
+            }
+        },
+        Incoming::Event(event) => app.router.dispatch(&app, caller, event),
+        Incoming::Invalid { reply_to, message } => {
+            app.router.count_invalid_message();
+            caller
+                .outbox
+                .push(invalid_reply(reply_to, &message).into(), true);
+        }
+    }
+    StatusCode::ACCEPTED.into_response()
+}
