@@ -219,7 +219,7 @@ pub struct BroadcastArgs {
     /// Messages published per second (0: back to back).
     #[arg(long, default_value_t = 20)]
     rate: u32,
-    /// The server's [api] key.
+    /// The server's `[api]` key.
     #[arg(long, env = "GALE_API__KEY", hide_env_values = true)]
     api_key: String,
     /// Stop waiting when no delivery arrived for this long.
@@ -321,7 +321,7 @@ pub enum BenchScenario {
         /// Bytes per publication.
         #[arg(long, default_value_t = 200)]
         size: usize,
-        /// The server's [api] key.
+        /// The server's `[api]` key.
         #[arg(long, env = "GALE_API__KEY", hide_env_values = true)]
         api_key: String,
         /// The cluster's Redis (redis://…): its commands and CPU during

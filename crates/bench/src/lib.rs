@@ -1,5 +1,5 @@
 //! gale's tools for measuring and trying a server: the load generator
-//! behind `gale bench` ([`bench`]), the client behind `gale client`
+//! behind `gale bench` ([`mod@bench`]), the client behind `gale client`
 //! ([`client`]) and a fake weather API with a fake application backend
 //! ([`fake_upstream`]), for tests, demos and benchmarks.
 

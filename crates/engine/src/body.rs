@@ -2,7 +2,7 @@
 //! limit.
 //!
 //! The listener hands every request to the routes with its body wrapped
-//! in a [`Deadline`]: once `server.handshake_timeout_ms` has passed since
+//! in a `Deadline`: once `server.handshake_timeout_ms` has passed since
 //! the request's head arrived, the next read of the body fails (and is
 //! counted in `gale_http_timeouts_total{stage="Body"}`). So a client that
 //! declares a body and never sends it holds its connection no longer

@@ -18,7 +18,7 @@
 //! accept (a watchdog here: zero bytes, a partial head, a trickle), each
 //! later one within the same time of the previous response on a
 //! kept-alive connection (hyper's header timer), and every request body
-//! within the same time of its head ([`crate::body::Deadline`], on every
+//! within the same time of its head (`body::Deadline`, on every
 //! route). A
 //! WebSocket upgrade is complete once its 101 is written: hyper hands the
 //! socket to the WebSocket task at once, whose own deadlines (pings, the

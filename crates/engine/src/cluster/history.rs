@@ -6,16 +6,16 @@
 //! - `P:hm:{TOPIC}`, a HASH: `e` the epoch, `o` the last offset. It is
 //!   created by the first publication (never by a read) and expires
 //!   `history.meta_ttl_s` after the last; a new one gets a new epoch
-//!   ([`EPOCH`]).
+//!   (`EPOCH`).
 //! - `P:h:{TOPIC}`, a LIST of the last `history_size` publications, each
 //!   `OFFSET:UNIX_SECONDS:TEXT`, expiring `history_ttl_s` after the last.
 //!
-//! A publication is appended and published in one script ([`APPEND`]):
+//! A publication is appended and published in one script (`APPEND`):
 //! the offset is taken, the positioned text built, stored and sent to the
 //! topic's channel with an empty origin, so every node delivers it, this
 //! one included, in the order Redis gave. Appends travel in the
 //! backplane's pipelines, as `EVAL` (no script cache to keep in step on
-//! every Redis node). A recovery ([`RECOVER`]) reads the position and the
+//! every Redis node). A recovery (`RECOVER`) reads the position and the
 //! publications after the client's in one step.
 
 use std::sync::Arc;

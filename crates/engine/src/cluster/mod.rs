@@ -14,7 +14,7 @@
 //! - `P:rate:EVENT:USER`: a GCRA rate limit state (a Lua script).
 //! - `P:w:{CITY}`, `P:wl:{CITY}`: the shared weather cache and the lease of
 //!   the node fetching a city; `P:feed:CITY`: the lease of the node
-//!   refreshing a subscribed city ([`crate::builtin::feeds`]).
+//!   refreshing a subscribed city (the weather application's feeds).
 //!
 //! Every call on a request's path has `cluster.call_timeout_ms` as its
 //! deadline, and falls back to this node alone when Redis does not

@@ -7,7 +7,7 @@
 //!
 //! Dispatch runs on the connection's task and never waits: a validated
 //! event is queued on the [`pool`] and its reply goes to the connection's
-//! [`Outbox`](crate::outbox::Outbox).
+//! [`Outbox`].
 
 pub mod pool;
 pub mod rate;

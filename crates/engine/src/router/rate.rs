@@ -85,7 +85,7 @@ pub enum Subject {
 const MAX_BUCKETS: u64 = 200_000;
 
 /// Per-event, per-subject buckets. Memory is bounded: at most
-/// [`MAX_BUCKETS`] entries, and a bucket idle for an hour is forgotten (it
+/// `MAX_BUCKETS` entries, and a bucket idle for an hour is forgotten (it
 /// would have refilled anyway: the longest window is an hour).
 #[derive(Debug)]
 pub struct Limits {
