@@ -94,6 +94,7 @@ pub(crate) async fn serve(
     }
     close_for(&app, &mut socket, &end).await;
     app.hub.leave(client_id);
+    app.hooks.disconnected(caller.who());
     app.router.connection_closed(client_id);
     caller.outbox.close();
     // Nobody is left to read these replies, but each lookup still ends

@@ -50,6 +50,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Refused with `permission_denied` and `message`; the connection
+    /// stays. (A handshake refused so is answered 403.)
+    pub fn denied(message: impl Into<String>) -> Refusal {
+        Refusal::Denied(ErrorBody::new(ErrorCode::PermissionDenied, message))
+    }
+
     /// What the client is told in a reply.
     pub fn body(&self) -> ErrorBody {
         match self {
@@ -141,6 +147,12 @@ pub trait Hooks: Send + Sync + std::fmt::Debug + 'static {
 
     /// Whether `topic` answers who is subscribed to it.
     fn presence(&self, topic: &str) -> bool;
+
+    /// `who`'s connection has closed (whatever closed it). Called once per
+    /// connection, on its task: anything slow belongs in a task of its own.
+    fn disconnected(&self, who: Who) {
+        let _ = who;
+    }
 }
 
 /// gale's own decisions: the topic rules, subscription tokens, and the
@@ -417,5 +429,137 @@ impl Hooks for Permissions {
 
     fn presence(&self, topic: &str) -> bool {
         self.rules.channel(topic).presence
+    }
+}
+
+type ConnectFn = Arc<
+    dyn Fn(ConnectRequest) -> BoxFuture<'static, Result<Option<Connected>, Refusal>> + Send + Sync,
+>;
+type SubscribeFn =
+    Arc<dyn Fn(Who, String) -> BoxFuture<'static, Result<(), Refusal>> + Send + Sync>;
+type PublishFn =
+    Arc<dyn Fn(Who, String, Value) -> BoxFuture<'static, Result<Value, Refusal>> + Send + Sync>;
+type DisconnectFn = Arc<dyn Fn(Who) + Send + Sync>;
+
+/// The application's own hooks, set on the
+/// [`Builder`](crate::server::Builder) (`on_connect`, `on_subscribe`,
+/// `on_publish`, `on_disconnect`).
+#[derive(Clone, Default)]
+pub(crate) struct AppHooks {
+    pub(crate) connect: Option<ConnectFn>,
+    pub(crate) subscribe: Vec<SubscribeFn>,
+    pub(crate) publish: Vec<PublishFn>,
+    pub(crate) disconnect: Vec<DisconnectFn>,
+}
+
+impl AppHooks {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.connect.is_none()
+            && self.subscribe.is_empty()
+            && self.publish.is_empty()
+            && self.disconnect.is_empty()
+    }
+}
+
+/// gale's own decisions, then the application's: a subscription or a
+/// publication passes the topic rules (and the backend, where one is
+/// configured) first, then every hook of the application's in the order
+/// they were set; a publication's data is what the last one returns. A
+/// handshake without a valid token asks the application's connect hook
+/// first, and the backend when that leaves it open.
+#[derive(Clone)]
+pub(crate) struct Chain {
+    pub(crate) gale: Arc<dyn Hooks>,
+    pub(crate) app: AppHooks,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("gale", &self.gale)
+            .field("connect", &self.app.connect.is_some())
+            .field("subscribe", &self.app.subscribe.len())
+            .field("publish", &self.app.publish.len())
+            .field("disconnect", &self.app.disconnect.len())
+            .finish()
+    }
+}
+
+impl Hooks for Chain {
+    fn connects(&self) -> bool {
+        self.app.connect.is_some() || self.gale.connects()
+    }
+
+    fn connect(
+        &self,
+        req: ConnectRequest,
+    ) -> BoxFuture<'static, Result<Option<Connected>, Refusal>> {
+        let Some(mine) = self.app.connect.clone() else {
+            return self.gale.connect(req);
+        };
+        let gale = self.gale.clone();
+        Box::pin(async move {
+            match mine(req.clone()).await? {
+                Some(connected) => Ok(Some(connected)),
+                None if gale.connects() => gale.connect(req).await,
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn refresh(&self, who: Who) -> Option<BoxFuture<'static, Result<Refreshed, Refusal>>> {
+        self.gale.refresh(who)
+    }
+
+    fn subscribe(
+        &self,
+        who: Who,
+        topic: String,
+        token: Option<String>,
+    ) -> BoxFuture<'static, Result<(), Refusal>> {
+        let gale = self.gale.subscribe(who.clone(), topic.clone(), token);
+        let mine = self.app.subscribe.clone();
+        Box::pin(async move {
+            gale.await?;
+            for hook in mine {
+                hook(who.clone(), topic.clone()).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn publish(
+        &self,
+        who: Who,
+        topic: String,
+        subscribed: bool,
+        data: Value,
+    ) -> BoxFuture<'static, Result<Value, Refusal>> {
+        let gale = self
+            .gale
+            .publish(who.clone(), topic.clone(), subscribed, data);
+        let mine = self.app.publish.clone();
+        Box::pin(async move {
+            let mut data = gale.await?;
+            for hook in mine {
+                data = hook(who.clone(), topic.clone(), data).await?;
+            }
+            Ok(data)
+        })
+    }
+
+    fn join_leave(&self, topic: &str) -> bool {
+        self.gale.join_leave(topic)
+    }
+
+    fn presence(&self, topic: &str) -> bool {
+        self.gale.presence(topic)
+    }
+
+    fn disconnected(&self, who: Who) {
+        self.gale.disconnected(who.clone());
+        for hook in &self.app.disconnect {
+            hook(who.clone());
+        }
     }
 }

@@ -265,6 +265,7 @@ pub struct Builder {
     routes: axum::Router,
     stops: Vec<Stop>,
     reserved: Vec<(Box<str>, Box<str>)>,
+    hooks: crate::hooks::AppHooks,
 }
 
 impl std::fmt::Debug for Builder {
@@ -309,6 +310,7 @@ impl Builder {
             routes: axum::Router::new(),
             stops: Vec::new(),
             reserved: Vec::new(),
+            hooks: Default::default(),
         })
     }
 
@@ -360,6 +362,105 @@ impl Builder {
         self
     }
 
+    /// Decides who a handshake without a valid token is (before the
+    /// backend's connect hook, which is asked when this returns
+    /// `Ok(None)`). Only the headers `[proxy] headers` names are passed.
+    ///
+    /// ```no_run
+    /// # async fn example(builder: &mut gale_engine::server::Builder) {
+    /// use gale_engine::hooks::{Connected, Refusal};
+    ///
+    /// builder.on_connect(|req| async move {
+    ///     let Some((_, key)) = req.headers.iter().find(|(h, _)| h == "x-api-key") else {
+    ///         return Ok(None); // anonymous, or refused when auth.required
+    ///     };
+    ///     if key != "letmein" {
+    ///         return Err(Refusal::denied("unknown API key"));
+    ///     }
+    ///     Ok(Some(Connected {
+    ///         user: Some("service".into()),
+    ///         ..Connected::default()
+    ///     }))
+    /// });
+    /// # }
+    /// ```
+    pub fn on_connect<F, Fut>(&mut self, hook: F) -> &mut Builder
+    where
+        F: Fn(crate::hooks::ConnectRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Option<crate::hooks::Connected>, crate::hooks::Refusal>>
+            + Send
+            + 'static,
+    {
+        self.hooks.connect = Some(Arc::new(move |req| Box::pin(hook(req))));
+        self
+    }
+
+    /// Adds a check to every `topic.subscribe`, after the topic's
+    /// `[topics]` rules (and the backend, where one decides) let it
+    /// through: `Err` refuses it with the refusal's error.
+    ///
+    /// ```no_run
+    /// # async fn example(builder: &mut gale_engine::server::Builder) {
+    /// use gale_engine::hooks::Refusal;
+    ///
+    /// builder.on_subscribe(|who, topic| async move {
+    ///     match (topic.strip_prefix("team:"), who.user.as_deref()) {
+    ///         (Some(team), Some(user)) if !user.ends_with(&format!("@{team}")) => {
+    ///             Err(Refusal::denied("not your team"))
+    ///         }
+    ///         _ => Ok(()),
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn on_subscribe<F, Fut>(&mut self, hook: F) -> &mut Builder
+    where
+        F: Fn(crate::hooks::Who, String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), crate::hooks::Refusal>> + Send + 'static,
+    {
+        self.hooks
+            .subscribe
+            .push(Arc::new(move |who, topic| Box::pin(hook(who, topic))));
+        self
+    }
+
+    /// Adds a check to every client's `topic.publish`, after the topic's
+    /// `[topics]` rules (and the backend) let it through: `Ok(data)` is
+    /// what is published (the data as it came, or a replacement), `Err`
+    /// refuses it. Publications from the server (a [`Handle`], the
+    /// server API) do not pass here.
+    ///
+    /// [`Handle`]: crate::handle::Handle
+    ///
+    /// ```no_run
+    /// # async fn example(builder: &mut gale_engine::server::Builder) {
+    /// builder.on_publish(|_who, _topic, mut data| async move {
+    ///     data["checked"] = true.into();
+    ///     Ok(data)
+    /// });
+    /// # }
+    /// ```
+    pub fn on_publish<F, Fut>(&mut self, hook: F) -> &mut Builder
+    where
+        F: Fn(crate::hooks::Who, String, serde_json::Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<serde_json::Value, crate::hooks::Refusal>> + Send + 'static,
+    {
+        self.hooks.publish.push(Arc::new(move |who, topic, data| {
+            Box::pin(hook(who, topic, data))
+        }));
+        self
+    }
+
+    /// Calls `hook` once for every connection that closes, whatever
+    /// closed it, on the connection's task: spawn anything slow.
+    pub fn on_disconnect<F>(&mut self, hook: F) -> &mut Builder
+    where
+        F: Fn(crate::hooks::Who) + Send + Sync + 'static,
+    {
+        self.hooks.disconnect.push(Arc::new(hook));
+        self
+    }
+
     /// Adds the application's own HTTP routes beside the engine's (`/ws`,
     /// `/sse`, `/api/…`, `/metrics`, `/healthz`, …).
     pub fn routes(&mut self, routes: axum::Router) -> &mut Builder {
@@ -407,6 +508,7 @@ impl Builder {
             routes,
             stops,
             reserved,
+            hooks: mine,
         } = self;
         let verifier = Verifier::from_config(&config.auth)?;
         let proxies = config.server.trusted_proxies()?;
@@ -425,12 +527,17 @@ impl Builder {
                  to them (permission_denied)"
             ),
         }
-        let hooks: Arc<dyn crate::hooks::Hooks> = Arc::new(crate::hooks::Permissions::new(
+        let gale: Arc<dyn crate::hooks::Hooks> = Arc::new(crate::hooks::Permissions::new(
             rules,
             Verifier::from_config(&config.auth)?,
             backend.clone(),
             &config.proxy.headers,
         ));
+        let hooks: Arc<dyn crate::hooks::Hooks> = if mine.is_empty() {
+            gale
+        } else {
+            Arc::new(crate::hooks::Chain { gale, app: mine })
+        };
         crate::proxy::register_rpc(&mut registry, &config.proxy);
         let events = Router::new(registry, &config, metrics.clone())?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {

@@ -155,6 +155,7 @@ impl Drop for Open {
             app.metrics.sse_sessions.set(map.len() as i64);
         }
         app.hub.leave(conn_id);
+        app.hooks.disconnected(self.session.caller.who());
         app.router.connection_closed(conn_id);
         self.session.caller.outbox.close();
         tracing::debug!(client_id = %conn_id, "sse session closed");
