@@ -20,9 +20,8 @@ pub mod server;
 
 pub use gale_bench::{bench, client, fake_upstream};
 pub use gale_engine::{
-    admission, api, body, breaker, broadcast, builtin, channels, cluster, connection, control,
-    handle, history, hooks, http_client, identity, lifecycle, listener, metrics, outbox, protocol,
-    proxy, router, shutdown, sse, tls, websocket,
+    breaker, broadcast, builtin, cluster, handle, history, hooks, http_client, identity, listener,
+    metrics, outbox, protocol, router, shutdown, tls, websocket,
 };
 pub use gale_store as store;
 pub use gale_weather as weather;

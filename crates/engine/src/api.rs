@@ -42,10 +42,10 @@ use crate::control::Command;
 use crate::server::App;
 
 /// Most users named in one publish.
-pub const MAX_USERS: usize = 10_000;
+pub(crate) const MAX_USERS: usize = 10_000;
 
 /// What a publish body may hold beyond the push itself (the target list).
-pub const BODY_ALLOWANCE: usize = 1 << 20;
+pub(crate) const BODY_ALLOWANCE: usize = 1 << 20;
 
 fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
@@ -70,10 +70,10 @@ enum Access {
 const READ_ONLY: [&str; 5] = ["presence", "presence_stats", "history", "topics", "info"];
 
 /// Most commands in one batch.
-pub const MAX_BATCH: usize = 1_000;
+pub(crate) const MAX_BATCH: usize = 1_000;
 
 /// Most topics in one broadcast.
-pub const MAX_TOPICS: usize = 1_000;
+pub(crate) const MAX_TOPICS: usize = 1_000;
 
 /// Most clients a presence answer lists.
 const MAX_PRESENCE: usize = 10_000;

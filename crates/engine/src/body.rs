@@ -25,7 +25,7 @@ use crate::metrics::{HttpStage, Metrics};
 /// The body did not arrive within the deadline.
 #[derive(Debug, thiserror::Error)]
 #[error("the body did not arrive within server.handshake_timeout_ms")]
-pub struct TimedOut;
+pub(crate) struct TimedOut;
 
 /// A request body that fails once its deadline has passed. Its timer is
 /// made only when a read has to wait, so a request whose body is empty,
@@ -97,7 +97,7 @@ where
 
 /// Why a body could not be read.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// Longer than the limit (declared or sent).
     #[error("the body is larger than {limit} bytes ({setting})")]
     TooLarge {
@@ -116,7 +116,7 @@ pub enum BodyError {
 
 impl BodyError {
     /// The HTTP status that says it: 413, 408 or 400.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
@@ -126,7 +126,7 @@ impl BodyError {
 
     /// Adds `Connection: close` to `response` when the rest of the body
     /// may never come (past the deadline, broken off).
-    pub fn close(&self, mut response: Response) -> Response {
+    pub(crate) fn close(&self, mut response: Response) -> Response {
         if !matches!(self, BodyError::TooLarge { .. }) {
             response.headers_mut().insert(
                 header::CONNECTION,
@@ -137,7 +137,7 @@ impl BodyError {
     }
 
     /// The answer as plain text.
-    pub fn into_response(self) -> Response {
+    pub(crate) fn into_response(self) -> Response {
         self.close((self.status(), format!("{self}\n")).into_response())
     }
 }
@@ -147,7 +147,7 @@ impl BodyError {
 ///
 /// # Errors
 /// [`BodyError`]: too large, past the deadline, or broken off.
-pub async fn read(
+pub(crate) async fn read(
     headers: &HeaderMap,
     body: Body,
     limit: usize,

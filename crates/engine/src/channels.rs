@@ -120,14 +120,14 @@ impl Rules {
 
 /// The users a user-limited topic (`dm:#alice,bob`) is for; `None` when
 /// the name holds no `#`.
-pub fn limited_to(topic: &str) -> Option<impl Iterator<Item = &str>> {
+pub(crate) fn limited_to(topic: &str) -> Option<impl Iterator<Item = &str>> {
     let (_, users) = topic.split_once('#')?;
     Some(users.split(',').filter(|u| !u.is_empty()))
 }
 
 /// Who asks, as the rules see them.
 #[derive(Debug, Clone, Copy)]
-pub struct Asker<'a> {
+pub(crate) struct Asker<'a> {
     /// The signed-in user.
     pub user: Option<&'a str>,
     /// Their roles.
@@ -139,7 +139,7 @@ pub struct Asker<'a> {
 
 /// What the rules decide before anyone else is asked.
 #[derive(Debug, PartialEq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Allowed.
     Allow,
     /// Refused, with what the client is told.
@@ -173,7 +173,7 @@ fn missing_role(channel: &Channel, topic: &str, who: Asker<'_>) -> Option<Decisi
 /// Whether `who` may subscribe to `topic` on `channel` (a subscription
 /// token, when one comes, is checked by the caller first: it grants the
 /// subscription whatever this says).
-pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
+pub(crate) fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
     // The name only narrows who may: the block's mode and roles still
     // apply to the users it lists (a closed topic stays closed).
     if let Some(mut users) = limited_to(topic)
@@ -199,7 +199,7 @@ pub fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision
 }
 
 /// Whether `who` may publish on `topic` from a client.
-pub fn may_publish(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
+pub(crate) fn may_publish(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
     // A user-limited topic takes publications from its users only,
     // unless the backend decides (an inbox anyone may knock on, say).
     if let Some(mut users) = limited_to(topic)

@@ -60,7 +60,7 @@ pub enum Command {
 }
 
 /// Runs `cmd` on this node (`node` is its id); its answer.
-pub fn run(hub: &Hub, node: &str, cmd: &Command) -> Value {
+pub(crate) fn run(hub: &Hub, node: &str, cmd: &Command) -> Value {
     match cmd {
         Command::Subscribe {
             user,
@@ -107,7 +107,7 @@ pub fn run(hub: &Hub, node: &str, cmd: &Command) -> Value {
 
 /// Runs `cmd` on every node: this one's answer first, then the other
 /// nodes' that came within the cluster's call deadline.
-pub async fn everywhere(hub: &Arc<Hub>, node: &str, cmd: Command) -> Vec<Value> {
+pub(crate) async fn everywhere(hub: &Arc<Hub>, node: &str, cmd: Command) -> Vec<Value> {
     let mut all = vec![run(hub, node, &cmd)];
     all.extend(hub.everywhere(cmd).await);
     all

@@ -40,9 +40,9 @@
 //! - [`hooks`]: the one seam where the application decides about its
 //!   clients (connect, refresh, subscribe, publish), and gale's own
 //!   decisions (topic rules, tokens, the backend).
-//! - [`channels`]: who may subscribe to and publish on which topics.
-//! - [`proxy`]: the application's backend in the loop, over HTTP.
-//! - [`lifecycle`]: user online/offline notifications to the
+//! - `channels`: who may subscribe to and publish on which topics.
+//! - `proxy`: the application's backend in the loop, over HTTP.
+//! - `lifecycle`: user online/offline notifications to the
 //!   application's backend.
 //! - [`broadcast`]: push to users, topics and everyone, and the backplane
 //!   seam between nodes.
@@ -51,19 +51,19 @@
 //!   shared rate limits, shared values and leases.
 //! - [`listener`]: accepting connections: the connection limit, the
 //!   handshake deadline, HTTP/1.1.
-//! - [`admission`]: per-address limits on handshakes and connections.
-//! - [`body`]: request bodies: the deadline every one has, read whole
+//! - `admission`: per-address limits on handshakes and connections.
+//! - `body`: request bodies: the deadline every one has, read whole
 //!   within a limit.
 //! - [`tls`]: serving TLS directly (`server.tls_cert`, `server.tls_key`).
 //! - `transport`: a connection's stream, plain TCP or TLS.
 //! - [`websocket`]: the WebSocket codec, handshake and permessage-deflate.
 //! - [`identity`]: JWT at the handshake, the Origin check.
-//! - [`connection`]: one WebSocket connection's read/reply loop.
-//! - [`sse`]: the HTTP fallback: Server-Sent Events plus POST.
+//! - `connection`: one WebSocket connection's read/reply loop.
+//! - `sse`: the HTTP fallback: Server-Sent Events plus POST.
 //! - [`outbox`]: a connection's bounded outbound queue.
-//! - [`control`]: commands every node runs (the server API's operations
+//! - `control`: commands every node runs (the server API's operations
 //!   on users' connections, presence, topics, counts).
-//! - [`api`]: the server API, `POST /api/{method}`, for backends.
+//! - `api`: the server API, `POST /api/{method}`, for backends.
 //! - [`protocol`]: the wire messages; no state.
 //! - [`breaker`]: a circuit breaker for calls to the services behind.
 //! - [`http_client`]: the HTTP client of calls to the services behind
@@ -72,32 +72,32 @@
 //!   ([`metrics::Metrics::register`], [`metrics::Part`]).
 //! - [`shutdown`]: signals to a cancellation token.
 
-pub mod admission;
-pub mod api;
-pub mod body;
+mod admission;
+mod api;
+mod body;
 pub mod breaker;
 pub mod broadcast;
 pub mod builtin;
-pub mod channels;
+mod channels;
 pub mod cluster;
 pub mod config;
-pub mod connection;
-pub mod control;
+mod connection;
+mod control;
 pub mod handle;
 pub mod history;
 pub mod hooks;
 pub mod http_client;
 pub mod identity;
-pub mod lifecycle;
+mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
-pub mod proxy;
+mod proxy;
 pub mod router;
 pub mod server;
 pub mod shutdown;
-pub mod sse;
+mod sse;
 pub mod tls;
 mod transport;
 pub mod websocket;

@@ -52,7 +52,10 @@ struct Wanted {
 
 /// Starts the notifications, when `[proxy] events_url` is set; they stop
 /// at `stop` (what is queued then is sent for at most 2 s more).
-pub fn start(app: &Arc<App>, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+pub(crate) fn start(
+    app: &Arc<App>,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     let backend = app.backend.clone().filter(|b| b.has(ProxyKind::Events))?;
     let cfg = &app.config.proxy;
     let wanted = Wanted {

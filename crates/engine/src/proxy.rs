@@ -278,7 +278,7 @@ impl Backend {
 /// the reply's `data`. The router's policies apply to them as to any
 /// event (`[events."orders.create"]` overrides, rate limits, timeouts,
 /// priorities, the connection's bound).
-pub fn register_rpc(registry: &mut crate::router::Registry, cfg: &ProxyConfig) {
+pub(crate) fn register_rpc(registry: &mut crate::router::Registry, cfg: &ProxyConfig) {
     for pattern in &cfg.rpc_events {
         registry.register_pattern(pattern, crate::router::Policy::default(), rpc);
     }

@@ -117,7 +117,12 @@ impl Default for Policy {
     }
 }
 
-/// A payload type: deserialised from `data`, then checked.
+/// A payload type: deserialised from `data`, then checked. Derive
+/// `serde::Deserialize` (with `#[serde(deny_unknown_fields)]` to refuse
+/// unknown fields) and implement this trait, with [`Payload::validate`]
+/// for checks beyond the types (see [`Registry::register`]). Take
+/// `serde_json::Value` for any data, `Option<T>` for data that may be
+/// absent.
 pub trait Payload: DeserializeOwned + Send + 'static {
     /// Checks beyond the types.
     ///
@@ -223,7 +228,45 @@ impl Registry {
     }
 
     /// Registers `name`: its payload type `T`, its policy, its handler.
-    /// Adding an event is this one call.
+    /// Adding an event is this one call. The reply to `{"event": name,
+    /// "data": …, "ref": …}` is `{"reply": ref, "ok": true, "data": …}`
+    /// with what the handler returns, or `"ok": false` with its error;
+    /// `data` that does not fit `T` is refused (`invalid_data`, naming
+    /// the field) before the handler runs.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use gale_engine::config::Rate;
+    /// use gale_engine::router::{Ctx, HandlerResult, Payload, Policy, Registry, invalid_field};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Vote {
+    ///     poll: u64,
+    ///     choice: String,
+    /// }
+    ///
+    /// impl Payload for Vote {
+    ///     fn validate(&self) -> Result<(), gale_engine::protocol::ErrorBody> {
+    ///         if self.choice.is_empty() {
+    ///             return Err(invalid_field("choice", "choose something"));
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// async fn vote(ctx: Ctx, v: Vote) -> HandlerResult {
+    ///     Ok(serde_json::json!({ "poll": v.poll, "by": ctx.caller.user.as_deref() }))
+    /// }
+    ///
+    /// let mut registry = Registry::new();
+    /// let policy = Policy {
+    ///     requires_auth: true,
+    ///     rate_limit: Some(Rate { count: 1, per: Duration::from_secs(10) }),
+    ///     ..Policy::default()
+    /// };
+    /// registry.register("poll.vote", policy, vote);
+    /// assert_eq!(registry.policies().next().map(|(name, _)| name), Some("poll.vote"));
+    /// ```
     pub fn register<T, F, Fut>(&mut self, name: &'static str, policy: Policy, handler: F)
     where
         T: Payload,
