@@ -10,7 +10,9 @@
 //! `topic.subscribe` (recovering what they missed with `since`), see who
 //! is there with `topic.presence`, and talk with `chat.send {"room",
 //! "text"}`, which pushes `chat.message {"room", "user", "text"}` to the
-//! room. Walk-through: docs/library.md.
+//! room. Its ./gale.toml holds the engine's sections only (`[server]`,
+//! `[auth]`, `[topics."room:*"]`, …): the binary's `[weather]` and
+//! `[store]` are not this program's. Walk-through: docs/library.md.
 
 use std::path::Path;
 use std::time::Duration;

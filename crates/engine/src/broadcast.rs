@@ -730,7 +730,7 @@ impl Hub {
         self.lock().users.get(user).cloned().unwrap_or_default()
     }
 
-    /// Runs `cmd` on every other node ([`crate::control`]).
+    /// Runs `cmd` on every other node (the `control` commands).
     pub fn everywhere(&self, cmd: crate::control::Command) -> BoxFuture<'static, Vec<Value>> {
         self.backplane.everywhere(cmd)
     }

@@ -729,10 +729,10 @@ impl ServerConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming `server.trusted_proxies` for an
     /// entry that is neither an address nor a block.
-    pub fn trusted_proxies(&self) -> Result<Vec<crate::identity::Cidr>, ConfigError> {
+    pub fn trusted_proxies(&self) -> Result<Vec<crate::cidr::Cidr>, ConfigError> {
         self.trusted_proxies
             .iter()
-            .map(|p| crate::identity::Cidr::parse(p))
+            .map(|p| crate::cidr::Cidr::parse(p))
             .collect::<Result<_, _>>()
             .map_err(|m| ConfigError::invalid("server.trusted_proxies", m))
     }

@@ -5,8 +5,8 @@
 //! nowhere else; what it is told, it does.
 //!
 //! [`Hooks`] is that seam. gale's own answer is [`Permissions`]: the
-//! `[topics."PATTERN"]` rules ([`crate::channels`]), subscription tokens,
-//! and the application's backend over HTTP ([`crate::proxy`]) where the
+//! `[topics."PATTERN"]` rules (`channels`), subscription tokens,
+//! and the application's backend over HTTP (`proxy`) where the
 //! rules say `"proxy"` or a `[proxy]` URL is set.
 
 use std::net::IpAddr;

@@ -17,7 +17,7 @@
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), ServerError> {
-//!     let config = Config::load(None)?; // defaults < gale.toml < GALE_* variables
+//!     let config = Config::load(None)?; // defaults < GALE_* variables
 //!     let listener = bind(&config.server.listen).await?;
 //!     let shutdown = tokio_util::sync::CancellationToken::new();
 //!     gale_engine::shutdown::cancel_on_signal(shutdown.clone());
@@ -58,6 +58,7 @@
 //! - `transport`: a connection's stream, plain TCP or TLS.
 //! - [`websocket`]: the WebSocket codec, handshake and permessage-deflate.
 //! - [`identity`]: JWT at the handshake, the Origin check.
+//! - [`cidr`]: address blocks (trusted proxies).
 //! - `connection`: one WebSocket connection's read/reply loop.
 //! - `sse`: the HTTP fallback: Server-Sent Events plus POST.
 //! - [`outbox`]: a connection's bounded outbound queue.
@@ -79,6 +80,7 @@ pub mod breaker;
 pub mod broadcast;
 pub mod builtin;
 mod channels;
+pub mod cidr;
 pub mod cluster;
 pub mod config;
 mod connection;

@@ -7,7 +7,7 @@
 //! released when the connection (upgraded or not) is dropped.
 //!
 //! Every accepted connection also counts against its peer's address
-//! (`server.max_connections_per_ip`, [`crate::admission`]) until it
+//! (`server.max_connections_per_ip`, `admission`) until it
 //! closes, upgraded or not; one past the limit is answered 503 and closed
 //! at once, so one address cannot hold every permit. Connections from a
 //! trusted proxy are counted at their handshake instead, against the
@@ -352,7 +352,7 @@ struct Service {
 }
 
 /// In a request's extensions when its connection is counted against its
-/// peer's address already ([`Admission::connect`]): a handshake on it
+/// peer's address already (`Admission::connect`): a handshake on it
 /// does not count it again.
 #[derive(Debug, Clone, Copy)]
 pub struct Counted;

@@ -107,7 +107,7 @@ pub enum HttpStage {
     Tls,
 }
 
-/// Why a WebSocket handshake was refused by [`crate::admission`].
+/// Why a WebSocket handshake was refused by the per-address limits (`admission`).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Refusal {
     /// `server.max_connections_per_ip` reached (503).

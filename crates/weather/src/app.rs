@@ -35,8 +35,8 @@ pub struct WeatherApp {
     pub(crate) weather: Weather,
     log: RequestLog,
     metrics: Arc<WeatherMetrics>,
-    pub(crate) feeds: Feeds,
-    pub(crate) refresh_s: u64,
+    feeds: Arc<Feeds>,
+    refresh: Duration,
 }
 
 impl WeatherApp {
@@ -61,8 +61,8 @@ impl WeatherApp {
             weather,
             log,
             metrics,
-            feeds: Feeds::default(),
-            refresh_s: cfg.refresh_s,
+            feeds: Arc::default(),
+            refresh: Duration::from_secs(cfg.refresh_s),
         });
         builder.metrics().add_part(me.clone());
         let m = me.clone();
@@ -214,7 +214,14 @@ async fn weather_subscribe(me: Arc<WeatherApp>, ctx: Ctx, req: SubscribeRequest)
     };
     fields.insert("topic".into(), json!(topic));
     let answer = answer_with_recovery(&ctx, &topic, req.since, fields).await;
-    Feeds::ensure(&me, app, key, req.city.trim().to_owned(), reading);
+    let m = me.clone();
+    let lookup = move |city: String| {
+        let m = m.clone();
+        async move { m.weather.lookup(&city).await }
+    };
+    let city = req.city.trim().to_owned();
+    me.feeds
+        .ensure(app, me.refresh, lookup, (key, city), reading);
     Ok(answer)
 }
 

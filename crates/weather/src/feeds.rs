@@ -23,8 +23,7 @@ use serde_json::{Value, json};
 use gale_engine::broadcast::Target;
 use gale_engine::server::App;
 
-use crate::Reading;
-use crate::app::WeatherApp;
+use crate::{Reading, WeatherError};
 
 /// The topic a city's updates go to.
 pub fn topic(city_key: &str) -> String {
@@ -64,22 +63,28 @@ impl Feeds {
         self.len() == 0
     }
 
-    /// Starts the loop for `key` unless it runs. Call after subscribing,
-    /// with the reading the subscriber was just given.
-    pub(crate) fn ensure(
-        me: &Arc<WeatherApp>,
+    /// Starts the loop for `key` unless it runs: every `every`, it reads
+    /// the city with `lookup` (through the cache) and pushes a fresh
+    /// reading. Call after subscribing, with the reading the subscriber
+    /// was just given.
+    pub(crate) fn ensure<F, Fut>(
+        self: &Arc<Self>,
         app: &Arc<App>,
-        key: String,
-        city: String,
+        every: Duration,
+        lookup: F,
+        (key, city): (String, String),
         current: Arc<Reading>,
-    ) {
-        if !me.feeds.lock().insert(key.clone()) {
+    ) where
+        F: Fn(String) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Arc<Reading>, WeatherError>> + Send,
+    {
+        if !self.lock().insert(key.clone()) {
             return;
         }
         tracing::debug!(city = %key, "weather feed started");
-        let (me, app) = (me.clone(), app.clone());
+        let (feeds, app) = (self.clone(), app.clone());
+        let every = every.max(Duration::from_secs(1));
         tokio::spawn(async move {
-            let every = Duration::from_secs(me.refresh_s.max(1));
             let topic = topic(&key);
             let mut last = current;
             loop {
@@ -91,7 +96,7 @@ impl Feeds {
                 // arrives now either is counted here or starts a new loop
                 // after this one is gone.
                 let stopped = {
-                    let mut running = me.feeds.lock();
+                    let mut running = feeds.lock();
                     let none = app.hub.subscribers(&topic) == 0;
                     if none {
                         running.remove(&key);
@@ -106,7 +111,7 @@ impl Feeds {
                 if !refreshes_here(&app, &key, every).await {
                     continue;
                 }
-                match me.weather.lookup(&city).await {
+                match lookup(city.clone()).await {
                     // A new Arc means the cache fetched a fresh reading.
                     Ok(r) if !Arc::ptr_eq(&r, &last) => {
                         // A reading is a few hundred bytes: never too large.
@@ -125,7 +130,7 @@ impl Feeds {
                     }
                 }
             }
-            me.feeds.lock().remove(&key);
+            feeds.lock().remove(&key);
             release(&app, &key).await;
         });
     }

@@ -19,7 +19,7 @@
 //! dead even if the socket looks alive (a failover, a proxy), and the
 //! subscriber reconnects. `gale_cluster_up` and `/healthz` follow.
 //!
-//! Commands every node runs ([`crate::control`]) go out on `P:ctl`, each
+//! Commands every node runs (`control`) go out on `P:ctl`, each
 //! `{"id", "cmd"}` behind the sender's node id; every other node runs it
 //! and answers `{"id", "answer"}` on the sender's `P:ctl:NODE`. The
 //! sender waits for as many answers as presence counts other nodes, or
