@@ -108,7 +108,7 @@ export async function startGale(upstreamUrl, port = 0, env = {}, config = HISTOR
     stdio: ['ignore', 'ignore', 'pipe'],
     env: {
       ...process.env,
-      RUST_LOG: 'warn,gale::server=info',
+      RUST_LOG: 'warn,gale_engine::server=info',
       GALE_WEATHER__BASE_URL: upstreamUrl,
       GALE_STORE__URL: `sqlite://${dir}/gale.db`,
       GALE_STORE__SPILL_DIR: `${dir}/spill`,
