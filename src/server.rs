@@ -3,8 +3,6 @@
 //! to, and the live page at `/`. Tests and the binary start it the same
 //! way ([`start`] on a bound listener; tests bind port 0).
 
-use std::sync::Arc;
-
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -67,11 +65,9 @@ pub async fn builder(config: Config) -> Result<Builder, ServerError> {
         .map_err(ServerError::application)?;
     gale_notes::install(builder.registry(), db);
     builder.routes(axum::Router::new().route("/", get(index)));
-    let writers = Arc::new(tokio::sync::Mutex::new(Some(writers)));
+    // Once every connection is closed: the rows of answered requests are
+    // written before the process exits.
     builder.on_shutdown(move |left| async move {
-        let Some(writers) = writers.lock().await.take() else {
-            return Ok(());
-        };
         match writers.drain(left).await {
             Ok(()) => {
                 tracing::info!("request log drained");
