@@ -41,6 +41,14 @@ use crate::router::Caller;
 use futures_util::future::BoxFuture;
 
 /// Who a push goes to.
+///
+/// ```
+/// use gale_engine::broadcast::Target;
+///
+/// let room = Target::Topic("room:lobby".into());
+/// let two = Target::Users(vec!["alice".into(), "bob".into()]);
+/// # let _ = (room, two, Target::Everyone);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// Every connection of each of these users.

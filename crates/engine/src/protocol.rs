@@ -246,7 +246,14 @@ impl Serialize for ErrorBody {
 }
 
 impl ErrorBody {
-    /// An error without a field.
+    /// An error without a field: what a handler returns to refuse.
+    ///
+    /// ```
+    /// use gale_engine::protocol::{ErrorBody, ErrorCode};
+    ///
+    /// let e = ErrorBody::new(ErrorCode::PermissionDenied, "join the room first");
+    /// assert_eq!(e.code.as_str(), "permission_denied");
+    /// ```
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ErrorBody {
             code,

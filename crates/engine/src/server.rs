@@ -140,7 +140,16 @@ pub struct App {
     pub tls: Option<crate::tls::Tls>,
 }
 
-/// Binds the configured listen address.
+/// Binds the configured listen address (with gale's listen backlog);
+/// port 0 lets the OS choose, as tests do.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), gale_engine::server::ServerError> {
+/// let listener = gale_engine::server::bind("127.0.0.1:0").await?;
+/// assert_ne!(listener.local_addr()?.port(), 0);
+/// # Ok(()) }
+/// ```
 ///
 /// # Errors
 /// [`ServerError::Bind`] naming `server.listen`.

@@ -90,7 +90,25 @@ pub struct Ctx {
     pub caller: Caller,
 }
 
-/// An event's policy.
+/// An event's policy: who may call it, how often, for how long, in which
+/// lane. `[events."NAME"]` in the configuration overrides any of it.
+///
+/// ```
+/// use std::time::Duration;
+/// use gale_engine::config::{Priority, Rate};
+/// use gale_engine::router::Policy;
+///
+/// // Admins only, once a minute each, 30 s to finish, behind the rest.
+/// let import = Policy {
+///     requires_auth: true,
+///     requires_role: Some("admin".into()),
+///     rate_limit: Some(Rate { count: 1, per: Duration::from_secs(60) }),
+///     timeout: Duration::from_secs(30),
+///     priority: Priority::Low,
+/// };
+/// assert!(Policy::default().rate_limit.is_none());
+/// # let _ = import;
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// Refuse anonymous callers (`unauthorized`).
@@ -143,7 +161,16 @@ impl<T: Payload> Payload for Option<T> {
     }
 }
 
-/// An `invalid_data` error for `field`.
+/// An `invalid_data` error for `field`: the client's reply names the
+/// field, `{"code": "invalid_data", "message": …, "field": "room"}`.
+///
+/// ```
+/// use gale_engine::protocol::ErrorCode;
+/// use gale_engine::router::invalid_field;
+///
+/// let e = invalid_field("room", "a room name is 1 to 64 bytes");
+/// assert_eq!((e.code, e.field.as_deref()), (ErrorCode::InvalidData, Some("room")));
+/// ```
 pub fn invalid_field(field: &str, message: impl Into<String>) -> ErrorBody {
     ErrorBody {
         field: Some(field.to_owned()),
