@@ -471,7 +471,11 @@ impl Builder {
     }
 
     /// Adds the application's own HTTP routes beside the engine's (`/ws`,
-    /// `/sse`, `/api/…`, `/metrics`, `/healthz`, …).
+    /// `/sse`, `/sse/{session}`, `/echo`, `/api/{method}`, `/metrics`,
+    /// `/metrics.json`, `/healthz`, `/gale-client.js`). The router keeps
+    /// its own state (`with_state` before passing it) and sets no
+    /// fallback: the engine answers unknown paths with 404. As axum's
+    /// `Router::merge`, starting panics on a path both define.
     pub fn routes(&mut self, routes: axum::Router) -> &mut Builder {
         self.routes = std::mem::take(&mut self.routes).merge(routes);
         self
