@@ -1,10 +1,10 @@
-//! One WebSocket connection: read city names, run their lookups
-//! concurrently, write the replies, ping when idle, and close with the
-//! right code.
+//! One WebSocket connection: read messages, answer plain text through the
+//! application's text handler concurrently, hand events to the router,
+//! write the replies, ping when idle, and close with the right code.
 //!
-//! A connection is one task. Its in-flight lookups live in a
-//! `FuturesUnordered` inside that task: no spawn per request, each lookup
-//! progresses independently (one slow city never delays another), and
+//! A connection is one task. Its plain-text answers in flight live in a
+//! `FuturesUnordered` inside that task: no spawn per message, each
+//! progresses independently (one slow answer never delays another), and
 //! their number is bounded by `server.max_inflight_per_connection`: at the
 //! bound the task stops reading, so TCP pushes back on the client instead
 //! of the server buffering without limit.
@@ -458,8 +458,9 @@ enum Write {
     Queued,
 }
 
-/// A text message from the client: a city starts a lookup, an event goes
-/// to the router, anything else is answered with an error.
+/// A text message from the client: plain text goes to the application's
+/// text handler, an event to the router, anything else is answered with
+/// an error.
 fn received(app: &Arc<App>, caller: &Caller, inflight: &mut Lookups, text: Utf8Bytes) -> Write {
     match classify(text.as_str()) {
         Incoming::Text(_) => match &app.text.handler {

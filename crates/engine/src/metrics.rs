@@ -808,7 +808,8 @@ impl Metrics {
 
     /// Registers an application's own metrics beside the engine's: `f`
     /// gets the registry `/metrics` exports (every name is prefixed
-    /// `gale_`). Register once, at start; keep the handles.
+    /// `gale_`), and what `f` returns comes back. Register once, at start;
+    /// keep the handles.
     ///
     /// ```
     /// use gale_engine::metrics::Metrics;
@@ -820,11 +821,11 @@ impl Metrics {
     /// sent.inc();
     /// assert!(metrics.encode_text().contains("gale_chat_messages_total 1"));
     /// ```
-    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+    pub fn register<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> T {
         f(&mut self
             .registry
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner));
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Adds an application's part to `/metrics.json` and `server.stats`

@@ -2,11 +2,12 @@
 //! text becomes a request. Pure functions and types only; the codec never
 //! touches server state.
 //!
-//! Two protocols share `/ws`. The seed's, kept exactly: each text message
-//! is a city name; replies are JSON objects with a `type` of `connected`,
-//! `weather` or `error`. And JSON events: a text message that is a JSON
-//! object `{"event":…,"data":…,"ref":…}` goes to the event router; a `ref`
-//! gets exactly one `{"reply":…,"ok":…}`. See `docs/protocol.md`.
+//! Two protocols share `/ws`. Plain text, which the application's text
+//! handler answers (the weather application: a city name, the seed's
+//! protocol), after a `{"type":"connected"}` greeting. And JSON events: a
+//! text message that is a JSON object `{"event":…,"data":…,"ref":…}` goes
+//! to the event router; a `ref` gets exactly one `{"reply":…,"ok":…}`. See
+//! `docs/protocol.md`.
 
 use serde::Serialize;
 use serde_json::Value;

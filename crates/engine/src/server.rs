@@ -34,6 +34,9 @@ use crate::metrics::Metrics;
 use crate::router::{Registry, Router};
 use crate::websocket::{Limits, Upgrade, UpgradeError, Utf8Bytes};
 
+/// An application's error, whatever its type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -69,7 +72,7 @@ pub enum ServerError {
     /// An application could not start, or its shutdown step failed
     /// (e.g. the request log lost rows): its own error, as it says it.
     #[error(transparent)]
-    Application(Box<dyn std::error::Error + Send + Sync>),
+    Application(BoxError),
 }
 
 impl ServerError {
@@ -238,10 +241,7 @@ impl std::fmt::Debug for Text {
 
 /// An application's step in the shutdown sequence, given how long it may
 /// take; it runs once every connection is closed.
-type Stop = Box<
-    dyn FnOnce(Duration) -> BoxFuture<'static, Result<(), Box<dyn std::error::Error + Send + Sync>>>
-        + Send,
->;
+type Stop = Box<dyn FnOnce(Duration) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
 
 /// Builds a server: the engine's configuration, then the application's
 /// events, text handler, routes and shutdown steps, then
@@ -493,10 +493,7 @@ impl Builder {
     {
         self.stops.push(Box::new(move |left| {
             let done = step(left);
-            Box::pin(async move {
-                done.await
-                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-            })
+            Box::pin(async move { done.await.map_err(|e| Box::new(e) as BoxError) })
         }));
         self
     }
@@ -870,7 +867,7 @@ async fn not_found() -> Response {
 /// What an upgraded connection serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// `/ws`: the weather and event protocols.
+    /// `/ws`: plain text (the application's text handler) and events.
     Protocol,
     /// `/echo`: every message sent back (baseline and conformance target).
     Echo,

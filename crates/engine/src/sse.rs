@@ -45,7 +45,7 @@ use crate::server::App;
 /// One open session.
 struct Session {
     caller: Caller,
-    /// Plain-text (city) lookups running for it.
+    /// Plain-text messages being answered for it.
     lookups: AtomicUsize,
     /// Ends its HTTP connection (a client that stopped reading).
     abort: Option<ConnAbort>,

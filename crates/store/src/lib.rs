@@ -1,4 +1,6 @@
-//! The request log: every weather request becomes one row in
+//! The database gale's applications write to (SQLite or PostgreSQL,
+//! migrated at start: [`Db`]), its notes tables ([`Note`]), and the
+//! request log: every weather request becomes one row in
 //! `weather_requests`, written off the reply path.
 //!
 //! Rows go through a bounded queue to a fixed set of writer tasks that

@@ -50,9 +50,7 @@ impl StoreMetrics {
     /// The request log's metrics, registered with the engine's (`/metrics`
     /// and `/metrics.json`).
     pub fn register(engine: &gale_engine::metrics::Metrics) -> Arc<StoreMetrics> {
-        let mut made = None;
-        engine.register(|r| made = Some(StoreMetrics::new_in(r)));
-        let made = Arc::new(made.unwrap_or_else(|| StoreMetrics::new_in(&mut Registry::default())));
+        let made = Arc::new(engine.register(StoreMetrics::new_in));
         engine.add_part(made.clone());
         made
     }

@@ -32,7 +32,7 @@ pub const GREETING: &str = "Send city name to get weather";
 /// log, its metrics and its live feeds.
 #[derive(Debug)]
 pub struct WeatherApp {
-    pub(crate) weather: Weather,
+    weather: Weather,
     log: RequestLog,
     metrics: Arc<WeatherMetrics>,
     feeds: Arc<Feeds>,

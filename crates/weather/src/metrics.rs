@@ -94,9 +94,7 @@ pub struct WeatherMetrics {
 impl WeatherMetrics {
     /// The weather service's metrics, registered with the engine's.
     pub fn register(engine: &gale_engine::metrics::Metrics) -> Arc<WeatherMetrics> {
-        let mut made = None;
-        engine.register(|r| made = Some(WeatherMetrics::new_in(r)));
-        Arc::new(made.unwrap_or_else(|| WeatherMetrics::new_in(&mut Registry::default())))
+        Arc::new(engine.register(WeatherMetrics::new_in))
     }
 
     fn new_in(r: &mut Registry) -> WeatherMetrics {
