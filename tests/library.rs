@@ -19,7 +19,6 @@ use gale_engine::metrics::Part;
 use gale_engine::router::{Ctx, HandlerResult, Policy};
 use gale_engine::server::{Builder, bind};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
 /// The application's own state, captured by its handlers.
@@ -44,21 +43,16 @@ async fn greet(counts: Arc<Counts>, ctx: Ctx, data: Value) -> HandlerResult {
     Ok(json!({ "hello": ctx.caller.user.as_deref(), "name": data["name"] }))
 }
 
+/// Connects with `x-api-key: key` when given, and checks the
+/// application's greeting.
 async fn connect(url: &str, key: Option<&str>) -> Client {
-    let mut req = url.into_client_request().expect("request");
-    if let Some(key) = key {
-        req.headers_mut()
-            .insert("x-api-key", key.parse().expect("header"));
-    }
-    let (ws, _) = tokio_tungstenite::connect_async(req)
+    let headers: Vec<(&'static str, String)> = key
+        .map(|k| ("x-api-key", k.to_owned()))
+        .into_iter()
+        .collect();
+    let (c, hello) = Client::connect_with_headers(url, &headers)
         .await
-        .expect("connect");
-    let mut c = Client {
-        ws,
-        client_id: String::new(),
-    };
-    let hello = c.recv_json().await;
-    assert_eq!(hello["type"], "connected", "{hello}");
+        .expect("connected");
     assert_eq!(hello["message"], "say something");
     c
 }
@@ -142,19 +136,8 @@ async fn an_application_on_the_public_api_alone() {
     assert!(ann.next_text().await.ends_with("said HI"));
 
     // A wrong key is refused at the handshake; no key is anonymous.
-    let refused = tokio_tungstenite::connect_async({
-        let mut req = url.as_str().into_client_request().expect("request");
-        req.headers_mut()
-            .insert("x-api-key", "wrong".parse().expect("header"));
-        req
-    })
-    .await;
-    match refused {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 403)
-        }
-        other => panic!("a refused handshake, got {other:?}"),
-    }
+    let refused = Client::connect_with_headers(&url, &[("x-api-key", "wrong".to_owned())]).await;
+    assert_eq!(refused.err(), Some(403));
     let mut anon = connect(&url, None).await;
     let r = anon.request("greet", Value::Null, "2").await;
     assert_eq!(r["data"]["hello"], Value::Null, "{r}");

@@ -163,29 +163,10 @@ impl TestServer {
         query: &str,
         headers: &[(&'static str, String)],
     ) -> Result<Client, u16> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        use tokio_tungstenite::tungstenite::http::HeaderValue;
-        let mut req = format!("{}{query}", self.ws_url())
-            .into_client_request()
-            .expect("request");
-        for (k, v) in headers {
-            req.headers_mut()
-                .insert(*k, HeaderValue::from_str(v).expect("header"));
-        }
-        match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => {
-                let mut c = Client {
-                    ws,
-                    client_id: String::new(),
-                };
-                let hello = c.recv_json().await;
-                assert_eq!(hello["type"], "connected", "{hello}");
-                c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
-                Ok(c)
-            }
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-            Err(e) => panic!("unexpected handshake error: {e}"),
-        }
+        let url = format!("{}{query}", self.ws_url());
+        Client::connect_with_headers(&url, headers)
+            .await
+            .map(|(c, _)| c)
     }
 
     /// An HTTP GET (over TLS when the server serves TLS): (status, body).
@@ -337,6 +318,36 @@ impl Client {
         Client {
             ws,
             client_id: String::new(),
+        }
+    }
+
+    /// Connects to `url` with extra handshake headers and reads the
+    /// greeting, returned beside the client; `Err` is the HTTP status of
+    /// a refused handshake.
+    pub async fn connect_with_headers(
+        url: &str,
+        headers: &[(&'static str, String)],
+    ) -> Result<(Client, Value), u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::HeaderValue;
+        let mut req = url.into_client_request().expect("request");
+        for (k, v) in headers {
+            req.headers_mut()
+                .insert(*k, HeaderValue::from_str(v).expect("header"));
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => {
+                let mut c = Client {
+                    ws,
+                    client_id: String::new(),
+                };
+                let hello = c.recv_json().await;
+                assert_eq!(hello["type"], "connected", "{hello}");
+                c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
+                Ok((c, hello))
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("unexpected handshake error: {e}"),
         }
     }
 
