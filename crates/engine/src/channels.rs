@@ -125,6 +125,14 @@ pub(crate) fn limited_to(topic: &str) -> Option<impl Iterator<Item = &str>> {
     Some(users.split(',').filter(|u| !u.is_empty()))
 }
 
+/// The refusal of a user-limited topic (`dm:#alice,bob`) to whoever its
+/// name does not list; `None` for a listed user or an unlimited name.
+fn unlisted(topic: &str, who: Asker<'_>) -> Option<Decision> {
+    let mut users = limited_to(topic)?;
+    (!who.user.is_some_and(|u| users.any(|l| l == u)))
+        .then(|| denied(format!("{topic} is limited to the users its name lists")))
+}
+
 /// Who asks, as the rules see them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Asker<'a> {
@@ -176,10 +184,8 @@ fn missing_role(channel: &Channel, topic: &str, who: Asker<'_>) -> Option<Decisi
 pub(crate) fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
     // The name only narrows who may: the block's mode and roles still
     // apply to the users it lists (a closed topic stays closed).
-    if let Some(mut users) = limited_to(topic)
-        && !who.user.is_some_and(|u| users.any(|l| l == u))
-    {
-        return denied(format!("{topic} is limited to the users its name lists"));
+    if let Some(d) = unlisted(topic, who) {
+        return d;
     }
     if let Some(d) = missing_role(channel, topic, who) {
         return d;
@@ -202,11 +208,10 @@ pub(crate) fn may_subscribe(channel: &Channel, topic: &str, who: Asker<'_>) -> D
 pub(crate) fn may_publish(channel: &Channel, topic: &str, who: Asker<'_>) -> Decision {
     // A user-limited topic takes publications from its users only,
     // unless the backend decides (an inbox anyone may knock on, say).
-    if let Some(mut users) = limited_to(topic)
-        && channel.publish != PublishMode::Proxy
-        && !who.user.is_some_and(|u| users.any(|l| l == u))
+    if channel.publish != PublishMode::Proxy
+        && let Some(d) = unlisted(topic, who)
     {
-        return denied(format!("{topic} is limited to the users its name lists"));
+        return d;
     }
     if let Some(d) = missing_role(channel, topic, who) {
         return d;
