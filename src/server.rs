@@ -39,6 +39,45 @@ pub async fn run(
     start(listener, config, shutdown).await?.wait().await
 }
 
+/// Where the server takes its clients from.
+#[derive(Debug)]
+pub enum Door {
+    /// A listener bound here.
+    Bound(TcpListener),
+    /// What a takeover handed over: the old process's listener and its
+    /// live connections.
+    TakenOver(gale_engine::handoff::Inherited),
+}
+
+/// As [`run`], on a bound listener or on what a takeover handed over.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_on(
+    door: Door,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    if let (Door::TakenOver(from), false) = (&door, config.store.spill_dir.is_empty()) {
+        // The old process lets go of the request log's spill directory as
+        // it exits, moments after handing over; the connections handed
+        // over wait (open, not read) until this process serves them.
+        let dir = std::path::Path::new(&config.store.spill_dir);
+        if !gale_store::spill::wait_until_free(dir, config.server.shutdown_grace()).await {
+            tracing::warn!(
+                pid = from.pid,
+                "the old process still holds store.spill_dir; starting anyway"
+            );
+        }
+    }
+    let builder = builder(config).await?;
+    let running = match door {
+        Door::Bound(listener) => builder.start(listener, shutdown).await?,
+        Door::TakenOver(inherited) => builder.start_taken_over(inherited, shutdown).await?,
+    };
+    running.wait().await
+}
+
 /// The engine with the shipped applications installed, ready to start.
 ///
 /// # Errors

@@ -37,8 +37,14 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Listen address, overriding server.listen.
-        #[arg(long, value_name = "HOST:PORT")]
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "takeover")]
         listen: Option<String>,
+        /// Take over from the gale running with the same
+        /// server.handoff_socket: its listening socket and every live
+        /// WebSocket connection move to this process without a reconnect,
+        /// and it exits (docs/operations.md).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Talk to a WebSocket server: interactive, or once with --send.
     Client {
@@ -167,7 +173,11 @@ fn init_tracing(default_level: &str) {
 
 async fn run(command: Command) -> ExitCode {
     match command {
-        Command::Serve { config, listen } => serve(config, listen).await,
+        Command::Serve {
+            config,
+            listen,
+            takeover,
+        } => serve(config, listen, takeover).await,
         Command::Client {
             url,
             send,
@@ -324,7 +334,7 @@ fn parse_duration(text: &str) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
-async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+async fn serve(file: Option<PathBuf>, listen: Option<String>, takeover: bool) -> ExitCode {
     let (mut config, file) = match load_config(file) {
         Ok(c) => c,
         Err(code) => return code,
@@ -333,11 +343,21 @@ async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    let listener = match crate::server::bind(&config.server.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("gale: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+    let door = if takeover {
+        match gale_engine::handoff::take_over(&config).await {
+            Ok(inherited) => crate::server::Door::TakenOver(inherited),
+            Err(e) => {
+                eprintln!("gale: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        match crate::server::bind(&config.server.listen).await {
+            Ok(l) => crate::server::Door::Bound(l),
+            Err(e) => {
+                eprintln!("gale: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
         }
     };
     // Said once the server is sure to start: a refusal stays one line.
@@ -353,7 +373,7 @@ async fn serve(file: Option<PathBuf>, listen: Option<String>) -> ExitCode {
     }
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
-    match crate::server::run(listener, config, shutdown).await {
+    match crate::server::run_on(door, config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ crate::server::ServerError::Config(_)) => {
             eprintln!("gale: {e}");

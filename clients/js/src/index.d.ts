@@ -79,6 +79,9 @@ export interface Presence {
 export interface StateInfo {
   /** When reconnecting: the wait before the next attempt. */
   delayMs?: number;
+  /** True when `delayMs` is the wait a draining server suggested (close
+   * code 1012 with reason `{"reconnect_ms": N}`), not the backoff's. */
+  suggested?: boolean;
   /** When connecting or open: the transport in use. */
   transport?: TransportName;
   /** True when a transport failed to open and the next is tried. */
@@ -102,7 +105,8 @@ export interface GaleOptions {
   reconnect?: boolean;
   /** First reconnect delay (500). */
   minDelayMs?: number;
-  /** Largest reconnect delay (30,000). */
+  /** Largest reconnect delay (30,000); also caps a draining server's
+   * suggested delay. */
   maxDelayMs?: number;
   /** A WebSocket class, where the platform has none. */
   WebSocket?: typeof WebSocket;

@@ -6,7 +6,8 @@
  * meanwhile (topics with history), subscription tokens fetched again for
  * every resubscribe, publishing, presence, join/leave notices, calls
  * answered by the application's backend (rpc), automatic reconnection with
- * exponential backoff and jitter, a bounded queue while disconnected, and
+ * exponential backoff and jitter (or after the delay a draining server
+ * suggests), a bounded queue while disconnected, and
  * a fallback to Server-Sent Events + POST when a WebSocket cannot be
  * opened. No dependencies: it uses the platform's WebSocket (browsers;
  * Node 22+, or Node 20 with --experimental-websocket) unless one is
@@ -190,6 +191,32 @@ const NO_WEBSOCKET = `no WebSocket in this runtime (${NO_WEBSOCKET_FIX}); using 
 /** The warning is printed once per process, however many clients. */
 let warnedNoWebSocket = false;
 
+/** The close code of a server that goes away on purpose (a draining node). */
+const SERVICE_RESTART = 1012;
+
+/**
+ * The reconnect delay a draining server suggests in its close: code 1012
+ * with a JSON reason `{"reconnect_ms": N}`, N a finite number >= 0 (each
+ * connection is told its own, drawn at random, so that they do not all
+ * come back at once); capped at `maxMs`. null for any other close, and
+ * for a reason that is not such JSON (the backoff applies then).
+ * @param {number} code
+ * @param {unknown} reason
+ * @param {number} maxMs
+ * @returns {number | null}
+ */
+function suggestedDelay(code, reason, maxMs) {
+  if (code !== SERVICE_RESTART || typeof reason !== 'string') return null;
+  let ms;
+  try {
+    ms = JSON.parse(reason)?.reconnect_ms;
+  } catch {
+    return null;
+  }
+  if (typeof ms !== 'number' || !Number.isFinite(ms) || ms < 0) return null;
+  return Math.max(0, Math.min(ms, maxMs));
+}
+
 /** Connection states, as reported to `onState`. */
 export const State = Object.freeze({
   CONNECTING: 'connecting',
@@ -200,6 +227,12 @@ export const State = Object.freeze({
 
 export class GaleClient {
   /**
+   * A reconnect a draining server asked for is under way: `attempt` is
+   * back at 0, yet the next open is a reconnect, not a first connect.
+   */
+  #resuming = false;
+
+  /**
    * @param {string} url ws:// or wss:// URL of gale's /ws
    * @param {object} [options]
    * @param {string} [options.token] a JWT, sent as ?token=… (browsers
@@ -209,7 +242,8 @@ export class GaleClient {
    *   past this a request fails at once with code "queue_full"
    * @param {boolean} [options.reconnect] reconnect after a drop (default true)
    * @param {number} [options.minDelayMs] first reconnect delay
-   * @param {number} [options.maxDelayMs] largest reconnect delay
+   * @param {number} [options.maxDelayMs] largest reconnect delay, a
+   *   draining server's suggestion included (see `onState`)
    * @param {typeof WebSocket} [options.WebSocket] a WebSocket class to use
    * @param {string[]} [options.transports] in the order tried:
    *   "websocket", "sse" (default both; the first that opens is kept)
@@ -373,6 +407,14 @@ export class GaleClient {
    * `info` has `delayMs` when reconnecting, `code` and `reason` when closed,
    * `transport` when connecting or open, and `warning` when the client
    * works other than asked (no WebSocket in this runtime: SSE only).
+   *
+   * A draining server (a node going away) closes with code 1012 and a
+   * reason `{"reconnect_ms": N}`: the client then waits N ms (at most
+   * `maxDelayMs`) instead of its backoff, which starts again from
+   * `minDelayMs` afterwards, and reports `reconnecting` with `{delayMs: N,
+   * suggested: true, code: 1012, reason}`. A 1012 whose reason is not
+   * such JSON gets the usual backoff. Subscriptions are renewed from their
+   * last position on the node the client lands on, as after any drop.
    * @param {(state: string, info?: any) => void} handler
    * @returns {() => void}
    */
@@ -678,7 +720,8 @@ export class GaleClient {
   #open() {
     const transport = this.transports[this.tryIndex % this.transports.length];
     this.transport = transport;
-    this.#setState(this.attempt === 0 ? State.CONNECTING : State.RECONNECTING, { delayMs: 0, transport });
+    const first = this.attempt === 0 && !this.#resuming;
+    this.#setState(first ? State.CONNECTING : State.RECONNECTING, { delayMs: 0, transport });
     let ws;
     try {
       ws = transport === 'sse' ? new SseTransport(this.sseUrl) : new this.WebSocket(this.url);
@@ -691,6 +734,7 @@ export class GaleClient {
     ws.onopen = () => {
       opened = true;
       this.attempt = 0;
+      this.#resuming = false;
       // Token functions are asked first, while requests still queue, so
       // that the subscriptions are renewed before anything else is sent.
       const tokens = new Map();
@@ -823,6 +867,17 @@ export class GaleClient {
       this.#setState(State.CLOSED, { code, reason });
       return;
     }
+    // A draining server suggests when to come back (each of its clients
+    // told its own delay, so that they return spread out): that wait
+    // instead of the backoff, which then starts again from the bottom.
+    const suggested = suggestedDelay(code, reason, this.options.maxDelayMs);
+    if (suggested !== null) {
+      this.attempt = 0;
+      this.#resuming = true;
+      this.#setState(State.RECONNECTING, { delayMs: suggested, code, reason, suggested: true });
+      this.reconnectTimer = setTimeout(() => this.#open(), suggested);
+      return;
+    }
     const delayMs = this.backoff(this.attempt++);
     this.#setState(State.RECONNECTING, { delayMs, code, reason });
     this.reconnectTimer = setTimeout(() => this.#open(), delayMs);
@@ -831,7 +886,8 @@ export class GaleClient {
   /**
    * The delay before reconnect attempt `n` (0-based): exponential from
    * `minDelayMs`, capped at `maxDelayMs`, with "full jitter" so that many
-   * clients dropped together do not return together.
+   * clients dropped together do not return together. (Not used after a
+   * draining server's close that suggests a delay: see `onState`.)
    * @param {number} n
    */
   backoff(n) {

@@ -38,6 +38,12 @@ pub enum Refused {
     /// try again after the duration.
     #[error("too many handshakes from this address (server.handshake_rate_per_ip = {0}/s)")]
     Rate(u32, Duration),
+    /// The whole node took `handshake_rate` handshakes this second; try
+    /// again after the duration (jittered by the size of the wave).
+    #[error(
+        "this node is taking handshakes at its limit (server.handshake_rate = {0}/s): retry later"
+    )]
+    Node(u32, Duration),
 }
 
 /// The per-address limits and what they count.
@@ -46,7 +52,37 @@ pub struct Admission {
     rate: Option<Rate>,
     open: Mutex<Open>,
     handshakes: moka::sync::Cache<IpAddr, Arc<Bucket>>,
+    /// `server.handshake_rate`: the node's own allowance.
+    node: Option<Node>,
     metrics: Arc<Metrics>,
+}
+
+/// The node-wide handshake rate, and the wave it is refusing: how many
+/// handshakes it refused this second sizes how far their retries are
+/// spread.
+#[derive(Debug)]
+struct Node {
+    rate: u32,
+    bucket: Bucket,
+    /// (the second, refusals in it).
+    refused: Mutex<(u64, u64)>,
+}
+
+impl Node {
+    /// The wait to suggest to one more refused handshake: at least a
+    /// second, spread uniformly over the seconds the refused wave needs
+    /// at `rate`, so the wave comes back as a trickle, not a second wave.
+    fn retry_after(&self) -> Duration {
+        let now = crate::connection::unix_now();
+        let mut r = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if r.0 != now {
+            *r = (now, 0);
+        }
+        r.1 += 1;
+        let spread = r.1 / u64::from(self.rate.max(1));
+        let jitter = uuid::Uuid::new_v4().as_u64_pair().0 % (spread + 1);
+        Duration::from_secs(1 + jitter)
+    }
 }
 
 impl std::fmt::Debug for Admission {
@@ -126,6 +162,14 @@ impl Admission {
                 .max_capacity(MAX_TRACKED)
                 .time_to_idle(Duration::from_secs(60))
                 .build(),
+            node: (s.handshake_rate > 0).then(|| Node {
+                rate: s.handshake_rate,
+                bucket: Bucket::new(Rate {
+                    count: s.handshake_rate,
+                    per: Duration::from_secs(1),
+                }),
+                refused: Mutex::new((0, 0)),
+            }),
             metrics,
         }
     }
@@ -187,7 +231,8 @@ impl Admission {
     /// counts it).
     ///
     /// # Errors
-    /// [`Refused::Rate`] past `handshake_rate_per_ip`.
+    /// [`Refused::Rate`] past `handshake_rate_per_ip`, [`Refused::Node`]
+    /// past `handshake_rate`.
     pub fn handshake(&self, ip: IpAddr) -> Result<(), Refused> {
         if let Some(rate) = self.rate {
             let bucket = self.handshakes.get_with(ip, || Arc::new(Bucket::new(rate)));
@@ -195,6 +240,12 @@ impl Admission {
                 self.metrics.handshake_refused(Refusal::HandshakeRate).inc();
                 return Err(Refused::Rate(rate.count, wait));
             }
+        }
+        if let Some(node) = &self.node
+            && node.bucket.take().is_err()
+        {
+            self.metrics.handshake_refused(Refusal::NodeRate).inc();
+            return Err(Refused::Node(node.rate, node.retry_after()));
         }
         Ok(())
     }

@@ -389,6 +389,16 @@ impl Hub {
 
     /// Registers a connection.
     pub fn join(&self, caller: &Caller) {
+        self.register(caller, true);
+    }
+
+    /// Registers a connection handed over by the previous process: it
+    /// did not open, so no `Opened` or `UserOnline` is told.
+    pub(crate) fn join_resumed(&self, caller: &Caller) {
+        self.register(caller, false);
+    }
+
+    fn register(&self, caller: &Caller, tell: bool) {
         let first = {
             let mut st = self.lock();
             st.conns.insert(
@@ -416,6 +426,9 @@ impl Hub {
             self.metrics.users.set(st.users.len() as i64);
             first
         };
+        if !tell {
+            return;
+        }
         self.emit(SystemEvent::Opened {
             conn_id: caller.conn_id,
             user: caller.user.clone(),
@@ -565,6 +578,79 @@ impl Hub {
         st.topics.entry(key).or_default().insert(conn_id);
         self.metrics.topics.set(st.topics.len() as i64);
         Ok(Some(who))
+    }
+
+    /// Subscribes a connection handed over by the previous process to
+    /// a topic it held there, keeping whether the topic announces joins
+    /// and leaves, without announcing a join (it never left).
+    ///
+    /// # Errors
+    /// [`HubError`] past this node's limits.
+    pub(crate) fn resubscribe(
+        &self,
+        conn_id: Uuid,
+        topic: &str,
+        announced: bool,
+    ) -> Result<(), HubError> {
+        self.add(conn_id, topic, announced).map(drop)
+    }
+
+    /// A connection's topics, each with whether it announces joins and
+    /// leaves.
+    pub(crate) fn subscriptions(&self, conn_id: Uuid) -> Vec<(String, bool)> {
+        let st = self.lock();
+        st.conns.get(&conn_id).map_or_else(Vec::new, |m| {
+            m.topics
+                .iter()
+                .map(|t| (t.to_string(), st.announced.contains(t)))
+                .collect()
+        })
+    }
+
+    /// Every connection's outbox (WebSocket and SSE).
+    pub(crate) fn outboxes(&self) -> Vec<Arc<Outbox>> {
+        let mut out = Vec::new();
+        self.lock().recipients(&Target::Everyone, &mut out);
+        out
+    }
+
+    /// Forgets a connection handed to another process: no leave is
+    /// announced and no `Closed` told (it did not close).
+    pub(crate) fn forget(&self, conn_id: Uuid) {
+        let mut st = self.lock();
+        let Some(member) = st.conns.remove(&conn_id) else {
+            return;
+        };
+        for topic in &member.topics {
+            if let Some(ids) = st.topics.get_mut(topic) {
+                ids.remove(&conn_id);
+                if ids.is_empty() {
+                    st.topics.remove(topic);
+                    st.topic_gone(topic);
+                }
+            }
+        }
+        if let Some(u) = &member.user
+            && let Some(ids) = st.users.get_mut(u)
+        {
+            ids.retain(|id| *id != conn_id);
+            if ids.is_empty() {
+                st.users.remove(u);
+            }
+        }
+        self.metrics.users.set(st.users.len() as i64);
+        self.metrics.topics.set(st.topics.len() as i64);
+    }
+
+    /// Whether topic history lives in the backplane (cluster mode), not
+    /// in this process.
+    pub(crate) fn shares_history(&self) -> bool {
+        self.backplane.shares_history()
+    }
+
+    /// The in-memory history (single node), for a takeover.
+    pub(crate) fn memory(&self) -> &Memory {
+        &self.memory
     }
 
     /// Tells `topic`'s subscribers, here and on every node, that

@@ -629,8 +629,30 @@ pub struct ServerConfig {
     /// second's worth may come at once); past it the handshake is
     /// answered 429 with `Retry-After`. 0: no limit.
     pub handshake_rate_per_ip: u32,
+    /// WebSocket and SSE handshakes the whole node accepts per second (a
+    /// second's worth may come at once); past it a handshake is answered
+    /// 503 with a jittered `Retry-After`, so a reconnect wave (another
+    /// node draining into this one) is spread out instead of accepted
+    /// into overload. 0: no limit.
+    pub handshake_rate: u32,
     /// How long shutdown waits for in-flight work before giving up.
     pub shutdown_grace_ms: u64,
+    /// On shutdown, close the connections spread evenly over this many
+    /// seconds (close code 1012, with a suggested reconnect delay), with
+    /// `/healthz` answering 503 `draining` from the first moment, so
+    /// clients come back gradually to the nodes that stay. 0: close them
+    /// all at once (1001).
+    pub drain_s: u64,
+    /// The largest reconnect delay a drain suggests: each connection's
+    /// close reason carries `{"reconnect_ms":N}`, N drawn uniformly from
+    /// 0 to this.
+    pub drain_reconnect_ms: u64,
+    /// A Unix socket path on which this server listens for a takeover:
+    /// `gale serve --takeover` started with the same setting connects
+    /// here and is handed the listening socket and every live WebSocket
+    /// connection, which carry on without a reconnect. Only the same user
+    /// (or root) may connect. Empty (the default): no takeover.
+    pub handoff_socket: String,
     /// How long a client has to send a request head (from the accept, or
     /// from the previous response on a kept-alive connection), a request
     /// body, and to complete a WebSocket upgrade; past it the socket is
@@ -700,7 +722,11 @@ impl Default for ServerConfig {
             max_connections: 50_000,
             max_connections_per_ip: 30_000,
             handshake_rate_per_ip: 10_000,
+            handshake_rate: 0,
             shutdown_grace_ms: 30_000,
+            drain_s: 0,
+            drain_reconnect_ms: 5_000,
+            handoff_socket: String::new(),
             handshake_timeout_ms: 10_000,
             tls_cert: None,
             tls_key: None,
@@ -1081,6 +1107,13 @@ impl Config {
                 10_000_000,
             ),
             ("server.shutdown_grace_ms", s.shutdown_grace_ms, 0, HOUR_MS),
+            ("server.drain_s", s.drain_s, 0, DAY_S),
+            (
+                "server.drain_reconnect_ms",
+                s.drain_reconnect_ms,
+                0,
+                HOUR_MS,
+            ),
             (
                 "server.handshake_timeout_ms",
                 s.handshake_timeout_ms,

@@ -50,6 +50,8 @@ enum End {
     /// The application (or the server API) ended it: close with this code
     /// and reason.
     Ended(u16, String),
+    /// A takeover: hand the connection to the new process.
+    Handoff,
 }
 
 /// Counts an open connection in the gauges for as long as it lives.
@@ -57,8 +59,14 @@ pub(crate) struct Counted(Arc<crate::metrics::Metrics>);
 
 impl Counted {
     pub(crate) fn open(app: &App) -> Counted {
-        app.metrics.connections.inc();
         app.metrics.connections_total.inc();
+        Counted::resumed(app)
+    }
+
+    /// A connection taken over from the previous process: open now, not
+    /// opened now.
+    pub(crate) fn resumed(app: &App) -> Counted {
+        app.metrics.connections.inc();
         Counted(app.metrics.clone())
     }
 }
@@ -72,7 +80,7 @@ impl Drop for Counted {
 /// Serves one upgraded connection until it ends.
 pub(crate) async fn serve(
     app: Arc<App>,
-    mut socket: Box<Socket>,
+    socket: Box<Socket>,
     client_id: Uuid,
     who: Identity,
     address: std::net::IpAddr,
@@ -81,8 +89,48 @@ pub(crate) async fn serve(
     tracing::debug!(%client_id, user = ?who.user, "connected");
 
     let caller = opened(&app, client_id, address, who);
-    let (end, mut inflight) = read_loop(&app, &caller, &mut socket).await;
+    run(app, socket, caller, true).await;
+}
+
+/// Serves a connection taken over from the previous process, from where
+/// it was: joined already, no greeting (it had one).
+pub(crate) async fn resume(app: Arc<App>, socket: Box<Socket>, caller: Caller) {
+    let _counted = Counted::resumed(&app);
+    tracing::debug!(client_id = %caller.conn_id, "taken over");
+    run(app, socket, caller, false).await;
+}
+
+async fn run(app: Arc<App>, mut socket: Box<Socket>, caller: Caller, greet: bool) {
+    let client_id = caller.conn_id;
+    // Plain-TCP connections take part in a takeover from the start (a
+    // connection that opens while one is under way is handed over too).
+    let handing = app
+        .handoff
+        .as_ref()
+        .filter(|_| socket.is_plain())
+        .map(|h| h.join());
+    let (end, mut inflight) = read_loop(&app, &caller, &mut socket, greet, handing.is_some()).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
+    if let (End::Handoff, Some(handing)) = (&end, handing) {
+        match crate::handoff::hand(&app, socket, &caller, inflight.drain(), handing).await {
+            Ok(()) => {
+                // Moved, not closed: no leave, no disconnect hook.
+                app.hub.forget(client_id);
+                app.router.connection_closed(client_id);
+                caller.outbox.close();
+                return;
+            }
+            Err(back) => {
+                // It could not move: it goes as a drain would close it.
+                socket = back;
+                let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
+                let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
+                close(&mut socket, crate::drain::SERVICE_RESTART, &reason).await;
+                finish(&app, &caller, Lookups::default()).await;
+                return;
+            }
+        }
+    }
 
     if let End::Shutdown = end {
         // Answer what was asked and flush what was queued (the router has
@@ -93,6 +141,12 @@ pub(crate) async fn serve(
         let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
     }
     close_for(&app, &mut socket, &end).await;
+    finish(&app, &caller, inflight).await;
+}
+
+/// A closed connection's goodbye: out of the hub, the application told.
+async fn finish(app: &App, caller: &Caller, mut inflight: Lookups) {
+    let client_id = caller.conn_id;
     app.hub.leave(client_id);
     app.hooks.disconnected(caller.who());
     app.router.connection_closed(client_id);
@@ -217,7 +271,7 @@ async fn close_for(app: &App, socket: &mut Socket, end: &End) {
         End::ClientClosed => {
             let _ = write_all(socket).await;
         }
-        End::Gone | End::Dead => {}
+        End::Gone | End::Dead | End::Handoff => {}
     }
 }
 
@@ -267,7 +321,7 @@ type Lookup = std::pin::Pin<Box<dyn Future<Output = String> + Send>>;
 /// while a lookup does: a `FuturesUnordered` allocates about 200 bytes
 /// (its ready queue and stub task) that an idle connection need not pay.
 #[derive(Default)]
-struct Lookups(Option<FuturesUnordered<Lookup>>);
+pub(crate) struct Lookups(Option<FuturesUnordered<Lookup>>);
 
 impl Lookups {
     fn len(&self) -> usize {
@@ -284,8 +338,13 @@ impl Lookups {
             .push(lookup);
     }
 
+    /// Every lookup in flight, taken out (a takeover finishes them).
+    fn drain(&mut self) -> Lookups {
+        Lookups(self.0.take())
+    }
+
     /// The next reply; `None` when no lookup is in flight.
-    async fn next(&mut self) -> Option<String> {
+    pub(crate) async fn next(&mut self) -> Option<String> {
         let set = self.0.as_mut()?;
         let reply = set.next().await;
         if set.is_empty() {
@@ -302,7 +361,13 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut Socket) -> (End, Lookups) {
+async fn read_loop(
+    app: &Arc<App>,
+    caller: &Caller,
+    socket: &mut Socket,
+    greet: bool,
+    handing: bool,
+) -> (End, Lookups) {
     let s = &app.config.server;
     let max_inflight = s.max_inflight_per_connection;
     let ping_every = Duration::from_secs(s.ping_interval_s);
@@ -315,18 +380,29 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut Socket) -> (End
     let mut inflight = Lookups::default();
     let mut outgoing = Vec::new();
 
-    let hello = ServerMessage::Connected {
-        message: &app.text.greeting,
-        client_id,
-    }
-    .to_json();
-    if !send(app, socket, hello).await {
+    if greet {
+        let hello = ServerMessage::Connected {
+            message: &app.text.greeting,
+            client_id,
+        }
+        .to_json();
+        if !send(app, socket, hello).await {
+            return (End::Gone, inflight);
+        }
+    } else if !flushed(socket).await {
+        // Taken over: what the previous process had queued goes first.
         return (End::Gone, inflight);
     }
     // Created once, not per pass through the loop: both register with a
     // shared notifier when first polled, which costs a lock each time.
     let closing = app.closing.cancelled();
     tokio::pin!(closing);
+    // A takeover wakes every outbox once it starts: checked there, at no
+    // cost in the task's size.
+    let handing_off = || handing && app.handoff.as_ref().is_some_and(|h| h.is_started());
+    if handing_off() {
+        return (End::Handoff, inflight);
+    }
     let ready = caller.outbox.ready();
     tokio::pin!(ready);
     let end = loop {
@@ -345,6 +421,9 @@ async fn read_loop(app: &Arc<App>, caller: &Caller, socket: &mut Socket) -> (End
             () = &mut closing => break End::Shutdown,
             Some(reply) = inflight.next(), if !inflight.is_empty() => Write::Text(reply),
             () = &mut ready => {
+                if handing_off() {
+                    break End::Handoff;
+                }
                 ready.set(caller.outbox.ready());
                 Write::Outbox
             }

@@ -182,6 +182,30 @@ struct Entry {
     text: Prepared,
 }
 
+/// Every in-memory stream, as a takeover carries it to the new process.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Snapshot {
+    instance: u64,
+    losses: u64,
+    streams: Vec<SnapshotStream>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SnapshotStream {
+    topic: String,
+    epoch: String,
+    top: u64,
+    idle_ms: u64,
+    entries: Vec<SnapshotEntry>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SnapshotEntry {
+    offset: u64,
+    age_ms: u64,
+    text: String,
+}
+
 /// What an entry costs beyond its text.
 const ENTRY_OVERHEAD: usize = 64;
 
@@ -259,8 +283,9 @@ pub struct Memory {
     max_streams: usize,
     meta_ttl: Duration,
     metrics: Arc<Metrics>,
-    /// This process, in epochs: random, so a restart changes them all.
-    instance: u64,
+    /// This process, in epochs: random, so a restart changes them all
+    /// (a takeover carries it over: the streams go on).
+    instance: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Memory {
@@ -278,7 +303,7 @@ impl Memory {
             max_streams: cfg.max_streams.max(1),
             meta_ttl: Duration::from_secs(cfg.meta_ttl_s),
             metrics,
-            instance: rand_u64(),
+            instance: std::sync::atomic::AtomicU64::new(rand_u64()),
         }
     }
 
@@ -287,7 +312,8 @@ impl Memory {
     fn epoch_for(&self, topic: &str, losses: u64) -> Arc<str> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (self.instance, losses, topic).hash(&mut h);
+        let instance = self.instance.load(std::sync::atomic::Ordering::Relaxed);
+        (instance, losses, topic).hash(&mut h);
         Arc::from(format!("{:08x}", h.finish() as u32))
     }
 
@@ -442,6 +468,66 @@ impl Memory {
     fn gauges(&self, st: &Streams) {
         self.metrics.history_streams.set(st.map.len() as i64);
         self.metrics.history_bytes.set(st.bytes as i64);
+    }
+
+    /// Every stream as it is now, for a takeover: the new process goes
+    /// on from the same positions and epochs.
+    pub(crate) fn export(&self) -> Snapshot {
+        let now = Instant::now();
+        let st = self.lock();
+        Snapshot {
+            instance: self.instance.load(std::sync::atomic::Ordering::Relaxed),
+            losses: st.losses,
+            streams: st
+                .map
+                .iter()
+                .map(|(topic, s)| SnapshotStream {
+                    topic: topic.to_string(),
+                    epoch: s.epoch.to_string(),
+                    top: s.top,
+                    idle_ms: now.duration_since(s.last_publish).as_millis() as u64,
+                    entries: s
+                        .entries
+                        .iter()
+                        .map(|e| SnapshotEntry {
+                            offset: e.offset,
+                            age_ms: now.duration_since(e.at).as_millis() as u64,
+                            text: e.text.as_str().to_owned(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Replaces every stream with the previous process's (see
+    /// [`Memory::export`]); this node's own bounds apply from the next
+    /// publication on.
+    pub(crate) fn import(&self, snap: Snapshot) {
+        let now = Instant::now();
+        let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+        let mut st = self.lock();
+        self.instance
+            .store(snap.instance, std::sync::atomic::Ordering::Relaxed);
+        st.losses = snap.losses;
+        st.map.clear();
+        st.bytes = 0;
+        for s in snap.streams {
+            let mut stream = Stream::new(Arc::from(s.epoch), ago(s.idle_ms));
+            stream.top = s.top;
+            for e in s.entries {
+                let text = Prepared::from(e.text);
+                stream.bytes += entry_bytes(&text);
+                stream.entries.push_back(Entry {
+                    offset: e.offset,
+                    at: ago(e.age_ms),
+                    text,
+                });
+            }
+            st.bytes += stream.bytes;
+            st.map.insert(Arc::from(s.topic), stream);
+        }
+        self.gauges(&st);
     }
 
     /// Topics with a stream now.

@@ -63,6 +63,10 @@ use crate::transport::Stream;
 /// this many they are closed without one.
 const MAX_REFUSING: usize = 256;
 
+/// How long a connection accepted just before the door closed has to
+/// send its request.
+const LAST_REQUEST: Duration = Duration::from_secs(1);
+
 /// The listen backlog asked of the kernel (which caps it at
 /// `net.core.somaxconn`, 4096 here). tokio's `TcpListener::bind` asks for
 /// 128: a burst of connects past it (9,000 users arriving within a
@@ -110,17 +114,18 @@ pub(crate) struct Front {
     pub(crate) proxies: Arc<[Cidr]>,
 }
 
-/// Accepts connections until `shutdown`, serving each on a task in
-/// `conns`; at shutdown, each connection finishes the request it is
-/// serving and closes (upgraded WebSockets are not its concern).
+/// Accepts connections until `stop` (a draining server accepts on, so
+/// `/healthz` can say it drains), serving each on a task in `conns`; at
+/// `stop`, each connection finishes the request it is serving and closes
+/// (upgraded WebSockets are not its concern). `permits` bound the
+/// connections held, taken-over ones included.
 pub(crate) async fn serve(
     listener: TcpListener,
-    max_connections: usize,
+    permits: Arc<Semaphore>,
     front: Front,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     conns: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     loop {
         let permit = tokio::select! {
@@ -128,7 +133,7 @@ pub(crate) async fn serve(
                 Ok(p) => p,
                 Err(_) => return, // never closed
             },
-            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -138,7 +143,7 @@ pub(crate) async fn serve(
                     continue;
                 }
             },
-            () = shutdown.cancelled() => return,
+            () = stop.cancelled() => return,
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
@@ -168,7 +173,7 @@ pub(crate) async fn serve(
             counted,
             addr,
             front.clone(),
-            shutdown.clone(),
+            stop.clone(),
         ));
     }
 }
@@ -235,20 +240,31 @@ async fn connection(
     front: Front,
     shutdown: CancellationToken,
 ) {
-    let deadline = tokio::time::Instant::now() + front.deadline;
-    // Nothing of hyper's until the client sends something.
+    let mut deadline = tokio::time::Instant::now() + front.deadline;
+    // Nothing of hyper's until the client sends something. A connection
+    // accepted just before the door closed still has its request served
+    // (its client sent it to a server that accepted it), if it comes
+    // within a moment.
     let mut byte = [0_u8; 1];
-    tokio::select! {
-        peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut byte)) => match peeked {
-            Ok(Ok(1..)) => {}
-            Ok(_) => return, // closed, or an error: nothing to serve
-            Err(_) => {
-                front.metrics.http_timeout(HttpStage::Head).inc();
-                tracing::debug!(%addr, "no request in time: closed");
-                return;
+    let peeked = {
+        let peek = tokio::time::timeout_at(deadline, tcp.peek(&mut byte));
+        tokio::pin!(peek);
+        tokio::select! {
+            peeked = &mut peek => peeked,
+            () = shutdown.cancelled() => {
+                deadline = deadline.min(tokio::time::Instant::now() + LAST_REQUEST);
+                tokio::time::timeout_at(deadline, &mut peek).await.unwrap_or(Ok(Ok(0)))
             }
-        },
-        () = shutdown.cancelled() => return,
+        }
+    };
+    match peeked {
+        Ok(Ok(1..)) => {}
+        Ok(_) => return, // closed, or an error: nothing to serve
+        Err(_) => {
+            front.metrics.http_timeout(HttpStage::Head).inc();
+            tracing::debug!(%addr, "no request in time: closed");
+            return;
+        }
     }
     let stream = match &front.tls {
         None => Stream::Plain(tcp),
@@ -317,6 +333,14 @@ async fn connection(
                 }
             }
             () = shutdown.cancelled(), if !stopping => {
+                // Once its first request is read: hyper closes an idle
+                // connection at once, and this one has a request coming.
+                while !served.load(Ordering::Acquire) && !first.is_elapsed() {
+                    tokio::select! {
+                        ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
+                        () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    }
+                }
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }

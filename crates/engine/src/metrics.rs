@@ -107,13 +107,15 @@ pub enum HttpStage {
     Tls,
 }
 
-/// Why a WebSocket handshake was refused by the per-address limits (`admission`).
+/// Why a WebSocket or SSE handshake was refused by an admission limit (`admission`).
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Refusal {
     /// `server.max_connections_per_ip` reached (503).
     ConnectionsPerIp,
     /// `server.handshake_rate_per_ip` exceeded (429).
     HandshakeRate,
+    /// `server.handshake_rate` (the whole node's) exceeded (503).
+    NodeRate,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,13 +166,21 @@ pub struct Metrics {
     http_timeouts: [Counter; 3],
     /// TLS handshakes that failed.
     pub tls_failures: Counter,
-    handshakes_refused: [Counter; 2],
+    handshakes_refused: [Counter; 3],
     /// Pushes dropped from full outbound queues (`drop_oldest`).
     pub outbound_dropped: Counter,
     /// Messages waiting in connections' outbound queues now.
     pub outbound_queued: Gauge,
     /// Connections closed as slow consumers (1013).
     pub slow_consumers: Counter,
+    /// Connections closed by a drain (1012, with a reconnect delay).
+    pub drained: Counter,
+    /// Connections handed to a new process by a takeover (counted by the
+    /// process that handed them over).
+    pub handed_over: Counter,
+    /// Connections taken over from the previous process (counted by the
+    /// process that took them).
+    pub taken_over: Counter,
     /// Connections that agreed to permessage-deflate.
     pub compressed_connections: Counter,
     /// Messages compressed: a broadcast counts once, however many
@@ -615,11 +625,15 @@ impl Metrics {
         let refusals = Family::<RefusalLabels, Counter>::default();
         reg.register(
             "handshakes_refused",
-            "WebSocket handshakes refused by a per-address limit, by reason",
+            "WebSocket and SSE handshakes refused by an admission limit (per address, or the node's handshake rate), by reason",
             refusals.clone(),
         );
-        let handshakes_refused = [Refusal::ConnectionsPerIp, Refusal::HandshakeRate]
-            .map(|reason| refusals.get_or_create_owned(&RefusalLabels { reason }));
+        let handshakes_refused = [
+            Refusal::ConnectionsPerIp,
+            Refusal::HandshakeRate,
+            Refusal::NodeRate,
+        ]
+        .map(|reason| refusals.get_or_create_owned(&RefusalLabels { reason }));
 
         let outbound_dropped = Counter::default();
         reg.register(
@@ -638,6 +652,24 @@ impl Metrics {
             "slow_consumers",
             "Connections closed for not reading fast enough",
             slow_consumers.clone(),
+        );
+        let drained = Counter::default();
+        reg.register(
+            "drained_connections",
+            "Connections closed by a drain (1012 with a suggested reconnect delay)",
+            drained.clone(),
+        );
+        let handed_over = Counter::default();
+        reg.register(
+            "handoff_sent_connections",
+            "Live connections handed to a new process by a takeover",
+            handed_over.clone(),
+        );
+        let taken_over = Counter::default();
+        reg.register(
+            "handoff_received_connections",
+            "Live connections taken over from the previous process",
+            taken_over.clone(),
         );
         let compressed_connections = Counter::default();
         reg.register(
@@ -772,6 +804,9 @@ impl Metrics {
             outbound_dropped,
             outbound_queued,
             slow_consumers,
+            drained,
+            handed_over,
+            taken_over,
             compressed_connections,
             compressed_messages,
             compression_in_bytes,
@@ -929,6 +964,9 @@ impl Metrics {
             "outbound-dropped": self.outbound_dropped.get(),
             "outbound-queued": self.outbound_queued.get(),
             "slow-consumers": self.slow_consumers.get(),
+            "drained": self.drained.get(),
+            "handed-over": self.handed_over.get(),
+            "taken-over": self.taken_over.get(),
             "connections-total": self.connections_total.get(),
             "http-timeouts": self.http_timeouts.iter().map(Counter::get).sum::<u64>(),
             "messages-in": self.messages_in.get(),

@@ -141,6 +141,9 @@ pub struct App {
     /// TLS for every connection, when `server.tls_cert` and `tls_key` are
     /// set.
     pub tls: Option<crate::tls::Tls>,
+    /// The takeover connections take part in (`server.handoff_socket`
+    /// set).
+    pub(crate) handoff: Option<crate::handoff::Gate>,
 }
 
 /// Binds the configured listen address (with gale's listen backlog);
@@ -509,6 +512,38 @@ impl Builder {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<Running, ServerError> {
+        self.launch(listener, None, shutdown).await
+    }
+
+    /// Starts the server on what a takeover handed over
+    /// ([`crate::handoff::take_over`]): the old process's listening
+    /// socket and, before anything is accepted, every live connection it
+    /// held, carried on from where it was. The old process exits once
+    /// this has taken them.
+    ///
+    /// # Errors
+    /// As [`Builder::start`]. A takeover that breaks half way is logged:
+    /// the connections received are served, and the server runs.
+    pub async fn start_taken_over(
+        self,
+        inherited: crate::handoff::Inherited,
+        shutdown: CancellationToken,
+    ) -> Result<Running, ServerError> {
+        let (listener, history, conns) = crate::handoff::into_parts(inherited);
+        let listener = TcpListener::from_std(listener)?;
+        self.launch(listener, Some((history, conns)), shutdown)
+            .await
+    }
+
+    async fn launch(
+        self,
+        listener: TcpListener,
+        taken_over: Option<(
+            Option<crate::history::Snapshot>,
+            Vec<crate::handoff::Handed>,
+        )>,
+        shutdown: CancellationToken,
+    ) -> Result<Running, ServerError> {
         let Builder {
             config,
             metrics,
@@ -587,6 +622,7 @@ impl Builder {
             ))
         });
         let grace = config.server.shutdown_grace();
+        let config_handoff = config.server.handoff_socket.clone();
         let closing = CancellationToken::new();
         let ping_clock = crate::connection::PingClock::start(
             Duration::from_secs(config.server.ping_interval_s),
@@ -612,7 +648,23 @@ impl Builder {
             tracker: TaskTracker::new(),
             ping_clock,
             tls,
+            handoff: (!config_handoff.is_empty()).then(crate::handoff::Gate::default),
         });
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            app.config.server.max_connections,
+        ));
+        if let Some((history, conns)) = taken_over {
+            // Before anything is accepted: the connections handed over go
+            // on first, so none misses what new clients publish.
+            crate::handoff::import(&app, history, conns, &permits);
+        }
+        let takeovers = if config_handoff.is_empty() {
+            None
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            crate::handoff::listen(&config_handoff, tx, shutdown.clone())?;
+            Some(rx)
+        };
 
         let lifecycle_stop = CancellationToken::new();
         let lifecycle = crate::lifecycle::start(&app, lifecycle_stop.clone());
@@ -631,6 +683,7 @@ impl Builder {
                 lifecycle,
                 stops,
             },
+            Door { permits, takeovers },
         ));
         Ok(Running { app, task })
     }
@@ -648,7 +701,31 @@ struct Membership {
     stops: Vec<Stop>,
 }
 
-/// Serves until shutdown, then runs the shutdown sequence.
+/// The door's permits, and the takeovers asked of this server.
+struct Door {
+    /// `server.max_connections`, shared by accepted and taken-over
+    /// connections.
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Takeovers accepted on `server.handoff_socket`.
+    takeovers: Option<tokio::sync::mpsc::Receiver<std::os::unix::net::UnixStream>>,
+}
+
+/// The next takeover; never, once none can come.
+async fn next_takeover(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<std::os::unix::net::UnixStream>>,
+) -> std::os::unix::net::UnixStream {
+    if let Some(r) = rx {
+        if let Some(stream) = r.recv().await {
+            return stream;
+        }
+        *rx = None;
+    }
+    std::future::pending().await
+}
+
+/// Serves until shutdown or a takeover, then runs the shutdown sequence
+/// (handing the connections over first, on a takeover).
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     app: Arc<App>,
     listener: TcpListener,
@@ -657,7 +734,12 @@ async fn serve(
     extra: axum::Router,
     grace: Duration,
     membership: Membership,
+    door: Door,
 ) -> Result<(), ServerError> {
+    let Door {
+        permits,
+        mut takeovers,
+    } = door;
     let shutdown = app.shutdown.clone();
     tracing::info!(addr = %local, "gale listening; WebSocket at ws://{local}/ws");
     let front = crate::listener::Front {
@@ -670,26 +752,61 @@ async fn serve(
         proxies: app.proxies.clone().into(),
     };
     let conns = TaskTracker::new();
+    // Kept to hand to a successor: the accept loop owns the listener.
+    let listeners: Vec<(String, std::os::fd::OwnedFd)> = {
+        use std::os::fd::AsFd;
+        listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map(|fd| vec![(local.to_string(), fd)])
+            .unwrap_or_default()
+    };
+    let stop_accepting = CancellationToken::new();
     let mut accepting = tokio::spawn(crate::listener::serve(
         listener,
-        app.config.server.max_connections,
+        permits,
         front,
-        shutdown.clone(),
+        stop_accepting.clone(),
         conns.clone(),
     ));
 
     // The accept loop returns only at shutdown; if it ends first (a
     // panic), the server shuts down at once and says why.
-    let accept_ended = tokio::select! {
-        () = shutdown.cancelled() => None,
-        ended = &mut accepting => {
-            shutdown.cancel();
-            if let Err(e) = &ended {
-                tracing::error!(error = %e, "the accept loop failed: shutting down");
+    let mut handover = None;
+    let accept_ended = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break None,
+            ended = &mut accepting => {
+                shutdown.cancel();
+                if let Err(e) = &ended {
+                    tracing::error!(error = %e, "the accept loop failed: shutting down");
+                }
+                break Some(ended);
             }
-            Some(ended)
+            stream = next_takeover(&mut takeovers) => {
+                match crate::handoff::begin(&app, stream, &listeners) {
+                    Ok(h) => {
+                        tracing::info!(
+                            connections = app.metrics.connections.get(),
+                            "takeover: listening socket handed over; handing the connections"
+                        );
+                        handover = Some(h);
+                        shutdown.cancel();
+                        break None;
+                    }
+                    Err(e) => tracing::error!(error = %e, "takeover failed before anything moved; serving on"),
+                }
+            }
         }
     };
+    drop(listeners);
+    let drain_s = app.config.server.drain_s;
+    if handover.is_none() && accept_ended.is_none() && drain_s > 0 {
+        // Still accepting, so /healthz says "draining" and handshakes are
+        // told when to come back, while the connections go gradually.
+        crate::drain::run(&app, Duration::from_secs(drain_s)).await;
+    }
+    stop_accepting.cancel();
     let deadline = Instant::now() + grace;
     tracing::info!(
         connections = app.metrics.connections.get(),
@@ -705,6 +822,17 @@ async fn serve(
     let left = deadline.saturating_duration_since(Instant::now());
     if !delivery.flush(left.max(Duration::from_secs(1))).await {
         tracing::warn!("broadcast queue not flushed in time");
+    }
+    if let Some(handover) = handover {
+        match handover.finish(&app).await {
+            Ok(handed) => tracing::info!(handed, "takeover done: connections handed over"),
+            Err(e) => tracing::error!(error = %e, "the takeover broke off"),
+        }
+        // What could not move (TLS, SSE) goes at once, each told a
+        // jittered reconnect delay: a drain over `drain_s` would keep this
+        // process, and what it holds (the request log's spill), from the
+        // new one for that long.
+        crate::drain::run(&app, Duration::ZERO).await;
     }
     app.closing.cancel();
     app.tracker.close();
@@ -804,7 +932,15 @@ async fn client_js() -> impl IntoResponse {
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     if app.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "draining: this node is shutting down ({} connections open); send new clients \
+                 elsewhere\n",
+                app.metrics.connections.get()
+            ),
+        )
+            .into_response();
     }
     match &app.cluster {
         Some(c) if !c.is_up() => (
@@ -983,11 +1119,7 @@ async fn accept(
     // connection that is between the 101 response and its task.
     let tracked = app.tracker.token();
     let s = &app.config.server;
-    let limits = Limits {
-        max_message: s.max_message_bytes,
-        read_buffer: s.read_buffer_bytes,
-        compress_min: s.compression_min_bytes,
-    };
+    let limits = limits(s);
     let compression = s.compression == Compression::Deflate;
     ws.on_upgrade(
         compression,
@@ -1012,6 +1144,15 @@ async fn accept(
             }
         },
     )
+}
+
+/// The per-socket limits of `[server]`.
+pub(crate) fn limits(s: &crate::config::ServerConfig) -> Limits {
+    Limits {
+        max_message: s.max_message_bytes,
+        read_buffer: s.read_buffer_bytes,
+        compress_min: s.compression_min_bytes,
+    }
 }
 
 /// A handshake let in: what the connection holds and is.
@@ -1041,7 +1182,12 @@ pub(crate) async fn admit(
     transport: &'static str,
 ) -> Result<Admitted, Response> {
     if app.shutdown.is_cancelled() {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response());
+        // Draining (or handing over): come back, to another node or to
+        // this one's successor, after a jittered wait.
+        let wait = Duration::from_millis(crate::drain::jitter(
+            app.config.server.drain_reconnect_ms.max(1_000),
+        ));
+        return Err(retry_later(wait, "shutting down"));
     }
     // Before the Origin and token checks: a flood is refused before it
     // costs a signature check.
@@ -1057,6 +1203,10 @@ pub(crate) async fn admit(
         Err(refused @ Refused::Connections(_)) => {
             tracing::debug!(%address, "handshake refused: connections per address");
             return Err((StatusCode::SERVICE_UNAVAILABLE, format!("{refused}\n")).into_response());
+        }
+        Err(refused @ Refused::Node(_, wait)) => {
+            tracing::debug!(%address, "handshake refused: the node's handshake rate");
+            return Err(retry_later(wait, &refused.to_string()));
         }
         Err(refused @ Refused::Rate(_, wait)) => {
             tracing::debug!(%address, "handshake refused: handshake rate");
@@ -1113,6 +1263,17 @@ pub(crate) async fn admit(
         address,
         client,
     })
+}
+
+/// 503 with `Retry-After` (whole seconds, at least one) and `why`.
+fn retry_later(wait: Duration, why: &str) -> Response {
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, secs.to_string())],
+        format!("{why}\n"),
+    )
+        .into_response()
 }
 
 /// Asks the application's connect hook who a handshake without a valid

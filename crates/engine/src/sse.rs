@@ -341,7 +341,15 @@ fn encode(buf: &mut Vec<Outgoing>) -> Bytes {
 /// the same end would have had.
 fn closing(code: u16, reason: &str) -> Bytes {
     let msg = serde_json::json!({"type": "close", "code": code, "reason": reason});
-    Bytes::from(format!("event: close\ndata: {msg}\n\n"))
+    // A drain's suggested delay is also the stream's `retry:`, which a
+    // browser's EventSource honours by itself when it reconnects.
+    let retry = serde_json::from_str::<serde_json::Value>(reason)
+        .ok()
+        .and_then(|r| r["reconnect_ms"].as_u64())
+        .filter(|_| code == crate::drain::SERVICE_RESTART)
+        .map(|ms| format!("retry: {ms}\n"))
+        .unwrap_or_default();
+    Bytes::from(format!("{retry}event: close\ndata: {msg}\n\n"))
 }
 
 /// `POST /sse/SESSION`: one message from the client.

@@ -82,6 +82,29 @@ pub enum SpillError {
     },
 }
 
+/// Waits, at most `timeout`, until no process holds the spill directory
+/// `dir` (a takeover's new process waits for the old one to let go of
+/// it); true once it is free (or does not exist yet).
+pub async fn wait_until_free(dir: &Path, timeout: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let lock = match OpenOptions::new().read(true).open(dir.join(LOCK)) {
+            Ok(lock) => lock,
+            Err(_) => return true,
+        };
+        match lock.try_lock() {
+            // Dropping the file lets go of it again.
+            Ok(()) => return true,
+            Err(fs::TryLockError::Error(_)) => return true,
+            Err(fs::TryLockError::WouldBlock) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Where replay stands after a record: its segment and the offset just
 /// past it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

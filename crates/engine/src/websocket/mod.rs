@@ -463,6 +463,115 @@ impl Socket {
     }
 }
 
+/// A socket between two messages, taken apart for a takeover: its TCP
+/// stream and every byte of state it holds, so the new process goes on
+/// from exactly where this one stopped.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    /// The connection.
+    pub(crate) tcp: tokio::net::TcpStream,
+    /// Bytes read and not yet parsed.
+    pub(crate) read: Bytes,
+    /// A message begun in fragments: whether binary, whether compressed,
+    /// the UTF-8-checked prefix, and its bytes so far.
+    pub(crate) partial: Option<(bool, bool, usize, Bytes)>,
+    /// Frames queued and not yet (wholly) written, back to back.
+    pub(crate) queued: Bytes,
+    /// The permessage-deflate window agreed, if any.
+    pub(crate) deflate: Option<u8>,
+}
+
+impl Socket {
+    /// Whether it runs on plain TCP (not TLS).
+    pub(crate) fn is_plain(&self) -> bool {
+        matches!(self.stream, Stream::Plain(_))
+    }
+
+    /// Takes the socket apart for a takeover; `Err` gives it back when it
+    /// cannot move (TLS, whose keys stay in this process, or a close
+    /// already sent or answered).
+    pub(crate) fn into_parts(self) -> Result<Parts, Box<Socket>> {
+        let Socket {
+            stream,
+            read,
+            partial,
+            out,
+            deflate,
+            limits,
+            sent_close,
+            metrics,
+            _permit,
+        } = self;
+        let tcp = match stream {
+            Stream::Plain(tcp) if !sent_close => tcp,
+            stream => {
+                return Err(Box::new(Socket {
+                    stream,
+                    read,
+                    partial,
+                    out,
+                    deflate,
+                    limits,
+                    sent_close,
+                    metrics,
+                    _permit,
+                }));
+            }
+        };
+        let mut queued = BytesMut::with_capacity(out.iter().map(Bytes::len).sum());
+        for frame in &out {
+            queued.extend_from_slice(frame);
+        }
+        Ok(Parts {
+            tcp,
+            read: read.freeze(),
+            partial: partial.map(|p| {
+                (
+                    p.opcode == Opcode::Binary,
+                    p.compressed,
+                    p.valid,
+                    p.data.freeze(),
+                )
+            }),
+            queued: queued.freeze(),
+            deflate: deflate.map(|a| a.server_window_bits),
+        })
+    }
+
+    /// A socket taken over from the previous process, going on from
+    /// `parts`.
+    pub(crate) fn resume(
+        parts: Parts,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        permit: OwnedSemaphorePermit,
+    ) -> Socket {
+        let deflate = parts.deflate.map(|bits| Agreed {
+            server_window_bits: bits.clamp(8, deflate::MAX_WINDOW_BITS),
+        });
+        let mut socket = Socket::new(
+            Stream::Plain(parts.tcp),
+            parts.read,
+            deflate,
+            limits,
+            metrics,
+            permit,
+        );
+        socket.partial = parts
+            .partial
+            .map(|(binary, compressed, valid, data)| Partial {
+                opcode: if binary { Opcode::Binary } else { Opcode::Text },
+                compressed,
+                valid: valid.min(data.len()),
+                data: BytesMut::from(&data[..]),
+            });
+        if !parts.queued.is_empty() {
+            socket.out.push_back(parts.queued);
+        }
+        socket
+    }
+}
+
 /// Fails a fragmented text message as soon as its bytes cannot be UTF-8,
 /// rather than at its end. Compressed messages are checked once inflated.
 fn check_utf8(p: &mut Partial) -> Result<(), Error> {

@@ -1,0 +1,805 @@
+//! Takeover: a new process is handed the listening socket and every live
+//! WebSocket connection of the running one, and carries each on from
+//! exactly where it was. No client sees a close, a reconnect, a lost or a
+//! repeated message.
+//!
+//! The running server listens on `server.handoff_socket` (a Unix socket,
+//! mode 0600, and only a peer of the same user or root is served). `gale
+//! serve --takeover`, started with the same setting, connects and the two
+//! speak the protocol below; the descriptors travel by SCM_RIGHTS.
+//!
+//! 1. **Hello.** The new process says its handoff format and version; the
+//!    old one answers `accept`, or `refuse` with why (another format, a
+//!    takeover already under way, shutting down), and then keeps serving.
+//! 2. **Listeners.** The listening socket goes first, so no connect is
+//!    refused: from here on connects wait in the kernel's backlog until
+//!    the new process accepts them, once everything has moved. The old
+//!    process stops accepting and refuses new handshakes (503,
+//!    `Retry-After`).
+//! 3. **Quiet.** Every plain-TCP WebSocket stops reading. What it had
+//!    asked is answered first: replies of its plain-text requests and of
+//!    its events in the router are queued behind what it was sent (they
+//!    are answered by the old process, never re-run). The router drains,
+//!    and the broadcast queue is flushed into the connections' outboxes:
+//!    every publication made before the takeover reaches every
+//!    subscriber's queue here.
+//! 4. **History.** On a single node, the topics' in-memory streams
+//!    (positions, epochs, retained publications) move, so offsets go on
+//!    without a gap; in cluster mode they are in Redis already.
+//! 5. **Connections.** Each connection, one message each: its descriptor,
+//!    its client id, user, roles, info and identity expiry, its topics,
+//!    the compression agreed (no context is kept between messages, so the
+//!    window size is all), the bytes read but not parsed, a message begun
+//!    in fragments, and the frames queued but not yet written. The new
+//!    process writes those frames first and goes on.
+//! 6. **Done.** The count; the new process answers with how many it took,
+//!    starts accepting, and the old one closes what could not move (TLS
+//!    connections, whose keys stay with rustls' state here, and SSE
+//!    streams, which are hyper's) as a drain does (1012 with a reconnect
+//!    delay) and exits.
+//!
+//! Publications are never lost or doubled across the move: before step 5
+//! every publication has reached the old outboxes and goes with them, and
+//! every later one is made in the new process (the old one publishes
+//! nothing more: its applications stopped at step 2).
+
+mod wire;
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::connection::Lookups;
+use crate::outbox::Taken;
+use crate::router::Caller;
+use crate::server::App;
+use crate::websocket::{Parts, Socket};
+
+/// The handoff format this binary speaks. Two binaries hand over only
+/// when they speak the same one; it changes whenever a message does.
+pub const FORMAT: u32 = 1;
+
+/// Connections in flight between the connection tasks and the socket.
+const QUEUE: usize = 1024;
+
+/// Why a takeover failed (the running process keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// `server.handoff_socket` is empty.
+    #[error(
+        "--takeover needs server.handoff_socket: the Unix socket the running gale listens on for \
+         a takeover (give both processes the same path, in gale.toml or \
+         GALE_SERVER__HANDOFF_SOCKET)"
+    )]
+    NotConfigured,
+    /// Nothing answers at the path.
+    #[error(
+        "no running gale to take over at {path}: {source} (was it started with \
+         server.handoff_socket = \"{path}\"?)"
+    )]
+    Unreachable {
+        /// The socket's path.
+        path: String,
+        /// What connecting said.
+        source: io::Error,
+    },
+    /// The running process said no; it keeps serving.
+    #[error("the running gale refused the takeover, and keeps serving: {0}")]
+    Refused(String),
+    /// The other side broke the protocol.
+    #[error("the takeover failed: {0}")]
+    Protocol(String),
+    /// The socket failed.
+    #[error("the takeover failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One message of the protocol (its head; the descriptors and bytes ride
+/// along, see `wire`).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Msg {
+    Hello {
+        format: u32,
+        version: String,
+        pid: u32,
+    },
+    Accept {
+        format: u32,
+        version: String,
+        pid: u32,
+    },
+    Refuse {
+        reason: String,
+    },
+    Listeners {
+        addrs: Vec<String>,
+    },
+    History {
+        snapshot: crate::history::Snapshot,
+    },
+    Conn(Box<ConnState>),
+    Done {
+        handed: u64,
+    },
+    Ack {
+        taken: u64,
+    },
+}
+
+/// One connection's state (its bytes travel in the message's tail: the
+/// unparsed bytes, then the fragments so far, then the queued frames).
+#[derive(Debug, Serialize, Deserialize)]
+struct ConnState {
+    id: Uuid,
+    address: IpAddr,
+    user: Option<String>,
+    roles: Vec<String>,
+    info: Option<String>,
+    expires: Option<u64>,
+    /// Topics, each with whether it announces joins and leaves.
+    topics: Vec<(String, bool)>,
+    deflate: Option<u8>,
+    read: usize,
+    /// A message begun in fragments: binary, compressed, the UTF-8
+    /// checked prefix, its length.
+    partial: Option<(bool, bool, usize, usize)>,
+    queued: usize,
+}
+
+fn head(msg: &Msg) -> Vec<u8> {
+    // Serializing plain data cannot fail.
+    serde_json::to_vec(msg).unwrap_or_default()
+}
+
+fn parse(bytes: &[u8]) -> Result<Msg, HandoffError> {
+    serde_json::from_slice(bytes).map_err(|e| HandoffError::Protocol(format!("bad message: {e}")))
+}
+
+fn version() -> String {
+    env!("CARGO_PKG_VERSION").to_owned()
+}
+
+// ---------------------------------------------------------------------
+// The running (old) process.
+// ---------------------------------------------------------------------
+
+/// The takeover as the connection tasks see it.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    started: AtomicBool,
+    extract: CancellationToken,
+    members: TaskTracker,
+    tx: mpsc::Sender<Handed>,
+    rx: Mutex<Option<mpsc::Receiver<Handed>>>,
+}
+
+/// A connection taking part in a takeover, for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Member(#[allow(dead_code)] TaskTrackerToken);
+
+/// A connection ready to go: its state, its bytes and its descriptor.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    state: ConnState,
+    tail: Vec<u8>,
+    fd: OwnedFd,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Gate {
+            started: AtomicBool::new(false),
+            extract: CancellationToken::new(),
+            members: TaskTracker::new(),
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Gate {
+    /// Counts a connection in: a takeover waits for it.
+    pub(crate) fn join(&self) -> Member {
+        Member(self.members.token())
+    }
+
+    /// Whether a takeover has started: connections stop reading.
+    pub(crate) fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+}
+
+/// Listens on `path` for a takeover until `stop`; a takeover accepted is
+/// sent on `takeovers` (the server's serve task carries it out).
+///
+/// # Errors
+/// When the path cannot be bound, or another live gale listens there.
+pub(crate) fn listen(
+    path: &str,
+    takeovers: mpsc::Sender<UnixStream>,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    let listener = match tokio::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "server.handoff_socket {path}: another gale listens there (to take it \
+                         over, start this one with --takeover)"
+                    ),
+                ));
+            }
+            // Left by a process that is gone.
+            std::fs::remove_file(path)?;
+            tokio::net::UnixListener::bind(path)?
+        }
+        Err(e) => return Err(e),
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let path = path.to_owned();
+    tracing::info!(path, "listening for a takeover (gale serve --takeover)");
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handoff socket: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            match hello(stream, &takeovers).await {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "handoff socket: a takeover attempt failed"),
+            }
+        }
+        // The new process binds its own once it has taken over.
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+/// Answers one would-be successor; true once a takeover is accepted.
+async fn hello(
+    stream: tokio::net::UnixStream,
+    takeovers: &mpsc::Sender<UnixStream>,
+) -> Result<bool, HandoffError> {
+    let peer = rustix::net::sockopt::socket_peercred(&stream).map_err(io::Error::from)?;
+    let me = rustix::process::geteuid();
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    if peer.uid != me && !peer.uid.is_root() {
+        tracing::warn!(
+            uid = peer.uid.as_raw(),
+            "handoff socket: a process of another user tried a takeover; refused"
+        );
+        return Ok(false);
+    }
+    let reserved = takeovers.clone().try_reserve_owned();
+    tokio::task::spawn_blocking(move || {
+        let msg = parse(&wire::recv(&stream)?.head)?;
+        let refuse = |reason: String| -> Result<bool, HandoffError> {
+            tracing::warn!(reason, "takeover refused; serving on");
+            wire::send(&stream, &head(&Msg::Refuse { reason }), &[], &[])?;
+            Ok(false)
+        };
+        let Msg::Hello {
+            format,
+            version: theirs,
+            pid,
+        } = msg
+        else {
+            return refuse("the first message must be a hello".into());
+        };
+        if format != FORMAT {
+            return refuse(format!(
+                "this gale ({}) speaks handoff format {FORMAT}; the new one ({theirs}, pid {pid}) \
+                 speaks {format}: upgrade through a drain instead (docs/operations.md)",
+                version()
+            ));
+        }
+        let Ok(slot) = reserved else {
+            return refuse("a takeover is already under way, or this gale is shutting down".into());
+        };
+        wire::send(
+            &stream,
+            &head(&Msg::Accept {
+                format: FORMAT,
+                version: version(),
+                pid: std::process::id(),
+            }),
+            &[],
+            &[],
+        )?;
+        stream.set_read_timeout(None)?;
+        tracing::info!(pid, version = theirs, "takeover accepted: handing over");
+        slot.send(stream);
+        Ok(true)
+    })
+    .await
+    .map_err(|e| HandoffError::Protocol(e.to_string()))?
+}
+
+/// What is sent to the successor, in order, by the writer thread.
+struct Out {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+/// A takeover under way, in the old process.
+#[derive(Debug)]
+pub(crate) struct Handover {
+    out: mpsc::Sender<Out>,
+    writer: std::thread::JoinHandle<Result<u64, HandoffError>>,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Out").finish_non_exhaustive()
+    }
+}
+
+/// Starts handing over on `stream`: the listening sockets go first, then
+/// every connection stops reading. The caller then drains the router and
+/// flushes the broadcast queue, and calls [`Handover::finish`].
+///
+/// # Errors
+/// When the listeners could not be sent: nothing has changed, the server
+/// serves on.
+pub(crate) fn begin(
+    app: &App,
+    stream: UnixStream,
+    listeners: &[(String, OwnedFd)],
+) -> Result<Handover, HandoffError> {
+    let fds = listeners
+        .iter()
+        .map(|(_, fd)| fd.try_clone())
+        .collect::<io::Result<Vec<_>>>()?;
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    let addrs = listeners.iter().map(|(a, _)| a.clone()).collect();
+    wire::send(&stream, &head(&Msg::Listeners { addrs }), &[], &borrowed)?;
+    let (out, rx) = mpsc::channel(QUEUE);
+    let writer = std::thread::Builder::new()
+        .name("gale-handoff".into())
+        .spawn(move || write(stream, rx))?;
+    if let Some(gate) = &app.handoff {
+        gate.started.store(true, Ordering::Release);
+    }
+    // Every connection wakes, sees the takeover and stops reading.
+    for outbox in app.hub.outboxes() {
+        outbox.wake();
+    }
+    Ok(Handover { out, writer })
+}
+
+/// The writer thread: sends what it is given, then reads the answer.
+fn write(stream: UnixStream, mut rx: mpsc::Receiver<Out>) -> Result<u64, HandoffError> {
+    while let Some(o) = rx.blocking_recv() {
+        let fds: Vec<_> = o.fds.iter().map(AsFd::as_fd).collect();
+        wire::send(&stream, &o.head, &o.tail, &fds)?;
+    }
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    match parse(&wire::recv(&stream)?.head)? {
+        Msg::Ack { taken } => Ok(taken),
+        other => Err(HandoffError::Protocol(format!(
+            "expected the count taken, got {other:?}"
+        ))),
+    }
+}
+
+impl Handover {
+    /// Sends the history and every connection, then waits for the
+    /// successor's count. Returns how many connections were handed.
+    ///
+    /// # Errors
+    /// When the successor went away: the connections handed so far are
+    /// its (or lost with it); the rest are closed here as a drain would.
+    pub(crate) async fn finish(self, app: &App) -> Result<u64, HandoffError> {
+        let Handover { out, writer } = self;
+        let gone = || HandoffError::Protocol("the new process stopped reading".into());
+        if !app.hub.shares_history() {
+            let snapshot = app.hub.memory().export();
+            out.send(Out {
+                head: head(&Msg::History { snapshot }),
+                tail: Vec::new(),
+                fds: Vec::new(),
+            })
+            .await
+            .map_err(|_| gone())?;
+        }
+        let (mut handed, mut queued, mut unread) = (0, 0, 0);
+        if let Some(gate) = &app.handoff {
+            let rx = gate.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+            gate.extract.cancel();
+            gate.members.close();
+            if let Some(mut rx) = rx {
+                loop {
+                    let h = tokio::select! {
+                        biased;
+                        h = rx.recv() => h,
+                        () = gate.members.wait() => rx.try_recv().ok(),
+                    };
+                    let Some(h) = h else { break };
+                    queued += h.state.queued;
+                    unread += h.state.read + h.state.partial.map_or(0, |p| p.3);
+                    let conn = Out {
+                        head: head(&Msg::Conn(Box::new(h.state))),
+                        tail: h.tail,
+                        fds: vec![h.fd],
+                    };
+                    out.send(conn).await.map_err(|_| gone())?;
+                    handed += 1;
+                }
+            }
+        }
+        app.metrics.handed_over.inc_by(handed);
+        tracing::info!(
+            handed,
+            queued_bytes = queued,
+            unread_bytes = unread,
+            "every connection sent to the new process"
+        );
+        out.send(Out {
+            head: head(&Msg::Done { handed }),
+            tail: Vec::new(),
+            fds: Vec::new(),
+        })
+        .await
+        .map_err(|_| gone())?;
+        drop(out);
+        let taken = tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .map_err(|e| HandoffError::Protocol(e.to_string()))?
+            .map_err(|_| HandoffError::Protocol("the handoff writer panicked".into()))??;
+        if taken != handed {
+            tracing::warn!(
+                handed,
+                taken,
+                "the new process took fewer connections than were handed"
+            );
+        }
+        Ok(handed)
+    }
+}
+
+/// Hands one connection over (its task calls this once its read loop
+/// saw the takeover): its answers in flight are queued, its events
+/// finish, the broadcasts made before the takeover reach its outbox, and
+/// it goes to the writer. `Err` gives the socket back when it cannot
+/// move; it is then closed as a drain would.
+pub(crate) async fn hand(
+    app: &App,
+    mut socket: Box<Socket>,
+    caller: &Caller,
+    mut lookups: Lookups,
+    member: Member,
+) -> Result<(), Box<Socket>> {
+    let Some(gate) = &app.handoff else {
+        return Err(socket);
+    };
+    let grace = app.config.server.shutdown_grace();
+    // Answers to plain text asked before the takeover: answered here.
+    while let Some(reply) = lookups.next().await {
+        socket.queue_text(&reply);
+        app.metrics.messages_out.inc();
+    }
+    // Its events in the router: their replies land in the outbox.
+    let events = async {
+        while caller.outbox.events() > 0 {
+            caller.outbox.ready().await;
+        }
+    };
+    let _ = tokio::time::timeout(grace, events).await;
+    // Every broadcast made before the takeover is in the outbox once the
+    // coordinator lets the connections go.
+    if tokio::time::timeout(grace * 2, gate.extract.cancelled())
+        .await
+        .is_err()
+    {
+        return Err(socket);
+    }
+    let mut queued = Vec::new();
+    if !matches!(caller.outbox.take(&mut queued), Taken::Messages) {
+        return Err(socket);
+    }
+    for m in &queued {
+        socket.queue_prepared(&m.text);
+    }
+    app.metrics.messages_out.inc_by(queued.len() as u64);
+    let parts = socket.into_parts()?;
+    let Parts {
+        tcp,
+        read,
+        partial,
+        queued,
+        deflate,
+    } = parts;
+    let fd: OwnedFd = match tcp.into_std() {
+        Ok(tcp) => tcp.into(),
+        Err(e) => {
+            tracing::warn!(error = %e, "a connection could not be taken off the reactor: dropped");
+            return Ok(());
+        }
+    };
+    let mut tail = Vec::with_capacity(read.len() + queued.len());
+    tail.extend_from_slice(&read);
+    let partial = partial.map(|(binary, compressed, valid, data)| {
+        tail.extend_from_slice(&data);
+        (binary, compressed, valid, data.len())
+    });
+    tail.extend_from_slice(&queued);
+    let state = ConnState {
+        id: caller.conn_id,
+        address: caller.address,
+        user: caller.user.as_deref().map(str::to_owned),
+        roles: caller.roles.to_vec(),
+        info: caller.info.as_deref().map(str::to_owned),
+        expires: caller.outbox.expires(),
+        topics: app.hub.subscriptions(caller.conn_id),
+        deflate,
+        read: read.len(),
+        partial,
+        queued: queued.len(),
+    };
+    if gate.tx.send(Handed { state, tail, fd }).await.is_err() {
+        tracing::warn!(client_id = %caller.conn_id, "the takeover ended before this connection went: dropped");
+    }
+    drop(member);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// The new process.
+// ---------------------------------------------------------------------
+
+/// What a takeover gave the new process before it starts: the listening
+/// socket, the history and every connection, received whole before the
+/// server is built, so the old process can exit (and let go of what it
+/// holds, such as the request log's spill directory) while this one
+/// builds. The connections are carried on by
+/// [`crate::server::Builder::start_taken_over`], before anything new is
+/// accepted.
+#[derive(Debug)]
+pub struct Inherited {
+    pub(crate) listener: std::net::TcpListener,
+    history: Option<crate::history::Snapshot>,
+    conns: Vec<Handed>,
+    /// The old process's pid.
+    pub pid: u32,
+    /// The old process's version.
+    pub version: String,
+}
+
+impl Inherited {
+    /// Connections handed over.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+/// Connects to the running gale at `server.handoff_socket`, asks to take
+/// over and receives everything: the listening socket, the history and
+/// every live connection. Once this returns the old process is closing
+/// what could not move and exiting.
+///
+/// # Errors
+/// [`HandoffError`]: nothing configured, nobody there, a refusal (an
+/// incompatible format, a takeover already under way), or a broken
+/// exchange. Before the listeners come the running process serves on in
+/// every case.
+pub async fn take_over(config: &Config) -> Result<Inherited, HandoffError> {
+    let path = config.server.handoff_socket.clone();
+    if path.is_empty() {
+        return Err(HandoffError::NotConfigured);
+    }
+    tokio::task::spawn_blocking(move || {
+        let stream = UnixStream::connect(&path).map_err(|source| HandoffError::Unreachable {
+            path: path.clone(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let hello = Msg::Hello {
+            format: FORMAT,
+            version: version(),
+            pid: std::process::id(),
+        };
+        wire::send(&stream, &head(&hello), &[], &[])?;
+        let (pid, theirs) = match parse(&wire::recv(&stream)?.head)? {
+            Msg::Accept {
+                format: FORMAT,
+                version,
+                pid,
+            } => (pid, version),
+            Msg::Refuse { reason } => return Err(HandoffError::Refused(reason)),
+            other => {
+                return Err(HandoffError::Protocol(format!(
+                    "expected accept or refuse, got {other:?}"
+                )));
+            }
+        };
+        let got = wire::recv(&stream)?;
+        let Msg::Listeners { addrs } = parse(&got.head)? else {
+            return Err(HandoffError::Protocol("expected the listeners".into()));
+        };
+        let Some(fd) = got.fds.into_iter().next() else {
+            return Err(HandoffError::Protocol("no listening socket came".into()));
+        };
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        tracing::info!(
+            from_pid = pid,
+            version = theirs,
+            ?addrs,
+            "took the listening socket over"
+        );
+        // The old process quiets its connections (its events finish, its
+        // broadcasts flush) before the rest comes.
+        stream.set_read_timeout(None)?;
+        let (mut history, mut conns) = (None, Vec::new());
+        let handed = loop {
+            let got = wire::recv(&stream)?;
+            match parse(&got.head)? {
+                Msg::History { snapshot } => history = Some(snapshot),
+                Msg::Conn(state) => {
+                    let Some(fd) = got.fds.into_iter().next() else {
+                        return Err(HandoffError::Protocol(
+                            "a connection came without its socket".into(),
+                        ));
+                    };
+                    conns.push(Handed {
+                        state: *state,
+                        tail: got.tail,
+                        fd,
+                    });
+                }
+                Msg::Done { handed } => break handed,
+                other => return Err(HandoffError::Protocol(format!("unexpected {other:?}"))),
+            }
+        };
+        let taken = conns.len() as u64;
+        wire::send(&stream, &head(&Msg::Ack { taken }), &[], &[])?;
+        tracing::info!(handed, taken, "connections received");
+        Ok(Inherited {
+            listener,
+            history,
+            conns,
+            pid,
+            version: theirs,
+        })
+    })
+    .await
+    .map_err(|e| HandoffError::Protocol(e.to_string()))?
+}
+
+/// Carries the history and every connection received on in this
+/// process; runs before it accepts anything, so none of them misses what
+/// new clients publish. Returns how many connections it took.
+pub(crate) fn import(
+    app: &Arc<App>,
+    history: Option<crate::history::Snapshot>,
+    conns: Vec<Handed>,
+    permits: &Arc<tokio::sync::Semaphore>,
+) -> u64 {
+    if let Some(snapshot) = history {
+        app.hub.memory().import(snapshot);
+    }
+    let mut taken = 0;
+    for h in conns {
+        match resume(app, h.state, h.tail, h.fd, permits) {
+            Ok(()) => taken += 1,
+            Err(e) => tracing::warn!(error = %e, "a connection could not be taken over"),
+        }
+    }
+    app.metrics.taken_over.inc_by(taken);
+    tracing::info!(taken, "connections taken over");
+    taken
+}
+
+/// The history and connections of an [`Inherited`], and its listener.
+pub(crate) fn into_parts(
+    inherited: Inherited,
+) -> (
+    std::net::TcpListener,
+    Option<crate::history::Snapshot>,
+    Vec<Handed>,
+) {
+    (inherited.listener, inherited.history, inherited.conns)
+}
+
+/// Carries one connection on in this process.
+fn resume(
+    app: &Arc<App>,
+    state: ConnState,
+    tail: Vec<u8>,
+    fd: OwnedFd,
+    permits: &Arc<tokio::sync::Semaphore>,
+) -> io::Result<()> {
+    let tcp = std::net::TcpStream::from(fd);
+    tcp.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(tcp)?;
+    let partial_len = state.partial.map_or(0, |p| p.3);
+    if state.read + partial_len + state.queued != tail.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a connection's bytes do not add up",
+        ));
+    }
+    let Ok(permit) = permits.clone().try_acquire_owned() else {
+        return Err(io::Error::other(
+            "server.max_connections reached: the connection is dropped",
+        ));
+    };
+    let tail = bytes::Bytes::from(tail);
+    let read = tail.slice(..state.read);
+    let partial = state.partial.map(|(binary, compressed, valid, len)| {
+        (
+            binary,
+            compressed,
+            valid,
+            tail.slice(state.read..state.read + len),
+        )
+    });
+    let queued = tail.slice(state.read + partial_len..);
+    let parts = Parts {
+        tcp,
+        read,
+        partial,
+        queued,
+        deflate: state.deflate,
+    };
+    let socket = Box::new(Socket::resume(
+        parts,
+        crate::server::limits(&app.config.server),
+        app.metrics.clone(),
+        permit,
+    ));
+    let who = crate::identity::Identity {
+        user: state.user.map(Arc::from),
+        roles: state.roles.into(),
+        expires: state.expires,
+        info: state.info.map(Arc::from),
+        topics: Vec::new(),
+    };
+    let caller = crate::connection::new_caller(app, state.id, state.address, who);
+    caller.outbox.set_expires(state.expires);
+    app.hub.join_resumed(&caller);
+    for (topic, announced) in &state.topics {
+        if let Err(e) = app.hub.resubscribe(state.id, topic, *announced) {
+            tracing::warn!(client_id = %state.id, topic, error = %e, "a subscription could not be taken over");
+        }
+    }
+    let admitted = app.admission.session(state.address);
+    let tracked = app.tracker.token();
+    let app = app.clone();
+    tokio::spawn(async move {
+        crate::connection::resume(app, socket, caller).await;
+        drop(admitted);
+        drop(tracked);
+    });
+    Ok(())
+}
