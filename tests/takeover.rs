@@ -39,11 +39,15 @@ impl Drop for Gale {
 
 impl Gale {
     fn start(dir: &std::path::Path, takeover: bool) -> Gale {
+        Gale::start_with(dir, if takeover { &["--takeover"] } else { &[] })
+    }
+
+    fn start_with(dir: &std::path::Path, args: &[&str]) -> Gale {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gale"));
-        cmd.arg("serve").arg("--config").arg(dir.join("gale.toml"));
-        if takeover {
-            cmd.arg("--takeover");
-        }
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(dir.join("gale.toml"))
+            .args(args);
         let mut child = cmd
             .current_dir(dir)
             .env(
@@ -157,13 +161,16 @@ async fn read_all(
             seen.asked += 1;
             waiting = true;
         }
-        let wait = if stop.load(Ordering::Relaxed) {
+        // After the stop, a long wait: the last publication may still be
+        // on its way.
+        let stopped = stop.load(Ordering::Relaxed);
+        let wait = if stopped {
             Duration::from_secs(2)
         } else {
             Duration::from_millis(200)
         };
         let frame = match tokio::time::timeout(wait, raw.next_any()).await {
-            Err(_) if stop.load(Ordering::Relaxed) => {
+            Err(_) if stopped => {
                 idle_after_stop += 1;
                 if !waiting || idle_after_stop > 10 {
                     return seen;
@@ -449,4 +456,33 @@ async fn takeover_without_a_running_server_says_what_to_do() {
         err.contains("--takeover needs server.handoff_socket"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn takeover_if_running_starts_alone_and_takes_over_when_one_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("gale.toml"), config(dir.path())).expect("config");
+    // Nothing runs: it starts as usual.
+    let mut first = Gale::start_with(dir.path(), &["--takeover-if-running"]);
+    let line = first.wait_for("WebSocket at ws://").await;
+    let port: u16 = line
+        .rsplit("ws://127.0.0.1:")
+        .next()
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut client = Raw::connect(addr, "/ws", None).await;
+    subscribe(&mut client, "news:y").await;
+    // The same command again takes over from it.
+    let mut second = Gale::start_with(dir.path(), &["--takeover-if-running"]);
+    second.wait_for("connections taken over").await;
+    let status = tokio::task::spawn_blocking(move || first.child.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(status.success());
+    let body = json!({"topic": "news:y", "event": "after", "data": 1});
+    assert_eq!(publish_at(addr, Some(KEY), &body.to_string()).await.0, 200);
+    let push: Value = serde_json::from_str(&client.next().await.text()).expect("JSON");
+    assert_eq!(push["event"], "after");
 }

@@ -43,8 +43,13 @@ pub enum Command {
         /// server.handoff_socket: its listening socket and every live
         /// WebSocket connection move to this process without a reconnect,
         /// and it exits (docs/operations.md).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "takeover_if_running")]
         takeover: bool,
+        /// As --takeover when a gale answers on server.handoff_socket;
+        /// otherwise start as usual (one unit file for the first start and
+        /// every upgrade).
+        #[arg(long)]
+        takeover_if_running: bool,
     },
     /// Talk to a WebSocket server: interactive, or once with --send.
     Client {
@@ -177,7 +182,15 @@ async fn run(command: Command) -> ExitCode {
             config,
             listen,
             takeover,
-        } => serve(config, listen, takeover).await,
+            takeover_if_running,
+        } => {
+            let takeover = match (takeover, takeover_if_running) {
+                (true, _) => Takeover::Required,
+                (_, true) => Takeover::IfRunning,
+                _ => Takeover::No,
+            };
+            serve(config, listen, takeover).await
+        }
         Command::Client {
             url,
             send,
@@ -334,7 +347,17 @@ fn parse_duration(text: &str) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
-async fn serve(file: Option<PathBuf>, listen: Option<String>, takeover: bool) -> ExitCode {
+/// Whether `gale serve` takes over from a running gale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    No,
+    /// `--takeover`: it must.
+    Required,
+    /// `--takeover-if-running`: when one answers.
+    IfRunning,
+}
+
+async fn serve(file: Option<PathBuf>, listen: Option<String>, takeover: Takeover) -> ExitCode {
     let (mut config, file) = match load_config(file) {
         Ok(c) => c,
         Err(code) => return code,
@@ -343,22 +366,31 @@ async fn serve(file: Option<PathBuf>, listen: Option<String>, takeover: bool) ->
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
-    let door = if takeover {
-        match gale_engine::handoff::take_over(&config).await {
-            Ok(inherited) => crate::server::Door::TakenOver(inherited),
+    let taken = match takeover {
+        Takeover::No => None,
+        _ => match gale_engine::handoff::take_over(&config).await {
+            Ok(inherited) => Some(inherited),
+            Err(gale_engine::handoff::HandoffError::Unreachable { path, .. })
+                if takeover == Takeover::IfRunning =>
+            {
+                tracing::info!(%path, "no gale running to take over from: starting");
+                None
+            }
             Err(e) => {
                 eprintln!("gale: {e}");
                 return ExitCode::FAILURE;
             }
-        }
-    } else {
-        match crate::server::bind(&config.server.listen).await {
+        },
+    };
+    let door = match taken {
+        Some(inherited) => crate::server::Door::TakenOver(inherited),
+        None => match crate::server::bind(&config.server.listen).await {
             Ok(l) => crate::server::Door::Bound(l),
             Err(e) => {
                 eprintln!("gale: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-        }
+        },
     };
     // Said once the server is sure to start: a refusal stays one line.
     match &file {

@@ -807,6 +807,11 @@ async fn serve(
         crate::drain::run(&app, Duration::from_secs(drain_s)).await;
     }
     stop_accepting.cancel();
+    if let Some(handover) = &handover {
+        // Every connection handed over stops reading and has its events
+        // answered before the router stops taking any.
+        handover.quiet(&app, grace).await;
+    }
     let deadline = Instant::now() + grace;
     tracing::info!(
         connections = app.metrics.connections.get(),

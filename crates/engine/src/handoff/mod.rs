@@ -32,11 +32,14 @@
 //!    window size is all), the bytes read but not parsed, a message begun
 //!    in fragments, and the frames queued but not yet written. The new
 //!    process writes those frames first and goes on.
-//! 6. **Done.** The count; the new process answers with how many it took,
-//!    starts accepting, and the old one closes what could not move (TLS
-//!    connections, whose keys stay with rustls' state here, and SSE
-//!    streams, which are hyper's) as a drain does (1012 with a reconnect
-//!    delay) and exits.
+//! 6. **Done.** The count. The new process answers with how many it
+//!    received (it now holds every descriptor), builds its server,
+//!    carries each connection on, and only then accepts. The old process
+//!    closes at once what could not move (TLS connections, whose keys
+//!    stay in rustls' state here, and SSE streams, which are hyper's),
+//!    each with 1012 and a jittered reconnect delay, and exits, letting
+//!    go of what it held (the request log's spill directory, which the
+//!    new process waits for).
 //!
 //! Publications are never lost or doubled across the move: before step 5
 //! every publication has reached the old outboxes and goes with them, and
@@ -182,13 +185,37 @@ pub(crate) struct Gate {
     started: AtomicBool,
     extract: CancellationToken,
     members: TaskTracker,
+    /// Members that stopped reading and whose requests are answered.
+    quiet: Arc<std::sync::atomic::AtomicUsize>,
     tx: mpsc::Sender<Handed>,
     rx: Mutex<Option<mpsc::Receiver<Handed>>>,
 }
 
 /// A connection taking part in a takeover, for as long as it lives.
 #[derive(Debug)]
-pub(crate) struct Member(#[allow(dead_code)] TaskTrackerToken);
+pub(crate) struct Member {
+    _token: TaskTrackerToken,
+    quiet: Arc<std::sync::atomic::AtomicUsize>,
+    is_quiet: bool,
+}
+
+impl Member {
+    /// It reads no more and everything it asked is answered.
+    fn quiet(&mut self) {
+        if !self.is_quiet {
+            self.is_quiet = true;
+            self.quiet.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if self.is_quiet {
+            self.quiet.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
 
 /// A connection ready to go: its state, its bytes and its descriptor.
 #[derive(Debug)]
@@ -205,6 +232,7 @@ impl Default for Gate {
             started: AtomicBool::new(false),
             extract: CancellationToken::new(),
             members: TaskTracker::new(),
+            quiet: Arc::default(),
             tx,
             rx: Mutex::new(Some(rx)),
         }
@@ -214,7 +242,11 @@ impl Default for Gate {
 impl Gate {
     /// Counts a connection in: a takeover waits for it.
     pub(crate) fn join(&self) -> Member {
-        Member(self.members.token())
+        Member {
+            _token: self.members.token(),
+            quiet: self.quiet.clone(),
+            is_quiet: false,
+        }
     }
 
     /// Whether a takeover has started: connections stop reading.
@@ -413,6 +445,19 @@ fn write(stream: UnixStream, mut rx: mpsc::Receiver<Out>) -> Result<u64, Handoff
 }
 
 impl Handover {
+    /// Waits, at most `deadline`, until every connection taking part has
+    /// stopped reading and has its requests answered: only then may the
+    /// router stop taking events (none of theirs is refused).
+    pub(crate) async fn quiet(&self, app: &App, deadline: Duration) {
+        let Some(gate) = &app.handoff else { return };
+        let until = tokio::time::Instant::now() + deadline;
+        while gate.quiet.load(Ordering::Acquire) < gate.members.len()
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     /// Sends the history and every connection, then waits for the
     /// successor's count. Returns how many connections were handed.
     ///
@@ -497,7 +542,7 @@ pub(crate) async fn hand(
     mut socket: Box<Socket>,
     caller: &Caller,
     mut lookups: Lookups,
-    member: Member,
+    mut member: Member,
 ) -> Result<(), Box<Socket>> {
     let Some(gate) = &app.handoff else {
         return Err(socket);
@@ -515,6 +560,7 @@ pub(crate) async fn hand(
         }
     };
     let _ = tokio::time::timeout(grace, events).await;
+    member.quiet();
     // Every broadcast made before the takeover is in the outbox once the
     // coordinator lets the connections go.
     if tokio::time::timeout(grace * 2, gate.extract.cancelled())
