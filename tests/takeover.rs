@@ -486,3 +486,197 @@ async fn takeover_if_running_starts_alone_and_takes_over_when_one_runs() {
     let push: Value = serde_json::from_str(&client.next().await.text()).expect("JSON");
     assert_eq!(push["event"], "after");
 }
+
+/// In cluster mode the node's presence and Redis subscriptions move with
+/// its connections: another node never sees the user go offline, and
+/// publications from the other node reach the connection in the new
+/// process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_other_nodes_see_no_gap_in_presence_and_pushes_follow() {
+    use common::services::Redis;
+    const SECRET: &str = "takeover-cluster-secret-0123456789";
+    let redis = Redis::start();
+    let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"{}
+[cluster]
+redis_url = "{}"
+prefix = "{prefix}"
+presence_ttl_s = 3
+probe_interval_ms = 200
+
+[auth]
+jwt_secret = "{SECRET}"
+"#,
+        config(dir.path()),
+        redis.url()
+    );
+    std::fs::write(dir.path().join("gale.toml"), toml).expect("config");
+    let b = common::start_with(|c| {
+        c.cluster.redis_url = Some(redis.url());
+        c.cluster.prefix = prefix.clone();
+        c.cluster.node_id = Some("b".into());
+        c.cluster.presence_ttl_s = 3;
+        c.cluster.probe_interval_ms = 200;
+        c.api.key = Some(KEY.into());
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.topics.insert(
+            "news:*".into(),
+            gale::config::TopicConfig {
+                subscribe: Some(gale::config::SubscribeMode::Anyone),
+                history_size: Some(100),
+                history_ttl_s: Some(600),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+
+    let mut old = Gale::start(dir.path(), false);
+    let line = old.wait_for("WebSocket at ws://").await;
+    let port: u16 = line
+        .rsplit("ws://127.0.0.1:")
+        .next()
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let token = common::hs256_token(SECRET, "ivy", json!([]));
+    let mut ivy = Raw::connect(addr, &format!("/ws?token={token}"), None).await;
+    subscribe(&mut ivy, "news:c").await;
+
+    // jo, on node b, watches whether ivy is online, all along.
+    let mut jo = b
+        .client_with_token(&common::hs256_token(SECRET, "jo", json!([])))
+        .await;
+    let online = |r: &Value| r["data"]["online"]["ivy"] == true;
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let r = jo
+            .request("presence.online", json!({"users": ["ivy"]}), "p")
+            .await;
+        if online(&r) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ivy never online: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let watching = watching.clone();
+        tokio::spawn(async move {
+            let (mut asked, mut offline) = (0u64, Vec::new());
+            while watching.load(Ordering::Relaxed) {
+                let r = jo
+                    .request("presence.online", json!({"users": ["ivy"]}), "w")
+                    .await;
+                asked += 1;
+                if !online(&r) {
+                    offline.push(r.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (asked, offline)
+        })
+    };
+
+    let mut new = Gale::start(dir.path(), true);
+    new.wait_for("connections taken over").await;
+    let status = tokio::task::spawn_blocking(move || old.child.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(status.success());
+    // Past the old node's presence TTL: only the new node's entry is left.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    watching.store(false, Ordering::Relaxed);
+    let (asked, offline) = watcher.await.expect("watcher");
+    assert!(asked > 50, "watched all along: {asked}");
+    assert!(
+        offline.is_empty(),
+        "ivy looked offline {} times: {:?}",
+        offline.len(),
+        offline.first()
+    );
+
+    // A publication on node b reaches ivy, now in the new process.
+    let body = json!({"topic": "news:c", "event": "from-b", "data": 1});
+    assert_eq!(
+        common::publish(&b, Some(KEY), &body.to_string()).await.0,
+        200
+    );
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let v: Value = serde_json::from_str(&ivy.next().await.text()).expect("JSON");
+        if v["event"] == "from-b" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no push from b");
+    }
+    drop(new);
+}
+
+/// What an application started for a subscription in the old process
+/// (the weather feed of a city) runs again in the new one: updates keep
+/// coming after the takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_weather_updates_go_on_after_a_takeover() {
+    let fake = gale::fake_upstream::FakeUpstream::start("127.0.0.1:0")
+        .await
+        .expect("fake upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"{}
+[weather]
+provider = "openweathermap"
+base_url = "{}"
+api_key = "takeover-test-weather-key"
+cache_ttl_s = 1
+refresh_s = 1
+"#,
+        config(dir.path()),
+        fake.url()
+    );
+    std::fs::write(dir.path().join("gale.toml"), toml).expect("config");
+    let mut old = Gale::start(dir.path(), false);
+    let line = old.wait_for("WebSocket at ws://").await;
+    let port: u16 = line
+        .rsplit("ws://127.0.0.1:")
+        .next()
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut raw = Raw::connect(addr, "/ws", None).await;
+    assert!(raw.next().await.text().contains("connected"));
+    raw.text(
+        &json!({"event": "weather.subscribe", "data": {"city": "Paris"}, "ref": "w"}).to_string(),
+    )
+    .await;
+    next_update(&mut raw).await;
+
+    let mut new = Gale::start(dir.path(), true);
+    new.wait_for("connections taken over").await;
+    let status = tokio::task::spawn_blocking(move || old.child.wait().expect("wait"))
+        .await
+        .expect("join");
+    assert!(status.success());
+    // Two more, both from the new process's feed.
+    next_update(&mut raw).await;
+    let v = next_update(&mut raw).await;
+    assert_eq!(v["data"]["city"], "Paris", "{v}");
+    drop(new);
+}
+
+/// The next `weather.update` push.
+async fn next_update(raw: &mut Raw) -> Value {
+    loop {
+        let v: Value = serde_json::from_str(&raw.next().await.text()).expect("JSON");
+        if v["event"] == "weather.update" {
+            return v;
+        }
+    }
+}

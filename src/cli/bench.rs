@@ -329,6 +329,48 @@ pub enum BenchScenario {
         #[arg(long)]
         redis: Option<String>,
     },
+    /// What clients see during a deploy: N subscribers of topics with
+    /// history, a publication every --publish-every-ms, requests; at
+    /// --event-at-s the --exec command runs (start `gale serve --takeover`,
+    /// or SIGTERM a draining node). Closes, missed and repeated pushes,
+    /// the longest pause between pushes, reply latency before, during and
+    /// after, and how fast closed clients were back (each reconnects to
+    /// the next URL after the delay its close suggests, and recovers).
+    Deploy {
+        /// Target(s) and clients (one process: --procs 1).
+        #[command(flatten)]
+        common: BenchCommon,
+        /// Topics `deploy:0`…: the server must keep history for them
+        /// ([topics."deploy:*"] history_size).
+        #[arg(long, default_value_t = 10)]
+        topics: usize,
+        /// One publication every this many milliseconds, round the
+        /// topics.
+        #[arg(long, default_value_t = 10)]
+        publish_every_ms: u64,
+        /// Where publications go (http://HOST:PORT); default: the first
+        /// URL's host.
+        #[arg(long)]
+        publish_to: Option<String>,
+        /// The server's `[api]` key.
+        #[arg(long, env = "GALE_API__KEY", hide_env_values = true)]
+        api_key: String,
+        /// Requests per second, all clients together.
+        #[arg(long, default_value_t = 180)]
+        requests_per_s: usize,
+        /// Seconds to run once everyone subscribed.
+        #[arg(short, long, default_value_t = 40)]
+        duration: u64,
+        /// When the event happens, in seconds from then.
+        #[arg(long, default_value_t = 15)]
+        event_at_s: u64,
+        /// Seconds after the event that count as "during" (reply latency).
+        #[arg(long, default_value_t = 10)]
+        event_window_s: u64,
+        /// The shell command that makes the event.
+        #[arg(long)]
+        exec: Option<String>,
+    },
     /// Rows/s the request log's batched writers sustain into a database
     /// (the server's own pipeline, run in this process).
     Store {
@@ -444,6 +486,58 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
                     eprintln!("gale bench store: {e}");
                     ExitCode::from(EXIT_CONFIG)
                 }
+            };
+        }
+        BenchScenario::Deploy {
+            common,
+            topics,
+            publish_every_ms,
+            publish_to,
+            api_key,
+            requests_per_s,
+            duration,
+            event_at_s,
+            event_window_s,
+            exec,
+        } => {
+            let targets: Result<Vec<Target>, _> = common
+                .urls()
+                .iter()
+                .map(|u| Target::new(u, common.sources))
+                .collect();
+            let targets = match targets {
+                Ok(t) if !t.is_empty() => t,
+                Ok(_) => return fail("no target URL"),
+                Err(e) => return fail(&e.to_string()),
+            };
+            if common.procs > 1 {
+                return fail("deploy runs in one process");
+            }
+            let publish_to = publish_to.unwrap_or_else(|| format!("http://{}", targets[0].addr()));
+            let o = bench::deploy::DeployOptions {
+                targets,
+                connections: common.connections,
+                connect_rate: common.connect_rate,
+                topics,
+                publish_every: Duration::from_millis(publish_every_ms.max(1)),
+                publish_to,
+                api_key,
+                requests_per_s,
+                duration: Duration::from_secs(duration),
+                event_at: Duration::from_secs(event_at_s),
+                event_window: Duration::from_secs(event_window_s),
+                exec,
+                server_pid: common.server_pid,
+            };
+            return match bench::deploy::run(o, stop_on_ctrl_c()).await {
+                Ok(report) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
             };
         }
         BenchScenario::Recovery {
@@ -615,6 +709,7 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
         }
         BenchScenario::Store { .. }
         | BenchScenario::Upstream { .. }
+        | BenchScenario::Deploy { .. }
         | BenchScenario::Recovery { .. } => {
             return ExitCode::SUCCESS; // run above
         }
@@ -724,6 +819,7 @@ async fn run_procs(
         }
         BenchScenario::Store { .. }
         | BenchScenario::Upstream { .. }
+        | BenchScenario::Deploy { .. }
         | BenchScenario::Recovery { .. } => {
             return fail("--procs applies to requests, connections and broadcast");
         }

@@ -81,6 +81,9 @@ pub enum SystemEvent {
     UserOnline(Arc<str>),
     /// A user's last connection closed.
     UserOffline(Arc<str>),
+    /// A user's first connection here came from the previous process by
+    /// a takeover: online already, and still (nobody is told again).
+    UserResumed(Arc<str>),
 }
 
 /// Why a subscription or a publish was refused.
@@ -427,6 +430,9 @@ impl Hub {
             first
         };
         if !tell {
+            if let (Some(true), Some(user)) = (first, &caller.user) {
+                self.emit(SystemEvent::UserResumed(user.clone()));
+            }
             return;
         }
         self.emit(SystemEvent::Opened {

@@ -132,11 +132,21 @@ async fn run(app: Arc<App>, mut socket: Box<Socket>, caller: Caller, greet: bool
         }
     }
 
-    if let End::Shutdown = end {
-        // Answer what was asked and flush what was queued (the router has
-        // drained by now) before saying goodbye.
+    let drained = matches!(end, End::Ended(crate::drain::SERVICE_RESTART, _));
+    if matches!(end, End::Shutdown) || drained {
+        // Answer what was asked and flush what was queued (on shutdown
+        // the router has drained by now; a drained connection waits for
+        // its own events) before saying goodbye.
         while let Some(reply) = inflight.next().await {
             send(&app, &mut socket, reply).await;
+        }
+        if drained {
+            let events = async {
+                while caller.outbox.events() > 0 {
+                    caller.outbox.ready().await;
+                }
+            };
+            let _ = tokio::time::timeout(app.config.server.shutdown_grace(), events).await;
         }
         let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
     }

@@ -54,7 +54,7 @@ pub(crate) async fn run(app: &Arc<App>, over: Duration) -> usize {
             ((elapsed / over.as_secs_f64() * n as f64).floor() as usize + 1).min(n)
         };
         for outbox in &outboxes[closed..due] {
-            outbox.end(SERVICE_RESTART, &reason(max_ms));
+            outbox.end_after_replies(SERVICE_RESTART, &reason(max_ms));
             app.metrics.drained.inc();
         }
         closed = due;

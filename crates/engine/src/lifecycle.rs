@@ -71,7 +71,10 @@ pub(crate) fn start(
         app.metrics.clone(),
         stop.clone(),
     ));
-    let watcher = tokio::spawn(watch(app.clone(), wanted, tx, stop));
+    // Subscribed here, not in the task: what happens from now on (the
+    // connections a takeover brings, joined next) is seen.
+    let events = app.hub.system_events();
+    let watcher = tokio::spawn(watch(app.clone(), events, wanted, tx, stop));
     Some(tokio::spawn(async move {
         let _ = watcher.await;
         let _ = sender.await;
@@ -84,8 +87,13 @@ fn now_ms() -> u64 {
 }
 
 /// Turns the hub's lifecycle events into notifications.
-async fn watch(app: Arc<App>, wanted: Wanted, tx: mpsc::Sender<Value>, stop: CancellationToken) {
-    let mut events = app.hub.system_events();
+async fn watch(
+    app: Arc<App>,
+    mut events: tokio::sync::broadcast::Receiver<SystemEvent>,
+    wanted: Wanted,
+    tx: mpsc::Sender<Value>,
+    stop: CancellationToken,
+) {
     let grace = Duration::from_millis(app.config.proxy.offline_grace_ms);
     let node = app.node_id().to_owned();
     let online = Online::new(app.cluster.clone());
@@ -115,6 +123,11 @@ async fn watch(app: Arc<App>, wanted: Wanted, tx: mpsc::Sender<Value>, stop: Can
                     if online.came(&user).await && wanted.online {
                         queue(note("user.online", &user));
                     }
+                }
+                Ok(SystemEvent::UserResumed(user)) => {
+                    // Moved here by a takeover: counted as this node's,
+                    // its backend told already.
+                    let _ = online.came(&user).await;
                 }
                 Ok(SystemEvent::UserOffline(user)) => {
                     online.left_here(&user).await;

@@ -177,6 +177,17 @@ impl Outbox {
     /// with `code` and `reason` (at most 123 bytes). Nothing more is
     /// queued.
     pub fn end(&self, code: u16, reason: &str) {
+        self.end_with(code, reason, true);
+    }
+
+    /// As [`Outbox::end`], but replies to what the connection asked
+    /// before still arrive: the connection answers them, then closes (a
+    /// drain).
+    pub(crate) fn end_after_replies(&self, code: u16, reason: &str) {
+        self.end_with(code, reason, false);
+    }
+
+    fn end_with(&self, code: u16, reason: &str, close: bool) {
         let mut reason = reason.to_owned();
         while reason.len() > 123 {
             reason.pop();
@@ -186,7 +197,7 @@ impl Outbox {
             return;
         }
         st.ending = Some(Box::new((code, reason)));
-        st.closed = true;
+        st.closed = close;
         drop(st);
         self.ready.notify_one();
     }

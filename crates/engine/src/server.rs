@@ -246,6 +246,9 @@ impl std::fmt::Debug for Text {
 /// take; it runs once every connection is closed.
 type Stop = Box<dyn FnOnce(Duration) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
 
+/// An application's step after a takeover (see [`Builder::on_resume`]).
+type Resume = Box<dyn Fn(Arc<App>, Vec<String>) + Send + Sync>;
+
 /// Builds a server: the engine's configuration, then the application's
 /// events, text handler, routes and shutdown steps, then
 /// [`Builder::start`].
@@ -276,6 +279,7 @@ pub struct Builder {
     text: Text,
     routes: axum::Router,
     stops: Vec<Stop>,
+    resumes: Vec<Resume>,
     reserved: Vec<(Box<str>, Box<str>)>,
     hooks: crate::hooks::AppHooks,
 }
@@ -321,6 +325,7 @@ impl Builder {
             },
             routes: axum::Router::new(),
             stops: Vec::new(),
+            resumes: Vec::new(),
             reserved: Vec::new(),
             hooks: Default::default(),
         })
@@ -501,6 +506,29 @@ impl Builder {
         self
     }
 
+    /// Runs `step` once after a takeover, with every topic the
+    /// connections taken over are subscribed to, before anything new is
+    /// accepted: an application restarts what it ran for them (a feed per
+    /// topic, say). The connections moved without a subscribe, so the
+    /// events and hooks that set such things up did not run here.
+    ///
+    /// ```
+    /// # async fn example(builder: &mut gale_engine::server::Builder) {
+    /// builder.on_resume(|_app, topics| {
+    ///     for topic in topics.iter().filter(|t| t.starts_with("prices:")) {
+    ///         tracing::info!(topic, "restarting the price feed");
+    ///     }
+    /// });
+    /// # }
+    /// ```
+    pub fn on_resume<F>(&mut self, step: F) -> &mut Builder
+    where
+        F: Fn(Arc<App>, Vec<String>) + Send + Sync + 'static,
+    {
+        self.resumes.push(Box::new(step));
+        self
+    }
+
     /// Starts the server on `listener`; it runs until `shutdown` is
     /// cancelled.
     ///
@@ -552,6 +580,7 @@ impl Builder {
             text,
             routes,
             stops,
+            resumes,
             reserved,
             hooks: mine,
         } = self;
@@ -613,13 +642,11 @@ impl Builder {
             },
         );
         let cluster_stop = CancellationToken::new();
+        // Presence starts once connections taken over (if any) have
+        // joined: its first write then names their users.
         let presence = joined.map(|(c, bp)| {
             bp.attach(&hub, cluster_stop.clone());
-            tokio::spawn(crate::cluster::presence::run(
-                c,
-                Arc::downgrade(&hub),
-                cluster_stop.clone(),
-            ))
+            c
         });
         let grace = config.server.shutdown_grace();
         let config_handoff = config.server.handoff_socket.clone();
@@ -653,11 +680,23 @@ impl Builder {
         let permits = Arc::new(tokio::sync::Semaphore::new(
             app.config.server.max_connections,
         ));
+        let lifecycle_stop = CancellationToken::new();
+        let lifecycle = crate::lifecycle::start(&app, lifecycle_stop.clone());
         if let Some((history, conns)) = taken_over {
             // Before anything is accepted: the connections handed over go
             // on first, so none misses what new clients publish.
-            crate::handoff::import(&app, history, conns, &permits);
+            let topics = crate::handoff::import(&app, history, conns, &permits);
+            for resume in &resumes {
+                resume(app.clone(), topics.clone());
+            }
         }
+        let presence = presence.map(|c| {
+            tokio::spawn(crate::cluster::presence::run(
+                c,
+                Arc::downgrade(&app.hub),
+                cluster_stop.clone(),
+            ))
+        });
         let takeovers = if config_handoff.is_empty() {
             None
         } else {
@@ -666,8 +705,6 @@ impl Builder {
             Some(rx)
         };
 
-        let lifecycle_stop = CancellationToken::new();
-        let lifecycle = crate::lifecycle::start(&app, lifecycle_stop.clone());
         let local = listener.local_addr()?;
         let task = tokio::spawn(serve(
             app.clone(),
@@ -830,7 +867,12 @@ async fn serve(
     }
     if let Some(handover) = handover {
         match handover.finish(&app).await {
-            Ok(handed) => tracing::info!(handed, "takeover done: connections handed over"),
+            Ok(handed) => {
+                tracing::info!(handed, "takeover done: connections handed over");
+                if let Some(c) = &app.cluster {
+                    c.hand_presence_over();
+                }
+            }
             Err(e) => tracing::error!(error = %e, "the takeover broke off"),
         }
         // What could not move (TLS, SSE) goes at once, each told a

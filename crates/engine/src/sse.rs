@@ -374,7 +374,9 @@ pub(crate) async fn receive(
     let Ok(text) = String::from_utf8(bytes.to_vec()) else {
         return (StatusCode::BAD_REQUEST, "a message must be UTF-8 text\n").into_response();
     };
-    if app.shutdown.is_cancelled() {
+    // A draining server still serves its open sessions (the router
+    // answers "shutting down" once it stops taking events).
+    if app.closing.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
     // The same bound as a WebSocket connection's: lookups and events in

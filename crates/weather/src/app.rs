@@ -12,7 +12,7 @@ use gale_engine::config::Rate;
 use gale_engine::metrics::{Outcome, Part};
 use gale_engine::protocol::{ErrorBody, ErrorCode};
 use gale_engine::router::{AnswerResult, Ctx, HandlerResult, Payload, Policy, invalid_field};
-use gale_engine::server::Builder;
+use gale_engine::server::{App, Builder};
 use gale_engine::websocket::Utf8Bytes;
 use gale_store::{RequestLog, RequestRecord};
 use serde::{Deserialize, Serialize};
@@ -72,8 +72,35 @@ impl WeatherApp {
             "weather: topics are joined with weather.subscribe",
         );
         me.register(builder);
+        let m = me.clone();
+        builder.on_resume(move |app, topics| m.resume_feeds(&app, &topics));
         tracing::info!(provider = ?cfg.provider, "weather service ready");
         Ok(me)
+    }
+
+    /// After a takeover: the feeds of the cities the connections taken
+    /// over are subscribed to, which `weather.subscribe` started in the
+    /// previous process.
+    fn resume_feeds(self: &Arc<Self>, app: &Arc<App>, topics: &[String]) {
+        for key in topics.iter().filter_map(|t| t.strip_prefix("weather:")) {
+            let (me, app, key) = (self.clone(), app.clone(), key.to_owned());
+            tokio::spawn(async move {
+                match me.weather.lookup(&key).await {
+                    Ok(reading) => {
+                        let m = me.clone();
+                        let lookup = move |city: String| {
+                            let m = m.clone();
+                            async move { m.weather.lookup(&city).await }
+                        };
+                        me.feeds
+                            .ensure(&app, me.refresh, lookup, (key.clone(), key), reading);
+                    }
+                    Err(e) => {
+                        tracing::warn!(city = %key, error = %e, "weather feed not resumed")
+                    }
+                }
+            });
+        }
     }
 
     /// Registers this application's events.

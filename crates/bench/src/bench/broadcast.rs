@@ -301,7 +301,7 @@ async fn subscriber(
                 live.deliveries.fetch_add(1, Ordering::Relaxed);
                 live.last_us.fetch_max(now, Ordering::Relaxed);
             }
-            Ok(Received::Closed(code)) => {
+            Ok(Received::Closed(code, _)) => {
                 r.error(format!("closed {code}"));
                 return r;
             }

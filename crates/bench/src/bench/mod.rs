@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod broadcast;
 pub mod connections;
+pub mod deploy;
 pub mod procs;
 mod raw;
 pub mod recovery;
@@ -500,7 +501,7 @@ fn hint(errors: &BTreeMap<String, u64>) -> Option<&'static str> {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // 1 µs to 10 min at 3 significant digits: constant, valid bounds.
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }

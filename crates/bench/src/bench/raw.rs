@@ -29,8 +29,8 @@ pub(crate) enum Received {
     Text(Utf8Bytes),
     /// Anything else that is not the end (binary, ping, pong).
     Other,
-    /// The server's close frame, with its code.
-    Closed(u16),
+    /// The server's close frame, with its code and reason.
+    Closed(u16, String),
 }
 
 impl Deflating {
@@ -139,10 +139,13 @@ impl Deflating {
                                 .map(Received::Text)
                                 .map_err(|_| "text: not UTF-8".into())
                         }
-                        Opcode::Close => Ok(Received::Closed(match payload[..] {
-                            [hi, lo, ..] => u16::from_be_bytes([hi, lo]),
-                            _ => 1005,
-                        })),
+                        Opcode::Close => Ok(match payload[..] {
+                            [hi, lo, ref reason @ ..] => Received::Closed(
+                                u16::from_be_bytes([hi, lo]),
+                                String::from_utf8_lossy(reason).into_owned(),
+                            ),
+                            _ => Received::Closed(1005, String::new()),
+                        }),
                         Opcode::Ping => {
                             let pong = frame::encode(Opcode::Pong, false, &payload);
                             self.send_masked(&pong).await?;
@@ -268,9 +271,10 @@ impl Conn {
         match self {
             Conn::Plain(ws) => match ws.next().await {
                 Some(Ok(Message::Text(t))) => Ok(Received::Text(t)),
-                Some(Ok(Message::Close(f))) => {
-                    Ok(Received::Closed(f.map_or(1005, |f| u16::from(f.code))))
-                }
+                Some(Ok(Message::Close(f))) => Ok(f
+                    .map_or(Received::Closed(1005, String::new()), |f| {
+                        Received::Closed(u16::from(f.code), f.reason.to_string())
+                    })),
                 Some(Ok(_)) => Ok(Received::Other),
                 Some(Err(e)) => Err(format!("read: {e}")),
                 None => Err("connection ended".into()),

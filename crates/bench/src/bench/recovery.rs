@@ -54,7 +54,7 @@ async fn subscribe(conn: &mut Conn, data: Value) -> Result<Value, String> {
                 }
             }
             Received::Other => {}
-            Received::Closed(code) => return Err(format!("closed {code}")),
+            Received::Closed(code, _) => return Err(format!("closed {code}")),
         }
     }
 }

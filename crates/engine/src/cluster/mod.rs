@@ -142,6 +142,10 @@ pub struct Cluster {
     metrics: ClusterMetrics,
     /// Redis answered the last command (probe, presence).
     commands_up: AtomicBool,
+    /// This node's connections moved to a new process (a takeover): its
+    /// presence is left to expire rather than removed, so the users it
+    /// held never look gone while the new node writes theirs.
+    handed_over: AtomicBool,
     scripts: scripts::Scripts,
 }
 
@@ -238,6 +242,7 @@ impl Cluster {
             online_cursor: std::sync::atomic::AtomicU64::new(0),
             metrics,
             commands_up: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
             scripts: scripts::Scripts::new(),
         });
         let ping: Result<String, _> = cluster.query(&redis::cmd("PING")).await;

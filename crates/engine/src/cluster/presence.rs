@@ -102,8 +102,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// Marks this node's connections as handed to a new process: on
+    /// leaving, its presence is left to expire (within
+    /// `cluster.presence_ttl_s`) instead of being removed, so no user it
+    /// held looks gone before the new node has written them.
+    pub(crate) fn hand_presence_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Removes this node's presence (clean shutdown).
     pub async fn leave(&self) {
+        if self.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::info!(
+                node = %self.node_id,
+                "cluster: left; presence left to expire (its connections moved to a new process)"
+            );
+            return;
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("HDEL")
             .arg(self.nodes_key())

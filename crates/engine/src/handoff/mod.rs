@@ -302,23 +302,25 @@ pub(crate) fn listen(
                     }
                 },
             };
-            match hello(stream, &takeovers).await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "handoff socket: a takeover attempt failed"),
+            // Served on after a takeover is accepted: if it fails before
+            // anything moved, the next one can still come.
+            if let Err(e) = hello(stream, &takeovers).await {
+                tracing::warn!(error = %e, "handoff socket: a takeover attempt failed");
             }
         }
-        // The new process binds its own once it has taken over.
+        // Stopped by a takeover (or a shutdown): the new process binds its
+        // own once it has taken over.
         let _ = std::fs::remove_file(&path);
     });
     Ok(())
 }
 
-/// Answers one would-be successor; true once a takeover is accepted.
+/// Answers one would-be successor: a refusal, or the takeover passed to
+/// the serve task.
 async fn hello(
     stream: tokio::net::UnixStream,
     takeovers: &mpsc::Sender<UnixStream>,
-) -> Result<bool, HandoffError> {
+) -> Result<(), HandoffError> {
     let peer = rustix::net::sockopt::socket_peercred(&stream).map_err(io::Error::from)?;
     let me = rustix::process::geteuid();
     let stream = stream.into_std()?;
@@ -329,15 +331,15 @@ async fn hello(
             uid = peer.uid.as_raw(),
             "handoff socket: a process of another user tried a takeover; refused"
         );
-        return Ok(false);
+        return Ok(());
     }
     let reserved = takeovers.clone().try_reserve_owned();
     tokio::task::spawn_blocking(move || {
         let msg = parse(&wire::recv(&stream)?.head)?;
-        let refuse = |reason: String| -> Result<bool, HandoffError> {
+        let refuse = |reason: String| -> Result<(), HandoffError> {
             tracing::warn!(reason, "takeover refused; serving on");
             wire::send(&stream, &head(&Msg::Refuse { reason }), &[], &[])?;
-            Ok(false)
+            Ok(())
         };
         let Msg::Hello {
             format,
@@ -370,7 +372,7 @@ async fn hello(
         stream.set_read_timeout(None)?;
         tracing::info!(pid, version = theirs, "takeover accepted: handing over");
         slot.send(stream);
-        Ok(true)
+        Ok(())
     })
     .await
     .map_err(|e| HandoffError::Protocol(e.to_string()))?
@@ -744,26 +746,28 @@ pub async fn take_over(config: &Config) -> Result<Inherited, HandoffError> {
 
 /// Carries the history and every connection received on in this
 /// process; runs before it accepts anything, so none of them misses what
-/// new clients publish. Returns how many connections it took.
+/// new clients publish. Returns the topics they are subscribed to.
 pub(crate) fn import(
     app: &Arc<App>,
     history: Option<crate::history::Snapshot>,
     conns: Vec<Handed>,
     permits: &Arc<tokio::sync::Semaphore>,
-) -> u64 {
+) -> Vec<String> {
     if let Some(snapshot) = history {
         app.hub.memory().import(snapshot);
     }
     let mut taken = 0;
+    let mut topics = std::collections::BTreeSet::new();
     for h in conns {
+        topics.extend(h.state.topics.iter().map(|(t, _)| t.clone()));
         match resume(app, h.state, h.tail, h.fd, permits) {
             Ok(()) => taken += 1,
             Err(e) => tracing::warn!(error = %e, "a connection could not be taken over"),
         }
     }
     app.metrics.taken_over.inc_by(taken);
-    tracing::info!(taken, "connections taken over");
-    taken
+    tracing::info!(taken, topics = topics.len(), "connections taken over");
+    topics.into_iter().collect()
 }
 
 /// The history and connections of an [`Inherited`], and its listener.

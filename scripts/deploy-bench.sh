@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# What clients see during a deploy, measured with `gale bench deploy`:
+#
+#   takeover  a node with N connections (each subscribed to a topic with
+#             history, a publication every 10 ms round 10 topics, 180
+#             requests/s) is upgraded in place: `gale serve --takeover`
+#             starts at second 15 and the old process exits.
+#   drain     two nodes in cluster mode on a private Redis; the same
+#             clients on node A, which is sent SIGTERM with drain_s = 30:
+#             its clients come back on node B and recover from history.
+#
+#   scripts/deploy-bench.sh                 # both, 18,000 connections
+#   N=2000 scripts/deploy-bench.sh takeover # one, fewer connections
+#
+# Prints each run's JSON report. Release build; traffic stays on
+# 127.0.0.0/8; every process it starts is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N="${N:-18000}"
+RUNS="${*:-takeover drain}"
+KEY="deploy-bench-key-0123456789"
+OUT="$PWD/target/deploy-bench"
+GALE="$PWD/target/release/gale"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -f "gale serve --config $OUT/" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+cargo build --release --quiet
+ulimit -n 20000
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on $1" >&2
+  return 1
+}
+
+# config FILE PORT [extra TOML]
+config() {
+  cat > "$1" <<TOML
+[server]
+listen = "127.0.0.1:$2"
+max_connections = 19000
+max_connections_per_ip = 0
+handoff_socket = "$(dirname "$1")/handoff.sock"
+$3
+
+[api]
+key = "$KEY"
+
+[topics."deploy:*"]
+subscribe = "anyone"
+presence = true
+history_size = 2000
+history_ttl_s = 600
+TOML
+}
+
+serve() { # DIR [args…]
+  local dir="$1"
+  shift
+  GALE_STORE__URL="sqlite://$dir/gale.db" GALE_STORE__SPILL_DIR="$dir/spill" RUST_LOG=warn,gale_engine::handoff=info,gale_engine::drain=info \
+    "$GALE" serve --config "$dir/gale.toml" "$@" >>"$dir/gale.log" 2>&1 &
+  PIDS+=($!)
+  LAST=$!
+}
+
+takeover() {
+  local dir="$OUT/takeover"
+  rm -rf "$dir" && mkdir -p "$dir"
+  local port
+  port=$(free_port)
+  config "$dir/gale.toml" "$port" ""
+  serve "$dir"
+  local old=$LAST
+  wait_port "$port"
+  echo "== takeover: $N connections on pid $old; gale serve --takeover at 15 s" >&2
+  "$GALE" bench deploy "ws://127.0.0.1:$port/ws" -n "$N" --sources 4 --connect-rate 3000 \
+    --api-key "$KEY" --duration 40 --event-at-s 15 --server-pid "$old" \
+    --exec "GALE_STORE__URL=sqlite://$dir/gale.db GALE_STORE__SPILL_DIR=$dir/spill RUST_LOG=warn,gale_engine::handoff=info $GALE serve --config $dir/gale.toml --takeover >>$dir/new.log 2>&1 &"
+  grep -h "handoff" "$dir/gale.log" "$dir/new.log" | cut -c1-220 >&2 || true
+  pkill -f "gale serve --config $dir/" 2>/dev/null || true
+  sleep 1
+}
+
+drain() {
+  local dir="$OUT/drain"
+  rm -rf "$dir" && mkdir -p "$dir/a" "$dir/b" "$dir/redis"
+  local rport a b
+  rport=$(free_port)
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir/redis" >"$dir/redis.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$rport"
+  a=$(free_port)
+  b=$(free_port)
+  local cluster="drain_s = 30
+drain_reconnect_ms = 5000
+
+[cluster]
+redis_url = \"redis://127.0.0.1:$rport\""
+  config "$dir/a/gale.toml" "$a" "$cluster"
+  config "$dir/b/gale.toml" "$b" "$cluster"
+  # The nodes need different handoff sockets: they are different nodes.
+  serve "$dir/a"
+  local pa=$LAST
+  serve "$dir/b"
+  wait_port "$a"
+  wait_port "$b"
+  echo "== drain: $N connections on node A (pid $pa), SIGTERM at 10 s, drain_s = 30, into node B" >&2
+  "$GALE" bench deploy "ws://127.0.0.1:$a/ws,ws://127.0.0.1:$b/ws" -n "$N" --sources 8 --connect-rate 3000 \
+    --api-key "$KEY" --publish-to "http://127.0.0.1:$b" --duration 60 --event-at-s 10 --event-window-s 35 \
+    --server-pid "$pa" --exec "kill -TERM $pa"
+  pkill -f "gale serve --config $dir/" 2>/dev/null || true
+  sleep 1
+}
+
+for run in $RUNS; do
+  "$run"
+done
