@@ -513,6 +513,12 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
             if common.procs > 1 {
                 return fail("deploy runs in one process");
             }
+            // Small pushes to many connections: tungstenite's default read
+            // buffer would make the generator the bottleneck.
+            let targets: Vec<Target> = targets
+                .into_iter()
+                .map(|t| t.with_read_buffer(4096))
+                .collect();
             let publish_to = publish_to.unwrap_or_else(|| format!("http://{}", targets[0].addr()));
             let o = bench::deploy::DeployOptions {
                 targets,

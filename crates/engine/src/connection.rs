@@ -611,6 +611,7 @@ async fn flush_outbox(
     outbox: &Outbox,
     buf: &mut Vec<Outgoing>,
 ) -> Result<(), End> {
+    let socket_plain = socket.is_plain();
     let ending = match outbox.take(buf) {
         Taken::SlowConsumer => return Err(End::SlowConsumer),
         Taken::End(code, reason) => Some(End::Ended(code, reason)),
@@ -632,10 +633,24 @@ async fn flush_outbox(
     // Biased: a write that completes at once (a client that reads) never
     // registers the overflow waiter, which would cost a lock per flush.
     let mut watched = false;
+    // A takeover does not wait for a write a client holds up: what is
+    // left of it stays queued in the socket and moves with it.
+    let handing = app
+        .handoff
+        .as_ref()
+        .filter(|_| socket_plain)
+        .map(|h| &h.started_flag);
     let written = tokio::select! {
         biased;
         written = write => Some(written),
-        () = overflowed(outbox, &mut watched) => None,
+        stop = overflowed(outbox, &mut watched, handing) => match stop {
+            Stop::Overflow => None,
+            Stop::Handoff => {
+                buf.clear();
+                app.metrics.messages_out.inc_by(n);
+                return Err(End::Handoff);
+            }
+        },
     };
     if buf.capacity() > crate::outbox::KEEP_CAPACITY {
         *buf = Vec::new(); // a burst's memory, returned
@@ -663,14 +678,29 @@ async fn flush_outbox(
 
 /// Resolves once the outbox is marked as a slow consumer; sets `watched`
 /// once it starts taking the outbox's wake-ups.
-async fn overflowed(outbox: &Outbox, watched: &mut bool) {
+async fn overflowed(
+    outbox: &Outbox,
+    watched: &mut bool,
+    handing: Option<&std::sync::atomic::AtomicBool>,
+) -> Stop {
     *watched = true;
     loop {
         outbox.ready().await;
         if outbox.overflowed() {
-            return;
+            return Stop::Overflow;
+        }
+        if handing.is_some_and(|h| h.load(std::sync::atomic::Ordering::Acquire)) {
+            return Stop::Handoff;
         }
     }
+}
+
+/// Why a blocked write stopped being waited for.
+enum Stop {
+    /// The outbox overflowed: a slow consumer.
+    Overflow,
+    /// A takeover began.
+    Handoff,
 }
 
 /// Sends a text message; false when the client is gone or too slow.

@@ -56,6 +56,10 @@ pub struct Target {
     /// (building one per connection, roots and all, made the generator
     /// the bottleneck).
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// tungstenite's read buffer per connection (its default, 128 KiB,
+    /// is zeroed on every read: with many connections each receiving
+    /// small messages often, the generator spends its time in memset).
+    read_buffer: Option<usize>,
 }
 
 impl Target {
@@ -95,6 +99,7 @@ impl Target {
             deflate: false,
             sse: false,
             tls,
+            read_buffer: None,
         })
     }
 
@@ -116,6 +121,12 @@ impl Target {
         self
     }
 
+    /// Connections with a tungstenite read buffer of `bytes`.
+    pub fn with_read_buffer(mut self, bytes: usize) -> Target {
+        self.read_buffer = Some(bytes);
+        self
+    }
+
     /// This target for worker `index` of a multi-process run: its own
     /// block of `sources` addresses.
     pub fn for_worker(mut self, index: u8) -> Target {
@@ -129,10 +140,13 @@ impl Target {
         let stream = self.tcp(i).await?;
         // TLS for wss://, plain for ws://.
         let connector = self.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+        let config = self.read_buffer.map(|n| {
+            tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(n)
+        });
         let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
             self.url.as_str(),
             stream,
-            None,
+            config,
             connector,
         )
         .await

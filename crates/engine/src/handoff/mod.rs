@@ -182,7 +182,8 @@ fn version() -> String {
 /// The takeover as the connection tasks see it.
 #[derive(Debug)]
 pub(crate) struct Gate {
-    started: AtomicBool,
+    /// Set when a takeover begins (connections stop reading).
+    pub(crate) started_flag: AtomicBool,
     extract: CancellationToken,
     members: TaskTracker,
     /// Members that stopped reading and whose requests are answered.
@@ -229,7 +230,7 @@ impl Default for Gate {
     fn default() -> Gate {
         let (tx, rx) = mpsc::channel(QUEUE);
         Gate {
-            started: AtomicBool::new(false),
+            started_flag: AtomicBool::new(false),
             extract: CancellationToken::new(),
             members: TaskTracker::new(),
             quiet: Arc::default(),
@@ -251,7 +252,7 @@ impl Gate {
 
     /// Whether a takeover has started: connections stop reading.
     pub(crate) fn is_started(&self) -> bool {
-        self.started.load(Ordering::Acquire)
+        self.started_flag.load(Ordering::Acquire)
     }
 }
 
@@ -422,7 +423,7 @@ pub(crate) fn begin(
         .name("gale-handoff".into())
         .spawn(move || write(stream, rx))?;
     if let Some(gate) = &app.handoff {
-        gate.started.store(true, Ordering::Release);
+        gate.started_flag.store(true, Ordering::Release);
     }
     // Every connection wakes, sees the takeover and stops reading.
     for outbox in app.hub.outboxes() {
