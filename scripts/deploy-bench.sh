@@ -11,6 +11,10 @@
 #
 #   scripts/deploy-bench.sh                 # both, 18,000 connections
 #   N=2000 scripts/deploy-bench.sh takeover # one, fewer connections
+#   scripts/deploy-bench.sh steady          # the same load, no event
+#   DRAIN_S=0 RATE=1000 scripts/deploy-bench.sh drain
+#                       # every connection closed at once, node B taking
+#                       # at most 1,000 handshakes/s (server.handshake_rate)
 #
 # Prints each run's JSON report. Release build; traffic stays on
 # 127.0.0.0/8; every process it starts is stopped on exit.
@@ -18,6 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N="${N:-18000}"
+DRAIN_S="${DRAIN_S:-30}"
+RATE="${RATE:-0}"
 RUNS="${*:-takeover drain}"
 KEY="deploy-bench-key-0123456789"
 OUT="$PWD/target/deploy-bench"
@@ -93,6 +99,23 @@ takeover() {
   sleep 1
 }
 
+# The takeover's setting with no event: the pauses and reply latency of
+# the load itself, to read the takeover's against.
+steady() {
+  local dir="$OUT/steady"
+  rm -rf "$dir" && mkdir -p "$dir"
+  local port
+  port=$(free_port)
+  config "$dir/gale.toml" "$port" ""
+  serve "$dir"
+  wait_port "$port"
+  echo "== steady: $N connections, no event" >&2
+  "$GALE" bench deploy "ws://127.0.0.1:$port/ws" -n "$N" --sources 4 --connect-rate 3000 \
+    --api-key "$KEY" --duration 40 --event-at-s 15
+  pkill -f "gale serve --config $dir/" 2>/dev/null || true
+  sleep 1
+}
+
 drain() {
   local dir="$OUT/drain"
   rm -rf "$dir" && mkdir -p "$dir/a" "$dir/b" "$dir/redis"
@@ -103,20 +126,22 @@ drain() {
   wait_port "$rport"
   a=$(free_port)
   b=$(free_port)
-  local cluster="drain_s = 30
+  local cluster="drain_s = $DRAIN_S
 drain_reconnect_ms = 5000
 
 [cluster]
 redis_url = \"redis://127.0.0.1:$rport\""
   config "$dir/a/gale.toml" "$a" "$cluster"
-  config "$dir/b/gale.toml" "$b" "$cluster"
-  # The nodes need different handoff sockets: they are different nodes.
+  # The receiving node smooths the wave (RATE > 0).
+  config "$dir/b/gale.toml" "$b" "handshake_rate = $RATE
+$cluster"
+  # Each node has its own handoff socket, in its own directory.
   serve "$dir/a"
   local pa=$LAST
   serve "$dir/b"
   wait_port "$a"
   wait_port "$b"
-  echo "== drain: $N connections on node A (pid $pa), SIGTERM at 10 s, drain_s = 30, into node B" >&2
+  echo "== drain: $N connections on node A (pid $pa), SIGTERM at 10 s, drain_s = $DRAIN_S, into node B (handshake_rate = $RATE)" >&2
   "$GALE" bench deploy "ws://127.0.0.1:$a/ws,ws://127.0.0.1:$b/ws" -n "$N" --sources 8 --connect-rate 3000 \
     --api-key "$KEY" --publish-to "http://127.0.0.1:$b" --duration 60 --event-at-s 10 --event-window-s 35 \
     --server-pid "$pa" --exec "kill -TERM $pa"
