@@ -76,6 +76,30 @@ impl Gale {
         Gale { child, log }
     }
 
+    /// Waits for it to exit, and asserts that it exited cleanly.
+    async fn exits_cleanly(mut self) {
+        let status = tokio::task::spawn_blocking(move || {
+            let status = self.child.wait().expect("wait");
+            (status, self)
+        })
+        .await
+        .expect("join")
+        .0;
+        assert!(status.success(), "exited {status:?}");
+    }
+
+    /// Waits until it listens; its address.
+    async fn listening(&mut self) -> SocketAddr {
+        let line = self.wait_for("WebSocket at ws://").await;
+        let port: u16 = line
+            .rsplit("ws://127.0.0.1:")
+            .next()
+            .and_then(|r| r.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("a port in {line:?}"));
+        ([127, 0, 0, 1], port).into()
+    }
+
     /// Waits for a log line containing `needle`; returns it.
     async fn wait_for(&mut self, needle: &str) -> String {
         let seek = async {
@@ -226,14 +250,7 @@ async fn a_takeover_hands_every_live_connection_over_without_a_close_a_gap_or_a_
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("gale.toml"), config(dir.path())).expect("config");
     let mut old = Gale::start(dir.path(), false);
-    let line = old.wait_for("WebSocket at ws://").await;
-    let port: u16 = line
-        .rsplit("ws://127.0.0.1:")
-        .next()
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("a port in {line:?}"));
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = old.listening().await;
 
     // The clients: a third compressed, a tenth not reading during the
     // takeover, a tenth asking all along.
@@ -297,17 +314,7 @@ async fn a_takeover_hands_every_live_connection_over_without_a_close_a_gap_or_a_
     let sent = old
         .wait_for("every connection sent to the new process")
         .await;
-    let exited = tokio::task::spawn_blocking(move || {
-        let status = old.child.wait().expect("wait");
-        (status, old)
-    })
-    .await
-    .expect("join");
-    assert!(
-        exited.0.success(),
-        "the old process exits cleanly: {:?}",
-        exited.0
-    );
+    old.exits_cleanly().await;
     new.wait_for("connections taken over").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     pause.store(false, Ordering::Relaxed);
@@ -371,14 +378,7 @@ async fn an_incompatible_successor_is_refused_and_the_old_process_serves_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("gale.toml"), config(dir.path())).expect("config");
     let mut old = Gale::start(dir.path(), false);
-    let line = old.wait_for("WebSocket at ws://").await;
-    let port: u16 = line
-        .rsplit("ws://127.0.0.1:")
-        .next()
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = old.listening().await;
     let mut client = Raw::connect(addr, "/ws", None).await;
     subscribe(&mut client, "news:x").await;
 
@@ -411,22 +411,13 @@ async fn an_incompatible_successor_is_refused_and_the_old_process_serves_on() {
     );
 
     // The old process serves on: its client gets a publication.
-    let body = json!({"topic": "news:x", "event": "still", "data": 1});
-    assert_eq!(publish_at(addr, Some(KEY), &body.to_string()).await.0, 200);
-    let push: Value = serde_json::from_str(&client.next().await.text()).expect("JSON");
-    assert_eq!(push["event"], "still");
+    published_and_seen(addr, &mut client, "news:x", "still").await;
 
     // And a successor of the same format still can take over after.
     let mut new = Gale::start(dir.path(), true);
     new.wait_for("connections taken over").await;
-    let status = tokio::task::spawn_blocking(move || old.child.wait().expect("wait"))
-        .await
-        .expect("join");
-    assert!(status.success());
-    let body = json!({"topic": "news:x", "event": "moved", "data": 2});
-    assert_eq!(publish_at(addr, Some(KEY), &body.to_string()).await.0, 200);
-    let push: Value = serde_json::from_str(&client.next().await.text()).expect("JSON");
-    assert_eq!(push["event"], "moved");
+    old.exits_cleanly().await;
+    let push = published_and_seen(addr, &mut client, "news:x", "moved").await;
     assert_eq!(push["offset"], 2, "offsets go on: {push}");
 }
 
@@ -464,27 +455,14 @@ async fn takeover_if_running_starts_alone_and_takes_over_when_one_runs() {
     std::fs::write(dir.path().join("gale.toml"), config(dir.path())).expect("config");
     // Nothing runs: it starts as usual.
     let mut first = Gale::start_with(dir.path(), &["--takeover-if-running"]);
-    let line = first.wait_for("WebSocket at ws://").await;
-    let port: u16 = line
-        .rsplit("ws://127.0.0.1:")
-        .next()
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = first.listening().await;
     let mut client = Raw::connect(addr, "/ws", None).await;
     subscribe(&mut client, "news:y").await;
     // The same command again takes over from it.
     let mut second = Gale::start_with(dir.path(), &["--takeover-if-running"]);
     second.wait_for("connections taken over").await;
-    let status = tokio::task::spawn_blocking(move || first.child.wait().expect("wait"))
-        .await
-        .expect("join");
-    assert!(status.success());
-    let body = json!({"topic": "news:y", "event": "after", "data": 1});
-    assert_eq!(publish_at(addr, Some(KEY), &body.to_string()).await.0, 200);
-    let push: Value = serde_json::from_str(&client.next().await.text()).expect("JSON");
-    assert_eq!(push["event"], "after");
+    first.exits_cleanly().await;
+    published_and_seen(addr, &mut client, "news:y", "after").await;
 }
 
 /// In cluster mode the node's presence and Redis subscriptions move with
@@ -534,14 +512,7 @@ jwt_secret = "{SECRET}"
     .await;
 
     let mut old = Gale::start(dir.path(), false);
-    let line = old.wait_for("WebSocket at ws://").await;
-    let port: u16 = line
-        .rsplit("ws://127.0.0.1:")
-        .next()
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = old.listening().await;
     let token = common::hs256_token(SECRET, "ivy", json!([]));
     let mut ivy = Raw::connect(addr, &format!("/ws?token={token}"), None).await;
     subscribe(&mut ivy, "news:c").await;
@@ -586,10 +557,7 @@ jwt_secret = "{SECRET}"
 
     let mut new = Gale::start(dir.path(), true);
     new.wait_for("connections taken over").await;
-    let status = tokio::task::spawn_blocking(move || old.child.wait().expect("wait"))
-        .await
-        .expect("join");
-    assert!(status.success());
+    old.exits_cleanly().await;
     // Past the old node's presence TTL: only the new node's entry is left.
     tokio::time::sleep(Duration::from_secs(5)).await;
     watching.store(false, Ordering::Relaxed);
@@ -642,14 +610,7 @@ refresh_s = 1
     );
     std::fs::write(dir.path().join("gale.toml"), toml).expect("config");
     let mut old = Gale::start(dir.path(), false);
-    let line = old.wait_for("WebSocket at ws://").await;
-    let port: u16 = line
-        .rsplit("ws://127.0.0.1:")
-        .next()
-        .and_then(|r| r.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr = old.listening().await;
     let mut raw = Raw::connect(addr, "/ws", None).await;
     assert!(raw.next().await.text().contains("connected"));
     raw.text(
@@ -660,10 +621,7 @@ refresh_s = 1
 
     let mut new = Gale::start(dir.path(), true);
     new.wait_for("connections taken over").await;
-    let status = tokio::task::spawn_blocking(move || old.child.wait().expect("wait"))
-        .await
-        .expect("join");
-    assert!(status.success());
+    old.exits_cleanly().await;
     // Two more, both from the new process's feed.
     next_update(&mut raw).await;
     let v = next_update(&mut raw).await;
@@ -679,4 +637,14 @@ async fn next_update(raw: &mut Raw) -> Value {
             return v;
         }
     }
+}
+
+/// Publishes `event` on `topic` through the API at `addr` and returns
+/// the push `client` receives.
+async fn published_and_seen(addr: SocketAddr, client: &mut Raw, topic: &str, event: &str) -> Value {
+    let body = json!({"topic": topic, "event": event, "data": 1});
+    assert_eq!(publish_at(addr, Some(KEY), &body.to_string()).await.0, 200);
+    let push: Value = serde_json::from_str(&client.next().await.text()).expect("JSON");
+    assert_eq!(push["event"], event, "{push}");
+    push
 }

@@ -62,6 +62,20 @@ impl BenchCommon {
             .collect()
     }
 
+    /// Every target URL, checked; at least one.
+    fn targets(&self) -> Result<Vec<Target>, String> {
+        let targets = self
+            .urls()
+            .iter()
+            .map(|u| Target::new(u, self.sources))
+            .collect::<Result<Vec<Target>, _>>()
+            .map_err(|e| e.to_string())?;
+        if targets.is_empty() {
+            return Err("no target URL".into());
+        }
+        Ok(targets)
+    }
+
     /// The arguments a worker gets: its URL, its share of connections and
     /// of the connect rate, and its index.
     fn worker_args(&self, w: usize) -> Vec<String> {
@@ -500,15 +514,9 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
             event_window_s,
             exec,
         } => {
-            let targets: Result<Vec<Target>, _> = common
-                .urls()
-                .iter()
-                .map(|u| Target::new(u, common.sources))
-                .collect();
-            let targets = match targets {
-                Ok(t) if !t.is_empty() => t,
-                Ok(_) => return fail("no target URL"),
-                Err(e) => return fail(&e.to_string()),
+            let targets = match common.targets() {
+                Ok(t) => t,
+                Err(why) => return fail(&why),
             };
             if common.procs > 1 {
                 return fail("deploy runs in one process");
@@ -554,15 +562,9 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
             api_key,
             redis,
         } => {
-            let targets: Result<Vec<Target>, _> = common
-                .urls()
-                .iter()
-                .map(|u| Target::new(u, common.sources))
-                .collect();
-            let targets = match targets {
-                Ok(t) if !t.is_empty() => t,
-                Ok(_) => return fail("no target URL"),
-                Err(e) => return fail(&e.to_string()),
+            let targets = match common.targets() {
+                Ok(t) => t,
+                Err(why) => return fail(&why),
             };
             if common.procs > 1 || common.deflate {
                 return fail("recovery runs in one process, without --deflate");

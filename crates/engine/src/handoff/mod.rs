@@ -371,6 +371,9 @@ async fn hello(
             &[],
         )?;
         stream.set_read_timeout(None)?;
+        // The listeners are sent from the serve task: a successor that
+        // stops reading must not hold it.
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         tracing::info!(pid, version = theirs, "takeover accepted: handing over");
         slot.send(stream);
         Ok(())
