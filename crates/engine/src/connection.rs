@@ -78,29 +78,42 @@ impl Drop for Counted {
 }
 
 /// Serves one upgraded connection until it ends.
-pub(crate) async fn serve(
+///
+/// Not an `async fn`: the connection's task is the one state machine of
+/// [`run`], not one nested in another that would hold its arguments
+/// twice (every idle connection pays for the task's size).
+pub(crate) fn serve(
     app: Arc<App>,
     socket: Box<Socket>,
     client_id: Uuid,
     who: Identity,
     address: std::net::IpAddr,
-) {
-    let _counted = Counted::open(&app);
+) -> impl Future<Output = ()> + Send {
+    let counted = Counted::open(&app);
     tracing::debug!(%client_id, user = ?who.user, "connected");
-
     let caller = opened(&app, client_id, address, who);
-    run(app, socket, caller, true).await;
+    run(app, socket, caller, true, counted)
 }
 
 /// Serves a connection taken over from the previous process, from where
 /// it was: joined already, no greeting (it had one).
-pub(crate) async fn resume(app: Arc<App>, socket: Box<Socket>, caller: Caller) {
-    let _counted = Counted::resumed(&app);
+pub(crate) fn resume(
+    app: Arc<App>,
+    socket: Box<Socket>,
+    caller: Caller,
+) -> impl Future<Output = ()> + Send {
+    let counted = Counted::resumed(&app);
     tracing::debug!(client_id = %caller.conn_id, "taken over");
-    run(app, socket, caller, false).await;
+    run(app, socket, caller, false, counted)
 }
 
-async fn run(app: Arc<App>, mut socket: Box<Socket>, caller: Caller, greet: bool) {
+async fn run(
+    app: Arc<App>,
+    mut socket: Box<Socket>,
+    caller: Caller,
+    greet: bool,
+    _counted: Counted,
+) {
     let client_id = caller.conn_id;
     // Plain-TCP connections take part in a takeover from the start (a
     // connection that opens while one is under way is handed over too).
@@ -112,7 +125,17 @@ async fn run(app: Arc<App>, mut socket: Box<Socket>, caller: Caller, greet: bool
     let (end, mut inflight) = read_loop(&app, &caller, &mut socket, greet, handing.is_some()).await;
     tracing::debug!(%client_id, reason = ?end, "closing");
     if let (End::Handoff, Some(handing)) = (&end, handing) {
-        match crate::handoff::hand(&app, socket, &caller, inflight.drain(), handing).await {
+        // Boxed: a takeover's state (the connection's whole state, the
+        // send to the writer) would otherwise make every connection's
+        // task, idle or not, as large as it.
+        let handed = Box::pin(crate::handoff::hand(
+            &app,
+            socket,
+            &caller,
+            inflight.drain(),
+            handing,
+        ));
+        match handed.await {
             Ok(()) => {
                 // Moved, not closed: no leave, no disconnect hook.
                 app.hub.forget(client_id);
@@ -146,7 +169,10 @@ async fn run(app: Arc<App>, mut socket: Box<Socket>, caller: Caller, greet: bool
                     caller.outbox.ready().await;
                 }
             };
-            let _ = tokio::time::timeout(app.config.server.shutdown_grace(), events).await;
+            // Boxed, as the takeover: a timer is large, and every task
+            // would carry room for it.
+            let grace = app.config.server.shutdown_grace();
+            let _ = Box::pin(tokio::time::timeout(grace, events)).await;
         }
         let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
     }
