@@ -647,13 +647,6 @@ pub struct Inherited {
     pub version: String,
 }
 
-impl Inherited {
-    /// Connections handed over.
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
-}
-
 /// Connects to the running gale at `server.handoff_socket`, asks to take
 /// over and receives everything: the listening socket, the history and
 /// every live connection. Once this returns the old process is closing
