@@ -197,8 +197,20 @@ async fn sessions_are_bounded_switchable_and_end_cleanly_at_shutdown() {
 /// A client that stops reading its stream while pushes wait is dropped
 /// after 10 s, as a WebSocket one is: its session leaves, its
 /// connection closes, and the server's memory for it is bounded meanwhile.
+/// 600 pushes of 1 KB fill hyper's buffer and then the outbox.
 #[tokio::test]
 async fn a_session_whose_client_stopped_reading_is_ended() {
+    a_stalled_session_is_ended(600, 1_000).await;
+}
+
+/// Three pushes of 60 KB: hyper's buffer takes them all and the outbox
+/// is empty, but the socket still refuses them.
+#[tokio::test]
+async fn a_stalled_session_is_ended_when_hyper_holds_what_waits() {
+    a_stalled_session_is_ended(3, 60_000).await;
+}
+
+async fn a_stalled_session_is_ended(publications: usize, bytes: usize) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = start_with(|c| {
         configure(c);
@@ -239,9 +251,9 @@ async fn a_session_whose_client_stopped_reading_is_ended() {
     );
     server.wait_metric("topics", 1).await;
     // From here the client reads nothing.
-    let pad = "x".repeat(1000);
+    let pad = "x".repeat(bytes);
     let body = json!({"event": "big", "data": pad, "topic": "firehose"}).to_string();
-    for _ in 0..600 {
+    for _ in 0..publications {
         assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
     }
     let started = tokio::time::Instant::now();

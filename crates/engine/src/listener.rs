@@ -38,7 +38,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -289,13 +289,14 @@ async fn connection(
         }
     };
     let is_counted = counted.is_some();
+    let abort = ConnAbort::default();
     let io = LimitedStream {
         stream,
         _permit: permit,
         counted,
+        writes: abort.writes.clone(),
     };
     let served = Arc::new(AtomicBool::new(false));
-    let abort = ConnAbort::default();
     let service = Service {
         router: front.router.clone(),
         addr,
@@ -320,7 +321,7 @@ async fn connection(
     loop {
         tokio::select! {
             ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
-            () = abort.0.cancelled() => {
+            () = abort.token.cancelled() => {
                 tracing::debug!(%addr, "connection ended by its handler");
                 return;
             }
@@ -386,9 +387,58 @@ pub struct Counted;
 /// once it fires. Every request carries its connection's in its
 /// extensions. An SSE session whose client stopped reading is ended this
 /// way: hyper stops polling a response body whose socket is full, so the
-/// body itself can never notice.
+/// body itself can never notice; [`ConnAbort::writes`] tells since when.
 #[derive(Debug, Clone, Default)]
-pub struct ConnAbort(pub tokio_util::sync::CancellationToken);
+pub struct ConnAbort {
+    /// Cancelled to drop the connection.
+    pub token: tokio_util::sync::CancellationToken,
+    /// Whether the socket refuses writes now, and since when.
+    pub writes: Arc<WriteClock>,
+}
+
+/// Since when an HTTP connection's socket has refused every write: the
+/// peer stopped reading and the kernel's buffers are full. hyper may
+/// hold a response's bytes in its own buffer by then, so only the socket
+/// can tell.
+#[derive(Debug, Default)]
+pub struct WriteClock {
+    /// Milliseconds since [`CLOCK`] plus one when a write last found the
+    /// socket full with none written since; 0 when the last write went
+    /// through.
+    blocked_since: AtomicU64,
+}
+
+static CLOCK: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+impl WriteClock {
+    /// How long the socket has refused writes, if it does now.
+    pub fn blocked_for(&self) -> Option<Duration> {
+        match self.blocked_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => {
+                let now = CLOCK.elapsed().as_millis() as u64 + 1;
+                Some(Duration::from_millis(now.saturating_sub(since)))
+            }
+        }
+    }
+
+    fn record<T>(&self, written: &Poll<io::Result<T>>) {
+        match written {
+            Poll::Pending => {
+                if self.blocked_since.load(Ordering::Relaxed) == 0 {
+                    let now = CLOCK.elapsed().as_millis() as u64 + 1;
+                    self.blocked_since.store(now, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => {
+                if self.blocked_since.load(Ordering::Relaxed) != 0 {
+                    self.blocked_since.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
 
 impl hyper::service::Service<Request<Incoming>> for Service {
     type Response = Response<Body>;
@@ -415,6 +465,8 @@ pub(crate) struct LimitedStream {
     stream: Stream,
     _permit: OwnedSemaphorePermit,
     counted: Option<Admitted>,
+    /// Left behind on an upgrade: a WebSocket times its own writes.
+    writes: Arc<WriteClock>,
 }
 
 impl LimitedStream {
@@ -441,7 +493,9 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.writes.record(&written);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -457,7 +511,9 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.writes.record(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -25,9 +25,9 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, State};
@@ -49,8 +49,6 @@ struct Session {
     lookups: AtomicUsize,
     /// Ends its HTTP connection (a client that stopped reading).
     abort: Option<ConnAbort>,
-    /// When its stream last handed bytes to hyper (ms since `EPOCH`).
-    last_write_ms: AtomicU64,
 }
 
 /// The open sessions, by id.
@@ -60,17 +58,11 @@ pub struct Sessions {
     watchdog: std::sync::OnceLock<()>,
 }
 
-/// What session clocks count from.
-static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
-
-fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64
-}
-
-/// Ends the sessions whose client stopped reading: something has waited
-/// in the outbox and nothing was written for [`SEND_TIMEOUT`], the same
-/// rule as a WebSocket's. hyper stops polling a body whose socket is
-/// full, so this runs beside the streams, once a second.
+/// Ends the sessions whose client stopped reading: their socket has
+/// refused every write for [`SEND_TIMEOUT`], the same rule as a
+/// WebSocket's. hyper stops polling a body whose socket is full (holding
+/// what it took in its own buffer, so the outbox may well be empty), so
+/// this runs beside the streams, once a second.
 fn watch(app: &Arc<App>) {
     let app = Arc::downgrade(app);
     tokio::spawn(async move {
@@ -81,15 +73,15 @@ fn watch(app: &Arc<App>) {
             if app.closing.is_cancelled() {
                 return;
             }
-            let limit = SEND_TIMEOUT.as_millis() as u64;
-            let now = now_ms();
             let stalled: Vec<Arc<Session>> = app
                 .sessions
                 .lock()
                 .values()
                 .filter(|s| {
-                    now.saturating_sub(s.last_write_ms.load(Ordering::Relaxed)) >= limit
-                        && !s.caller.outbox.is_empty()
+                    s.abort.as_ref().is_some_and(|a| {
+                        !a.token.is_cancelled()
+                            && a.writes.blocked_for().is_some_and(|d| d >= SEND_TIMEOUT)
+                    })
                 })
                 .cloned()
                 .collect();
@@ -99,7 +91,7 @@ fn watch(app: &Arc<App>) {
                 // Nothing more is queued for it; the connection goes.
                 s.caller.outbox.close();
                 if let Some(abort) = &s.abort {
-                    abort.0.cancel();
+                    abort.token.cancel();
                 }
             }
         }
@@ -199,7 +191,6 @@ pub(crate) async fn open(
         caller,
         lookups: AtomicUsize::new(0),
         abort: abort.map(|a| a.0),
-        last_write_ms: AtomicU64::new(now_ms()),
     });
     app.sessions.watchdog.get_or_init(|| watch(&app));
     {
@@ -286,10 +277,6 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
         }
         if !st.buf.is_empty() {
             app.metrics.messages_out.inc_by(st.buf.len() as u64);
-            st.open
-                .session
-                .last_write_ms
-                .store(now_ms(), Ordering::Relaxed);
             return Some(encode(&mut st.buf));
         }
         tokio::select! {
@@ -311,7 +298,6 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
                     }
                     refresh_if_due(&app, &st.open.session.caller, at);
                 }
-                st.open.session.last_write_ms.store(now_ms(), Ordering::Relaxed);
                 return Some(Bytes::from_static(b":\n\n"));
             }
         }
