@@ -389,14 +389,13 @@ fn spawn_with_spill(
     let mut overflow = None;
     let mut overflow_rx = None;
     if let Some((spill, migrated)) = &spill {
-        let (otx, orx) = mpsc::channel(cfg.queue_size);
+        let (otx, orx) = mpsc::channel(cfg.queue_size.max(SPILL_BATCH));
         let orx = Arc::new(Mutex::new(orx));
         overflow = Some(otx);
         overflow_rx = Some(orx.clone());
         spill_tasks.push(tokio::spawn(spill_overflow(
             orx,
             spill.clone(),
-            cfg.batch_size,
             stop.clone(),
         )));
         spill_tasks.push(tokio::spawn(replay(
@@ -439,21 +438,25 @@ async fn spill_blocking(spill: &Arc<Spill>, rows: Vec<RequestRecord>) -> bool {
     }
 }
 
-/// Moves the rows the full queue could not take into the spill, a batch
-/// at a time; at shutdown, what is left too.
+/// Most rows the overflow task appends to the spill at once, and least
+/// its queue holds: one append is one write, so it takes what waits,
+/// whatever the database's batch size.
+const SPILL_BATCH: usize = 1024;
+
+/// Moves the rows the full queue could not take into the spill, all that
+/// wait at a time; at shutdown, what is left too.
 async fn spill_overflow(
     rx: Arc<Mutex<mpsc::Receiver<RequestRecord>>>,
     spill: Arc<Spill>,
-    batch_size: usize,
     stop: CancellationToken,
 ) {
     // The only reader: held for the task's life, released if it is
     // aborted, so the drain can take what is left.
     let mut rx = rx.lock().await;
-    let mut batch = Vec::with_capacity(batch_size);
+    let mut batch = Vec::new();
     loop {
         let n = tokio::select! {
-            n = rx.recv_many(&mut batch, batch_size) => n,
+            n = rx.recv_many(&mut batch, SPILL_BATCH) => n,
             () = stop.cancelled(), if !rx.is_closed() => {
                 rx.close();
                 continue;
