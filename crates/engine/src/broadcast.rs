@@ -8,6 +8,7 @@
 //! bytes, and each connection writes whatever has queued with one flush.
 //!
 //! [`Hub::publish`] goes through a bounded broadcast queue: a delivery task
+//! delivers a broadcast that finds the server quiet at once; under load it
 //! takes up to `batch_size` messages, or what arrives within
 //! `batch_window_ms` of the first, and delivers them together, so a burst
 //! costs each connection one write. A full queue drops the message and
@@ -1079,6 +1080,13 @@ fn push_all(metrics: &Metrics, outboxes: &[Arc<Outbox>], text: &Prepared) -> usi
 
 /// The delivery task: batches queued broadcasts and hands them to the
 /// recipients' outboxes.
+///
+/// A broadcast that finds the server quiet (nothing else queued, and the
+/// last batch went out more than a window ago) goes at once: waiting
+/// for company that is not coming would only add the window to every
+/// push. Under load (more already queued, or broadcasts following each
+/// other within the window) it gathers for the window, so a burst costs
+/// each connection one write.
 async fn deliver(
     hub: std::sync::Weak<Hub>,
     mut rx: mpsc::Receiver<Queued>,
@@ -1088,6 +1096,8 @@ async fn deliver(
 ) {
     let mut batch = Vec::with_capacity(batch_size);
     let mut outboxes = Vec::new();
+    // When the last batch was handed out.
+    let mut last: Option<tokio::time::Instant> = None;
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
@@ -1098,7 +1108,8 @@ async fn deliver(
         };
         let Some(first) = first else { return };
         batch.push(first);
-        if !stop.is_cancelled() && batch_size > 1 {
+        let busy = !rx.is_empty() || last.is_some_and(|at| at.elapsed() < window);
+        if busy && !stop.is_cancelled() && batch_size > 1 {
             let until = tokio::time::Instant::now() + window;
             while batch.len() < batch_size {
                 tokio::select! {
@@ -1122,5 +1133,6 @@ async fn deliver(
         for q in batch.drain(..) {
             hub.deliver(&q.target, &q.text, q.history, &mut outboxes);
         }
+        last = Some(tokio::time::Instant::now());
     }
 }

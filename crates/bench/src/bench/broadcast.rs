@@ -392,7 +392,17 @@ pub struct Published {
     pub errors: Vec<(String, u64)>,
     /// Unix µs when publishing began.
     pub began_us: u64,
+    /// Paced: publications sent more than [`LATE`] after their time (the
+    /// publisher waits for each answer, so a slow answer delays the next).
+    pub late: u64,
+    /// Paced: the most any publication was behind its time.
+    pub behind_max: Duration,
 }
+
+/// How far behind its time a paced publication may go out and not count
+/// as late: a few of the timer's ticks (it wakes 1–2 ms late on a busy
+/// machine).
+pub const LATE: Duration = Duration::from_millis(5);
 
 /// Publishes `o.messages` messages to `o.topic` through
 /// `http://ADDR/api/publish`, at `o.rate` per second (0: back to back),
@@ -419,13 +429,18 @@ pub async fn publish(
         t
     });
     let mut errors = std::collections::BTreeMap::<String, u64>::new();
-    let mut accepted = 0;
+    let (mut accepted, mut late, mut behind_max) = (0, 0, Duration::ZERO);
     let began_us = now_us();
     for seq in 0..o.messages {
         if let Some(t) = &mut tick {
-            tokio::select! {
-                _ = t.tick() => {}
+            let due = tokio::select! {
+                due = t.tick() => due,
                 () = stop.cancelled() => break,
+            };
+            let behind = due.elapsed();
+            behind_max = behind_max.max(behind);
+            if behind > LATE {
+                late += 1;
             }
         } else if stop.is_cancelled() {
             break;
@@ -451,6 +466,8 @@ pub async fn publish(
         accepted,
         errors: errors.into_iter().collect(),
         began_us,
+        late,
+        behind_max,
     })
 }
 
@@ -464,6 +481,15 @@ pub fn finish(total: &mut Report, published: &Published, subscribed: u64, last_d
         .retain(|(k, _)| !matches!(*k, "expected" | "missed" | "last_delivery_us"));
     total.extra.push(("subscribers", json!(subscribed)));
     total.extra.push(("published", json!(published.accepted)));
+    if published.late > 0 || published.behind_max > Duration::ZERO {
+        total
+            .extra
+            .push(("published late (> 5 ms behind the pace)", json!(published.late)));
+        total.extra.push((
+            "most behind the pace, ms",
+            json!((published.behind_max.as_secs_f64() * 1e4).round() / 10.0),
+        ));
+    }
     total.extra.push(("expected deliveries", json!(expected)));
     total.extra.push((
         "missed deliveries",

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Publish-to-delivery latency of paced publications, as users feel it:
+# `gale bench broadcast --rate R` stamps each publication and every
+# subscriber times each delivery (p50 / p99 / p99.9 / max over every
+# delivery), and counts publications the publisher sent late.
+#
+#   scripts/latency-bench.sh              # all four, a fresh server each
+#   scripts/latency-bench.sh one tenk     # some of them
+#   SERVER=/tmp/gale-old scripts/latency-bench.sh   # another build as the server
+#
+#   one       1 subscriber, 10 publications/s, 100 of them
+#   thousand  1,000 subscribers, 100/s, 1,000 publications
+#   tenk      10,000 subscribers, 10/s, 100 publications
+#   burst     19,000 subscribers, 200 publications back to back
+#
+# 1 KB pushes. The generator is this checkout's release `gale` whatever
+# the server; both share this machine's cores. Traffic stays on
+# 127.0.0.0/8; every process it starts is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS="${*:-one thousand tenk burst}"
+KEY="latency-bench-key-0123456789"
+OUT="$PWD/target/latency-bench"
+GALE="$PWD/target/release/gale"
+SERVER="${SERVER:-$GALE}"
+PID=""
+cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null || true; }
+trap cleanup EXIT
+
+cargo build --release --quiet
+ulimit -n 20000
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on $1" >&2
+  return 1
+}
+
+# run NAME SUBSCRIBERS MESSAGES RATE [bench args…]
+run() {
+  local name="$1" n="$2" m="$3" rate="$4"
+  shift 4
+  local dir="$OUT/$name" port
+  rm -rf "$dir" && mkdir -p "$dir"
+  port=$(free_port)
+  GALE_SERVER__LISTEN="127.0.0.1:$port" GALE_SERVER__MAX_CONNECTIONS=20000 \
+    GALE_SERVER__MAX_CONNECTIONS_PER_IP=0 GALE_API__KEY="$KEY" \
+    GALE_STORE__URL="sqlite://$dir/gale.db" GALE_STORE__SPILL_DIR="$dir/spill" RUST_LOG=warn \
+    "$SERVER" serve --config scripts/bench.toml >"$dir/gale.log" 2>&1 &
+  PID=$!
+  wait_port "$port"
+  echo "== $name: $n subscribers, $m publications at ${rate}/s (0: back to back), server $SERVER" >&2
+  "$GALE" bench broadcast "ws://127.0.0.1:$port/ws" -n "$n" -m "$m" --rate "$rate" \
+    --api-key "$KEY" --server-pid "$PID" --json "$@"
+  kill "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || true
+  PID=""
+}
+
+for r in $RUNS; do
+  case "$r" in
+    one) run one 1 100 10 ;;
+    thousand) run thousand 1000 1000 100 --connect-rate 5000 ;;
+    tenk) run tenk 10000 100 10 --sources 4 --connect-rate 5000 ;;
+    burst) run burst 19000 200 0 --procs 2 --sources 4 --connect-rate 5000 ;;
+    *) echo "unknown run: $r (one, thousand, tenk, burst)" >&2; exit 2 ;;
+  esac
+done
