@@ -1081,12 +1081,14 @@ fn push_all(metrics: &Metrics, outboxes: &[Arc<Outbox>], text: &Prepared) -> usi
 /// The delivery task: batches queued broadcasts and hands them to the
 /// recipients' outboxes.
 ///
-/// A broadcast that finds the server quiet (nothing else queued, and the
-/// last batch went out more than a window ago) goes at once: waiting
-/// for company that is not coming would only add the window to every
-/// push. Under load (more already queued, or broadcasts following each
-/// other within the window) it gathers for the window, so a burst costs
-/// each connection one write.
+/// A broadcast that finds the server quiet goes at once: waiting for
+/// company that is not coming would only add the window to every push.
+/// Under load it gathers for the window, so a burst costs each
+/// connection one write. Load is: more broadcasts already queued, the
+/// last batch out less than a window ago, or a quarter of the last
+/// batch's fan-out still waiting in the outboxes (its connections are
+/// busy writing, and a publisher sharing the CPU with them is slowed, so
+/// the queue alone would look quiet).
 async fn deliver(
     hub: std::sync::Weak<Hub>,
     mut rx: mpsc::Receiver<Queued>,
@@ -1096,8 +1098,10 @@ async fn deliver(
 ) {
     let mut batch = Vec::with_capacity(batch_size);
     let mut outboxes = Vec::new();
-    // When the last batch was handed out.
+    // When the last batch was handed out, how many connections it
+    // reached, and the outboxes' messages just before it.
     let mut last: Option<tokio::time::Instant> = None;
+    let (mut reached, mut before) = (0_i64, 0_i64);
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
@@ -1108,7 +1112,10 @@ async fn deliver(
         };
         let Some(first) = first else { return };
         batch.push(first);
-        let busy = !rx.is_empty() || last.is_some_and(|at| at.elapsed() < window);
+        let queued_out = hub.upgrade().map_or(0, |h| h.metrics.outbound_queued.get());
+        let busy = !rx.is_empty()
+            || last.is_some_and(|at| at.elapsed() < window)
+            || (queued_out - before) * 4 > reached;
         if busy && !stop.is_cancelled() && batch_size > 1 {
             let until = tokio::time::Instant::now() + window;
             while batch.len() < batch_size {
@@ -1130,8 +1137,10 @@ async fn deliver(
         }
         let Some(hub) = hub.upgrade() else { return };
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
+        before = hub.metrics.outbound_queued.get();
+        reached = 0;
         for q in batch.drain(..) {
-            hub.deliver(&q.target, &q.text, q.history, &mut outboxes);
+            reached += hub.deliver(&q.target, &q.text, q.history, &mut outboxes) as i64;
         }
         last = Some(tokio::time::Instant::now());
     }

@@ -482,9 +482,10 @@ pub fn finish(total: &mut Report, published: &Published, subscribed: u64, last_d
     total.extra.push(("subscribers", json!(subscribed)));
     total.extra.push(("published", json!(published.accepted)));
     if published.late > 0 || published.behind_max > Duration::ZERO {
-        total
-            .extra
-            .push(("published late (> 5 ms behind the pace)", json!(published.late)));
+        total.extra.push((
+            "published late (> 5 ms behind the pace)",
+            json!(published.late),
+        ));
         total.extra.push((
             "most behind the pace, ms",
             json!((published.behind_max.as_secs_f64() * 1e4).round() / 10.0),
