@@ -7,6 +7,9 @@
 #   scripts/latency-bench.sh              # all four, a fresh server each
 #   scripts/latency-bench.sh one tenk     # some of them
 #   SERVER=/tmp/gale-old scripts/latency-bench.sh   # another build as the server
+#   SERVER=floor scripts/latency-bench.sh burst     # the floor as the server:
+#             `gale bench floor`, one write per connection per batch and
+#             nothing else (docs/benchmarks.md, "The floor")
 #
 #   one       1 subscriber, 10 publications/s, 100 of them
 #   thousand  1,000 subscribers, 100/s, 1,000 publications
@@ -51,10 +54,20 @@ run() {
   local dir="$OUT/$name" port
   rm -rf "$dir" && mkdir -p "$dir"
   port=$(free_port)
-  GALE_SERVER__LISTEN="127.0.0.1:$port" GALE_SERVER__MAX_CONNECTIONS=20000 \
-    GALE_SERVER__MAX_CONNECTIONS_PER_IP=0 GALE_API__KEY="$KEY" \
-    GALE_STORE__URL="sqlite://$dir/gale.db" GALE_STORE__SPILL_DIR="$dir/spill" RUST_LOG=warn \
-    "$SERVER" serve --config scripts/bench.toml >"$dir/gale.log" 2>&1 &
+  if [ "$SERVER" = floor ]; then
+    # Paced, it writes each publication at once; a burst it gathers for
+    # 2 ms, as gale does under load.
+    # FLOOR_BATCH caps its batches (gale's average batch, to compare like
+    # with like: see `gale bench floor --help`).
+    "$GALE" bench floor --listen "127.0.0.1:$port" --window-ms "$([ "$rate" = 0 ] && echo 2 || echo 0)" \
+      --max-batch "${FLOOR_BATCH:-256}" \
+      >"$dir/floor.log" 2>&1 &
+  else
+    GALE_SERVER__LISTEN="127.0.0.1:$port" GALE_SERVER__MAX_CONNECTIONS=20000 \
+      GALE_SERVER__MAX_CONNECTIONS_PER_IP=0 GALE_API__KEY="$KEY" \
+      GALE_STORE__URL="sqlite://$dir/gale.db" GALE_STORE__SPILL_DIR="$dir/spill" RUST_LOG=warn \
+      "$SERVER" serve --config scripts/bench.toml >"$dir/gale.log" 2>&1 &
+  fi
   PID=$!
   wait_port "$port"
   echo "== $name: $n subscribers, $m publications at ${rate}/s (0: back to back), server $SERVER" >&2

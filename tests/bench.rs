@@ -235,6 +235,40 @@ async fn a_publication_that_finds_the_server_quiet_does_not_wait_for_the_window(
 }
 
 #[tokio::test]
+async fn the_floor_serves_the_broadcast_scenario_as_gale_does() {
+    // The same client, subscribe and publish as against gale; every
+    // delivery counted and timed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let floor = tokio::spawn(gale::bench::floor::serve(
+        listener,
+        Duration::from_millis(2),
+        256,
+        stop.clone(),
+    ));
+    let target = Target::new(&format!("ws://{addr}/ws"), 1).expect("target");
+    let o = broadcast_options(5, 4, KEY);
+    let subs = broadcast::subscribe(target, &o, &stop, false).await;
+    assert_eq!(subs.subscribed(), 5);
+    let (published, mut r) = tokio::join!(
+        broadcast::publish(addr, &o, &stop),
+        subs.drain(o.idle, Duration::from_secs(5))
+    );
+    let published = published.expect("publisher");
+    assert_eq!(published.accepted, 4);
+    let last = r.extra_u64("last_delivery_us");
+    broadcast::finish(&mut r, &published, 5, last);
+    let json = r.to_json();
+    assert_eq!(json["replies"], 20, "5 subscribers x 4 messages: {json}");
+    assert_eq!(json["missed deliveries"], 0, "{json}");
+    stop.cancel();
+    floor.await.expect("the floor stops");
+}
+
+#[tokio::test]
 async fn broadcast_counts_refused_publishes_by_kind() {
     // A publish the API refuses (wrong key) delivers nothing and is
     // counted as an error of its kind.

@@ -422,6 +422,22 @@ pub enum BenchScenario {
         #[arg(long)]
         json: bool,
     },
+    /// The floor: a bare server that accepts `gale bench broadcast`'s
+    /// subscribers and publishes and delivers each batch with one write
+    /// per connection, nothing else. Its server CPU per delivery,
+    /// measured beside gale's, is what the kernel alone costs.
+    Floor {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9095")]
+        listen: std::net::SocketAddr,
+        /// Publications arriving within this long of the first go out
+        /// together (gale's `broadcast.batch_window_ms` under load).
+        #[arg(long, default_value_t = 2, value_name = "MS")]
+        window_ms: u64,
+        /// Most publications in one batch (one write per connection).
+        #[arg(long, default_value_t = 256)]
+        max_batch: usize,
+    },
     /// The fake weather API with the seed's 2 s latency.
     Upstream {
         /// Listen address.
@@ -468,6 +484,21 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
             latency_ms,
             error_rate,
         } => return super::fake_upstream(&listen, latency_ms, error_rate).await,
+        BenchScenario::Floor {
+            listen,
+            window_ms,
+            max_batch,
+        } => {
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => return fail(&format!("gale bench floor: {listen}: {e}")),
+            };
+            let bound = listener.local_addr().map_or(listen, |a| a);
+            eprintln!("gale bench floor: listening on {bound}");
+            let window = Duration::from_millis(window_ms);
+            bench::floor::serve(listener, window, max_batch, stop_on_ctrl_c()).await;
+            return ExitCode::SUCCESS;
+        }
         BenchScenario::Store {
             url,
             rate,
@@ -716,6 +747,7 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
             }
         }
         BenchScenario::Store { .. }
+        | BenchScenario::Floor { .. }
         | BenchScenario::Upstream { .. }
         | BenchScenario::Deploy { .. }
         | BenchScenario::Recovery { .. } => {
@@ -826,6 +858,7 @@ async fn run_procs(
             (report, problems)
         }
         BenchScenario::Store { .. }
+        | BenchScenario::Floor { .. }
         | BenchScenario::Upstream { .. }
         | BenchScenario::Deploy { .. }
         | BenchScenario::Recovery { .. } => {

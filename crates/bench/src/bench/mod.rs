@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub mod broadcast;
 pub mod connections;
 pub mod deploy;
+pub mod floor;
 pub mod procs;
 mod raw;
 pub mod recovery;
