@@ -307,9 +307,25 @@ async fn a_takeover_hands_every_live_connection_over_without_a_close_a_gap_or_a_
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    // The slow clients stop reading; then the new process takes over.
+    // The slow clients stop reading; once frames wait in the server
+    // behind the kernel's buffers, the new process takes over.
     pause.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting = tokio::time::Instant::now();
+    loop {
+        let queued = common::http_get(addr, "/metrics.json")
+            .await
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .and_then(|m| m["outbound-queued"].as_u64())
+            .unwrap_or(0);
+        if queued > 0 {
+            break;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(20),
+            "no frame queued for the clients that stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut new = Gale::start(dir.path(), true);
     let sent = old
         .wait_for("every connection sent to the new process")
