@@ -240,7 +240,9 @@ enum Owner {
 struct State {
     conns: HashMap<Uuid, Member>,
     users: HashMap<Arc<str>, Vec<Uuid>>,
-    topics: HashMap<Arc<str>, HashSet<Uuid>>,
+    /// Each topic's subscribers, with their outboxes: a delivery walks
+    /// one table instead of looking each one up in `conns`.
+    topics: HashMap<Arc<str>, HashMap<Uuid, Arc<Outbox>>>,
     /// Who brought each topic into existence (bounded by `topics`).
     created_by: HashMap<Arc<str>, Owner>,
     /// How many of the topics each owner brought into existence.
@@ -271,10 +273,10 @@ impl State {
             }
         };
         match target {
-            Target::Everyone => self.conns.keys().for_each(&mut add),
+            Target::Everyone => out.extend(self.conns.values().map(|m| m.outbox.clone())),
             Target::Topic(t) => {
-                if let Some(ids) = self.topics.get(t.as_str()) {
-                    ids.iter().for_each(add);
+                if let Some(members) = self.topics.get(t.as_str()) {
+                    out.extend(members.values().cloned());
                 }
             }
             Target::Users(users) => {
@@ -579,10 +581,11 @@ impl Hub {
         };
         member.topics.push(key.clone());
         let who = (member.user.clone(), member.info.clone());
+        let outbox = member.outbox.clone();
         if announce {
             st.announced.insert(key.clone());
         }
-        st.topics.entry(key).or_default().insert(conn_id);
+        st.topics.entry(key).or_default().insert(conn_id, outbox);
         self.metrics.topics.set(st.topics.len() as i64);
         Ok(Some(who))
     }
@@ -745,7 +748,7 @@ impl Hub {
         self.lock()
             .topics
             .get(topic)
-            .is_some_and(|ids| ids.contains(&conn_id))
+            .is_some_and(|ids| ids.contains_key(&conn_id))
     }
 
     /// Who is subscribed to `topic` here: at most `limit` of them.
@@ -754,7 +757,7 @@ impl Hub {
         let Some(ids) = st.topics.get(topic) else {
             return Vec::new();
         };
-        ids.iter()
+        ids.keys()
             .take(limit)
             .filter_map(|id| {
                 let m = st.conns.get(id)?;
@@ -843,7 +846,7 @@ impl Hub {
 
     /// Subscribers of a topic now.
     pub fn subscribers(&self, topic: &str) -> usize {
-        self.lock().topics.get(topic).map_or(0, HashSet::len)
+        self.lock().topics.get(topic).map_or(0, HashMap::len)
     }
 
     /// Users with at least one connection now.
