@@ -2,7 +2,7 @@
 //! topic's subscribers, or to everyone.
 //!
 //! The [`Hub`] keeps who is connected: connection → (outbox, user, topics),
-//! user → connections, topic → connections. Both directions are indexed so
+//! user → connections, topic → (connection, outbox). Both directions are indexed so
 //! a connection's clean-up costs only its own topics. A message is encoded
 //! once; every recipient's outbox gets a reference-counted copy of the same
 //! bytes, and each connection writes whatever has queued with one flush.
