@@ -176,28 +176,46 @@ fn broadcast_options(subscribers: usize, messages: u64, key: &str) -> BroadcastO
 
 const KEY: &str = "bench-key-0123456789";
 
-/// Runs the broadcast scenario (20 subscribers, 3 messages at `rate`)
-/// against a server with a 300 ms batch window; the merged report.
-async fn three_publications(server: &common::TestServer, rate: u32) -> bench::Report {
-    let target = Target::new(&server.ws_url(), 2).expect("target");
-    let mut o = broadcast_options(20, 3, KEY);
+/// Runs the broadcast scenario against `addr` (its `/ws` for the
+/// subscribers, `sources` source addresses) and checks that every
+/// publication was accepted and every delivery counted and timed; the
+/// merged report.
+async fn every_delivery(
+    addr: std::net::SocketAddr,
+    sources: u8,
+    subscribers: usize,
+    messages: u64,
+    rate: u32,
+) -> bench::Report {
+    let target = Target::new(&format!("ws://{addr}/ws"), sources).expect("target");
+    let mut o = broadcast_options(subscribers, messages, KEY);
     o.rate = rate;
     let stop = CancellationToken::new();
     let subs = broadcast::subscribe(target, &o, &stop, false).await;
-    assert_eq!(subs.subscribed(), 20);
+    assert_eq!(subs.subscribed(), subscribers as u64);
     let (published, mut r) = tokio::join!(
-        broadcast::publish(server.addr, &o, &stop),
+        broadcast::publish(addr, &o, &stop),
         subs.drain(o.idle, Duration::from_secs(5))
     );
     let published = published.expect("publisher");
-    assert_eq!(published.accepted, 3);
+    assert_eq!(published.accepted, messages);
     let last = r.extra_u64("last_delivery_us");
-    broadcast::finish(&mut r, &published, 20, last);
+    broadcast::finish(&mut r, &published, subscribers as u64, last);
     let json = r.to_json();
-    assert_eq!(json["replies"], 60, "20 subscribers x 3 messages: {json}");
+    let expected = subscribers as u64 * messages;
+    assert_eq!(
+        json["replies"], expected,
+        "{subscribers} subscribers x {messages} messages: {json}"
+    );
     assert_eq!(json["missed deliveries"], 0, "{json}");
-    assert_eq!(json["latency_ms"]["samples"], 60);
+    assert_eq!(json["latency_ms"]["samples"], expected);
     r
+}
+
+/// 20 subscribers, 3 messages at `rate`, against a server with a 300 ms
+/// batch window.
+async fn three_publications(server: &common::TestServer, rate: u32) -> bench::Report {
+    every_delivery(server.addr, 2, 20, 3, rate).await
 }
 
 fn window_of_300_ms(c: &mut gale::config::Config) {
@@ -249,21 +267,7 @@ async fn the_floor_serves_the_broadcast_scenario_as_gale_does() {
         256,
         stop.clone(),
     ));
-    let target = Target::new(&format!("ws://{addr}/ws"), 1).expect("target");
-    let o = broadcast_options(5, 4, KEY);
-    let subs = broadcast::subscribe(target, &o, &stop, false).await;
-    assert_eq!(subs.subscribed(), 5);
-    let (published, mut r) = tokio::join!(
-        broadcast::publish(addr, &o, &stop),
-        subs.drain(o.idle, Duration::from_secs(5))
-    );
-    let published = published.expect("publisher");
-    assert_eq!(published.accepted, 4);
-    let last = r.extra_u64("last_delivery_us");
-    broadcast::finish(&mut r, &published, 5, last);
-    let json = r.to_json();
-    assert_eq!(json["replies"], 20, "5 subscribers x 4 messages: {json}");
-    assert_eq!(json["missed deliveries"], 0, "{json}");
+    every_delivery(addr, 1, 5, 4, 0).await;
     stop.cancel();
     floor.await.expect("the floor stops");
 }
