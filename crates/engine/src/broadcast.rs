@@ -1115,7 +1115,8 @@ async fn deliver(
         };
         let Some(first) = first else { return };
         batch.push(first);
-        let queued_out = hub.upgrade().map_or(0, |h| h.metrics.outbound_queued.get());
+        let Some(hub) = hub.upgrade() else { return };
+        let queued_out = hub.metrics.outbound_queued.get();
         let busy = !rx.is_empty()
             || last.is_some_and(|at| at.elapsed() < window)
             || (queued_out - before) * 4 > reached;
@@ -1138,7 +1139,6 @@ async fn deliver(
                 }
             }
         }
-        let Some(hub) = hub.upgrade() else { return };
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
         before = hub.metrics.outbound_queued.get();
         reached = 0;
