@@ -197,16 +197,16 @@ async fn sessions_are_bounded_switchable_and_end_cleanly_at_shutdown() {
 /// A client that stops reading its stream while pushes wait is dropped
 /// after 10 s, as a WebSocket one is: its session leaves, its
 /// connection closes, and the server's memory for it is bounded meanwhile.
-/// 600 pushes of 1 KB fill hyper's buffer and then the outbox.
+/// 600 pushes of 1 KB fill the kernel's buffers and then the outbox.
 #[tokio::test]
 async fn a_session_whose_client_stopped_reading_is_ended() {
     a_stalled_session_is_ended(600, 1_000).await;
 }
 
-/// Three pushes of 60 KB: hyper's buffer takes them all and the outbox
-/// is empty, but the socket still refuses them.
+/// Three pushes of 60 KB: the outbox is empty, the session's task holds
+/// what the socket refuses.
 #[tokio::test]
-async fn a_stalled_session_is_ended_when_hyper_holds_what_waits() {
+async fn a_stalled_session_is_ended_when_few_large_pushes_wait() {
     a_stalled_session_is_ended(3, 60_000).await;
 }
 
@@ -280,4 +280,135 @@ async fn a_stalled_session_is_ended(publications: usize, bytes: usize) {
     })
     .await
     .expect("the server closed the connection");
+}
+
+/// Reads from `stream` until `buf` holds `want` (or the stream ends).
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, buf: &mut String, want: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = [0u8; 4096];
+    while !buf.contains(want) {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut bytes))
+            .await
+            .unwrap_or_else(|_| panic!("no {want:?} in time; got {buf:?}"))
+            .expect("read");
+        assert!(n > 0, "the stream ended before {want:?}: {buf:?}");
+        buf.push_str(&String::from_utf8_lossy(&bytes[..n]));
+    }
+}
+
+/// The session id in a greeting read raw.
+fn session_of(raw: &str) -> String {
+    raw.split("\"session\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("session id")
+        .to_owned()
+}
+
+/// Over TLS the session's stream is served the same way: chunks of an
+/// HTTP/1.1 body, each whole message in one, and the body's end (the
+/// zero-length chunk) once the server stops.
+#[tokio::test]
+async fn a_session_streams_over_tls_in_chunks_to_its_end() {
+    use rustls_pki_types::ServerName;
+    use tokio::io::AsyncWriteExt;
+    let mut server = start_with(|c| {
+        configure(c);
+        c.server.tls_cert = Some(common::key_file("tls-cert.pem"));
+        c.server.tls_key = Some(common::key_file("tls-key.pem"));
+    })
+    .await;
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        let name = ServerName::try_from("localhost".to_owned()).expect("name");
+        common::tls_connector()
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake")
+    };
+    let mut stream = connect().await;
+    stream
+        .write_all(b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("write");
+    let mut raw = String::new();
+    read_until(&mut stream, &mut raw, "}\n\n\r\n").await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{raw}"
+    );
+    // The greeting is one chunk: its size, then exactly that many bytes.
+    let body = raw.split("\r\n\r\n").nth(1).expect("a body");
+    let (size, rest) = body.split_once("\r\n").expect("a chunk size");
+    let size = usize::from_str_radix(size, 16).expect("hex size");
+    assert!(rest[..size].starts_with("retry: 2000\ndata: {"), "{rest}");
+    assert_eq!(&rest[size..size + 2], "\r\n", "{body}");
+    let session = session_of(&raw);
+
+    // A message posted on another connection is answered on the stream.
+    let mut post = connect().await;
+    let msg = "Berlin";
+    post.write_all(
+        format!(
+            "POST /sse/{session} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}",
+            msg.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("post");
+    let mut answer = String::new();
+    read_until(&mut post, &mut answer, "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    read_until(&mut stream, &mut raw, "\"city\":\"Berlin\"").await;
+
+    server.stop().await.expect("clean stop");
+    read_until(&mut stream, &mut raw, "\r\n0\r\n\r\n").await;
+    assert!(raw.contains("event: close"), "{raw}");
+}
+
+/// An HTTP/1.0 client gets the stream unchunked, ended by the
+/// connection's close.
+#[tokio::test]
+async fn an_http_1_0_session_streams_unchunked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut server = start_with(configure).await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /sse HTTP/1.0\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("write");
+    let mut raw = String::new();
+    read_until(&mut stream, &mut raw, "}\n\n").await;
+    assert!(
+        raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"),
+        "{raw}"
+    );
+    assert!(
+        !raw.to_ascii_lowercase().contains("transfer-encoding"),
+        "{raw}"
+    );
+    let body = raw.split("\r\n\r\n").nth(1).expect("a body");
+    assert!(body.starts_with("retry: 2000\ndata: {"), "{body}");
+    let probe = SseClient::open(server.addr, "").await.expect("open");
+    assert_eq!(
+        probe.post_raw(&session_of(&raw), b"Oslo".to_vec()).await,
+        202
+    );
+    read_until(&mut stream, &mut raw, "\"city\":\"Oslo\"").await;
+    server.stop().await.expect("clean stop");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closed the connection")
+        .expect("read");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("event: close"), "{rest}");
+    assert!(!rest.contains("\r\n0\r\n"), "no chunk framing: {rest}");
 }

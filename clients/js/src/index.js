@@ -149,8 +149,10 @@ export class SseTransport {
         } catch {
           return; // the stream's end reports the drop
         }
-        // 429: too much in flight for this session; wait, then resend.
-        if (res.status !== 429) {
+        // 429: too much in flight for this session; 503: the server is
+        // moving to a new process (a takeover), which will take it. Wait,
+        // then resend.
+        if (res.status !== 429 && res.status !== 503) {
           if (res.status === 404) this.close(4404, 'session ended');
           return;
         }

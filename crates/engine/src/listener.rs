@@ -34,6 +34,7 @@
 //! scenario (docs/benchmarks.md).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -46,6 +47,7 @@ use axum::body::Body;
 use axum::extract::connect_info::ConnectInfo;
 use axum::http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::http1::UpgradeableConnection;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -294,7 +296,7 @@ async fn connection(
         stream,
         _permit: permit,
         counted,
-        writes: abort.writes.clone(),
+        detach: abort.detach.clone(),
     };
     let served = Arc::new(AtomicBool::new(false));
     let service = Service {
@@ -312,17 +314,20 @@ async fn connection(
     // the accept, below.
     http.timer(TokioTimer::new())
         .header_read_timeout(front.deadline);
-    let mut conn = pin!(
-        http.serve_connection(TokioIo::new(io), service)
-            .with_upgrades()
-    );
+    let mut conn = http
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     let mut first = pin!(tokio::time::sleep_until(deadline));
     let (mut watching, mut stopping) = (true, false);
     loop {
         tokio::select! {
-            ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
+            ended = &mut conn => return finished(ended, addr, &front.metrics),
             () = abort.token.cancelled() => {
-                tracing::debug!(%addr, "connection ended by its handler");
+                if let Some(carry) = abort.detach.take() {
+                    detach(conn, &abort.detach, carry, front.deadline, addr).await;
+                } else {
+                    tracing::debug!(%addr, "connection ended by its handler");
+                }
                 return;
             }
             () = &mut first, if watching => {
@@ -338,15 +343,56 @@ async fn connection(
                 // connection at once, and this one has a request coming.
                 while !served.load(Ordering::Acquire) && !first.is_elapsed() {
                     tokio::select! {
-                        ended = conn.as_mut() => return finished(ended, addr, &front.metrics),
+                        ended = &mut conn => return finished(ended, addr, &front.metrics),
                         () = tokio::time::sleep(Duration::from_millis(5)) => {}
                     }
                 }
                 stopping = true;
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
             }
         }
     }
+}
+
+/// Takes a connection from hyper once its response head is out (hyper
+/// flushes the socket only when its own buffer is empty), and hands it to
+/// `carry`. A head not written within `deadline` (a client that reads
+/// nothing) ends the connection.
+async fn detach(
+    mut conn: UpgradeableConnection<TokioIo<LimitedStream>, Service>,
+    detach: &Detach,
+    carry: Carry,
+    deadline: Duration,
+    addr: SocketAddr,
+) {
+    let written = tokio::time::timeout(
+        deadline,
+        std::future::poll_fn(|cx| {
+            if detach.flushed() {
+                return Poll::Ready(true);
+            }
+            match Pin::new(&mut conn).poll(cx) {
+                // The connection ended (the client went) before.
+                Poll::Ready(_) => Poll::Ready(false),
+                Poll::Pending if detach.flushed() => Poll::Ready(true),
+                Poll::Pending => Poll::Pending,
+            }
+        }),
+    )
+    .await;
+    if written != Ok(true) {
+        tracing::debug!(%addr, "response head not written in time: closed");
+        return;
+    }
+    let Some(parts) = conn.into_parts() else {
+        return;
+    };
+    let (stream, permit, counted) = parts.io.into_inner().into_parts();
+    carry(Detached {
+        stream,
+        permit,
+        counted,
+    });
 }
 
 fn finished(ended: Result<(), hyper::Error>, addr: SocketAddr, metrics: &Metrics) {
@@ -382,61 +428,78 @@ struct Service {
 #[derive(Debug, Clone, Copy)]
 pub struct Counted;
 
-/// Ends the HTTP connection a request came on, from its handler's side:
-/// the accept loop drops the connection (and the response in progress)
-/// once it fires. Every request carries its connection's in its
-/// extensions. An SSE session whose client stopped reading is ended this
-/// way: hyper stops polling a response body whose socket is full, so the
-/// body itself can never notice; [`ConnAbort::writes`] tells since when.
-#[derive(Debug, Clone, Default)]
+/// Ends the HTTP connection a request came on, or takes it from hyper,
+/// from its handler's side: the accept loop acts once `token` fires.
+/// Every request carries its connection's in its extensions.
+///
+/// A handler that streams for a connection's whole life (an SSE session)
+/// takes the connection over with [`ConnAbort::detach`]: hyper writes the
+/// response head, then gives the socket up, and its buffers (an 8 KiB read
+/// buffer and its write buffer) go with it, as at a WebSocket upgrade.
+#[derive(Clone, Default)]
 pub struct ConnAbort {
-    /// Cancelled to drop the connection.
+    /// Cancelled to drop the connection (or detach it, when a handler
+    /// asked to).
     pub token: tokio_util::sync::CancellationToken,
-    /// Whether the socket refuses writes now, and since when.
-    pub writes: Arc<WriteClock>,
+    detach: Arc<Detach>,
 }
 
-/// Since when an HTTP connection's socket has refused every write: the
-/// peer stopped reading and the kernel's buffers are full. hyper may
-/// hold a response's bytes in its own buffer by then, so only the socket
-/// can tell.
-#[derive(Debug, Default)]
-pub struct WriteClock {
-    /// Milliseconds since [`CLOCK`] plus one when a write last found the
-    /// socket full with none written since; 0 when the last write went
-    /// through.
-    blocked_since: AtomicU64,
+impl std::fmt::Debug for ConnAbort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnAbort")
+            .field("cancelled", &self.token.is_cancelled())
+            .finish_non_exhaustive()
+    }
 }
 
-static CLOCK: std::sync::LazyLock<std::time::Instant> =
-    std::sync::LazyLock::new(std::time::Instant::now);
+/// A connection taken from hyper after its response head.
+pub(crate) struct Detached {
+    /// The socket, the head written.
+    pub(crate) stream: Stream,
+    /// Its place under `server.max_connections`.
+    pub(crate) permit: OwnedSemaphorePermit,
+    /// Its count against its peer's address, when counted at the accept.
+    pub(crate) counted: Option<Admitted>,
+}
 
-impl WriteClock {
-    /// How long the socket has refused writes, if it does now.
-    pub fn blocked_for(&self) -> Option<Duration> {
-        match self.blocked_since.load(Ordering::Relaxed) {
-            0 => None,
-            since => {
-                let now = CLOCK.elapsed().as_millis() as u64 + 1;
-                Some(Duration::from_millis(now.saturating_sub(since)))
-            }
-        }
+/// What carries a detached connection on.
+type Carry = Box<dyn FnOnce(Detached) + Send>;
+
+/// A handler's request to take its connection over, and the socket's
+/// flush count that tells when hyper has written the head.
+#[derive(Default)]
+struct Detach {
+    carry: std::sync::Mutex<Option<Carry>>,
+    /// Flushes of the socket when the request was made.
+    asked_at: AtomicU64,
+    /// Flushes of the socket that completed. hyper flushes the socket
+    /// only once its own write buffer is empty.
+    flushes: AtomicU64,
+}
+
+impl Detach {
+    fn take(&self) -> Option<Carry> {
+        self.carry.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    fn record<T>(&self, written: &Poll<io::Result<T>>) {
-        match written {
-            Poll::Pending => {
-                if self.blocked_since.load(Ordering::Relaxed) == 0 {
-                    let now = CLOCK.elapsed().as_millis() as u64 + 1;
-                    self.blocked_since.store(now, Ordering::Relaxed);
-                }
-            }
-            Poll::Ready(_) => {
-                if self.blocked_since.load(Ordering::Relaxed) != 0 {
-                    self.blocked_since.store(0, Ordering::Relaxed);
-                }
-            }
-        }
+    /// Whether the socket was flushed since the request.
+    fn flushed(&self) -> bool {
+        self.flushes.load(Ordering::Acquire) > self.asked_at.load(Ordering::Acquire)
+    }
+}
+
+impl ConnAbort {
+    /// Takes the connection from hyper once it has written the response
+    /// head (the response's body is never polled again; make it one that
+    /// stays pending), and runs `carry` with it. If the connection ends
+    /// first, `carry` is dropped unrun.
+    pub(crate) fn detach(&self, carry: impl FnOnce(Detached) + Send + 'static) {
+        *self.detach.carry.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(carry));
+        self.detach.asked_at.store(
+            self.detach.flushes.load(Ordering::Acquire),
+            Ordering::Release,
+        );
+        self.token.cancel();
     }
 }
 
@@ -465,8 +528,8 @@ pub(crate) struct LimitedStream {
     stream: Stream,
     _permit: OwnedSemaphorePermit,
     counted: Option<Admitted>,
-    /// Left behind on an upgrade: a WebSocket times its own writes.
-    writes: Arc<WriteClock>,
+    /// Counts the flushes a detach waits for.
+    detach: Arc<Detach>,
 }
 
 impl LimitedStream {
@@ -493,13 +556,15 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.writes.record(&written);
-        written
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let flushed = Pin::new(&mut self.stream).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.detach.flushes.fetch_add(1, Ordering::AcqRel);
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -511,9 +576,7 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.writes.record(&written);
-        written
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

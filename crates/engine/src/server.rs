@@ -875,7 +875,7 @@ async fn serve(
             }
             Err(e) => tracing::error!(error = %e, "the takeover broke off"),
         }
-        // What could not move (TLS, SSE) goes at once, each told a
+        // What could not move (TLS) goes at once, each told a
         // jittered reconnect delay: a drain over `drain_s` would keep this
         // process, and what it holds (the request log's spill), from the
         // new one for that long.
@@ -1061,13 +1061,14 @@ async fn sse_open(
     peer: ConnectInfo<SocketAddr>,
     abort: Option<axum::Extension<crate::listener::ConnAbort>>,
     counted: Option<axum::Extension<Counted>>,
+    version: axum::http::Version,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
     if !state.0.config.sse.enabled {
         return not_found().await;
     }
-    crate::sse::open(state, peer, abort, counted, headers, uri).await
+    crate::sse::open(state, peer, abort, counted, version, headers, uri).await
 }
 
 async fn sse_receive(

@@ -17,85 +17,48 @@
 //! when the client goes (or the stream ends for shutdown, a slow consumer
 //! or an expired token) it leaves the hub and a POST to it answers 404.
 //! Sessions are bounded by `sse.max_sessions` (503 past it) and, like
-//! WebSocket connections, by the per-address admission limits. A client
-//! that stops reading while something waits for it is dropped after 10 s,
-//! as on a WebSocket (a watchdog beside the streams: hyper does not poll
-//! a body whose socket is full).
+//! WebSocket connections, by the per-address admission limits.
+//!
+//! Once the response head is written, the session's connection is taken
+//! from hyper (`ConnAbort::detach`) and served by the session's own task,
+//! as a WebSocket is after its upgrade: an idle session holds no HTTP
+//! buffers. The task writes each message as it comes (a chunk of the
+//! response body), watches the socket for the client's end, and ends a
+//! client that stops reading while something waits for it after 10 s,
+//! as on a WebSocket.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::connection::{Counted, SEND_TIMEOUT, invalid_reply, join, new_caller, refresh_if_due};
-use crate::listener::ConnAbort;
+use crate::listener::{ConnAbort, Detached};
 use crate::outbox::{Outgoing, Taken};
 use crate::protocol::{Incoming, classify};
 use crate::router::Caller;
 use crate::server::App;
+use crate::transport::Stream;
 
 /// One open session.
 struct Session {
     caller: Caller,
     /// Plain-text messages being answered for it.
     lookups: AtomicUsize,
-    /// Ends its HTTP connection (a client that stopped reading).
-    abort: Option<ConnAbort>,
 }
 
 /// The open sessions, by id.
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
-    watchdog: std::sync::OnceLock<()>,
-}
-
-/// Ends the sessions whose client stopped reading: their socket has
-/// refused every write for [`SEND_TIMEOUT`], the same rule as a
-/// WebSocket's. hyper stops polling a body whose socket is full (holding
-/// what it took in its own buffer, so the outbox may well be empty), so
-/// this runs beside the streams, once a second.
-fn watch(app: &Arc<App>) {
-    let app = Arc::downgrade(app);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let Some(app) = app.upgrade() else { return };
-            if app.closing.is_cancelled() {
-                return;
-            }
-            let stalled: Vec<Arc<Session>> = app
-                .sessions
-                .lock()
-                .values()
-                .filter(|s| {
-                    s.abort.as_ref().is_some_and(|a| {
-                        !a.token.is_cancelled()
-                            && a.writes.blocked_for().is_some_and(|d| d >= SEND_TIMEOUT)
-                    })
-                })
-                .cloned()
-                .collect();
-            for s in stalled {
-                tracing::debug!(client_id = %s.caller.conn_id, "sse session: the client stopped reading");
-                app.metrics.slow_consumers.inc();
-                // Nothing more is queued for it; the connection goes.
-                s.caller.outbox.close();
-                if let Some(abort) = &s.abort {
-                    abort.token.cancel();
-                }
-            }
-        }
-    });
 }
 
 impl std::fmt::Debug for Sessions {
@@ -132,6 +95,8 @@ struct Open {
     app: Arc<App>,
     id: String,
     session: Arc<Session>,
+    /// Handed to a new process: it leaves nothing and says no goodbye.
+    moved: bool,
     _counted: Counted,
     _admitted: crate::admission::Admitted,
     _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
@@ -146,21 +111,37 @@ impl Drop for Open {
             map.remove(&self.id);
             app.metrics.sse_sessions.set(map.len() as i64);
         }
-        app.hub.leave(conn_id);
-        app.hooks.disconnected(self.session.caller.who());
+        if self.moved {
+            app.hub.forget(conn_id);
+        } else {
+            app.hub.leave(conn_id);
+            app.hooks.disconnected(self.session.caller.who());
+        }
         app.router.connection_closed(conn_id);
         self.session.caller.outbox.close();
-        tracing::debug!(client_id = %conn_id, "sse session closed");
+        tracing::debug!(client_id = %conn_id, moved = self.moved, "sse session closed");
     }
 }
 
 /// The stream's state between two chunks.
-struct Stream {
+struct Feed {
     open: Open,
     hello: Option<Bytes>,
     tick: tokio::sync::watch::Receiver<()>,
     buf: Vec<Outgoing>,
     done: bool,
+    /// It takes part in a takeover (plain TCP, a handoff socket set).
+    handing: bool,
+}
+
+/// What a stream does next.
+enum Next {
+    /// Writes these bytes.
+    Send(Bytes),
+    /// Ends the body.
+    End,
+    /// Moves to the process taking over.
+    Handoff,
 }
 
 /// `GET /sse`: opens a session and streams it.
@@ -169,9 +150,18 @@ pub(crate) async fn open(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     abort: Option<axum::Extension<ConnAbort>>,
     counted: Option<axum::Extension<crate::listener::Counted>>,
+    version: Version,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
+    // The session's task takes the connection from gale's listener.
+    let Some(axum::Extension(abort)) = abort else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "SSE sessions are served only by gale's own listener\n",
+        )
+            .into_response();
+    };
     let crate::server::Admitted {
         admission,
         who,
@@ -190,9 +180,7 @@ pub(crate) async fn open(
     let session = Arc::new(Session {
         caller,
         lookups: AtomicUsize::new(0),
-        abort: abort.map(|a| a.0),
     });
-    app.sessions.watchdog.get_or_init(|| watch(&app));
     {
         let mut map = app.sessions.lock();
         if map.len() >= app.config.sse.max_sessions {
@@ -219,11 +207,12 @@ pub(crate) async fn open(
         "transport": "sse",
     })
     .to_string();
-    let state = Stream {
+    let feed = Feed {
         hello: Some(Bytes::from(format!("retry: 2000\ndata: {hello}\n\n"))),
         tick: app.ping_clock.subscribe(),
         buf: Vec::new(),
         done: false,
+        handing: false,
         open: Open {
             _counted: Counted::open(&app),
             _admitted: admitted,
@@ -231,11 +220,19 @@ pub(crate) async fn open(
             app,
             id,
             session,
+            moved: false,
         },
     };
-    let body = futures_util::stream::unfold(state, |mut st| async move {
-        let chunk = next_chunk(&mut st).await?;
-        Some((Ok::<Bytes, Infallible>(chunk), st))
+    // hyper writes the head, then the session's own task serves the
+    // connection (the body is polled once, to ask for it). hyper frames an
+    // HTTP/1.1 body of unknown length in chunks, an HTTP/1.0 one by the
+    // connection's end; the task goes on the same way.
+    let chunked = version >= Version::HTTP_11;
+    let body = futures_util::stream::once(async move {
+        abort.detach(move |conn| {
+            tokio::spawn(run(conn, feed, chunked));
+        });
+        std::future::pending::<Result<Bytes, Infallible>>().await
     });
     (
         [
@@ -249,35 +246,208 @@ pub(crate) async fn open(
         .into_response()
 }
 
+/// Serves a session on its connection: each message as it comes, until
+/// the stream ends (shutdown, a slow consumer, an expired token), the
+/// client goes, a write waits past [`SEND_TIMEOUT`], or a takeover moves
+/// it to a new process.
+async fn run(conn: Detached, mut feed: Feed, chunked: bool) {
+    let Detached {
+        mut stream,
+        permit: _permit,
+        counted: _counted,
+    } = conn;
+    let app = feed.open.app.clone();
+    // Plain-TCP sessions take part in a takeover, as WebSockets do.
+    let member = app
+        .handoff
+        .as_ref()
+        .filter(|_| matches!(stream, Stream::Plain(_)))
+        .map(|gate| gate.join());
+    feed.handing = member.is_some();
+    loop {
+        let next = tokio::select! {
+            next = next_chunk(&mut feed) => next,
+            () = client_gone(&mut stream) => return,
+        };
+        let bytes = match next {
+            Next::Send(bytes) => bytes,
+            Next::End => break,
+            Next::Handoff => {
+                let (Some(member), Stream::Plain(tcp)) = (member, stream) else {
+                    return;
+                };
+                // Boxed: a takeover's state would otherwise make every
+                // session's task as large as it.
+                return Box::pin(hand(tcp, feed, member, chunked)).await;
+            }
+        };
+        let bytes = if chunked { chunk(&bytes) } else { bytes };
+        match tokio::time::timeout(SEND_TIMEOUT, write(&mut stream, &bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::debug!(client_id = %feed.open.session.caller.conn_id, "sse session: the client stopped reading");
+                app.metrics.slow_consumers.inc();
+                return;
+            }
+        }
+    }
+    end(&mut stream, chunked).await;
+}
+
+/// Ends the body, then the connection.
+async fn end(stream: &mut Stream, chunked: bool) {
+    let _ = tokio::time::timeout(SEND_TIMEOUT, async {
+        if chunked {
+            write(stream, b"0\r\n\r\n").await?;
+        }
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Hands the session to the process taking over: the same session id,
+/// stream and subscriptions go on there. One that cannot move ends as a
+/// drain would end it (1012, with a reconnect delay).
+async fn hand(
+    tcp: tokio::net::TcpStream,
+    mut feed: Feed,
+    member: crate::handoff::Member,
+    chunked: bool,
+) {
+    let app = feed.open.app.clone();
+    let session = feed.open.session.clone();
+    let moving = crate::handoff::SseSession {
+        session: feed.open.id.clone(),
+        chunked,
+    };
+    match crate::handoff::hand_sse(
+        &app,
+        tcp,
+        &session.caller,
+        &session.lookups,
+        member,
+        moving,
+        encode,
+    )
+    .await
+    {
+        Ok(()) => feed.open.moved = true,
+        Err(tcp) => {
+            let mut stream = Stream::Plain(tcp);
+            let _ = feed.open.session.caller.outbox.take(&mut feed.buf);
+            let mut out = encode(&mut feed.buf).to_vec();
+            let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
+            out.extend_from_slice(&closing(crate::drain::SERVICE_RESTART, &reason));
+            let out = if chunked {
+                chunk(&out)
+            } else {
+                Bytes::from(out)
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(SEND_TIMEOUT, write(&mut stream, &out)).await {
+                end(&mut stream, chunked).await;
+            }
+        }
+    }
+}
+
+/// Carries a session handed over by the previous process on in this one:
+/// the same id (its POSTs go on), what was queued for it written first.
+pub(crate) fn resume(
+    app: &Arc<App>,
+    caller: Caller,
+    id: String,
+    chunked: bool,
+    conn: Detached,
+    queued: Bytes,
+) {
+    let address = caller.address;
+    let session = Arc::new(Session {
+        caller,
+        lookups: AtomicUsize::new(0),
+    });
+    {
+        let mut map = app.sessions.lock();
+        map.insert(id.clone(), session.clone());
+        app.metrics.sse_sessions.set(map.len() as i64);
+    }
+    tracing::debug!(client_id = %session.caller.conn_id, "sse session taken over");
+    let feed = Feed {
+        hello: (!queued.is_empty()).then_some(queued),
+        tick: app.ping_clock.subscribe(),
+        buf: Vec::new(),
+        done: false,
+        handing: false,
+        open: Open {
+            _counted: Counted::resumed(app),
+            _admitted: app.admission.session(address),
+            _tracked: app.tracker.token(),
+            app: app.clone(),
+            id,
+            session,
+            moved: false,
+        },
+    };
+    tokio::spawn(run(conn, feed, chunked));
+}
+
+/// Writes `bytes` whole (over TLS, flushed too).
+async fn write(stream: &mut Stream, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Returns once the client has closed its side (or the connection
+/// failed). What it sends meanwhile, which no SSE client does, is
+/// dropped. Reads into a few bytes on the task's stack: an idle session
+/// holds no read buffer.
+async fn client_gone(stream: &mut Stream) {
+    let mut sink = [0_u8; 64];
+    while let Ok(1..) = stream.read(&mut sink).await {}
+}
+
+/// `bytes` as one chunk of an HTTP/1.1 chunked body.
+fn chunk(bytes: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(bytes.len() + 12);
+    out.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}
+
 /// The next bytes of a stream: what the outbox holds, a keep-alive, or
 /// the end.
-async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
+async fn next_chunk(st: &mut Feed) -> Next {
     if let Some(hello) = st.hello.take() {
-        return Some(hello);
+        return Next::Send(hello);
     }
     if st.done {
-        return None;
+        return Next::End;
     }
     let app = st.open.app.clone();
     let outbox = &st.open.session.caller.outbox;
     loop {
+        // A takeover wakes every outbox once it starts.
+        if st.handing && app.handoff.as_ref().is_some_and(|g| g.is_started()) {
+            return Next::Handoff;
+        }
         match outbox.take(&mut st.buf) {
             Taken::SlowConsumer => {
                 app.metrics.slow_consumers.inc();
                 st.done = true;
-                return Some(closing(1013, "slow consumer"));
+                return Next::Send(closing(1013, "slow consumer"));
             }
             Taken::End(code, reason) => {
                 st.done = true;
                 let mut out = encode(&mut st.buf).to_vec();
                 out.extend_from_slice(&closing(code, &reason));
-                return Some(Bytes::from(out));
+                return Next::Send(Bytes::from(out));
             }
             Taken::Messages => {}
         }
         if !st.buf.is_empty() {
             app.metrics.messages_out.inc_by(st.buf.len() as u64);
-            return Some(encode(&mut st.buf));
+            return Next::Send(encode(&mut st.buf));
         }
         tokio::select! {
             biased;
@@ -287,18 +457,18 @@ async fn next_chunk(st: &mut Stream) -> Option<Bytes> {
                 let _ = outbox.take(&mut st.buf);
                 let mut out = encode(&mut st.buf).to_vec();
                 out.extend_from_slice(&closing(1001, "server shutting down"));
-                return Some(Bytes::from(out));
+                return Next::Send(Bytes::from(out));
             }
             () = outbox.ready() => {}
             Ok(()) = st.tick.changed() => {
                 if let Some(at) = outbox.expires() {
                     if crate::connection::unix_now() >= at {
                         st.done = true;
-                        return Some(closing(1008, "token expired"));
+                        return Next::Send(closing(1008, "token expired"));
                     }
                     refresh_if_due(&app, &st.open.session.caller, at);
                 }
-                return Some(Bytes::from_static(b":\n\n"));
+                return Next::Send(Bytes::from_static(b":\n\n"));
             }
         }
     }
@@ -345,6 +515,16 @@ pub(crate) async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // A takeover under way: the session goes on in the new process, which
+    // takes this message once it accepts (the client sends it again).
+    if app.handoff.as_ref().is_some_and(|g| g.is_started()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "the server is moving to a new process; send this message again\n",
+        )
+            .into_response();
+    }
     let Some(session) = app.sessions.get(&id) else {
         return (
             StatusCode::NOT_FOUND,

@@ -1,5 +1,5 @@
 //! Takeover: a new process is handed the listening socket and every live
-//! WebSocket connection of the running one, and carries each on from
+//! WebSocket connection and SSE session of the running one, and carries each on from
 //! exactly where it was. No client sees a close, a reconnect, a lost or a
 //! repeated message.
 //!
@@ -31,13 +31,16 @@
 //!    the compression agreed (no context is kept between messages, so the
 //!    window size is all), the bytes read but not parsed, a message begun
 //!    in fragments, and the frames queued but not yet written. The new
-//!    process writes those frames first and goes on.
+//!    process writes those frames first and goes on. A plain-TCP SSE
+//!    session moves the same way, with its session id (its client's
+//!    POSTs go on to the new process) and its queued messages; from the
+//!    takeover's start the old process answers its POSTs 503 with
+//!    `Retry-After` (nothing is run there), and the client sends again.
 //! 6. **Done.** The count. The new process answers with how many it
 //!    received (it now holds every descriptor), builds its server,
 //!    carries each connection on, and only then accepts. The old process
-//!    closes at once what could not move (TLS connections, whose keys
-//!    stay in rustls' state here, and SSE streams, which are hyper's),
-//!    each with 1012 and a jittered reconnect delay, and exits, letting
+//!    closes at once what could not move (TLS connections and sessions,
+//!    whose keys stay in rustls' state here), each with 1012 and a jittered reconnect delay, and exits, letting
 //!    go of what it held (the request log's spill directory, which the
 //!    new process waits for).
 //!
@@ -72,7 +75,7 @@ use crate::websocket::{Parts, Socket};
 
 /// The handoff format this binary speaks. Two binaries hand over only
 /// when they speak the same one; it changes whenever a message does.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 /// Connections in flight between the connection tasks and the socket.
 const QUEUE: usize = 1024;
@@ -160,6 +163,19 @@ struct ConnState {
     /// checked prefix, its length.
     partial: Option<(bool, bool, usize, usize)>,
     queued: usize,
+    /// An SSE session rather than a WebSocket: its queued bytes are SSE
+    /// messages, not yet framed.
+    sse: Option<SseSession>,
+}
+
+/// What an SSE session carries beyond a connection's state.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SseSession {
+    /// Its id, which its client POSTs to.
+    pub(crate) session: String,
+    /// Whether its body is chunked (HTTP/1.1) or ends with the connection
+    /// (HTTP/1.0).
+    pub(crate) chunked: bool,
 }
 
 fn head(msg: &Msg) -> Vec<u8> {
@@ -591,13 +607,6 @@ pub(crate) async fn hand(
         queued,
         deflate,
     } = parts;
-    let fd: OwnedFd = match tcp.into_std() {
-        Ok(tcp) => tcp.into(),
-        Err(e) => {
-            tracing::warn!(error = %e, "a connection could not be taken off the reactor: dropped");
-            return Ok(());
-        }
-    };
     let mut tail = Vec::with_capacity(read.len() + queued.len());
     tail.extend_from_slice(&read);
     let partial = partial.map(|(binary, compressed, valid, data)| {
@@ -606,6 +615,70 @@ pub(crate) async fn hand(
     });
     tail.extend_from_slice(&queued);
     let state = ConnState {
+        deflate,
+        read: read.len(),
+        partial,
+        queued: queued.len(),
+        ..state_of(app, caller)
+    };
+    send(gate, tcp, state, tail).await;
+    drop(member);
+    Ok(())
+}
+
+/// Hands one SSE session over (its task calls this once it saw the
+/// takeover), as [`hand`] does a WebSocket: its answers in flight land in
+/// its outbox, the broadcasts made before the takeover too, and what is
+/// queued goes as SSE messages (`encode`) for the new process to write
+/// first. `Err` gives the socket back when it cannot move.
+pub(crate) async fn hand_sse(
+    app: &App,
+    tcp: tokio::net::TcpStream,
+    caller: &Caller,
+    lookups: &std::sync::atomic::AtomicUsize,
+    mut member: Member,
+    sse: SseSession,
+    encode: fn(&mut Vec<crate::outbox::Outgoing>) -> bytes::Bytes,
+) -> Result<(), tokio::net::TcpStream> {
+    let Some(gate) = &app.handoff else {
+        return Err(tcp);
+    };
+    let grace = app.config.server.shutdown_grace();
+    // Its plain-text lookups and its events in the router: their replies
+    // land in the outbox. (Its POSTs are refused from the takeover's
+    // start, so nothing new comes.)
+    let answered = async {
+        while lookups.load(Ordering::Acquire) > 0 || caller.outbox.events() > 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let _ = tokio::time::timeout(grace, answered).await;
+    member.quiet();
+    if tokio::time::timeout(grace * 2, gate.extract.cancelled())
+        .await
+        .is_err()
+    {
+        return Err(tcp);
+    }
+    let mut queued = Vec::new();
+    if !matches!(caller.outbox.take(&mut queued), Taken::Messages) {
+        return Err(tcp);
+    }
+    app.metrics.messages_out.inc_by(queued.len() as u64);
+    let tail = encode(&mut queued).to_vec();
+    let state = ConnState {
+        queued: tail.len(),
+        sse: Some(sse),
+        ..state_of(app, caller)
+    };
+    send(gate, tcp, state, tail).await;
+    drop(member);
+    Ok(())
+}
+
+/// A connection's identity and subscriptions, with no bytes.
+fn state_of(app: &App, caller: &Caller) -> ConnState {
+    ConnState {
         id: caller.conn_id,
         address: caller.address,
         user: caller.user.as_deref().map(str::to_owned),
@@ -613,16 +686,27 @@ pub(crate) async fn hand(
         info: caller.info.as_deref().map(str::to_owned),
         expires: caller.outbox.expires(),
         topics: app.hub.subscriptions(caller.conn_id),
-        deflate,
-        read: read.len(),
-        partial,
-        queued: queued.len(),
+        deflate: None,
+        read: 0,
+        partial: None,
+        queued: 0,
+        sse: None,
+    }
+}
+
+/// Sends a connection to the writer: its descriptor, state and bytes.
+async fn send(gate: &Gate, tcp: tokio::net::TcpStream, state: ConnState, tail: Vec<u8>) {
+    let id = state.id;
+    let fd: OwnedFd = match tcp.into_std() {
+        Ok(tcp) => tcp.into(),
+        Err(e) => {
+            tracing::warn!(client_id = %id, error = %e, "a connection could not be taken off the reactor: dropped");
+            return;
+        }
     };
     if gate.tx.send(Handed { state, tail, fd }).await.is_err() {
-        tracing::warn!(client_id = %caller.conn_id, "the takeover ended before this connection went: dropped");
+        tracing::warn!(client_id = %id, "the takeover ended before this connection went: dropped");
     }
-    drop(member);
-    Ok(())
 }
 
 // ---------------------------------------------------------------------
@@ -802,6 +886,30 @@ fn resume(
         ));
     };
     let tail = bytes::Bytes::from(tail);
+    let who = crate::identity::Identity {
+        user: state.user.map(Arc::from),
+        roles: state.roles.into(),
+        expires: state.expires,
+        info: state.info.map(Arc::from),
+        topics: Vec::new(),
+    };
+    let caller = crate::connection::new_caller(app, state.id, state.address, who);
+    caller.outbox.set_expires(state.expires);
+    app.hub.join_resumed(&caller);
+    for (topic, announced) in &state.topics {
+        if let Err(e) = app.hub.resubscribe(state.id, topic, *announced) {
+            tracing::warn!(client_id = %state.id, topic, error = %e, "a subscription could not be taken over");
+        }
+    }
+    if let Some(sse) = state.sse {
+        let conn = crate::listener::Detached {
+            stream: crate::transport::Stream::Plain(tcp),
+            permit,
+            counted: None,
+        };
+        crate::sse::resume(app, caller, sse.session, sse.chunked, conn, tail);
+        return Ok(());
+    }
     let read = tail.slice(..state.read);
     let partial = state.partial.map(|(binary, compressed, valid, len)| {
         (
@@ -825,21 +933,6 @@ fn resume(
         app.metrics.clone(),
         permit,
     ));
-    let who = crate::identity::Identity {
-        user: state.user.map(Arc::from),
-        roles: state.roles.into(),
-        expires: state.expires,
-        info: state.info.map(Arc::from),
-        topics: Vec::new(),
-    };
-    let caller = crate::connection::new_caller(app, state.id, state.address, who);
-    caller.outbox.set_expires(state.expires);
-    app.hub.join_resumed(&caller);
-    for (topic, announced) in &state.topics {
-        if let Err(e) = app.hub.resubscribe(state.id, topic, *announced) {
-            tracing::warn!(client_id = %state.id, topic, error = %e, "a subscription could not be taken over");
-        }
-    }
     let admitted = app.admission.session(state.address);
     let tracked = app.tracker.token();
     let app = app.clone();
