@@ -427,6 +427,38 @@ async fn an_incompatible_successor_is_refused_and_the_old_process_serves_on() {
     assert_eq!(push["offset"], 2, "offsets go on: {push}");
 }
 
+/// A new process that could not start (here, its TLS certificate is
+/// missing) refuses before asking: nothing moves and the old process
+/// serves on.
+#[tokio::test]
+async fn a_successor_that_could_not_start_takes_nothing_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("gale.toml"), config(dir.path())).expect("config");
+    let mut old = Gale::start(dir.path(), false);
+    let addr = old.listening().await;
+    let mut client = Raw::connect(addr, "/ws", None).await;
+    subscribe(&mut client, "news:x").await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_gale"))
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.path().join("gale.toml"))
+        .arg("--takeover")
+        .current_dir(dir.path())
+        .env("GALE_SERVER__TLS_CERT", dir.path().join("missing-cert.pem"))
+        .env("GALE_SERVER__TLS_KEY", dir.path().join("missing-key.pem"))
+        .output()
+        .expect("run gale");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("server.tls_cert"), "says which setting: {err}");
+    assert!(err.contains("nothing was taken over"), "{err}");
+
+    // The old process still serves its client, on the same socket.
+    published_and_seen(addr, &mut client, "news:x", "still").await;
+    drop(old);
+}
+
 #[tokio::test]
 async fn takeover_without_a_running_server_says_what_to_do() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -366,6 +366,14 @@ async fn serve(file: Option<PathBuf>, listen: Option<String>, takeover: Takeover
     if let Some(listen) = listen {
         config.server.listen = listen;
     }
+    // A new process that would fail to start must not take the
+    // connections over: what can be checked is, before asking.
+    if takeover != Takeover::No
+        && let Err(e) = gale_engine::server::preflight(&config.engine)
+    {
+        eprintln!("gale: {e} (nothing was taken over; the running gale serves on)");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let taken = match takeover {
         Takeover::No => None,
         _ => match gale_engine::handoff::take_over(&config).await {

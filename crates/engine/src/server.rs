@@ -168,6 +168,22 @@ pub async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
         })
 }
 
+/// Checks what a server would refuse at its start and can be checked
+/// without starting one: the TLS certificate and key, and the token
+/// settings (keys read, algorithms known). `gale serve --takeover` runs
+/// it before asking the running process to hand over, so a new process
+/// that could not start does not take the connections down with it.
+///
+/// # Errors
+/// [`ServerError::Config`] naming the setting.
+pub fn preflight(config: &Config) -> Result<(), ServerError> {
+    if let (Some(cert), Some(key)) = (&config.server.tls_cert, &config.server.tls_key) {
+        crate::tls::acceptor(cert, key)?;
+    }
+    Verifier::from_config(&config.auth)?;
+    Ok(())
+}
+
 /// Runs the engine alone (its built-in events, no application) on
 /// `listener` until `shutdown` is cancelled, then shuts down cleanly.
 ///
