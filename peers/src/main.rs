@@ -3,16 +3,31 @@
 //! example writes it, default settings. Every text or binary message is
 //! sent back on the same connection. Listens on 127.0.0.1:9100 unless
 //! ADDR is given.
+//!
+//! `gale-peers socketioxide [ADDR]`: a Socket.IO server on socketioxide
+//! (room "bench", `POST /publish`), one of the servers gale is compared
+//! with (scripts/peers.sh).
+//!
+//! `gale-peers client --proto gale|socketio|pusher|raw ...`: the benchmark
+//! client that speaks each of those servers' protocols (see `client.rs`,
+//! or `gale-peers client --help`).
 
 use std::net::SocketAddr;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 
-#[tokio::main]
-async fn main() {
+mod client;
+mod socketio;
+
+const USAGE: &str = "usage: gale-peers axum|fastwebsockets|tokio-websockets|socketioxide [ADDR]\n       gale-peers client --help";
+
+fn main() {
     let mut args = std::env::args().skip(1);
     let which = args.next().unwrap_or_default();
+    if which == "client" {
+        std::process::exit(client::main(args.collect()));
+    }
     let addr: SocketAddr = match args
         .next()
         .unwrap_or_else(|| "127.0.0.1:9100".into())
@@ -24,6 +39,11 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(serve(which, addr));
+}
+
+async fn serve(which: String, addr: SocketAddr) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -31,13 +51,22 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    eprintln!("{which} echo on ws://{addr}/");
+    match which.as_str() {
+        "axum" => eprintln!("{which} echo on ws://{addr}/"),
+        "fastwebsockets" => eprintln!("{which} echo on ws://{addr}/"),
+        "tokio-websockets" => eprintln!("{which} echo on ws://{addr}/"),
+        "socketioxide" => {
+            eprintln!("socketioxide on ws://{addr}/socket.io/, POST http://{addr}/publish")
+        }
+        _ => {}
+    }
     match which.as_str() {
         "axum" => axum_echo(listener).await,
         "fastwebsockets" => fastwebsockets_echo(listener).await,
         "tokio-websockets" => tokio_websockets_echo(listener).await,
+        "socketioxide" => socketio::serve(listener).await,
         _ => {
-            eprintln!("usage: gale-peers axum|fastwebsockets|tokio-websockets [ADDR]");
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     }
