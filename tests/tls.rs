@@ -223,3 +223,117 @@ async fn gale_bench_loads_a_wss_server() {
         "{report}"
     );
 }
+
+/// POSTs `body` to `/api/publish` over TLS; the response, whole.
+async fn https_publish(server: &common::TestServer, body: &str) -> String {
+    let mut tls = tls_connect(server, "localhost").await;
+    let req = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        common::API_KEY_LONG,
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.expect("read");
+    answer
+}
+
+/// Pushes queued together go out encrypted together, one larger than a
+/// write encrypts at once (64 KiB) among them; every one arrives whole
+/// and in order, and the close is clean both ways.
+#[tokio::test]
+async fn many_pushes_and_a_large_one_arrive_whole_over_wss() {
+    let server = start_with(|c| {
+        c.server.tls_cert = Some(key_file("tls-cert.pem"));
+        c.server.tls_key = Some(key_file("tls-key.pem"));
+        c.api.key = Some(common::API_KEY_LONG.into());
+        c.topics
+            .insert("big:*".into(), gale::config::TopicConfig::history(10, 60));
+    })
+    .await;
+    let tls = tls_connect(&server, "localhost").await;
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("WebSocket over TLS");
+    next(&mut ws).await;
+    let sub = json!({"event": "topic.subscribe", "data": {"topic": "big:one"}, "ref": "s"});
+    ws.send(Message::text(sub.to_string())).await.expect("send");
+    let reply = next(&mut ws).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+
+    for i in 0..50 {
+        let body = json!({"topic": "big:one", "event": "small", "data": i}).to_string();
+        let answer = https_publish(&server, &body).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let big = "y".repeat(300_000);
+    let body = json!({"topic": "big:one", "event": "big", "data": big}).to_string();
+    assert!(
+        https_publish(&server, &body)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    for i in 0..50 {
+        let v = next(&mut ws).await;
+        assert_eq!(v["event"], "small", "{v}");
+        assert_eq!(v["data"], i, "in order: {v}");
+    }
+    let v = next(&mut ws).await;
+    assert_eq!(v["event"], "big");
+    assert_eq!(v["data"].as_str().map(str::len), Some(300_000), "whole");
+
+    ws.close(None).await.expect("close");
+    let end = tokio::time::timeout(common::WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None => return true,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("the close was not clean: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert!(end);
+}
+
+/// `gale bench broadcast` against a TLS server publishes over HTTPS and
+/// counts every delivery.
+#[tokio::test]
+async fn gale_bench_broadcasts_to_a_wss_server() {
+    let server = start_with(|c| {
+        c.server.tls_cert = Some(key_file("tls-cert.pem"));
+        c.server.tls_key = Some(key_file("tls-key.pem"));
+        c.api.key = Some(common::API_KEY_LONG.into());
+        c.topics
+            .insert("bench".into(), gale::config::TopicConfig::default());
+    })
+    .await;
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_gale"))
+            .args([
+                "bench",
+                "broadcast",
+                &url,
+                "-n",
+                "20",
+                "-m",
+                "10",
+                "--rate",
+                "0",
+            ])
+            .args(["--api-key", common::API_KEY_LONG, "--json"])
+            .env("SSL_CERT_FILE", key_file("tls-cert.pem"))
+            .output()
+            .expect("gale bench")
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(report["published"], 10, "{report}");
+    assert_eq!(report["missed deliveries"], 0, "{report}");
+}

@@ -5,8 +5,9 @@
 //! socket uses the calls below, which keep plain TCP on its fast path:
 //! it waits for readability before it takes a read buffer (an idle
 //! connection holds none) and writes queued frames with one `writev`.
-//! Over TLS rustls keeps its own buffers, so reads go through it into the
-//! socket's buffer and frames are written into it, then flushed.
+//! Over TLS (`tls::TlsStream`) the same holds: a read buffer only once
+//! the socket is readable, and the frames of one write encrypted together
+//! into one buffer, let go once it is written.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -16,7 +17,6 @@ use std::task::{Context, Poll, ready};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
 /// Most queued frames handed to one vectored write.
 pub(crate) const MAX_SLICES: usize = 64;
@@ -28,7 +28,7 @@ pub(crate) enum Stream {
     Plain(TcpStream),
     /// TLS, its handshake done. Boxed: rustls's connection state is large
     /// and a plain connection should not carry its size.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<crate::tls::TlsStream>),
 }
 
 impl Stream {
@@ -54,6 +54,9 @@ impl Stream {
                 }
             },
             Stream::Tls(s) => {
+                // As over plain TCP: the buffer grows once there is
+                // something to read.
+                ready!(s.poll_readable(cx))?;
                 let start = buf.len();
                 buf.resize(start + chunk, 0);
                 let mut read = ReadBuf::new(&mut buf[start..]);
