@@ -191,10 +191,11 @@ async fn every_delivery(
     let mut o = broadcast_options(subscribers, messages, KEY);
     o.rate = rate;
     let stop = CancellationToken::new();
+    let publisher = target.clone();
     let subs = broadcast::subscribe(target, &o, &stop, false).await;
     assert_eq!(subs.subscribed(), subscribers as u64);
     let (published, mut r) = tokio::join!(
-        broadcast::publish(addr, &o, &stop),
+        broadcast::publish(&publisher, &o, &stop),
         subs.drain(o.idle, Duration::from_secs(5))
     );
     let published = published.expect("publisher");
@@ -280,9 +281,10 @@ async fn broadcast_counts_refused_publishes_by_kind() {
     let target = Target::new(&server.ws_url(), 1).expect("target");
     let o = broadcast_options(5, 4, "wrong-key-0123456789");
     let stop = CancellationToken::new();
+    let publisher = target.clone();
     let subs = broadcast::subscribe(target, &o, &stop, false).await;
     let (published, mut r) = tokio::join!(
-        broadcast::publish(server.addr, &o, &stop),
+        broadcast::publish(&publisher, &o, &stop),
         subs.drain(Duration::from_millis(300), Duration::from_millis(500))
     );
     let published = published.expect("publisher");

@@ -669,16 +669,16 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
     }
     let publisher = match &scenario {
         BenchScenario::Broadcast { args, .. } => match args.publish_url.as_deref() {
-            None => target.addr(),
+            None => target.clone(),
             Some(u) => match Target::new(u, 1) {
-                Ok(t) => t.addr(),
+                Ok(t) => t,
                 Err(e) => {
                     eprintln!("gale bench: --publish-url {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             },
         },
-        _ => target.addr(),
+        _ => target.clone(),
     };
     let stop = stop_on_ctrl_c();
     if common.procs > 1 && common.worker.is_none() {
@@ -728,7 +728,7 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
                 let subscribed = subs.subscribed();
                 let server_cpu0 = common.server_pid.and_then(bench::server_cpu);
                 let (published, mut report) = tokio::join!(
-                    bench::broadcast::publish(publisher, &o, &stop),
+                    bench::broadcast::publish(&publisher, &o, &stop),
                     subs.drain(o.idle, grace)
                 );
                 let published = match published {
@@ -781,7 +781,7 @@ async fn run_procs(
     scenario: BenchScenario,
     common: &BenchCommon,
     target: Target,
-    publisher: std::net::SocketAddr,
+    publisher: Target,
     stop: &CancellationToken,
 ) -> ExitCode {
     let procs = usize::from(common.procs);
@@ -839,7 +839,7 @@ async fn run_procs(
             pool.release();
             let server_cpu0 = common.server_pid.and_then(bench::server_cpu);
             let o = b.options(common);
-            let published = bench::broadcast::publish(publisher, &o, stop).await;
+            let published = bench::broadcast::publish(&publisher, &o, stop).await;
             let (mut report, raw, problems) = pool.finish("broadcast").await;
             let published = match published {
                 Ok(p) => p,

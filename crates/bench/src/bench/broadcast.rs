@@ -404,25 +404,26 @@ pub struct Published {
 /// machine).
 pub const LATE: Duration = Duration::from_millis(5);
 
-/// Publishes `o.messages` messages to `o.topic` through
-/// `http://ADDR/api/publish`, at `o.rate` per second (0: back to back),
-/// until done or `stop`.
+/// Publishes `o.messages` messages to `o.topic` through the target's
+/// `POST /api/publish` (over HTTPS for a `wss://` target), at `o.rate`
+/// per second (0: back to back), until done or `stop`.
 ///
 /// # Errors
 /// A message when the HTTP client cannot be built.
 pub async fn publish(
-    addr: std::net::SocketAddr,
+    to: &super::Target,
     o: &BroadcastOptions,
     stop: &CancellationToken,
 ) -> Result<Published, String> {
     // reqwest is built without a default TLS provider; plain HTTP still
     // needs one installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| format!("HTTP client: {e}"))?;
-    let url = format!("http://{addr}/api/publish");
+    let mut client = reqwest::Client::builder().timeout(Duration::from_secs(10));
+    if let Some(tls) = to.tls_config() {
+        client = client.tls_backend_preconfigured(tls.as_ref().clone());
+    }
+    let client = client.build().map_err(|e| format!("HTTP client: {e}"))?;
+    let url = format!("{}/api/publish", to.http_base());
     let mut tick = (o.rate > 0).then(|| {
         let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(o.rate)));
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

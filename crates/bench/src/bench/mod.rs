@@ -109,6 +109,20 @@ impl Target {
         self.addr
     }
 
+    /// The server's HTTP base: `http://ADDR`, or `https://HOST:PORT` for a
+    /// `wss://` target (the name its certificate carries).
+    pub fn http_base(&self) -> String {
+        match (&self.tls, self.url.host_str()) {
+            (Some(_), Some(host)) => format!("https://{host}:{}", self.addr.port()),
+            _ => format!("http://{}", self.addr),
+        }
+    }
+
+    /// The TLS client configuration of a `wss://` target.
+    pub fn tls_config(&self) -> Option<&Arc<rustls::ClientConfig>> {
+        self.tls.as_ref()
+    }
+
     /// Connections that offer permessage-deflate and fail if the server
     /// does not agree.
     pub fn with_deflate(mut self, on: bool) -> Target {

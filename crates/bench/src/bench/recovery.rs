@@ -70,7 +70,7 @@ pub async fn recovery(
 ) -> Result<Report, String> {
     let targets: Arc<Vec<Target>> = Arc::new(targets);
     let nodes = targets.len().max(1);
-    let addr = targets.first().ok_or("no target")?.addr();
+    let first = targets.first().ok_or("no target")?.clone();
 
     // 1. Subscribe every client and keep its position.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -113,7 +113,7 @@ pub async fn recovery(
 
     // 3. Publications while they are away.
     let published = publish(
-        addr,
+        &first,
         &BroadcastOptions {
             subscribers: 0,
             connect_rate: 1,
