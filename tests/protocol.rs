@@ -321,3 +321,24 @@ async fn replies_and_pushes_keep_the_documented_field_order() {
     let text = c.next_text().await;
     order(&text, &["event", "data", "z", "a"]);
 }
+
+/// A client whose close frame is invalid (code 0 here) gets 1002, and the
+/// server then closes the TCP connection itself at once, rather than
+/// waiting for a second close that will not come (Autobahn 7.9.x: "it is
+/// preferred that the server close the TCP connection").
+#[tokio::test]
+async fn an_invalid_close_is_answered_1002_and_the_server_closes_tcp_first() {
+    let server = start().await;
+    let mut raw = common::raw::Raw::connect(server.addr, "/ws", None).await;
+    let hello = raw.next().await;
+    assert!(hello.text().contains("connected"), "{}", hello.text());
+    raw.frame(true, false, 8, &0u16.to_be_bytes()).await;
+    let close = raw.next().await;
+    assert_eq!(close.close_code(), 1002);
+    // The server's closing wait is 2 s; it must not be spent here.
+    let ended = tokio::time::timeout(Duration::from_millis(1_000), raw.next_any()).await;
+    assert!(
+        matches!(ended, Ok(None)),
+        "the server closed the TCP connection at once: {ended:?}"
+    );
+}

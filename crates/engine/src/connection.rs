@@ -760,10 +760,13 @@ fn write_all(socket: &mut Socket) -> impl Future<Output = Option<std::io::Result
     })
 }
 
-/// Sends a close frame and waits briefly for the peer's answer.
+/// Sends a close frame and waits briefly for the peer's answer, unless
+/// the peer's close came already (an invalid one, answered with 1002 or
+/// 1007): then the connection closes at once, as RFC 6455 prefers of a
+/// server.
 async fn close(socket: &mut Socket, code: u16, reason: &str) {
     socket.queue_close(code, reason);
-    if flushed(socket).await {
+    if flushed(socket).await && !socket.got_close() {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             while let Ok(msg) = socket.recv().await {
                 if let Message::Close = msg {

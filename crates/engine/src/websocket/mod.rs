@@ -214,6 +214,9 @@ pub struct Socket {
     limits: Limits,
     /// The server's close frame is queued or sent.
     sent_close: bool,
+    /// The client's close frame came (valid or not): the closing
+    /// handshake waits for nothing more from it.
+    got_close: bool,
     metrics: Arc<Metrics>,
     /// The listener's permit: the connection counts against
     /// `server.max_connections` until the socket is dropped.
@@ -249,6 +252,7 @@ impl Socket {
             deflate,
             limits,
             sent_close: false,
+            got_close: false,
             metrics,
             _permit: permit,
         }
@@ -311,6 +315,7 @@ impl Socket {
                 }
                 Opcode::Pong => return Ok(Some(Message::Pong)),
                 Opcode::Close => {
+                    self.got_close = true;
                     let code = frame::parse_close(&payload).map_err(|e| match e {
                         frame::CloseError::Reason => Error::Violation(
                             close_code::INVALID_PAYLOAD,
@@ -483,6 +488,11 @@ pub(crate) struct Parts {
 
 impl Socket {
     /// Whether it runs on plain TCP (not TLS).
+    /// Whether the client's close frame has come.
+    pub(crate) fn got_close(&self) -> bool {
+        self.got_close
+    }
+
     pub(crate) fn is_plain(&self) -> bool {
         matches!(self.stream, Stream::Plain(_))
     }
@@ -499,11 +509,12 @@ impl Socket {
             deflate,
             limits,
             sent_close,
+            got_close,
             metrics,
             _permit,
         } = self;
         let tcp = match stream {
-            Stream::Plain(tcp) if !sent_close => tcp,
+            Stream::Plain(tcp) if !sent_close && !got_close => tcp,
             stream => {
                 return Err(Box::new(Socket {
                     stream,
@@ -513,6 +524,7 @@ impl Socket {
                     deflate,
                     limits,
                     sent_close,
+                    got_close,
                     metrics,
                     _permit,
                 }));
