@@ -6,6 +6,8 @@
 #
 #   scripts/autobahn.sh            # all cases
 #   CASES='["1.*","2.*"]' scripts/autobahn.sh
+#   TLS=1 scripts/autobahn.sh      # over wss:// (gale's own TLS, the test
+#                                  # certificate in tests/keys)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +26,11 @@ fi
 
 cargo build --release --quiet
 rm -rf "$OUT" && mkdir -p "$OUT"
+SCHEME=ws
+if [ -n "${TLS:-}" ]; then
+  export GALE_SERVER__TLS_CERT="$PWD/tests/keys/tls-cert.pem" GALE_SERVER__TLS_KEY="$PWD/tests/keys/tls-key.pem"
+  SCHEME=wss
+fi
 # 16 MiB messages: the suite's largest (case 9.x) must fit.
 GALE_SERVER__ECHO=true GALE_SERVER__LISTEN="127.0.0.1:$PORT" \
 GALE_SERVER__MAX_MESSAGE_BYTES=16777216 GALE_STORE__URL="sqlite://$OUT/gale.db" GALE_STORE__SPILL_DIR="$OUT/spill" \
@@ -38,7 +45,7 @@ done
 cat > "$OUT/fuzzingclient.json" <<JSON
 {
   "outdir": "$OUT/reports",
-  "servers": [{"agent": "gale", "url": "ws://127.0.0.1:$PORT/echo"}],
+  "servers": [{"agent": "gale", "url": "$SCHEME://127.0.0.1:$PORT/echo"}],
   "cases": $CASES,
   "exclude-cases": [],
   "exclude-agent-cases": {}
@@ -46,12 +53,12 @@ cat > "$OUT/fuzzingclient.json" <<JSON
 JSON
 (cd "$OUT" && "$VENV/bin/wstest" -m fuzzingclient -s fuzzingclient.json > wstest.log 2>&1)
 
-python3 - "$OUT/reports/index.json" <<'PY'
+python3 - "$OUT/reports/index.json" "$SCHEME://" <<'PY'
 import collections, json, sys
 cases = json.load(open(sys.argv[1]))["gale"]
 by = collections.Counter(c["behavior"] for c in cases.values())
 close = collections.Counter(c["behaviorClose"] for c in cases.values())
-print("Autobahn|Testsuite fuzzingclient against /echo: %d cases" % len(cases))
+print("Autobahn|Testsuite fuzzingclient against /echo (%s): %d cases" % (sys.argv[2], len(cases)))
 for k in ("OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED"):
     print("  %-14s %d" % (k, by.get(k, 0)))
 print("  close behaviour: " + ", ".join("%s %d" % kv for kv in sorted(close.items())))
