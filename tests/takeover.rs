@@ -379,11 +379,7 @@ async fn a_takeover_hands_every_live_connection_over_without_a_close_a_gap_or_a_
 #[tokio::test]
 async fn an_incompatible_successor_is_refused_and_the_old_process_serves_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("gale.toml"), config(dir.path())).expect("config");
-    let mut old = Gale::start(dir.path(), false);
-    let addr = old.listening().await;
-    let mut client = Raw::connect(addr, "/ws", None).await;
-    subscribe(&mut client, "news:x").await;
+    let (old, addr, mut client) = serving_one_client(dir.path()).await;
 
     // A successor speaking another handoff format, over the real socket.
     let path = dir.path().join("handoff.sock");
@@ -427,17 +423,23 @@ async fn an_incompatible_successor_is_refused_and_the_old_process_serves_on() {
     assert_eq!(push["offset"], 2, "offsets go on: {push}");
 }
 
+/// A gale started in `dir` with one client subscribed to `news:x`.
+async fn serving_one_client(dir: &std::path::Path) -> (Gale, SocketAddr, Raw) {
+    std::fs::write(dir.join("gale.toml"), config(dir)).expect("config");
+    let mut old = Gale::start(dir, false);
+    let addr = old.listening().await;
+    let mut client = Raw::connect(addr, "/ws", None).await;
+    subscribe(&mut client, "news:x").await;
+    (old, addr, client)
+}
+
 /// A new process that could not start (here, its TLS certificate is
 /// missing) refuses before asking: nothing moves and the old process
 /// serves on.
 #[tokio::test]
 async fn a_successor_that_could_not_start_takes_nothing_over() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("gale.toml"), config(dir.path())).expect("config");
-    let mut old = Gale::start(dir.path(), false);
-    let addr = old.listening().await;
-    let mut client = Raw::connect(addr, "/ws", None).await;
-    subscribe(&mut client, "news:x").await;
+    let (old, addr, mut client) = serving_one_client(dir.path()).await;
 
     let out = Command::new(env!("CARGO_BIN_EXE_gale"))
         .arg("serve")

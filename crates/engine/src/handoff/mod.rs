@@ -582,19 +582,9 @@ pub(crate) async fn hand(
         }
     };
     let _ = tokio::time::timeout(grace, events).await;
-    member.quiet();
-    // Every broadcast made before the takeover is in the outbox once the
-    // coordinator lets the connections go.
-    if tokio::time::timeout(grace * 2, gate.extract.cancelled())
-        .await
-        .is_err()
-    {
+    let Some(queued) = released(gate, &mut member, caller, grace).await else {
         return Err(socket);
-    }
-    let mut queued = Vec::new();
-    if !matches!(caller.outbox.take(&mut queued), Taken::Messages) {
-        return Err(socket);
-    }
+    };
     for m in &queued {
         socket.queue_prepared(&m.text);
     }
@@ -653,17 +643,9 @@ pub(crate) async fn hand_sse(
         }
     };
     let _ = tokio::time::timeout(grace, answered).await;
-    member.quiet();
-    if tokio::time::timeout(grace * 2, gate.extract.cancelled())
-        .await
-        .is_err()
-    {
+    let Some(mut queued) = released(gate, &mut member, caller, grace).await else {
         return Err(tcp);
-    }
-    let mut queued = Vec::new();
-    if !matches!(caller.outbox.take(&mut queued), Taken::Messages) {
-        return Err(tcp);
-    }
+    };
     app.metrics.messages_out.inc_by(queued.len() as u64);
     let tail = encode(&mut queued).to_vec();
     let state = ConnState {
@@ -674,6 +656,24 @@ pub(crate) async fn hand_sse(
     send(gate, tcp, state, tail).await;
     drop(member);
     Ok(())
+}
+
+/// Marks a connection quiet, waits until the coordinator lets the
+/// connections go (every broadcast made before the takeover is in the
+/// outbox by then) and takes what its outbox holds; `None` when it cannot
+/// move (the wait ran out, or the outbox is closing).
+async fn released(
+    gate: &Gate,
+    member: &mut Member,
+    caller: &Caller,
+    grace: Duration,
+) -> Option<Vec<crate::outbox::Outgoing>> {
+    member.quiet();
+    tokio::time::timeout(grace * 2, gate.extract.cancelled())
+        .await
+        .ok()?;
+    let mut queued = Vec::new();
+    matches!(caller.outbox.take(&mut queued), Taken::Messages).then_some(queued)
 }
 
 /// A connection's identity and subscriptions, with no bytes.
