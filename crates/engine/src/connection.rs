@@ -435,7 +435,7 @@ async fn read_loop(
     tokio::pin!(closing);
     // A takeover wakes every outbox once it starts: checked there, at no
     // cost in the task's size.
-    let handing_off = || handing && app.handoff.as_ref().is_some_and(|h| h.is_started());
+    let handing_off = || handing && crate::handoff::started(app);
     if handing_off() {
         return (End::Handoff, inflight);
     }

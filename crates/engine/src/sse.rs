@@ -134,6 +134,35 @@ struct Feed {
     handing: bool,
 }
 
+impl Feed {
+    /// A session's stream, `first` written before anything queued.
+    fn new(
+        app: Arc<App>,
+        id: String,
+        session: Arc<Session>,
+        counted: Counted,
+        admitted: crate::admission::Admitted,
+        first: Option<Bytes>,
+    ) -> Feed {
+        Feed {
+            hello: first,
+            tick: app.ping_clock.subscribe(),
+            buf: Vec::new(),
+            done: false,
+            handing: false,
+            open: Open {
+                _counted: counted,
+                _admitted: admitted,
+                _tracked: app.tracker.token(),
+                app,
+                id,
+                session,
+                moved: false,
+            },
+        }
+    }
+}
+
 /// What a stream does next.
 enum Next {
     /// Writes these bytes.
@@ -207,22 +236,9 @@ pub(crate) async fn open(
         "transport": "sse",
     })
     .to_string();
-    let feed = Feed {
-        hello: Some(Bytes::from(format!("retry: 2000\ndata: {hello}\n\n"))),
-        tick: app.ping_clock.subscribe(),
-        buf: Vec::new(),
-        done: false,
-        handing: false,
-        open: Open {
-            _counted: Counted::open(&app),
-            _admitted: admitted,
-            _tracked: app.tracker.token(),
-            app,
-            id,
-            session,
-            moved: false,
-        },
-    };
+    let hello = Bytes::from(format!("retry: 2000\ndata: {hello}\n\n"));
+    let counted = Counted::open(&app);
+    let feed = Feed::new(app, id, session, counted, admitted, Some(hello));
     // hyper writes the head, then the session's own task serves the
     // connection (the body is polled once, to ask for it). hyper frames an
     // HTTP/1.1 body of unknown length in chunks, an HTTP/1.0 one by the
@@ -281,7 +297,7 @@ async fn run(conn: Detached, mut feed: Feed, chunked: bool) {
                 return Box::pin(hand(tcp, feed, member, chunked)).await;
             }
         };
-        let bytes = if chunked { chunk(&bytes) } else { bytes };
+        let bytes = framed(bytes, chunked);
         match tokio::time::timeout(SEND_TIMEOUT, write(&mut stream, &bytes)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
@@ -321,29 +337,16 @@ async fn hand(
         session: feed.open.id.clone(),
         chunked,
     };
-    match crate::handoff::hand_sse(
-        &app,
-        tcp,
-        &session.caller,
-        &session.lookups,
-        member,
-        moving,
-        encode,
-    )
-    .await
+    match crate::handoff::hand_sse(&app, tcp, &session.caller, &session.lookups, member, moving)
+        .await
     {
         Ok(()) => feed.open.moved = true,
         Err(tcp) => {
             let mut stream = Stream::Plain(tcp);
             let _ = feed.open.session.caller.outbox.take(&mut feed.buf);
-            let mut out = encode(&mut feed.buf).to_vec();
             let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
-            out.extend_from_slice(&closing(crate::drain::SERVICE_RESTART, &reason));
-            let out = if chunked {
-                chunk(&out)
-            } else {
-                Bytes::from(out)
-            };
+            let out = farewell(&mut feed.buf, crate::drain::SERVICE_RESTART, &reason);
+            let out = framed(out, chunked);
             if let Ok(Ok(())) = tokio::time::timeout(SEND_TIMEOUT, write(&mut stream, &out)).await {
                 end(&mut stream, chunked).await;
             }
@@ -372,22 +375,14 @@ pub(crate) fn resume(
         app.metrics.sse_sessions.set(map.len() as i64);
     }
     tracing::debug!(client_id = %session.caller.conn_id, "sse session taken over");
-    let feed = Feed {
-        hello: (!queued.is_empty()).then_some(queued),
-        tick: app.ping_clock.subscribe(),
-        buf: Vec::new(),
-        done: false,
-        handing: false,
-        open: Open {
-            _counted: Counted::resumed(app),
-            _admitted: app.admission.session(address),
-            _tracked: app.tracker.token(),
-            app: app.clone(),
-            id,
-            session,
-            moved: false,
-        },
-    };
+    let feed = Feed::new(
+        app.clone(),
+        id,
+        session,
+        Counted::resumed(app),
+        app.admission.session(address),
+        (!queued.is_empty()).then_some(queued),
+    );
     tokio::spawn(run(conn, feed, chunked));
 }
 
@@ -406,12 +401,23 @@ async fn client_gone(stream: &mut Stream) {
     while let Ok(1..) = stream.read(&mut sink).await {}
 }
 
-/// `bytes` as one chunk of an HTTP/1.1 chunked body.
-fn chunk(bytes: &[u8]) -> Bytes {
+/// `bytes` as the body's next bytes: one chunk of an HTTP/1.1 chunked
+/// body, or as they are for HTTP/1.0.
+fn framed(bytes: Bytes, chunked: bool) -> Bytes {
+    if !chunked {
+        return bytes;
+    }
     let mut out = Vec::with_capacity(bytes.len() + 12);
     out.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
-    out.extend_from_slice(bytes);
+    out.extend_from_slice(&bytes);
     out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
+}
+
+/// The queued messages `buf` holds, then the stream's closing message.
+fn farewell(buf: &mut Vec<Outgoing>, code: u16, reason: &str) -> Bytes {
+    let mut out = encode(buf).to_vec();
+    out.extend_from_slice(&closing(code, reason));
     Bytes::from(out)
 }
 
@@ -428,7 +434,7 @@ async fn next_chunk(st: &mut Feed) -> Next {
     let outbox = &st.open.session.caller.outbox;
     loop {
         // A takeover wakes every outbox once it starts.
-        if st.handing && app.handoff.as_ref().is_some_and(|g| g.is_started()) {
+        if st.handing && crate::handoff::started(&app) {
             return Next::Handoff;
         }
         match outbox.take(&mut st.buf) {
@@ -439,9 +445,7 @@ async fn next_chunk(st: &mut Feed) -> Next {
             }
             Taken::End(code, reason) => {
                 st.done = true;
-                let mut out = encode(&mut st.buf).to_vec();
-                out.extend_from_slice(&closing(code, &reason));
-                return Next::Send(Bytes::from(out));
+                return Next::Send(farewell(&mut st.buf, code, &reason));
             }
             Taken::Messages => {}
         }
@@ -455,9 +459,7 @@ async fn next_chunk(st: &mut Feed) -> Next {
                 // The router has drained: what is queued goes out first.
                 st.done = true;
                 let _ = outbox.take(&mut st.buf);
-                let mut out = encode(&mut st.buf).to_vec();
-                out.extend_from_slice(&closing(1001, "server shutting down"));
-                return Next::Send(Bytes::from(out));
+                return Next::Send(farewell(&mut st.buf, 1001, "server shutting down"));
             }
             () = outbox.ready() => {}
             Ok(()) = st.tick.changed() => {
@@ -477,7 +479,7 @@ async fn next_chunk(st: &mut Feed) -> Next {
 /// Queued messages as SSE `data:` messages. A message with a line break
 /// (never one gale encodes, but a handler's text could hold one) becomes
 /// several `data:` lines, which the client joins back.
-fn encode(buf: &mut Vec<Outgoing>) -> Bytes {
+pub(crate) fn encode(buf: &mut Vec<Outgoing>) -> Bytes {
     let mut out = Vec::with_capacity(buf.iter().map(|m| m.text.len() + 8).sum());
     for m in buf.drain(..) {
         for line in m.text.as_str().split('\n') {
@@ -517,7 +519,7 @@ pub(crate) async fn receive(
 ) -> Response {
     // A takeover under way: the session goes on in the new process, which
     // takes this message once it accepts (the client sends it again).
-    if app.handoff.as_ref().is_some_and(|g| g.is_started()) {
+    if crate::handoff::started(&app) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],

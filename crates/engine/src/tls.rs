@@ -181,6 +181,14 @@ fn append(
     Err(invalid("a record could not be encoded"))
 }
 
+/// The room an encryption asked for, when too little was given.
+fn needed(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
 impl TlsStream {
     /// Runs rustls on what it holds and what came in, until it needs the
     /// peer or may send; encrypts `data` (whole) once it may. Handshake
@@ -227,19 +235,13 @@ impl TlsStream {
                     if let Some(data) = data.take().filter(|d| !d.is_empty()) {
                         let guess = data.len() + 64 * (data.len() / 16_384 + 1);
                         append(&mut self.outgoing, guess, |out| {
-                            traffic.encrypt(data, out).map_err(|e| match e {
-                                EncryptError::InsufficientSize(s) => Some(s.required_size),
-                                _ => None,
-                            })
+                            traffic.encrypt(data, out).map_err(needed)
                         })?;
                     }
                     if self.close == Close::Asked {
                         self.close = Close::Queued;
                         append(&mut self.outgoing, 64, |out| {
-                            traffic.queue_close_notify(out).map_err(|e| match e {
-                                EncryptError::InsufficientSize(s) => Some(s.required_size),
-                                _ => None,
-                            })
+                            traffic.queue_close_notify(out).map_err(needed)
                         })?;
                     }
                     Some(Want::Write)

@@ -1,6 +1,6 @@
 //! Takeover: a new process is handed the listening socket and every live
-//! WebSocket connection and SSE session of the running one, and carries each on from
-//! exactly where it was. No client sees a close, a reconnect, a lost or a
+//! WebSocket connection and SSE session of the running one, and carries
+//! each on from exactly where it was. No client sees a close, a reconnect, a lost or a
 //! repeated message.
 //!
 //! The running server listens on `server.handoff_socket` (a Unix socket,
@@ -40,8 +40,8 @@
 //!    received (it now holds every descriptor), builds its server,
 //!    carries each connection on, and only then accepts. The old process
 //!    closes at once what could not move (TLS connections and sessions,
-//!    whose keys stay in rustls' state here), each with 1012 and a jittered reconnect delay, and exits, letting
-//!    go of what it held (the request log's spill directory, which the
+//!    whose keys stay in rustls' state here), each with 1012 and a
+//!    jittered reconnect delay, and exits, letting go of what it held (the request log's spill directory, which the
 //!    new process waits for).
 //!
 //! Publications are never lost or doubled across the move: before step 5
@@ -270,6 +270,12 @@ impl Gate {
     pub(crate) fn is_started(&self) -> bool {
         self.started_flag.load(Ordering::Acquire)
     }
+}
+
+/// Whether a takeover of `app` has started (never, without a handoff
+/// socket).
+pub(crate) fn started(app: &App) -> bool {
+    app.handoff.as_ref().is_some_and(Gate::is_started)
 }
 
 /// Listens on `path` for a takeover until `stop`; a takeover accepted is
@@ -619,7 +625,7 @@ pub(crate) async fn hand(
 /// Hands one SSE session over (its task calls this once it saw the
 /// takeover), as [`hand`] does a WebSocket: its answers in flight land in
 /// its outbox, the broadcasts made before the takeover too, and what is
-/// queued goes as SSE messages (`encode`) for the new process to write
+/// queued goes as SSE messages for the new process to write
 /// first. `Err` gives the socket back when it cannot move.
 pub(crate) async fn hand_sse(
     app: &App,
@@ -628,7 +634,6 @@ pub(crate) async fn hand_sse(
     lookups: &std::sync::atomic::AtomicUsize,
     mut member: Member,
     sse: SseSession,
-    encode: fn(&mut Vec<crate::outbox::Outgoing>) -> bytes::Bytes,
 ) -> Result<(), tokio::net::TcpStream> {
     let Some(gate) = &app.handoff else {
         return Err(tcp);
@@ -647,7 +652,7 @@ pub(crate) async fn hand_sse(
         return Err(tcp);
     };
     app.metrics.messages_out.inc_by(queued.len() as u64);
-    let tail = encode(&mut queued).to_vec();
+    let tail = crate::sse::encode(&mut queued).to_vec();
     let state = ConnState {
         queued: tail.len(),
         sse: Some(sse),
