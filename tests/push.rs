@@ -163,6 +163,70 @@ async fn broadcast_reaches_everyone_with_the_same_bytes_on(backplane: Backplane)
     }
 }
 
+async fn subscribe_room(c: &mut Client) {
+    let r = c
+        .request("topic.subscribe", json!({"topic": "room"}), "s")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+/// Delivery reuses a topic's (and everyone's) list of recipients between
+/// publications: every join and leave in between must still change who
+/// receives the next one.
+async fn who_receives_follows_each_change_between_publications_on(backplane: Backplane) {
+    let server = start_with(|c| backplane.configure(c)).await;
+    let to_topic = r#"{"event":"t","topic":"room"}"#;
+    let to_all = r#"{"event":"all","broadcast":true}"#;
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    subscribe_room(&mut a).await;
+    for _ in 0..2 {
+        assert_eq!(publish(&server, Some(API_KEY), to_topic).await.0, 200);
+        assert_eq!(a.next_push().await["event"], "t");
+    }
+    quiet(&mut b).await;
+
+    subscribe_room(&mut b).await;
+    publish(&server, Some(API_KEY), to_topic).await;
+    assert_eq!(a.next_push().await["event"], "t");
+    assert_eq!(
+        b.next_push().await["event"],
+        "t",
+        "a join is heard next time"
+    );
+
+    let r = a
+        .request("topic.unsubscribe", json!({"topic": "room"}), "u")
+        .await;
+    assert_eq!(r["data"]["unsubscribed"], true);
+    publish(&server, Some(API_KEY), to_topic).await;
+    assert_eq!(b.next_push().await["event"], "t");
+    quiet(&mut a).await;
+
+    publish(&server, Some(API_KEY), to_all).await;
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.next_push().await["event"], "all");
+    }
+    let mut c = server.client().await;
+    publish(&server, Some(API_KEY), to_all).await;
+    for c in [&mut a, &mut b, &mut c] {
+        assert_eq!(c.next_push().await["event"], "all", "a new connection too");
+    }
+    drop(b);
+    server.wait_metric("connections", 2).await;
+    let (_, body) = publish(&server, Some(API_KEY), to_all).await;
+    assert_eq!(body["reached"], 2, "{body}");
+    for c in [&mut a, &mut c] {
+        assert_eq!(c.next_push().await["event"], "all");
+    }
+    let (_, body) = publish(&server, Some(API_KEY), to_topic).await;
+    assert_eq!(
+        body["reached"], 0,
+        "the topic ended with its last subscriber"
+    );
+    quiet(&mut a).await;
+}
+
 #[tokio::test]
 async fn publish_api_refuses_clearly() {
     let off = common::start().await;
@@ -529,6 +593,16 @@ async fn broadcast_reaches_everyone_with_the_same_bytes_over_redis() {
         let b = Backplane::redis();
         broadcast_reaches_everyone_with_the_same_bytes_on(b).await;
     }
+}
+
+#[tokio::test]
+async fn who_receives_follows_each_change_between_publications() {
+    who_receives_follows_each_change_between_publications_on(Backplane::Local).await;
+}
+
+#[tokio::test]
+async fn who_receives_follows_each_change_between_publications_over_redis() {
+    who_receives_follows_each_change_between_publications_on(Backplane::redis()).await;
 }
 
 #[tokio::test]

@@ -236,13 +236,77 @@ enum Owner {
     Address(std::net::IpAddr),
 }
 
+/// Outboxes as one shared list: a delivery to many takes one reference
+/// count for the list rather than one per recipient.
+type Shared = Arc<[Arc<Outbox>]>;
+
+/// A topic's subscribers, with their outboxes: a delivery walks one table
+/// instead of looking each one up in `conns`.
+#[derive(Default)]
+struct Members {
+    by_conn: HashMap<Uuid, Arc<Outbox>>,
+    /// Every subscriber's outbox as one list, made at the first delivery
+    /// after a change and dropped by the next change: a topic's
+    /// publications between two joins or leaves share it.
+    snapshot: Option<Shared>,
+}
+
+impl Members {
+    fn insert(&mut self, conn_id: Uuid, outbox: Arc<Outbox>) {
+        self.snapshot = None;
+        self.by_conn.insert(conn_id, outbox);
+    }
+
+    fn remove(&mut self, conn_id: &Uuid) {
+        if self.by_conn.remove(conn_id).is_some() {
+            self.snapshot = None;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_conn.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_conn.is_empty()
+    }
+
+    fn shared(&mut self) -> Shared {
+        let by_conn = &self.by_conn;
+        self.snapshot
+            .get_or_insert_with(|| by_conn.values().cloned().collect())
+            .clone()
+    }
+}
+
+/// The outboxes a push goes to.
+enum Recipients {
+    /// A list shared with other deliveries (a topic's, or everyone's).
+    Shared(Shared),
+    /// A list made for this delivery (a set of users').
+    Listed(Vec<Arc<Outbox>>),
+}
+
+impl std::ops::Deref for Recipients {
+    type Target = [Arc<Outbox>];
+
+    fn deref(&self) -> &[Arc<Outbox>] {
+        match self {
+            Recipients::Shared(s) => s,
+            Recipients::Listed(l) => l,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     conns: HashMap<Uuid, Member>,
+    /// Every connection's outbox as one list, as [`Members::snapshot`]
+    /// for pushes to everyone.
+    everyone: Option<Shared>,
     users: HashMap<Arc<str>, Vec<Uuid>>,
-    /// Each topic's subscribers, with their outboxes: a delivery walks
-    /// one table instead of looking each one up in `conns`.
-    topics: HashMap<Arc<str>, HashMap<Uuid, Arc<Outbox>>>,
+    /// Each topic's subscribers.
+    topics: HashMap<Arc<str>, Members>,
     /// Who brought each topic into existence (bounded by `topics`).
     created_by: HashMap<Arc<str>, Owner>,
     /// How many of the topics each owner brought into existence.
@@ -265,29 +329,57 @@ impl State {
         }
     }
 
-    /// Outboxes of `target`'s connections, into `out`.
-    fn recipients(&self, target: &Target, out: &mut Vec<Arc<Outbox>>) {
-        let mut add = |id: &Uuid| {
-            if let Some(m) = self.conns.get(id) {
-                out.push(m.outbox.clone());
-            }
-        };
+    /// Adds a connection.
+    fn insert_conn(&mut self, conn_id: Uuid, member: Member) {
+        self.everyone = None;
+        self.conns.insert(conn_id, member);
+    }
+
+    /// Removes a connection (its topics and user are the caller's).
+    fn remove_conn(&mut self, conn_id: &Uuid) -> Option<Member> {
+        let member = self.conns.remove(conn_id)?;
+        self.everyone = None;
+        Some(member)
+    }
+
+    /// The outboxes of `target`'s connections.
+    fn recipients(&mut self, target: &Target) -> Recipients {
         match target {
-            Target::Everyone => out.extend(self.conns.values().map(|m| m.outbox.clone())),
-            Target::Topic(t) => {
-                if let Some(members) = self.topics.get(t.as_str()) {
-                    out.extend(members.values().cloned());
-                }
+            Target::Everyone => {
+                let conns = &self.conns;
+                Recipients::Shared(
+                    self.everyone
+                        .get_or_insert_with(|| conns.values().map(|m| m.outbox.clone()).collect())
+                        .clone(),
+                )
             }
+            Target::Topic(t) => match self.topics.get_mut(t.as_str()) {
+                Some(members) => Recipients::Shared(members.shared()),
+                None => Recipients::Listed(Vec::new()),
+            },
             Target::Users(users) => {
-                let unique: HashSet<&str> = users.iter().map(String::as_str).collect();
-                for u in unique {
-                    if let Some(ids) = self.users.get(u) {
-                        ids.iter().for_each(&mut add);
-                    }
-                }
+                Recipients::Listed(self.user_conns(users).map(|m| m.outbox.clone()).collect())
             }
         }
+    }
+
+    /// How many connections `target` reaches.
+    fn reach(&self, target: &Target) -> usize {
+        match target {
+            Target::Everyone => self.conns.len(),
+            Target::Topic(t) => self.topics.get(t.as_str()).map_or(0, Members::len),
+            Target::Users(users) => self.user_conns(users).count(),
+        }
+    }
+
+    /// Every connection of each of `users` (each user once).
+    fn user_conns<'a>(&'a self, users: &'a [String]) -> impl Iterator<Item = &'a Member> {
+        let unique: HashSet<&str> = users.iter().map(String::as_str).collect();
+        unique
+            .into_iter()
+            .filter_map(|u| self.users.get(u))
+            .flatten()
+            .filter_map(|id| self.conns.get(id))
     }
 }
 
@@ -407,7 +499,7 @@ impl Hub {
     fn register(&self, caller: &Caller, tell: bool) {
         let first = {
             let mut st = self.lock();
-            st.conns.insert(
+            st.insert_conn(
                 caller.conn_id,
                 Member {
                     outbox: caller.outbox.clone(),
@@ -453,7 +545,7 @@ impl Hub {
         let mut leaves = Vec::new();
         let (user, info, last) = {
             let mut st = self.lock();
-            let Some(member) = st.conns.remove(&conn_id) else {
+            let Some(member) = st.remove_conn(&conn_id) else {
                 return;
             };
             for topic in &member.topics {
@@ -619,16 +711,14 @@ impl Hub {
 
     /// Every connection's outbox (WebSocket and SSE).
     pub(crate) fn outboxes(&self) -> Vec<Arc<Outbox>> {
-        let mut out = Vec::new();
-        self.lock().recipients(&Target::Everyone, &mut out);
-        out
+        self.lock().recipients(&Target::Everyone).to_vec()
     }
 
     /// Forgets a connection handed to another process: no leave is
     /// announced and no `Closed` told (it did not close).
     pub(crate) fn forget(&self, conn_id: Uuid) {
         let mut st = self.lock();
-        let Some(member) = st.conns.remove(&conn_id) else {
+        let Some(member) = st.remove_conn(&conn_id) else {
             return;
         };
         for topic in &member.topics {
@@ -680,12 +770,7 @@ impl Hub {
             serde_json::json!({"topic": topic, "client": conn_id, "user": user, "info": info});
         let text = Prepared::from(push_json(event, &data));
         if text.len() <= self.max_message_bytes {
-            self.deliver(
-                &Target::Topic(topic.to_owned()),
-                &text,
-                None,
-                &mut Vec::new(),
-            );
+            self.deliver(&Target::Topic(topic.to_owned()), &text, None);
         }
     }
 
@@ -748,7 +833,7 @@ impl Hub {
         self.lock()
             .topics
             .get(topic)
-            .is_some_and(|ids| ids.contains_key(&conn_id))
+            .is_some_and(|ids| ids.by_conn.contains_key(&conn_id))
     }
 
     /// Who is subscribed to `topic` here: at most `limit` of them.
@@ -757,7 +842,8 @@ impl Hub {
         let Some(ids) = st.topics.get(topic) else {
             return Vec::new();
         };
-        ids.keys()
+        ids.by_conn
+            .keys()
             .take(limit)
             .filter_map(|id| {
                 let m = st.conns.get(id)?;
@@ -846,7 +932,7 @@ impl Hub {
 
     /// Subscribers of a topic now.
     pub fn subscribers(&self, topic: &str) -> usize {
-        self.lock().topics.get(topic).map_or(0, HashMap::len)
+        self.lock().topics.get(topic).map_or(0, Members::len)
     }
 
     /// Users with at least one connection now.
@@ -888,9 +974,7 @@ impl Hub {
 
     /// Connections `target` reaches now.
     pub fn reach(&self, target: &Target) -> usize {
-        let mut out = Vec::new();
-        self.lock().recipients(target, &mut out);
-        out.len()
+        self.lock().reach(target)
     }
 
     /// Encodes a push once, for every recipient, with its topic's history
@@ -949,13 +1033,7 @@ impl Hub {
     /// Delivers one push to `target`'s connections here and forwards it
     /// to the other nodes'; on a topic with history, gives it its
     /// position first. Returns the local connections it was queued for.
-    fn deliver(
-        &self,
-        target: &Target,
-        text: &Prepared,
-        history: Option<history::Policy>,
-        out: &mut Vec<Arc<Outbox>>,
-    ) -> usize {
+    fn deliver(&self, target: &Target, text: &Prepared, history: Option<history::Policy>) -> usize {
         let mut named = None;
         if let Target::Topic(topic) = target
             && let Some(policy) = history
@@ -971,17 +1049,15 @@ impl Hub {
             } else {
                 let mut reached = 0;
                 self.memory.append(topic, policy, text, |positioned| {
-                    out.clear();
-                    self.lock().recipients(target, out);
-                    reached = push_all(&self.metrics, out, positioned);
+                    let to = self.lock().recipients(target);
+                    reached = Outbox::push_each(&to, positioned, &self.metrics);
                 });
                 return reached;
             }
         }
         let text = named.as_ref().unwrap_or(text);
-        out.clear();
-        self.lock().recipients(target, out);
-        let reached = push_all(&self.metrics, out, text);
+        let to = self.lock().recipients(target);
+        let reached = Outbox::push_each(&to, text, &self.metrics);
         self.backplane.forward(target, text);
         reached
     }
@@ -993,7 +1069,7 @@ impl Hub {
     /// [`HubError::TooLarge`] when the push could not be sent to anyone.
     pub fn send_now(&self, target: &Target, event: &str, data: &Value) -> Result<usize, HubError> {
         let (text, history) = self.encode(target, event, data)?;
-        Ok(self.deliver(target, &text, history, &mut Vec::new()))
+        Ok(self.deliver(target, &text, history))
     }
 
     /// `topic`'s position and, given `since`, what was published after
@@ -1018,9 +1094,8 @@ impl Hub {
     /// sender pipelines, the subscriber reads what arrived together) and
     /// never forwarded again. Returns the connections it was queued for.
     pub fn deliver_remote(&self, target: &Target, text: &Prepared) -> usize {
-        let mut out = Vec::new();
-        self.lock().recipients(target, &mut out);
-        push_all(&self.metrics, &out, text)
+        let to = self.lock().recipients(target);
+        Outbox::push_each(&to, text, &self.metrics)
     }
 
     /// As [`Hub::publish`], for a publication from a client: the push
@@ -1072,15 +1147,6 @@ impl Hub {
     }
 }
 
-fn push_all(metrics: &Metrics, outboxes: &[Arc<Outbox>], text: &Prepared) -> usize {
-    let reached = outboxes
-        .iter()
-        .filter(|o| o.push(text.clone(), false))
-        .count();
-    metrics.pushes.inc_by(reached as u64);
-    reached
-}
-
 /// The delivery task: batches queued broadcasts and hands them to the
 /// recipients' outboxes.
 ///
@@ -1100,7 +1166,6 @@ async fn deliver(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
-    let mut outboxes = Vec::new();
     // When the last batch was handed out, how many connections it
     // reached, and the outboxes' messages just before it.
     let mut last: Option<tokio::time::Instant> = None;
@@ -1143,7 +1208,7 @@ async fn deliver(
         before = hub.metrics.outbound_queued.get();
         reached = 0;
         for q in batch.drain(..) {
-            reached += hub.deliver(&q.target, &q.text, q.history, &mut outboxes) as i64;
+            reached += hub.deliver(&q.target, &q.text, q.history) as i64;
         }
         last = Some(tokio::time::Instant::now());
     }

@@ -63,6 +63,16 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
 }
 
+/// What queueing one message did.
+enum Pushed {
+    /// It was added: one more message waits.
+    Added,
+    /// It was added in place of the oldest push (`drop_oldest`).
+    Replaced,
+    /// It was not queued: closed, or judged too slow.
+    Refused,
+}
+
 /// What [`Outbox::take`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Taken {
@@ -99,31 +109,72 @@ impl Outbox {
     /// Queues a message without waiting. Returns false when it was not
     /// queued (connection closed or judged too slow).
     pub fn push(&self, text: Prepared, reply: bool) -> bool {
+        match self.queue(text, reply) {
+            Pushed::Added => {
+                self.metrics.outbound_queued.inc();
+                true
+            }
+            Pushed::Replaced => true,
+            Pushed::Refused => false,
+        }
+    }
+
+    /// Queues one push for each of `outboxes` (shared, not copied);
+    /// returns how many took it. The queued-messages gauge, which every
+    /// core shares, moves twice per call rather than once per recipient:
+    /// up by all of them first, so it never reads below what is queued,
+    /// then down by those that did not add a message.
+    pub fn push_each(outboxes: &[Arc<Outbox>], text: &Prepared, metrics: &Metrics) -> usize {
+        if outboxes.is_empty() {
+            return 0;
+        }
+        metrics.outbound_queued.inc_by(outboxes.len() as i64);
+        let (mut reached, mut not_added) = (0_usize, 0_i64);
+        for o in outboxes {
+            match o.queue(text.clone(), false) {
+                Pushed::Added => reached += 1,
+                Pushed::Replaced => {
+                    reached += 1;
+                    not_added += 1;
+                }
+                Pushed::Refused => not_added += 1,
+            }
+        }
+        if not_added > 0 {
+            metrics.outbound_queued.dec_by(not_added);
+        }
+        metrics.pushes.inc_by(reached as u64);
+        reached
+    }
+
+    /// Queues a message and wakes the connection's task; the caller moves
+    /// the gauge for what was added.
+    fn queue(&self, text: Prepared, reply: bool) -> Pushed {
         let mut st = self.lock();
         if st.closed || st.overflowed {
-            return false;
+            return Pushed::Refused;
         }
+        let mut pushed = Pushed::Added;
         if st.queue.len() >= self.capacity {
             let oldest_push = st.queue.iter().position(|m| !m.reply);
             match (self.policy, oldest_push) {
                 (SlowConsumer::DropOldest, Some(i)) => {
                     st.queue.remove(i);
                     self.metrics.outbound_dropped.inc();
-                    self.metrics.outbound_queued.dec();
+                    pushed = Pushed::Replaced;
                 }
                 _ => {
                     st.overflowed = true;
                     drop(st);
                     self.ready.notify_one();
-                    return false;
+                    return Pushed::Refused;
                 }
             }
         }
         st.queue.push_back(Outgoing { text, reply });
-        self.metrics.outbound_queued.inc();
         drop(st);
         self.ready.notify_one();
-        true
+        pushed
     }
 
     /// Queued messages leaving the queue, in the gauge.
@@ -328,6 +379,32 @@ mod tests {
         o.push("p4".into(), false);
         o.close();
         assert_eq!(m.outbound_queued.get(), 0);
+    }
+
+    #[test]
+    fn push_each_counts_what_each_outbox_did() {
+        let m = Arc::new(Metrics::new());
+        let open = Arc::new(Outbox::new(4, SlowConsumer::DropOldest, m.clone()));
+        let full = Arc::new(Outbox::new(1, SlowConsumer::DropOldest, m.clone()));
+        let closed = Arc::new(Outbox::new(4, SlowConsumer::DropOldest, m.clone()));
+        full.push("old".into(), false);
+        closed.close();
+        let all = [open.clone(), full.clone(), closed.clone()];
+        let reached = Outbox::push_each(&all, &"new".into(), &m);
+        assert_eq!(reached, 2, "the closed one refused");
+        assert_eq!(m.pushes.get(), 2);
+        assert_eq!(
+            m.outbound_dropped.get(),
+            1,
+            "the full one dropped its oldest"
+        );
+        assert_eq!(m.outbound_queued.get(), 2, "one in each open queue");
+        let mut out = Vec::new();
+        full.take(&mut out);
+        assert_eq!(texts(&out), ["new"]);
+        open.take(&mut Vec::new());
+        assert_eq!(m.outbound_queued.get(), 0);
+        assert_eq!(Outbox::push_each(&[], &"x".into(), &m), 0);
     }
 
     #[test]
