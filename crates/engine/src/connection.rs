@@ -649,8 +649,9 @@ async fn flush_outbox(
     let n = buf.len() as u64;
     // Each message's frame was made once for all its recipients: queued
     // here without a copy, and written with the rest in one vectored write.
+    socket.reserve(buf.len());
     for m in buf.drain(..) {
-        socket.queue_prepared(&m.text);
+        socket.queue_prepared(m.text);
     }
     let write = write_all(socket);
     // A client that stops reading blocks this write; meanwhile its outbox

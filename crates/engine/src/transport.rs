@@ -9,12 +9,11 @@
 //! the socket is readable, and the frames of one write encrypted together
 //! into one buffer, let go once it is written.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -71,10 +70,10 @@ impl Stream {
 
     /// Writes from the front of `frames` (up to [`MAX_SLICES`] of them in
     /// one vectored write); returns how many bytes were taken.
-    pub(crate) fn poll_write_frames(
+    pub(crate) fn poll_write_frames<'a>(
         &mut self,
         cx: &mut Context<'_>,
-        frames: &VecDeque<Bytes>,
+        frames: impl Iterator<Item = &'a [u8]>,
     ) -> Poll<io::Result<usize>> {
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         let mut n = 0;

@@ -591,10 +591,10 @@ pub(crate) async fn hand(
     let Some(queued) = released(gate, &mut member, caller, grace).await else {
         return Err(socket);
     };
-    for m in &queued {
-        socket.queue_prepared(&m.text);
-    }
     app.metrics.messages_out.inc_by(queued.len() as u64);
+    for m in queued {
+        socket.queue_prepared(m.text);
+    }
     let parts = socket.into_parts()?;
     let Parts {
         tcp,

@@ -150,20 +150,61 @@ impl Prepared {
         self.len() == 0
     }
 
-    /// The frame for a socket, compressed when the socket agreed to it.
-    fn frame_for(&self, deflate: Option<Agreed>, min: usize, metrics: &Metrics) -> Bytes {
+    /// The frame for a socket, compressed when the socket agreed to it:
+    /// the shared frame held by the message itself, no copy and no other
+    /// reference count.
+    fn frame_for(self, deflate: Option<Agreed>, min: usize, metrics: &Metrics) -> Frame {
         match deflate {
             Some(a) if self.len() >= min && a.server_window_bits == deflate::MAX_WINDOW_BITS => {
                 self.0
                     .deflated
-                    .get_or_init(|| compress(metrics, Opcode::Text, self.as_str().as_bytes(), a))
-                    .clone()
+                    .get_or_init(|| compress(metrics, Opcode::Text, self.as_str().as_bytes(), a));
+                Frame::Deflated(self, 0)
             }
             // A smaller window cannot share the common compressed frame.
             Some(a) if self.len() >= min => {
-                compress(metrics, Opcode::Text, self.as_str().as_bytes(), a)
+                Frame::Own(compress(metrics, Opcode::Text, self.as_str().as_bytes(), a))
             }
-            _ => self.0.frame.clone(),
+            _ => Frame::Plain(self, 0),
+        }
+    }
+}
+
+/// One frame waiting to be written.
+#[derive(Debug)]
+enum Frame {
+    /// A frame of this socket's own; written bytes are advanced past.
+    Own(Bytes),
+    /// A prepared message's frame, and how many of its bytes are written.
+    Plain(Prepared, usize),
+    /// A prepared message's shared compressed frame, likewise.
+    Deflated(Prepared, usize),
+}
+
+impl Frame {
+    /// What is left to write.
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Frame::Own(b) => b,
+            Frame::Plain(p, at) => p.0.frame.get(*at..).unwrap_or_default(),
+            Frame::Deflated(p, at) => {
+                p.0.deflated
+                    .get()
+                    .and_then(|b| b.get(*at..))
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// Marks `n` more bytes written (at most [`Frame::len`]).
+    fn advance(&mut self, n: usize) {
+        match self {
+            Frame::Own(b) => b.advance(n),
+            Frame::Plain(_, at) | Frame::Deflated(_, at) => *at += n,
         }
     }
 }
@@ -209,7 +250,7 @@ pub struct Socket {
     partial: Option<Partial>,
     /// Whole frames waiting to be written; the front may be partly
     /// written already (advanced).
-    out: VecDeque<Bytes>,
+    out: VecDeque<Frame>,
     deflate: Option<Agreed>,
     limits: Limits,
     /// The server's close frame is queued or sent.
@@ -308,8 +349,11 @@ impl Socket {
             match h.opcode {
                 Opcode::Ping => {
                     if self.out.len() < MAX_QUEUED_FRAMES && !self.sent_close {
-                        self.out
-                            .push_back(frame::encode(Opcode::Pong, false, &payload));
+                        self.out.push_back(Frame::Own(frame::encode(
+                            Opcode::Pong,
+                            false,
+                            &payload,
+                        )));
                     }
                     return Ok(Some(Message::Ping));
                 }
@@ -328,8 +372,11 @@ impl Socket {
                         let answer = code
                             .map(|c| frame::close_payload(c, ""))
                             .unwrap_or_default();
-                        self.out
-                            .push_back(frame::encode(Opcode::Close, false, &answer));
+                        self.out.push_back(Frame::Own(frame::encode(
+                            Opcode::Close,
+                            false,
+                            &answer,
+                        )));
                     }
                     return Ok(Some(Message::Close));
                 }
@@ -410,29 +457,36 @@ impl Socket {
             }
             _ => frame::encode(opcode, false, data),
         };
-        self.out.push_back(frame);
+        self.out.push_back(Frame::Own(frame));
+    }
+
+    /// Makes room for `frames` more frames at once, rather than growing
+    /// the queue frame by frame.
+    pub fn reserve(&mut self, frames: usize) {
+        self.out.reserve(frames);
     }
 
     /// Queues a prepared message: the shared frame, no copy.
-    pub fn queue_prepared(&mut self, msg: &Prepared) {
+    pub fn queue_prepared(&mut self, msg: Prepared) {
         let frame = msg.frame_for(self.deflate, self.limits.compress_min, &self.metrics);
         self.out.push_back(frame);
     }
 
     /// Queues a ping.
     pub fn queue_ping(&mut self) {
-        self.out.push_back(frame::encode(Opcode::Ping, false, &[]));
+        self.out
+            .push_back(Frame::Own(frame::encode(Opcode::Ping, false, &[])));
     }
 
     /// Queues the server's close frame (once).
     pub fn queue_close(&mut self, code: u16, reason: &str) {
         if !self.sent_close {
             self.sent_close = true;
-            self.out.push_back(frame::encode(
+            self.out.push_back(Frame::Own(frame::encode(
                 Opcode::Close,
                 false,
                 &frame::close_payload(code, reason),
-            ));
+            )));
         }
     }
 
@@ -440,7 +494,8 @@ impl Socket {
     /// a time. Cancel-safe.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
-            let mut wrote = ready!(self.stream.poll_write_frames(cx, &self.out))?;
+            let frames = self.out.iter().map(Frame::bytes);
+            let mut wrote = ready!(self.stream.poll_write_frames(cx, frames))?;
             if wrote == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -530,9 +585,9 @@ impl Socket {
                 }));
             }
         };
-        let mut queued = BytesMut::with_capacity(out.iter().map(Bytes::len).sum());
+        let mut queued = BytesMut::with_capacity(out.iter().map(Frame::len).sum());
         for frame in &out {
-            queued.extend_from_slice(frame);
+            queued.extend_from_slice(frame.bytes());
         }
         Ok(Parts {
             tcp,
@@ -578,7 +633,7 @@ impl Socket {
                 data: BytesMut::from(&data[..]),
             });
         if !parts.queued.is_empty() {
-            socket.out.push_back(parts.queued);
+            socket.out.push_back(Frame::Own(parts.queued));
         }
         socket
     }
