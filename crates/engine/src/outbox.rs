@@ -147,8 +147,8 @@ impl Outbox {
         reached
     }
 
-    /// Queues a message and wakes the connection's task; the caller moves
-    /// the gauge for what was added.
+    /// Queues a message and wakes the connection's task if it was not
+    /// already; the caller moves the gauge for what was added.
     fn queue(&self, text: Prepared, reply: bool) -> Pushed {
         let mut st = self.lock();
         if st.closed || st.overflowed {
@@ -171,9 +171,15 @@ impl Outbox {
                 }
             }
         }
+        // Only the first message into an empty queue wakes the task: it
+        // takes everything queued when it runs, and another wake-up would
+        // only fight its core for the notifier's cache line.
+        let wake = st.queue.is_empty();
         st.queue.push_back(Outgoing { text, reply });
         drop(st);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_one();
+        }
         pushed
     }
 
