@@ -1050,15 +1050,25 @@ impl Hub {
                 let mut reached = 0;
                 self.memory.append(topic, policy, text, |positioned| {
                     let to = self.lock().recipients(target);
-                    reached = Outbox::push_each(&to, positioned, &self.metrics);
+                    reached =
+                        Outbox::push_each(&to, std::slice::from_ref(positioned), &self.metrics);
                 });
                 return reached;
             }
         }
         let text = named.as_ref().unwrap_or(text);
+        self.deliver_run(target, std::slice::from_ref(text))
+    }
+
+    /// Delivers pushes without history to `target`'s connections here,
+    /// in order, each connection's share queued at once, and forwards
+    /// each to the other nodes'. Returns how many deliveries were queued.
+    fn deliver_run(&self, target: &Target, texts: &[Prepared]) -> usize {
         let to = self.lock().recipients(target);
-        let reached = Outbox::push_each(&to, text, &self.metrics);
-        self.backplane.forward(target, text);
+        let reached = Outbox::push_each(&to, texts, &self.metrics);
+        for text in texts {
+            self.backplane.forward(target, text);
+        }
         reached
     }
 
@@ -1095,7 +1105,7 @@ impl Hub {
     /// never forwarded again. Returns the connections it was queued for.
     pub fn deliver_remote(&self, target: &Target, text: &Prepared) -> usize {
         let to = self.lock().recipients(target);
-        Outbox::push_each(&to, text, &self.metrics)
+        Outbox::push_each(&to, std::slice::from_ref(text), &self.metrics)
     }
 
     /// As [`Hub::publish`], for a publication from a client: the push
@@ -1166,6 +1176,8 @@ async fn deliver(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
+    // A run of consecutive pushes to one target (at most a batch).
+    let mut run = Vec::new();
     // When the last batch was handed out, how many connections it
     // reached, and the outboxes' messages just before it.
     let mut last: Option<tokio::time::Instant> = None;
@@ -1207,8 +1219,20 @@ async fn deliver(
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
         before = hub.metrics.outbound_queued.get();
         reached = 0;
-        for q in batch.drain(..) {
-            reached += hub.deliver(&q.target, &q.text, q.history) as i64;
+        // Consecutive pushes to one target go to each connection together:
+        // one lock and at most one wake-up per connection for the run.
+        let mut pushes = batch.drain(..).peekable();
+        while let Some(q) = pushes.next() {
+            if q.history.is_some() {
+                reached += hub.deliver(&q.target, &q.text, q.history) as i64;
+                continue;
+            }
+            run.push(q.text);
+            while let Some(next) = pushes.next_if(|n| n.history.is_none() && n.target == q.target) {
+                run.push(next.text);
+            }
+            reached += hub.deliver_run(&q.target, &run) as i64;
+            run.clear();
         }
         last = Some(tokio::time::Instant::now());
     }

@@ -63,16 +63,6 @@ pub struct Outbox {
     metrics: Arc<Metrics>,
 }
 
-/// What queueing one message did.
-enum Pushed {
-    /// It was added: one more message waits.
-    Added,
-    /// It was added in place of the oldest push (`drop_oldest`).
-    Replaced,
-    /// It was not queued: closed, or judged too slow.
-    Refused,
-}
-
 /// What [`Outbox::take`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Taken {
@@ -109,78 +99,83 @@ impl Outbox {
     /// Queues a message without waiting. Returns false when it was not
     /// queued (connection closed or judged too slow).
     pub fn push(&self, text: Prepared, reply: bool) -> bool {
-        match self.queue(text, reply) {
-            Pushed::Added => {
-                self.metrics.outbound_queued.inc();
-                true
-            }
-            Pushed::Replaced => true,
-            Pushed::Refused => false,
+        let (queued, not_added) = self.queue(std::slice::from_ref(&text), reply);
+        if queued > not_added {
+            self.metrics.outbound_queued.inc();
         }
+        queued > 0
     }
 
-    /// Queues one push for each of `outboxes` (shared, not copied);
-    /// returns how many took it. The queued-messages gauge, which every
-    /// core shares, moves twice per call rather than once per recipient:
-    /// up by all of them first, so it never reads below what is queued,
-    /// then down by those that did not add a message.
-    pub fn push_each(outboxes: &[Arc<Outbox>], text: &Prepared, metrics: &Metrics) -> usize {
-        if outboxes.is_empty() {
+    /// Queues `texts` (shared, not copied), in order, for each of
+    /// `outboxes`; returns how many messages were queued in all. Each
+    /// outbox is locked and woken once for all of them, and the
+    /// queued-messages gauge, which every core shares, moves twice per
+    /// call rather than once per message: up by all of them first, so it
+    /// never reads below what is queued, then down by those that did not
+    /// add a message.
+    pub fn push_each(outboxes: &[Arc<Outbox>], texts: &[Prepared], metrics: &Metrics) -> usize {
+        let all = outboxes.len() * texts.len();
+        if all == 0 {
             return 0;
         }
-        metrics.outbound_queued.inc_by(outboxes.len() as i64);
-        let (mut reached, mut not_added) = (0_usize, 0_i64);
+        metrics.outbound_queued.inc_by(all as i64);
+        let (mut reached, mut not_added) = (0_usize, 0_usize);
         for o in outboxes {
-            match o.queue(text.clone(), false) {
-                Pushed::Added => reached += 1,
-                Pushed::Replaced => {
-                    reached += 1;
-                    not_added += 1;
-                }
-                Pushed::Refused => not_added += 1,
-            }
+            let (queued, kept_out) = o.queue(texts, false);
+            reached += queued;
+            not_added += kept_out;
         }
         if not_added > 0 {
-            metrics.outbound_queued.dec_by(not_added);
+            metrics.outbound_queued.dec_by(not_added as i64);
         }
         metrics.pushes.inc_by(reached as u64);
         reached
     }
 
-    /// Queues a message and wakes the connection's task if it was not
-    /// already; the caller moves the gauge for what was added.
-    fn queue(&self, text: Prepared, reply: bool) -> Pushed {
+    /// Queues `texts` under one lock and wakes the connection's task if
+    /// it was not already. Returns how many were queued and how many did
+    /// not add a message (refused, or queued in place of a dropped one):
+    /// the caller moves the gauge.
+    fn queue(&self, texts: &[Prepared], reply: bool) -> (usize, usize) {
         let mut st = self.lock();
-        if st.closed || st.overflowed {
-            return Pushed::Refused;
-        }
-        let mut pushed = Pushed::Added;
-        if st.queue.len() >= self.capacity {
-            let oldest_push = st.queue.iter().position(|m| !m.reply);
-            match (self.policy, oldest_push) {
-                (SlowConsumer::DropOldest, Some(i)) => {
-                    st.queue.remove(i);
-                    self.metrics.outbound_dropped.inc();
-                    pushed = Pushed::Replaced;
-                }
-                _ => {
-                    st.overflowed = true;
-                    drop(st);
-                    self.ready.notify_one();
-                    return Pushed::Refused;
-                }
-            }
-        }
         // Only the first message into an empty queue wakes the task: it
         // takes everything queued when it runs, and another wake-up would
         // only fight its core for the notifier's cache line.
-        let wake = st.queue.is_empty();
-        st.queue.push_back(Outgoing { text, reply });
+        let was_empty = st.queue.is_empty();
+        let (mut queued, mut not_added, mut overflowed) = (0, 0, false);
+        for text in texts {
+            if st.closed || st.overflowed {
+                not_added += 1;
+                continue;
+            }
+            if st.queue.len() >= self.capacity {
+                let oldest_push = st.queue.iter().position(|m| !m.reply);
+                match (self.policy, oldest_push) {
+                    (SlowConsumer::DropOldest, Some(i)) => {
+                        st.queue.remove(i);
+                        self.metrics.outbound_dropped.inc();
+                        not_added += 1;
+                    }
+                    _ => {
+                        // The task closes the connection: wake it.
+                        st.overflowed = true;
+                        overflowed = true;
+                        not_added += 1;
+                        continue;
+                    }
+                }
+            }
+            st.queue.push_back(Outgoing {
+                text: text.clone(),
+                reply,
+            });
+            queued += 1;
+        }
         drop(st);
-        if wake {
+        if overflowed || (was_empty && queued > 0) {
             self.ready.notify_one();
         }
-        pushed
+        (queued, not_added)
     }
 
     /// Queued messages leaving the queue, in the gauge.
@@ -396,7 +391,7 @@ mod tests {
         full.push("old".into(), false);
         closed.close();
         let all = [open.clone(), full.clone(), closed.clone()];
-        let reached = Outbox::push_each(&all, &"new".into(), &m);
+        let reached = Outbox::push_each(&all, &["new".into()], &m);
         assert_eq!(reached, 2, "the closed one refused");
         assert_eq!(m.pushes.get(), 2);
         assert_eq!(
@@ -410,7 +405,28 @@ mod tests {
         assert_eq!(texts(&out), ["new"]);
         open.take(&mut Vec::new());
         assert_eq!(m.outbound_queued.get(), 0);
-        assert_eq!(Outbox::push_each(&[], &"x".into(), &m), 0);
+        assert_eq!(Outbox::push_each(&[], &["x".into()], &m), 0);
+        assert_eq!(Outbox::push_each(&all, &[], &m), 0);
+    }
+
+    #[test]
+    fn push_each_queues_a_run_in_order_within_each_bound() {
+        let m = Arc::new(Metrics::new());
+        let roomy = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
+        let small = Arc::new(Outbox::new(2, SlowConsumer::DropOldest, m.clone()));
+        let strict = Arc::new(Outbox::new(2, SlowConsumer::Close, m.clone()));
+        let run: Vec<Prepared> = ["a", "b", "c"].into_iter().map(Prepared::from).collect();
+        let all = [roomy.clone(), small.clone(), strict.clone()];
+        assert_eq!(Outbox::push_each(&all, &run, &m), 3 + 3 + 2);
+        assert_eq!(m.outbound_dropped.get(), 1, "small dropped a for c");
+        assert_eq!(m.outbound_queued.get(), 3 + 2 + 2);
+        let mut out = Vec::new();
+        roomy.take(&mut out);
+        assert_eq!(texts(&out), ["a", "b", "c"]);
+        out.clear();
+        small.take(&mut out);
+        assert_eq!(texts(&out), ["b", "c"]);
+        assert_eq!(strict.take(&mut Vec::new()), Taken::SlowConsumer);
     }
 
     #[test]
