@@ -15,6 +15,10 @@
 #   thousand  1,000 subscribers, 100/s, 1,000 publications
 #   tenk      10,000 subscribers, 10/s, 100 publications
 #   burst     19,000 subscribers, 200 publications back to back
+#   long      19,000 subscribers, 600 back to back (docs/benchmarks.md,
+#             "Closing part of it": with GALE_BROADCAST__BATCH_SIZE=24
+#             GALE_BROADCAST__BATCH_WINDOW_MS=20, which the server inherits,
+#             against SERVER=floor FLOOR_BATCH=36)
 #
 # 1 KB pushes. The generator is this checkout's release `gale` whatever
 # the server; both share this machine's cores. Traffic stays on
@@ -73,6 +77,7 @@ for r in $RUNS; do
     thousand) run thousand 1000 1000 100 --connect-rate 5000 ;;
     tenk) run tenk 10000 100 10 --sources 4 --connect-rate 5000 ;;
     burst) run burst 19000 200 0 --procs 2 --sources 4 --connect-rate 5000 ;;
-    *) echo "unknown run: $r (one, thousand, tenk, burst)" >&2; exit 2 ;;
+    long) run long 19000 600 0 --procs 2 --sources 4 --connect-rate 5000 ;;
+    *) echo "unknown run: $r (one, thousand, tenk, burst, long)" >&2; exit 2 ;;
   esac
 done
