@@ -99,9 +99,12 @@ impl Outbox {
     /// Queues a message without waiting. Returns false when it was not
     /// queued (connection closed or judged too slow).
     pub fn push(&self, text: Prepared, reply: bool) -> bool {
+        // Counted before it can be taken, as `push_each` does: the gauge
+        // never reads below what is queued.
+        self.metrics.outbound_queued.inc();
         let (queued, not_added) = self.queue(std::slice::from_ref(&text), reply);
-        if queued > not_added {
-            self.metrics.outbound_queued.inc();
+        if not_added > 0 {
+            self.metrics.outbound_queued.dec_by(not_added as i64);
         }
         queued > 0
     }
@@ -112,7 +115,8 @@ impl Outbox {
     /// queued-messages gauge, which every core shares, moves twice per
     /// call rather than once per message: up by all of them first, so it
     /// never reads below what is queued, then down by those that did not
-    /// add a message.
+    /// add a message. `metrics` is the one every outbox here counts in
+    /// (the server's).
     pub fn push_each(outboxes: &[Arc<Outbox>], texts: &[Prepared], metrics: &Metrics) -> usize {
         let all = outboxes.len() * texts.len();
         if all == 0 {
@@ -427,6 +431,27 @@ mod tests {
         small.take(&mut out);
         assert_eq!(texts(&out), ["b", "c"]);
         assert_eq!(strict.take(&mut Vec::new()), Taken::SlowConsumer);
+    }
+
+    #[test]
+    fn the_gauge_never_reads_below_what_is_queued() {
+        let (o, m) = outbox(usize::MAX, SlowConsumer::DropOldest);
+        let o = Arc::new(o);
+        let pusher = {
+            let o = o.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200_000 {
+                    o.push("r".into(), true);
+                }
+            })
+        };
+        let (mut lowest, mut buf) = (0, Vec::new());
+        while !pusher.is_finished() {
+            o.take(&mut buf);
+            buf.clear();
+            lowest = lowest.min(m.outbound_queued.get());
+        }
+        assert!(lowest >= 0, "the gauge read {lowest}");
     }
 
     #[test]
