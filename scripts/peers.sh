@@ -14,6 +14,7 @@
 #   SERVERS="gale sockudo" scripts/peers.sh
 #   PACED=100 RATE=10             # the paced run: P publications at R/s
 #   PEERS_NO_BUILD=1              # use what is built already
+#   GALE=/tmp/gale-old            # another gale build as the server "gale"
 #   PROCS=2                       # the client in 2 processes
 #
 # For each server in turn: start it fresh on a free port, have
@@ -47,7 +48,7 @@ SOCKUDO_VERSION="${SOCKUDO_VERSION:-5.2.0}"
 ROOT="$PWD"
 PEERS="$ROOT/peers"
 OUT="$ROOT/target/peers"
-GALE="$ROOT/target/release/gale"
+GALE="${GALE:-$ROOT/target/release/gale}"
 CLIENT="$PEERS/target/release/gale-peers"
 SOCKUDO="$PEERS/target/sockudo/bin/sockudo"
 GORILLA="$PEERS/target/gorilla/gorilla-hub"
