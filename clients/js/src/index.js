@@ -235,6 +235,14 @@ export class GaleClient {
   #resuming = false;
 
   /**
+   * After a reconnect, what waited is held back until the renewed
+   * subscriptions are answered: the server runs a connection's events
+   * concurrently, so sending them first is not enough for a publish that
+   * needs its subscription. The hold of the current connection, if any.
+   */
+  #hold = null;
+
+  /**
    * @param {string} url ws:// or wss:// URL of gale's /ws
    * @param {object} [options]
    * @param {string} [options.token] a JWT, sent as ?token=… (browsers
@@ -366,7 +374,7 @@ export class GaleClient {
     const message = { event, ref };
     if (data !== undefined) message.data = data;
     const text = JSON.stringify(message);
-    if (this.state !== State.OPEN && this.queue.length >= this.options.maxQueue) {
+    if ((this.state !== State.OPEN || this.#hold) && this.queue.length >= this.options.maxQueue) {
       return Promise.reject(new GaleError('queue_full', `not connected and ${this.options.maxQueue} requests already wait`));
     }
     return new Promise((resolve, reject) => {
@@ -753,13 +761,24 @@ export class GaleClient {
       }
       const ready = () => {
         if (this.ws !== ws || this.stopped) return; // dropped meanwhile
+        this.#hold = null;
         this.#setState(State.OPEN, { transport });
-        // Renew subscriptions first, then what waited.
-        for (const city of this.cities) this.#renew('weather.subscribe', { city });
-        for (const topic of this.topics) this.#renew('topic.subscribe', { topic }, tokens.get(topic));
-        const waiting = this.queue;
-        this.queue = [];
-        for (const q of waiting) ws.send(q.text);
+        // Renew subscriptions first (sent here, at once), then what
+        // waited, once they are answered.
+        const renewals = [];
+        for (const city of this.cities) renewals.push(this.#renew('weather.subscribe', { city }));
+        for (const topic of this.topics) renewals.push(this.#renew('topic.subscribe', { topic }, tokens.get(topic)));
+        if (renewals.length === 0 || this.queue.length === 0) {
+          this.#flush(ws);
+          return;
+        }
+        const hold = {};
+        this.#hold = hold;
+        Promise.allSettled(renewals).then(() => {
+          if (this.#hold !== hold) return; // dropped and reopened meanwhile
+          this.#hold = null;
+          if (this.ws === ws) this.#flush(ws);
+        });
       };
       if (asked.length === 0) ready();
       else Promise.all(asked).then(ready);
@@ -781,16 +800,26 @@ export class GaleClient {
     };
   }
 
-  /** A resubscribe; `token`: the topic's token, or why there is none. */
+  /**
+   * A resubscribe; `token`: the topic's token, or why there is none.
+   * Resolves once it is answered (or has failed).
+   */
   #renew(event, data, token) {
     const run = token instanceof Error ? Promise.reject(token) : this.#subscribeAt(event, data, undefined, token);
-    run.catch((e) => {
+    return run.catch((e) => {
       this.#emit('gale.resubscribe_failed', { event, data, code: e.code, message: e.message });
     });
   }
 
+  /** Sends what waited, in order. */
+  #flush(ws) {
+    const waiting = this.queue;
+    this.queue = [];
+    for (const q of waiting) ws.send(q.text);
+  }
+
   #send(ref, text) {
-    if (this.state === State.OPEN && this.ws && this.ws.readyState === 1) {
+    if (this.state === State.OPEN && !this.#hold && this.ws && this.ws.readyState === 1) {
       this.ws.send(text);
     } else {
       this.queue.push({ ref, text });

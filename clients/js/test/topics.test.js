@@ -39,8 +39,13 @@ history_ttl_s = 300
 subscribe = "token"
 publish = "subscribers"
 
+[topics."slow:*"]
+subscribe = "proxy"
+publish = "subscribers"
+
 [proxy]
 rpc_url = "http://127.0.0.1:${backendPort}/rpc"
+subscribe_url = "http://127.0.0.1:${backendPort}/subscribe"
 rpc_events = ["orders.*"]
 `;
 }
@@ -65,6 +70,14 @@ async function startBackend() {
     req.on('end', () => {
       const call = JSON.parse(body);
       calls.push({ path: req.url, ...call });
+      if (req.url === '/subscribe') {
+        // Admits everyone to slow:*, slowly.
+        setTimeout(() => {
+          res.writeHead(200, { 'content-type': 'application/json' });
+          res.end('{"result":{}}');
+        }, 300);
+        return;
+      }
       const answer = {
         'orders.create': { result: { order: `o-${calls.length}`, user: call.user, item: call.data?.item } },
         'orders.sold_out': { error: { code: 'out_of_stock', message: 'no more tea' } },
@@ -321,6 +334,31 @@ test('a token function is asked again after the server restarts, before anything
     await until(() => got.length === 3);
     assert.deepEqual(got.map((g) => g.data), ['before', 'queued', 'after']);
     assert.deepEqual(got[1].meta, { topic: 'secret:restart', user: 'alice' });
+  } finally {
+    alice?.close();
+    await own?.stop();
+  }
+});
+
+test('after a reconnect, what was queued waits until the subscriptions are renewed', async () => {
+  let own = await startGale(upstream.url, 0, ENV, config(backend.port));
+  let alice;
+  try {
+    alice = await client('alice', own.url, { minDelayMs: 100, maxDelayMs: 300 });
+    const got = collect(alice, 'topic.message');
+    await alice.subscribeTopic('slow:renewed');
+    const port = own.port;
+    await own.stop();
+    own = null;
+    await until(() => alice.state === State.RECONNECTING);
+    // The server runs a connection's events concurrently and the backend
+    // takes 300 ms to admit the renewed subscription: a publish sent right
+    // behind the resubscribe would be handled first, and refused.
+    const queued = alice.publish('slow:renewed', 'queued', { timeoutMs: 10_000 }).catch((e) => e);
+    own = await startGale(upstream.url, port, ENV, config(backend.port));
+    assert.deepEqual(await queued, { topic: 'slow:renewed', accepted: true });
+    await until(() => got.length === 1);
+    assert.equal(got[0].data, 'queued');
   } finally {
     alice?.close();
     await own?.stop();
