@@ -375,7 +375,8 @@ export class GaleClient {
     if (data !== undefined) message.data = data;
     const text = JSON.stringify(message);
     if ((this.state !== State.OPEN || this.#hold) && this.queue.length >= this.options.maxQueue) {
-      return Promise.reject(new GaleError('queue_full', `not connected and ${this.options.maxQueue} requests already wait`));
+      const why = this.state === State.OPEN ? 'subscriptions are being renewed' : 'not connected';
+      return Promise.reject(new GaleError('queue_full', `${why} and ${this.options.maxQueue} requests already wait`));
     }
     return new Promise((resolve, reject) => {
       const timeoutMs = opts.timeoutMs ?? this.options.timeoutMs;
