@@ -1049,9 +1049,7 @@ impl Hub {
             } else {
                 let mut reached = 0;
                 self.memory.append(topic, policy, text, |positioned| {
-                    let to = self.lock().recipients(target);
-                    reached =
-                        Outbox::push_each(&to, std::slice::from_ref(positioned), &self.metrics);
+                    reached = self.queue_here(target, std::slice::from_ref(positioned));
                 });
                 return reached;
             }
@@ -1064,12 +1062,18 @@ impl Hub {
     /// in order, each connection's share queued at once, and forwards
     /// each to the other nodes'. Returns how many deliveries were queued.
     fn deliver_run(&self, target: &Target, texts: &[Prepared]) -> usize {
-        let to = self.lock().recipients(target);
-        let reached = Outbox::push_each(&to, texts, &self.metrics);
+        let reached = self.queue_here(target, texts);
         for text in texts {
             self.backplane.forward(target, text);
         }
         reached
+    }
+
+    /// Queues `texts` for `target`'s connections on this node only;
+    /// returns how many deliveries were queued.
+    fn queue_here(&self, target: &Target, texts: &[Prepared]) -> usize {
+        let to = self.lock().recipients(target);
+        Outbox::push_each(&to, texts, &self.metrics)
     }
 
     /// Pushes `{"event":…,"data":…}` to `target` at once. Returns the
@@ -1104,8 +1108,7 @@ impl Hub {
     /// sender pipelines, the subscriber reads what arrived together) and
     /// never forwarded again. Returns the connections it was queued for.
     pub fn deliver_remote(&self, target: &Target, text: &Prepared) -> usize {
-        let to = self.lock().recipients(target);
-        Outbox::push_each(&to, std::slice::from_ref(text), &self.metrics)
+        self.queue_here(target, std::slice::from_ref(text))
     }
 
     /// As [`Hub::publish`], for a publication from a client: the push
