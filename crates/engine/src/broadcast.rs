@@ -41,6 +41,11 @@ use crate::protocol::push_json;
 use crate::router::Caller;
 use futures_util::future::BoxFuture;
 
+/// Recipients from which a run of pushes is copied into one buffer
+/// ([`Prepared::joined`]): below it the copy costs more than the one
+/// slice per connection saves.
+const JOIN_RECIPIENTS: usize = 4;
+
 /// Who a push goes to.
 ///
 /// ```
@@ -1073,6 +1078,10 @@ impl Hub {
     /// returns how many deliveries were queued.
     fn queue_here(&self, target: &Target, texts: &[Prepared]) -> usize {
         let to = self.lock().recipients(target);
+        if texts.len() > 1 && to.len() >= JOIN_RECIPIENTS {
+            // Copied once into one buffer, written as one slice by each.
+            return Outbox::push_each(&to, &Prepared::joined(texts), &self.metrics);
+        }
         Outbox::push_each(&to, texts, &self.metrics)
     }
 

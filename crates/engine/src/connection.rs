@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::identity::Identity;
-use crate::outbox::{Outbox, Outgoing, Taken};
+use crate::outbox::{KEEP_CAPACITY, Outbox, Outgoing, Taken};
 use crate::protocol::{ErrorBody, ErrorCode, Incoming, ServerMessage, classify, reply_json};
 use crate::router::Caller;
 use crate::server::App;
@@ -492,6 +492,9 @@ async fn read_loop(
                 if awaiting_pong {
                     break End::Dead;
                 }
+                // A connection quiet since a burst gives its buffers back.
+                caller.outbox.trim();
+                release(socket, &mut outgoing);
                 if let Some(at) = caller.outbox.expires() {
                     if unix_now() >= at {
                         break End::Expired;
@@ -679,12 +682,16 @@ async fn flush_outbox(
             }
         },
     };
-    if buf.capacity() > crate::outbox::KEEP_CAPACITY {
-        *buf = Vec::new(); // a burst's memory, returned
-    }
     match written {
         Some(Some(Ok(()))) => {
             app.metrics.messages_out.inc_by(n);
+            // A burst's buffers are kept while it lasts (allocating them
+            // again for every flush cost more than the flush's own work)
+            // and given back at the first light flush, or at the next ping
+            // tick (`release`).
+            if n as usize <= KEEP_CAPACITY {
+                release(socket, buf);
+            }
             // Wake-ups that came while `overflowed` watched were taken by
             // it: wake the loop again, so what queued meanwhile goes out.
             if watched {
@@ -700,6 +707,15 @@ async fn flush_outbox(
             buf.clear();
             Err(End::Gone)
         }
+    }
+}
+
+/// Gives back what a burst grew in the socket's write queue and the
+/// flush buffer, once they are empty.
+fn release(socket: &mut Socket, buf: &mut Vec<Outgoing>) {
+    socket.trim();
+    if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+        *buf = Vec::new();
     }
 }
 

@@ -14,7 +14,6 @@
 //! running): the connection stops reading at its bound, and each event
 //! that finishes wakes it, reply or not.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,8 +23,8 @@ use tokio::sync::Notify;
 use crate::config::SlowConsumer;
 use crate::metrics::Metrics;
 
-/// Queue slots an emptied queue may keep allocated; beyond this, the
-/// memory of a burst is returned.
+/// Queue slots an emptied queue may keep allocated once its traffic is
+/// light again; beyond this, the memory of a burst is returned.
 pub const KEEP_CAPACITY: usize = 16;
 
 /// One queued message.
@@ -40,7 +39,8 @@ pub struct Outgoing {
 
 #[derive(Debug, Default)]
 struct State {
-    queue: VecDeque<Outgoing>,
+    /// Oldest first. A `Vec`, so [`Outbox::take`] can swap it whole.
+    queue: Vec<Outgoing>,
     overflowed: bool,
     closed: bool,
     /// To be closed with this code and reason once what is queued is
@@ -146,6 +146,10 @@ impl Outbox {
         // takes everything queued when it runs, and another wake-up would
         // only fight its core for the notifier's cache line.
         let was_empty = st.queue.is_empty();
+        // Room for the whole run at once, not grown message by message.
+        if !st.closed && !st.overflowed {
+            st.queue.reserve(texts.len().min(self.capacity));
+        }
         let (mut queued, mut not_added, mut overflowed) = (0, 0, false);
         for text in texts {
             if st.closed || st.overflowed {
@@ -169,7 +173,7 @@ impl Outbox {
                     }
                 }
             }
-            st.queue.push_back(Outgoing {
+            st.queue.push(Outgoing {
                 text: text.clone(),
                 reply,
             });
@@ -207,18 +211,25 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Moves every queued message into `into`. A queue grown by a burst
-    /// gives its memory back once emptied: an idle connection should not
-    /// keep the peak of its busiest moment.
+    /// Moves every queued message into `into`. A busy connection's take
+    /// (more than [`KEEP_CAPACITY`] messages into an empty `into`) swaps
+    /// the two buffers whole: no message moves and nothing is allocated,
+    /// flush after flush. A light one gives back what a burst grew: an
+    /// idle connection should not keep the peak of its busiest moment
+    /// (see also [`Outbox::trim`]).
     pub fn take(&self, into: &mut Vec<Outgoing>) -> Taken {
         let mut st = self.lock();
         if st.overflowed {
             return Taken::SlowConsumer;
         }
         self.left(st.queue.len());
-        into.extend(st.queue.drain(..));
-        if st.queue.capacity() > KEEP_CAPACITY {
-            st.queue = VecDeque::new();
+        if into.is_empty() && st.queue.len() > KEEP_CAPACITY {
+            std::mem::swap(&mut st.queue, into);
+        } else {
+            into.append(&mut st.queue);
+            if st.queue.capacity() > KEEP_CAPACITY {
+                st.queue = Vec::new();
+            }
         }
         match st.ending.take() {
             Some(end) => {
@@ -226,6 +237,16 @@ impl Outbox {
                 Taken::End(code, reason)
             }
             None => Taken::Messages,
+        }
+    }
+
+    /// Gives back the memory a burst grew, if nothing is queued: for a
+    /// connection whose last take was a busy one and which has been quiet
+    /// since (its task calls this at each ping tick).
+    pub fn trim(&self) {
+        let mut st = self.lock();
+        if st.queue.is_empty() && st.queue.capacity() > KEEP_CAPACITY {
+            st.queue = Vec::new();
         }
     }
 
@@ -302,7 +323,7 @@ impl Outbox {
         let mut st = self.lock();
         st.closed = true;
         self.left(st.queue.len());
-        st.queue = VecDeque::new();
+        st.queue = Vec::new();
     }
 
     /// Messages waiting now.
@@ -370,6 +391,60 @@ mod tests {
         assert_eq!(o.take(&mut out), Taken::Messages);
         assert_eq!(out.len(), 500);
         assert!(o.lock().queue.capacity() <= KEEP_CAPACITY);
+    }
+
+    #[test]
+    fn a_busy_take_swaps_buffers_and_a_light_one_gives_the_burst_back() {
+        let (o, _) = outbox(1_000, SlowConsumer::DropOldest);
+        let mut out = Vec::with_capacity(600);
+        let spare = out.as_ptr();
+        for i in 0..500 {
+            o.push(format!("m{i}").as_str().into(), false);
+        }
+        assert_eq!(o.take(&mut out), Taken::Messages);
+        assert_eq!(out.len(), 500);
+        assert_eq!(texts(&out)[499], "m499", "in order");
+        assert_eq!(
+            o.lock().queue.as_ptr(),
+            spare,
+            "the caller's emptied buffer is kept for the next burst"
+        );
+        assert!(o.lock().queue.capacity() >= 600);
+
+        // Light traffic: moved, and the burst's buffer released.
+        out.clear();
+        o.push("light".into(), false);
+        assert_eq!(o.take(&mut out), Taken::Messages);
+        assert_eq!(texts(&out), ["light"]);
+        assert!(o.lock().queue.capacity() <= KEEP_CAPACITY);
+    }
+
+    #[test]
+    fn trim_releases_a_quiet_queue_and_keeps_a_full_one() {
+        let (o, _) = outbox(1_000, SlowConsumer::DropOldest);
+        let mut out = Vec::with_capacity(600);
+        for _ in 0..500 {
+            o.push("m".into(), false);
+        }
+        o.take(&mut out);
+        o.push("queued".into(), false);
+        o.trim();
+        assert!(o.lock().queue.capacity() >= 600, "something is queued");
+        out.clear();
+        o.take(&mut out);
+        assert_eq!(texts(&out), ["queued"]);
+        assert!(o.lock().queue.capacity() <= KEEP_CAPACITY);
+        for _ in 0..500 {
+            o.push("m".into(), false);
+        }
+        let mut other = Vec::with_capacity(600);
+        o.take(&mut other);
+        assert!(o.lock().queue.capacity() >= 600);
+        o.trim();
+        assert!(
+            o.lock().queue.capacity() <= KEEP_CAPACITY,
+            "quiet: given back"
+        );
     }
 
     #[test]
