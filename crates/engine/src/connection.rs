@@ -688,8 +688,8 @@ async fn flush_outbox(
             // A burst's buffers are kept while it lasts (allocating them
             // again for every flush cost more than the flush's own work)
             // and given back at the first light flush, or at the next ping
-            // tick (`release`; with pings off, after every flush).
-            // Without pings there is no tick: given back every time.
+            // tick (`release`); with pings off there is no tick, so after
+            // every flush.
             if n as usize <= KEEP_CAPACITY || app.config.server.ping_interval_s == 0 {
                 release(socket, buf);
             }

@@ -51,6 +51,15 @@ struct State {
     ending: Option<Box<(u16, String)>>,
 }
 
+impl State {
+    /// Frees an empty queue's buffer past [`KEEP_CAPACITY`] slots.
+    fn give_back(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_CAPACITY {
+            self.queue = VecDeque::new();
+        }
+    }
+}
+
 /// The queue. Shared between the connection task and whoever sends to it.
 #[derive(Debug)]
 pub struct Outbox {
@@ -232,9 +241,7 @@ impl Outbox {
             *into = Vec::from(std::mem::replace(&mut st.queue, spare));
         } else {
             into.extend(st.queue.drain(..));
-            if st.queue.capacity() > KEEP_CAPACITY {
-                st.queue = VecDeque::new();
-            }
+            st.give_back();
         }
         match st.ending.take() {
             Some(end) => {
@@ -249,10 +256,7 @@ impl Outbox {
     /// connection whose last take was a busy one and which has been quiet
     /// since (its task calls this at each ping tick).
     pub fn trim(&self) {
-        let mut st = self.lock();
-        if st.queue.is_empty() && st.queue.capacity() > KEEP_CAPACITY {
-            st.queue = VecDeque::new();
-        }
+        self.lock().give_back();
     }
 
     /// Ends the connection: what is queued is written, then it closes
@@ -386,12 +390,17 @@ mod tests {
         assert_eq!(m.outbound_dropped.get(), 0);
     }
 
+    /// Pushes `n` messages "m".
+    fn burst(o: &Outbox, n: usize) {
+        for _ in 0..n {
+            o.push("m".into(), false);
+        }
+    }
+
     #[test]
     fn a_burst_gives_its_memory_back_once_taken() {
         let (o, _) = outbox(1_000, SlowConsumer::DropOldest);
-        for _ in 0..500 {
-            o.push("m".into(), false);
-        }
+        burst(&o, 500);
         let mut out = Vec::new();
         assert_eq!(o.take(&mut out), Taken::Messages);
         assert_eq!(out.len(), 500);
@@ -425,9 +434,7 @@ mod tests {
     fn trim_releases_a_quiet_queue_and_keeps_a_full_one() {
         let (o, _) = outbox(1_000, SlowConsumer::DropOldest);
         let mut out = Vec::with_capacity(600);
-        for _ in 0..500 {
-            o.push("m".into(), false);
-        }
+        burst(&o, 500);
         o.take(&mut out);
         o.push("queued".into(), false);
         o.trim();
@@ -436,9 +443,7 @@ mod tests {
         o.take(&mut out);
         assert_eq!(texts(&out), ["queued"]);
         assert!(o.lock().queue.capacity() <= KEEP_CAPACITY);
-        for _ in 0..500 {
-            o.push("m".into(), false);
-        }
+        burst(&o, 500);
         let mut other = Vec::with_capacity(600);
         o.take(&mut other);
         assert!(o.lock().queue.capacity() >= 600);
