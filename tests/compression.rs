@@ -181,3 +181,93 @@ async fn a_broadcast_is_compressed_once_for_all_its_compressed_recipients() {
         1.0
     );
 }
+
+/// `POST /api/batch` of `commands`: the HTTP status.
+async fn api_batch(addr: std::net::SocketAddr, commands: Vec<serde_json::Value>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = json!({ "commands": commands }).to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "POST /api/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pushes delivered together to many connections share one buffer: the
+/// plain ones write it whole, the compressed ones message by message,
+/// each compressed. Every recipient gets every push, in order.
+#[tokio::test]
+async fn a_run_of_pushes_reaches_compressed_and_plain_recipients_in_order() {
+    let server = start_with(|c| c.api.key = Some(API_KEY.into())).await;
+    let mut compressed = Vec::new();
+    for i in 0..3 {
+        let mut ws = Raw::connect(server.addr, "/ws", Some("permessage-deflate")).await;
+        let sub =
+            json!({"event": "topic.subscribe", "data": {"topic": "news"}, "ref": i.to_string()});
+        ws.compressed_text(&sub.to_string()).await;
+        let (_, reply) = ws.next_json().await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        compressed.push(ws);
+    }
+    let mut plain = Vec::new();
+    for i in 0..2 {
+        let mut c = server.client().await;
+        let r = c
+            .request(
+                "topic.subscribe",
+                json!({"topic": "news"}),
+                &format!("p{i}"),
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+        plain.push(c);
+    }
+    let body = chatty(600);
+    let compressed_before = server.sample("gale_compressed_messages_total").await;
+    let mut published = 0.0;
+    // Until the delivery task has gathered more than one push at once
+    // (a batch of publications usually is, at once).
+    let mut together = false;
+    for round in 0..20 {
+        let data: Vec<String> = (0..8).map(|i| format!("{round}-{i}-{body}")).collect();
+        let commands = data
+            .iter()
+            .map(|d| json!({"method": "publish", "params": {"event": "e", "topic": "news", "data": d}}))
+            .collect();
+        assert_eq!(api_batch(server.addr, commands).await, 200);
+        published += data.len() as f64;
+        for c in &mut plain {
+            for d in &data {
+                assert_eq!(c.next_push().await["data"], d.as_str());
+            }
+        }
+        for ws in &mut compressed {
+            for d in &data {
+                let (was_compressed, push) = ws.next_json().await;
+                assert!(was_compressed, "a 600-byte push to a compressed connection");
+                assert_eq!(push["data"], d.as_str());
+            }
+        }
+        let batches = server.sample("gale_broadcast_batch_count").await;
+        if server.sample("gale_broadcast_batch_sum").await > batches {
+            together = true;
+            break;
+        }
+    }
+    assert!(together, "no two pushes were ever delivered together");
+    // Each compressed once, whatever run its recipients got it in.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        server.sample("gale_compressed_messages_total").await - compressed_before,
+        published
+    );
+}

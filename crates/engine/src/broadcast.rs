@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::websocket::Prepared;
+use crate::websocket::{Prepared, Run};
 use serde_json::Value;
 use tokio::sync::{broadcast as events, mpsc};
 use tokio::task::JoinHandle;
@@ -42,9 +42,12 @@ use crate::router::Caller;
 use futures_util::future::BoxFuture;
 
 /// Recipients from which a run of pushes is copied into one buffer
-/// ([`Prepared::joined`]): below it the copy costs more than the one
-/// slice per connection saves.
+/// ([`Run`]): below it the copy costs more than it saves.
 const JOIN_RECIPIENTS: usize = 4;
+
+/// Bytes a run grows to at most by taking in the next batch's pushes
+/// ([`Hub::queue_here`]).
+const MAX_RUN_BYTES: usize = 64 * 1024;
 
 /// Who a push goes to.
 ///
@@ -412,6 +415,10 @@ pub struct Hub {
     policies: Policies,
     /// Their streams, on a single node.
     memory: Memory,
+    /// The last run of pushes to many, and its target, while connections
+    /// still hold it: the next run to that target is written after it in
+    /// one buffer ([`Hub::queue_here`]).
+    open: Mutex<Option<(Target, Run)>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -461,6 +468,7 @@ impl Hub {
             metrics,
             backplane,
             policies: history.0,
+            open: Mutex::new(None),
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(deliver(
@@ -1078,11 +1086,27 @@ impl Hub {
     /// returns how many deliveries were queued.
     fn queue_here(&self, target: &Target, texts: &[Prepared]) -> usize {
         let to = self.lock().recipients(target);
-        if texts.len() > 1 && to.len() >= JOIN_RECIPIENTS {
-            // Copied once into one buffer, written as one slice by each.
-            return Outbox::push_each(&to, &Prepared::joined(texts), &self.metrics);
+        if to.len() < JOIN_RECIPIENTS {
+            return Outbox::push_each(&to, texts, &self.metrics);
         }
-        Outbox::push_each(&to, texts, &self.metrics)
+        // Copied once into one buffer, written as one slice by each. Under
+        // load, connections have not all written the last run when the
+        // next comes: it is copied again with the new pushes after it, and
+        // a connection that still holds it writes both as one slice of the
+        // new buffer (the kernel's cost is per slice as well as per byte).
+        // Each copy is made once for all.
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let prev = open.take().filter(|(t, prev)| {
+            t == target && prev.is_held() && prev.bytes() + Run::bytes_of(texts) <= MAX_RUN_BYTES
+        });
+        let (run, from) = match prev {
+            Some((_, prev)) => (Run::extend(&prev, texts), prev.len()),
+            None => (Run::new(texts), 0),
+        };
+        let reached = Outbox::push_run(&to, &run, from, &self.metrics);
+        // Kept for the next run, unless already as long as a run gets.
+        *open = (run.bytes() < MAX_RUN_BYTES).then(|| (target.clone(), run));
+        reached
     }
 
     /// Pushes `{"event":…,"data":…}` to `target` at once. Returns the

@@ -649,13 +649,7 @@ async fn flush_outbox(
     if buf.is_empty() {
         return ending.map_or(Ok(()), Err);
     }
-    let n = buf.len() as u64;
-    // Each message's frame was made once for all its recipients: queued
-    // here without a copy, and written with the rest in one vectored write.
-    socket.reserve(buf.len());
-    for m in buf.drain(..) {
-        socket.queue_prepared(m.text);
-    }
+    let n = queue_taken(socket, buf) as u64;
     let write = write_all(socket);
     // A client that stops reading blocks this write; meanwhile its outbox
     // may overflow, and the slow-consumer policy must act then, not after
@@ -709,6 +703,29 @@ async fn flush_outbox(
             Err(End::Gone)
         }
     }
+}
+
+/// Moves what was taken from the outbox into the socket's write queue;
+/// returns how many messages. Each message's frame was made once for
+/// all its recipients, a run's frames in one buffer (runs that continue
+/// one another as one): queued here without a copy, and written with the
+/// rest in one vectored write.
+pub(crate) fn queue_taken(socket: &mut Socket, buf: &mut Vec<Outgoing>) -> usize {
+    // A compressing socket writes message by message anyway; joined, it
+    // would compress again a message another run's copy of it has.
+    if !socket.compresses() {
+        crate::outbox::coalesce(buf);
+    }
+    let mut n = 0;
+    socket.reserve(buf.len());
+    for m in buf.drain(..) {
+        n += m.len();
+        match m {
+            Outgoing::One { text, .. } => socket.queue_prepared(text),
+            Outgoing::Run { run, from } => socket.queue_run(run, from),
+        }
+    }
+    n
 }
 
 /// Gives back what a burst grew in the socket's write queue and the

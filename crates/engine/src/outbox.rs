@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::websocket::Prepared;
+use crate::websocket::{Prepared, Run};
 use tokio::sync::Notify;
 
 use crate::config::SlowConsumer;
@@ -28,14 +28,89 @@ use crate::metrics::Metrics;
 /// light again; beyond this, the memory of a burst is returned.
 pub const KEEP_CAPACITY: usize = 16;
 
-/// One queued message.
+/// One queued entry: a message, or a run of pushes. Messages are
+/// shared (not copied) with every other recipient of the same push.
 #[derive(Debug, Clone)]
-pub struct Outgoing {
-    /// The encoded message, shared (not copied) with every other
-    /// recipient of the same push.
-    pub text: Prepared,
-    /// A reply is owed to the client and is never dropped.
-    pub reply: bool,
+pub enum Outgoing {
+    /// One message.
+    One {
+        /// The encoded message.
+        text: Prepared,
+        /// A reply is owed to the client and is never dropped.
+        reply: bool,
+    },
+    /// Pushes framed together ([`Run`]), from the `from`th on (the ones
+    /// before were dropped to make room).
+    Run {
+        /// The run.
+        run: Run,
+        /// Its first message still queued.
+        from: usize,
+    },
+}
+
+impl Outgoing {
+    /// The messages it holds, in order.
+    pub fn messages(&self) -> &[Prepared] {
+        match self {
+            Outgoing::One { text, .. } => std::slice::from_ref(text),
+            Outgoing::Run { run, from } => run.messages().get(*from..).unwrap_or_default(),
+        }
+    }
+
+    /// How many messages it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            Outgoing::One { .. } => 1,
+            Outgoing::Run { run, from } => run.len().saturating_sub(*from),
+        }
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn is_reply(&self) -> bool {
+        matches!(self, Outgoing::One { reply: true, .. })
+    }
+}
+
+/// Messages in `entries`.
+pub fn count(entries: &[Outgoing]) -> usize {
+    entries.iter().map(Outgoing::len).sum()
+}
+
+/// Joins each run in `entries` with the run after it where that one
+/// continues it ([`Run::continues`]): one entry, one slice to write,
+/// the same messages in the same order.
+pub fn coalesce(entries: &mut Vec<Outgoing>) {
+    if entries.len() < 2 {
+        return;
+    }
+    let mut kept: usize = 0;
+    for i in 0..entries.len() {
+        if kept > 0
+            && let (
+                Some(Outgoing::Run {
+                    run: before,
+                    from: start,
+                }),
+                Some(Outgoing::Run { run, from }),
+            ) = (entries.get(kept - 1), entries.get(i))
+            && run.continues(before, *from)
+        {
+            let joined = Outgoing::Run {
+                run: run.clone(),
+                from: *start,
+            };
+            entries[kept - 1] = joined;
+            continue;
+        }
+        entries.swap(kept, i);
+        kept += 1;
+    }
+    entries.truncate(kept);
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +119,8 @@ struct State {
     /// it whole with a caller's `Vec` (no copy while it starts at the
     /// front of its buffer, as it does after a take).
     queue: VecDeque<Outgoing>,
+    /// Messages in `queue` (a run is one entry of many).
+    len: usize,
     overflowed: bool,
     closed: bool,
     /// To be closed with this code and reason once what is queued is
@@ -52,6 +129,23 @@ struct State {
 }
 
 impl State {
+    /// Drops the oldest queued push (never a reply), counted; false
+    /// when every queued message is a reply.
+    fn drop_oldest_push(&mut self, metrics: &Metrics) -> bool {
+        let Some(i) = self.queue.iter().position(|m| !m.is_reply()) else {
+            return false;
+        };
+        match self.queue.get_mut(i) {
+            Some(Outgoing::Run { run, from }) if *from + 1 < run.len() => *from += 1,
+            _ => {
+                self.queue.remove(i);
+            }
+        }
+        self.len -= 1;
+        metrics.outbound_dropped.inc();
+        true
+    }
+
     /// Frees an empty queue's buffer past [`KEEP_CAPACITY`] slots.
     fn give_back(&mut self) {
         if self.queue.is_empty() && self.queue.capacity() > KEEP_CAPACITY {
@@ -130,14 +224,30 @@ impl Outbox {
     /// add a message. `metrics` is the one every outbox here counts in
     /// (the server's).
     pub fn push_each(outboxes: &[Arc<Outbox>], texts: &[Prepared], metrics: &Metrics) -> usize {
-        let all = outboxes.len() * texts.len();
+        Outbox::push_all(outboxes, texts.len(), metrics, |o| o.queue(texts, false))
+    }
+
+    /// As [`Outbox::push_each`], for a run from its `from`th message:
+    /// one entry in each queue.
+    pub fn push_run(outboxes: &[Arc<Outbox>], run: &Run, from: usize, metrics: &Metrics) -> usize {
+        let each = run.len().saturating_sub(from);
+        Outbox::push_all(outboxes, each, metrics, |o| o.queue_run(run, from))
+    }
+
+    fn push_all(
+        outboxes: &[Arc<Outbox>],
+        each: usize,
+        metrics: &Metrics,
+        queue: impl Fn(&Outbox) -> (usize, usize),
+    ) -> usize {
+        let all = outboxes.len() * each;
         if all == 0 {
             return 0;
         }
         metrics.outbound_queued.inc_by(all as i64);
         let (mut reached, mut not_added) = (0_usize, 0_usize);
         for o in outboxes {
-            let (queued, kept_out) = o.queue(texts, false);
+            let (queued, kept_out) = queue(o);
             reached += queued;
             not_added += kept_out;
         }
@@ -160,7 +270,7 @@ impl Outbox {
         let was_empty = st.queue.is_empty();
         // Room for the whole run at once, not grown message by message.
         if !st.closed && !st.overflowed {
-            let room = self.capacity.saturating_sub(st.queue.len());
+            let room = self.capacity.saturating_sub(st.len);
             st.queue.reserve(texts.len().min(room));
         }
         let (mut queued, mut not_added, mut overflowed) = (0, 0, false);
@@ -169,27 +279,22 @@ impl Outbox {
                 not_added += 1;
                 continue;
             }
-            if st.queue.len() >= self.capacity {
-                let oldest_push = st.queue.iter().position(|m| !m.reply);
-                match (self.policy, oldest_push) {
-                    (SlowConsumer::DropOldest, Some(i)) => {
-                        st.queue.remove(i);
-                        self.metrics.outbound_dropped.inc();
-                        not_added += 1;
-                    }
-                    _ => {
-                        // The task closes the connection: wake it.
-                        st.overflowed = true;
-                        overflowed = true;
-                        not_added += 1;
-                        continue;
-                    }
+            if st.len >= self.capacity {
+                if self.policy == SlowConsumer::DropOldest && st.drop_oldest_push(&self.metrics) {
+                    not_added += 1;
+                } else {
+                    // The task closes the connection: wake it.
+                    st.overflowed = true;
+                    overflowed = true;
+                    not_added += 1;
+                    continue;
                 }
             }
-            st.queue.push_back(Outgoing {
+            st.queue.push_back(Outgoing::One {
                 text: text.clone(),
                 reply,
             });
+            st.len += 1;
             queued += 1;
         }
         drop(st);
@@ -197,6 +302,44 @@ impl Outbox {
             self.ready.notify_one();
         }
         (queued, not_added)
+    }
+
+    /// Queues a run of pushes from its `from`th message as one entry, as
+    /// [`Outbox::queue`] queues its messages: where it does not fit,
+    /// `drop_oldest` drops the oldest pushes (the run's own first, if it
+    /// is longer than the queue) and `close` queues none of it and marks a
+    /// slow consumer.
+    fn queue_run(&self, run: &Run, from: usize) -> (usize, usize) {
+        let n = run.len().saturating_sub(from);
+        let mut st = self.lock();
+        if st.closed || st.overflowed || n == 0 {
+            return (0, n);
+        }
+        let was_empty = st.queue.is_empty();
+        let over = (st.len + n).saturating_sub(self.capacity);
+        if over > 0 && self.policy == SlowConsumer::Close {
+            st.overflowed = true;
+            drop(st);
+            self.ready.notify_one();
+            return (0, n);
+        }
+        // Written only: reading the queue's last entry, a cache line the
+        // connection's core touched last, cost more than all the rest.
+        st.queue.push_back(Outgoing::Run {
+            run: run.clone(),
+            from,
+        });
+        st.len += n;
+        let mut dropped = 0;
+        while st.len > self.capacity && st.drop_oldest_push(&self.metrics) {
+            dropped += 1;
+        }
+        drop(st);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        // Every message went in; those dropped for it did not add one.
+        (n, dropped)
     }
 
     /// Queued messages leaving the queue, in the gauge.
@@ -235,7 +378,8 @@ impl Outbox {
         if st.overflowed {
             return Taken::SlowConsumer;
         }
-        self.left(st.queue.len());
+        self.left(st.len);
+        st.len = 0;
         if into.is_empty() && st.queue.len() > KEEP_CAPACITY {
             let spare = VecDeque::from(std::mem::take(into));
             *into = Vec::from(std::mem::replace(&mut st.queue, spare));
@@ -331,13 +475,14 @@ impl Outbox {
     pub fn close(&self) {
         let mut st = self.lock();
         st.closed = true;
-        self.left(st.queue.len());
+        self.left(st.len);
+        st.len = 0;
         st.queue = VecDeque::new();
     }
 
     /// Messages waiting now.
     pub fn len(&self) -> usize {
-        self.lock().queue.len()
+        self.lock().len
     }
 
     /// Whether nothing waits.
@@ -356,7 +501,10 @@ mod tests {
     }
 
     fn texts(v: &[Outgoing]) -> Vec<&str> {
-        v.iter().map(|m| m.text.as_str()).collect()
+        v.iter()
+            .flat_map(Outgoing::messages)
+            .map(Prepared::as_str)
+            .collect()
     }
 
     #[test]
@@ -513,6 +661,114 @@ mod tests {
         small.take(&mut out);
         assert_eq!(texts(&out), ["b", "c"]);
         assert_eq!(strict.take(&mut Vec::new()), Taken::SlowConsumer);
+    }
+
+    fn run(texts: &[&str]) -> Run {
+        let msgs: Vec<Prepared> = texts.iter().copied().map(Prepared::from).collect();
+        Run::new(&msgs)
+    }
+
+    #[test]
+    fn a_run_is_one_entry_counted_as_its_messages() {
+        let m = Arc::new(Metrics::new());
+        let a = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
+        let b = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
+        a.push("r".into(), true);
+        let reached = Outbox::push_run(&[a.clone(), b.clone()], &run(&["x", "y", "z"]), 0, &m);
+        assert_eq!(reached, 6);
+        assert_eq!(m.pushes.get(), 6);
+        assert_eq!(a.len(), 4);
+        assert_eq!(a.lock().queue.len(), 2, "the reply and the run");
+        assert_eq!(m.outbound_queued.get(), 7);
+        let mut out = Vec::new();
+        assert_eq!(a.take(&mut out), Taken::Messages);
+        assert_eq!(texts(&out), ["r", "x", "y", "z"]);
+        assert_eq!(count(&out), 4);
+        b.close();
+        assert_eq!(m.outbound_queued.get(), 0);
+        assert_eq!(Outbox::push_run(&[b], &run(&["late"]), 0, &m), 0, "closed");
+        assert_eq!(m.outbound_queued.get(), 0);
+    }
+
+    #[test]
+    fn drop_oldest_drops_a_runs_first_messages_and_never_replies() {
+        let (o, m) = outbox(4, SlowConsumer::DropOldest);
+        o.push("r1".into(), true);
+        o.push("p1".into(), false);
+        assert_eq!(o.queue_run(&run(&["a", "b"]), 0), (2, 0), "it fits");
+        assert_eq!(
+            o.queue_run(&run(&["c", "d"]), 0),
+            (2, 2),
+            "p1 and a make room"
+        );
+        assert_eq!(m.outbound_dropped.get(), 2);
+        assert_eq!(o.len(), 4);
+        let mut out = Vec::new();
+        o.take(&mut out);
+        assert_eq!(texts(&out), ["r1", "b", "c", "d"]);
+
+        // Longer than the queue: its own first ones go, the last stay.
+        let (o, _) = outbox(2, SlowConsumer::DropOldest);
+        assert_eq!(o.queue_run(&run(&["a", "b", "c", "d", "e"]), 0), (5, 3));
+        let mut out = Vec::new();
+        o.take(&mut out);
+        assert_eq!(texts(&out), ["d", "e"]);
+        assert_eq!(out.len(), 1, "still one entry");
+    }
+
+    #[test]
+    fn a_run_and_the_run_that_continues_it_are_taken_as_one() {
+        let m = Arc::new(Metrics::new());
+        let new = || Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
+        let (waiting, written, replied, dropped) = (new(), new(), new(), new());
+        let first = run(&["a", "b"]);
+        let all = [
+            waiting.clone(),
+            written.clone(),
+            replied.clone(),
+            dropped.clone(),
+        ];
+        Outbox::push_run(&all, &first, 0, &m);
+        written.take(&mut Vec::new());
+        replied.push("r".into(), true);
+        // As a full queue does to make room (the gauge moved with it).
+        assert!(dropped.lock().drop_oldest_push(&m));
+        m.outbound_queued.dec();
+        let longer = Run::extend(&first, &["c".into()]);
+        assert_eq!(Outbox::push_run(&all, &longer, 2, &m), 4, "c, to each");
+        let longest = Run::extend(&longer, &["d".into()]);
+        Outbox::push_run(&all, &longest, 3, &m);
+
+        let taken = |o: &Outbox| {
+            let mut out = Vec::new();
+            o.take(&mut out);
+            coalesce(&mut out);
+            let got: Vec<String> = texts(&out).into_iter().map(str::to_owned).collect();
+            (got, out)
+        };
+        let (got, out) = taken(&waiting);
+        assert_eq!(got, ["a", "b", "c", "d"]);
+        assert_eq!(out.len(), 1, "one entry");
+        assert!(matches!(&out[0], Outgoing::Run { run, from: 0 } if run.continues(&longer, 3)));
+        assert_eq!(count(&out), 4);
+        let (got, out) = taken(&written);
+        assert_eq!((got, out.len()), (vec!["c".to_owned(), "d".into()], 1));
+        let (got, out) = taken(&replied);
+        assert_eq!(got, ["a", "b", "r", "c", "d"]);
+        assert_eq!(out.len(), 3, "the reply stands between");
+        let (got, out) = taken(&dropped);
+        assert_eq!(got, ["b", "c", "d"], "from where it was cut");
+        assert_eq!(out.len(), 1);
+        assert_eq!(m.outbound_queued.get(), 0);
+    }
+
+    #[test]
+    fn close_policy_refuses_a_run_that_does_not_fit() {
+        let (o, m) = outbox(3, SlowConsumer::Close);
+        assert_eq!(o.queue_run(&run(&["a", "b"]), 0), (2, 0));
+        assert_eq!(o.queue_run(&run(&["c", "d"]), 0), (0, 2));
+        assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
+        assert_eq!(m.outbound_dropped.get(), 0);
     }
 
     #[test]

@@ -450,7 +450,9 @@ async fn next_chunk(st: &mut Feed) -> Next {
             Taken::Messages => {}
         }
         if !st.buf.is_empty() {
-            app.metrics.messages_out.inc_by(st.buf.len() as u64);
+            app.metrics
+                .messages_out
+                .inc_by(crate::outbox::count(&st.buf) as u64);
             return Next::Send(encode(&mut st.buf));
         }
         tokio::select! {
@@ -480,14 +482,17 @@ async fn next_chunk(st: &mut Feed) -> Next {
 /// (never one gale encodes, but a handler's text could hold one) becomes
 /// several `data:` lines, which the client joins back.
 pub(crate) fn encode(buf: &mut Vec<Outgoing>) -> Bytes {
-    let mut out = Vec::with_capacity(buf.iter().map(|m| m.text.len() + 8).sum());
-    for m in buf.drain(..) {
-        for line in m.text.as_str().split('\n') {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+    let all = buf.iter().flat_map(Outgoing::messages);
+    let mut out = Vec::with_capacity(all.map(|m| m.len() + 8).sum());
+    for entry in buf.drain(..) {
+        for m in entry.messages() {
+            for line in m.as_str().split('\n') {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+                out.push(b'\n');
+            }
             out.push(b'\n');
         }
-        out.push(b'\n');
     }
     if buf.capacity() > crate::outbox::KEEP_CAPACITY {
         *buf = Vec::new();

@@ -591,10 +591,9 @@ pub(crate) async fn hand(
     let Some(queued) = released(gate, &mut member, caller, grace).await else {
         return Err(socket);
     };
-    app.metrics.messages_out.inc_by(queued.len() as u64);
-    for m in queued {
-        socket.queue_prepared(m.text);
-    }
+    let mut queued = queued;
+    let n = crate::connection::queue_taken(&mut socket, &mut queued);
+    app.metrics.messages_out.inc_by(n as u64);
     let parts = socket.into_parts()?;
     let Parts {
         tcp,
@@ -651,7 +650,9 @@ pub(crate) async fn hand_sse(
     let Some(mut queued) = released(gate, &mut member, caller, grace).await else {
         return Err(tcp);
     };
-    app.metrics.messages_out.inc_by(queued.len() as u64);
+    app.metrics
+        .messages_out
+        .inc_by(crate::outbox::count(&queued) as u64);
     let tail = crate::sse::encode(&mut queued).to_vec();
     let state = ConnState {
         queued: tail.len(),

@@ -18,7 +18,7 @@ mod handshake;
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -119,9 +119,6 @@ struct PreparedInner {
     frame: Bytes,
     text: Utf8Bytes,
     deflated: OnceLock<Bytes>,
-    /// Framed with the messages beside it ([`Prepared::joined`]): the
-    /// run's one buffer and where this frame starts in it.
-    run: Option<(Bytes, usize)>,
 }
 
 impl Prepared {
@@ -135,41 +132,7 @@ impl Prepared {
             frame,
             text,
             deflated: OnceLock::new(),
-            run: None,
         }))
-    }
-
-    /// The same messages, their frames copied once into one buffer. A
-    /// socket writes consecutive frames of a run as one slice, and the
-    /// kernel copies one slice into its buffers for much less than one
-    /// per message (measured: the floor written one slice per message
-    /// costs 10 % more, all of it in the kernel's copy and `writev`).
-    /// Worth it when many connections get the same run; the copy is
-    /// made once for all of them.
-    pub fn joined(run: &[Prepared]) -> Vec<Prepared> {
-        let mut all = BytesMut::with_capacity(run.iter().map(|p| p.0.frame.len()).sum());
-        for p in run {
-            all.extend_from_slice(&p.0.frame);
-        }
-        let all = all.freeze();
-        let mut at = 0;
-        run.iter()
-            .map(|p| {
-                let len = p.0.frame.len();
-                let frame = all.slice(at..at + len);
-                let header = len - p.0.text.len();
-                // The same bytes as the message's own text: valid.
-                let text = Utf8Bytes::try_from(frame.slice(header..)).unwrap_or_default();
-                let joined = Prepared(Arc::new(PreparedInner {
-                    frame,
-                    text,
-                    deflated: p.0.deflated.clone(),
-                    run: Some((all.clone(), at)),
-                }));
-                at += len;
-                joined
-            })
-            .collect()
     }
 
     /// The message.
@@ -207,6 +170,120 @@ impl Prepared {
     }
 }
 
+/// Pushes framed together: their frames copied once, back to back,
+/// into one buffer that a socket writes as one slice. The kernel copies
+/// one slice into its buffers for much less than one per message
+/// (measured: the floor written one slice per message costs 10 % more,
+/// all of it in the kernel's copy and `writev`), and a recipient's queue
+/// holds the run as one entry: one reference count per run, not one per
+/// message. Worth it when many connections get the same run; the copy
+/// is made once for all of them.
+#[derive(Debug, Clone)]
+pub struct Run(Arc<RunInner>);
+
+#[derive(Debug)]
+struct RunInner {
+    /// Every frame, back to back.
+    all: Bytes,
+    /// Each message, its frame a slice of `all`.
+    messages: Vec<Prepared>,
+    /// Where each message's frame starts in `all`.
+    starts: Vec<usize>,
+    /// The run whose messages this one begins with ([`Run::extend`]).
+    base: Option<Weak<RunInner>>,
+}
+
+impl Run {
+    /// Copies the frames of `messages` into one buffer.
+    pub fn new(messages: &[Prepared]) -> Run {
+        Run::build(messages, None)
+    }
+
+    /// `base`'s messages and then `more`, in one buffer. Where a queue
+    /// holds `base` followed by this run from `more` on, the two are
+    /// written as this one slice ([`Run::continues`]).
+    pub fn extend(base: &Run, more: &[Prepared]) -> Run {
+        Run::build(
+            &[base.messages(), more].concat(),
+            Some(Arc::downgrade(&base.0)),
+        )
+    }
+
+    /// Whether this run, from its `from`th message, is what follows
+    /// `before` in the run it extends: then `before` and it are one run,
+    /// this one, from where `before` starts.
+    pub fn continues(&self, before: &Run, from: usize) -> bool {
+        from == before.len()
+            && self
+                .0
+                .base
+                .as_ref()
+                .is_some_and(|b| std::ptr::eq(b.as_ptr(), Arc::as_ptr(&before.0)))
+    }
+
+    fn build(messages: &[Prepared], base: Option<Weak<RunInner>>) -> Run {
+        let mut all = BytesMut::with_capacity(Run::bytes_of(messages));
+        let mut starts = Vec::with_capacity(messages.len());
+        for p in messages {
+            starts.push(all.len());
+            all.extend_from_slice(&p.0.frame);
+        }
+        let all = all.freeze();
+        let messages = messages
+            .iter()
+            .zip(&starts)
+            .map(|(p, &at)| {
+                let frame = all.slice(at..at + p.0.frame.len());
+                let header = frame.len() - p.0.text.len();
+                // The same bytes as the message's own text: valid.
+                let text = Utf8Bytes::try_from(frame.slice(header..)).unwrap_or_default();
+                Prepared(Arc::new(PreparedInner {
+                    frame,
+                    text,
+                    deflated: p.0.deflated.clone(),
+                }))
+            })
+            .collect();
+        Run(Arc::new(RunInner {
+            all,
+            messages,
+            starts,
+            base,
+        }))
+    }
+
+    /// Its messages, in order.
+    pub fn messages(&self) -> &[Prepared] {
+        &self.0.messages
+    }
+
+    /// How many messages it holds.
+    pub fn len(&self) -> usize {
+        self.0.messages.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.0.messages.is_empty()
+    }
+
+    /// Its frames' bytes.
+    pub fn bytes(&self) -> usize {
+        self.0.all.len()
+    }
+
+    /// The bytes of `messages`' frames.
+    pub fn bytes_of(messages: &[Prepared]) -> usize {
+        messages.iter().map(|p| p.0.frame.len()).sum()
+    }
+
+    /// Whether anything but this handle holds it still (a connection's
+    /// queue, a socket writing it).
+    pub fn is_held(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
+    }
+}
+
 /// One frame waiting to be written.
 #[derive(Debug)]
 enum Frame {
@@ -216,6 +293,8 @@ enum Frame {
     Plain(Prepared, usize),
     /// A prepared message's shared compressed frame, likewise.
     Deflated(Prepared, usize),
+    /// A run's frames from this byte of its buffer on.
+    Run(Run, usize),
 }
 
 impl Frame {
@@ -230,6 +309,7 @@ impl Frame {
                     .and_then(|b| b.get(*at..))
                     .unwrap_or_default()
             }
+            Frame::Run(r, at) => r.0.all.get(*at..).unwrap_or_default(),
         }
     }
 
@@ -237,48 +317,12 @@ impl Frame {
         self.bytes().len()
     }
 
-    /// For the frame of a joined run: the run's buffer and where what is
-    /// left of this frame starts and ends in it.
-    fn in_run(&self) -> Option<(&Bytes, usize, usize)> {
-        match self {
-            Frame::Plain(p, at) => {
-                let (all, start) = p.0.run.as_ref()?;
-                let end = start + p.0.frame.len();
-                (start + at <= end && end <= all.len()).then_some((all, start + at, end))
-            }
-            _ => None,
-        }
-    }
-
     /// Marks `n` more bytes written (at most [`Frame::len`]).
     fn advance(&mut self, n: usize) {
         match self {
             Frame::Own(b) => b.advance(n),
-            Frame::Plain(_, at) | Frame::Deflated(_, at) => *at += n,
+            Frame::Plain(_, at) | Frame::Deflated(_, at) | Frame::Run(_, at) => *at += n,
         }
-    }
-}
-
-/// What a socket writes: each queued frame's bytes, consecutive frames of
-/// one joined run ([`Prepared::joined`]) as one slice.
-struct Slices<'a>(std::iter::Peekable<std::collections::vec_deque::Iter<'a, Frame>>);
-
-impl<'a> Iterator for Slices<'a> {
-    type Item = &'a [u8];
-
-    fn next(&mut self) -> Option<&'a [u8]> {
-        let frame = self.0.next()?;
-        let Some((all, start, mut end)) = frame.in_run() else {
-            return Some(frame.bytes());
-        };
-        while let Some((next, from, to)) = self.0.peek().and_then(|f| f.in_run()) {
-            if from != end || next.as_ptr() != all.as_ptr() || next.len() != all.len() {
-                break;
-            }
-            end = to;
-            self.0.next();
-        }
-        Some(all.get(start..end).unwrap_or_default())
     }
 }
 
@@ -545,6 +589,22 @@ impl Socket {
         self.out.push_back(frame);
     }
 
+    /// Queues a run's messages from the `from`th on: the rest of its
+    /// buffer as one frame, or, where each message may be compressed,
+    /// message by message.
+    pub fn queue_run(&mut self, run: Run, from: usize) {
+        let Some(&at) = run.0.starts.get(from) else {
+            return;
+        };
+        if self.deflate.is_some() {
+            for p in &run.0.messages[from..] {
+                self.queue_prepared(p.clone());
+            }
+        } else {
+            self.out.push_back(Frame::Run(run, at));
+        }
+    }
+
     /// Queues a ping.
     pub fn queue_ping(&mut self) {
         self.out
@@ -567,7 +627,7 @@ impl Socket {
     /// a time. Cancel-safe.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
-            let frames = Slices(self.out.iter().peekable());
+            let frames = self.out.iter().map(Frame::bytes);
             let mut wrote = ready!(self.stream.poll_write_frames(cx, frames))?;
             if wrote == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -622,12 +682,17 @@ pub(crate) struct Parts {
 }
 
 impl Socket {
-    /// Whether it runs on plain TCP (not TLS).
     /// Whether the client's close frame has come.
     pub(crate) fn got_close(&self) -> bool {
         self.got_close
     }
 
+    /// Whether permessage-deflate was agreed.
+    pub(crate) fn compresses(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// Whether it runs on plain TCP (not TLS).
     pub(crate) fn is_plain(&self) -> bool {
         matches!(self.stream, Stream::Plain(_))
     }
@@ -742,65 +807,55 @@ fn check_utf8(p: &mut Partial) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-    fn queue(msgs: &[Prepared]) -> VecDeque<Frame> {
-        msgs.iter().map(|p| Frame::Plain(p.clone(), 0)).collect()
-    }
-
-    fn slices(out: &VecDeque<Frame>) -> Vec<Vec<u8>> {
-        Slices(out.iter().peekable()).map(<[u8]>::to_vec).collect()
-    }
-
     fn frames(msgs: &[Prepared]) -> Vec<u8> {
         msgs.iter().flat_map(|p| p.0.frame.to_vec()).collect()
     }
 
+    fn run(texts: &[&str]) -> (Vec<Prepared>, Run) {
+        let msgs: Vec<Prepared> = texts.iter().map(|t| Prepared::new(t)).collect();
+        let run = Run::new(&msgs);
+        (msgs, run)
+    }
+
     #[test]
-    fn a_joined_run_keeps_each_message_and_its_frame() {
-        let run: Vec<Prepared> = ["a", "bb", &"x".repeat(300)]
-            .iter()
-            .map(|t| Prepared::new(t))
-            .collect();
-        let joined = Prepared::joined(&run);
-        assert_eq!(joined.len(), 3);
-        for (j, p) in joined.iter().zip(&run) {
+    fn a_run_keeps_each_message_and_its_frame() {
+        let (msgs, run) = run(&["a", "bb", &"x".repeat(300)]);
+        assert_eq!(run.len(), 3);
+        for (j, p) in run.messages().iter().zip(&msgs) {
             assert_eq!(j.as_str(), p.as_str());
             assert_eq!(j.0.frame, p.0.frame);
         }
+        assert_eq!(run.0.all, frames(&msgs), "back to back");
     }
 
     #[test]
-    fn consecutive_frames_of_a_run_are_written_as_one_slice() {
-        let run: Vec<Prepared> = ["one", "two", "three"]
-            .iter()
-            .map(|t| Prepared::new(t))
-            .collect();
-        let joined = Prepared::joined(&run);
-        let out = queue(&joined);
-        assert_eq!(slices(&out), [frames(&run)], "one slice, the same bytes");
-
-        // Partly written: the rest of the first frame, then the others.
-        let mut out = queue(&joined);
-        out.front_mut().expect("queued").advance(2);
-        assert_eq!(slices(&out), [frames(&run)[2..].to_vec()]);
+    fn a_run_is_written_as_one_frame_from_where_it_starts() {
+        let (msgs, r) = run(&["one", "two", "three"]);
+        let mut out = VecDeque::new();
+        out.push_back(Frame::Run(r.clone(), 0));
+        assert_eq!(out[0].bytes(), frames(&msgs), "one slice, the same bytes");
+        out[0].advance(2);
+        assert_eq!(out[0].bytes(), &frames(&msgs)[2..], "partly written");
+        let rest = Frame::Run(r.clone(), r.0.starts[1]);
+        assert_eq!(rest.bytes(), frames(&msgs[1..]), "the first one dropped");
     }
 
     #[test]
-    fn frames_of_other_runs_or_none_stay_apart() {
-        let first = Prepared::joined(&["a".into(), "b".into()]);
-        let second = Prepared::joined(&["c".into(), "d".into()]);
-        let lone = Prepared::new("e");
-        let mut out = queue(&first);
-        out.push_back(Frame::Own(frame::encode(Opcode::Ping, false, &[])));
-        out.extend(queue(&second));
-        out.extend(queue(std::slice::from_ref(&lone)));
-        // Out of order within a run: not contiguous, not merged.
-        out.extend(queue(&[first[1].clone(), first[0].clone()]));
-        let got = slices(&out);
-        assert_eq!(got.len(), 6);
-        assert_eq!(got[0], frames(&first));
-        assert_eq!(got[2], frames(&second));
-        assert_eq!(got[3], frames(&[lone]));
-        assert_eq!(got[4], frames(&first[1..]));
-        assert_eq!(got[5], frames(&first[..1]));
+    fn an_extended_run_continues_its_base_and_nothing_else() {
+        let (msgs, base) = run(&["a", "b"]);
+        let more = [Prepared::new("c")];
+        let longer = Run::extend(&base, &more);
+        assert_eq!(
+            longer.0.all,
+            frames(&[msgs.clone(), more.to_vec()].concat())
+        );
+        assert!(longer.continues(&base, 2));
+        assert!(!longer.continues(&base, 1), "only from where the base ends");
+        let (_, copy) = run(&["a", "b"]);
+        assert!(!longer.continues(&copy, 2), "the same bytes, another run");
+        assert!(!base.continues(&longer, 3));
+        let longest = Run::extend(&longer, &[Prepared::new("d")]);
+        assert!(longest.continues(&longer, 3));
+        assert!(!longest.continues(&base, 2), "one step at a time");
     }
 }
