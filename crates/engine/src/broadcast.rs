@@ -49,6 +49,12 @@ const JOIN_RECIPIENTS: usize = 4;
 /// ([`Hub::queue_here`]).
 const MAX_RUN_BYTES: usize = 64 * 1024;
 
+/// Runs one run carries at most. A connection that holds a run and the
+/// ones that carry it keeps each copy alive: with at most three, a slow
+/// connection's queue keeps at most 2.5 times its messages' bytes (for
+/// runs of like sizes).
+const MAX_RUN_DEPTH: usize = 3;
+
 /// Who a push goes to.
 ///
 /// ```
@@ -1090,23 +1096,34 @@ impl Hub {
             return Outbox::push_each(&to, texts, &self.metrics);
         }
         // Copied once into one buffer, written as one slice by each. Under
-        // load, connections have not all written the last run when the
+        // load, most connections have not written the last run when the
         // next comes: it is copied again with the new pushes after it, and
         // a connection that still holds it writes both as one slice of the
         // new buffer (the kernel's cost is per slice as well as per byte).
-        // Each copy is made once for all.
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let prev = open.take().filter(|(t, prev)| {
-            t == target && prev.is_held() && prev.bytes() + Run::bytes_of(texts) <= MAX_RUN_BYTES
+        // Each copy is made once for all; a run that carries none is made
+        // for a run of pushes only. Taken and put back, not held: a
+        // concurrent delivery finds no run to carry and makes its own.
+        let prev = self.open_run().take().filter(|(t, prev)| {
+            t == target
+                && prev.depth() < MAX_RUN_DEPTH
+                && prev.holders() > to.len() / 2
+                && prev.bytes() + Run::bytes_of(texts) <= MAX_RUN_BYTES
         });
         let (run, from) = match prev {
             Some((_, prev)) => (Run::extend(&prev, texts), prev.len()),
-            None => (Run::new(texts), 0),
+            None if texts.len() > 1 => (Run::new(texts), 0),
+            None => return Outbox::push_each(&to, texts, &self.metrics),
         };
         let reached = Outbox::push_run(&to, &run, from, &self.metrics);
-        // Kept for the next run, unless already as long as a run gets.
-        *open = (run.bytes() < MAX_RUN_BYTES).then(|| (target.clone(), run));
+        // Kept for the next run, unless it can carry no more.
+        if run.depth() < MAX_RUN_DEPTH && run.bytes() < MAX_RUN_BYTES {
+            *self.open_run() = Some((target.clone(), run));
+        }
         reached
+    }
+
+    fn open_run(&self) -> std::sync::MutexGuard<'_, Option<(Target, Run)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Pushes `{"event":…,"data":…}` to `target` at once. Returns the

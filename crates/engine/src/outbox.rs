@@ -8,7 +8,9 @@
 //! queued *push* (replies are never dropped) and counts it; `close` (or a
 //! queue full of replies) marks the connection as a slow consumer, which
 //! its task closes with 1013. Either way one slow client never grows
-//! server memory past `connection.outbound_queue` messages.
+//! server memory past `connection.outbound_queue` messages (shared with
+//! their other recipients; where they came in runs that carry one
+//! another, see `Hub`, at most 2.5 times their bytes).
 //!
 //! It also counts the connection's JSON events in the router (queued or
 //! running): the connection stops reading at its bound, and each event
@@ -317,7 +319,10 @@ impl Outbox {
         }
         let was_empty = st.queue.is_empty();
         let over = (st.len + n).saturating_sub(self.capacity);
-        if over > 0 && self.policy == SlowConsumer::Close {
+        // As message by message: the first that finds the queue full
+        // and no push to drop (a queue full of replies) marks it slow.
+        let full_of_replies = || st.len >= self.capacity && st.queue.iter().all(Outgoing::is_reply);
+        if over > 0 && (self.policy == SlowConsumer::Close || full_of_replies()) {
             st.overflowed = true;
             drop(st);
             self.ready.notify_one();
@@ -760,6 +765,23 @@ mod tests {
         assert_eq!(got, ["b", "c", "d"], "from where it was cut");
         assert_eq!(out.len(), 1);
         assert_eq!(m.outbound_queued.get(), 0);
+    }
+
+    #[test]
+    fn a_queue_full_of_replies_marks_a_slow_consumer_for_a_run_too() {
+        let (o, m) = outbox(2, SlowConsumer::DropOldest);
+        o.push("r1".into(), true);
+        assert_eq!(
+            o.queue_run(&run(&["a", "b"]), 0),
+            (2, 1),
+            "room for one: b drops a"
+        );
+        let (o, _) = outbox(2, SlowConsumer::DropOldest);
+        o.push("r1".into(), true);
+        o.push("r2".into(), true);
+        assert_eq!(o.queue_run(&run(&["a", "b"]), 0), (0, 2));
+        assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
+        assert_eq!(m.outbound_dropped.get(), 1);
     }
 
     #[test]

@@ -191,12 +191,14 @@ struct RunInner {
     starts: Vec<usize>,
     /// The run whose messages this one begins with ([`Run::extend`]).
     base: Option<Weak<RunInner>>,
+    /// How many runs before it it carries (0: none).
+    depth: usize,
 }
 
 impl Run {
     /// Copies the frames of `messages` into one buffer.
     pub fn new(messages: &[Prepared]) -> Run {
-        Run::build(messages, None)
+        Run::build(messages, None, 0)
     }
 
     /// `base`'s messages and then `more`, in one buffer. Where a queue
@@ -206,7 +208,20 @@ impl Run {
         Run::build(
             &[base.messages(), more].concat(),
             Some(Arc::downgrade(&base.0)),
+            base.0.depth + 1,
         )
+    }
+
+    /// How many runs before it this one carries: each is a copy a
+    /// connection that holds them all keeps alive.
+    pub fn depth(&self) -> usize {
+        self.0.depth
+    }
+
+    /// How many handles to it there are (queues and sockets holding it,
+    /// and the caller's).
+    pub fn holders(&self) -> usize {
+        Arc::strong_count(&self.0)
     }
 
     /// Whether this run, from its `from`th message, is what follows
@@ -221,7 +236,7 @@ impl Run {
                 .is_some_and(|b| std::ptr::eq(b.as_ptr(), Arc::as_ptr(&before.0)))
     }
 
-    fn build(messages: &[Prepared], base: Option<Weak<RunInner>>) -> Run {
+    fn build(messages: &[Prepared], base: Option<Weak<RunInner>>, depth: usize) -> Run {
         let mut all = BytesMut::with_capacity(Run::bytes_of(messages));
         let mut starts = Vec::with_capacity(messages.len());
         for p in messages {
@@ -249,6 +264,7 @@ impl Run {
             messages,
             starts,
             base,
+            depth,
         }))
     }
 
@@ -275,12 +291,6 @@ impl Run {
     /// The bytes of `messages`' frames.
     pub fn bytes_of(messages: &[Prepared]) -> usize {
         messages.iter().map(|p| p.0.frame.len()).sum()
-    }
-
-    /// Whether anything but this handle holds it still (a connection's
-    /// queue, a socket writing it).
-    pub fn is_held(&self) -> bool {
-        Arc::strong_count(&self.0) > 1
     }
 }
 
