@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::raw::{Raw, TAIL, deflate};
-use common::{publish, start_with};
+use common::{api_post, publish, start_with};
 use flate2::{Decompress, FlushDecompress};
 use serde_json::json;
 
@@ -141,11 +141,10 @@ async fn a_message_that_inflates_past_the_limit_closes_1009() {
     assert_eq!(ws.next().await.close_code(), 1007);
 }
 
-#[tokio::test]
-async fn a_broadcast_is_compressed_once_for_all_its_compressed_recipients() {
-    let server = start_with(|c| c.api.key = Some(API_KEY.into())).await;
-    let mut compressed = Vec::new();
-    for i in 0..3 {
+/// `n` connections with compression agreed, subscribed to "news".
+async fn compressed_subscribers(server: &common::TestServer, n: usize) -> Vec<Raw> {
+    let mut all = Vec::new();
+    for i in 0..n {
         let mut ws = Raw::connect(server.addr, "/ws", Some("permessage-deflate")).await;
         assert_eq!(ws.extensions.as_deref(), Some(AGREED));
         let sub =
@@ -153,8 +152,15 @@ async fn a_broadcast_is_compressed_once_for_all_its_compressed_recipients() {
         ws.compressed_text(&sub.to_string()).await;
         let (_, reply) = ws.next_json().await;
         assert_eq!(reply["ok"], true, "{reply}");
-        compressed.push(ws);
+        all.push(ws);
     }
+    all
+}
+
+#[tokio::test]
+async fn a_broadcast_is_compressed_once_for_all_its_compressed_recipients() {
+    let server = start_with(|c| c.api.key = Some(API_KEY.into())).await;
+    let mut compressed = compressed_subscribers(&server, 3).await;
     let mut plain = server.client().await;
     let r = plain
         .request("topic.subscribe", json!({"topic": "news"}), "p")
@@ -182,42 +188,13 @@ async fn a_broadcast_is_compressed_once_for_all_its_compressed_recipients() {
     );
 }
 
-/// `POST /api/batch` of `commands`: the HTTP status.
-async fn api_batch(addr: std::net::SocketAddr, commands: Vec<serde_json::Value>) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = json!({ "commands": commands }).to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!(
-        "POST /api/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
-    let text = String::from_utf8_lossy(&out);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Pushes delivered together to many connections share one buffer: the
 /// plain ones write it whole, the compressed ones message by message,
 /// each compressed. Every recipient gets every push, in order.
 #[tokio::test]
 async fn a_run_of_pushes_reaches_compressed_and_plain_recipients_in_order() {
     let server = start_with(|c| c.api.key = Some(API_KEY.into())).await;
-    let mut compressed = Vec::new();
-    for i in 0..3 {
-        let mut ws = Raw::connect(server.addr, "/ws", Some("permessage-deflate")).await;
-        let sub =
-            json!({"event": "topic.subscribe", "data": {"topic": "news"}, "ref": i.to_string()});
-        ws.compressed_text(&sub.to_string()).await;
-        let (_, reply) = ws.next_json().await;
-        assert_eq!(reply["ok"], true, "{reply}");
-        compressed.push(ws);
-    }
+    let mut compressed = compressed_subscribers(&server, 3).await;
     let mut plain = Vec::new();
     for i in 0..2 {
         let mut c = server.client().await;
@@ -239,11 +216,13 @@ async fn a_run_of_pushes_reaches_compressed_and_plain_recipients_in_order() {
     let mut together = false;
     for round in 0..20 {
         let data: Vec<String> = (0..8).map(|i| format!("{round}-{i}-{body}")).collect();
-        let commands = data
+        let commands: Vec<serde_json::Value> = data
             .iter()
             .map(|d| json!({"method": "publish", "params": {"event": "e", "topic": "news", "data": d}}))
             .collect();
-        assert_eq!(api_batch(server.addr, commands).await, 200);
+        let batch = json!({ "commands": commands }).to_string();
+        let (status, _) = api_post(server.addr, Some(API_KEY), "batch", &batch).await;
+        assert_eq!(status, 200);
         published += data.len() as f64;
         for c in &mut plain {
             for d in &data {

@@ -553,12 +553,22 @@ pub async fn publish(server: &TestServer, key: Option<&str>, body: &str) -> (u16
 
 /// POSTs to /api/publish at `addr`: (status, JSON body).
 pub async fn publish_at(addr: SocketAddr, key: Option<&str>, body: &str) -> (u16, Value) {
+    api_post(addr, key, "publish", body).await
+}
+
+/// POSTs `body` to /api/{method} at `addr`: (status, JSON body).
+pub async fn api_post(
+    addr: SocketAddr,
+    key: Option<&str>,
+    method: &str,
+    body: &str,
+) -> (u16, Value) {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let auth = key
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
     let req = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
+        "POST /api/{method} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
