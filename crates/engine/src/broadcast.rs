@@ -1103,9 +1103,9 @@ impl Hub {
         // Each copy is made once for all; a run that carries none is made
         // for a run of pushes only. Taken and put back, not held: a
         // concurrent delivery finds no run to carry and makes its own.
+        // (Only a run that can carry more is kept open.)
         let prev = self.open_run().take().filter(|(t, prev)| {
             t == target
-                && prev.depth() < MAX_RUN_DEPTH
                 && prev.holders() > to.len() / 2
                 && prev.bytes() + Run::bytes_of(texts) <= MAX_RUN_BYTES
         });

@@ -62,10 +62,7 @@ impl Outgoing {
 
     /// How many messages it holds.
     pub fn len(&self) -> usize {
-        match self {
-            Outgoing::One { .. } => 1,
-            Outgoing::Run { run, from } => run.len().saturating_sub(*from),
-        }
+        self.messages().len()
     }
 
     /// Whether it holds none.

@@ -588,10 +588,9 @@ pub(crate) async fn hand(
         }
     };
     let _ = tokio::time::timeout(grace, events).await;
-    let Some(queued) = released(gate, &mut member, caller, grace).await else {
+    let Some(mut queued) = released(gate, &mut member, caller, grace).await else {
         return Err(socket);
     };
-    let mut queued = queued;
     let n = crate::connection::queue_taken(&mut socket, &mut queued);
     app.metrics.messages_out.inc_by(n as u64);
     let parts = socket.into_parts()?;

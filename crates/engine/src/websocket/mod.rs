@@ -606,7 +606,7 @@ impl Socket {
         let Some(&at) = run.0.starts.get(from) else {
             return;
         };
-        if self.deflate.is_some() {
+        if self.compresses() {
             for p in &run.0.messages[from..] {
                 self.queue_prepared(p.clone());
             }
