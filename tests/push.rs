@@ -419,6 +419,66 @@ async fn a_client_that_never_reads_stays_within_its_outbound_bound() {
 }
 
 #[tokio::test]
+async fn pushes_to_idle_connections_are_written_at_once_in_order_between_replies() {
+    let server = start_with(push_config).await;
+    // Five plain subscribers: a batch of pushes to them is one run.
+    let mut subs = Vec::new();
+    for i in 0..5 {
+        let mut c = server.client().await;
+        let r = c
+            .request(
+                "topic.subscribe",
+                json!({"topic": "news"}),
+                &format!("s{i}"),
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+        subs.push(c);
+    }
+    let direct = server.sample("gale_outbound_direct_total").await;
+    let out = server.sample("gale_messages_out_total").await;
+    let mut pushes = 0;
+    for round in 0..10 {
+        // A batch of four publications, then one more on its own.
+        let data: Vec<String> = (0..5).map(|i| format!("{round}-{i}")).collect();
+        let commands: Vec<Value> = data[..4]
+            .iter()
+            .map(|d| json!({"method": "publish", "params": {"event": "e", "topic": "news", "data": d}}))
+            .collect();
+        let batch = json!({ "commands": commands }).to_string();
+        let (status, _) = common::api_post(server.addr, Some(API_KEY), "batch", &batch).await;
+        assert_eq!(status, 200);
+        let one = json!({"event": "e", "topic": "news", "data": data[4]}).to_string();
+        assert_eq!(publish(&server, Some(API_KEY), &one).await.0, 200);
+        pushes += 5 * data.len();
+        for c in &mut subs {
+            for d in &data {
+                assert_eq!(c.next_push().await["data"], d.as_str(), "in order");
+            }
+        }
+        // A request between pushes: the task writes its reply itself and
+        // lends the socket again; the next round's pushes still arrive.
+        let r = subs[round % 5]
+            .request(
+                "topic.subscribe",
+                json!({"topic": format!("t{round}")}),
+                "r",
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // Written by the delivery task into the idle sockets, not queued
+    // (all but a push that raced a task taking its socket back).
+    let written = server.sample("gale_outbound_direct_total").await - direct;
+    assert!(
+        written >= pushes as f64 / 2.0,
+        "{written} of {pushes} pushes written at once"
+    );
+    assert!(server.sample("gale_messages_out_total").await - out >= pushes as f64 + 10.0);
+    assert_eq!(server.metric("outbound-queued").await, 0);
+}
+
+#[tokio::test]
 async fn with_slow_consumer_close_a_client_that_never_reads_gets_1013() {
     let server = start_with(|c| {
         push_config(c);

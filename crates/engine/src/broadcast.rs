@@ -55,6 +55,11 @@ const MAX_RUN_BYTES: usize = 64 * 1024;
 /// runs of like sizes).
 const MAX_RUN_DEPTH: usize = 3;
 
+/// Connections on the node from which the delivery task writes a batch
+/// with its core's other tasks moved aside (`tokio::task::block_in_place`):
+/// below it a batch is written sooner than they would move.
+const SWEEP_ASIDE: usize = 1024;
+
 /// Who a push goes to.
 ///
 /// ```
@@ -1229,6 +1234,8 @@ async fn deliver(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
+    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
     // A run of consecutive pushes to one target (at most a batch).
     let mut run = Vec::new();
     // When the last batch was handed out, how many connections it
@@ -1271,22 +1278,36 @@ async fn deliver(
         }
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
         before = hub.metrics.outbound_queued.get();
-        reached = 0;
         // Consecutive pushes to one target go to each connection together:
         // one lock and at most one wake-up per connection for the run.
-        let mut pushes = batch.drain(..).peekable();
-        while let Some(q) = pushes.next() {
-            if q.history.is_some() {
-                reached += hub.deliver(&q.target, &q.text, q.history) as i64;
-                continue;
+        let mut sweep = || {
+            let mut reached = 0_i64;
+            let mut pushes = batch.drain(..).peekable();
+            while let Some(q) = pushes.next() {
+                if q.history.is_some() {
+                    reached += hub.deliver(&q.target, &q.text, q.history) as i64;
+                    continue;
+                }
+                run.push(q.text);
+                while let Some(next) =
+                    pushes.next_if(|n| n.history.is_none() && n.target == q.target)
+                {
+                    run.push(next.text);
+                }
+                reached += hub.deliver_run(&q.target, &run) as i64;
+                run.clear();
             }
-            run.push(q.text);
-            while let Some(next) = pushes.next_if(|n| n.history.is_none() && n.target == q.target) {
-                run.push(next.text);
-            }
-            reached += hub.deliver_run(&q.target, &run) as i64;
-            run.clear();
-        }
+            reached
+        };
+        // Idle connections' shares are written here, socket after socket
+        // (`Outbox::lend`): on a large node that holds a core for as long
+        // as the batch takes, so the core's other tasks move to another
+        // thread meanwhile rather than wait behind it.
+        reached = if hub.connections() >= SWEEP_ASIDE && multi_thread {
+            tokio::task::block_in_place(sweep)
+        } else {
+            sweep()
+        };
         last = Some(tokio::time::Instant::now());
     }
 }

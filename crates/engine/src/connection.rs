@@ -441,7 +441,13 @@ async fn read_loop(
     }
     let ready = caller.outbox.ready();
     tokio::pin!(ready);
+    // Whether the outbox holds the stream (`Outbox::lend`): pushes are
+    // then written by whoever sends them, and this task is not woken.
+    let mut lent = false;
     let end = loop {
+        if !lent && let Some(tcp) = socket.lendable() {
+            lent = caller.outbox.lend(tcp);
+        }
         // Lookups and events in the router share the connection's bound;
         // events are also held to the connection's share of the router
         // queue. At either limit the socket is not read: TCP pushes back.
@@ -509,6 +515,14 @@ async fn read_loop(
                 }
             }
         };
+        // Whatever this task writes, it writes alone: the stream comes
+        // back first (a take from the outbox takes it back too).
+        if lent && !matches!(write, Write::Nothing) {
+            if !matches!(write, Write::Outbox) {
+                caller.outbox.claim();
+            }
+            lent = false;
+        }
         let written = match write {
             Write::Nothing => true,
             Write::Text(text) => send(app, socket, text).await,
@@ -526,6 +540,8 @@ async fn read_loop(
             break End::Gone;
         }
     };
+    // Closing or moving, the socket is this task's alone again.
+    caller.outbox.claim();
     (end, inflight)
 }
 
@@ -723,6 +739,7 @@ pub(crate) fn queue_taken(socket: &mut Socket, buf: &mut Vec<Outgoing>) -> usize
         match m {
             Outgoing::One { text, .. } => socket.queue_prepared(text),
             Outgoing::Run { run, from } => socket.queue_run(run, from),
+            Outgoing::Rest(rest) => socket.queue_rest(rest),
         }
     }
     n

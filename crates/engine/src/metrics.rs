@@ -169,6 +169,9 @@ pub struct Metrics {
     handshakes_refused: [Counter; 3],
     /// Pushes dropped from full outbound queues (`drop_oldest`).
     pub outbound_dropped: Counter,
+    /// Messages written straight into an idle connection's socket by
+    /// whoever sent them (no queue, no wake-up of its task).
+    pub outbound_direct: Counter,
     /// Messages waiting in connections' outbound queues now.
     pub outbound_queued: Gauge,
     /// Connections closed as slow consumers (1013).
@@ -641,6 +644,12 @@ impl Metrics {
             "Pushes dropped from full per-connection queues",
             outbound_dropped.clone(),
         );
+        let outbound_direct = Counter::default();
+        reg.register(
+            "outbound_direct",
+            "Messages written straight into an idle connection's socket by whoever sent them, without its queue",
+            outbound_direct.clone(),
+        );
         let outbound_queued = Gauge::default();
         reg.register(
             "outbound_queued",
@@ -802,6 +811,7 @@ impl Metrics {
             broadcast_dropped,
             broadcast_batch,
             outbound_dropped,
+            outbound_direct,
             outbound_queued,
             slow_consumers,
             drained,

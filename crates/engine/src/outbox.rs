@@ -12,15 +12,26 @@
 //! their other recipients; where they came in runs that carry one
 //! another, see `Hub`, at most 2.5 times their bytes).
 //!
+//! While the connection's task writes nothing and nothing is queued, the
+//! task lends its plain TCP stream to the outbox ([`Outbox::lend`]): a
+//! push then goes straight into the socket from whoever sends it, with
+//! no queue and no wake-up (as a bare loop over sockets would write it).
+//! What the socket does not take at once is queued as usual, and the
+//! task takes the stream back before it writes anything itself.
+//!
 //! It also counts the connection's JSON events in the router (queued or
 //! running): the connection stops reading at its bound, and each event
 //! that finishes wakes it, reply or not.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::transport::MAX_SLICES;
 use crate::websocket::{Prepared, Run};
+use bytes::Bytes;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::config::SlowConsumer;
@@ -49,20 +60,29 @@ pub enum Outgoing {
         /// Its first message still queued.
         from: usize,
     },
+    /// The end of one message's frame whose beginning was written
+    /// straight into the socket (see [`Outbox::lend`]): written first,
+    /// never dropped.
+    Rest(Bytes),
 }
 
 impl Outgoing {
-    /// The messages it holds, in order.
+    /// The messages it holds whole, in order (a [`Outgoing::Rest`]
+    /// holds none: only the socket it was begun on may write it).
     pub fn messages(&self) -> &[Prepared] {
         match self {
             Outgoing::One { text, .. } => std::slice::from_ref(text),
             Outgoing::Run { run, from } => run.messages().get(*from..).unwrap_or_default(),
+            Outgoing::Rest(_) => &[],
         }
     }
 
-    /// How many messages it holds.
+    /// How many messages it holds (a rest is one).
     pub fn len(&self) -> usize {
-        self.messages().len()
+        match self {
+            Outgoing::Rest(_) => 1,
+            _ => self.messages().len(),
+        }
     }
 
     /// Whether it holds none.
@@ -70,8 +90,9 @@ impl Outgoing {
         self.len() == 0
     }
 
-    fn is_reply(&self) -> bool {
-        matches!(self, Outgoing::One { reply: true, .. })
+    /// A reply, or a message begun on the wire: never dropped.
+    fn is_kept(&self) -> bool {
+        matches!(self, Outgoing::One { reply: true, .. } | Outgoing::Rest(_))
     }
 }
 
@@ -125,13 +146,16 @@ struct State {
     /// To be closed with this code and reason once what is queued is
     /// written (the application, or the server API, ended it).
     ending: Option<Box<(u16, String)>>,
+    /// The connection's stream, lent while its task writes nothing and
+    /// nothing is queued (never while anything is).
+    lent: Option<Arc<TcpStream>>,
 }
 
 impl State {
     /// Drops the oldest queued push (never a reply), counted; false
     /// when every queued message is a reply.
     fn drop_oldest_push(&mut self, metrics: &Metrics) -> bool {
-        let Some(i) = self.queue.iter().position(|m| !m.is_reply()) else {
+        let Some(i) = self.queue.iter().position(|m| !m.is_kept()) else {
             return false;
         };
         match self.queue.get_mut(i) {
@@ -143,6 +167,27 @@ impl State {
         self.len -= 1;
         metrics.outbound_dropped.inc();
         true
+    }
+
+    /// Writes `slices` into the lent stream, if it is lent; returns the
+    /// bytes the socket took (`None`: not lent, or it took none). Unless
+    /// it took them all, the loan ends: the connection's task, woken by
+    /// what is queued next, writes the rest and whatever follows.
+    fn write_lent(&mut self, slices: &[IoSlice<'_>]) -> Option<usize> {
+        let tcp = self.lent.as_ref().filter(|_| self.queue.is_empty())?;
+        let all: usize = slices.iter().map(|s| s.len()).sum();
+        match crate::transport::send_now(tcp, slices) {
+            Ok(n) if n == all => Some(n),
+            Ok(n) => {
+                self.lent = None;
+                Some(n).filter(|&n| n > 0)
+            }
+            // Full, or the client is gone: the task finds out which.
+            Err(_) => {
+                self.lent = None;
+                None
+            }
+        }
     }
 
     /// Frees an empty queue's buffer past [`KEEP_CAPACITY`] slots.
@@ -267,12 +312,41 @@ impl Outbox {
         // takes everything queued when it runs, and another wake-up would
         // only fight its core for the notifier's cache line.
         let was_empty = st.queue.is_empty();
+        let (mut queued, mut not_added, mut overflowed) = (0, 0, false);
+        let mut texts = texts;
+        if st.lent.is_some() && !st.closed && !st.overflowed && texts.len() <= MAX_SLICES {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            for (slot, t) in slices.iter_mut().zip(texts) {
+                *slot = IoSlice::new(t.frame());
+            }
+            if let Some(mut n) = st.write_lent(&slices[..texts.len()]) {
+                let mut whole = 0;
+                for t in texts {
+                    let len = t.frame().len();
+                    if n < len {
+                        break;
+                    }
+                    n -= len;
+                    whole += 1;
+                }
+                self.written(whole);
+                // Written: reached, but not left in the queue.
+                queued += whole;
+                not_added += whole;
+                texts = &texts[whole..];
+                if let Some(begun) = texts.first().filter(|_| n > 0) {
+                    st.queue.push_back(Outgoing::Rest(begun.frame().slice(n..)));
+                    st.len += 1;
+                    queued += 1;
+                    texts = &texts[1..];
+                }
+            }
+        }
         // Room for the whole run at once, not grown message by message.
         if !st.closed && !st.overflowed {
             let room = self.capacity.saturating_sub(st.len);
             st.queue.reserve(texts.len().min(room));
         }
-        let (mut queued, mut not_added, mut overflowed) = (0, 0, false);
         for text in texts {
             if st.closed || st.overflowed {
                 not_added += 1;
@@ -296,11 +370,24 @@ impl Outbox {
             st.len += 1;
             queued += 1;
         }
+        // Anything queued ends a loan: the task writes it.
+        if !st.queue.is_empty() {
+            st.lent = None;
+        }
+        let wake = overflowed || (was_empty && !st.queue.is_empty());
         drop(st);
-        if overflowed || (was_empty && queued > 0) {
+        if wake {
             self.ready.notify_one();
         }
         (queued, not_added)
+    }
+
+    /// Counts `n` messages written straight into the socket.
+    fn written(&self, n: usize) {
+        if n > 0 {
+            self.metrics.messages_out.inc_by(n as u64);
+            self.metrics.outbound_direct.inc_by(n as u64);
+        }
     }
 
     /// Queues a run of pushes from its `from`th message as one entry, as
@@ -309,39 +396,85 @@ impl Outbox {
     /// is longer than the queue) and `close` queues none of it and marks a
     /// slow consumer.
     fn queue_run(&self, run: &Run, from: usize) -> (usize, usize) {
-        let n = run.len().saturating_sub(from);
+        let all = run.len().saturating_sub(from);
         let mut st = self.lock();
-        if st.closed || st.overflowed || n == 0 {
-            return (0, n);
+        if st.closed || st.overflowed || all == 0 {
+            return (0, all);
         }
         let was_empty = st.queue.is_empty();
-        let over = (st.len + n).saturating_sub(self.capacity);
-        // As message by message: the first that finds the queue full
-        // and no push to drop (a queue full of replies) marks it slow.
-        let full_of_replies = || st.len >= self.capacity && st.queue.iter().all(Outgoing::is_reply);
-        if over > 0 && (self.policy == SlowConsumer::Close || full_of_replies()) {
-            st.overflowed = true;
-            drop(st);
-            self.ready.notify_one();
-            return (0, n);
+        let (mut from, mut written) = (from, 0);
+        if let Some(n) = st.write_lent(&[IoSlice::new(run.frames_from(from))]) {
+            let (whole, rest) = run.written(from, n);
+            self.written(whole);
+            written = whole;
+            from += whole;
+            if !rest.is_empty() {
+                st.queue.push_back(Outgoing::Rest(rest));
+                st.len += 1;
+                from += 1;
+            }
         }
-        // Written only: reading the queue's last entry, a cache line the
-        // connection's core touched last, cost more than all the rest.
-        st.queue.push_back(Outgoing::Run {
-            run: run.clone(),
-            from,
-        });
-        st.len += n;
+        let n = run.len().saturating_sub(from);
         let mut dropped = 0;
-        while st.len > self.capacity && st.drop_oldest_push(&self.metrics) {
-            dropped += 1;
+        if n > 0 {
+            let over = (st.len + n).saturating_sub(self.capacity);
+            // As message by message: the first that finds the queue full
+            // and no push to drop (a queue full of replies) marks it slow.
+            let full_of_replies =
+                || st.len >= self.capacity && st.queue.iter().all(Outgoing::is_kept);
+            if over > 0 && (self.policy == SlowConsumer::Close || full_of_replies()) {
+                st.overflowed = true;
+                st.lent = None;
+                drop(st);
+                self.ready.notify_one();
+                return (all - n, written + n);
+            }
+            // Written only: reading the queue's last entry, a cache line
+            // the connection's core touched last, cost more than all the
+            // rest.
+            st.queue.push_back(Outgoing::Run {
+                run: run.clone(),
+                from,
+            });
+            st.len += n;
+            while st.len > self.capacity && st.drop_oldest_push(&self.metrics) {
+                dropped += 1;
+            }
         }
+        // Anything queued ends a loan: the task writes it.
+        if !st.queue.is_empty() {
+            st.lent = None;
+        }
+        let wake = was_empty && !st.queue.is_empty();
         drop(st);
-        if was_empty {
+        if wake {
             self.ready.notify_one();
         }
-        // Every message went in; those dropped for it did not add one.
-        (n, dropped)
+        // Every message went in or out; those written, and those dropped
+        // for the rest, did not add one to the queue.
+        (all, written + dropped)
+    }
+
+    /// Lends the connection's `tcp` stream: while nothing is queued,
+    /// pushes are written straight into it by whoever sends them, and
+    /// the task is not woken for them. Its task calls this when it has
+    /// nothing to write, and takes the stream back ([`Outbox::claim`],
+    /// or any [`Outbox::take`]) before it writes anything. False when
+    /// something is queued (the task was woken for it) or the
+    /// connection is ending.
+    pub(crate) fn lend(&self, tcp: &Arc<TcpStream>) -> bool {
+        let mut st = self.lock();
+        if !st.queue.is_empty() || st.closed || st.overflowed || st.ending.is_some() {
+            return false;
+        }
+        st.lent = Some(tcp.clone());
+        true
+    }
+
+    /// Takes the lent stream back: once this returns, nobody else writes
+    /// into the socket.
+    pub(crate) fn claim(&self) {
+        self.lock().lent = None;
     }
 
     /// Queued messages leaving the queue, in the gauge.
@@ -377,6 +510,8 @@ impl Outbox {
     /// (see also [`Outbox::trim`]).
     pub fn take(&self, into: &mut Vec<Outgoing>) -> Taken {
         let mut st = self.lock();
+        // Whoever takes is about to write.
+        st.lent = None;
         if st.overflowed {
             return Taken::SlowConsumer;
         }
@@ -477,6 +612,7 @@ impl Outbox {
     pub fn close(&self) {
         let mut st = self.lock();
         st.closed = true;
+        st.lent = None;
         self.left(st.len);
         st.len = 0;
         st.queue = VecDeque::new();
@@ -817,5 +953,162 @@ mod tests {
         o.close();
         assert!(!o.push("late".into(), true));
         assert!(o.is_empty());
+    }
+
+    /// A connected pair on 127.0.0.1: the server's end, shared as a
+    /// connection's socket shares it, and the client's.
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (server, _) = accepted.expect("accept");
+        (Arc::new(server), client.expect("connect"))
+    }
+
+    /// Reads from `client` until `want` bytes came.
+    async fn read_exactly(client: &mut TcpStream, want: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; want];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_exact(&mut got),
+        )
+        .await
+        .expect("in time")
+        .expect("read");
+        got
+    }
+
+    /// Every frame of `texts`, back to back.
+    fn frames(texts: &[Prepared]) -> Vec<u8> {
+        texts
+            .iter()
+            .flat_map(|t| t.frame().iter().copied())
+            .collect()
+    }
+
+    /// Whether the connection's task would be woken now.
+    fn woken(o: &Outbox) -> bool {
+        futures_util::FutureExt::now_or_never(o.ready()).is_some()
+    }
+
+    #[tokio::test]
+    async fn a_push_into_a_lent_stream_is_written_at_once_and_wakes_nobody() {
+        let (o, m) = outbox(8, SlowConsumer::DropOldest);
+        let o = Arc::new(o);
+        let (tcp, mut client) = pair().await;
+        assert!(o.lend(&tcp));
+        let one: Prepared = "one".into();
+        let run = run(&["two", "three"]);
+        assert!(o.push(one.clone(), false));
+        assert_eq!(Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m), 2);
+        assert_eq!(o.len(), 0, "nothing queued");
+        assert!(!woken(&o), "the task was not woken");
+        assert_eq!(m.outbound_direct.get(), 3);
+        assert_eq!(m.messages_out.get(), 3);
+        assert_eq!(m.pushes.get(), 2, "push_run counts what it reached");
+        assert_eq!(m.outbound_queued.get(), 0);
+        let mut want = frames(std::slice::from_ref(&one));
+        want.extend(frames(run.messages()));
+        assert_eq!(read_exactly(&mut client, want.len()).await, want);
+    }
+
+    #[tokio::test]
+    async fn a_claimed_or_taken_stream_is_written_by_its_task_only() {
+        let (o, m) = outbox(8, SlowConsumer::DropOldest);
+        let (tcp, _client) = pair().await;
+        assert!(o.lend(&tcp));
+        o.claim();
+        assert!(o.push("after a claim".into(), false));
+        assert_eq!((o.len(), m.outbound_direct.get()), (1, 0));
+        assert!(woken(&o));
+        assert!(!o.lend(&tcp), "not lent while something is queued");
+        let mut out = Vec::new();
+        assert_eq!(o.take(&mut out), Taken::Messages);
+        assert!(o.lend(&tcp));
+        assert_eq!(o.take(&mut Vec::new()), Taken::Messages);
+        assert!(o.push("after a take".into(), false));
+        assert_eq!((o.len(), m.outbound_direct.get()), (1, 0));
+        o.close();
+        assert!(!o.lend(&tcp), "a closed outbox lends nothing");
+    }
+
+    #[tokio::test]
+    async fn what_the_socket_does_not_take_is_queued_in_order_and_never_dropped() {
+        let (o, m) = outbox(4, SlowConsumer::DropOldest);
+        let o = Arc::new(o);
+        let (tcp, mut client) = pair().await;
+        // Small buffers on both ends, and the client not reading: a run
+        // of 16 KiB messages is only partly taken.
+        socket2::SockRef::from(&*tcp)
+            .set_send_buffer_size(16 * 1024)
+            .expect("sndbuf");
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(16 * 1024)
+            .expect("rcvbuf");
+        let names: Vec<String> = (0..24)
+            .map(|i| format!("{i}:{}", "x".repeat(16 * 1024)))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let run = run(&names);
+        assert!(o.lend(&tcp));
+        assert_eq!(Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m), 24);
+        let direct = m.outbound_direct.get() as usize;
+        assert!(direct < 24, "the socket took all of it");
+        assert!(woken(&o), "the task is woken for the rest");
+        // The loan ended: a push now queues behind the rest, and the
+        // queue (4) drops the oldest whole pushes, never a frame begun
+        // on the wire.
+        assert!(o.push("last".into(), false));
+        let mut out = Vec::new();
+        assert_eq!(o.take(&mut out), Taken::Messages);
+        assert_eq!(count(&out), 4);
+        assert_eq!(m.outbound_queued.get(), 0);
+        let rest: Vec<u8> = match out.first() {
+            Some(Outgoing::Rest(b)) => b.to_vec(),
+            _ => Vec::new(),
+        };
+        let begun = usize::from(!rest.is_empty());
+        let queued = texts(&out);
+        assert_eq!(queued.last(), Some(&"last"));
+        let from_run = &queued[..queued.len() - 1];
+        assert_eq!(
+            from_run,
+            &names[24 - from_run.len()..],
+            "the newest, in order"
+        );
+        assert_eq!(
+            direct + begun + from_run.len() + m.outbound_dropped.get() as usize,
+            24,
+            "each written, queued or counted as dropped"
+        );
+        // The reader gets the frames written whole, the begun one whole
+        // (its start written at once, its rest by the task), then the
+        // queued ones: here the test writes what the task would.
+        let mut want = frames(&run.messages()[..direct + begun]);
+        let mut left = rest.clone();
+        for e in &out {
+            left.extend(frames(e.messages()));
+        }
+        if begun == 1 {
+            assert!(run.messages()[direct].frame().ends_with(&rest));
+        }
+        want.extend_from_slice(&left[rest.len()..]);
+        let writer = tokio::spawn(async move {
+            let mut at = 0;
+            while at < left.len() {
+                tcp.writable().await.expect("writable");
+                match tcp.try_write(&left[at..]) {
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        let got = read_exactly(&mut client, want.len()).await;
+        writer.await.expect("written");
+        assert!(got == want, "every frame whole, in order");
     }
 }

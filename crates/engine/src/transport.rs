@@ -8,9 +8,14 @@
 //! Over TLS (`tls::TlsStream`) the same holds: a read buffer only once
 //! the socket is readable, and the frames of one write encrypted together
 //! into one buffer, let go once it is written.
+//!
+//! A WebSocket on plain TCP holds its stream shared ([`Stream::Shared`]):
+//! while the connection's own task writes nothing, its outbox lends the
+//! stream to whoever pushes, who writes the push at once (`outbox`).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
@@ -25,6 +30,9 @@ pub(crate) const MAX_SLICES: usize = 64;
 pub(crate) enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
+    /// Plain TCP that others may write into while its owner does not: a
+    /// WebSocket's, lent by its outbox when it is idle.
+    Shared(Arc<TcpStream>),
     /// TLS, its handshake done. Boxed: rustls's connection state is large
     /// and a plain connection should not carry its size.
     Tls(Box<crate::tls::TlsStream>),
@@ -41,17 +49,8 @@ impl Stream {
         chunk: usize,
     ) -> Poll<io::Result<usize>> {
         match self {
-            Stream::Plain(s) => loop {
-                ready!(s.poll_read_ready(cx))?;
-                if buf.capacity() - buf.len() < chunk {
-                    buf.reserve(chunk);
-                }
-                match s.try_read_buf(buf) {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            },
+            Stream::Plain(s) => read_tcp(s, cx, buf, chunk),
+            Stream::Shared(s) => read_tcp(s, cx, buf, chunk),
             Stream::Tls(s) => {
                 // As over plain TCP: the buffer grows once there is
                 // something to read.
@@ -82,21 +81,8 @@ impl Stream {
             n += 1;
         }
         match self {
-            Stream::Plain(s) => loop {
-                let wrote = match n {
-                    0 => Ok(0),
-                    // One frame (a reply): a plain write costs the kernel
-                    // less than a one-slice writev.
-                    1 => s.try_write(&slices[0]),
-                    _ => s.try_write_vectored(&slices[..n]),
-                };
-                match wrote {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(s.poll_write_ready(cx))?;
-                    }
-                    other => return Poll::Ready(other),
-                }
-            },
+            Stream::Plain(s) => write_tcp(s, cx, &slices[..n]),
+            Stream::Shared(s) => write_tcp(s, cx, &slices[..n]),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, &slices[..n]),
         }
     }
@@ -104,8 +90,87 @@ impl Stream {
     /// Pushes out what TLS holds back (nothing to do over plain TCP).
     pub(crate) fn poll_flush_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Stream::Plain(_) => Poll::Ready(Ok(())),
+            Stream::Plain(_) | Stream::Shared(_) => Poll::Ready(Ok(())),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+}
+
+/// Reads what is available on plain TCP into `buf`, growing it by up
+/// to `chunk` bytes once the socket is readable.
+fn read_tcp(
+    s: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    chunk: usize,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(s.poll_read_ready(cx))?;
+        if buf.capacity() - buf.len() < chunk {
+            buf.reserve(chunk);
+        }
+        match s.try_read_buf(buf) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Writes `slices` on plain TCP, waiting for room.
+fn write_tcp(
+    s: &TcpStream,
+    cx: &mut Context<'_>,
+    slices: &[IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    loop {
+        match try_write(s, slices) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                ready!(s.poll_write_ready(cx))?;
+            }
+            other => return Poll::Ready(other),
+        }
+    }
+}
+
+/// Writes what of `slices` the socket takes now, without waiting:
+/// `WouldBlock` when it takes nothing.
+pub(crate) fn try_write(s: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    match slices {
+        [] => Ok(0),
+        // One frame (a reply): a plain write costs the kernel less than
+        // a one-slice writev.
+        [one] => s.try_write(one),
+        _ => s.try_write_vectored(slices),
+    }
+}
+
+/// Writes what of `slices` the socket takes now, straight through the
+/// system call: for a stream lent to others while its own task waits
+/// only to read. tokio's own `try_write` first reads the stream's
+/// readiness, a cache line of each connection's that a loop over many
+/// sockets misses every time; its task, which waits on that readiness,
+/// writes with [`try_write`], which keeps it true.
+pub(crate) fn send_now(s: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    let sock = socket2::SockRef::from(s);
+    match slices {
+        [] => Ok(0),
+        [one] => sock.send(one),
+        _ => sock.send_vectored(slices),
+    }
+}
+
+/// As `AsyncRead` over a shared stream.
+fn read_shared(s: &TcpStream, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    loop {
+        ready!(s.poll_read_ready(cx))?;
+        match s.try_read(buf.initialize_unfilled()) {
+            Ok(n) => {
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }
@@ -118,6 +183,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Shared(s) => read_shared(s, cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
@@ -131,6 +197,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Shared(s) => write_tcp(s, cx, &[IoSlice::new(buf)]),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
@@ -138,6 +205,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Shared(_) => Poll::Ready(Ok(())),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
@@ -145,6 +213,9 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Shared(s) => {
+                Poll::Ready(socket2::SockRef::from(&**s).shutdown(std::net::Shutdown::Write))
+            }
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
@@ -156,6 +227,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Shared(s) => write_tcp(s, cx, bufs),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
@@ -163,6 +235,7 @@ impl AsyncWrite for Stream {
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Shared(_) => true,
             Stream::Tls(s) => s.is_write_vectored(),
         }
     }

@@ -140,6 +140,11 @@ impl Prepared {
         self.0.text.as_str()
     }
 
+    /// Its frame, uncompressed.
+    pub(crate) fn frame(&self) -> &Bytes {
+        &self.0.frame
+    }
+
     /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.0.text.len()
@@ -292,6 +297,37 @@ impl Run {
     pub fn bytes_of(messages: &[Prepared]) -> usize {
         messages.iter().map(|p| p.0.frame.len()).sum()
     }
+
+    /// Its frames from the `from`th message's on, back to back.
+    pub(crate) fn frames_from(&self, from: usize) -> &[u8] {
+        let at = self.0.starts.get(from).copied().unwrap_or(self.0.all.len());
+        self.0.all.get(at..).unwrap_or_default()
+    }
+
+    /// With `written` bytes of [`Run::frames_from`]`(from)` written: how
+    /// many of those messages went whole, and what is left of the next
+    /// one's frame (empty when none was begun).
+    pub(crate) fn written(&self, from: usize, written: usize) -> (usize, Bytes) {
+        let inner = &self.0;
+        let base = inner.starts.get(from).copied().unwrap_or(inner.all.len());
+        let upto = base + written;
+        let mut whole = 0;
+        for i in from..inner.starts.len() {
+            let end = inner.starts.get(i + 1).copied().unwrap_or(inner.all.len());
+            if end <= upto {
+                whole += 1;
+                continue;
+            }
+            let begun = inner.starts[i] < upto;
+            let rest = if begun {
+                inner.all.slice(upto..end)
+            } else {
+                Bytes::new()
+            };
+            return (whole, rest);
+        }
+        (whole, Bytes::new())
+    }
 }
 
 /// One frame waiting to be written.
@@ -412,6 +448,11 @@ impl Socket {
         if deflate.is_some() {
             metrics.compressed_connections.inc();
         }
+        // Shared, so that its outbox can lend it while it is idle.
+        let stream = match stream {
+            Stream::Plain(tcp) => Stream::Shared(Arc::new(tcp)),
+            other => other,
+        };
         Socket {
             stream,
             read: BytesMut::from(&read[..]),
@@ -704,7 +745,29 @@ impl Socket {
 
     /// Whether it runs on plain TCP (not TLS).
     pub(crate) fn is_plain(&self) -> bool {
-        matches!(self.stream, Stream::Plain(_))
+        matches!(self.stream, Stream::Plain(_) | Stream::Shared(_))
+    }
+
+    /// Its TCP stream, for its outbox to lend while the socket writes
+    /// nothing: plain, not compressing (a push is written as its shared
+    /// frame), nothing queued or half-written, and no close sent.
+    pub(crate) fn lendable(&self) -> Option<&Arc<tokio::net::TcpStream>> {
+        match &self.stream {
+            Stream::Shared(tcp)
+                if self.deflate.is_none() && self.out.is_empty() && !self.sent_close =>
+            {
+                Some(tcp)
+            }
+            _ => None,
+        }
+    }
+
+    /// Queues the rest of a frame someone else began to write into this
+    /// socket while it was lent: its bytes, as they are.
+    pub(crate) fn queue_rest(&mut self, rest: Bytes) {
+        if !rest.is_empty() {
+            self.out.push_back(Frame::Own(rest));
+        }
     }
 
     /// Takes the socket apart for a takeover; `Err` gives it back when it
@@ -723,6 +786,11 @@ impl Socket {
             metrics,
             _permit,
         } = self;
+        // A stream still lent stays (its outbox gives it back first).
+        let stream = match stream {
+            Stream::Shared(tcp) => Arc::try_unwrap(tcp).map_or_else(Stream::Shared, Stream::Plain),
+            other => other,
+        };
         let tcp = match stream {
             Stream::Plain(tcp) if !sent_close && !got_close => tcp,
             stream => {
