@@ -1073,7 +1073,10 @@ impl Hub {
             } else {
                 let mut reached = 0;
                 self.memory.append(topic, policy, text, |positioned| {
-                    reached = self.queue_here(target, std::slice::from_ref(positioned));
+                    // Under the history's lock (which keeps each topic's
+                    // pushes in the order of their positions): queued
+                    // for each connection's task, not written here.
+                    reached = self.queue_here(target, std::slice::from_ref(positioned), false);
                 });
                 return reached;
             }
@@ -1086,19 +1089,20 @@ impl Hub {
     /// in order, each connection's share queued at once, and forwards
     /// each to the other nodes'. Returns how many deliveries were queued.
     fn deliver_run(&self, target: &Target, texts: &[Prepared]) -> usize {
-        let reached = self.queue_here(target, texts);
+        let reached = self.queue_here(target, texts, true);
         for text in texts {
             self.backplane.forward(target, text);
         }
         reached
     }
 
-    /// Queues `texts` for `target`'s connections on this node only;
-    /// returns how many deliveries were queued.
-    fn queue_here(&self, target: &Target, texts: &[Prepared]) -> usize {
+    /// Queues `texts` for `target`'s connections on this node only (with
+    /// `write_now`, written at once into idle ones: `Outbox::lend`);
+    /// returns how many deliveries were queued or written.
+    fn queue_here(&self, target: &Target, texts: &[Prepared], write_now: bool) -> usize {
         let to = self.lock().recipients(target);
         if to.len() < JOIN_RECIPIENTS {
-            return Outbox::push_each(&to, texts, &self.metrics);
+            return Outbox::push_each(&to, texts, &self.metrics, write_now);
         }
         // Copied once into one buffer, written as one slice by each. Under
         // load, most connections have not written the last run when the
@@ -1117,9 +1121,9 @@ impl Hub {
         let (run, from) = match prev {
             Some((_, prev)) => (Run::extend(&prev, texts), prev.len()),
             None if texts.len() > 1 => (Run::new(texts), 0),
-            None => return Outbox::push_each(&to, texts, &self.metrics),
+            None => return Outbox::push_each(&to, texts, &self.metrics, write_now),
         };
-        let reached = Outbox::push_run(&to, &run, from, &self.metrics);
+        let reached = Outbox::push_run(&to, &run, from, &self.metrics, write_now);
         // Kept for the next run, unless it can carry no more.
         if run.depth() < MAX_RUN_DEPTH && run.bytes() < MAX_RUN_BYTES {
             *self.open_run() = Some((target.clone(), run));
@@ -1163,7 +1167,7 @@ impl Hub {
     /// sender pipelines, the subscriber reads what arrived together) and
     /// never forwarded again. Returns the connections it was queued for.
     pub fn deliver_remote(&self, target: &Target, text: &Prepared) -> usize {
-        self.queue_here(target, std::slice::from_ref(text))
+        self.queue_here(target, std::slice::from_ref(text), true)
     }
 
     /// As [`Hub::publish`], for a publication from a client: the push

@@ -444,6 +444,7 @@ async fn read_loop(
     // Whether the outbox holds the stream (`Outbox::lend`): pushes are
     // then written by whoever sends them, and this task is not woken.
     let mut lent = false;
+    let _lent_back = LentBack(&caller.outbox);
     let end = loop {
         if !lent && let Some(tcp) = socket.lendable() {
             lent = caller.outbox.lend(tcp);
@@ -516,11 +517,9 @@ async fn read_loop(
             }
         };
         // Whatever this task writes, it writes alone: the stream comes
-        // back first (a take from the outbox takes it back too).
+        // back first, with the end of any frame a lent write began.
         if lent && !matches!(write, Write::Nothing) {
-            if !matches!(write, Write::Outbox) {
-                caller.outbox.claim();
-            }
+            take_back(&caller.outbox, socket);
             lent = false;
         }
         let written = match write {
@@ -541,8 +540,28 @@ async fn read_loop(
         }
     };
     // Closing or moving, the socket is this task's alone again.
-    caller.outbox.claim();
+    take_back(&caller.outbox, socket);
     (end, inflight)
+}
+
+/// Takes the socket's stream back from its outbox; the end of a frame a
+/// lent write began goes first into the socket, before anything queued
+/// since the stream was lent.
+fn take_back(outbox: &Outbox, socket: &mut Socket) {
+    if let Some(rest) = outbox.claim() {
+        socket.queue_rest(rest);
+    }
+}
+
+/// Takes the stream back however the connection's loop ends, a panic
+/// included: an outbox must not keep a socket open, or written into,
+/// once its task is gone.
+struct LentBack<'a>(&'a Outbox);
+
+impl Drop for LentBack<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.claim();
+    }
 }
 
 /// One clock for every connection's ping checks, in place of a timer in
@@ -739,7 +758,6 @@ pub(crate) fn queue_taken(socket: &mut Socket, buf: &mut Vec<Outgoing>) -> usize
         match m {
             Outgoing::One { text, .. } => socket.queue_prepared(text),
             Outgoing::Run { run, from } => socket.queue_run(run, from),
-            Outgoing::Rest(rest) => socket.queue_rest(rest),
         }
     }
     n

@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::transport::MAX_SLICES;
 use crate::websocket::{Prepared, Run};
@@ -60,29 +60,20 @@ pub enum Outgoing {
         /// Its first message still queued.
         from: usize,
     },
-    /// The end of one message's frame whose beginning was written
-    /// straight into the socket (see [`Outbox::lend`]): written first,
-    /// never dropped.
-    Rest(Bytes),
 }
 
 impl Outgoing {
-    /// The messages it holds whole, in order (a [`Outgoing::Rest`]
-    /// holds none: only the socket it was begun on may write it).
+    /// The messages it holds, in order.
     pub fn messages(&self) -> &[Prepared] {
         match self {
             Outgoing::One { text, .. } => std::slice::from_ref(text),
             Outgoing::Run { run, from } => run.messages().get(*from..).unwrap_or_default(),
-            Outgoing::Rest(_) => &[],
         }
     }
 
-    /// How many messages it holds (a rest is one).
+    /// How many messages it holds.
     pub fn len(&self) -> usize {
-        match self {
-            Outgoing::Rest(_) => 1,
-            _ => self.messages().len(),
-        }
+        self.messages().len()
     }
 
     /// Whether it holds none.
@@ -90,9 +81,8 @@ impl Outgoing {
         self.len() == 0
     }
 
-    /// A reply, or a message begun on the wire: never dropped.
-    fn is_kept(&self) -> bool {
-        matches!(self, Outgoing::One { reply: true, .. } | Outgoing::Rest(_))
+    fn is_reply(&self) -> bool {
+        matches!(self, Outgoing::One { reply: true, .. })
     }
 }
 
@@ -149,13 +139,18 @@ struct State {
     /// The connection's stream, lent while its task writes nothing and
     /// nothing is queued (never while anything is).
     lent: Option<Arc<TcpStream>>,
+    /// The unwritten end of a frame a lent write began: the socket's
+    /// next bytes, whatever else is queued, so its task takes it first
+    /// ([`Outbox::claim`]). Not a queued message (it is counted as sent,
+    /// and never dropped): one frame at most, the loan ended with it.
+    rest: Option<Bytes>,
 }
 
 impl State {
     /// Drops the oldest queued push (never a reply), counted; false
     /// when every queued message is a reply.
     fn drop_oldest_push(&mut self, metrics: &Metrics) -> bool {
-        let Some(i) = self.queue.iter().position(|m| !m.is_kept()) else {
+        let Some(i) = self.queue.iter().position(|m| !m.is_reply()) else {
             return false;
         };
         match self.queue.get_mut(i) {
@@ -252,7 +247,7 @@ impl Outbox {
         // Counted before it can be taken, as `push_each` does: the gauge
         // never reads below what is queued.
         self.metrics.outbound_queued.inc();
-        let (queued, not_added) = self.queue(std::slice::from_ref(&text), reply);
+        let (queued, not_added) = self.queue(std::slice::from_ref(&text), reply, true);
         if not_added > 0 {
             self.metrics.outbound_queued.dec_by(not_added as i64);
         }
@@ -267,15 +262,34 @@ impl Outbox {
     /// never reads below what is queued, then down by those that did not
     /// add a message. `metrics` is the one every outbox here counts in
     /// (the server's).
-    pub fn push_each(outboxes: &[Arc<Outbox>], texts: &[Prepared], metrics: &Metrics) -> usize {
-        Outbox::push_all(outboxes, texts.len(), metrics, |o| o.queue(texts, false))
+    ///
+    /// With `write_now`, an idle connection's share is written into its
+    /// socket at once ([`Outbox::lend`]); without, it is queued for the
+    /// connection's task (for a caller that holds a lock others wait on).
+    pub fn push_each(
+        outboxes: &[Arc<Outbox>],
+        texts: &[Prepared],
+        metrics: &Metrics,
+        write_now: bool,
+    ) -> usize {
+        Outbox::push_all(outboxes, texts.len(), metrics, |o| {
+            o.queue(texts, false, write_now)
+        })
     }
 
     /// As [`Outbox::push_each`], for a run from its `from`th message:
     /// one entry in each queue.
-    pub fn push_run(outboxes: &[Arc<Outbox>], run: &Run, from: usize, metrics: &Metrics) -> usize {
+    pub fn push_run(
+        outboxes: &[Arc<Outbox>],
+        run: &Run,
+        from: usize,
+        metrics: &Metrics,
+        write_now: bool,
+    ) -> usize {
         let each = run.len().saturating_sub(from);
-        Outbox::push_all(outboxes, each, metrics, |o| o.queue_run(run, from))
+        Outbox::push_all(outboxes, each, metrics, |o| {
+            o.queue_run(run, from, write_now)
+        })
     }
 
     fn push_all(
@@ -306,7 +320,7 @@ impl Outbox {
     /// it was not already. Returns how many were queued and how many did
     /// not add a message (refused, or queued in place of a dropped one):
     /// the caller moves the gauge.
-    fn queue(&self, texts: &[Prepared], reply: bool) -> (usize, usize) {
+    fn queue(&self, texts: &[Prepared], reply: bool, write_now: bool) -> (usize, usize) {
         let mut st = self.lock();
         // Only the first message into an empty queue wakes the task: it
         // takes everything queued when it runs, and another wake-up would
@@ -314,7 +328,12 @@ impl Outbox {
         let was_empty = st.queue.is_empty();
         let (mut queued, mut not_added, mut overflowed) = (0, 0, false);
         let mut texts = texts;
-        if st.lent.is_some() && !st.closed && !st.overflowed && texts.len() <= MAX_SLICES {
+        if write_now
+            && st.lent.is_some()
+            && !st.closed
+            && !st.overflowed
+            && texts.len() <= MAX_SLICES
+        {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             for (slot, t) in slices.iter_mut().zip(texts) {
                 *slot = IoSlice::new(t.frame());
@@ -329,17 +348,16 @@ impl Outbox {
                     n -= len;
                     whole += 1;
                 }
-                self.written(whole);
-                // Written: reached, but not left in the queue.
-                queued += whole;
-                not_added += whole;
                 texts = &texts[whole..];
                 if let Some(begun) = texts.first().filter(|_| n > 0) {
-                    st.queue.push_back(Outgoing::Rest(begun.frame().slice(n..)));
-                    st.len += 1;
-                    queued += 1;
+                    st.rest = Some(begun.frame().slice(n..));
                     texts = &texts[1..];
+                    whole += 1;
                 }
+                self.written(whole);
+                // Written (or begun): reached, not left in the queue.
+                queued += whole;
+                not_added += whole;
             }
         }
         // Room for the whole run at once, not grown message by message.
@@ -370,16 +388,23 @@ impl Outbox {
             st.len += 1;
             queued += 1;
         }
-        // Anything queued ends a loan: the task writes it.
-        if !st.queue.is_empty() {
+        self.settle(st, was_empty, overflowed);
+        (queued, not_added)
+    }
+
+    /// After a push: ends a loan if anything is now left for the task
+    /// (queued, or the rest of a begun frame), and wakes the task if it
+    /// was not already (only the first push into an empty queue wakes
+    /// it), or for an overflow.
+    fn settle(&self, mut st: MutexGuard<'_, State>, was_empty: bool, overflowed: bool) {
+        let left = !st.queue.is_empty() || st.rest.is_some();
+        if left {
             st.lent = None;
         }
-        let wake = overflowed || (was_empty && !st.queue.is_empty());
         drop(st);
-        if wake {
+        if overflowed || (was_empty && left) {
             self.ready.notify_one();
         }
-        (queued, not_added)
     }
 
     /// Counts `n` messages written straight into the socket.
@@ -395,7 +420,7 @@ impl Outbox {
     /// `drop_oldest` drops the oldest pushes (the run's own first, if it
     /// is longer than the queue) and `close` queues none of it and marks a
     /// slow consumer.
-    fn queue_run(&self, run: &Run, from: usize) -> (usize, usize) {
+    fn queue_run(&self, run: &Run, from: usize, write_now: bool) -> (usize, usize) {
         let all = run.len().saturating_sub(from);
         let mut st = self.lock();
         if st.closed || st.overflowed || all == 0 {
@@ -403,16 +428,15 @@ impl Outbox {
         }
         let was_empty = st.queue.is_empty();
         let (mut from, mut written) = (from, 0);
-        if let Some(n) = st.write_lent(&[IoSlice::new(run.frames_from(from))]) {
-            let (whole, rest) = run.written(from, n);
+        if write_now && let Some(n) = st.write_lent(&[IoSlice::new(run.frames_from(from))]) {
+            let (mut whole, rest) = run.written(from, n);
+            if !rest.is_empty() {
+                st.rest = Some(rest);
+                whole += 1;
+            }
             self.written(whole);
             written = whole;
             from += whole;
-            if !rest.is_empty() {
-                st.queue.push_back(Outgoing::Rest(rest));
-                st.len += 1;
-                from += 1;
-            }
         }
         let n = run.len().saturating_sub(from);
         let mut dropped = 0;
@@ -421,13 +445,11 @@ impl Outbox {
             // As message by message: the first that finds the queue full
             // and no push to drop (a queue full of replies) marks it slow.
             let full_of_replies =
-                || st.len >= self.capacity && st.queue.iter().all(Outgoing::is_kept);
+                || st.len >= self.capacity && st.queue.iter().all(Outgoing::is_reply);
             if over > 0 && (self.policy == SlowConsumer::Close || full_of_replies()) {
                 st.overflowed = true;
-                st.lent = None;
-                drop(st);
-                self.ready.notify_one();
-                return (all - n, written + n);
+                self.settle(st, was_empty, true);
+                return (written, written + n);
             }
             // Written only: reading the queue's last entry, a cache line
             // the connection's core touched last, cost more than all the
@@ -441,15 +463,7 @@ impl Outbox {
                 dropped += 1;
             }
         }
-        // Anything queued ends a loan: the task writes it.
-        if !st.queue.is_empty() {
-            st.lent = None;
-        }
-        let wake = was_empty && !st.queue.is_empty();
-        drop(st);
-        if wake {
-            self.ready.notify_one();
-        }
+        self.settle(st, was_empty, false);
         // Every message went in or out; those written, and those dropped
         // for the rest, did not add one to the queue.
         (all, written + dropped)
@@ -464,7 +478,12 @@ impl Outbox {
     /// connection is ending.
     pub(crate) fn lend(&self, tcp: &Arc<TcpStream>) -> bool {
         let mut st = self.lock();
-        if !st.queue.is_empty() || st.closed || st.overflowed || st.ending.is_some() {
+        if !st.queue.is_empty()
+            || st.rest.is_some()
+            || st.closed
+            || st.overflowed
+            || st.ending.is_some()
+        {
             return false;
         }
         st.lent = Some(tcp.clone());
@@ -472,9 +491,14 @@ impl Outbox {
     }
 
     /// Takes the lent stream back: once this returns, nobody else writes
-    /// into the socket.
-    pub(crate) fn claim(&self) {
-        self.lock().lent = None;
+    /// into the socket. Returns the unwritten end of a frame a lent write
+    /// began, if one did: the socket's next bytes, before anything its
+    /// task queued since it lent the stream.
+    #[must_use = "the rest of a begun frame goes first into the socket"]
+    pub(crate) fn claim(&self) -> Option<Bytes> {
+        let mut st = self.lock();
+        st.lent = None;
+        st.rest.take()
     }
 
     /// Queued messages leaving the queue, in the gauge.
@@ -613,6 +637,7 @@ impl Outbox {
         let mut st = self.lock();
         st.closed = true;
         st.lent = None;
+        st.rest = None;
         self.left(st.len);
         st.len = 0;
         st.queue = VecDeque::new();
@@ -763,7 +788,7 @@ mod tests {
         full.push("old".into(), false);
         closed.close();
         let all = [open.clone(), full.clone(), closed.clone()];
-        let reached = Outbox::push_each(&all, &["new".into()], &m);
+        let reached = Outbox::push_each(&all, &["new".into()], &m, true);
         assert_eq!(reached, 2, "the closed one refused");
         assert_eq!(m.pushes.get(), 2);
         assert_eq!(
@@ -777,8 +802,8 @@ mod tests {
         assert_eq!(texts(&out), ["new"]);
         open.take(&mut Vec::new());
         assert_eq!(m.outbound_queued.get(), 0);
-        assert_eq!(Outbox::push_each(&[], &["x".into()], &m), 0);
-        assert_eq!(Outbox::push_each(&all, &[], &m), 0);
+        assert_eq!(Outbox::push_each(&[], &["x".into()], &m, true), 0);
+        assert_eq!(Outbox::push_each(&all, &[], &m, true), 0);
     }
 
     #[test]
@@ -789,7 +814,7 @@ mod tests {
         let strict = Arc::new(Outbox::new(2, SlowConsumer::Close, m.clone()));
         let run: Vec<Prepared> = ["a", "b", "c"].into_iter().map(Prepared::from).collect();
         let all = [roomy.clone(), small.clone(), strict.clone()];
-        assert_eq!(Outbox::push_each(&all, &run, &m), 3 + 3 + 2);
+        assert_eq!(Outbox::push_each(&all, &run, &m, true), 3 + 3 + 2);
         assert_eq!(m.outbound_dropped.get(), 1, "small dropped a for c");
         assert_eq!(m.outbound_queued.get(), 3 + 2 + 2);
         let mut out = Vec::new();
@@ -812,7 +837,8 @@ mod tests {
         let a = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
         let b = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
         a.push("r".into(), true);
-        let reached = Outbox::push_run(&[a.clone(), b.clone()], &run(&["x", "y", "z"]), 0, &m);
+        let reached =
+            Outbox::push_run(&[a.clone(), b.clone()], &run(&["x", "y", "z"]), 0, &m, true);
         assert_eq!(reached, 6);
         assert_eq!(m.pushes.get(), 6);
         assert_eq!(a.len(), 4);
@@ -824,7 +850,11 @@ mod tests {
         assert_eq!(count(&out), 4);
         b.close();
         assert_eq!(m.outbound_queued.get(), 0);
-        assert_eq!(Outbox::push_run(&[b], &run(&["late"]), 0, &m), 0, "closed");
+        assert_eq!(
+            Outbox::push_run(&[b], &run(&["late"]), 0, &m, true),
+            0,
+            "closed"
+        );
         assert_eq!(m.outbound_queued.get(), 0);
     }
 
@@ -833,9 +863,9 @@ mod tests {
         let (o, m) = outbox(4, SlowConsumer::DropOldest);
         o.push("r1".into(), true);
         o.push("p1".into(), false);
-        assert_eq!(o.queue_run(&run(&["a", "b"]), 0), (2, 0), "it fits");
+        assert_eq!(o.queue_run(&run(&["a", "b"]), 0, true), (2, 0), "it fits");
         assert_eq!(
-            o.queue_run(&run(&["c", "d"]), 0),
+            o.queue_run(&run(&["c", "d"]), 0, true),
             (2, 2),
             "p1 and a make room"
         );
@@ -847,7 +877,10 @@ mod tests {
 
         // Longer than the queue: its own first ones go, the last stay.
         let (o, _) = outbox(2, SlowConsumer::DropOldest);
-        assert_eq!(o.queue_run(&run(&["a", "b", "c", "d", "e"]), 0), (5, 3));
+        assert_eq!(
+            o.queue_run(&run(&["a", "b", "c", "d", "e"]), 0, true),
+            (5, 3)
+        );
         let mut out = Vec::new();
         o.take(&mut out);
         assert_eq!(texts(&out), ["d", "e"]);
@@ -866,16 +899,20 @@ mod tests {
             replied.clone(),
             dropped.clone(),
         ];
-        Outbox::push_run(&all, &first, 0, &m);
+        Outbox::push_run(&all, &first, 0, &m, true);
         written.take(&mut Vec::new());
         replied.push("r".into(), true);
         // As a full queue does to make room (the gauge moved with it).
         assert!(dropped.lock().drop_oldest_push(&m));
         m.outbound_queued.dec();
         let longer = Run::extend(&first, &["c".into()]);
-        assert_eq!(Outbox::push_run(&all, &longer, 2, &m), 4, "c, to each");
+        assert_eq!(
+            Outbox::push_run(&all, &longer, 2, &m, true),
+            4,
+            "c, to each"
+        );
         let longest = Run::extend(&longer, &["d".into()]);
-        Outbox::push_run(&all, &longest, 3, &m);
+        Outbox::push_run(&all, &longest, 3, &m, true);
 
         let taken = |o: &Outbox| {
             let mut out = Vec::new();
@@ -905,14 +942,14 @@ mod tests {
         let (o, m) = outbox(2, SlowConsumer::DropOldest);
         o.push("r1".into(), true);
         assert_eq!(
-            o.queue_run(&run(&["a", "b"]), 0),
+            o.queue_run(&run(&["a", "b"]), 0, true),
             (2, 1),
             "room for one: b drops a"
         );
         let (o, _) = outbox(2, SlowConsumer::DropOldest);
         o.push("r1".into(), true);
         o.push("r2".into(), true);
-        assert_eq!(o.queue_run(&run(&["a", "b"]), 0), (0, 2));
+        assert_eq!(o.queue_run(&run(&["a", "b"]), 0, true), (0, 2));
         assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
         assert_eq!(m.outbound_dropped.get(), 1);
     }
@@ -920,8 +957,8 @@ mod tests {
     #[test]
     fn close_policy_refuses_a_run_that_does_not_fit() {
         let (o, m) = outbox(3, SlowConsumer::Close);
-        assert_eq!(o.queue_run(&run(&["a", "b"]), 0), (2, 0));
-        assert_eq!(o.queue_run(&run(&["c", "d"]), 0), (0, 2));
+        assert_eq!(o.queue_run(&run(&["a", "b"]), 0, true), (2, 0));
+        assert_eq!(o.queue_run(&run(&["c", "d"]), 0, true), (0, 2));
         assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
         assert_eq!(m.outbound_dropped.get(), 0);
     }
@@ -1003,7 +1040,10 @@ mod tests {
         let one: Prepared = "one".into();
         let run = run(&["two", "three"]);
         assert!(o.push(one.clone(), false));
-        assert_eq!(Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m), 2);
+        assert_eq!(
+            Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true),
+            2
+        );
         assert_eq!(o.len(), 0, "nothing queued");
         assert!(!woken(&o), "the task was not woken");
         assert_eq!(m.outbound_direct.get(), 3);
@@ -1020,7 +1060,7 @@ mod tests {
         let (o, m) = outbox(8, SlowConsumer::DropOldest);
         let (tcp, _client) = pair().await;
         assert!(o.lend(&tcp));
-        o.claim();
+        assert_eq!(o.claim(), None, "nothing begun");
         assert!(o.push("after a claim".into(), false));
         assert_eq!((o.len(), m.outbound_direct.get()), (1, 0));
         assert!(woken(&o));
@@ -1054,22 +1094,23 @@ mod tests {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let run = run(&names);
         assert!(o.lend(&tcp));
-        assert_eq!(Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m), 24);
+        assert_eq!(
+            Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true),
+            24
+        );
         let direct = m.outbound_direct.get() as usize;
         assert!(direct < 24, "the socket took all of it");
         assert!(woken(&o), "the task is woken for the rest");
-        // The loan ended: a push now queues behind the rest, and the
-        // queue (4) drops the oldest whole pushes, never a frame begun
-        // on the wire.
+        // The loan ended: a push now queues, and the queue (4) drops the
+        // oldest whole pushes; the end of a frame begun on the wire is
+        // kept aside, never dropped, and handed back first.
         assert!(o.push("last".into(), false));
+        assert!(!o.lend(&tcp), "not lent again before the rest is taken");
+        let rest = o.claim().map(|b| b.to_vec()).unwrap_or_default();
         let mut out = Vec::new();
         assert_eq!(o.take(&mut out), Taken::Messages);
         assert_eq!(count(&out), 4);
         assert_eq!(m.outbound_queued.get(), 0);
-        let rest: Vec<u8> = match out.first() {
-            Some(Outgoing::Rest(b)) => b.to_vec(),
-            _ => Vec::new(),
-        };
         let begun = usize::from(!rest.is_empty());
         let queued = texts(&out);
         assert_eq!(queued.last(), Some(&"last"));
@@ -1080,20 +1121,20 @@ mod tests {
             "the newest, in order"
         );
         assert_eq!(
-            direct + begun + from_run.len() + m.outbound_dropped.get() as usize,
+            direct + from_run.len() + m.outbound_dropped.get() as usize,
             24,
-            "each written, queued or counted as dropped"
+            "each written (or begun), queued, or counted as dropped"
         );
-        // The reader gets the frames written whole, the begun one whole
-        // (its start written at once, its rest by the task), then the
-        // queued ones: here the test writes what the task would.
-        let mut want = frames(&run.messages()[..direct + begun]);
+        if begun == 1 {
+            assert!(run.messages()[direct - 1].frame().ends_with(&rest));
+        }
+        // The reader gets the frames written or begun, whole (a begun
+        // one's rest written by the task first), then the queued ones:
+        // here the test writes what the task would.
+        let mut want = frames(&run.messages()[..direct]);
         let mut left = rest.clone();
         for e in &out {
             left.extend(frames(e.messages()));
-        }
-        if begun == 1 {
-            assert!(run.messages()[direct].frame().ends_with(&rest));
         }
         want.extend_from_slice(&left[rest.len()..]);
         let writer = tokio::spawn(async move {
@@ -1110,5 +1151,32 @@ mod tests {
         let got = read_exactly(&mut client, want.len()).await;
         writer.await.expect("written");
         assert!(got == want, "every frame whole, in order");
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_still_gets_the_end_of_a_begun_frame_first() {
+        let (o, m) = outbox(4, SlowConsumer::Close);
+        let o = Arc::new(o);
+        let (tcp, _client) = pair().await;
+        socket2::SockRef::from(&*tcp)
+            .set_send_buffer_size(16 * 1024)
+            .expect("sndbuf");
+        let names: Vec<String> = (0..24)
+            .map(|i| format!("{i}:{}", "x".repeat(16 * 1024)))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let run = run(&names);
+        assert!(o.lend(&tcp));
+        Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true);
+        let direct = m.outbound_direct.get() as usize;
+        assert!(direct > 0 && direct < 24, "{direct}");
+        assert!(o.overflowed(), "what is left does not fit: a slow consumer");
+        assert_eq!(m.outbound_queued.get(), 0, "nothing of it queued");
+        // Its task closes it, but first takes the stream back, and with
+        // it the end of the frame begun on the wire: the close frame
+        // goes after a whole frame, never inside one.
+        let rest = o.claim().expect("a frame was begun");
+        assert!(run.messages()[direct - 1].frame().ends_with(&rest));
+        assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
     }
 }

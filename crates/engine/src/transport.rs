@@ -153,10 +153,13 @@ pub(crate) fn try_write(s: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usi
 /// writes with [`try_write`], which keeps it true.
 pub(crate) fn send_now(s: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     let sock = socket2::SockRef::from(s);
+    // A peer gone is an error to return, not a signal to the process
+    // (whatever the program embedding the engine does with SIGPIPE).
+    let flags = libc::MSG_NOSIGNAL;
     match slices {
         [] => Ok(0),
-        [one] => sock.send(one),
-        _ => sock.send_vectored(slices),
+        [one] => sock.send_with_flags(one, flags),
+        _ => sock.send_vectored_with_flags(slices, flags),
     }
 }
 

@@ -763,10 +763,12 @@ impl Socket {
     }
 
     /// Queues the rest of a frame someone else began to write into this
-    /// socket while it was lent: its bytes, as they are.
+    /// socket while it was lent, first: its bytes, as they are, before
+    /// whatever was queued since (nothing queued was written since the
+    /// stream was lent, which it was only with nothing queued).
     pub(crate) fn queue_rest(&mut self, rest: Bytes) {
         if !rest.is_empty() {
-            self.out.push_back(Frame::Own(rest));
+            self.out.push_front(Frame::Own(rest));
         }
     }
 
@@ -935,5 +937,45 @@ mod tests {
         let longest = Run::extend(&longer, &[Prepared::new("d")]);
         assert!(longest.continues(&longer, 3));
         assert!(!longest.continues(&base, 2), "one step at a time");
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_begun_frame_goes_before_what_was_queued_since() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (mut client, (server, _)) = (client.expect("connect"), accepted.expect("accept"));
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let limits = Limits {
+            max_message: 1024,
+            read_buffer: 1024,
+            compress_min: 1024,
+        };
+        let mut socket = Socket::new(
+            Stream::Plain(server),
+            Bytes::new(),
+            None,
+            limits,
+            Arc::new(Metrics::new()),
+            permit,
+        );
+        assert!(socket.lendable().is_some(), "plain, idle: lendable");
+        // Queued by the socket's task while the stream was lent (a pong,
+        // say), then the stream taken back with the end of a frame that
+        // a lent write began.
+        socket.queue_ping();
+        assert!(socket.lendable().is_none(), "not with something queued");
+        socket.queue_rest(Bytes::from_static(b"rest of a frame"));
+        socket.flush().await.expect("flush");
+        let mut got = [0; 17];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got[..15], b"rest of a frame", "the begun frame ends first");
+        assert_eq!(got[15..], [0x89, 0x00], "then the ping");
     }
 }
