@@ -478,6 +478,59 @@ async fn pushes_to_idle_connections_are_written_at_once_in_order_between_replies
     assert_eq!(server.metric("outbound-queued").await, 0);
 }
 
+/// A client with a small receive buffer, subscribed to `topic`: while it
+/// does not read, the server's socket cannot take large pushes whole.
+async fn small_window_subscriber(server: &TestServer, topic: &str) -> Client {
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.set_recv_buffer_size(4096).expect("rcvbuf");
+    let tcp = tcp.connect(server.addr).await.expect("connect");
+    let url = format!("ws://{}/ws", server.addr);
+    let (ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .expect("handshake");
+    let mut sub = Client {
+        ws,
+        client_id: String::new(),
+    };
+    assert_eq!(sub.recv_json().await["type"], "connected");
+    let r = sub
+        .request("topic.subscribe", json!({"topic": topic}), "s")
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    sub
+}
+
+#[tokio::test]
+async fn a_push_the_socket_takes_only_part_of_arrives_whole_without_another_write() {
+    let server = start_with(push_config).await;
+    // Pushes of 900 KB written at once into an idle socket whose client
+    // does not read yet: the first few are taken whole, then one only in
+    // part, its end left to the connection's task. When that one is the
+    // last, nothing else is queued behind it, and its end must still go
+    // out at once, not at the next push, reply or ping. Which push it is
+    // depends on the kernel's buffers: each count in turn is the last.
+    for n in 1..=8 {
+        let topic = format!("big{n}");
+        let mut sub = small_window_subscriber(&server, &topic).await;
+        let direct = server.sample("gale_outbound_direct_total").await;
+        for i in 0..n {
+            let data = format!("{i}{}", "y".repeat(900_000));
+            let body = json!({"event": "blob", "data": data, "topic": topic}).to_string();
+            assert_eq!(publish(&server, Some(API_KEY), &body).await.0, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for i in 0..n {
+            let push = tokio::time::timeout(Duration::from_secs(3), sub.next_push())
+                .await
+                .unwrap_or_else(|_| panic!("push {i} of {n} never arrived whole"));
+            let data = push["data"].as_str().expect("data");
+            assert!(data.starts_with(&i.to_string()) && data.len() > 900_000);
+        }
+        assert!(server.sample("gale_outbound_direct_total").await > direct);
+    }
+}
+
 #[tokio::test]
 async fn with_slow_consumer_close_a_client_that_never_reads_gets_1013() {
     let server = start_with(|c| {

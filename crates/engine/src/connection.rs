@@ -681,7 +681,9 @@ async fn flush_outbox(
         Taken::End(code, reason) => Some(End::Ended(code, reason)),
         Taken::Messages => None,
     };
-    if buf.is_empty() {
+    // Nothing taken may still leave the end of a frame a lent write
+    // began (`take_back`): it is written now, not at the next push.
+    if buf.is_empty() && !socket.has_queued() {
         return ending.map_or(Ok(()), Err);
     }
     let n = queue_taken(socket, buf) as u64;

@@ -472,10 +472,10 @@ impl Outbox {
     /// Lends the connection's `tcp` stream: while nothing is queued,
     /// pushes are written straight into it by whoever sends them, and
     /// the task is not woken for them. Its task calls this when it has
-    /// nothing to write, and takes the stream back ([`Outbox::claim`],
-    /// or any [`Outbox::take`]) before it writes anything. False when
-    /// something is queued (the task was woken for it) or the
-    /// connection is ending.
+    /// nothing to write, and takes the stream back with [`Outbox::claim`]
+    /// (which hands it the end of any frame begun meanwhile) before it
+    /// writes anything. False when something is queued or begun (the
+    /// task was woken for it) or the connection is ending.
     pub(crate) fn lend(&self, tcp: &Arc<TcpStream>) -> bool {
         let mut st = self.lock();
         if !st.queue.is_empty()
@@ -1105,7 +1105,6 @@ mod tests {
         // oldest whole pushes; the end of a frame begun on the wire is
         // kept aside, never dropped, and handed back first.
         assert!(o.push("last".into(), false));
-        assert!(!o.lend(&tcp), "not lent again before the rest is taken");
         let rest = o.claim().map(|b| b.to_vec()).unwrap_or_default();
         let mut out = Vec::new();
         assert_eq!(o.take(&mut out), Taken::Messages);
@@ -1157,10 +1156,13 @@ mod tests {
     async fn a_slow_consumer_still_gets_the_end_of_a_begun_frame_first() {
         let (o, m) = outbox(4, SlowConsumer::Close);
         let o = Arc::new(o);
-        let (tcp, _client) = pair().await;
+        let (tcp, client) = pair().await;
         socket2::SockRef::from(&*tcp)
             .set_send_buffer_size(16 * 1024)
             .expect("sndbuf");
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(16 * 1024)
+            .expect("rcvbuf");
         let names: Vec<String> = (0..24)
             .map(|i| format!("{i}:{}", "x".repeat(16 * 1024)))
             .collect();
@@ -1178,5 +1180,30 @@ mod tests {
         let rest = o.claim().expect("a frame was begun");
         assert!(run.messages()[direct - 1].frame().ends_with(&rest));
         assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
+    }
+
+    #[tokio::test]
+    async fn a_begun_frame_alone_keeps_the_stream_until_its_task_takes_it() {
+        let (o, m) = outbox(4, SlowConsumer::DropOldest);
+        let (tcp, client) = pair().await;
+        socket2::SockRef::from(&*tcp)
+            .set_send_buffer_size(16 * 1024)
+            .expect("sndbuf");
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(16 * 1024)
+            .expect("rcvbuf");
+        assert!(o.lend(&tcp));
+        let big: Prepared = "z".repeat(1 << 20).as_str().into();
+        assert!(o.push(big.clone(), false));
+        assert_eq!(
+            (o.len(), m.outbound_direct.get()),
+            (0, 1),
+            "begun, nothing queued"
+        );
+        assert!(woken(&o), "its task is woken for the rest");
+        assert!(!o.lend(&tcp), "not lent again while a frame's end waits");
+        let rest = o.claim().expect("the end of the frame");
+        assert!(big.frame().ends_with(&rest) && rest.len() < big.frame().len());
+        assert!(o.lend(&tcp), "lent again once it is taken");
     }
 }

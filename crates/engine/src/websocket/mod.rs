@@ -762,6 +762,11 @@ impl Socket {
         }
     }
 
+    /// Whether anything waits in its frame queue.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Queues the rest of a frame someone else began to write into this
     /// socket while it was lent, first: its bytes, as they are, before
     /// whatever was queued since (nothing queued was written since the
