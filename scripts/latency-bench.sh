@@ -16,9 +16,10 @@
 #   tenk      10,000 subscribers, 10/s, 100 publications
 #   burst     19,000 subscribers, 200 publications back to back
 #   long      19,000 subscribers, 600 back to back (docs/benchmarks.md,
-#             "Closing part of it": with GALE_BROADCAST__BATCH_SIZE=24
-#             GALE_BROADCAST__BATCH_WINDOW_MS=20, which the server inherits,
-#             against SERVER=floor FLOOR_BATCH=36)
+#             "Idle sockets written by whoever pushes": with
+#             GALE_BROADCAST__BATCH_SIZE=36 GALE_BROADCAST__BATCH_WINDOW_MS=20,
+#             which the server inherits, against SERVER=floor FLOOR_BATCH=36:
+#             like batches, so like writes per connection)
 #
 # 1 KB pushes. The generator is this checkout's release `gale` whatever
 # the server; both share this machine's cores. Traffic stays on
