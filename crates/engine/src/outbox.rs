@@ -1004,6 +1004,26 @@ mod tests {
         (Arc::new(server), client.expect("connect"))
     }
 
+    /// As [`pair`], with 16 KiB socket buffers on both ends: while the
+    /// client does not read, the server's end takes little at once.
+    async fn narrow_pair() -> (Arc<TcpStream>, TcpStream) {
+        let (tcp, client) = pair().await;
+        socket2::SockRef::from(&*tcp)
+            .set_send_buffer_size(16 * 1024)
+            .expect("sndbuf");
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(16 * 1024)
+            .expect("rcvbuf");
+        (tcp, client)
+    }
+
+    /// 24 messages of 16 KiB, each starting with its number.
+    fn big_names() -> Vec<String> {
+        (0..24)
+            .map(|i| format!("{i}:{}", "x".repeat(16 * 1024)))
+            .collect()
+    }
+
     /// Reads from `client` until `want` bytes came.
     async fn read_exactly(client: &mut TcpStream, want: usize) -> Vec<u8> {
         use tokio::io::AsyncReadExt;
@@ -1079,18 +1099,10 @@ mod tests {
     async fn what_the_socket_does_not_take_is_queued_in_order_and_never_dropped() {
         let (o, m) = outbox(4, SlowConsumer::DropOldest);
         let o = Arc::new(o);
-        let (tcp, mut client) = pair().await;
         // Small buffers on both ends, and the client not reading: a run
         // of 16 KiB messages is only partly taken.
-        socket2::SockRef::from(&*tcp)
-            .set_send_buffer_size(16 * 1024)
-            .expect("sndbuf");
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(16 * 1024)
-            .expect("rcvbuf");
-        let names: Vec<String> = (0..24)
-            .map(|i| format!("{i}:{}", "x".repeat(16 * 1024)))
-            .collect();
+        let (tcp, mut client) = narrow_pair().await;
+        let names = big_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let run = run(&names);
         assert!(o.lend(&tcp));
@@ -1156,16 +1168,8 @@ mod tests {
     async fn a_slow_consumer_still_gets_the_end_of_a_begun_frame_first() {
         let (o, m) = outbox(4, SlowConsumer::Close);
         let o = Arc::new(o);
-        let (tcp, client) = pair().await;
-        socket2::SockRef::from(&*tcp)
-            .set_send_buffer_size(16 * 1024)
-            .expect("sndbuf");
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(16 * 1024)
-            .expect("rcvbuf");
-        let names: Vec<String> = (0..24)
-            .map(|i| format!("{i}:{}", "x".repeat(16 * 1024)))
-            .collect();
+        let (tcp, _client) = narrow_pair().await;
+        let names = big_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let run = run(&names);
         assert!(o.lend(&tcp));
@@ -1185,13 +1189,7 @@ mod tests {
     #[tokio::test]
     async fn a_begun_frame_alone_keeps_the_stream_until_its_task_takes_it() {
         let (o, m) = outbox(4, SlowConsumer::DropOldest);
-        let (tcp, client) = pair().await;
-        socket2::SockRef::from(&*tcp)
-            .set_send_buffer_size(16 * 1024)
-            .expect("sndbuf");
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(16 * 1024)
-            .expect("rcvbuf");
+        let (tcp, _client) = narrow_pair().await;
         assert!(o.lend(&tcp));
         let big: Prepared = "z".repeat(1 << 20).as_str().into();
         assert!(o.push(big.clone(), false));
