@@ -185,6 +185,18 @@ impl State {
         }
     }
 
+    /// With `n` bytes of `messages`' frames taken by a lent write: keeps
+    /// the end of a frame it began aside (the task writes it first) and
+    /// returns how many messages are written or begun.
+    fn took(&mut self, messages: &[Prepared], n: usize) -> usize {
+        let (whole, rest) = Prepared::written(messages, n);
+        if rest.is_empty() {
+            return whole;
+        }
+        self.rest = Some(rest);
+        whole + 1
+    }
+
     /// Frees an empty queue's buffer past [`KEEP_CAPACITY`] slots.
     fn give_back(&mut self) {
         if self.queue.is_empty() && self.queue.capacity() > KEEP_CAPACITY {
@@ -338,22 +350,9 @@ impl Outbox {
             for (slot, t) in slices.iter_mut().zip(texts) {
                 *slot = IoSlice::new(t.frame());
             }
-            if let Some(mut n) = st.write_lent(&slices[..texts.len()]) {
-                let mut whole = 0;
-                for t in texts {
-                    let len = t.frame().len();
-                    if n < len {
-                        break;
-                    }
-                    n -= len;
-                    whole += 1;
-                }
+            if let Some(n) = st.write_lent(&slices[..texts.len()]) {
+                let whole = st.took(texts, n);
                 texts = &texts[whole..];
-                if let Some(begun) = texts.first().filter(|_| n > 0) {
-                    st.rest = Some(begun.frame().slice(n..));
-                    texts = &texts[1..];
-                    whole += 1;
-                }
                 self.written(whole);
                 // Written (or begun): reached, not left in the queue.
                 queued += whole;
@@ -429,11 +428,7 @@ impl Outbox {
         let was_empty = st.queue.is_empty();
         let (mut from, mut written) = (from, 0);
         if write_now && let Some(n) = st.write_lent(&[IoSlice::new(run.frames_from(from))]) {
-            let (mut whole, rest) = run.written(from, n);
-            if !rest.is_empty() {
-                st.rest = Some(rest);
-                whole += 1;
-            }
+            let whole = st.took(run.messages().get(from..).unwrap_or_default(), n);
             self.written(whole);
             written = whole;
             from += whole;
@@ -995,13 +990,8 @@ mod tests {
     /// A connected pair on 127.0.0.1: the server's end, shared as a
     /// connection's socket shares it, and the client's.
     async fn pair() -> (Arc<TcpStream>, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (server, _) = accepted.expect("accept");
-        (Arc::new(server), client.expect("connect"))
+        let (server, client) = crate::transport::tcp_pair().await;
+        (Arc::new(server), client)
     }
 
     /// As [`pair`], with 16 KiB socket buffers on both ends: while the

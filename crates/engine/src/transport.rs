@@ -135,7 +135,7 @@ fn write_tcp(
 
 /// Writes what of `slices` the socket takes now, without waiting:
 /// `WouldBlock` when it takes nothing.
-pub(crate) fn try_write(s: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+fn try_write(s: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     match slices {
         [] => Ok(0),
         // One frame (a reply): a plain write costs the kernel less than
@@ -242,4 +242,17 @@ impl AsyncWrite for Stream {
             Stream::Tls(s) => s.is_write_vectored(),
         }
     }
+}
+
+/// A connected pair on 127.0.0.1, the server's end first, for tests of
+/// what is written into a socket.
+#[cfg(test)]
+pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (server, _) = accepted.expect("accept");
+    (server, client.expect("connect"))
 }

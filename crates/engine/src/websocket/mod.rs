@@ -145,6 +145,26 @@ impl Prepared {
         &self.0.frame
     }
 
+    /// With `n` bytes of `messages`' frames written, back to back: how
+    /// many went whole, and what is left of the next one's frame (empty
+    /// when none was begun). A run's messages are slices of its buffer,
+    /// so this serves a run's frames as well.
+    pub(crate) fn written(messages: &[Prepared], mut n: usize) -> (usize, Bytes) {
+        for (whole, m) in messages.iter().enumerate() {
+            let frame = m.frame();
+            if n < frame.len() {
+                let rest = if n > 0 {
+                    frame.slice(n..)
+                } else {
+                    Bytes::new()
+                };
+                return (whole, rest);
+            }
+            n -= frame.len();
+        }
+        (messages.len(), Bytes::new())
+    }
+
     /// Its length in bytes.
     pub fn len(&self) -> usize {
         self.0.text.len()
@@ -302,31 +322,6 @@ impl Run {
     pub(crate) fn frames_from(&self, from: usize) -> &[u8] {
         let at = self.0.starts.get(from).copied().unwrap_or(self.0.all.len());
         self.0.all.get(at..).unwrap_or_default()
-    }
-
-    /// With `written` bytes of [`Run::frames_from`]`(from)` written: how
-    /// many of those messages went whole, and what is left of the next
-    /// one's frame (empty when none was begun).
-    pub(crate) fn written(&self, from: usize, written: usize) -> (usize, Bytes) {
-        let inner = &self.0;
-        let base = inner.starts.get(from).copied().unwrap_or(inner.all.len());
-        let upto = base + written;
-        let mut whole = 0;
-        for i in from..inner.starts.len() {
-            let end = inner.starts.get(i + 1).copied().unwrap_or(inner.all.len());
-            if end <= upto {
-                whole += 1;
-                continue;
-            }
-            let begun = inner.starts[i] < upto;
-            let rest = if begun {
-                inner.all.slice(upto..end)
-            } else {
-                Bytes::new()
-            };
-            return (whole, rest);
-        }
-        (whole, Bytes::new())
     }
 }
 
@@ -754,7 +749,7 @@ impl Socket {
     pub(crate) fn lendable(&self) -> Option<&Arc<tokio::net::TcpStream>> {
         match &self.stream {
             Stream::Shared(tcp)
-                if self.deflate.is_none() && self.out.is_empty() && !self.sent_close =>
+                if !self.compresses() && self.out.is_empty() && !self.sent_close =>
             {
                 Some(tcp)
             }
@@ -947,13 +942,7 @@ mod tests {
     #[tokio::test]
     async fn the_rest_of_a_begun_frame_goes_before_what_was_queued_since() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (client, accepted) =
-            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (mut client, (server, _)) = (client.expect("connect"), accepted.expect("accept"));
+        let (server, mut client) = crate::transport::tcp_pair().await;
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .expect("permit");
