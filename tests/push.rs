@@ -423,16 +423,9 @@ async fn pushes_to_idle_connections_are_written_at_once_in_order_between_replies
     let server = start_with(push_config).await;
     // Five plain subscribers: a batch of pushes to them is one run.
     let mut subs = Vec::new();
-    for i in 0..5 {
+    for _ in 0..5 {
         let mut c = server.client().await;
-        let r = c
-            .request(
-                "topic.subscribe",
-                json!({"topic": "news"}),
-                &format!("s{i}"),
-            )
-            .await;
-        assert_eq!(r["ok"], true, "{r}");
+        c.subscribe("news").await;
         subs.push(c);
     }
     let direct = server.sample("gale_outbound_direct_total").await;
@@ -484,20 +477,8 @@ async fn small_window_subscriber(server: &TestServer, topic: &str) -> Client {
     let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
     tcp.set_recv_buffer_size(4096).expect("rcvbuf");
     let tcp = tcp.connect(server.addr).await.expect("connect");
-    let url = format!("ws://{}/ws", server.addr);
-    let (ws, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
-            .await
-            .expect("handshake");
-    let mut sub = Client {
-        ws,
-        client_id: String::new(),
-    };
-    assert_eq!(sub.recv_json().await["type"], "connected");
-    let r = sub
-        .request("topic.subscribe", json!({"topic": topic}), "s")
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    let mut sub = Client::over(&server.ws_url(), tcp).await.greeted().await;
+    sub.subscribe(topic).await;
     sub
 }
 

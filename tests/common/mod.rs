@@ -130,21 +130,16 @@ impl TestServer {
 
     /// Connects and reads the greeting.
     pub async fn client(&self) -> Client {
-        let mut c = Client::connect(&self.ws_url()).await;
-        let hello = c.recv_json().await;
-        assert_eq!(hello["type"], "connected", "{hello}");
-        c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
-        c
+        Client::connect(&self.ws_url()).await.greeted().await
     }
 
     /// Connects from the source address `ip` (127.0.0.2, …: another
     /// client address on this machine) and reads the greeting.
     pub async fn client_from(&self, ip: &str) -> Client {
-        let mut c = Client::connect_from(&self.ws_url(), ip).await;
-        let hello = c.recv_json().await;
-        assert_eq!(hello["type"], "connected", "{hello}");
-        c.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
-        c
+        Client::connect_from(&self.ws_url(), ip)
+            .await
+            .greeted()
+            .await
     }
 
     /// Connects with `?token=…` and reads the greeting.
@@ -353,7 +348,12 @@ impl Client {
 
     /// Connects to `url` from the source address `ip`.
     pub async fn connect_from(url: &str, ip: &str) -> Client {
-        let stream = connect_tcp_from(url_addr(url), ip).await;
+        Client::over(url, connect_tcp_from(url_addr(url), ip).await).await
+    }
+
+    /// The WebSocket handshake to `url` over a TCP connection already
+    /// made (with the socket options a test needs).
+    pub async fn over(url: &str, stream: tokio::net::TcpStream) -> Client {
         let (ws, _) =
             tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
                 .await
@@ -362,6 +362,26 @@ impl Client {
             ws,
             client_id: String::new(),
         }
+    }
+
+    /// Reads the greeting and keeps the client id it gives.
+    pub async fn greeted(mut self) -> Client {
+        let hello = self.recv_json().await;
+        assert_eq!(hello["type"], "connected", "{hello}");
+        self.client_id = hello["client_id"].as_str().expect("client_id").to_owned();
+        self
+    }
+
+    /// Subscribes to `topic`; the server must agree.
+    pub async fn subscribe(&mut self, topic: &str) {
+        let r = self
+            .request(
+                "topic.subscribe",
+                serde_json::json!({ "topic": topic }),
+                "sub",
+            )
+            .await;
+        assert_eq!(r["ok"], true, "{r}");
     }
 
     pub async fn send(&mut self, text: &str) {
