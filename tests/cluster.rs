@@ -140,6 +140,50 @@ async fn a_user_push_reaches_their_connections_on_every_node_once() {
     assert_eq!(c.sample("gale_cluster_received_total").await, 0.0);
 }
 
+/// A burst from another node that takes the receiving node longer to hand
+/// out than its probe interval: the probe, behind the burst on the
+/// subscriber connection, is late, not lost; the node stays subscribed
+/// and every push arrives, in order.
+#[tokio::test]
+async fn a_burst_longer_than_the_probe_interval_arrives_whole() {
+    const SUBS: usize = 400;
+    const PUSHES: usize = 400;
+    common::open_files(4 * SUBS as u64 + 1_000);
+    let (private, p, up) = setup().await;
+    let redis = private.url();
+    let a = node(&redis, &p, "a", &up).await;
+    let b = node_with(&redis, &p, "b", &up, |c| c.cluster.probe_interval_ms = 100).await;
+    let mut subs = Vec::with_capacity(SUBS);
+    for _ in 0..SUBS {
+        let mut c = b.client().await;
+        c.subscribe("burst").await;
+        subs.push(c);
+    }
+    wait_channels(&b, 1).await;
+    b.wait_sample("gale_cluster_up", 1.0).await;
+    let connects = b.sample("gale_cluster_subscriber_connects_total").await;
+    // One request, so the pushes leave a back to back.
+    let commands: Vec<Value> = (0..PUSHES)
+        .map(
+            |i| json!({"method": "publish", "params": {"event": "e", "topic": "burst", "data": i}}),
+        )
+        .collect();
+    let body = json!({ "commands": commands }).to_string();
+    let (status, reply) = common::api_post(a.addr, Some(API_KEY), "batch", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    for c in &mut subs {
+        for i in 0..PUSHES {
+            assert_eq!(c.next_push().await["data"], i, "in order");
+        }
+    }
+    assert_eq!(b.sample("gale_cluster_probe_failures_total").await, 0.0);
+    assert_eq!(
+        b.sample("gale_cluster_subscriber_connects_total").await,
+        connects,
+        "the subscriber was never reconnected"
+    );
+}
+
 #[tokio::test]
 async fn topic_and_everyone_pushes_cross_nodes_and_only_subscribed_nodes_receive() {
     let (private, p, up) = setup().await;

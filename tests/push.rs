@@ -471,6 +471,45 @@ async fn pushes_to_idle_connections_are_written_at_once_in_order_between_replies
     assert_eq!(server.metric("outbound-queued").await, 0);
 }
 
+/// More subscribers than the fan-out from which the writes into idle
+/// sockets move the core's other tasks aside: every one gets every push,
+/// in order, written at once.
+async fn a_crowd_gets_every_push_written_at_once() {
+    const CROWD: usize = 1_100;
+    common::open_files(4 * CROWD as u64 + 1_000);
+    let server = start_with(push_config).await;
+    let mut subs = Vec::with_capacity(CROWD);
+    for _ in 0..CROWD {
+        let mut c = server.client().await;
+        c.subscribe("crowd").await;
+        subs.push(c);
+    }
+    let direct = server.sample("gale_outbound_direct_total").await;
+    for i in 0..3 {
+        let body = json!({"event": "e", "topic": "crowd", "data": i}).to_string();
+        let (status, reply) = publish(&server, Some(API_KEY), &body).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    for c in &mut subs {
+        for i in 0..3 {
+            assert_eq!(c.next_push().await["data"], i, "in order");
+        }
+    }
+    let written = server.sample("gale_outbound_direct_total").await - direct;
+    assert!(written >= CROWD as f64, "{written} pushes written at once");
+}
+
+// Where nothing can be moved aside: the writes are done in place.
+#[tokio::test]
+async fn a_crowd_gets_every_push_on_a_current_thread_runtime() {
+    a_crowd_gets_every_push_written_at_once().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_gets_every_push_on_a_multi_threaded_runtime() {
+    a_crowd_gets_every_push_written_at_once().await;
+}
+
 /// A client with a small receive buffer, subscribed to `topic`: while it
 /// does not read, the server's socket cannot take large pushes whole.
 async fn small_window_subscriber(server: &TestServer, topic: &str) -> Client {

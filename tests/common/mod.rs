@@ -50,6 +50,17 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
 }
 
+/// Lets this process hold at least `n` open files: raises its soft limit
+/// toward the hard one (a shell's default soft limit is often 1,024).
+/// Panics, naming the limit, when the hard limit is below `n`.
+pub fn open_files(n: u64) {
+    let got = rlimit::increase_nofile_limit(n).expect("read and raise RLIMIT_NOFILE");
+    assert!(
+        got >= n,
+        "this test holds {n} open files, the hard limit allows {got}: raise it (ulimit -Hn)"
+    );
+}
+
 /// A config for tests: OpenWeatherMap against `fake`, SQLite in `dir`.
 pub fn test_config(fake: &FakeUpstream, dir: &std::path::Path) -> Config {
     let mut config = Config::default();

@@ -55,10 +55,18 @@ const MAX_RUN_BYTES: usize = 64 * 1024;
 /// runs of like sizes).
 const MAX_RUN_DEPTH: usize = 3;
 
-/// Connections on the node from which the delivery task writes a batch
-/// with its core's other tasks moved aside (`tokio::task::block_in_place`):
-/// below it a batch is written sooner than they would move.
+/// Recipients from which pushes written straight into idle sockets are
+/// written with the core's other tasks moved aside
+/// (`tokio::task::block_in_place`): below it the writes are done sooner
+/// than the tasks would move.
 const SWEEP_ASIDE: usize = 1024;
+
+/// Whether this thread may move its core's other tasks aside
+/// (`tokio::task::block_in_place` panics on a current-thread runtime).
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
 
 /// Who a push goes to.
 ///
@@ -407,6 +415,8 @@ struct Queued {
     text: Prepared,
     /// The topic's history policy, looked up once when encoded.
     history: Option<history::Policy>,
+    /// From another node: delivered here only, never forwarded again.
+    remote: bool,
 }
 
 /// The registry of connections, users and topics, and the push paths.
@@ -1101,8 +1111,26 @@ impl Hub {
     /// returns how many deliveries were queued or written.
     fn queue_here(&self, target: &Target, texts: &[Prepared], write_now: bool) -> usize {
         let to = self.lock().recipients(target);
+        // Idle connections' shares are written here, socket after socket
+        // (`Outbox::lend`), by whoever delivers: the delivery task, a
+        // handler's `send_now`, the backplane's receiver. A large fan-out
+        // holds a core for as long as it takes, so the core's other tasks
+        // move to another thread meanwhile rather than wait behind it.
+        if write_now && to.len() >= SWEEP_ASIDE && on_multi_thread_runtime() {
+            return tokio::task::block_in_place(|| self.queue_to(&to, target, texts, write_now));
+        }
+        self.queue_to(&to, target, texts, write_now)
+    }
+
+    fn queue_to(
+        &self,
+        to: &[Arc<Outbox>],
+        target: &Target,
+        texts: &[Prepared],
+        write_now: bool,
+    ) -> usize {
         if to.len() < JOIN_RECIPIENTS {
-            return Outbox::push_each(&to, texts, &self.metrics, write_now);
+            return Outbox::push_each(to, texts, &self.metrics, write_now);
         }
         // Copied once into one buffer, written as one slice by each. Under
         // load, most connections have not written the last run when the
@@ -1121,9 +1149,9 @@ impl Hub {
         let (run, from) = match prev {
             Some((_, prev)) => (Run::extend(&prev, texts), prev.len()),
             None if texts.len() > 1 => (Run::new(texts), 0),
-            None => return Outbox::push_each(&to, texts, &self.metrics, write_now),
+            None => return Outbox::push_each(to, texts, &self.metrics, write_now),
         };
-        let reached = Outbox::push_run(&to, &run, from, &self.metrics, write_now);
+        let reached = Outbox::push_run(to, &run, from, &self.metrics, write_now);
         // Kept for the next run, unless it can carry no more.
         if run.depth() < MAX_RUN_DEPTH && run.bytes() < MAX_RUN_BYTES {
             *self.open_run() = Some((target.clone(), run));
@@ -1163,11 +1191,21 @@ impl Hub {
     }
 
     /// A push another node encoded, for this node's recipients of
-    /// `target`: delivered at once (it was batched on its way here: the
-    /// sender pipelines, the subscriber reads what arrived together) and
-    /// never forwarded again. Returns the connections it was queued for.
-    pub fn deliver_remote(&self, target: &Target, text: &Prepared) -> usize {
-        self.queue_here(target, std::slice::from_ref(text), true)
+    /// `target`, never forwarded again: queued for the delivery task like
+    /// a publication here, so it goes at once to a quiet node and with
+    /// the others that came together under load (each connection's share
+    /// of a burst written at once), and whoever receives it (the
+    /// backplane's receiver) is free to read on. Waits while the queue is
+    /// full: the receiver reads no further meanwhile, and what follows
+    /// waits in its socket and in Redis. False once the hub has stopped.
+    pub async fn deliver_remote(&self, target: Target, text: Prepared) -> bool {
+        let queued = Queued {
+            target,
+            text,
+            history: None,
+            remote: true,
+        };
+        self.queue.send(queued).await.is_ok()
     }
 
     /// As [`Hub::publish`], for a publication from a client: the push
@@ -1208,6 +1246,7 @@ impl Hub {
             target,
             text,
             history,
+            remote: false,
         }) {
             Ok(()) => Ok(reach),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -1238,8 +1277,6 @@ async fn deliver(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(batch_size);
-    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
-        == tokio::runtime::RuntimeFlavor::MultiThread;
     // A run of consecutive pushes to one target (at most a batch).
     let mut run = Vec::new();
     // When the last batch was handed out, how many connections it
@@ -1284,34 +1321,26 @@ async fn deliver(
         before = hub.metrics.outbound_queued.get();
         // Consecutive pushes to one target go to each connection together:
         // one lock and at most one wake-up per connection for the run.
-        let mut sweep = || {
-            let mut reached = 0_i64;
-            let mut pushes = batch.drain(..).peekable();
-            while let Some(q) = pushes.next() {
-                if q.history.is_some() {
-                    reached += hub.deliver(&q.target, &q.text, q.history) as i64;
-                    continue;
-                }
-                run.push(q.text);
-                while let Some(next) =
-                    pushes.next_if(|n| n.history.is_none() && n.target == q.target)
-                {
-                    run.push(next.text);
-                }
-                reached += hub.deliver_run(&q.target, &run) as i64;
-                run.clear();
+        reached = 0;
+        let mut pushes = batch.drain(..).peekable();
+        while let Some(q) = pushes.next() {
+            if q.history.is_some() {
+                reached += hub.deliver(&q.target, &q.text, q.history) as i64;
+                continue;
             }
-            reached
-        };
-        // Idle connections' shares are written here, socket after socket
-        // (`Outbox::lend`): on a large node that holds a core for as long
-        // as the batch takes, so the core's other tasks move to another
-        // thread meanwhile rather than wait behind it.
-        reached = if hub.connections() >= SWEEP_ASIDE && multi_thread {
-            tokio::task::block_in_place(sweep)
-        } else {
-            sweep()
-        };
+            run.push(q.text);
+            while let Some(next) = pushes
+                .next_if(|n| n.history.is_none() && n.remote == q.remote && n.target == q.target)
+            {
+                run.push(next.text);
+            }
+            reached += if q.remote {
+                hub.queue_here(&q.target, &run, true)
+            } else {
+                hub.deliver_run(&q.target, &run)
+            } as i64;
+            run.clear();
+        }
         last = Some(tokio::time::Instant::now());
     }
 }

@@ -598,6 +598,9 @@ async fn session(
     let mut nonce: u64 = 0;
     // The probe sent and not yet seen back, with when it was sent.
     let mut waiting: Option<(u64, Instant)> = None;
+    // When anything last came through the subscription: a probe behind
+    // pushes still being handed out is late, not lost, while they come.
+    let mut heard = Instant::now();
     let mut tick = tokio::time::interval(bp.cluster.probe_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -607,6 +610,7 @@ async fn session(
                 let Some(msg) = msg else {
                     return Ended::Lost("subscriber connection closed".to_owned());
                 };
+                heard = Instant::now();
                 let channel = msg.get_channel_name();
                 if channel == probe {
                     let seen = std::str::from_utf8(msg.get_payload_bytes())
@@ -627,7 +631,7 @@ async fn session(
                 } else if channel == fixed[3] {
                     bp.on_answer(msg.get_payload_bytes());
                 } else {
-                    deliver(bp, &hub, channel, msg.get_payload_bytes());
+                    deliver(bp, &hub, channel, msg.get_payload_bytes()).await;
                 }
             }
             () = bp.changed.notified() => {
@@ -638,7 +642,9 @@ async fn session(
             }
             _ = tick.tick() => {
                 if let Some((_, sent)) = waiting {
-                    if sent.elapsed() >= bp.cluster.probe_every {
+                    if sent.elapsed() >= bp.cluster.probe_every
+                        && heard.elapsed() >= bp.cluster.probe_every
+                    {
                         metrics.probe_failures.inc();
                         return Ended::Lost("probe did not come back".to_owned());
                     }
@@ -672,7 +678,7 @@ async fn session(
 }
 
 /// Hands a message from another node to the hub.
-fn deliver(bp: &RedisBackplane, hub: &Hub, channel: &str, payload: &[u8]) {
+async fn deliver(bp: &RedisBackplane, hub: &Hub, channel: &str, payload: &[u8]) {
     let Some(cut) = payload.iter().position(|&b| b == b'\n') else {
         return;
     };
@@ -686,7 +692,7 @@ fn deliver(bp: &RedisBackplane, hub: &Hub, channel: &str, payload: &[u8]) {
         return;
     };
     bp.cluster.metrics.received.inc();
-    hub.deliver_remote(&target, &Prepared::new(text));
+    hub.deliver_remote(target, Prepared::new(text)).await;
 }
 
 /// Applies the interest changes reported since the last call.
