@@ -1298,7 +1298,10 @@ async fn deliver(
         let busy = !rx.is_empty()
             || last.is_some_and(|at| at.elapsed() < window)
             || (queued_out - before) * 4 > reached;
-        if busy && !stop.is_cancelled() && batch_size > 1 {
+        // A push from another node waits for none: it was gathered on its
+        // way (the sender pipelines, the receiver queues what arrived
+        // together), so what came with it is queued already.
+        if busy && !batch[0].remote && !stop.is_cancelled() && batch_size > 1 {
             let until = tokio::time::Instant::now() + window;
             while batch.len() < batch_size {
                 tokio::select! {
