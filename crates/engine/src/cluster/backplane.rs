@@ -15,9 +15,12 @@
 //! batches. After every (re)connect it subscribes again from the hub's own
 //! state, and every `cluster.probe_interval_ms` it publishes a probe to
 //! itself over the command connection: a probe that does not come back
-//! through the subscriber within the interval means the subscription is
-//! dead even if the socket looks alive (a failover, a proxy), and the
-//! subscriber reconnects. `gale_cluster_up` and `/healthz` follow.
+//! through the subscriber within the interval, with nothing else coming
+//! through it either, means the subscription is dead even if the socket
+//! looks alive (a failover, a proxy), and the subscriber reconnects (a
+//! probe behind a burst still being handed out is late, not lost).
+//! `gale_cluster_up` and `/healthz` follow. What other nodes send is
+//! queued for the hub's delivery task (`Hub::deliver_remote`).
 //!
 //! Commands every node runs (`control`) go out on `P:ctl`, each
 //! `{"id", "cmd"}` behind the sender's node id; every other node runs it
