@@ -415,8 +415,6 @@ struct Queued {
     text: Prepared,
     /// The topic's history policy, looked up once when encoded.
     history: Option<history::Policy>,
-    /// From another node: delivered here only, never forwarded again.
-    remote: bool,
 }
 
 /// The registry of connections, users and topics, and the push paths.
@@ -1113,9 +1111,10 @@ impl Hub {
         let to = self.lock().recipients(target);
         // Idle connections' shares are written here, socket after socket
         // (`Outbox::lend`), by whoever delivers: the delivery task, a
-        // handler's `send_now`, the backplane's receiver. A large fan-out
-        // holds a core for as long as it takes, so the core's other tasks
-        // move to another thread meanwhile rather than wait behind it.
+        // handler's `send_now`, the task handing out what other nodes sent.
+        // A large fan-out holds a core for as long as it takes, so the
+        // core's other tasks move to another thread meanwhile rather than
+        // wait behind it.
         if write_now && to.len() >= SWEEP_ASIDE && on_multi_thread_runtime() {
             return tokio::task::block_in_place(|| self.queue_to(&to, target, texts, write_now));
         }
@@ -1190,22 +1189,16 @@ impl Hub {
         Some(self.backplane.recover(topic, policy, since).await)
     }
 
-    /// A push another node encoded, for this node's recipients of
-    /// `target`, never forwarded again: queued for the delivery task like
-    /// a publication here, so it goes at once to a quiet node and with
-    /// the others that came together under load (each connection's share
-    /// of a burst written at once), and whoever receives it (the
-    /// backplane's receiver) is free to read on. Waits while the queue is
-    /// full: the receiver reads no further meanwhile, and what follows
-    /// waits in its socket and in Redis. False once the hub has stopped.
-    pub async fn deliver_remote(&self, target: Target, text: Prepared) -> bool {
-        let queued = Queued {
-            target,
-            text,
-            history: None,
-            remote: true,
-        };
-        self.queue.send(queued).await.is_ok()
+    /// Pushes another node encoded, in order, for this node's recipients
+    /// of `target`: each connection's share of them queued at once
+    /// (written at once into an idle one: `Outbox::lend`), never
+    /// forwarded again. Delivered here, not through the batching queue:
+    /// they were gathered on their way (the sender pipelines, the
+    /// backplane's receiving task hands out what came together), and a
+    /// full queue of this node's own publications does not hold them up.
+    /// Returns how many deliveries were queued or written.
+    pub fn deliver_remote(&self, target: &Target, texts: &[Prepared]) -> usize {
+        self.queue_here(target, texts, true)
     }
 
     /// As [`Hub::publish`], for a publication from a client: the push
@@ -1246,7 +1239,6 @@ impl Hub {
             target,
             text,
             history,
-            remote: false,
         }) {
             Ok(()) => Ok(reach),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -1298,10 +1290,7 @@ async fn deliver(
         let busy = !rx.is_empty()
             || last.is_some_and(|at| at.elapsed() < window)
             || (queued_out - before) * 4 > reached;
-        // A push from another node waits for none: it was gathered on its
-        // way (the sender pipelines, the receiver queues what arrived
-        // together), so what came with it is queued already.
-        if busy && !batch[0].remote && !stop.is_cancelled() && batch_size > 1 {
+        if busy && !stop.is_cancelled() && batch_size > 1 {
             let until = tokio::time::Instant::now() + window;
             while batch.len() < batch_size {
                 tokio::select! {
@@ -1332,16 +1321,10 @@ async fn deliver(
                 continue;
             }
             run.push(q.text);
-            while let Some(next) = pushes
-                .next_if(|n| n.history.is_none() && n.remote == q.remote && n.target == q.target)
-            {
+            while let Some(next) = pushes.next_if(|n| n.history.is_none() && n.target == q.target) {
                 run.push(next.text);
             }
-            reached += if q.remote {
-                hub.queue_here(&q.target, &run, true)
-            } else {
-                hub.deliver_run(&q.target, &run)
-            } as i64;
+            reached += hub.deliver_run(&q.target, &run) as i64;
             run.clear();
         }
         last = Some(tokio::time::Instant::now());

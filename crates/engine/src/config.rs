@@ -438,6 +438,9 @@ pub struct ClusterConfig {
     /// Cross-node messages waiting to be sent to Redis; past this they are
     /// counted as lost.
     pub publish_queue: usize,
+    /// Messages from other nodes waiting to be handed out here; while it
+    /// is full the node reads no further from Redis.
+    pub receive_queue: usize,
     /// Most messages sent to Redis in one pipeline.
     pub publish_batch: usize,
     /// Whether a node starts when Redis is unreachable.
@@ -457,6 +460,7 @@ impl Default for ClusterConfig {
             call_timeout_ms: 1_000,
             probe_interval_ms: 1_000,
             publish_queue: 100_000,
+            receive_queue: 10_000,
             publish_batch: 512,
             startup: ClusterStartup::Degraded,
             degraded_status: 503,
@@ -1229,6 +1233,12 @@ impl Config {
             (
                 "cluster.publish_queue",
                 n(self.cluster.publish_queue),
+                1,
+                10_000_000,
+            ),
+            (
+                "cluster.receive_queue",
+                n(self.cluster.receive_queue),
                 1,
                 10_000_000,
             ),

@@ -446,6 +446,8 @@ pub struct ClusterMetrics {
     pub published: Counter,
     /// Messages received from other nodes.
     pub received: Counter,
+    /// Messages from other nodes waiting to be handed out.
+    pub receive_queued: Gauge,
     lost: [Counter; 2],
     /// Times the subscriber connection was (re)established.
     pub connects: Counter,
@@ -508,6 +510,11 @@ impl ClusterMetrics {
                 reg,
                 "cluster_received",
                 "Messages received from other nodes",
+            ),
+            receive_queued: gauge(
+                reg,
+                "cluster_receive_queued",
+                "Messages from other nodes waiting to be handed out",
             ),
             lost: [LostReason::QueueFull, LostReason::RedisError]
                 .map(|reason| lost.get_or_create_owned(&LostLabels { reason })),

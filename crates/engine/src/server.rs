@@ -639,6 +639,7 @@ impl Builder {
             let bp = RedisBackplane::new(
                 c.clone(),
                 config.cluster.publish_queue,
+                config.cluster.receive_queue,
                 config.cluster.publish_batch,
                 config.history.meta_ttl_s,
             );

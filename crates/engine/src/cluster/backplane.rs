@@ -15,12 +15,14 @@
 //! batches. After every (re)connect it subscribes again from the hub's own
 //! state, and every `cluster.probe_interval_ms` it publishes a probe to
 //! itself over the command connection: a probe that does not come back
-//! through the subscriber within the interval, with nothing else coming
-//! through it either, means the subscription is dead even if the socket
-//! looks alive (a failover, a proxy), and the subscriber reconnects (a
-//! probe behind a burst still being handed out is late, not lost).
-//! `gale_cluster_up` and `/healthz` follow. What other nodes send is
-//! queued for the hub's delivery task (`Hub::deliver_remote`).
+//! through the subscriber within the interval means the subscription is dead even if the socket
+//! looks alive (a failover, a proxy), and the subscriber reconnects.
+//! `gale_cluster_up` and `/healthz` follow. What other nodes send (pushes
+//! and commands) the subscriber queues (bounded: `cluster.receive_queue`;
+//! full means it reads no further until there is room, and a probe
+//! behind what it has not read yet is late, not lost) for one task that
+//! hands it out in order, the pushes to one target that came together as
+//! one run (`Hub::deliver_remote`).
 //!
 //! Commands every node runs (`control`) go out on `P:ctl`, each
 //! `{"id", "cmd"}` behind the sender's node id; every other node runs it
@@ -84,6 +86,18 @@ enum Outgoing {
     },
 }
 
+/// What came from other nodes, handed out by one task in the order it
+/// came.
+enum Inbound {
+    /// A push for this node's recipients of the target.
+    Push(Target, Prepared),
+    /// A command every node runs, its payload as it came.
+    Command(Vec<u8>),
+}
+
+/// Most messages from other nodes handed out at a time.
+const HAND_OUT_BATCH: usize = 256;
+
 /// The cluster's [`Backplane`].
 pub struct RedisBackplane {
     cluster: Arc<Cluster>,
@@ -91,6 +105,8 @@ pub struct RedisBackplane {
     changed: Notify,
     out: mpsc::Sender<Outgoing>,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
+    inbound: mpsc::Sender<Inbound>,
+    inbound_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
     batch: usize,
     /// `history.meta_ttl_s`.
     meta_ttl_s: u64,
@@ -129,19 +145,25 @@ impl std::fmt::Debug for RedisBackplane {
 
 impl RedisBackplane {
     /// A backplane over `cluster`; [`RedisBackplane::attach`] starts it.
+    /// `queue` and `receive_queue` bound the messages waiting to go to
+    /// Redis and to be handed out here.
     pub fn new(
         cluster: Arc<Cluster>,
         queue: usize,
+        receive_queue: usize,
         batch: usize,
         meta_ttl_s: u64,
     ) -> Arc<RedisBackplane> {
         let (out, rx) = mpsc::channel(queue.max(1));
+        let (inbound, inbound_rx) = mpsc::channel(receive_queue.max(1));
         Arc::new(RedisBackplane {
             cluster,
             interest: Mutex::new(Interest::default()),
             changed: Notify::new(),
             out,
             out_rx: Mutex::new(Some(rx)),
+            inbound,
+            inbound_rx: Mutex::new(Some(inbound_rx)),
             batch: batch.max(1),
             meta_ttl_s,
             requested: AtomicU64::new(0),
@@ -218,12 +240,26 @@ impl RedisBackplane {
         }
     }
 
-    /// Starts the publisher and the subscriber for `hub`; they stop at
-    /// `stop`. Call once.
+    /// Starts the publisher, the subscriber and the task that hands out
+    /// what the subscriber receives, for `hub`; they stop at `stop`. Call
+    /// once.
     pub fn attach(self: &Arc<Self>, hub: &Arc<Hub>, stop: CancellationToken) {
         let rx = self.out_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(rx) = rx {
             tokio::spawn(publish(self.clone(), rx, stop.clone()));
+        }
+        let rx = self
+            .inbound_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            tokio::spawn(hand_out(
+                self.clone(),
+                Arc::downgrade(hub),
+                rx,
+                stop.clone(),
+            ));
         }
         tokio::spawn(subscribe(self.clone(), Arc::downgrade(hub), stop));
     }
@@ -486,6 +522,9 @@ enum Ended {
 async fn subscribe(bp: Arc<RedisBackplane>, hub: Weak<Hub>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut seed = 0usize;
+    // A message received and not yet queued (the queue was full): kept
+    // across reconnects.
+    let mut pending = None;
     loop {
         let (url, client) = &bp.cluster.sub_clients[seed % bp.cluster.sub_clients.len()];
         let connected = tokio::select! {
@@ -511,7 +550,7 @@ async fn subscribe(bp: Arc<RedisBackplane>, hub: Weak<Hub>, stop: CancellationTo
                 continue;
             }
         };
-        match session(&bp, &hub, pubsub, &stop).await {
+        match session(&bp, &hub, pubsub, &stop, &mut pending).await {
             Ended::Stopped => break,
             Ended::Lost(why) => {
                 down(&bp, &why);
@@ -556,6 +595,7 @@ async fn session(
     hub: &Weak<Hub>,
     pubsub: redis::aio::PubSub,
     stop: &CancellationToken,
+    pending: &mut Option<Inbound>,
 ) -> Ended {
     let (mut sink, mut stream) = pubsub.split();
     let metrics = &bp.cluster.metrics;
@@ -601,19 +641,27 @@ async fn session(
     let mut nonce: u64 = 0;
     // The probe sent and not yet seen back, with when it was sent.
     let mut waiting: Option<(u64, Instant)> = None;
-    // When anything last came through the subscription: a probe behind
-    // pushes still being handed out is late, not lost, while they come.
-    let mut heard = Instant::now();
     let mut tick = tokio::time::interval(bp.cluster.probe_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ended::Stopped,
-            msg = stream.next() => {
+            room = bp.inbound.reserve(), if pending.is_some() => {
+                let Ok(room) = room else { return Ended::Stopped };
+                if let Some(item) = pending.take() {
+                    metrics.receive_queued.inc();
+                    room.send(item);
+                }
+                // Not read meanwhile, by choice: the probe's wait starts
+                // over.
+                if let Some((nonce, _)) = waiting {
+                    waiting = Some((nonce, Instant::now()));
+                }
+            }
+            msg = stream.next(), if pending.is_none() => {
                 let Some(msg) = msg else {
                     return Ended::Lost("subscriber connection closed".to_owned());
                 };
-                heard = Instant::now();
                 let channel = msg.get_channel_name();
                 if channel == probe {
                     let seen = std::str::from_utf8(msg.get_payload_bytes())
@@ -628,13 +676,27 @@ async fn session(
                     }
                     continue;
                 }
-                let Some(hub) = hub.upgrade() else { return Ended::Stopped };
-                if channel == fixed[2] {
-                    bp.on_command(&hub, msg.get_payload_bytes());
+                let item = if channel == fixed[2] {
+                    Inbound::Command(msg.get_payload_bytes().to_vec())
                 } else if channel == fixed[3] {
                     bp.on_answer(msg.get_payload_bytes());
+                    continue;
+                } else if let Some(push) = received(bp, channel, msg.get_payload_bytes()) {
+                    push
                 } else {
-                    deliver(bp, &hub, channel, msg.get_payload_bytes()).await;
+                    continue;
+                };
+                metrics.receive_queued.inc();
+                match bp.inbound.try_send(item) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        metrics.receive_queued.dec();
+                        *pending = Some(item);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        metrics.receive_queued.dec();
+                        return Ended::Stopped;
+                    }
                 }
             }
             () = bp.changed.notified() => {
@@ -645,9 +707,9 @@ async fn session(
             }
             _ = tick.tick() => {
                 if let Some((_, sent)) = waiting {
-                    if sent.elapsed() >= bp.cluster.probe_every
-                        && heard.elapsed() >= bp.cluster.probe_every
-                    {
+                    // Behind what this node is not reading yet (its
+                    // receive queue is full), a probe is late, not lost.
+                    if pending.is_none() && sent.elapsed() >= bp.cluster.probe_every {
                         metrics.probe_failures.inc();
                         return Ended::Lost("probe did not come back".to_owned());
                     }
@@ -680,22 +742,65 @@ async fn session(
     }
 }
 
-/// Hands a message from another node to the hub.
-async fn deliver(bp: &RedisBackplane, hub: &Hub, channel: &str, payload: &[u8]) {
-    let Some(cut) = payload.iter().position(|&b| b == b'\n') else {
-        return;
-    };
+/// A push from another node, for this node's recipients; `None` for this
+/// node's own (delivered here when it was sent) and what is not gale's.
+fn received(bp: &RedisBackplane, channel: &str, payload: &[u8]) -> Option<Inbound> {
+    let cut = payload.iter().position(|&b| b == b'\n')?;
     let (origin, text) = (&payload[..cut], &payload[cut + 1..]);
     if origin == bp.cluster.node_id.as_bytes() {
-        // Delivered here when it was sent.
-        return;
+        return None;
     }
     let (Some(target), Ok(text)) = (bp.target(channel), std::str::from_utf8(text)) else {
         tracing::debug!(channel, "cluster: message not for gale, ignored");
-        return;
+        return None;
     };
     bp.cluster.metrics.received.inc();
-    hub.deliver_remote(target, Prepared::new(text)).await;
+    Some(Inbound::Push(target, Prepared::new(text)))
+}
+
+/// Hands what other nodes sent to the hub, in the order it came: the
+/// pushes to one target that came one after another as one run (each
+/// connection's share of them written at once), a command in its place
+/// between them, so that it acts after the pushes sent before it. At
+/// `stop`, hands out what is queued, then ends.
+async fn hand_out(
+    bp: Arc<RedisBackplane>,
+    hub: Weak<Hub>,
+    mut rx: mpsc::Receiver<Inbound>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(HAND_OUT_BATCH);
+    let mut run = Vec::new();
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, HAND_OUT_BATCH) => n,
+            () = stop.cancelled() => {
+                rx.close();
+                rx.recv_many(&mut batch, HAND_OUT_BATCH).await
+            }
+        };
+        if n == 0 {
+            return;
+        }
+        bp.cluster.metrics.receive_queued.dec_by(n as i64);
+        let Some(hub) = hub.upgrade() else { return };
+        let mut items = batch.drain(..).peekable();
+        while let Some(item) = items.next() {
+            match item {
+                Inbound::Command(payload) => bp.on_command(&hub, &payload),
+                Inbound::Push(target, text) => {
+                    run.push(text);
+                    while let Some(Inbound::Push(_, next)) =
+                        items.next_if(|i| matches!(i, Inbound::Push(t, _) if *t == target))
+                    {
+                        run.push(next);
+                    }
+                    hub.deliver_remote(&target, &run);
+                    run.clear();
+                }
+            }
+        }
+    }
 }
 
 /// Applies the interest changes reported since the last call.
