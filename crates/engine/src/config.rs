@@ -438,8 +438,8 @@ pub struct ClusterConfig {
     /// Cross-node messages waiting to be sent to Redis; past this they are
     /// counted as lost.
     pub publish_queue: usize,
-    /// Messages from other nodes waiting to be handed out here; while it
-    /// is full the node reads no further from Redis.
+    /// Messages from other nodes waiting to be handed out here; past this
+    /// they are counted as lost.
     pub receive_queue: usize,
     /// Most messages sent to Redis in one pipeline.
     pub publish_batch: usize,

@@ -248,6 +248,9 @@ pub enum LostReason {
     QueueFull,
     /// Redis did not take it (unreachable, error, deadline).
     RedisError,
+    /// From another node: the queue of what waits to be handed out here
+    /// was full.
+    ReceiveQueueFull,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -448,7 +451,7 @@ pub struct ClusterMetrics {
     pub received: Counter,
     /// Messages from other nodes waiting to be handed out.
     pub receive_queued: Gauge,
-    lost: [Counter; 2],
+    lost: [Counter; 3],
     /// Times the subscriber connection was (re)established.
     pub connects: Counter,
     /// Channels subscribed now.
@@ -516,8 +519,12 @@ impl ClusterMetrics {
                 "cluster_receive_queued",
                 "Messages from other nodes waiting to be handed out",
             ),
-            lost: [LostReason::QueueFull, LostReason::RedisError]
-                .map(|reason| lost.get_or_create_owned(&LostLabels { reason })),
+            lost: [
+                LostReason::QueueFull,
+                LostReason::RedisError,
+                LostReason::ReceiveQueueFull,
+            ]
+            .map(|reason| lost.get_or_create_owned(&LostLabels { reason })),
             connects: counter(
                 reg,
                 "cluster_subscriber_connects",

@@ -17,12 +17,11 @@
 //! itself over the command connection: a probe that does not come back
 //! through the subscriber within the interval means the subscription is dead even if the socket
 //! looks alive (a failover, a proxy), and the subscriber reconnects.
-//! `gale_cluster_up` and `/healthz` follow. What other nodes send (pushes
-//! and commands) the subscriber queues (bounded: `cluster.receive_queue`;
-//! full means it reads no further until there is room, and a probe
-//! behind what it has not read yet is late, not lost) for one task that
-//! hands it out in order, the pushes to one target that came together as
-//! one run (`Hub::deliver_remote`).
+//! `gale_cluster_up` and `/healthz` follow. The subscriber only reads:
+//! what other nodes send (pushes and commands) it queues (bounded:
+//! `cluster.receive_queue`; full means lost and counted) for one task
+//! that hands it out in order, the pushes to one target that came
+//! together as one run (`Hub::deliver_remote`).
 //!
 //! Commands every node runs (`control`) go out on `P:ctl`, each
 //! `{"id", "cmd"}` behind the sender's node id; every other node runs it
@@ -522,9 +521,6 @@ enum Ended {
 async fn subscribe(bp: Arc<RedisBackplane>, hub: Weak<Hub>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     let mut seed = 0usize;
-    // A message received and not yet queued (the queue was full): kept
-    // across reconnects.
-    let mut pending = None;
     loop {
         let (url, client) = &bp.cluster.sub_clients[seed % bp.cluster.sub_clients.len()];
         let connected = tokio::select! {
@@ -550,7 +546,7 @@ async fn subscribe(bp: Arc<RedisBackplane>, hub: Weak<Hub>, stop: CancellationTo
                 continue;
             }
         };
-        match session(&bp, &hub, pubsub, &stop, &mut pending).await {
+        match session(&bp, &hub, pubsub, &stop).await {
             Ended::Stopped => break,
             Ended::Lost(why) => {
                 down(&bp, &why);
@@ -595,7 +591,6 @@ async fn session(
     hub: &Weak<Hub>,
     pubsub: redis::aio::PubSub,
     stop: &CancellationToken,
-    pending: &mut Option<Inbound>,
 ) -> Ended {
     let (mut sink, mut stream) = pubsub.split();
     let metrics = &bp.cluster.metrics;
@@ -646,19 +641,7 @@ async fn session(
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ended::Stopped,
-            room = bp.inbound.reserve(), if pending.is_some() => {
-                let Ok(room) = room else { return Ended::Stopped };
-                if let Some(item) = pending.take() {
-                    metrics.receive_queued.inc();
-                    room.send(item);
-                }
-                // Not read meanwhile, by choice: the probe's wait starts
-                // over.
-                if let Some((nonce, _)) = waiting {
-                    waiting = Some((nonce, Instant::now()));
-                }
-            }
-            msg = stream.next(), if pending.is_none() => {
+            msg = stream.next() => {
                 let Some(msg) = msg else {
                     return Ended::Lost("subscriber connection closed".to_owned());
                 };
@@ -686,17 +669,13 @@ async fn session(
                 } else {
                     continue;
                 };
+                // Read on whatever happens to it: the Redis client buffers
+                // what is not read without a bound, so this queue is the
+                // bound, and a probe behind unread messages would be late.
                 metrics.receive_queued.inc();
-                match bp.inbound.try_send(item) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(item)) => {
-                        metrics.receive_queued.dec();
-                        *pending = Some(item);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        metrics.receive_queued.dec();
-                        return Ended::Stopped;
-                    }
+                if bp.inbound.try_send(item).is_err() {
+                    metrics.receive_queued.dec();
+                    metrics.lost(LostReason::ReceiveQueueFull).inc();
                 }
             }
             () = bp.changed.notified() => {
@@ -707,9 +686,7 @@ async fn session(
             }
             _ = tick.tick() => {
                 if let Some((_, sent)) = waiting {
-                    // Behind what this node is not reading yet (its
-                    // receive queue is full), a probe is late, not lost.
-                    if pending.is_none() && sent.elapsed() >= bp.cluster.probe_every {
+                    if sent.elapsed() >= bp.cluster.probe_every {
                         metrics.probe_failures.inc();
                         return Ended::Lost("probe did not come back".to_owned());
                     }
