@@ -140,6 +140,33 @@ async fn a_user_push_reaches_their_connections_on_every_node_once() {
     assert_eq!(c.sample("gale_cluster_received_total").await, 0.0);
 }
 
+/// `n` clients of `node` subscribed to "burst", once the node has
+/// subscribed to its channel and is up.
+async fn burst_subscribers(node: &TestServer, n: usize) -> Vec<Client> {
+    let mut subs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = node.client().await;
+        c.subscribe("burst").await;
+        subs.push(c);
+    }
+    wait_channels(node, 1).await;
+    node.wait_sample("gale_cluster_up", 1.0).await;
+    subs
+}
+
+/// Publishes pushes 0..n to "burst" through `node` in one request, so
+/// they leave it back to back.
+async fn publish_burst(node: &TestServer, n: usize) {
+    let commands: Vec<Value> = (0..n)
+        .map(
+            |i| json!({"method": "publish", "params": {"event": "e", "topic": "burst", "data": i}}),
+        )
+        .collect();
+    let body = json!({ "commands": commands }).to_string();
+    let (status, reply) = common::api_post(node.addr, Some(API_KEY), "batch", &body).await;
+    assert_eq!(status, 200, "{reply}");
+}
+
 /// A burst from another node that takes the receiving node longer to hand
 /// out than its probe interval: its subscriber reads on meanwhile, so the
 /// probe is not held up behind the burst; the node stays subscribed and
@@ -154,25 +181,10 @@ async fn a_burst_longer_than_the_probe_interval_arrives_whole() {
     let redis = private.url();
     let a = node(&redis, &p, "a", &up).await;
     let b = node_with(&redis, &p, "b", &up, |c| c.cluster.probe_interval_ms = 200).await;
-    let mut subs = Vec::with_capacity(SUBS);
-    for _ in 0..SUBS {
-        let mut c = b.client().await;
-        c.subscribe("burst").await;
-        subs.push(c);
-    }
-    wait_channels(&b, 1).await;
-    b.wait_sample("gale_cluster_up", 1.0).await;
+    let mut subs = burst_subscribers(&b, SUBS).await;
     let connects = b.sample("gale_cluster_subscriber_connects_total").await;
     let failures = b.sample("gale_cluster_probe_failures_total").await;
-    // One request, so the pushes leave a back to back.
-    let commands: Vec<Value> = (0..PUSHES)
-        .map(
-            |i| json!({"method": "publish", "params": {"event": "e", "topic": "burst", "data": i}}),
-        )
-        .collect();
-    let body = json!({ "commands": commands }).to_string();
-    let (status, reply) = common::api_post(a.addr, Some(API_KEY), "batch", &body).await;
-    assert_eq!(status, 200, "{reply}");
+    publish_burst(&a, PUSHES).await;
     for c in &mut subs {
         for i in 0..PUSHES {
             assert_eq!(c.next_push().await["data"], i, "in order");
@@ -202,25 +214,11 @@ async fn a_full_receive_queue_loses_counted_pushes_and_the_rest_arrive_in_order(
     let redis = private.url();
     let a = node(&redis, &p, "a", &up).await;
     let b = node_with(&redis, &p, "b", &up, |c| c.cluster.receive_queue = 1).await;
-    let mut subs = Vec::with_capacity(SUBS);
-    for _ in 0..SUBS {
-        let mut c = b.client().await;
-        c.subscribe("burst").await;
-        subs.push(c);
-    }
-    wait_channels(&b, 1).await;
-    b.wait_sample("gale_cluster_up", 1.0).await;
+    let mut subs = burst_subscribers(&b, SUBS).await;
     let connects = b.sample("gale_cluster_subscriber_connects_total").await;
     let received = b.sample("gale_cluster_received_total").await;
     let lost = r#"gale_cluster_lost_total{reason="ReceiveQueueFull"}"#;
-    let commands: Vec<Value> = (0..PUSHES)
-        .map(
-            |i| json!({"method": "publish", "params": {"event": "e", "topic": "burst", "data": i}}),
-        )
-        .collect();
-    let body = json!({ "commands": commands }).to_string();
-    let (status, reply) = common::api_post(a.addr, Some(API_KEY), "batch", &body).await;
-    assert_eq!(status, 200, "{reply}");
+    publish_burst(&a, PUSHES).await;
     b.wait_sample("gale_cluster_received_total", received + PUSHES as f64)
         .await;
     b.wait_sample("gale_cluster_receive_queued", 0.0).await;
