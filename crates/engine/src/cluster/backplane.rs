@@ -15,13 +15,13 @@
 //! batches. After every (re)connect it subscribes again from the hub's own
 //! state, and every `cluster.probe_interval_ms` it publishes a probe to
 //! itself over the command connection: a probe that does not come back
-//! through the subscriber within the interval means the subscription is dead even if the socket
-//! looks alive (a failover, a proxy), and the subscriber reconnects.
-//! `gale_cluster_up` and `/healthz` follow. The subscriber only reads:
-//! what other nodes send (pushes and commands) it queues (bounded:
-//! `cluster.receive_queue`; full means lost and counted) for one task
-//! that hands it out in order, the pushes to one target that came
-//! together as one run (`Hub::deliver_remote`).
+//! through the subscriber within the interval means the subscription is
+//! dead even if the socket looks alive (a failover, a proxy), and the
+//! subscriber reconnects. `gale_cluster_up` and `/healthz` follow. The
+//! subscriber only reads: what other nodes send (pushes and commands) it
+//! queues (bounded: `cluster.receive_queue`; full means lost and counted)
+//! for one task that hands it out in order, the pushes to one target that
+//! came together as one run (`Hub::deliver_remote`).
 //!
 //! Commands every node runs (`control`) go out on `P:ctl`, each
 //! `{"id", "cmd"}` behind the sender's node id; every other node runs it
