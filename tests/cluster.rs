@@ -261,12 +261,8 @@ async fn topic_and_everyone_pushes_cross_nodes_and_only_subscribed_nodes_receive
     let mut on_a = a.client().await;
     let mut on_b = b.client().await;
     let mut plain_b = b.client().await;
-    for (cl, r) in [(&mut on_a, "s1"), (&mut on_b, "s2")] {
-        let reply = cl
-            .request("topic.subscribe", json!({"topic": "news"}), r)
-            .await;
-        assert_eq!(reply["ok"], true, "{reply}");
-    }
+    on_a.subscribe("news").await;
+    on_b.subscribe("news").await;
     wait_channels(&a, 1).await;
     wait_channels(&b, 1).await;
 
@@ -631,10 +627,7 @@ async fn a_subscriber_killed_by_redis_is_resubscribed_within_seconds() {
     let a = node(&redis.url(), &p, "a", &up).await;
     let b = node(&redis.url(), &p, "b", &up).await;
     let mut on_b = b.client().await;
-    let r = on_b
-        .request("topic.subscribe", json!({"topic": "t1"}), "s")
-        .await;
-    assert_eq!(r["ok"], true);
+    on_b.subscribe("t1").await;
     let _frank = user(&b, "frank").await;
     wait_channels(&b, 2).await;
     assert_eq!(
@@ -814,10 +807,7 @@ async fn nodes_work_over_a_three_master_redis_cluster() {
     // User push and topic push across nodes.
     let mut hal_a = user(&a, "hal").await;
     let mut hal_b = user(&b, "hal").await;
-    let r = hal_b
-        .request("topic.subscribe", json!({"topic": "ops"}), "s")
-        .await;
-    assert_eq!(r["ok"], true);
+    hal_b.subscribe("ops").await;
     wait_channels(&b, 2).await;
     publish(&a, Some(API_KEY), r#"{"event":"x","users":["hal"]}"#).await;
     assert_eq!(hal_a.next_push().await["event"], "x");

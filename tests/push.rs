@@ -93,10 +93,7 @@ async fn topics_subscribe_unsubscribe_and_end_with_the_connection_on(backplane: 
     let server = start_with(|c| backplane.configure(c)).await;
     let mut a = server.client().await;
     let mut b = server.client().await;
-    let r = a
-        .request("topic.subscribe", json!({"topic": "news"}), "s")
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    a.subscribe("news").await;
 
     let (_, body) = publish(
         &server,
@@ -163,13 +160,6 @@ async fn broadcast_reaches_everyone_with_the_same_bytes_on(backplane: Backplane)
     }
 }
 
-async fn subscribe_room(c: &mut Client) {
-    let r = c
-        .request("topic.subscribe", json!({"topic": "room"}), "s")
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
-}
-
 /// Delivery reuses a topic's (and everyone's) list of recipients between
 /// publications: every join and leave in between must still change who
 /// receives the next one.
@@ -179,14 +169,14 @@ async fn who_receives_follows_each_change_between_publications_on(backplane: Bac
     let to_all = r#"{"event":"all","broadcast":true}"#;
     let mut a = server.client().await;
     let mut b = server.client().await;
-    subscribe_room(&mut a).await;
+    a.subscribe("room").await;
     for _ in 0..2 {
         assert_eq!(publish(&server, Some(API_KEY), to_topic).await.0, 200);
         assert_eq!(a.next_push().await["event"], "t");
     }
     quiet(&mut b).await;
 
-    subscribe_room(&mut b).await;
+    b.subscribe("room").await;
     publish(&server, Some(API_KEY), to_topic).await;
     assert_eq!(a.next_push().await["event"], "t");
     assert_eq!(
