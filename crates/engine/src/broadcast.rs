@@ -11,9 +11,10 @@
 //! delivers a broadcast that finds the server quiet at once; under load it
 //! takes up to `batch_size` messages, or what arrives within
 //! `batch_window_ms` of the first, and delivers them together, so a burst
-//! costs each connection one write. A full queue drops the message and
-//! counts it. [`Hub::send_now`] delivers at once (replies to a handler's
-//! own action).
+//! costs each connection one write. A batch it wrote whole into idle
+//! sockets itself is no load: what came meanwhile goes next, unwaited.
+//! A full queue drops the message and counts it. [`Hub::send_now`]
+//! delivers at once (replies to a handler's own action).
 //!
 //! Every push is also handed to the hub's [`Backplane`]: on a single node
 //! that does nothing; in cluster mode it carries the encoded push to the
@@ -1260,7 +1261,10 @@ impl Hub {
 /// last batch out less than a window ago, or a quarter of the last
 /// batch's fan-out still waiting in the outboxes (its connections are
 /// busy writing, and a publisher sharing the CPU with them is slowed, so
-/// the queue alone would look quiet).
+/// the queue alone would look quiet). A batch written whole by this task
+/// into idle sockets is no load: publications sent meanwhile wait in the
+/// queue and go together next, and waiting for more would only delay
+/// them.
 async fn deliver(
     hub: std::sync::Weak<Hub>,
     mut rx: mpsc::Receiver<Queued>,
@@ -1275,6 +1279,10 @@ async fn deliver(
     // reached, and the outboxes' messages just before it.
     let mut last: Option<tokio::time::Instant> = None;
     let (mut reached, mut before) = (0_i64, 0_i64);
+    // Whether this task wrote every delivery of the last batch itself
+    // (another task writing into lent sockets meanwhile can make a batch
+    // look so: the next then goes without the window, as on a quiet server).
+    let mut written_here = false;
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
@@ -1287,9 +1295,10 @@ async fn deliver(
         batch.push(first);
         let Some(hub) = hub.upgrade() else { return };
         let queued_out = hub.metrics.outbound_queued.get();
-        let busy = !rx.is_empty()
-            || last.is_some_and(|at| at.elapsed() < window)
-            || (queued_out - before) * 4 > reached;
+        let busy = !written_here
+            && (!rx.is_empty()
+                || last.is_some_and(|at| at.elapsed() < window)
+                || (queued_out - before) * 4 > reached);
         if busy && !stop.is_cancelled() && batch_size > 1 {
             let until = tokio::time::Instant::now() + window;
             while batch.len() < batch_size {
@@ -1311,6 +1320,7 @@ async fn deliver(
         }
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
         before = hub.metrics.outbound_queued.get();
+        let direct = hub.metrics.outbound_direct.get();
         // Consecutive pushes to one target go to each connection together:
         // one lock and at most one wake-up per connection for the run.
         reached = 0;
@@ -1327,6 +1337,8 @@ async fn deliver(
             reached += hub.deliver_run(&q.target, &run) as i64;
             run.clear();
         }
+        written_here =
+            reached > 0 && hub.metrics.outbound_direct.get() - direct >= reached.unsigned_abs();
         last = Some(tokio::time::Instant::now());
     }
 }
