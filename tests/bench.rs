@@ -228,8 +228,10 @@ fn window_of_300_ms(c: &mut gale::config::Config) {
 #[tokio::test]
 async fn broadcast_counts_every_delivery_and_times_it_from_publish() {
     // The floor holds every batch for its window from the batch's first
-    // publication: a known floor under every latency the bench must
-    // report, timed from the publish and not from the connect.
+    // publication, so the first publication's deliveries come 300 ms or
+    // more after its stamp (those that join it wait less, by how late
+    // they were sent): a known floor under the latencies the bench must
+    // report, timed from the publish.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -242,9 +244,11 @@ async fn broadcast_counts_every_delivery_and_times_it_from_publish() {
         stop.clone(),
     ));
     let r = every_delivery(addr, 2, 20, 3, 0).await;
-    let (first, last) = (r.latency_ms(0.0), r.latency_ms(1.0));
-    assert!(first >= 290.0, "{first} ms behind a 300 ms window");
-    assert!(last < 1_000.0, "{last} ms behind a 300 ms window");
+    let last = r.latency_ms(1.0);
+    assert!(
+        (290.0..1_000.0).contains(&last),
+        "{last} ms behind a 300 ms window"
+    );
     stop.cancel();
     floor.await.expect("the floor stops");
 }
