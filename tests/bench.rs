@@ -225,13 +225,15 @@ fn window_of_300_ms(c: &mut gale::config::Config) {
     c.broadcast.batch_size = 1_000;
 }
 
-#[tokio::test]
-async fn broadcast_counts_every_delivery_and_times_it_from_publish() {
-    // The floor holds every batch for its window from the batch's first
-    // publication, so the first publication's deliveries come 300 ms or
-    // more after its stamp (those that join it wait less, by how late
-    // they were sent): a known floor under the latencies the bench must
-    // report, timed from the publish.
+/// `gale bench floor` on a free port, gathering bursts for `window`: its
+/// address, its stop and its task.
+async fn start_floor(
+    window: Duration,
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -239,10 +241,21 @@ async fn broadcast_counts_every_delivery_and_times_it_from_publish() {
     let stop = CancellationToken::new();
     let floor = tokio::spawn(gale::bench::floor::serve(
         listener,
-        Duration::from_millis(300),
+        window,
         256,
         stop.clone(),
     ));
+    (addr, stop, floor)
+}
+
+#[tokio::test]
+async fn broadcast_counts_every_delivery_and_times_it_from_publish() {
+    // The floor holds every batch for its window from the batch's first
+    // publication, so the first publication's deliveries come 300 ms or
+    // more after its stamp (those that join it wait less, by how late
+    // they were sent): a known floor under the latencies the bench must
+    // report, timed from the publish.
+    let (addr, stop, floor) = start_floor(Duration::from_millis(300)).await;
     let r = every_delivery(addr, 2, 20, 3, 0).await;
     let last = r.latency_ms(1.0);
     assert!(
@@ -281,17 +294,7 @@ async fn a_publication_that_finds_the_server_quiet_does_not_wait_for_the_window(
 async fn the_floor_serves_the_broadcast_scenario_as_gale_does() {
     // The same client, subscribe and publish as against gale; every
     // delivery counted and timed.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    let floor = tokio::spawn(gale::bench::floor::serve(
-        listener,
-        Duration::from_millis(2),
-        256,
-        stop.clone(),
-    ));
+    let (addr, stop, floor) = start_floor(Duration::from_millis(2)).await;
     every_delivery(addr, 1, 5, 4, 0).await;
     stop.cancel();
     floor.await.expect("the floor stops");
