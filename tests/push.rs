@@ -461,6 +461,63 @@ async fn pushes_to_idle_connections_are_written_at_once_in_order_between_replies
     assert_eq!(server.metric("outbound-queued").await, 0);
 }
 
+/// A push an idle socket took only part of is not written whole: the end
+/// of its frame waits for the connection's task. The publication after
+/// such a batch waits for the window, as after any batch left to the
+/// connections' tasks (when a begun frame counted as written, it went at
+/// once, alone, and the one after it waited instead).
+#[tokio::test]
+async fn a_push_a_socket_took_only_part_of_does_not_pass_for_one_written_whole() {
+    let server = start_with(|c| {
+        push_config(c);
+        c.broadcast.batch_window_ms = 300;
+        c.broadcast.batch_size = 1_000;
+        c.server.send_buffer_bytes = 16_384;
+    })
+    .await;
+    // A client whose kernel takes 4 KiB, and that reads nothing after
+    // subscribing; the server's send buffer 16 KiB.
+    let mut slow = common::raw::Raw::connect_small(server.addr, "/ws", 4096).await;
+    let sub = json!({"event": "topic.subscribe", "data": {"topic": "news"}, "ref": "s"});
+    slow.text(&sub.to_string()).await;
+    let (_, reply) = slow.next_json().await; // after the greeting
+    assert_eq!(reply["ok"], true, "{reply}");
+    // Idle: its task has lent the socket for pushes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let direct = server.sample("gale_outbound_direct_total").await;
+
+    // 900 KB into a socket that takes a few KiB: a frame begun, its end
+    // left to the task.
+    let big = json!({"event": "e", "topic": "news", "data": "x".repeat(900_000)}).to_string();
+    assert_eq!(publish(&server, Some(API_KEY), &big).await.0, 200);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric("pushes").await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "never handed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        server.sample("gale_outbound_direct_total").await - direct,
+        1.0,
+        "begun by the delivery task in the lent socket"
+    );
+
+    // Two more, one after the other, within the window of that batch.
+    let batches = server.sample("gale_broadcast_batch_count").await;
+    for d in ["a", "b"] {
+        let one = json!({"event": "e", "topic": "news", "data": d}).to_string();
+        assert_eq!(publish(&server, Some(API_KEY), &one).await.0, 200);
+    }
+    while server.metric("pushes").await < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "never handed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        server.sample("gale_broadcast_batch_count").await - batches,
+        1.0,
+        "a waited for the window and b joined it"
+    );
+}
+
 /// More subscribers than the fan-out from which the writes into idle
 /// sockets move the core's other tasks aside: every one gets every push,
 /// in order, written at once.

@@ -37,7 +37,7 @@ use uuid::Uuid;
 use crate::config::BroadcastConfig;
 use crate::history::{self, Memory, Policies, Recovery, Since};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Reach};
 use crate::protocol::push_json;
 use crate::router::Caller;
 use futures_util::future::BoxFuture;
@@ -1065,29 +1065,34 @@ impl Hub {
 
     /// Delivers one push to `target`'s connections here and forwards it
     /// to the other nodes'; on a topic with history, gives it its
-    /// position first. Returns the local connections it was queued for.
-    fn deliver(&self, target: &Target, text: &Prepared, history: Option<history::Policy>) -> usize {
+    /// position first. Returns the local connections it was queued for,
+    /// and how many of them got it written whole into their sockets here.
+    fn deliver(&self, target: &Target, text: &Prepared, history: Option<history::Policy>) -> Reach {
         let mut named = None;
         if let Target::Topic(topic) = target
             && let Some(policy) = history
         {
             if self.backplane.shares_history() {
                 if self.backplane.append(topic, policy, text) {
-                    // Positioned by Redis, delivered here as on every node.
-                    return self.reach(target);
+                    // Positioned by Redis, delivered here as on every node
+                    // (by the task that hands out what Redis sends).
+                    return Reach {
+                        reached: self.reach(target),
+                        written: 0,
+                    };
                 }
                 // Redis could not take it: pushed without a position,
                 // still naming its topic.
                 named = Some(Prepared::from(history::with_topic(text.as_str(), topic)));
             } else {
-                let mut reached = 0;
+                let mut reach = Reach::default();
                 self.memory.append(topic, policy, text, |positioned| {
                     // Under the history's lock (which keeps each topic's
                     // pushes in the order of their positions): queued
                     // for each connection's task, not written here.
-                    reached = self.queue_here(target, std::slice::from_ref(positioned), false);
+                    reach = self.queue_here(target, std::slice::from_ref(positioned), false);
                 });
-                return reached;
+                return reach;
             }
         }
         let text = named.as_ref().unwrap_or(text);
@@ -1096,19 +1101,21 @@ impl Hub {
 
     /// Delivers pushes without history to `target`'s connections here,
     /// in order, each connection's share queued at once, and forwards
-    /// each to the other nodes'. Returns how many deliveries were queued.
-    fn deliver_run(&self, target: &Target, texts: &[Prepared]) -> usize {
-        let reached = self.queue_here(target, texts, true);
+    /// each to the other nodes'. Returns how many deliveries were queued
+    /// or written, and how many of them were written here.
+    fn deliver_run(&self, target: &Target, texts: &[Prepared]) -> Reach {
+        let reach = self.queue_here(target, texts, true);
         for text in texts {
             self.backplane.forward(target, text);
         }
-        reached
+        reach
     }
 
     /// Queues `texts` for `target`'s connections on this node only (with
     /// `write_now`, written at once into idle ones: `Outbox::lend`);
-    /// returns how many deliveries were queued or written.
-    fn queue_here(&self, target: &Target, texts: &[Prepared], write_now: bool) -> usize {
+    /// returns how many deliveries were queued or written, and how many
+    /// of those were written whole here.
+    fn queue_here(&self, target: &Target, texts: &[Prepared], write_now: bool) -> Reach {
         let to = self.lock().recipients(target);
         // Idle connections' shares are written here, socket after socket
         // (`Outbox::lend`), by whoever delivers: the delivery task, a
@@ -1128,7 +1135,7 @@ impl Hub {
         target: &Target,
         texts: &[Prepared],
         write_now: bool,
-    ) -> usize {
+    ) -> Reach {
         if to.len() < JOIN_RECIPIENTS {
             return Outbox::push_each(to, texts, &self.metrics, write_now);
         }
@@ -1151,12 +1158,12 @@ impl Hub {
             None if texts.len() > 1 => (Run::new(texts), 0),
             None => return Outbox::push_each(to, texts, &self.metrics, write_now),
         };
-        let reached = Outbox::push_run(to, &run, from, &self.metrics, write_now);
+        let reach = Outbox::push_run(to, &run, from, &self.metrics, write_now);
         // Kept for the next run, unless it can carry no more.
         if run.depth() < MAX_RUN_DEPTH && run.bytes() < MAX_RUN_BYTES {
             *self.open_run() = Some((target.clone(), run));
         }
-        reached
+        reach
     }
 
     fn open_run(&self) -> std::sync::MutexGuard<'_, Option<(Target, Run)>> {
@@ -1170,7 +1177,7 @@ impl Hub {
     /// [`HubError::TooLarge`] when the push could not be sent to anyone.
     pub fn send_now(&self, target: &Target, event: &str, data: &Value) -> Result<usize, HubError> {
         let (text, history) = self.encode(target, event, data)?;
-        Ok(self.deliver(target, &text, history))
+        Ok(self.deliver(target, &text, history).reached)
     }
 
     /// `topic`'s position and, given `since`, what was published after
@@ -1199,7 +1206,7 @@ impl Hub {
     /// full queue of this node's own publications does not hold them up.
     /// Returns how many deliveries were queued or written.
     pub fn deliver_remote(&self, target: &Target, texts: &[Prepared]) -> usize {
-        self.queue_here(target, texts, true)
+        self.queue_here(target, texts, true).reached
     }
 
     /// As [`Hub::publish`], for a publication from a client: the push
@@ -1261,10 +1268,11 @@ impl Hub {
 /// last batch out less than a window ago, or a quarter of the last
 /// batch's fan-out still waiting in the outboxes (its connections are
 /// busy writing, and a publisher sharing the CPU with them is slowed, so
-/// the queue alone would look quiet). A batch written whole by this task
-/// into idle sockets is no load: publications sent meanwhile wait in the
-/// queue and go together next, and waiting for more would only delay
-/// them.
+/// the queue alone would look quiet). A batch this task wrote whole into
+/// idle sockets itself (every delivery, counted by the outboxes it wrote
+/// into, not by the node's counter, which other writers move too) is no
+/// load: publications sent meanwhile wait in the queue and go together
+/// next, and waiting for more would only delay them.
 async fn deliver(
     hub: std::sync::Weak<Hub>,
     mut rx: mpsc::Receiver<Queued>,
@@ -1278,11 +1286,7 @@ async fn deliver(
     // When the last batch was handed out, how many connections it
     // reached, and the outboxes' messages just before it.
     let mut last: Option<tokio::time::Instant> = None;
-    let (mut reached, mut before) = (0_i64, 0_i64);
-    // Whether this task wrote every delivery of the last batch itself
-    // (another task writing into lent sockets meanwhile can make a batch
-    // look so: the next then goes without the window, as on a quiet server).
-    let mut written_here = false;
+    let (mut reach, mut before) = (Reach::default(), 0_i64);
     loop {
         let first = tokio::select! {
             m = rx.recv() => m,
@@ -1295,10 +1299,12 @@ async fn deliver(
         batch.push(first);
         let Some(hub) = hub.upgrade() else { return };
         let queued_out = hub.metrics.outbound_queued.get();
+        // Every delivery of the last batch written whole by this task.
+        let written_here = reach.reached > 0 && reach.written == reach.reached;
         let busy = !written_here
             && (!rx.is_empty()
                 || last.is_some_and(|at| at.elapsed() < window)
-                || (queued_out - before) * 4 > reached);
+                || (queued_out - before) * 4 > reach.reached as i64);
         if busy && !stop.is_cancelled() && batch_size > 1 {
             let until = tokio::time::Instant::now() + window;
             while batch.len() < batch_size {
@@ -1320,25 +1326,22 @@ async fn deliver(
         }
         hub.metrics.broadcast_batch.observe(batch.len() as f64);
         before = hub.metrics.outbound_queued.get();
-        let direct = hub.metrics.outbound_direct.get();
         // Consecutive pushes to one target go to each connection together:
         // one lock and at most one wake-up per connection for the run.
-        reached = 0;
+        reach = Reach::default();
         let mut pushes = batch.drain(..).peekable();
         while let Some(q) = pushes.next() {
             if q.history.is_some() {
-                reached += hub.deliver(&q.target, &q.text, q.history) as i64;
+                reach += hub.deliver(&q.target, &q.text, q.history);
                 continue;
             }
             run.push(q.text);
             while let Some(next) = pushes.next_if(|n| n.history.is_none() && n.target == q.target) {
                 run.push(next.text);
             }
-            reached += hub.deliver_run(&q.target, &run) as i64;
+            reach += hub.deliver_run(&q.target, &run);
             run.clear();
         }
-        written_here =
-            reached > 0 && hub.metrics.outbound_direct.get() - direct >= reached.unsigned_abs();
         last = Some(tokio::time::Instant::now());
     }
 }

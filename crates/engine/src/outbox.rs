@@ -187,14 +187,15 @@ impl State {
 
     /// With `n` bytes of `messages`' frames taken by a lent write: keeps
     /// the end of a frame it began aside (the task writes it first) and
-    /// returns how many messages are written or begun.
-    fn took(&mut self, messages: &[Prepared], n: usize) -> usize {
+    /// returns how many messages are written or begun, and how many of
+    /// those are written whole.
+    fn took(&mut self, messages: &[Prepared], n: usize) -> (usize, usize) {
         let (whole, rest) = Prepared::written(messages, n);
         if rest.is_empty() {
-            return whole;
+            return (whole, whole);
         }
         self.rest = Some(rest);
-        whole + 1
+        (whole + 1, whole)
     }
 
     /// Frees an empty queue's buffer past [`KEEP_CAPACITY`] slots.
@@ -203,6 +204,35 @@ impl State {
             self.queue = VecDeque::new();
         }
     }
+}
+
+/// What a push to many outboxes did: how many deliveries (each message
+/// to each connection) it queued or wrote, and how many of those the
+/// caller itself wrote whole into idle connections' sockets
+/// ([`Outbox::lend`]), none left for a connection's task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Deliveries queued or written.
+    pub reached: usize,
+    /// Of those, written whole by the caller.
+    pub written: usize,
+}
+
+impl std::ops::AddAssign for Reach {
+    fn add_assign(&mut self, other: Reach) {
+        self.reached += other.reached;
+        self.written += other.written;
+    }
+}
+
+/// What one outbox did with a push: queued or written, not added to the
+/// queue (refused, written, or queued in place of a dropped one), and
+/// written whole into the lent socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Pushed {
+    queued: usize,
+    not_added: usize,
+    written: usize,
 }
 
 /// The queue. Shared between the connection task and whoever sends to it.
@@ -259,15 +289,16 @@ impl Outbox {
         // Counted before it can be taken, as `push_each` does: the gauge
         // never reads below what is queued.
         self.metrics.outbound_queued.inc();
-        let (queued, not_added) = self.queue(std::slice::from_ref(&text), reply, true);
-        if not_added > 0 {
-            self.metrics.outbound_queued.dec_by(not_added as i64);
+        let pushed = self.queue(std::slice::from_ref(&text), reply, true);
+        if pushed.not_added > 0 {
+            self.metrics.outbound_queued.dec_by(pushed.not_added as i64);
         }
-        queued > 0
+        pushed.queued > 0
     }
 
     /// Queues `texts` (shared, not copied), in order, for each of
-    /// `outboxes`; returns how many messages were queued in all. Each
+    /// `outboxes`; returns how many messages were queued or written in
+    /// all, and how many of those were written whole here. Each
     /// outbox is locked and woken once for all of them, and the
     /// queued-messages gauge, which every core shares, moves twice per
     /// call rather than once per message: up by all of them first, so it
@@ -283,7 +314,7 @@ impl Outbox {
         texts: &[Prepared],
         metrics: &Metrics,
         write_now: bool,
-    ) -> usize {
+    ) -> Reach {
         Outbox::push_all(outboxes, texts.len(), metrics, |o| {
             o.queue(texts, false, write_now)
         })
@@ -297,7 +328,7 @@ impl Outbox {
         from: usize,
         metrics: &Metrics,
         write_now: bool,
-    ) -> usize {
+    ) -> Reach {
         let each = run.len().saturating_sub(from);
         Outbox::push_all(outboxes, each, metrics, |o| {
             o.queue_run(run, from, write_now)
@@ -308,37 +339,39 @@ impl Outbox {
         outboxes: &[Arc<Outbox>],
         each: usize,
         metrics: &Metrics,
-        queue: impl Fn(&Outbox) -> (usize, usize),
-    ) -> usize {
+        queue: impl Fn(&Outbox) -> Pushed,
+    ) -> Reach {
         let all = outboxes.len() * each;
         if all == 0 {
-            return 0;
+            return Reach::default();
         }
         metrics.outbound_queued.inc_by(all as i64);
-        let (mut reached, mut not_added) = (0_usize, 0_usize);
+        let (mut reach, mut not_added) = (Reach::default(), 0_usize);
         for o in outboxes {
-            let (queued, kept_out) = queue(o);
-            reached += queued;
-            not_added += kept_out;
+            let pushed = queue(o);
+            reach.reached += pushed.queued;
+            reach.written += pushed.written;
+            not_added += pushed.not_added;
         }
         if not_added > 0 {
             metrics.outbound_queued.dec_by(not_added as i64);
         }
-        metrics.pushes.inc_by(reached as u64);
-        reached
+        metrics.pushes.inc_by(reach.reached as u64);
+        reach
     }
 
     /// Queues `texts` under one lock and wakes the connection's task if
-    /// it was not already. Returns how many were queued and how many did
-    /// not add a message (refused, or queued in place of a dropped one):
-    /// the caller moves the gauge.
-    fn queue(&self, texts: &[Prepared], reply: bool, write_now: bool) -> (usize, usize) {
+    /// it was not already. Returns how many were queued (or written), how
+    /// many did not add a message (refused, written, or queued in place
+    /// of a dropped one: the caller moves the gauge) and how many were
+    /// written whole.
+    fn queue(&self, texts: &[Prepared], reply: bool, write_now: bool) -> Pushed {
         let mut st = self.lock();
         // Only the first message into an empty queue wakes the task: it
         // takes everything queued when it runs, and another wake-up would
         // only fight its core for the notifier's cache line.
         let was_empty = st.queue.is_empty();
-        let (mut queued, mut not_added, mut overflowed) = (0, 0, false);
+        let (mut queued, mut not_added, mut written, mut overflowed) = (0, 0, 0, false);
         let mut texts = texts;
         if write_now
             && st.lent.is_some()
@@ -351,12 +384,13 @@ impl Outbox {
                 *slot = IoSlice::new(t.frame());
             }
             if let Some(n) = st.write_lent(&slices[..texts.len()]) {
-                let whole = st.took(texts, n);
-                texts = &texts[whole..];
-                self.written(whole);
+                let (begun, whole) = st.took(texts, n);
+                texts = &texts[begun..];
+                self.written(begun);
                 // Written (or begun): reached, not left in the queue.
-                queued += whole;
-                not_added += whole;
+                queued += begun;
+                not_added += begun;
+                written = whole;
             }
         }
         // Room for the whole run at once, not grown message by message.
@@ -388,7 +422,11 @@ impl Outbox {
             queued += 1;
         }
         self.settle(st, was_empty, overflowed);
-        (queued, not_added)
+        Pushed {
+            queued,
+            not_added,
+            written,
+        }
     }
 
     /// After a push: ends a loan if anything is now left for the task
@@ -419,19 +457,21 @@ impl Outbox {
     /// `drop_oldest` drops the oldest pushes (the run's own first, if it
     /// is longer than the queue) and `close` queues none of it and marks a
     /// slow consumer.
-    fn queue_run(&self, run: &Run, from: usize, write_now: bool) -> (usize, usize) {
+    fn queue_run(&self, run: &Run, from: usize, write_now: bool) -> Pushed {
         let all = run.len().saturating_sub(from);
         let mut st = self.lock();
         if st.closed || st.overflowed || all == 0 {
-            return (0, all);
+            return Pushed {
+                not_added: all,
+                ..Pushed::default()
+            };
         }
         let was_empty = st.queue.is_empty();
-        let (mut from, mut written) = (from, 0);
+        let (mut from, mut begun, mut whole) = (from, 0, 0);
         if write_now && let Some(n) = st.write_lent(&[IoSlice::new(run.frames_from(from))]) {
-            let whole = st.took(run.messages().get(from..).unwrap_or_default(), n);
-            self.written(whole);
-            written = whole;
-            from += whole;
+            (begun, whole) = st.took(run.messages().get(from..).unwrap_or_default(), n);
+            self.written(begun);
+            from += begun;
         }
         let n = run.len().saturating_sub(from);
         let mut dropped = 0;
@@ -444,7 +484,11 @@ impl Outbox {
             if over > 0 && (self.policy == SlowConsumer::Close || full_of_replies()) {
                 st.overflowed = true;
                 self.settle(st, was_empty, true);
-                return (written, written + n);
+                return Pushed {
+                    queued: begun,
+                    not_added: begun + n,
+                    written: whole,
+                };
             }
             // Written only: reading the queue's last entry, a cache line
             // the connection's core touched last, cost more than all the
@@ -461,7 +505,11 @@ impl Outbox {
         self.settle(st, was_empty, false);
         // Every message went in or out; those written, and those dropped
         // for the rest, did not add one to the queue.
-        (all, written + dropped)
+        Pushed {
+            queued: all,
+            not_added: begun + dropped,
+            written: whole,
+        }
     }
 
     /// Lends the connection's `tcp` stream: while nothing is queued,
@@ -783,8 +831,12 @@ mod tests {
         full.push("old".into(), false);
         closed.close();
         let all = [open.clone(), full.clone(), closed.clone()];
-        let reached = Outbox::push_each(&all, &["new".into()], &m, true);
-        assert_eq!(reached, 2, "the closed one refused");
+        let reach = Outbox::push_each(&all, &["new".into()], &m, true);
+        let none_written = Reach {
+            reached: 2,
+            written: 0,
+        };
+        assert_eq!(reach, none_written, "the closed one refused; none lent");
         assert_eq!(m.pushes.get(), 2);
         assert_eq!(
             m.outbound_dropped.get(),
@@ -797,8 +849,9 @@ mod tests {
         assert_eq!(texts(&out), ["new"]);
         open.take(&mut Vec::new());
         assert_eq!(m.outbound_queued.get(), 0);
-        assert_eq!(Outbox::push_each(&[], &["x".into()], &m, true), 0);
-        assert_eq!(Outbox::push_each(&all, &[], &m, true), 0);
+        let nothing = Reach::default();
+        assert_eq!(Outbox::push_each(&[], &["x".into()], &m, true), nothing);
+        assert_eq!(Outbox::push_each(&all, &[], &m, true), nothing);
     }
 
     #[test]
@@ -809,7 +862,8 @@ mod tests {
         let strict = Arc::new(Outbox::new(2, SlowConsumer::Close, m.clone()));
         let run: Vec<Prepared> = ["a", "b", "c"].into_iter().map(Prepared::from).collect();
         let all = [roomy.clone(), small.clone(), strict.clone()];
-        assert_eq!(Outbox::push_each(&all, &run, &m, true), 3 + 3 + 2);
+        let reach = Outbox::push_each(&all, &run, &m, true);
+        assert_eq!(reach.reached, 3 + 3 + 2);
         assert_eq!(m.outbound_dropped.get(), 1, "small dropped a for c");
         assert_eq!(m.outbound_queued.get(), 3 + 2 + 2);
         let mut out = Vec::new();
@@ -832,9 +886,8 @@ mod tests {
         let a = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
         let b = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, m.clone()));
         a.push("r".into(), true);
-        let reached =
-            Outbox::push_run(&[a.clone(), b.clone()], &run(&["x", "y", "z"]), 0, &m, true);
-        assert_eq!(reached, 6);
+        let reach = Outbox::push_run(&[a.clone(), b.clone()], &run(&["x", "y", "z"]), 0, &m, true);
+        assert_eq!((reach.reached, reach.written), (6, 0));
         assert_eq!(m.pushes.get(), 6);
         assert_eq!(a.len(), 4);
         assert_eq!(a.lock().queue.len(), 2, "the reply and the run");
@@ -847,10 +900,15 @@ mod tests {
         assert_eq!(m.outbound_queued.get(), 0);
         assert_eq!(
             Outbox::push_run(&[b], &run(&["late"]), 0, &m, true),
-            0,
+            Reach::default(),
             "closed"
         );
         assert_eq!(m.outbound_queued.get(), 0);
+    }
+
+    /// Queued (or written), and not added to the queue.
+    fn counts(p: Pushed) -> (usize, usize) {
+        (p.queued, p.not_added)
     }
 
     #[test]
@@ -858,9 +916,13 @@ mod tests {
         let (o, m) = outbox(4, SlowConsumer::DropOldest);
         o.push("r1".into(), true);
         o.push("p1".into(), false);
-        assert_eq!(o.queue_run(&run(&["a", "b"]), 0, true), (2, 0), "it fits");
         assert_eq!(
-            o.queue_run(&run(&["c", "d"]), 0, true),
+            counts(o.queue_run(&run(&["a", "b"]), 0, true)),
+            (2, 0),
+            "it fits"
+        );
+        assert_eq!(
+            counts(o.queue_run(&run(&["c", "d"]), 0, true)),
             (2, 2),
             "p1 and a make room"
         );
@@ -873,7 +935,7 @@ mod tests {
         // Longer than the queue: its own first ones go, the last stay.
         let (o, _) = outbox(2, SlowConsumer::DropOldest);
         assert_eq!(
-            o.queue_run(&run(&["a", "b", "c", "d", "e"]), 0, true),
+            counts(o.queue_run(&run(&["a", "b", "c", "d", "e"]), 0, true)),
             (5, 3)
         );
         let mut out = Vec::new();
@@ -902,7 +964,7 @@ mod tests {
         m.outbound_queued.dec();
         let longer = Run::extend(&first, &["c".into()]);
         assert_eq!(
-            Outbox::push_run(&all, &longer, 2, &m, true),
+            Outbox::push_run(&all, &longer, 2, &m, true).reached,
             4,
             "c, to each"
         );
@@ -937,14 +999,14 @@ mod tests {
         let (o, m) = outbox(2, SlowConsumer::DropOldest);
         o.push("r1".into(), true);
         assert_eq!(
-            o.queue_run(&run(&["a", "b"]), 0, true),
+            counts(o.queue_run(&run(&["a", "b"]), 0, true)),
             (2, 1),
             "room for one: b drops a"
         );
         let (o, _) = outbox(2, SlowConsumer::DropOldest);
         o.push("r1".into(), true);
         o.push("r2".into(), true);
-        assert_eq!(o.queue_run(&run(&["a", "b"]), 0, true), (0, 2));
+        assert_eq!(counts(o.queue_run(&run(&["a", "b"]), 0, true)), (0, 2));
         assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
         assert_eq!(m.outbound_dropped.get(), 1);
     }
@@ -952,8 +1014,8 @@ mod tests {
     #[test]
     fn close_policy_refuses_a_run_that_does_not_fit() {
         let (o, m) = outbox(3, SlowConsumer::Close);
-        assert_eq!(o.queue_run(&run(&["a", "b"]), 0, true), (2, 0));
-        assert_eq!(o.queue_run(&run(&["c", "d"]), 0, true), (0, 2));
+        assert_eq!(counts(o.queue_run(&run(&["a", "b"]), 0, true)), (2, 0));
+        assert_eq!(counts(o.queue_run(&run(&["c", "d"]), 0, true)), (0, 2));
         assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
         assert_eq!(m.outbound_dropped.get(), 0);
     }
@@ -1050,9 +1112,13 @@ mod tests {
         let one: Prepared = "one".into();
         let run = run(&["two", "three"]);
         assert!(o.push(one.clone(), false));
+        let all_written = Reach {
+            reached: 2,
+            written: 2,
+        };
         assert_eq!(
             Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true),
-            2
+            all_written
         );
         assert_eq!(o.len(), 0, "nothing queued");
         assert!(!woken(&o), "the task was not woken");
@@ -1096,10 +1162,8 @@ mod tests {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let run = run(&names);
         assert!(o.lend(&tcp));
-        assert_eq!(
-            Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true),
-            24
-        );
+        let reach = Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true);
+        assert_eq!(reach.reached, 24);
         let direct = m.outbound_direct.get() as usize;
         assert!(direct < 24, "the socket took all of it");
         assert!(woken(&o), "the task is woken for the rest");
@@ -1113,6 +1177,11 @@ mod tests {
         assert_eq!(count(&out), 4);
         assert_eq!(m.outbound_queued.get(), 0);
         let begun = usize::from(!rest.is_empty());
+        assert_eq!(
+            reach.written,
+            direct - begun,
+            "a begun frame is not written"
+        );
         let queued = texts(&out);
         assert_eq!(queued.last(), Some(&"last"));
         let from_run = &queued[..queued.len() - 1];
@@ -1163,7 +1232,7 @@ mod tests {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let run = run(&names);
         assert!(o.lend(&tcp));
-        Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true);
+        let reach = Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true);
         let direct = m.outbound_direct.get() as usize;
         assert!(direct > 0 && direct < 24, "{direct}");
         assert!(o.overflowed(), "what is left does not fit: a slow consumer");
@@ -1173,6 +1242,7 @@ mod tests {
         // goes after a whole frame, never inside one.
         let rest = o.claim().expect("a frame was begun");
         assert!(run.messages()[direct - 1].frame().ends_with(&rest));
+        assert_eq!(reach.written, direct - 1, "the begun frame is not written");
         assert_eq!(o.take(&mut Vec::new()), Taken::SlowConsumer);
     }
 
