@@ -169,7 +169,8 @@ pub struct Metrics {
     handshakes_refused: [Counter; 3],
     /// Pushes dropped from full outbound queues (`drop_oldest`).
     pub outbound_dropped: Counter,
-    /// Messages written straight into an idle connection's socket by
+    /// Messages written (or begun: the task writes a frame's end the
+    /// socket did not take) straight into an idle connection's socket by
     /// whoever sent them (no queue, no wake-up of its task).
     pub outbound_direct: Counter,
     /// Messages waiting in connections' outbound queues now.
@@ -661,7 +662,7 @@ impl Metrics {
         let outbound_direct = Counter::default();
         reg.register(
             "outbound_direct",
-            "Messages written straight into an idle connection's socket by whoever sent them, without its queue",
+            "Messages written (or begun) straight into an idle connection's socket by whoever sent them, without its queue",
             outbound_direct.clone(),
         );
         let outbound_queued = Gauge::default();
