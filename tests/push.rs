@@ -492,11 +492,7 @@ async fn a_push_a_socket_took_only_part_of_does_not_pass_for_one_written_whole()
     // left to the task.
     let big = json!({"event": "e", "topic": "news", "data": "x".repeat(900_000)}).to_string();
     assert_eq!(publish(&server, Some(API_KEY), &big).await.0, 200);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while server.metric("pushes").await < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "never handed out");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    server.wait_metric("pushes", 1).await;
     assert_eq!(
         server.sample("gale_outbound_direct_total").await - direct,
         1.0,
@@ -509,10 +505,7 @@ async fn a_push_a_socket_took_only_part_of_does_not_pass_for_one_written_whole()
         let one = json!({"event": "e", "topic": "news", "data": d}).to_string();
         assert_eq!(publish(&server, Some(API_KEY), &one).await.0, 200);
     }
-    while server.metric("pushes").await < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "never handed out");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    server.wait_metric("pushes", 3).await;
     assert_eq!(
         server.sample("gale_broadcast_batch_count").await - batches,
         1.0,
