@@ -15,8 +15,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
 
+use crate::admission::Admitted;
 use crate::identity::Identity;
 use crate::outbox::{KEEP_CAPACITY, Outbox, Outgoing, Taken};
 use crate::protocol::{ErrorBody, ErrorCode, Incoming, ServerMessage, classify, reply_json};
@@ -77,22 +79,42 @@ impl Drop for Counted {
     }
 }
 
+/// What a connection holds for its whole life besides its state, let go
+/// when it ends: its address's place in the admission counts, and a token
+/// of the server's task tracker (shutdown waits for every one).
+pub(crate) struct Held {
+    _admitted: Option<Admitted>,
+    _tracked: TaskTrackerToken,
+}
+
+impl Held {
+    pub(crate) fn new(admitted: Option<Admitted>, tracked: TaskTrackerToken) -> Held {
+        Held {
+            _admitted: admitted,
+            _tracked: tracked,
+        }
+    }
+}
+
 /// Serves one upgraded connection until it ends.
 ///
 /// Not an `async fn`: the connection's task is the one state machine of
 /// [`run`], not one nested in another that would hold its arguments
-/// twice (every idle connection pays for the task's size).
+/// twice (every idle connection pays for the task's size). Spawn the
+/// future as it is: an `async` block around it would keep its own
+/// captures beside it.
 pub(crate) fn serve(
     app: Arc<App>,
     socket: Box<Socket>,
     client_id: Uuid,
     who: Identity,
     address: std::net::IpAddr,
+    held: Held,
 ) -> impl Future<Output = ()> + Send {
     let counted = Counted::open(&app);
     tracing::debug!(%client_id, user = ?who.user, "connected");
     let caller = opened(&app, client_id, address, who);
-    run(app, socket, caller, true, counted)
+    run(app, socket, caller, true, held, counted)
 }
 
 /// Serves a connection taken over from the previous process, from where
@@ -101,83 +123,98 @@ pub(crate) fn resume(
     app: Arc<App>,
     socket: Box<Socket>,
     caller: Caller,
+    held: Held,
 ) -> impl Future<Output = ()> + Send {
     let counted = Counted::resumed(&app);
     tracing::debug!(client_id = %caller.conn_id, "taken over");
-    run(app, socket, caller, false, counted)
+    run(app, socket, caller, false, held, counted)
 }
 
-async fn run(
+/// The connection's life. Not an `async fn`: one would copy each argument
+/// into its state beside the argument itself (an `async` block uses what
+/// it captures in place), and every connection's task pays for its size.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn holds its arguments twice"
+)]
+fn run(
     app: Arc<App>,
     mut socket: Box<Socket>,
     caller: Caller,
     greet: bool,
-    _counted: Counted,
-) {
-    let client_id = caller.conn_id;
-    // Plain-TCP connections take part in a takeover from the start (a
-    // connection that opens while one is under way is handed over too).
-    let handing = app
-        .handoff
-        .as_ref()
-        .filter(|_| socket.is_plain())
-        .map(|h| h.join());
-    let (end, mut inflight) = read_loop(&app, &caller, &mut socket, greet, handing.is_some()).await;
-    tracing::debug!(%client_id, reason = ?end, "closing");
-    if let (End::Handoff, Some(handing)) = (&end, handing) {
-        // Boxed: a takeover's state (the connection's whole state, the
-        // send to the writer) would otherwise make every connection's
-        // task, idle or not, as large as it.
-        let handed = Box::pin(crate::handoff::hand(
-            &app,
-            socket,
-            &caller,
-            inflight.drain(),
-            handing,
-        ));
-        match handed.await {
-            Ok(()) => {
-                // Moved, not closed: no leave, no disconnect hook.
-                app.hub.forget(client_id);
-                app.router.connection_closed(client_id);
-                caller.outbox.close();
-                return;
-            }
-            Err(back) => {
-                // It could not move: it goes as a drain would close it.
-                socket = back;
-                let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
-                let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
-                close(&mut socket, crate::drain::SERVICE_RESTART, &reason).await;
-                finish(&app, &caller, Lookups::default()).await;
-                return;
-            }
-        }
-    }
-
-    let drained = matches!(end, End::Ended(crate::drain::SERVICE_RESTART, _));
-    if matches!(end, End::Shutdown) || drained {
-        // Answer what was asked and flush what was queued (on shutdown
-        // the router has drained by now; a drained connection waits for
-        // its own events) before saying goodbye.
-        while let Some(reply) = inflight.next().await {
-            send(&app, &mut socket, reply).await;
-        }
-        if drained {
-            let events = async {
-                while caller.outbox.events() > 0 {
-                    caller.outbox.ready().await;
+    held: Held,
+    counted: Counted,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Held until the connection ends (moved in, so captured): the
+        // count goes first, then the admission and the tracker's token.
+        let _held = (counted, held);
+        let client_id = caller.conn_id;
+        // Plain-TCP connections take part in a takeover from the start (a
+        // connection that opens while one is under way is handed over too).
+        let handing = app
+            .handoff
+            .as_ref()
+            .filter(|_| socket.is_plain())
+            .map(|h| h.join());
+        let (end, mut inflight) =
+            read_loop(&app, &caller, &mut socket, greet, handing.is_some()).await;
+        tracing::debug!(%client_id, reason = ?end, "closing");
+        if let (End::Handoff, Some(handing)) = (&end, handing) {
+            // Boxed: a takeover's state (the connection's whole state, the
+            // send to the writer) would otherwise make every connection's
+            // task, idle or not, as large as it.
+            let handed = Box::pin(crate::handoff::hand(
+                &app,
+                socket,
+                &caller,
+                inflight.drain(),
+                handing,
+            ));
+            match handed.await {
+                Ok(()) => {
+                    // Moved, not closed: no leave, no disconnect hook.
+                    app.hub.forget(client_id);
+                    app.router.connection_closed(client_id);
+                    caller.outbox.close();
+                    return;
                 }
-            };
-            // Boxed, as the takeover: a timer is large, and every task
-            // would carry room for it.
-            let grace = app.config.server.shutdown_grace();
-            let _ = Box::pin(tokio::time::timeout(grace, events)).await;
+                Err(back) => {
+                    // It could not move: it goes as a drain would close it.
+                    socket = back;
+                    let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
+                    let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
+                    close(&mut socket, crate::drain::SERVICE_RESTART, &reason).await;
+                    finish(&app, &caller, Lookups::default()).await;
+                    return;
+                }
+            }
         }
-        let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
+
+        let drained = matches!(end, End::Ended(crate::drain::SERVICE_RESTART, _));
+        if matches!(end, End::Shutdown) || drained {
+            // Answer what was asked and flush what was queued (on shutdown
+            // the router has drained by now; a drained connection waits for
+            // its own events) before saying goodbye.
+            while let Some(reply) = inflight.next().await {
+                send(&app, &mut socket, reply).await;
+            }
+            if drained {
+                let events = async {
+                    while caller.outbox.events() > 0 {
+                        caller.outbox.ready().await;
+                    }
+                };
+                // Boxed, as the takeover: a timer is large, and every task
+                // would carry room for it.
+                let grace = app.config.server.shutdown_grace();
+                let _ = Box::pin(tokio::time::timeout(grace, events)).await;
+            }
+            let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
+        }
+        close_for(&app, &mut socket, &end).await;
+        finish(&app, &caller, inflight).await;
     }
-    close_for(&app, &mut socket, &end).await;
-    finish(&app, &caller, inflight).await;
 }
 
 /// A closed connection's goodbye: out of the hub, the application told.
@@ -314,7 +351,7 @@ async fn close_for(app: &App, socket: &mut Socket, end: &End) {
 /// Serves one `/echo` connection: every text or binary message is sent
 /// back unchanged. Same limits, buffers, close codes and shutdown as
 /// [`serve`]; nothing else.
-pub(crate) async fn echo(app: Arc<App>, mut socket: Box<Socket>) {
+pub(crate) async fn echo(app: Arc<App>, mut socket: Box<Socket>, _held: Held) {
     let _counted = Counted::open(&app);
     let m = &app.metrics;
     let closing = app.closing.cancelled();

@@ -271,7 +271,10 @@ async fn connection(
     let stream = match &front.tls {
         None => Stream::Plain(tcp),
         Some(acceptor) => {
-            let handshake = tokio::time::timeout_at(deadline, acceptor.accept(tcp));
+            // Boxed: the handshake's state is larger than the rest of the
+            // task, and would make every connection's task as large while
+            // it waits for its request (a task is its largest state).
+            let handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp)));
             tokio::select! {
                 done = handshake => match done {
                     Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
@@ -308,15 +311,17 @@ async fn connection(
         deadline: front.deadline,
         metrics: front.metrics.clone(),
     };
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // Every head after the first: a kept-alive connection may not idle
-    // past the deadline either. The first is held to the deadline from
-    // the accept, below.
-    http.timer(TokioTimer::new())
-        .header_read_timeout(front.deadline);
-    let mut conn = http
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
+    let mut conn = {
+        // Dropped once the connection is built, not kept in the task.
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // Every head after the first: a kept-alive connection may not idle
+        // past the deadline either. The first is held to the deadline from
+        // the accept, below.
+        http.timer(TokioTimer::new())
+            .header_read_timeout(front.deadline);
+        http.serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+    };
     let mut first = pin!(tokio::time::sleep_until(deadline));
     let (mut watching, mut stopping) = (true, false);
     loop {
@@ -324,7 +329,9 @@ async fn connection(
             ended = &mut conn => return finished(ended, addr, &front.metrics),
             () = abort.token.cancelled() => {
                 if let Some(carry) = abort.detach.take() {
-                    detach(conn, &abort.detach, carry, front.deadline, addr).await;
+                    // Boxed, as the TLS handshake: only a connection
+                    // leaving hyper pays for this state.
+                    Box::pin(detach(conn, &abort.detach, carry, front.deadline, addr)).await;
                 } else {
                     tracing::debug!(%addr, "connection ended by its handler");
                 }

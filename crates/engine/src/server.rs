@@ -18,7 +18,7 @@ use axum::extract::connect_info::ConnectInfo;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -1197,15 +1197,14 @@ async fn accept(
             // Counted at the accept (now a session too), or (behind a
             // proxy) at the handshake.
             let admitted = counted.map(|c| c.with_session()).or(admitted);
-            async move {
-                match mode {
-                    Mode::Protocol => {
-                        crate::connection::serve(app, socket, client, who, address).await
-                    }
-                    Mode::Echo => crate::connection::echo(app, socket).await,
-                }
-                drop(admitted);
-                drop(tracked);
+            let held = crate::connection::Held::new(admitted, tracked);
+            // The connection's future itself, no `async` block around it:
+            // one would keep these captures for the connection's life.
+            match mode {
+                Mode::Protocol => Either::Left(crate::connection::serve(
+                    app, socket, client, who, address, held,
+                )),
+                Mode::Echo => Either::Right(crate::connection::echo(app, socket, held)),
             }
         },
     )

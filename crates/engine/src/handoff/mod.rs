@@ -938,13 +938,12 @@ fn resume(
         app.metrics.clone(),
         permit,
     ));
-    let admitted = app.admission.session(state.address);
-    let tracked = app.tracker.token();
-    let app = app.clone();
-    tokio::spawn(async move {
-        crate::connection::resume(app, socket, caller).await;
-        drop(admitted);
-        drop(tracked);
-    });
+    let held = crate::connection::Held::new(
+        Some(app.admission.session(state.address)),
+        app.tracker.token(),
+    );
+    // The connection's future itself, no `async` block around it (see
+    // `connection::serve`).
+    tokio::spawn(crate::connection::resume(app.clone(), socket, caller, held));
     Ok(())
 }
