@@ -139,16 +139,20 @@ pub(crate) fn resume(
 )]
 fn run(
     app: Arc<App>,
-    mut socket: Box<Socket>,
+    socket: Box<Socket>,
     caller: Caller,
     greet: bool,
     held: Held,
     counted: Counted,
 ) -> impl Future<Output = ()> + Send {
     async move {
-        // Held until the connection ends (moved in, so captured): the
-        // count goes first, then the admission and the tracker's token.
-        let _held = (counted, held);
+        // Captured (named, so the block takes them) and left in place: a
+        // local would hold them twice. Captures drop when the block ends,
+        // after its locals, so after the socket (its descriptor and its
+        // place under `max_connections`): the count first, then what is
+        // held, as they are named here.
+        let _ = (&counted, &held);
+        let mut socket = socket;
         let client_id = caller.conn_id;
         // Plain-TCP connections take part in a takeover from the start (a
         // connection that opens while one is under way is handed over too).
@@ -351,7 +355,9 @@ async fn close_for(app: &App, socket: &mut Socket, end: &End) {
 /// Serves one `/echo` connection: every text or binary message is sent
 /// back unchanged. Same limits, buffers, close codes and shutdown as
 /// [`serve`]; nothing else.
-pub(crate) async fn echo(app: Arc<App>, mut socket: Box<Socket>, _held: Held) {
+// `held` first: an async fn's arguments drop in reverse order, so it goes
+// after the socket, as for `run`.
+pub(crate) async fn echo(_held: Held, app: Arc<App>, mut socket: Box<Socket>) {
     let _counted = Counted::open(&app);
     let m = &app.metrics;
     let closing = app.closing.cancelled();

@@ -1204,7 +1204,7 @@ async fn accept(
                 Mode::Protocol => Either::Left(crate::connection::serve(
                     app, socket, client, who, address, held,
                 )),
-                Mode::Echo => Either::Right(crate::connection::echo(app, socket, held)),
+                Mode::Echo => Either::Right(crate::connection::echo(held, app, socket)),
             }
         },
     )
