@@ -279,6 +279,74 @@ test('falls back to SSE when a proxy refuses the WebSocket upgrade, and works th
   await proxy.stop();
 });
 
+test('on the SSE fallback the client moves to a WebSocket once upgrades pass again', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  const c = new GaleClient(`ws://127.0.0.1:${proxy.port}/ws`, { upgradeProbeMs: 200, minDelayMs: 300, maxDelayMs: 300 });
+  const seen = [];
+  c.onState((state, info) => seen.push([state, info?.transport ?? null, info?.upgrade ?? false]));
+  await c.connect();
+  assert.equal(c.transport, 'sse');
+  const got = collect(c, 'headline');
+  await c.subscribeTopic('news:upgrade');
+  await publish(gale.http, 'news:upgrade', 'headline', 'a');
+  await until(() => got.length === 1);
+
+  // Refused probes leave the session alone, each one later than the last
+  // (after 200, 400 and 800 ms: three probes in 2 s besides the first
+  // attempt, the fourth due 1.6 s after the third).
+  await new Promise((r) => setTimeout(r, 2_000));
+  assert.equal(c.transport, 'sse');
+  assert.equal(seen.filter(([s]) => s === 'open').length, 1, JSON.stringify(seen));
+  assert.equal(proxy.upgrades, 4);
+
+  // The proxy lets upgrades through: the next probe opens, and the client
+  // moves, with the pushes published meanwhile recovered.
+  proxy.allowUpgrades();
+  const moved = until(() => c.transport === 'websocket' && c.state === State.OPEN, 5_000);
+  await publish(gale.http, 'news:upgrade', 'headline', 'b');
+  await moved;
+  assert.ok(seen.some(([s, , up]) => s === 'reconnecting' && up), JSON.stringify(seen));
+  await publish(gale.http, 'news:upgrade', 'headline', 'c');
+  await until(() => got.length === 3);
+  assert.deepEqual(got, ['a', 'b', 'c']);
+  assert.equal((await c.weather('Oslo')).city, 'Oslo');
+  c.close();
+  await proxy.stop();
+});
+
+test('a request in flight is answered before the client leaves the SSE fallback', async () => {
+  const slow = await startUpstream(['--latency-ms', '600']);
+  const own = await startGale(slow.url);
+  const proxy = await startNoUpgradeProxy(own.port);
+  const c = new GaleClient(`ws://127.0.0.1:${proxy.port}/ws`, { upgradeProbeMs: 100 });
+  await c.connect();
+  assert.equal(c.transport, 'sse');
+  proxy.allowUpgrades(); // the first probe, 100 ms after the SSE opened, opens
+  // Sent over SSE at once, answered 600 ms later: the probe opens while
+  // it is in flight, and the move waits for its reply rather than fail it.
+  const reading = await c.weather('Slowtown');
+  assert.equal(reading.city, 'Slowtown');
+  await until(() => c.transport === 'websocket' && c.state === State.OPEN, 5_000);
+  c.close();
+  await proxy.stop();
+  await own.stop();
+  slow.stop();
+});
+
+test('a client that puts SSE first, or only SSE, never probes for a WebSocket', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  proxy.allowUpgrades();
+  for (const transports of [['sse'], ['sse', 'websocket']]) {
+    const c = new GaleClient(`ws://127.0.0.1:${proxy.port}/ws`, { transports, upgradeProbeMs: 100 });
+    await c.connect();
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(c.transport, 'sse');
+    c.close();
+  }
+  assert.equal(proxy.upgrades, 0);
+  await proxy.stop();
+});
+
 test('transports: ["sse"] skips the WebSocket', async () => {
   const c = new GaleClient(gale.url, { transports: ['sse'] });
   await c.connect();
