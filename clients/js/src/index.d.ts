@@ -86,9 +86,6 @@ export interface StateInfo {
   transport?: TransportName;
   /** True when a transport failed to open and the next is tried. */
   fallback?: boolean;
-  /** True when the client leaves the SSE fallback for a WebSocket that a
-   * background probe found open (`upgradeProbeMs`). */
-  upgrade?: boolean;
   /** The close code of the connection that ended. */
   code?: number;
   reason?: string;
@@ -118,10 +115,6 @@ export interface GaleOptions {
   transports?: TransportName[];
   /** gale's /sse URL (default: the WebSocket URL with http(s), /sse). */
   sseUrl?: string;
-  /** On the SSE fallback, the wait before a WebSocket is tried again in
-   * the background (10,000; doubled after each refusal, up to 5 minutes);
-   * once one opens the client moves to it. 0: stay on SSE. */
-  upgradeProbeMs?: number;
 }
 
 /** What a topic or weather subscribe's reply adds on a topic with history. */

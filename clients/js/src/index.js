@@ -49,11 +49,7 @@ const DEFAULTS = {
   minDelayMs: 500,
   maxDelayMs: 30_000,
   transports: ['websocket', 'sse'],
-  upgradeProbeMs: 10_000,
 };
-
-/** Longest wait between two WebSocket probes on the SSE fallback. */
-const PROBE_MAX_MS = 300_000;
 
 /** Transports, as `client.transport` names them. */
 export const Transport = Object.freeze({ WEBSOCKET: 'websocket', SSE: 'sse' });
@@ -246,13 +242,6 @@ export class GaleClient {
    */
   #hold = null;
 
-  /** On the SSE fallback: the WebSocket being tried in the background. */
-  #probe = null;
-  /** The timer of the next probe (or of the move, once one opened). */
-  #probeTimer = null;
-  /** The SSE session is being closed to move to a WebSocket. */
-  #upgrading = false;
-
   /**
    * @param {string} url ws:// or wss:// URL of gale's /ws
    * @param {object} [options]
@@ -270,10 +259,6 @@ export class GaleClient {
    *   "websocket", "sse" (default both; the first that opens is kept)
    * @param {string} [options.sseUrl] gale's /sse URL (default: `url` with
    *   http(s) and /sse in place of ws(s) and /ws)
-   * @param {number} [options.upgradeProbeMs] on the SSE fallback, the wait
-   *   before a WebSocket is tried again in the background (doubled after
-   *   each refusal, up to 5 minutes); once one opens the client moves to
-   *   it. 0: stay on SSE. Default 10,000.
    */
   constructor(url, options = {}) {
     // An option given as undefined keeps its default.
@@ -431,10 +416,8 @@ export class GaleClient {
   /**
    * Calls `handler(state, info)` on every change of connection state.
    * `info` has `delayMs` when reconnecting, `code` and `reason` when closed,
-   * `transport` when connecting or open, `upgrade: true` when it leaves
-   * the SSE fallback for a WebSocket a background probe found open
-   * (`upgradeProbeMs`), and `warning` when the client works other than
-   * asked (no WebSocket in this runtime: SSE only).
+   * `transport` when connecting or open, and `warning` when the client
+   * works other than asked (no WebSocket in this runtime: SSE only).
    *
    * A draining server (a node going away) closes with code 1012 and a
    * reason `{"reconnect_ms": N}`: the client then waits N ms (at most
@@ -727,7 +710,6 @@ export class GaleClient {
   close(code = 1000, reason = 'client closed') {
     this.stopped = true;
     clearTimeout(this.reconnectTimer);
-    this.#cancelProbe();
     this.#failAll('closed', 'the client was closed');
     this.queue = [];
     if (this.ws && this.ws.readyState <= 1) this.ws.close(code, reason);
@@ -782,7 +764,6 @@ export class GaleClient {
         if (this.ws !== ws || this.stopped) return; // dropped meanwhile
         this.#hold = null;
         this.#setState(State.OPEN, { transport });
-        this.#scheduleProbe(this.options.upgradeProbeMs);
         // Renew subscriptions first (sent here, at once), then what
         // waited, once they are answered.
         const renewals = [];
@@ -891,19 +872,6 @@ export class GaleClient {
 
   #dropped(code, reason, opened) {
     this.ws = null;
-    this.#cancelProbe();
-    // Leaving the SSE fallback for a WebSocket a probe found open: at
-    // once, WebSocket first (nothing was in flight: `#upgrade` waited).
-    if (this.#upgrading) {
-      this.#upgrading = false;
-      if (!this.stopped) {
-        this.attempt = 0;
-        this.#resuming = true;
-        this.#setState(State.RECONNECTING, { delayMs: 0, code, reason, upgrade: true });
-        this.reconnectTimer = setTimeout(() => this.#open(), 0);
-        return;
-      }
-    }
     // A transport that never opened (a proxy that refuses the upgrade):
     // the next one is tried at once; after the last, the backoff applies.
     if (!opened && !this.stopped) {
@@ -945,82 +913,6 @@ export class GaleClient {
     const delayMs = this.backoff(this.attempt++);
     this.#setState(State.RECONNECTING, { delayMs, code, reason });
     this.reconnectTimer = setTimeout(() => this.#open(), delayMs);
-  }
-
-  /**
-   * On the SSE fallback (a WebSocket, preferred, was tried and did not
-   * open), tries a WebSocket again in the background after `delay`: a
-   * proxy that refused the upgrade may pass it now, or the server was
-   * only coming back when the WebSocket was tried. A refused probe is
-   * tried again after twice the wait, at most `PROBE_MAX_MS`.
-   * @param {number} delay
-   */
-  #scheduleProbe(delay) {
-    clearTimeout(this.#probeTimer);
-    this.#probeTimer = null;
-    // Only where a WebSocket is preferred: SSE is the fallback.
-    const ws = this.transports.indexOf('websocket');
-    if (!(delay > 0) || this.stopped || this.transport !== 'sse' || ws < 0 || ws > this.transports.indexOf('sse')) return;
-    this.#probeTimer = setTimeout(() => this.#probeWebSocket(delay), delay);
-  }
-
-  #probeWebSocket(delay) {
-    this.#probeTimer = null;
-    if (this.stopped || this.state !== State.OPEN || this.transport !== 'sse') return;
-    const again = () => this.#scheduleProbe(Math.min(delay * 2, PROBE_MAX_MS));
-    let probe;
-    try {
-      probe = new this.WebSocket(this.url);
-    } catch {
-      again();
-      return;
-    }
-    this.#probe = probe;
-    probe.onopen = () => {
-      this.#probe = null;
-      probe.onopen = probe.onclose = probe.onerror = null;
-      try {
-        probe.close(1000, 'probe');
-      } catch {}
-      this.#upgrade();
-    };
-    probe.onerror = probe.onclose = () => {
-      if (this.#probe !== probe) return;
-      this.#probe = null;
-      again();
-    };
-  }
-
-  /**
-   * Moves from the SSE fallback to a WebSocket once a probe opened: the
-   * SSE session is closed and the client reconnects at once, WebSocket
-   * first, renewing its subscriptions from their positions as after any
-   * drop. Requests in flight are answered first (checked every 100 ms),
-   * so none is failed by the move.
-   */
-  #upgrade() {
-    this.#probeTimer = null;
-    if (this.stopped || this.state !== State.OPEN || this.transport !== 'sse' || !this.ws) return;
-    if (this.pending.size > 0 || this.#hold) {
-      this.#probeTimer = setTimeout(() => this.#upgrade(), 100);
-      return;
-    }
-    this.tryIndex = 0;
-    this.#upgrading = true;
-    this.ws.close(1000, 'moving to WebSocket');
-  }
-
-  #cancelProbe() {
-    clearTimeout(this.#probeTimer);
-    this.#probeTimer = null;
-    const probe = this.#probe;
-    this.#probe = null;
-    if (probe) {
-      probe.onopen = probe.onclose = probe.onerror = null;
-      try {
-        probe.close();
-      } catch {}
-    }
   }
 
   /**
