@@ -8,12 +8,18 @@
 //! failed handshake (a plain-HTTP client, an unknown CA on the client's
 //! side) is counted in `gale_tls_handshake_failures_total`.
 //!
-//! A connection runs on rustls's unbuffered API ([`TlsStream`]): gale
+//! The handshake runs on rustls's unbuffered API ([`TlsStream`]): gale
 //! holds the bytes between the socket and rustls (received records,
 //! decrypted data not yet read, encrypted data not yet written) and lets
 //! each buffer go once it is empty, as it does for plain sockets. rustls's
 //! buffered connection keeps a 4 KiB receive buffer, among others, for the
 //! connection's whole life.
+//!
+//! Once a TLS 1.3 handshake is done, gale seals and opens the records
+//! itself with the keys rustls derived (`records`), and rustls keeps only
+//! what a key update needs: an idle connection then holds neither rustls's
+//! connection object nor expanded cipher state. TLS 1.2 stays on rustls
+//! for the connection's life.
 
 use std::io;
 use std::path::Path;
@@ -21,15 +27,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::{ProtocolVersion, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::ConfigError;
+
+mod records;
+
+use records::Records;
 
 /// The server's TLS settings, loaded; cheap to clone.
 #[derive(Clone)]
@@ -47,7 +57,7 @@ impl Tls {
         let conn = UnbufferedServerConnection::new(self.0.clone()).map_err(invalid)?;
         let mut stream = TlsStream {
             tcp,
-            conn,
+            session: Session::Rustls(Box::new(conn)),
             incoming: Vec::new(),
             outgoing: Vec::new(),
             sent: 0,
@@ -57,6 +67,7 @@ impl Tls {
             close: Close::Open,
         };
         std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
+        stream.take_over()?;
         Ok(stream)
     }
 }
@@ -90,6 +101,8 @@ pub fn acceptor(cert: &str, key: &str) -> Result<Tls, ConfigError> {
             )
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // For gale's own TLS 1.3 record layer (`records`).
+    config.enable_secret_extraction = true;
     Ok(Tls(Arc::new(config)))
 }
 
@@ -125,10 +138,20 @@ enum Want {
     Closed,
 }
 
+/// Who seals and opens a connection's records.
+enum Session {
+    /// rustls: the handshake, and TLS 1.2 for the connection's life.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// gale, on a TLS 1.3 connection after its handshake.
+    Records(Box<Records>),
+    /// Neither, for the moment rustls hands over.
+    Gone,
+}
+
 /// A TLS connection over TCP, its handshake done (see the module's doc).
 pub(crate) struct TlsStream {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    session: Session,
     /// TLS bytes received and not yet processed (part of a record).
     incoming: Vec<u8>,
     /// TLS bytes to send, from `sent` on.
@@ -195,9 +218,14 @@ impl TlsStream {
     /// records and encrypted data are queued in `outgoing`, in order;
     /// decrypted data in `plain`.
     fn process(&mut self, mut data: Option<&[u8]>) -> io::Result<Want> {
+        let conn = match &mut self.session {
+            Session::Rustls(conn) => conn,
+            Session::Records(_) => return self.process_records(data),
+            Session::Gone => return Err(invalid("the connection was lost in its hand-over")),
+        };
         loop {
             let UnbufferedStatus { mut discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
+                conn.process_tls_records(&mut self.incoming);
             let want = match state.map_err(invalid)? {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
@@ -260,6 +288,76 @@ impl TlsStream {
         }
     }
 
+    /// Opens what came in and seals `data` with gale's own record layer
+    /// (TLS 1.3 after the handshake); as [`Self::process`].
+    fn process_records(&mut self, data: Option<&[u8]>) -> io::Result<Want> {
+        let Session::Records(records) = &mut self.session else {
+            return Err(invalid("no record layer"));
+        };
+        if records.peer_closed() {
+            // What follows the peer's close_notify is ignored.
+            self.incoming = Vec::new();
+        } else if !self.incoming.is_empty() {
+            match records.open(&mut self.incoming, &mut self.plain, &mut self.outgoing) {
+                Ok(opened) => {
+                    self.incoming.drain(..opened.used);
+                    if opened.closed {
+                        self.eof = true;
+                        self.incoming = Vec::new();
+                    }
+                }
+                Err(fault) => {
+                    if let Some(alert) = fault.alert {
+                        records.fatal_alert(alert, &mut self.outgoing);
+                        // Said if the socket takes it now; the connection
+                        // ends either way.
+                        let _ = self.tcp.try_write(&self.outgoing[self.sent..]);
+                    }
+                    return Err(invalid(fault));
+                }
+            }
+            if self.incoming.is_empty() && self.incoming.capacity() > 0 {
+                self.incoming = Vec::new();
+            }
+        }
+        if let Some(data) = data.filter(|d| !d.is_empty()) {
+            records.seal(data, &mut self.outgoing)?;
+        }
+        if self.close == Close::Asked {
+            self.close = Close::Queued;
+            records.close_notify(&mut self.outgoing)?;
+        }
+        Ok(if self.eof && self.close == Close::Queued {
+            Want::Closed
+        } else {
+            Want::Write
+        })
+    }
+
+    /// Whether the handshake is still under way.
+    fn handshaking(&self) -> bool {
+        match &self.session {
+            Session::Rustls(conn) => conn.is_handshaking(),
+            Session::Records(_) | Session::Gone => false,
+        }
+    }
+
+    /// Hands a TLS 1.3 connection, its handshake done and sent, from
+    /// rustls to gale's own record layer.
+    fn take_over(&mut self) -> io::Result<()> {
+        let tls13 = match &self.session {
+            Session::Rustls(conn) => conn.protocol_version() == Some(ProtocolVersion::TLSv1_3),
+            Session::Records(_) | Session::Gone => false,
+        };
+        if !tls13 {
+            return Ok(());
+        }
+        if let Session::Rustls(conn) = std::mem::replace(&mut self.session, Session::Gone) {
+            self.session = Session::Records(Box::new(Records::new(*conn)?));
+        }
+        Ok(())
+    }
+
     /// Writes what is queued; ready once all of it is written.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.outgoing.len() {
@@ -310,7 +408,7 @@ impl TlsStream {
             // Every flight goes out before the peer's answer is awaited.
             ready!(self.poll_send(cx))?;
             match want {
-                Want::Write if !self.conn.is_handshaking() => return Poll::Ready(Ok(())),
+                Want::Write if !self.handshaking() => return Poll::Ready(Ok(())),
                 Want::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 _ if self.eof => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 _ => ready!(self.poll_fill(cx))?,
@@ -437,4 +535,222 @@ impl AsyncWrite for TlsStream {
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The server's side against a real rustls client over 127.0.0.1.
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream as StdTcp;
+
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    type Client = StreamOwned<ClientConnection, StdTcp>;
+
+    fn key_file(name: &str) -> String {
+        format!("{}/../../tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn client_config(versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(key_file("tls-cert.pem")).expect("cert") {
+            roots.add(cert.expect("cert")).expect("root");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(versions)
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    /// The server's stream, its handshake done, and a blocking client
+    /// running `client` on a thread.
+    async fn pair<T: Send + 'static>(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        client: impl FnOnce(Client) -> T + Send + 'static,
+    ) -> (TlsStream, std::thread::JoinHandle<T>) {
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = client_config(versions);
+        let thread = std::thread::spawn(move || {
+            let tcp = StdTcp::connect(addr).expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+            let mut conn = ClientConnection::new(config, name).expect("client");
+            let mut tcp = tcp;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut tcp).expect("client handshake");
+            }
+            client(StreamOwned::new(conn, tcp))
+        });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let stream = tls.accept(tcp).await.expect("handshake");
+        (stream, thread)
+    }
+
+    async fn read_some(stream: &mut TlsStream) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; 64 * 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("read in time")?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    async fn read_exact(stream: &mut TlsStream, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_exact(&mut buf),
+        )
+        .await
+        .expect("read in time")
+        .expect("read");
+        buf
+    }
+
+    fn records(stream: &mut TlsStream) -> &mut Records {
+        match &mut stream.session {
+            Session::Records(records) => records,
+            _ => panic!("TLS 1.3 should run on gale's own records"),
+        }
+    }
+
+    #[tokio::test]
+    async fn tls13_records_are_sealed_and_opened_by_gale_across_key_updates() {
+        let (mut server, client) = pair(&[&rustls::version::TLS13], |mut c: Client| {
+            let mut got = Vec::new();
+            for round in 0..5u8 {
+                // The client moves its keys on and asks the server to.
+                c.conn.refresh_traffic_keys().expect("key update");
+                c.write_all(&[b'a' + round; 100]).expect("write");
+                c.flush().expect("flush");
+                let mut reply = [0; 1000];
+                c.read_exact(&mut reply).expect("reply");
+                got.push(reply);
+            }
+            // 10 records the server seals with a limit of 3 per key.
+            let mut pushes = vec![0; 10 * 300];
+            c.read_exact(&mut pushes).expect("pushes");
+            (got, pushes)
+        })
+        .await;
+        for round in 0..5u8 {
+            assert_eq!(read_exact(&mut server, 100).await, vec![b'a' + round; 100]);
+            // Its answer to the request went out under the old key, and
+            // what follows under the new one.
+            assert_eq!(records(&mut server).write_seq(), 0, "round {round}");
+            server
+                .write_all(&[b'A' + round; 1000])
+                .await
+                .expect("reply");
+        }
+        records(&mut server).set_limit(3);
+        for i in 0..10u8 {
+            server.write_all(&[i; 300]).await.expect("push");
+            assert!(records(&mut server).write_seq() <= 3, "push {i}");
+        }
+        let (got, pushes) = client.join().expect("client");
+        for (round, reply) in got.iter().enumerate() {
+            assert!(
+                reply.iter().all(|&b| b == b'A' + round as u8),
+                "round {round}"
+            );
+        }
+        for (i, chunk) in pushes.chunks(300).enumerate() {
+            assert!(chunk.iter().all(|&b| usize::from(b) == i), "push {i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn large_writes_span_records_and_close_notify_ends_both_ways() {
+        let (mut server, client) = pair(&[&rustls::version::TLS13], |mut c: Client| {
+            c.write_all(&vec![7; 100_000]).expect("write");
+            c.flush().expect("flush");
+            let mut got = Vec::new();
+            // The server's close_notify ends the stream cleanly.
+            c.read_to_end(&mut got).expect("read to the close");
+            c.conn.send_close_notify();
+            c.flush().expect("close_notify");
+            got
+        })
+        .await;
+        assert_eq!(read_exact(&mut server, 100_000).await, vec![7; 100_000]);
+        server.write_all(&vec![9; 70_000]).await.expect("write");
+        server.shutdown().await.expect("close_notify");
+        assert!(read_some(&mut server).await.expect("end").is_empty());
+        assert_eq!(client.join().expect("client"), vec![9; 70_000]);
+    }
+
+    #[tokio::test]
+    async fn tls12_stays_on_rustls() {
+        let (mut server, client) = pair(&[&rustls::version::TLS12], |mut c: Client| {
+            c.write_all(b"ping").expect("write");
+            let mut reply = [0; 4];
+            c.read_exact(&mut reply).expect("reply");
+            reply
+        })
+        .await;
+        assert!(matches!(server.session, Session::Rustls(_)));
+        assert_eq!(read_exact(&mut server, 4).await, b"ping");
+        server.write_all(b"pong").await.expect("write");
+        assert_eq!(&client.join().expect("client"), b"pong");
+    }
+
+    #[tokio::test]
+    async fn a_forged_record_is_refused_with_an_alert() {
+        let (mut server, client) = pair(&[&rustls::version::TLS13], |mut c: Client| {
+            c.read_exact(&mut [0; 2]).expect("go");
+            // A record the client's keys did not seal, on the socket.
+            let mut forged = vec![APPLICATION_DATA_RECORD, 3, 3, 0, 40];
+            forged.extend_from_slice(&[0x55; 40]);
+            c.sock.write_all(&forged).expect("write");
+            let mut buf = [0; 16];
+            c.read(&mut buf)
+        })
+        .await;
+        records(&mut server);
+        server.write_all(b"go").await.expect("go");
+        let err = read_some(&mut server).await.expect_err("refused");
+        assert!(err.to_string().contains("does not decrypt"), "{err}");
+        let answer = client.join().expect("client");
+        let err = answer.expect_err("the client hears the alert");
+        assert!(err.to_string().contains("BadRecordMac"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn key_updates_without_data_between_are_limited() {
+        let (mut server, client) = pair(&[&rustls::version::TLS13], |mut c: Client| {
+            // Once the server has taken over the records.
+            c.read_exact(&mut [0; 2]).expect("go");
+            for _ in 0..40 {
+                if c.conn.refresh_traffic_keys().is_err() {
+                    break;
+                }
+                // Sent, not waiting for the answer.
+                while c.conn.wants_write() {
+                    if c.conn.write_tls(&mut c.sock).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+        records(&mut server);
+        server.write_all(b"go").await.expect("go");
+        let err = read_some(&mut server).await.expect_err("refused");
+        assert!(err.to_string().contains("too many key updates"), "{err}");
+        client.join().expect("client");
+    }
+
+    const APPLICATION_DATA_RECORD: u8 = 23;
 }
