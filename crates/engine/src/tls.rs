@@ -144,7 +144,8 @@ enum Session {
     Rustls(Box<UnbufferedServerConnection>),
     /// gale, on a TLS 1.3 connection after its handshake.
     Records(Box<Records>),
-    /// Neither, for the moment rustls hands over.
+    /// Neither: for the moment rustls hands over, and for good after a
+    /// fault in gale's records.
     Gone,
 }
 
@@ -204,6 +205,28 @@ fn append(
     Err(invalid("a record could not be encoded"))
 }
 
+/// How much of `incoming` to show rustls during the handshake: every
+/// record up to the `shown`-th encrypted one (outer type
+/// `application_data`), and all of it when that many are not there.
+fn handshake_records(incoming: &[u8], shown: usize) -> usize {
+    let (mut at, mut seen) = (0, 0);
+    loop {
+        let Some(header) = incoming.get(at..).and_then(|r| r.first_chunk::<5>()) else {
+            return incoming.len();
+        };
+        if header[0] == 23 {
+            if seen == shown {
+                return at;
+            }
+            seen += 1;
+        }
+        at += 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if at >= incoming.len() {
+            return incoming.len();
+        }
+    }
+}
+
 /// The room an encryption asked for, when too little was given.
 fn needed(e: EncryptError) -> Option<usize> {
     match e {
@@ -221,11 +244,27 @@ impl TlsStream {
         let conn = match &mut self.session {
             Session::Rustls(conn) => conn,
             Session::Records(_) => return self.process_records(data),
-            Session::Gone => return Err(invalid("the connection was lost in its hand-over")),
+            Session::Gone => return Err(invalid("the connection has failed")),
         };
+        // Encrypted records rustls is shown during the handshake.
+        let mut shown = 1;
         loop {
+            // During the handshake rustls is shown the encrypted records
+            // (TLS 1.3's last flight, or data after it) one at a time, one
+            // more whenever it waits for more; after a TLS 1.3 handshake,
+            // none: those records are gale's (`take_over`), and rustls must
+            // hold none of their state then.
+            let handshaking = conn.is_handshaking();
+            let given = if handshaking {
+                handshake_records(&self.incoming, shown)
+            } else if conn.protocol_version() == Some(ProtocolVersion::TLSv1_3) {
+                0
+            } else {
+                self.incoming.len()
+            };
+            let held_back = given < self.incoming.len();
             let UnbufferedStatus { mut discard, state } =
-                conn.process_tls_records(&mut self.incoming);
+                conn.process_tls_records(&mut self.incoming[..given]);
             let want = match state.map_err(invalid)? {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
@@ -248,6 +287,10 @@ impl TlsStream {
                 // anything later.
                 ConnectionState::TransmitTlsData(transmit) => {
                     transmit.done();
+                    None
+                }
+                ConnectionState::BlockedHandshake if held_back => {
+                    shown += 1;
                     None
                 }
                 ConnectionState::BlockedHandshake => Some(Want::Read),
@@ -278,6 +321,7 @@ impl TlsStream {
             };
             if discard > 0 {
                 self.incoming.drain(..discard);
+                shown = 1;
             }
             if self.incoming.is_empty() && self.incoming.capacity() > 0 {
                 self.incoming = Vec::new();
@@ -298,7 +342,7 @@ impl TlsStream {
             // What follows the peer's close_notify is ignored.
             self.incoming = Vec::new();
         } else if !self.incoming.is_empty() {
-            match records.open(&mut self.incoming, &mut self.plain, &mut self.outgoing) {
+            match records.open(&mut self.incoming, &mut self.plain) {
                 Ok(opened) => {
                     self.incoming.drain(..opened.used);
                     if opened.closed {
@@ -311,14 +355,23 @@ impl TlsStream {
                         records.fatal_alert(alert, &mut self.outgoing);
                         // Said if the socket takes it now; the connection
                         // ends either way.
-                        let _ = self.tcp.try_write(&self.outgoing[self.sent..]);
+                        if let Ok(n) = self.tcp.try_write(&self.outgoing[self.sent..]) {
+                            self.sent += n;
+                        }
                     }
+                    // Nothing more is opened or sealed.
+                    self.session = Session::Gone;
                     return Err(invalid(fault));
                 }
             }
             if self.incoming.is_empty() && self.incoming.capacity() > 0 {
                 self.incoming = Vec::new();
             }
+        }
+        // A key update the peer asked for goes out now if nothing of ours
+        // waits; else before our next record.
+        if self.outgoing.len() == self.sent {
+            records.answer(&mut self.outgoing)?;
         }
         if let Some(data) = data.filter(|d| !d.is_empty()) {
             records.seal(data, &mut self.outgoing)?;
@@ -467,11 +520,13 @@ impl AsyncRead for TlsStream {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            if this.process(None)? == Want::Closed {
-                return Poll::Ready(Ok(()));
-            }
+            let want = this.process(None)?;
+            // What came with the end is read before the end.
             if this.read_at < this.plain.len() || this.eof {
                 continue;
+            }
+            if want == Want::Closed {
+                return Poll::Ready(Ok(()));
             }
             // What rustls answered (a key update, say) goes out; a socket
             // that takes nothing now does not stop the read.
@@ -576,7 +631,22 @@ mod tests {
         versions: &[&'static rustls::SupportedProtocolVersion],
         client: impl FnOnce(Client) -> T + Send + 'static,
     ) -> (TlsStream, std::thread::JoinHandle<T>) {
+        pair_early(versions, 2, |_| {}, client).await
+    }
+
+    /// As [`pair`], `early` queuing what the client sends with the last
+    /// flight of its handshake.
+    /// the server sending `tickets` session tickets.
+    async fn pair_early<T: Send + 'static>(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        tickets: usize,
+        early: impl FnOnce(&mut ClientConnection) + Send + 'static,
+        client: impl FnOnce(Client) -> T + Send + 'static,
+    ) -> (TlsStream, std::thread::JoinHandle<T>) {
         let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let mut config = (*tls.0).clone();
+        config.send_tls13_tickets = tickets;
+        let tls = Tls(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -586,6 +656,7 @@ mod tests {
             let tcp = StdTcp::connect(addr).expect("connect");
             let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
             let mut conn = ClientConnection::new(config, name).expect("client");
+            early(&mut conn);
             let mut tcp = tcp;
             while conn.is_handshaking() {
                 conn.complete_io(&mut tcp).expect("client handshake");
@@ -743,6 +814,8 @@ mod tests {
                     }
                 }
             }
+            // Open until the server ends it.
+            let _ = c.read(&mut [0; 16]);
         })
         .await;
         records(&mut server);
@@ -750,6 +823,56 @@ mod tests {
         let err = read_some(&mut server).await.expect_err("refused");
         assert!(err.to_string().contains("too many key updates"), "{err}");
         client.join().expect("client");
+    }
+
+    #[tokio::test]
+    async fn what_comes_with_the_handshake_s_last_flight_is_read_by_gale() {
+        // No session ticket: nothing stops rustls between the client's
+        // Finished and what follows it.
+        let (mut server, client) = pair_early(
+            &[&rustls::version::TLS13],
+            0,
+            |conn| {
+                conn.writer().write_all(b"early").expect("queue");
+            },
+            |mut c: Client| {
+                c.conn.send_close_notify();
+                c.flush().expect("close_notify");
+            },
+        )
+        .await;
+        // rustls read none of it: the hand-over took place.
+        records(&mut server);
+        assert_eq!(read_exact(&mut server, 5).await, b"early");
+        assert!(read_some(&mut server).await.expect("end").is_empty());
+        client.join().expect("client");
+    }
+
+    #[tokio::test]
+    async fn key_update_requests_that_come_together_get_one_answer() {
+        let (mut server, client) = pair(&[&rustls::version::TLS13], |mut c: Client| {
+            c.read_exact(&mut [0; 2]).expect("go");
+            for _ in 0..10 {
+                c.conn.refresh_traffic_keys().expect("key update");
+            }
+            c.conn.writer().write_all(b"x").expect("queue");
+            // All of it in one write.
+            let mut flight = Vec::new();
+            while c.conn.wants_write() {
+                c.conn.write_tls(&mut flight).expect("encode");
+            }
+            c.sock.write_all(&flight).expect("write");
+            let mut reply = [0; 5];
+            c.read_exact(&mut reply).expect("reply under the new keys");
+            reply
+        })
+        .await;
+        records(&mut server);
+        server.write_all(b"go").await.expect("go");
+        assert_eq!(read_exact(&mut server, 1).await, b"x");
+        assert_eq!(records(&mut server).write_updates(), 1);
+        server.write_all(b"reply").await.expect("reply");
+        assert_eq!(&client.join().expect("client"), b"reply");
     }
 
     const APPLICATION_DATA_RECORD: u8 = 23;

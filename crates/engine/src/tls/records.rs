@@ -20,11 +20,15 @@
 //!   anything else ends the connection.
 //! - The only handshake message a client may send now is `KeyUpdate`: it
 //!   must end its record; the read keys move on, and when the client asks,
-//!   gale answers with its own `KeyUpdate` and moves its write keys on. 32
-//!   key updates in a row without application data end the connection.
+//!   gale answers with its own `KeyUpdate` and moves its write keys on:
+//!   before its next record, or at once when nothing of ours is waiting
+//!   to be written. Requests that come while an answer waits get that one
+//!   answer (RFC 8446 §4.6.3), so a client that asks and never reads
+//!   cannot pile answers up. 32 key updates in a row without application
+//!   data end the connection, as do 32 empty records in a row.
 //! - The write keys move on by themselves before the suite's
-//!   confidentiality limit (2^24 records for AES-GCM); a sequence number
-//!   near 2^64 ends the connection.
+//!   confidentiality limit (2^24 records for AES-GCM), and before a
+//!   sequence number nears 2^64.
 //! - A fault is answered with the fatal alert RFC 8446 names for it.
 
 use std::fmt;
@@ -69,6 +73,8 @@ const SEQ_LIMIT: u64 = 0xffff_ffff_ffff_0000;
 const KEY_UPDATES_ALLOWED: u8 = 32;
 /// Warning alerts allowed on a connection (the same).
 const WARNINGS_ALLOWED: u8 = 4;
+/// Empty records allowed in a row (the same).
+const EMPTY_ALLOWED: u8 = 32;
 /// `KeyUpdate`, the peer not asked to update in turn.
 const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
 
@@ -181,13 +187,25 @@ pub(super) struct Records {
     handshake_len: u8,
     key_updates_allowed: u8,
     warnings_allowed: u8,
+    empty_allowed: u8,
+    /// The peer asked for a key update and has not had our answer.
+    answer_owed: bool,
     /// The peer's `close_notify` came.
     closed: bool,
+    /// Ours is sealed: nothing follows it.
+    closing: bool,
+    /// How often the write keys moved on, for tests.
+    #[cfg(test)]
+    write_updates: u32,
 }
 
 impl Records {
     /// Takes over from rustls: its handshake must be done and everything
     /// it had to send sent, on a TLS 1.3 connection.
+    ///
+    /// rustls must not have read any record under the traffic keys: then
+    /// no answer of its own to a key update, no part of a handshake
+    /// message and no `close_notify` can be left inside it.
     pub(super) fn new(conn: UnbufferedServerConnection) -> io::Result<Self> {
         let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(invalid)?;
         let limit = match kernel.negotiated_cipher_suite() {
@@ -196,16 +214,24 @@ impl Records {
         };
         let (tx_seq, tx) = &secrets.tx;
         let (rx_seq, rx) = &secrets.rx;
+        if *rx_seq != 0 {
+            return Err(invalid("records were read before the hand-over"));
+        }
         Ok(Records {
             tx: Keys::new(*tx_seq, tx)?,
             rx: Keys::new(*rx_seq, rx)?,
             kernel,
-            limit,
+            limit: limit.min(SEQ_LIMIT),
             handshake: [0; 5],
             handshake_len: 0,
             key_updates_allowed: KEY_UPDATES_ALLOWED,
             warnings_allowed: WARNINGS_ALLOWED,
+            empty_allowed: EMPTY_ALLOWED,
+            answer_owed: false,
             closed: false,
+            closing: false,
+            #[cfg(test)]
+            write_updates: 0,
         })
     }
 
@@ -220,9 +246,21 @@ impl Records {
         self.seal_as(APPLICATION_DATA, data, out)
     }
 
-    /// Seals our `close_notify` into `out`.
+    /// Seals our `close_notify` into `out`: the last record we send.
     pub(super) fn close_notify(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        self.seal_as(ALERT, &[1, CLOSE_NOTIFY], out)
+        self.seal_as(ALERT, &[1, CLOSE_NOTIFY], out)?;
+        self.closing = true;
+        Ok(())
+    }
+
+    /// Seals the key update the peer asked for, if it is owed, into `out`
+    /// (the caller does this when nothing of ours waits to be written).
+    pub(super) fn answer(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        if self.answer_owed && !self.closing {
+            let key = self.tx.expand()?;
+            self.update_tx(&key, out)?;
+        }
+        Ok(())
     }
 
     /// Seals a fatal alert into `out`, as far as that can still be done.
@@ -231,9 +269,17 @@ impl Records {
     }
 
     fn seal_as(&mut self, typ: u8, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        if self.closing {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
         let mut key = self.tx.expand()?;
+        if self.answer_owed {
+            key = self.update_tx(&key, out)?;
+        }
         for chunk in data.chunks(MAX_PLAIN) {
-            if self.tx.seq >= self.limit {
+            // Moved on before the limit: this record and the key update
+            // both fit under the old key.
+            if self.tx.seq.saturating_add(2) > self.limit {
                 key = self.update_tx(&key, out)?;
             }
             seal_one(&mut self.tx, &key, typ, chunk, out)?;
@@ -245,19 +291,22 @@ impl Records {
     /// and moves them on; returns the new key, expanded.
     fn update_tx(&mut self, key: &LessSafeKey, out: &mut Vec<u8>) -> io::Result<LessSafeKey> {
         seal_one(&mut self.tx, key, HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED, out)?;
+        self.answer_owed = false;
+        #[cfg(test)]
+        {
+            self.write_updates += 1;
+        }
         let (seq, secrets) = self.kernel.update_tx_secret().map_err(invalid)?;
         self.tx = Keys::new(seq, &secrets)?;
         self.tx.expand()
     }
 
     /// Opens the whole records at the front of `incoming` (in place),
-    /// application data to `plain`; what the peer's messages call for
-    /// (a `KeyUpdate` in answer) is sealed into `out`.
+    /// application data to `plain`.
     pub(super) fn open(
         &mut self,
         incoming: &mut [u8],
         plain: &mut Vec<u8>,
-        out: &mut Vec<u8>,
     ) -> Result<Opened, Fatal> {
         let mut used = 0;
         let mut key: Option<LessSafeKey> = None;
@@ -303,6 +352,14 @@ impl Records {
                 return Err(fatal(UNEXPECTED_MESSAGE, "a record with no content type"));
             };
             let content = &opened[..end];
+            if content.is_empty() {
+                if self.empty_allowed == 0 {
+                    return Err(fatal(UNEXPECTED_MESSAGE, "too many empty records"));
+                }
+                self.empty_allowed -= 1;
+            } else {
+                self.empty_allowed = EMPTY_ALLOWED;
+            }
             match opened[end] {
                 APPLICATION_DATA => {
                     if self.handshake_len > 0 {
@@ -316,7 +373,7 @@ impl Records {
                 }
                 ALERT => self.alert(content)?,
                 HANDSHAKE => {
-                    if self.handshake_message(content, out)? {
+                    if self.handshake_message(content)? {
                         // The read keys moved on.
                         key = None;
                     }
@@ -366,7 +423,7 @@ impl Records {
 
     /// Takes a handshake record's content: only `KeyUpdate` may come now.
     /// Returns whether the read keys moved on.
-    fn handshake_message(&mut self, mut content: &[u8], out: &mut Vec<u8>) -> Result<bool, Fatal> {
+    fn handshake_message(&mut self, mut content: &[u8]) -> Result<bool, Fatal> {
         if content.is_empty() {
             return Err(fatal(UNEXPECTED_MESSAGE, "an empty handshake record"));
         }
@@ -406,14 +463,8 @@ impl Records {
                 return Err(fatal(UNEXPECTED_MESSAGE, "too many key updates"));
             }
             self.key_updates_allowed -= 1;
-            if requested {
-                let key = self
-                    .tx
-                    .expand()
-                    .map_err(|_| fatal(INTERNAL_ERROR, "a key that does not expand"))?;
-                self.update_tx(&key, out)
-                    .map_err(|_| fatal(INTERNAL_ERROR, "the write keys did not update"))?;
-            }
+            // Answered before our next record (`seal_as`), or by `answer`.
+            self.answer_owed |= requested;
             let (seq, secrets) = self
                 .kernel
                 .update_rx_secret()
@@ -429,6 +480,12 @@ impl Records {
     #[cfg(test)]
     pub(super) fn set_limit(&mut self, limit: u64) {
         self.limit = limit;
+    }
+
+    /// How often the write keys moved on, for tests.
+    #[cfg(test)]
+    pub(super) fn write_updates(&self) -> u32 {
+        self.write_updates
     }
 
     /// The write side's sequence number, for tests: 0 after a key update.
