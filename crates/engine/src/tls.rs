@@ -59,6 +59,7 @@ impl Tls {
             tcp,
             session: Session::Rustls(Box::new(conn)),
             incoming: Vec::new(),
+            shown: 0,
             outgoing: Vec::new(),
             sent: 0,
             plain: Vec::new(),
@@ -155,6 +156,8 @@ pub(crate) struct TlsStream {
     session: Session,
     /// TLS bytes received and not yet processed (part of a record).
     incoming: Vec<u8>,
+    /// During the handshake, where the whole records shown to rustls end.
+    shown: usize,
     /// TLS bytes to send, from `sent` on.
     outgoing: Vec<u8>,
     sent: usize,
@@ -205,25 +208,31 @@ fn append(
     Err(invalid("a record could not be encoded"))
 }
 
-/// How much of `incoming` to show rustls during the handshake: every
-/// record up to the `shown`-th encrypted one (outer type
-/// `application_data`), and all of it when that many are not there.
-fn handshake_records(incoming: &[u8], shown: usize) -> usize {
-    let (mut at, mut seen) = (0, 0);
+/// Where the records rustls is shown during the handshake end (see
+/// [`TlsStream::process`]): from `shown`, the end of those it was shown
+/// before (bytes before it are rustls's, which may have joined them in
+/// place), every whole record but encrypted ones (outer type
+/// `application_data`), of which `more` at most. Returns the new end of
+/// whole records shown, and how much of `incoming` to give rustls: up to
+/// there, or all of it when a record not yet whole comes next (rustls
+/// reads its header and waits).
+fn handshake_records(incoming: &[u8], shown: usize, mut more: usize) -> (usize, usize) {
+    let mut at = shown;
     loop {
         let Some(header) = incoming.get(at..).and_then(|r| r.first_chunk::<5>()) else {
-            return incoming.len();
+            return (at, incoming.len());
         };
+        let end = at + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if end > incoming.len() {
+            return (at, incoming.len());
+        }
         if header[0] == 23 {
-            if seen == shown {
-                return at;
+            if more == 0 {
+                return (at, at);
             }
-            seen += 1;
+            more -= 1;
         }
-        at += 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if at >= incoming.len() {
-            return incoming.len();
-        }
+        at = end;
     }
 }
 
@@ -243,20 +252,30 @@ impl TlsStream {
     fn process(&mut self, mut data: Option<&[u8]>) -> io::Result<Want> {
         let conn = match &mut self.session {
             Session::Rustls(conn) => conn,
-            Session::Records(_) => return self.process_records(data),
+            Session::Records(_) => {
+                let processed = self.process_records(data);
+                if processed.is_err() {
+                    // Nothing more is opened or sealed.
+                    self.session = Session::Gone;
+                }
+                return processed;
+            }
             Session::Gone => return Err(invalid("the connection has failed")),
         };
-        // Encrypted records rustls is shown during the handshake.
-        let mut shown = 1;
+        // Encrypted records rustls may be shown beyond those it was.
+        let mut more = 0;
         loop {
             // During the handshake rustls is shown the encrypted records
-            // (TLS 1.3's last flight, or data after it) one at a time, one
-            // more whenever it waits for more; after a TLS 1.3 handshake,
+            // (TLS 1.3's last flight, or data after it) one at a time,
+            // only when it waits for more; after a TLS 1.3 handshake,
             // none: those records are gale's (`take_over`), and rustls must
             // hold none of their state then.
-            let handshaking = conn.is_handshaking();
-            let given = if handshaking {
-                handshake_records(&self.incoming, shown)
+            self.shown = self.shown.min(self.incoming.len());
+            let given = if conn.is_handshaking() {
+                let (shown, given) = handshake_records(&self.incoming, self.shown, more);
+                self.shown = shown;
+                more = 0;
+                given
             } else if conn.protocol_version() == Some(ProtocolVersion::TLSv1_3) {
                 0
             } else {
@@ -290,7 +309,7 @@ impl TlsStream {
                     None
                 }
                 ConnectionState::BlockedHandshake if held_back => {
-                    shown += 1;
+                    more = 1;
                     None
                 }
                 ConnectionState::BlockedHandshake => Some(Want::Read),
@@ -321,7 +340,7 @@ impl TlsStream {
             };
             if discard > 0 {
                 self.incoming.drain(..discard);
-                shown = 1;
+                self.shown = self.shown.saturating_sub(discard);
             }
             if self.incoming.is_empty() && self.incoming.capacity() > 0 {
                 self.incoming = Vec::new();
@@ -359,8 +378,6 @@ impl TlsStream {
                             self.sent += n;
                         }
                     }
-                    // Nothing more is opened or sealed.
-                    self.session = Session::Gone;
                     return Err(invalid(fault));
                 }
             }
@@ -631,15 +648,28 @@ mod tests {
         versions: &[&'static rustls::SupportedProtocolVersion],
         client: impl FnOnce(Client) -> T + Send + 'static,
     ) -> (TlsStream, std::thread::JoinHandle<T>) {
-        pair_early(versions, 2, |_| {}, client).await
+        pair_early(versions, 2, 1, |_| {}, client).await
     }
 
-    /// As [`pair`], `early` queuing what the client sends with the last
-    /// flight of its handshake.
-    /// the server sending `tickets` session tickets.
+    /// Writes what the client has to send, in one write.
+    fn flush(conn: &mut ClientConnection, tcp: &mut StdTcp) {
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).expect("encode");
+        }
+        if !out.is_empty() {
+            tcp.write_all(&out).expect("write");
+        }
+    }
+
+    /// As [`pair`], the server sending `tickets` session tickets, the
+    /// client its ClientHello in `hello_records` records written apart,
+    /// and `early` queuing what the client sends in the same write as the
+    /// last flight of its handshake.
     async fn pair_early<T: Send + 'static>(
         versions: &[&'static rustls::SupportedProtocolVersion],
         tickets: usize,
+        hello_records: usize,
         early: impl FnOnce(&mut ClientConnection) + Send + 'static,
         client: impl FnOnce(Client) -> T + Send + 'static,
     ) -> (TlsStream, std::thread::JoinHandle<T>) {
@@ -656,11 +686,31 @@ mod tests {
             let tcp = StdTcp::connect(addr).expect("connect");
             let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
             let mut conn = ClientConnection::new(config, name).expect("client");
-            early(&mut conn);
             let mut tcp = tcp;
-            while conn.is_handshaking() {
-                conn.complete_io(&mut tcp).expect("client handshake");
+            let mut hello = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut hello).expect("hello");
             }
+            let (header, body) = hello.split_at(5);
+            for piece in body.chunks(body.len().div_ceil(hello_records)) {
+                let [hi, lo] = (piece.len() as u16).to_be_bytes();
+                let mut record = vec![header[0], header[1], header[2], hi, lo];
+                record.extend_from_slice(piece);
+                tcp.write_all(&record).expect("hello");
+                if hello_records > 1 {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+            while conn.is_handshaking() {
+                let n = conn.read_tls(&mut tcp).expect("read");
+                assert!(n > 0, "the server closed in the handshake");
+                conn.process_new_packets().expect("client handshake");
+                if conn.is_handshaking() {
+                    flush(&mut conn, &mut tcp);
+                }
+            }
+            early(&mut conn);
+            flush(&mut conn, &mut tcp);
             client(StreamOwned::new(conn, tcp))
         });
         let (tcp, _) = listener.accept().await.expect("accept");
@@ -728,7 +778,8 @@ mod tests {
         records(&mut server).set_limit(3);
         for i in 0..10u8 {
             server.write_all(&[i; 300]).await.expect("push");
-            assert!(records(&mut server).write_seq() <= 3, "push {i}");
+            // The key moved on after 3 records: 2 pushes and the update.
+            assert!(records(&mut server).write_seq() <= 2, "push {i}");
         }
         let (got, pushes) = client.join().expect("client");
         for (round, reply) in got.iter().enumerate() {
@@ -793,6 +844,10 @@ mod tests {
         server.write_all(b"go").await.expect("go");
         let err = read_some(&mut server).await.expect_err("refused");
         assert!(err.to_string().contains("does not decrypt"), "{err}");
+        // Nothing more is opened or sealed.
+        let again = read_some(&mut server).await.expect_err("failed");
+        assert!(again.to_string().contains("has failed"), "{again}");
+        server.write_all(b"x").await.expect_err("failed");
         let answer = client.join().expect("client");
         let err = answer.expect_err("the client hears the alert");
         assert!(err.to_string().contains("BadRecordMac"), "{err}");
@@ -832,13 +887,12 @@ mod tests {
         let (mut server, client) = pair_early(
             &[&rustls::version::TLS13],
             0,
+            1,
             |conn| {
                 conn.writer().write_all(b"early").expect("queue");
+                conn.send_close_notify();
             },
-            |mut c: Client| {
-                c.conn.send_close_notify();
-                c.flush().expect("close_notify");
-            },
+            |_c: Client| {},
         )
         .await;
         // rustls read none of it: the hand-over took place.
@@ -873,6 +927,55 @@ mod tests {
         assert_eq!(records(&mut server).write_updates(), 1);
         server.write_all(b"reply").await.expect("reply");
         assert_eq!(&client.join().expect("client"), b"reply");
+    }
+
+    #[tokio::test]
+    async fn a_client_hello_in_several_records_is_joined() {
+        for versions in [&[&rustls::version::TLS13], &[&rustls::version::TLS12]] {
+            let (mut server, client) = pair_early(
+                versions,
+                2,
+                3,
+                |conn| conn.writer().write_all(b"hi").expect("queue"),
+                |_c: Client| {},
+            )
+            .await;
+            assert_eq!(read_exact(&mut server, 2).await, b"hi");
+            client.join().expect("client");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handshake_message_joined_by_rustls_is_not_read_as_records() {
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = std::thread::spawn(move || {
+            let mut tcp = StdTcp::connect(addr).expect("connect");
+            // A ClientHello of 4 KiB begun, then continued by a record
+            // whose content looks like two record headers, then a byte.
+            let pieces: [&[u8]; 3] = [
+                &[22, 3, 1, 0, 4, 1, 0, 16, 0],
+                &[22, 3, 1, 0, 10, 23, 3, 3, 0, 0, 23, 3, 3, 0, 0],
+                &[22],
+            ];
+            for piece in pieces {
+                if tcp.write_all(piece).is_err() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = tcp.read(&mut [0; 16]);
+        });
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_millis(500), tls.accept(tcp)).await;
+        // Still waiting for the rest of the ClientHello, or refused: no
+        // panic, no records read out of its contents.
+        assert!(!matches!(accepted, Ok(Ok(_))), "no handshake was made");
+        client.join().expect("client");
     }
 
     const APPLICATION_DATA_RECORD: u8 = 23;
