@@ -633,13 +633,14 @@ mod tests {
             roots.add(cert.expect("cert")).expect("root");
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Arc::new(
-            ClientConfig::builder_with_provider(provider)
-                .with_protocol_versions(versions)
-                .expect("versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // For the tests that seal their own records.
+        config.enable_secret_extraction = true;
+        Arc::new(config)
     }
 
     /// The server's stream, its handshake done, and a blocking client
@@ -976,6 +977,113 @@ mod tests {
         // panic, no records read out of its contents.
         assert!(!matches!(accepted, Ok(Ok(_))), "no handshake was made");
         client.join().expect("client");
+    }
+
+    /// A record's inner type and content.
+    type Sealed = (u8, Vec<u8>);
+
+    /// The server's stream and a client that sends `records` sealed under its own keys, in one write, after a TLS 1.3
+    /// handshake, then waits for the server to end the connection.
+    async fn send_sealed(records: Vec<Sealed>) -> (TlsStream, std::thread::JoinHandle<()>) {
+        pair(&[&rustls::version::TLS13], move |c: Client| {
+            let StreamOwned { conn, mut sock } = c;
+            let secrets = conn.dangerous_extract_secrets().expect("secrets");
+            let (seq, tx) = secrets.tx;
+            let mut sealer = records::Sealer::new(seq, &tx);
+            let mut flight = Vec::new();
+            for (typ, content) in &records {
+                flight.extend(sealer.seal(*typ, content));
+            }
+            sock.write_all(&flight).expect("write");
+            // Open until the server ends it.
+            while let Ok(1..) = sock.read(&mut [0; 512]) {}
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn records_a_client_must_not_send_end_the_connection() {
+        let ku = |request: u8| vec![24, 0, 0, 1, request];
+        let cases: Vec<(&str, Vec<Sealed>)> = vec![
+            ("too many empty records", vec![(23, vec![]); 33]),
+            ("no content type", vec![(0, vec![])]),
+            ("plaintext too large", vec![(23, vec![1; 16_385])]),
+            ("of an unexpected type", vec![(20, vec![1])]),
+            (
+                "not at the end of its record",
+                vec![(22, [ku(0), ku(0)].concat())],
+            ),
+            ("other than a key update", vec![(22, vec![4, 0, 0, 1, 0])]),
+            ("of the wrong length", vec![(22, vec![24, 0, 0, 2, 0, 0])]),
+            ("request unknown", vec![(22, ku(2))]),
+            (
+                "inside a handshake message",
+                vec![(22, vec![24, 0]), (23, b"x".to_vec())],
+            ),
+            ("an empty handshake record", vec![(22, vec![])]),
+            ("not 2 bytes", vec![(21, vec![1])]),
+            ("too many warning alerts", vec![(21, vec![1, 90]); 5]),
+            ("TLS 1.3 does not have", vec![(21, vec![1, 10])]),
+            ("the peer sent a fatal alert", vec![(21, vec![2, 40])]),
+            ("of an unknown level", vec![(21, vec![3, 40])]),
+        ];
+        for (why, records) in cases {
+            let (mut server, client) = send_sealed(records).await;
+            let err = read_some(&mut server).await.expect_err(why);
+            assert!(err.to_string().contains(why), "{why}: {err}");
+            drop(server);
+            client.join().expect("client");
+        }
+    }
+
+    #[tokio::test]
+    async fn records_a_client_may_send_are_let_by() {
+        // 32 empty records, 4 user_canceled warnings: let by.
+        let mut records = vec![(23, vec![]); 32];
+        records.extend(vec![(21, vec![1, 90]); 4]);
+        records.push((23, b"ok".to_vec()));
+        let (mut server, client) = send_sealed(records).await;
+        assert_eq!(read_exact(&mut server, 2).await, b"ok");
+        drop(server);
+        client.join().expect("client");
+
+        // After close_notify nothing is read.
+        let (mut server, client) =
+            send_sealed(vec![(21, vec![1, 0]), (23, b"late".to_vec())]).await;
+        assert!(read_some(&mut server).await.expect("end").is_empty());
+        drop(server);
+        client.join().expect("client");
+
+        // A key update split over two records is joined: the read keys
+        // move on, so the server waits for records under the new ones.
+        let (mut server, client) = send_sealed(vec![(22, vec![24, 0]), (22, vec![0, 1, 0])]).await;
+        let mut buf = [0; 16];
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(300), server.read(&mut buf))
+                .await;
+        assert!(waited.is_err(), "no error and nothing read: {waited:?}");
+        drop(server);
+        client.join().expect("client");
+    }
+
+    #[tokio::test]
+    async fn record_headers_a_client_must_not_send_end_the_connection() {
+        let cases: [(&str, &[u8]); 2] = [
+            ("not encrypted", &[22, 3, 3, 0, 1, 1]),
+            // Refused on its header, before its body comes.
+            ("a record too large", &[23, 3, 3, 0x41, 0x01]),
+        ];
+        for (why, bytes) in cases {
+            let (mut server, client) = pair(&[&rustls::version::TLS13], move |mut c: Client| {
+                c.sock.write_all(bytes).expect("write");
+                while let Ok(1..) = c.sock.read(&mut [0; 512]) {}
+            })
+            .await;
+            let err = read_some(&mut server).await.expect_err(why);
+            assert!(err.to_string().contains(why), "{why}: {err}");
+            drop(server);
+            client.join().expect("client");
+        }
     }
 
     const APPLICATION_DATA_RECORD: u8 = 23;

@@ -522,3 +522,23 @@ fn seal_one(
     keys.seq += 1;
     Ok(())
 }
+
+/// Seals records as a client would, for tests that send what rustls's
+/// client never would.
+#[cfg(test)]
+pub(super) struct Sealer(Keys);
+
+#[cfg(test)]
+impl Sealer {
+    pub(super) fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> Self {
+        Sealer(Keys::new(seq, secrets).expect("keys"))
+    }
+
+    /// One record of inner type `typ` holding `content`.
+    pub(super) fn seal(&mut self, typ: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let key = self.0.expand().expect("key");
+        seal_one(&mut self.0, &key, typ, content, &mut out).expect("seal");
+        out
+    }
+}
