@@ -778,10 +778,19 @@ async fn sigkill_loses_nothing_already_spilled() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(rows_of(&direct, &id).await, 100);
-    let (_, body) = common::http_get(addr, "/metrics.json")
-        .await
-        .expect("metrics");
-    let m: Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(m["spill-replayed"], 100, "{m}");
-    assert_eq!(m["spill-torn"], 0, "{m}");
+    // The replay counts a batch once its rows are committed: a moment
+    // after the rows are there.
+    let deadline = Instant::now() + common::WAIT;
+    loop {
+        let (_, body) = common::http_get(addr, "/metrics.json")
+            .await
+            .expect("metrics");
+        let m: Value = serde_json::from_str(&body).expect("json");
+        if m["spill-replayed"] == 100 {
+            assert_eq!(m["spill-torn"], 0, "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "replayed: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
