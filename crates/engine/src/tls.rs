@@ -236,6 +236,13 @@ fn handshake_records(incoming: &[u8], shown: usize, mut more: usize) -> (usize, 
     }
 }
 
+/// Frees an empty buffer's memory (an idle connection holds none).
+fn let_go_if_empty(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = Vec::new();
+    }
+}
+
 /// The room an encryption asked for, when too little was given.
 fn needed(e: EncryptError) -> Option<usize> {
     match e {
@@ -342,9 +349,7 @@ impl TlsStream {
                 self.incoming.drain(..discard);
                 self.shown = self.shown.saturating_sub(discard);
             }
-            if self.incoming.is_empty() && self.incoming.capacity() > 0 {
-                self.incoming = Vec::new();
-            }
+            let_go_if_empty(&mut self.incoming);
             if let Some(want) = want {
                 return Ok(want);
             }
@@ -357,17 +362,10 @@ impl TlsStream {
         let Session::Records(records) = &mut self.session else {
             return Err(invalid("no record layer"));
         };
-        if records.peer_closed() {
-            // What follows the peer's close_notify is ignored.
-            self.incoming = Vec::new();
-        } else if !self.incoming.is_empty() {
+        if !records.peer_closed() && !self.incoming.is_empty() {
             match records.open(&mut self.incoming, &mut self.plain) {
-                Ok(opened) => {
-                    self.incoming.drain(..opened.used);
-                    if opened.closed {
-                        self.eof = true;
-                        self.incoming = Vec::new();
-                    }
+                Ok(used) => {
+                    self.incoming.drain(..used);
                 }
                 Err(fault) => {
                     if let Some(alert) = fault.alert {
@@ -381,10 +379,13 @@ impl TlsStream {
                     return Err(invalid(fault));
                 }
             }
-            if self.incoming.is_empty() && self.incoming.capacity() > 0 {
-                self.incoming = Vec::new();
-            }
         }
+        if records.peer_closed() {
+            // What follows the peer's close_notify is ignored.
+            self.eof = true;
+            self.incoming.clear();
+        }
+        let_go_if_empty(&mut self.incoming);
         // A key update the peer asked for goes out now if nothing of ours
         // waits; else before our next record.
         if self.outgoing.len() == self.sent {
@@ -456,9 +457,7 @@ impl TlsStream {
             self.incoming.resize(start + READ_CHUNK, 0);
             let read = self.tcp.try_read(&mut self.incoming[start..]);
             self.incoming.truncate(start + *read.as_ref().unwrap_or(&0));
-            if self.incoming.is_empty() && self.incoming.capacity() > 0 {
-                self.incoming = Vec::new();
-            }
+            let_go_if_empty(&mut self.incoming);
             match read {
                 Ok(0) => {
                     self.eof = true;

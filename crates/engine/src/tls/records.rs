@@ -164,15 +164,6 @@ impl Drop for Keys {
     }
 }
 
-/// What [`Records::open`] did with the records it was given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Opened {
-    /// Bytes of whole records used from the front.
-    pub(super) used: usize,
-    /// The peer's `close_notify` came: nothing more is read.
-    pub(super) closed: bool,
-}
-
 /// A TLS 1.3 connection's record layer, after the handshake (see the
 /// module's doc).
 pub(super) struct Records {
@@ -302,12 +293,13 @@ impl Records {
     }
 
     /// Opens the whole records at the front of `incoming` (in place),
-    /// application data to `plain`.
+    /// application data to `plain`, up to the peer's `close_notify` if it
+    /// comes; returns how many bytes of records were used.
     pub(super) fn open(
         &mut self,
         incoming: &mut [u8],
         plain: &mut Vec<u8>,
-    ) -> Result<Opened, Fatal> {
+    ) -> Result<usize, Fatal> {
         let mut used = 0;
         let mut key: Option<LessSafeKey> = None;
         while !self.closed {
@@ -381,10 +373,7 @@ impl Records {
                 _ => return Err(fatal(UNEXPECTED_MESSAGE, "a record of an unexpected type")),
             }
         }
-        Ok(Opened {
-            used,
-            closed: self.closed,
-        })
+        Ok(used)
     }
 
     fn alert(&mut self, content: &[u8]) -> Result<(), Fatal> {
