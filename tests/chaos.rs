@@ -47,17 +47,38 @@ async fn postgres_behind_proxy() -> (FaultProxy, String, String) {
     (proxy, through.to_string(), url)
 }
 
+/// A server whose `/metrics.json` a test reads: one in this process, or
+/// a `gale serve` child at its address.
+trait Metrics {
+    async fn metrics_json(&self) -> Value;
+}
+
+impl Metrics for common::TestServer {
+    async fn metrics_json(&self) -> Value {
+        self.metrics().await
+    }
+}
+
+impl Metrics for SocketAddr {
+    async fn metrics_json(&self) -> Value {
+        let (_, body) = common::http_get(*self, "/metrics.json")
+            .await
+            .expect("metrics");
+        serde_json::from_str(&body).expect("json")
+    }
+}
+
 /// Waits until `cond` holds of the server's metrics, or fails naming
 /// `what`.
 async fn wait_until(
-    server: &common::TestServer,
+    server: &impl Metrics,
     what: &str,
     limit: Duration,
     cond: impl Fn(&Value) -> bool,
 ) -> Value {
     let deadline = Instant::now() + limit;
     loop {
-        let m = server.metrics().await;
+        let m = server.metrics_json().await;
         if cond(&m) {
             return m;
         }
@@ -752,18 +773,7 @@ async fn sigkill_loses_nothing_already_spilled() {
         assert_eq!(c.ask(&format!("Killed{i}")).await["type"], "weather");
     }
     // Every row in the spill, then killed without a chance to flush.
-    let deadline = Instant::now() + common::WAIT;
-    loop {
-        let (_, body) = common::http_get(addr, "/metrics.json")
-            .await
-            .expect("metrics");
-        let m: Value = serde_json::from_str(&body).expect("json");
-        if m["spill-rows"] == 100 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "spilled: {m}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(&addr, "spilled", common::WAIT, |m| m["spill-rows"] == 100).await;
     child.kill().await.expect("SIGKILL");
     drop(c);
 
@@ -780,17 +790,9 @@ async fn sigkill_loses_nothing_already_spilled() {
     assert_eq!(rows_of(&direct, &id).await, 100);
     // The replay counts a batch once its rows are committed: a moment
     // after the rows are there.
-    let deadline = Instant::now() + common::WAIT;
-    loop {
-        let (_, body) = common::http_get(addr, "/metrics.json")
-            .await
-            .expect("metrics");
-        let m: Value = serde_json::from_str(&body).expect("json");
-        if m["spill-replayed"] == 100 {
-            assert_eq!(m["spill-torn"], 0, "{m}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "replayed: {m}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let m = wait_until(&addr, "replayed", common::WAIT, |m| {
+        m["spill-replayed"] == 100
+    })
+    .await;
+    assert_eq!(m["spill-torn"], 0, "{m}");
 }
