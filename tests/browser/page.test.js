@@ -185,7 +185,7 @@ test('the browser agrees to permessage-deflate and reads compressed messages', a
   assert.ok((await metric('gale_compressed_connections_total')) >= 2, 'the page and the echo socket');
 });
 
-test('behind a proxy that refuses WebSocket upgrades, the page falls back to SSE and works', async () => {
+test('behind a proxy that refuses WebSocket upgrades, the page falls back to SSE and works, and moves back once they pass', async () => {
   const proxy = await startNoUpgradeProxy(gale.port);
   const behind = await browser.newPage({ viewport: { width: 390, height: 844 } });
   const errors = [];
@@ -201,6 +201,19 @@ test('behind a proxy that refuses WebSocket upgrades, the page falls back to SSE
     await behind.locator('#log li', { hasText: 'Vienna' }).first().waitFor({ timeout: 15_000 });
     await behind.waitForFunction(() => Number(document.querySelector('#stat-connections b').textContent) >= 1);
     await behind.screenshot({ path: `${shots}/sse-fallback.png`, fullPage: true });
+    // The proxy lets WebSockets through now: the client's next try (2.5–5 s
+    // after SSE opened) moves the page back, its subscription with it.
+    proxy.upgrades = 'pass';
+    await behind.locator('#status', { hasText: /^open · WebSocket$/ }).waitFor({ timeout: 15_000 });
+    const seen = await behind.locator('#log li', { hasText: 'Vienna' }).count();
+    await behind.waitForFunction(
+      (n) => [...document.querySelectorAll('#log li')].filter((li) => li.textContent.includes('Vienna')).length > n,
+      seen,
+      { timeout: 15_000 },
+    );
+    await behind.fill('#city', 'Prague');
+    await behind.keyboard.press('Enter');
+    await behind.locator('#card', { hasText: 'Prague' }).waitFor();
     assert.deepEqual(errors, []);
   } finally {
     await behind.close();

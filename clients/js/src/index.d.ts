@@ -84,8 +84,14 @@ export interface StateInfo {
   suggested?: boolean;
   /** When connecting or open: the transport in use. */
   transport?: TransportName;
-  /** True when a transport failed to open and the next is tried. */
+  /** True when a transport failed to open and the next is tried, or
+   * when a connection reached by an upgrade dropped within its first
+   * minute and the client goes back to the fallback at once. */
   fallback?: boolean;
+  /** On `open`: true when the client moved back to its first transport
+   * (see `upgrade`) without a disconnect; `from` is the transport left. */
+  upgraded?: boolean;
+  from?: TransportName;
   /** The close code of the connection that ended. */
   code?: number;
   reason?: string;
@@ -115,6 +121,14 @@ export interface GaleOptions {
   transports?: TransportName[];
   /** gale's /sse URL (default: the WebSocket URL with http(s), /sse). */
   sseUrl?: string;
+  /** On a fallback transport, try the first one again now and then and
+   * move to it once it opens (true). */
+  upgrade?: boolean;
+  /** The wait before the first such try (5,000; jittered to half–all of
+   * it), doubled after each try that fails. */
+  upgradeDelayMs?: number;
+  /** The largest wait between tries (300,000). */
+  maxUpgradeDelayMs?: number;
 }
 
 /** What a topic or weather subscribe's reply adds on a topic with history. */

@@ -9,7 +9,7 @@
  * exponential backoff and jitter (or after the delay a draining server
  * suggests), a bounded queue while disconnected, and
  * a fallback to Server-Sent Events + POST when a WebSocket cannot be
- * opened. No dependencies: it uses the platform's WebSocket (browsers;
+ * opened, with a move back to the WebSocket once one opens again. No dependencies: it uses the platform's WebSocket (browsers;
  * Node 22+, or Node 20 with --experimental-websocket) unless one is
  * passed in, and fetch for SSE.
  */
@@ -49,7 +49,19 @@ const DEFAULTS = {
   minDelayMs: 500,
   maxDelayMs: 30_000,
   transports: ['websocket', 'sse'],
+  upgrade: true,
+  upgradeDelayMs: 5_000,
+  maxUpgradeDelayMs: 300_000,
 };
+
+/**
+ * How long a connection reached by moving back to the preferred
+ * transport must stay up before that move counts as a success (the probe
+ * delay starts again from `upgradeDelayMs`); one that drops sooner sends
+ * the client back to the fallback at once, and the next probe waits
+ * twice as long.
+ */
+const PROBATION_MS = 60_000;
 
 /** Transports, as `client.transport` names them. */
 export const Transport = Object.freeze({ WEBSOCKET: 'websocket', SSE: 'sse' });
@@ -242,6 +254,25 @@ export class GaleClient {
    */
   #hold = null;
 
+  /** The timer of the next probe of the preferred transport. */
+  #probeTimer = null;
+
+  /** A probe under way: {ws, timer}. */
+  #probe = null;
+
+  /** The delay before the next probe (jittered), doubled by each failure. */
+  #upgradeDelay = 0;
+
+  /**
+   * The transport left behind by a move, kept open until the requests
+   * sent on it are answered and the subscriptions are renewed on the new
+   * one: {ws, transport, inflight: Set<ref>, renewed, timer}.
+   */
+  #draining = null;
+
+  /** The timer of a moved connection's probation (see PROBATION_MS). */
+  #probation = null;
+
   /**
    * @param {string} url ws:// or wss:// URL of gale's /ws
    * @param {object} [options]
@@ -259,11 +290,25 @@ export class GaleClient {
    *   "websocket", "sse" (default both; the first that opens is kept)
    * @param {string} [options.sseUrl] gale's /sse URL (default: `url` with
    *   http(s) and /sse in place of ws(s) and /ws)
+   * @param {boolean} [options.upgrade] on a fallback transport, try the
+   *   first one again now and then, and move to it once it opens
+   *   (default true)
+   * @param {number} [options.upgradeDelayMs] the wait before the first
+   *   such try (5,000; jittered), doubled after each that fails
+   * @param {number} [options.maxUpgradeDelayMs] the largest wait between
+   *   tries (300,000)
    */
   constructor(url, options = {}) {
     // An option given as undefined keeps its default.
     this.options = { ...DEFAULTS };
     for (const [k, v] of Object.entries(options)) if (v !== undefined) this.options[k] = v;
+    for (const k of ['upgradeDelayMs', 'maxUpgradeDelayMs']) {
+      const v = this.options[k];
+      if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) {
+        throw new Error(`options.${k}: a number of milliseconds above 0, not ${String(v)}`);
+      }
+    }
+    this.#upgradeDelay = this.options.upgradeDelayMs;
     const u = new URL(url);
     if (this.options.token) u.searchParams.set('token', this.options.token);
     this.url = u.toString();
@@ -712,6 +757,9 @@ export class GaleClient {
     clearTimeout(this.reconnectTimer);
     this.#failAll('closed', 'the client was closed');
     this.queue = [];
+    this.#cancelProbe();
+    if (this.#draining) this.#endDrain(this.#draining);
+    this.#endProbation();
     if (this.ws && this.ws.readyState <= 1) this.ws.close(code, reason);
     else this.#setState(State.CLOSED, { code, reason });
   }
@@ -728,77 +776,243 @@ export class GaleClient {
     }
   }
 
+  /** A new connection over `transport`: a WebSocket, or gale's SSE. */
+  #create(transport) {
+    return transport === 'sse' ? new SseTransport(this.sseUrl) : new this.WebSocket(this.url);
+  }
+
   #open() {
+    if (this.stopped) return;
     const transport = this.transports[this.tryIndex % this.transports.length];
     this.transport = transport;
     const first = this.attempt === 0 && !this.#resuming;
     this.#setState(first ? State.CONNECTING : State.RECONNECTING, { delayMs: 0, transport });
     let ws;
     try {
-      ws = transport === 'sse' ? new SseTransport(this.sseUrl) : new this.WebSocket(this.url);
+      ws = this.#create(transport);
     } catch (e) {
       this.#dropped(1006, String(e), false);
       return;
     }
     this.ws = ws;
-    let opened = false;
+    const conn = { opened: false };
     ws.onopen = () => {
-      opened = true;
+      conn.opened = true;
       this.attempt = 0;
       this.#resuming = false;
-      // Token functions are asked first, while requests still queue, so
-      // that the subscriptions are renewed before anything else is sent.
-      const tokens = new Map();
-      const asked = [];
-      for (const topic of this.topics) {
-        let t;
-        try {
-          t = this.#token(topic, this.topicTokens.get(topic));
-        } catch (e) {
-          t = e;
-        }
-        if (t instanceof Promise) asked.push(t.then((v) => tokens.set(topic, v), (e) => tokens.set(topic, e)));
-        else tokens.set(topic, t);
-      }
-      const ready = () => {
-        if (this.ws !== ws || this.stopped) return; // dropped meanwhile
-        this.#hold = null;
-        this.#setState(State.OPEN, { transport });
-        // Renew subscriptions first (sent here, at once), then what
-        // waited, once they are answered.
-        const renewals = [];
-        for (const city of this.cities) renewals.push(this.#renew('weather.subscribe', { city }));
-        for (const topic of this.topics) renewals.push(this.#renew('topic.subscribe', { topic }, tokens.get(topic)));
-        if (renewals.length === 0 || this.queue.length === 0) {
-          this.#flush(ws);
-          return;
-        }
-        const hold = {};
-        this.#hold = hold;
-        Promise.allSettled(renewals).then(() => {
-          if (this.#hold !== hold) return; // dropped and reopened meanwhile
-          this.#hold = null;
-          if (this.ws === ws) this.#flush(ws);
-        });
-      };
-      if (asked.length === 0) ready();
-      else Promise.all(asked).then(ready);
+      this.#opened(ws, transport, { transport });
     };
+    this.#watch(ws, conn);
+  }
+
+  /** The current connection's messages, close and errors. */
+  #watch(ws, conn) {
     ws.onmessage = (ev) => this.#receive(ev.data);
     ws.onclose = (ev) => {
-      if (this.ws === ws) this.#dropped(ev.code, ev.reason, opened);
+      if (this.ws === ws) this.#dropped(ev.code, ev.reason, conn.opened);
     };
     ws.onerror = () => {
       // Once open, a close event follows with the details. Before, some
       // runtimes (Node 20's WebSocket on a refused upgrade) fire no close:
       // the attempt has failed either way.
-      if (!opened && this.ws === ws) {
+      if (!conn.opened && this.ws === ws) {
         this.#dropped(1006, 'could not connect', false);
         try {
           ws.close();
         } catch {}
       }
     };
+  }
+
+  /**
+   * The connection `ws` is open: renews the subscriptions, then sends
+   * what waited. Resolves once the renewals are answered (or failed).
+   */
+  #opened(ws, transport, info) {
+    // Token functions are asked first, while requests still queue, so
+    // that the subscriptions are renewed before anything else is sent.
+    const tokens = new Map();
+    const asked = [];
+    for (const topic of this.topics) {
+      let t;
+      try {
+        t = this.#token(topic, this.topicTokens.get(topic));
+      } catch (e) {
+        t = e;
+      }
+      if (t instanceof Promise) asked.push(t.then((v) => tokens.set(topic, v), (e) => tokens.set(topic, e)));
+      else tokens.set(topic, t);
+    }
+    const ready = () => {
+      if (this.ws !== ws || this.stopped) return; // dropped meanwhile
+      this.#hold = null;
+      this.#setState(State.OPEN, info);
+      if (transport !== this.transports[0]) this.#scheduleProbe();
+      // Renew subscriptions first (sent here, at once), then what
+      // waited, once they are answered.
+      const renewals = [];
+      for (const city of this.cities) renewals.push(this.#renew('weather.subscribe', { city }));
+      for (const topic of this.topics) renewals.push(this.#renew('topic.subscribe', { topic }, tokens.get(topic)));
+      if (renewals.length === 0 || this.queue.length === 0) {
+        this.#flush(ws);
+        return Promise.allSettled(renewals);
+      }
+      const hold = {};
+      this.#hold = hold;
+      return Promise.allSettled(renewals).then(() => {
+        if (this.#hold !== hold) return; // dropped and reopened meanwhile
+        this.#hold = null;
+        if (this.ws === ws) this.#flush(ws);
+      });
+    };
+    return asked.length === 0 ? Promise.resolve(ready()) : Promise.all(asked).then(ready);
+  }
+
+  /**
+   * On a fallback transport: the first one is tried again after a
+   * jittered wait, which doubles after every try that fails.
+   */
+  #scheduleProbe() {
+    if (!this.options.upgrade || this.#probe || this.#probeTimer) return;
+    const preferred = this.transports[0];
+    if (preferred === 'websocket' && !this.WebSocket) return;
+    const d = this.#upgradeDelay;
+    this.#probeTimer = setTimeout(() => {
+      this.#probeTimer = null;
+      this.#startProbe(preferred);
+    }, Math.round(d / 2 + Math.random() * (d / 2)));
+  }
+
+  /** Opens a trial connection over `transport`; moves to it if it opens. */
+  #startProbe(transport) {
+    const current = this.ws;
+    if (this.stopped || this.state !== State.OPEN || !current || this.transport === transport) return;
+    let ws;
+    try {
+      ws = this.#create(transport);
+    } catch {
+      this.#probeFailed();
+      return;
+    }
+    // As long as a request may take: a trial that hangs counts as failed.
+    const timer = setTimeout(() => {
+      this.#cancelProbe();
+      this.#probeFailed();
+    }, this.options.timeoutMs);
+    const probe = { ws, timer };
+    this.#probe = probe;
+    const failed = () => {
+      if (this.#probe !== probe) return;
+      this.#cancelProbe();
+      this.#probeFailed();
+    };
+    ws.onerror = failed;
+    ws.onclose = failed;
+    ws.onopen = () => {
+      if (this.#probe !== probe) return;
+      clearTimeout(timer);
+      this.#probe = null;
+      if (this.stopped || this.ws !== current || this.state !== State.OPEN) {
+        ws.onclose = ws.onerror = null;
+        ws.close();
+        return;
+      }
+      this.#move(ws, transport);
+    };
+  }
+
+  /** The next probe waits twice as long (up to `maxUpgradeDelayMs`). */
+  #probeFailed() {
+    this.#upgradeDelay = Math.min(this.#upgradeDelay * 2, this.options.maxUpgradeDelayMs);
+    if (!this.stopped && this.state === State.OPEN) this.#scheduleProbe();
+  }
+
+  /** Stops a probe that waits or runs; its connection is closed unused. */
+  #cancelProbe() {
+    clearTimeout(this.#probeTimer);
+    this.#probeTimer = null;
+    const probe = this.#probe;
+    if (!probe) return;
+    this.#probe = null;
+    clearTimeout(probe.timer);
+    const ws = probe.ws;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    ws.onerror = () => {};
+    try {
+      ws.close();
+    } catch {}
+  }
+
+  /**
+   * Moves to `ws`, a trial connection that opened: it becomes the
+   * connection, the subscriptions are renewed on it from their last
+   * position, and the old one stays open until the requests sent on it
+   * are answered and the renewals are (at most `timeoutMs`).
+   */
+  #move(ws, transport) {
+    const old = this.ws;
+    const queued = new Set(this.queue.map((q) => q.ref));
+    const drain = {
+      ws: old,
+      transport: this.transport,
+      inflight: new Set([...this.pending.keys()].filter((ref) => !queued.has(ref))),
+      renewed: false,
+      timer: setTimeout(() => this.#endDrain(drain), this.options.timeoutMs),
+    };
+    this.#draining = drain;
+    old.onmessage = (ev) => this.#receive(ev.data, drain);
+    old.onclose = () => this.#endDrain(drain);
+    this.ws = ws;
+    this.transport = transport;
+    this.tryIndex = this.transports.indexOf(transport);
+    this.#watch(ws, { opened: true });
+    clearTimeout(this.#probation);
+    this.#probation = setTimeout(() => {
+      this.#probation = null;
+      this.#upgradeDelay = this.options.upgradeDelayMs;
+    }, PROBATION_MS);
+    this.#opened(ws, transport, { transport, upgraded: true, from: drain.transport }).then(() => {
+      drain.renewed = true;
+      this.#settleDrain(drain);
+    });
+  }
+
+  /** Ends the drain once nothing sent on the old connection waits. */
+  #settleDrain(drain) {
+    if (this.#draining !== drain || !drain.renewed) return;
+    for (const ref of drain.inflight) if (!this.pending.has(ref)) drain.inflight.delete(ref);
+    if (drain.inflight.size === 0) this.#endDrain(drain);
+  }
+
+  /**
+   * Closes the connection left by a move; what was sent on it and is
+   * still unanswered fails with "disconnected", as after a drop.
+   */
+  #endDrain(drain) {
+    if (this.#draining !== drain) return;
+    this.#draining = null;
+    clearTimeout(drain.timer);
+    for (const ref of drain.inflight) {
+      const p = this.pending.get(ref);
+      if (!p) continue;
+      clearTimeout(p.timer);
+      p.reject(new GaleError('disconnected', `connection lost (moved from ${drain.transport} before the reply came)`));
+      this.pending.delete(ref);
+    }
+    const old = drain.ws;
+    old.onopen = old.onmessage = old.onclose = null;
+    old.onerror = () => {};
+    try {
+      old.close(1000, 'moved');
+    } catch {}
+  }
+
+  /** A moved connection that dropped in its probation; ends it either way. */
+  #endProbation() {
+    const within = this.#probation !== null;
+    clearTimeout(this.#probation);
+    this.#probation = null;
+    return within;
   }
 
   /**
@@ -827,7 +1041,14 @@ export class GaleClient {
     }
   }
 
-  #receive(raw) {
+  /**
+   * A message from the connection, or (`drain` given) from the one a
+   * move left behind. During a move, pushes with a topic position are
+   * taken from both (a duplicate is dropped by its position); others from
+   * the old connection until the subscriptions are renewed on the new
+   * one, then from the new one only.
+   */
+  #receive(raw, drain = null) {
     if (typeof raw !== 'string') return; // gale sends text only
     let msg;
     try {
@@ -843,9 +1064,13 @@ export class GaleClient {
       clearTimeout(p.timer);
       if (msg.ok) p.resolve(msg.data);
       else p.reject(replyError(msg.error ?? {}));
+      if (drain) this.#settleDrain(drain);
     } else if (msg.type === 'connected') {
-      this.clientId = msg.client_id ?? null;
+      if (!drain) this.clientId = msg.client_id ?? null;
     } else if (typeof msg.event === 'string') {
+      const positioned = typeof msg.topic === 'string' && typeof msg.offset === 'number';
+      const moving = drain ?? this.#draining;
+      if (!positioned && moving && (drain ? moving.renewed : !moving.renewed)) return;
       this.#push(msg);
     }
   }
@@ -872,17 +1097,14 @@ export class GaleClient {
 
   #dropped(code, reason, opened) {
     this.ws = null;
-    // A transport that never opened (a proxy that refuses the upgrade):
-    // the next one is tried at once; after the last, the backoff applies.
-    if (!opened && !this.stopped) {
-      this.tryIndex++;
-      if (this.tryIndex % this.transports.length !== 0) {
-        this.#setState(State.RECONNECTING, { delayMs: 0, code, reason, fallback: true });
-        this.reconnectTimer = setTimeout(() => this.#open(), 0);
-        return;
-      }
-    }
-    this.lastClose = { code, reason };
+    this.#cancelProbe();
+    if (this.#draining) this.#endDrain(this.#draining);
+    // A connection reached by a move that drops within its probation: the
+    // way back is not reliable yet (a proxy that lets the upgrade through,
+    // then cuts it). Back to the fallback at once; the next probe waits
+    // twice as long.
+    const moveFailed = this.#endProbation() && opened;
+    if (moveFailed) this.#upgradeDelay = Math.min(this.#upgradeDelay * 2, this.options.maxUpgradeDelayMs);
     // What was sent may or may not have been handled: its callers decide.
     const waiting = new Set(this.queue.map((q) => q.ref));
     for (const [ref, p] of this.pending) {
@@ -892,6 +1114,17 @@ export class GaleClient {
         this.pending.delete(ref);
       }
     }
+    // A transport that never opened (a proxy that refuses the upgrade):
+    // the next one is tried at once; after the last, the backoff applies.
+    if ((!opened || moveFailed) && !this.stopped && (opened ? this.options.reconnect : true)) {
+      this.tryIndex++;
+      if (this.tryIndex % this.transports.length !== 0) {
+        this.#setState(State.RECONNECTING, { delayMs: 0, code, reason, fallback: true });
+        this.reconnectTimer = setTimeout(() => this.#open(), 0);
+        return;
+      }
+    }
+    this.lastClose = { code, reason };
     if (this.stopped || !this.options.reconnect) {
       this.stopped = true;
       this.#failAll('closed', 'connection closed');
