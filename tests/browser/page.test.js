@@ -201,10 +201,12 @@ test('behind a proxy that refuses WebSocket upgrades, the page falls back to SSE
     await behind.locator('#log li', { hasText: 'Vienna' }).first().waitFor({ timeout: 15_000 });
     await behind.waitForFunction(() => Number(document.querySelector('#stat-connections b').textContent) >= 1);
     await behind.screenshot({ path: `${shots}/sse-fallback.png`, fullPage: true });
-    // The proxy lets WebSockets through now: the client's next try (2.5–5 s
-    // after SSE opened) moves the page back, its subscription with it.
+    // The proxy lets WebSockets through now: the client's next try moves
+    // the page back, its subscription with it. Tries that came before this
+    // line were refused and doubled the wait (2.5–5 s after SSE opened,
+    // then 5–10 s, then 10–20 s): hence the long wait below.
     proxy.upgrades = 'pass';
-    await behind.locator('#status', { hasText: /^open · WebSocket$/ }).waitFor({ timeout: 15_000 });
+    await behind.locator('#status', { hasText: /^open · WebSocket$/ }).waitFor({ timeout: 45_000 });
     const seen = await behind.locator('#log li', { hasText: 'Vienna' }).count();
     await behind.waitForFunction(
       (n) => [...document.querySelectorAll('#log li')].filter((li) => li.textContent.includes('Vienna')).length > n,

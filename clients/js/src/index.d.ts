@@ -85,11 +85,12 @@ export interface StateInfo {
   /** When connecting or open: the transport in use. */
   transport?: TransportName;
   /** True when a transport failed to open and the next is tried, or
-   * when a connection reached by an upgrade dropped within its first
+   * when a connection reached by an upgrade broke (1006) within its first
    * minute and the client goes back to the fallback at once. */
   fallback?: boolean;
-  /** On `open`: true when the client moved back to its first transport
-   * (see `upgrade`) without a disconnect; `from` is the transport left. */
+  /** On `open`: true when the client has moved back to its first
+   * transport (see `upgrade`) without a disconnect; `from` is the
+   * transport it left. */
   upgraded?: boolean;
   from?: TransportName;
   /** The close code of the connection that ended. */

@@ -63,6 +63,13 @@ const DEFAULTS = {
  */
 const PROBATION_MS = 60_000;
 
+/**
+ * The codes of a renewal refused for good (the subscription itself is
+ * not allowed, on any connection): these do not call a move off, as a
+ * timeout or a limit does.
+ */
+const REFUSALS = new Set(['permission_denied', 'forbidden', 'unauthorized', 'invalid_data', 'not_found', 'unknown_event']);
+
 /** Transports, as `client.transport` names them. */
 export const Transport = Object.freeze({ WEBSOCKET: 'websocket', SSE: 'sse' });
 
@@ -429,6 +436,7 @@ export class GaleClient {
         this.pending.delete(ref);
         this.queue = this.queue.filter((q) => q.ref !== ref);
         reject(new GaleError('timeout', `${event}: no reply within ${timeoutMs} ms`));
+        if (this.#draining) this.#settleDrain(this.#draining);
       }, timeoutMs);
       this.pending.set(ref, { resolve, reject, timer });
       this.#send(ref, text);
@@ -489,8 +497,10 @@ export class GaleClient {
    * current reading. Renewed after every reconnect.
    */
   async subscribe(city, opts) {
-    const reading = await this.#subscribeAt('weather.subscribe', { city }, opts);
+    const sent = {};
+    const reading = await this.#subscribeAt('weather.subscribe', { city }, opts, undefined, sent);
     this.cities.add(city);
+    this.#renewIfMoved(sent.via, 'weather.subscribe', { city });
     return reading;
   }
 
@@ -517,11 +527,22 @@ export class GaleClient {
    * @param {{timeoutMs?: number, token?: string | ((topic: string) => string | Promise<string>)}} [opts]
    */
   async subscribeTopic(topic, opts = {}) {
-    const r = await this.#subscribeAt('topic.subscribe', { topic }, opts, opts.token);
+    const sent = {};
+    const r = await this.#subscribeAt('topic.subscribe', { topic }, opts, opts.token, sent);
     this.topics.add(topic);
     if (opts.token !== undefined) this.topicTokens.set(topic, opts.token);
     else this.topicTokens.delete(topic);
+    this.#renewIfMoved(sent.via, 'topic.subscribe', { topic }, opts.token);
     return r;
+  }
+
+  /**
+   * A subscribe answered on a connection a move has left since it was
+   * sent: the subscription lives on that one only (the move renewed what
+   * was subscribed before it), so it is made on the connection too.
+   */
+  #renewIfMoved(via, event, data, token) {
+    if (via && via !== this.ws && this.ws && !this.stopped) this.#renew(event, data, token);
   }
 
   async unsubscribeTopic(topic, opts) {
@@ -645,9 +666,10 @@ export class GaleClient {
    * A subscribe that asks to recover from the last known position, holds
    * the pushes that overtake its reply, then delivers what was missed and
    * what was held, in order, without duplicates. `token`: the topic's
-   * subscription token, or its source (see `subscribeTopic`).
+   * subscription token, or its source (see `subscribeTopic`). `sent.via`
+   * is set to the connection the subscribe went out on (null: it waited).
    */
-  async #subscribeAt(event, data, opts, token) {
+  async #subscribeAt(event, data, opts, token, sent = {}) {
     const topic = this.#topicOf(data);
     const at = topic ? this.positions.get(topic) : undefined;
     const ask = at ? { ...data, since: { offset: at.offset, epoch: at.epoch } } : { ...data };
@@ -659,6 +681,7 @@ export class GaleClient {
       let t = this.#token(data.topic, token, opts?.timeoutMs);
       if (typeof t === 'object') t = await t;
       if (t !== undefined) ask.token = t;
+      sent.via = this.#sendsNow() ? this.ws : null;
       reply = await this.request(event, ask, opts);
     } catch (e) {
       if (topic) this.#release(topic);
@@ -826,9 +849,13 @@ export class GaleClient {
 
   /**
    * The connection `ws` is open: renews the subscriptions, then sends
-   * what waited. Resolves once the renewals are answered (or failed).
+   * what waited. Resolves, once the renewals are answered, with the codes
+   * of those that failed (none: all renewed; null: `ws` dropped first).
+   * `move`: a move to `ws` is under way; what waits is held back (nothing
+   * is sent but the renewals) and left to the move to send or not.
+   * @returns {Promise<string[] | null>}
    */
-  #opened(ws, transport, info) {
+  #opened(ws, transport, info, move = false) {
     // Token functions are asked first, while requests still queue, so
     // that the subscriptions are renewed before anything else is sent.
     const tokens = new Map();
@@ -844,25 +871,34 @@ export class GaleClient {
       else tokens.set(topic, t);
     }
     const ready = () => {
-      if (this.ws !== ws || this.stopped) return; // dropped meanwhile
+      if (this.ws !== ws || this.stopped) return null; // dropped meanwhile
+      const moving = this.#hold;
       this.#hold = null;
-      this.#setState(State.OPEN, info);
-      if (transport !== this.transports[0]) this.#scheduleProbe();
-      // Renew subscriptions first (sent here, at once), then what
-      // waited, once they are answered.
+      if (!move) {
+        this.#setState(State.OPEN, info);
+        if (transport !== this.transports[0]) this.#scheduleProbe();
+      }
+      // Renew subscriptions first (sent here, at once: their tokens are
+      // in hand), then what waited, once they are answered.
       const renewals = [];
       for (const city of this.cities) renewals.push(this.#renew('weather.subscribe', { city }));
       for (const topic of this.topics) renewals.push(this.#renew('topic.subscribe', { topic }, tokens.get(topic)));
+      const failures = Promise.all(renewals).then((codes) => codes.filter((c) => c !== null));
+      if (move) {
+        this.#hold = moving;
+        return failures;
+      }
       if (renewals.length === 0 || this.queue.length === 0) {
         this.#flush(ws);
-        return Promise.allSettled(renewals);
+        return failures;
       }
       const hold = {};
       this.#hold = hold;
-      return Promise.allSettled(renewals).then(() => {
-        if (this.#hold !== hold) return; // dropped and reopened meanwhile
+      return failures.then((failed) => {
+        if (this.#hold !== hold) return failed; // dropped and reopened meanwhile
         this.#hold = null;
         if (this.ws === ws) this.#flush(ws);
+        return failed;
       });
     };
     return asked.length === 0 ? Promise.resolve(ready()) : Promise.all(asked).then(ready);
@@ -946,8 +982,11 @@ export class GaleClient {
   /**
    * Moves to `ws`, a trial connection that opened: it becomes the
    * connection, the subscriptions are renewed on it from their last
-   * position, and the old one stays open until the requests sent on it
-   * are answered and the renewals are (at most `timeoutMs`).
+   * position (what waits is held back until they are answered), and the
+   * old one stays open until the requests sent on it are answered and the
+   * renewals are (at most `timeoutMs`). A renewal that fails for a
+   * passing reason (a timeout, a limit, a token that could not be had)
+   * calls the move off: the old connection stays, as it was.
    */
   #move(ws, transport) {
     const old = this.ws;
@@ -955,26 +994,72 @@ export class GaleClient {
     const drain = {
       ws: old,
       transport: this.transport,
+      tryIndex: this.tryIndex,
       inflight: new Set([...this.pending.keys()].filter((ref) => !queued.has(ref))),
       renewed: false,
-      timer: setTimeout(() => this.#endDrain(drain), this.options.timeoutMs),
+      timer: null,
     };
     this.#draining = drain;
     old.onmessage = (ev) => this.#receive(ev.data, drain);
     old.onclose = () => this.#endDrain(drain);
+    const hold = {};
+    this.#hold = hold;
     this.ws = ws;
     this.transport = transport;
     this.tryIndex = this.transports.indexOf(transport);
-    this.#watch(ws, { opened: true });
-    clearTimeout(this.#probation);
-    this.#probation = setTimeout(() => {
-      this.#probation = null;
-      this.#upgradeDelay = this.options.upgradeDelayMs;
-    }, PROBATION_MS);
-    this.#opened(ws, transport, { transport, upgraded: true, from: drain.transport }).then(() => {
+    const conn = { opened: true };
+    this.#watch(ws, conn);
+    this.#opened(ws, transport, undefined, true).then((failed) => {
+      if (failed === null || this.ws !== ws || this.stopped) return; // dropped meanwhile
+      if (this.#draining === drain && failed.some((code) => !REFUSALS.has(code))) {
+        this.#abortMove(drain);
+        return;
+      }
+      clearTimeout(this.#probation);
+      this.#probation = setTimeout(() => {
+        this.#probation = null;
+        this.#upgradeDelay = this.options.upgradeDelayMs;
+      }, PROBATION_MS);
       drain.renewed = true;
+      if (this.#hold === hold) this.#hold = null;
+      this.#setState(State.OPEN, { transport, upgraded: true, from: drain.transport });
+      this.#flush(ws);
+      // What was sent on the old connection gets `timeoutMs` more.
+      if (this.#draining === drain) drain.timer = setTimeout(() => this.#endDrain(drain), this.options.timeoutMs);
       this.#settleDrain(drain);
     });
+  }
+
+  /**
+   * Calls a move off before it is done: the old connection is the
+   * connection again, the new one is closed (what was sent on it fails
+   * with "disconnected"), and the next probe waits twice as long.
+   */
+  #abortMove(drain) {
+    const ws = this.ws;
+    this.#draining = null;
+    clearTimeout(drain.timer);
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      ws.onerror = () => {};
+      try {
+        ws.close(1000, 'move called off');
+      } catch {}
+    }
+    const queued = new Set(this.queue.map((q) => q.ref));
+    for (const [ref, p] of this.pending) {
+      if (queued.has(ref) || drain.inflight.has(ref)) continue;
+      clearTimeout(p.timer);
+      p.reject(new GaleError('disconnected', `connection lost (the move to ${this.transport} was called off)`));
+      this.pending.delete(ref);
+    }
+    this.ws = drain.ws;
+    this.transport = drain.transport;
+    this.tryIndex = drain.tryIndex;
+    this.#watch(drain.ws, { opened: true });
+    this.#hold = null;
+    this.#flush(drain.ws);
+    this.#probeFailed();
   }
 
   /** Ends the drain once nothing sent on the old connection waits. */
@@ -1017,13 +1102,18 @@ export class GaleClient {
 
   /**
    * A resubscribe; `token`: the topic's token, or why there is none.
-   * Resolves once it is answered (or has failed).
+   * Resolves once it is answered: null, or the code it failed with.
+   * @returns {Promise<string | null>}
    */
   #renew(event, data, token) {
     const run = token instanceof Error ? Promise.reject(token) : this.#subscribeAt(event, data, undefined, token);
-    return run.catch((e) => {
-      this.#emit('gale.resubscribe_failed', { event, data, code: e.code, message: e.message });
-    });
+    return run.then(
+      () => null,
+      (e) => {
+        this.#emit('gale.resubscribe_failed', { event, data, code: e.code, message: e.message });
+        return String(e?.code ?? 'error');
+      },
+    );
   }
 
   /** Sends what waited, in order. */
@@ -1033,9 +1123,14 @@ export class GaleClient {
     for (const q of waiting) ws.send(q.text);
   }
 
+  /** Whether a request goes out now (else it waits in the queue). */
+  #sendsNow() {
+    return this.state === State.OPEN && !this.#hold && this.ws !== null && this.ws.readyState === 1;
+  }
+
   #send(ref, text) {
-    if (this.state === State.OPEN && !this.#hold && this.ws && this.ws.readyState === 1) {
-      this.ws.send(text);
+    if (this.#sendsNow()) {
+      this.ws?.send(text);
     } else {
       this.queue.push({ ref, text });
     }
@@ -1096,15 +1191,27 @@ export class GaleClient {
   }
 
   #dropped(code, reason, opened) {
+    const drain = this.#draining;
+    if (drain && opened && !this.stopped && drain.ws.readyState === 1) {
+      // The connection a move went to dropped before the move was done,
+      // while the old one still works: back to the old one.
+      this.#abortMove(drain);
+      return;
+    }
     this.ws = null;
     this.#cancelProbe();
-    if (this.#draining) this.#endDrain(this.#draining);
-    // A connection reached by a move that drops within its probation: the
-    // way back is not reliable yet (a proxy that lets the upgrade through,
-    // then cuts it). Back to the fallback at once; the next probe waits
-    // twice as long.
-    const moveFailed = this.#endProbation() && opened;
-    if (moveFailed) this.#upgradeDelay = Math.min(this.#upgradeDelay * 2, this.options.maxUpgradeDelayMs);
+    if (drain) this.#endDrain(drain);
+    // A connection reached by a move that breaks (no close frame: 1006)
+    // within its probation: the way back is not reliable yet (a proxy that
+    // lets the upgrade through, then cuts it). Back to the fallback at
+    // once; the next probe waits twice as long. A server that closes on
+    // purpose (a drain's 1012, a shutdown's 1001) is not that.
+    const moveFailed = this.#endProbation() && opened && code === 1006;
+    if (moveFailed) {
+      this.#upgradeDelay = Math.min(this.#upgradeDelay * 2, this.options.maxUpgradeDelayMs);
+      this.lastClose = { code, reason };
+      this.#resuming = true; // a reconnect, not a first connect
+    }
     // What was sent may or may not have been handled: its callers decide.
     const waiting = new Set(this.queue.map((q) => q.ref));
     for (const [ref, p] of this.pending) {

@@ -34,6 +34,8 @@ export async function startNoUpgradeProxy(port) {
     port: 0,
     upgrades: 'refuse',
     cutAfterMs: 150,
+    /** @type {(() => void) | null} called as each Upgrade comes in */
+    onUpgrade: null,
     /** @type {number[]} */
     tries: [],
     /** @type {(import('node:net').Socket & {gone?: boolean})[]} */
@@ -46,6 +48,7 @@ export async function startNoUpgradeProxy(port) {
   };
   server.on('upgrade', (req, socket, head) => {
     proxy.tries.push(Date.now());
+    proxy.onUpgrade?.();
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
     socket.on('error', () => {});

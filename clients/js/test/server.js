@@ -1,6 +1,7 @@
 // Starts the real `gale serve` (and the fake weather API, the only
 // stand-in: the provider is external) on port 0, for the tests.
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { accessSync, constants, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -148,16 +149,20 @@ export async function publish(http, topic, event, data) {
   return r.json();
 }
 
-/** Resolves once `predicate()` holds (checked every 20 ms); rejects
- * after `ms`. */
-export function until(predicate, ms = 10_000) {
-  return new Promise((resolve, reject) => {
-    const start = Date.now();
-    const tick = () => {
-      if (predicate()) return resolve();
-      if (Date.now() - start > ms) return reject(new Error('condition never held'));
-      setTimeout(tick, 20);
-    };
-    tick();
-  });
+/** Resolves once `predicate()` holds (checked every 20 ms; it may
+ * return a promise); rejects after `ms`. */
+export async function until(predicate, ms = 10_000) {
+  const start = Date.now();
+  for (;;) {
+    if (await predicate()) return;
+    if (Date.now() - start > ms) throw new Error('condition never held');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** An HS256 JWT signed with `secret`, with `claims`, valid for ten minutes. */
+export function signJwt(secret, claims) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ exp: Math.floor(Date.now() / 1000) + 600, ...claims })}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
 }

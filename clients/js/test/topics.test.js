@@ -6,9 +6,8 @@
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import { createHmac } from 'node:crypto';
 import { GaleClient, GaleError, State } from '../src/index.js';
-import { startGale, startUpstream, publish, until as eventually } from './server.js';
+import { startGale, startUpstream, publish, signJwt, until as eventually } from './server.js';
 
 const SECRET = 'js-topics-secret-0123456789';
 const ENV = { GALE_AUTH__JWT_SECRET: SECRET };
@@ -51,11 +50,7 @@ rpc_events = ["orders.*"]
 }
 
 /** An HS256 JWT with `claims`, valid for ten minutes. */
-function sign(claims) {
-  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
-  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ exp: Math.floor(Date.now() / 1000) + 600, ...claims })}`;
-  return `${body}.${createHmac('sha256', SECRET).update(body).digest('base64url')}`;
-}
+const sign = (claims) => signJwt(SECRET, claims);
 
 /**
  * The application's backend: answers `orders.*` as gale forwards them

@@ -4,23 +4,61 @@
 // passes, hangs or cuts WebSocket upgrades as each test asks.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import { GaleClient, State } from '../src/index.js';
-import { startGale, startUpstream, publish, until, API_KEY } from './server.js';
+import { startGale, startUpstream, publish, until, signJwt, API_KEY, HISTORY } from './server.js';
 import { startNoUpgradeProxy } from './proxy.js';
+
+const SECRET = 'js-upgrade-secret-0123456789';
 
 let upstream;
 let gale;
+let backend;
 
 before(async () => {
-  // Every weather request takes 600 ms: one is still in flight when the
+  // Every weather request takes 1.5 s: one is still in flight when the
   // client moves.
-  upstream = await startUpstream(['--latency-ms', '600']);
-  gale = await startGale(upstream.url);
+  upstream = await startUpstream(['--latency-ms', '1500']);
+  backend = await startSlowBackend();
+  // Rooms take publications from their subscribers only; secrets need a
+  // subscription token; slow:* are admitted by the backend, in 400 ms.
+  const config = `${HISTORY}
+[topics."room:*"]
+publish = "subscribers"
+
+[topics."secret:*"]
+subscribe = "token"
+history_size = 100
+history_ttl_s = 300
+
+[topics."slow:*"]
+subscribe = "proxy"
+
+[proxy]
+subscribe_url = "http://127.0.0.1:${backend.address().port}/subscribe"
+`;
+  gale = await startGale(upstream.url, 0, { GALE_AUTH__JWT_SECRET: SECRET }, config);
 });
+
+/** The application's backend, in the tests' place: admits every subscribe, in 400 ms. */
+async function startSlowBackend() {
+  const server = http.createServer((req, res) => {
+    req.resume();
+    req.on('end', () =>
+      setTimeout(() => {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end('{"result":{}}');
+      }, 400),
+    );
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return server;
+}
 
 after(async () => {
   await gale?.stop();
   upstream?.stop();
+  backend?.close();
 });
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -39,50 +77,135 @@ function client(proxy, options) {
   return { c, states };
 }
 
+/** The states from the first `open` on, as [state, transport, upgraded, from]. */
+function fromOpen(states) {
+  return states
+    .slice(states.findIndex((s) => s.state === State.OPEN))
+    .map((s) => [s.state, s.transport ?? null, s.upgraded ?? false, s.from ?? null]);
+}
+
 test('back to the WebSocket once it opens: one move, nothing lost or repeated, the request in flight answered', async () => {
   const proxy = await startNoUpgradeProxy(gale.port);
-  const { c, states } = client(proxy, { upgradeDelayMs: 300 });
+  const { c, states } = client(proxy, { upgradeDelayMs: 1_000 });
   await c.connect();
   assert.equal(c.transport, 'sse');
+  proxy.upgrades = 'pass'; // the first probe comes 500–1,000 ms after SSE opened
   await until(() => c.clientId !== null);
   const sseClient = c.clientId;
   const got = [];
   c.on('headline', (n) => got.push(n));
   await c.subscribeTopic('news:move');
-  const inFlight = c.weather('Movetown'); // answered 600 ms later, on the SSE session
-  proxy.upgrades = 'pass';
+  let answeredOver = null;
+  const inFlight = c.weather('Movetown').then((r) => ((answeredOver = c.transport), r));
   // Publications all through the move.
-  for (let n = 1; n <= 40; n++) {
+  for (let n = 1; n <= 60 && c.transport !== 'websocket'; n++) {
     await publish(gale.http, 'news:move', 'headline', n);
-    await sleep(15);
+    await sleep(25);
   }
   await until(() => c.transport === 'websocket');
+  for (let n = got.length + 1, end = got.length + 10; n <= end; n++) {
+    await publish(gale.http, 'news:move', 'headline', n);
+  }
+  await publish(gale.http, 'news:move', 'headline', 'last');
+  await until(() => got.at(-1) === 'last');
+  assert.deepEqual(
+    got.slice(0, -1),
+    Array.from({ length: got.length - 1 }, (_, i) => i + 1),
+    'every publication once, in order',
+  );
   assert.equal((await inFlight).city, 'Movetown');
-  await until(() => got.length >= 40);
-  await sleep(200);
-  assert.deepEqual(got, Array.from({ length: 40 }, (_, i) => i + 1), 'every publication once, in order');
+  assert.equal(answeredOver, 'websocket', 'the reply came over SSE after the move: the session waited for it');
 
   // One seamless move: open over SSE, then open over the WebSocket, with
   // no reconnect between.
-  const afterOpen = states.slice(states.findIndex((s) => s.state === State.OPEN));
-  assert.deepEqual(
-    afterOpen.map((s) => [s.state, s.transport, s.upgraded ?? false, s.from ?? null]),
-    [
-      ['open', 'sse', false, null],
-      ['open', 'websocket', true, 'sse'],
-    ],
-  );
+  assert.deepEqual(fromOpen(states), [
+    ['open', 'sse', false, null],
+    ['open', 'websocket', true, 'sse'],
+  ]);
   assert.notEqual(c.clientId, sseClient, 'the WebSocket is a connection of its own');
   // The SSE session is closed once nothing waits on it.
   await until(async () => (await sseSessions()) === 0);
-  assert.equal(await sseSessions(), 0);
 
-  // Requests, publications and the subscription go on over the WebSocket.
+  // Requests and the subscription go on over the WebSocket.
   assert.equal((await c.weather('Paris')).city, 'Paris');
-  await publish(gale.http, 'news:move', 'headline', 41);
-  await until(() => got.length === 41);
-  assert.equal(got.at(-1), 41);
   assert.equal(proxy.tries.length, 2, 'the first connect and the one probe');
+  c.close();
+  await proxy.stop();
+});
+
+test('a subscribe and publishes sent during the move: the subscription is made on the WebSocket, no publish runs ahead of it', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  // A slow token function keeps the move's renewal of secret:move open for
+  // 300 ms, while the publishes below go out.
+  let slow = false;
+  const token = async (topic) => {
+    if (slow) await sleep(300);
+    return signJwt(SECRET, { sub: '', topic });
+  };
+  const { c, states } = client(proxy, { upgradeDelayMs: 200 });
+  await c.connect();
+  await c.subscribeTopic('room:a');
+  await c.subscribeTopic('secret:move', { token });
+  slow = true;
+  // A subscribe sent over SSE as the probe goes out: its answer (400 ms,
+  // from the backend) comes after the move began.
+  let late = null;
+  proxy.onUpgrade = () => (late ??= c.subscribeTopic('slow:late'));
+  proxy.upgrades = 'pass';
+  const outcomes = [];
+  const moved = () => states.some((s) => s.upgraded);
+  while (!moved()) {
+    // Each publish on room:a needs this connection's subscription of room:a.
+    if (c.transport === 'websocket') c.publish('room:a', 'x').then(() => outcomes.push('ok'), (e) => outcomes.push(e.code));
+    await sleep(10);
+  }
+  await late;
+  await until(() => c.pending.size === 0);
+  assert.ok(outcomes.length >= 3, `${outcomes.length} publishes during the move`);
+  assert.deepEqual([...new Set(outcomes)], ['ok'], 'every publish after its subscription');
+  // slow:late was subscribed on SSE, after the move began; once SSE is
+  // closed, the WebSocket holds it too.
+  await until(async () => (await sseSessions()) === 0);
+  const got = [];
+  c.on('note', (d) => got.push(d));
+  await publish(gale.http, 'slow:late', 'note', 'on the WebSocket');
+  await until(() => got.length === 1);
+  c.close();
+  await proxy.stop();
+});
+
+test('a renewal that fails for a passing reason calls the move off: SSE stays, the next probe moves', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  let refuse = false;
+  const token = (topic) => {
+    if (refuse) throw new Error('the token service is down');
+    return signJwt(SECRET, { sub: '', topic });
+  };
+  const { c, states } = client(proxy, { upgradeDelayMs: 200 });
+  const failed = [];
+  c.on('gale.resubscribe_failed', (e) => failed.push(e.code));
+  await c.connect();
+  await c.subscribeTopic('secret:off', { token });
+  await until(() => c.clientId !== null);
+  const sseClient = c.clientId;
+  refuse = true;
+  proxy.upgrades = 'pass';
+  await until(() => failed.length === 1);
+  assert.deepEqual(failed, ['token_error']);
+  await sleep(100);
+  assert.equal(c.transport, 'sse', 'the move was called off');
+  assert.equal(c.clientId, sseClient, 'on the same SSE session');
+  assert.equal((await c.weather('Stayville')).city, 'Stayville');
+  refuse = false;
+  await until(() => c.transport === 'websocket' && c.state === State.OPEN, 5_000);
+  const got = [];
+  c.on('headline', (d) => got.push(d));
+  await publish(gale.http, 'secret:off', 'headline', 'moved');
+  await until(() => got.length === 1);
+  assert.deepEqual(fromOpen(states), [
+    ['open', 'sse', false, null],
+    ['open', 'websocket', true, 'sse'],
+  ]);
   c.close();
   await proxy.stop();
 });
@@ -98,7 +221,7 @@ test('probes that fail wait twice as long each time, and leave the SSE connectio
   const probes = proxy.tries.length - 1;
   assert.ok(probes >= 3 && probes <= 5, `${probes} probes in 2 s`);
   const gaps = proxy.tries.slice(1).map((t, i) => t - proxy.tries[i]);
-  for (let i = 2; i < gaps.length; i++) assert.ok(gaps[i] > gaps[i - 2], `gaps grow: ${gaps}`);
+  for (let i = 3; i < gaps.length; i++) assert.ok(gaps[i] > gaps[i - 2], `gaps grow: ${gaps}`);
   assert.equal(states.length, opened, 'no state change while probing');
   assert.equal(c.transport, 'sse');
   assert.equal((await c.weather('Probeville')).city, 'Probeville');
@@ -106,22 +229,32 @@ test('probes that fail wait twice as long each time, and leave the SSE connectio
   await proxy.stop();
 });
 
-test('a probe that hangs is given up after timeoutMs; close() stops a probe under way', async () => {
+test('a probe that hangs is given up after timeoutMs, and the next one comes', async () => {
   const proxy = await startNoUpgradeProxy(gale.port);
-  const { c, states } = client(proxy, { upgradeDelayMs: 50, timeoutMs: 400 });
+  const { c } = client(proxy, { upgradeDelayMs: 50, timeoutMs: 400 });
   await c.connect();
   proxy.upgrades = 'hang';
   await until(() => proxy.hung.length === 1);
+  const hung = Date.now();
   await until(() => proxy.hung[0].gone === true, 2_000);
+  assert.ok(Date.now() - hung >= 300, 'given up after its timeout, not before');
   assert.equal(c.transport, 'sse');
   assert.equal(c.state, State.OPEN);
-  // The next probe (after 50–100 ms, doubled: 100–200) hangs too; close()
-  // while it does.
   await until(() => proxy.hung.length === 2, 2_000);
   c.close();
-  await until(() => proxy.hung[1].gone === true, 2_000);
+  await proxy.stop();
+});
+
+test('close() stops a probe under way at once', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  const { c, states } = client(proxy, { upgradeDelayMs: 50, timeoutMs: 10_000 });
+  await c.connect();
+  proxy.upgrades = 'hang';
+  await until(() => proxy.hung.length === 1);
+  c.close();
+  await until(() => proxy.hung[0].gone === true, 1_000);
   const tries = proxy.tries.length;
-  await sleep(600);
+  await sleep(300);
   assert.equal(proxy.tries.length, tries, 'no probe after close()');
   assert.equal(states.at(-1).state, State.CLOSED);
   await until(async () => (await sseSessions()) === 0);
@@ -136,32 +269,66 @@ test('a WebSocket cut soon after the move sends the client back to SSE at once; 
   c.on('headline', (n) => got.push(n));
   await c.subscribeTopic('news:cut');
   proxy.upgrades = 'cut';
-  proxy.cutAfterMs = 150;
+  proxy.cutAfterMs = 400;
+  const moves = () => states.filter((s) => s.upgraded).length;
+  const back = () => states.filter((s) => s.state === State.RECONNECTING && s.transport === undefined);
   let n = 0;
   // Three moves, each cut; publications all the while.
-  while (proxy.tries.length < 4) {
+  while (moves() < 3) {
     await publish(gale.http, 'news:cut', 'headline', ++n);
     await sleep(20);
   }
   proxy.upgrades = 'refuse';
-  // The last move is cut too: back on SSE, open, with no probe under way.
-  const back = () => states.filter((s) => s.state === State.RECONNECTING && s.transport === undefined);
-  await until(() => back().length === 4 && c.transport === 'sse' && c.state === State.OPEN);
+  // The last move is cut too: back on SSE, open.
+  await until(() => back().length === moves() + 1 && c.transport === 'sse' && c.state === State.OPEN);
   await publish(gale.http, 'news:cut', 'headline', ++n);
   await until(() => got.length === n);
   await sleep(200);
   assert.deepEqual(got, Array.from({ length: n }, (_, i) => i + 1), 'every publication once, in order');
 
   // The refused first connect and each cut: on to SSE with no wait (no
-  // backoff), told as a fallback.
+  // backoff), told as a fallback, then reported as a reconnect.
   for (const b of back()) {
     assert.equal(b.delayMs, 0);
     assert.equal(b.fallback, true);
   }
+  const cuts = states.filter((s) => s.upgraded).map((s) => states.indexOf(s));
+  for (const at of cuts) {
+    assert.deepEqual(
+      states.slice(at + 1, at + 4).map((s) => [s.state, s.transport ?? null]),
+      [
+        ['reconnecting', null],
+        ['reconnecting', 'sse'],
+        ['open', 'sse'],
+      ],
+    );
+  }
+  assert.equal(c.lastClose?.code, 1006);
   // The waits before the probes double (drawn from [100, 200], then
   // [200, 400], then [400, 800] ms after each return to SSE).
   const gaps = proxy.tries.slice(1).map((t, i) => t - proxy.tries[i]);
   assert.ok(gaps[2] > gaps[0], `gaps grow: ${gaps}`);
+  c.close();
+  await proxy.stop();
+});
+
+test('a moved WebSocket closed on purpose is not a failed move: the usual backoff, back over the WebSocket', async () => {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  const { c, states } = client(proxy, { upgradeDelayMs: 100 });
+  await c.connect();
+  proxy.upgrades = 'pass';
+  await until(() => c.transport === 'websocket' && c.state === State.OPEN);
+  await until(() => c.clientId !== null);
+  const r = await fetch(`${gale.http}/api/disconnect`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ client: c.clientId, code: 4000, reason: 'by the application' }),
+  });
+  assert.equal(r.status, 200, await r.text());
+  await until(() => states.filter((s) => s.state === State.OPEN).length === 3);
+  const dropped = states.find((s) => s.code === 4000);
+  assert.ok(dropped.delayMs > 0 && !dropped.fallback, JSON.stringify(dropped));
+  assert.equal(c.transport, 'websocket');
   c.close();
   await proxy.stop();
 });
