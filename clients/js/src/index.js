@@ -421,6 +421,14 @@ export class GaleClient {
    * @returns {Promise<any>}
    */
   request(event, data, opts = {}) {
+    return this.#request(event, data, opts, {});
+  }
+
+  /**
+   * `request`, with `sent.via` set to the connection the request goes
+   * out on, once it does.
+   */
+  #request(event, data, opts, sent) {
     if (this.stopped) return Promise.reject(new GaleError('closed', 'the client is closed'));
     const ref = String(this.nextRef++);
     const message = { event, ref };
@@ -438,7 +446,7 @@ export class GaleClient {
         reject(new GaleError('timeout', `${event}: no reply within ${timeoutMs} ms`));
         if (this.#draining) this.#settleDrain(this.#draining);
       }, timeoutMs);
-      this.pending.set(ref, { resolve, reject, timer });
+      this.pending.set(ref, { resolve, reject, timer, sent });
       this.#send(ref, text);
     });
   }
@@ -542,7 +550,32 @@ export class GaleClient {
    * was subscribed before it), so it is made on the connection too.
    */
   #renewIfMoved(via, event, data, token) {
-    if (via && via !== this.ws && this.ws && !this.stopped) this.#renew(event, data, token);
+    if (!via || via === this.ws || !this.ws || this.stopped) return;
+    const drain = this.#draining;
+    if (!drain || via !== drain.ws) {
+      this.#renew(event, data, token);
+      return;
+    }
+    // Mid-move: made once the move is done; not at all if it is called off
+    // (the subscription is on the connection the client stays on).
+    if (drain.renewed) this.#renewLate(drain, [event, data, token]);
+    else drain.late.push([event, data, token]);
+  }
+
+  /**
+   * A subscribe made on the new connection of a move, after the move's
+   * own renewals: until it is answered, the old connection (kept open
+   * for it) delivers the topic's pushes.
+   */
+  #renewLate(drain, [event, data, token]) {
+    const topic = this.#topicOf(data);
+    if (topic) drain.waiting.add(topic);
+    drain.running++;
+    this.#renew(event, data, token).then(() => {
+      if (topic) drain.waiting.delete(topic);
+      drain.running--;
+      this.#settleDrain(drain);
+    });
   }
 
   async unsubscribeTopic(topic, opts) {
@@ -667,7 +700,7 @@ export class GaleClient {
    * the pushes that overtake its reply, then delivers what was missed and
    * what was held, in order, without duplicates. `token`: the topic's
    * subscription token, or its source (see `subscribeTopic`). `sent.via`
-   * is set to the connection the subscribe went out on (null: it waited).
+   * is set to the connection the subscribe went out on.
    */
   async #subscribeAt(event, data, opts, token, sent = {}) {
     const topic = this.#topicOf(data);
@@ -681,8 +714,7 @@ export class GaleClient {
       let t = this.#token(data.topic, token, opts?.timeoutMs);
       if (typeof t === 'object') t = await t;
       if (t !== undefined) ask.token = t;
-      sent.via = this.#sendsNow() ? this.ws : null;
-      reply = await this.request(event, ask, opts);
+      reply = await this.#request(event, ask, opts ?? {}, sent);
     } catch (e) {
       if (topic) this.#release(topic);
       throw e;
@@ -849,15 +881,23 @@ export class GaleClient {
 
   /**
    * The connection `ws` is open: renews the subscriptions, then sends
-   * what waited. Resolves, once the renewals are answered, with the codes
-   * of those that failed (none: all renewed; null: `ws` dropped first).
-   * `move`: a move to `ws` is under way; what waits is held back (nothing
-   * is sent but the renewals) and left to the move to send or not.
-   * @returns {Promise<string[] | null>}
+   * what waited; requests made meanwhile wait behind the renewals, so
+   * that none runs ahead of its subscription (the server runs a
+   * connection's events concurrently). Resolves, once the renewals are
+   * answered, with those that failed (empty: all renewed; null: `ws`
+   * dropped first).
+   * `move`: a move to `ws` is under way. It is not announced here, the
+   * failures are not reported (the move decides), and what waits is left
+   * for the move to send.
+   * @returns {Promise<{event: string, data: any, code: string, message?: string}[] | null>}
    */
   #opened(ws, transport, info, move = false) {
     // Token functions are asked first, while requests still queue, so
     // that the subscriptions are renewed before anything else is sent.
+    // What is subscribed now is renewed: a subscribe answered while the
+    // tokens are asked for was made on a connection the client keeps, or
+    // is made again on this one by `#renewIfMoved`.
+    const cities = [...this.cities];
     const tokens = new Map();
     const asked = [];
     for (const topic of this.topics) {
@@ -872,28 +912,28 @@ export class GaleClient {
     }
     const ready = () => {
       if (this.ws !== ws || this.stopped) return null; // dropped meanwhile
-      const moving = this.#hold;
+      const held = this.#hold;
       this.#hold = null;
-      if (!move) {
-        this.#setState(State.OPEN, info);
-        if (transport !== this.transports[0]) this.#scheduleProbe();
-      }
-      // Renew subscriptions first (sent here, at once: their tokens are
-      // in hand), then what waited, once they are answered.
+      // Open from here on, so that the renewals go out; handlers hear of
+      // it once they are sent and what waits is held behind them.
+      this.state = State.OPEN;
+      // Renewals first, sent here at once (their tokens are in hand).
       const renewals = [];
-      for (const city of this.cities) renewals.push(this.#renew('weather.subscribe', { city }));
-      for (const topic of this.topics) renewals.push(this.#renew('topic.subscribe', { topic }, tokens.get(topic)));
-      const failures = Promise.all(renewals).then((codes) => codes.filter((c) => c !== null));
+      for (const city of cities) renewals.push(this.#renew('weather.subscribe', { city }, undefined, move));
+      for (const [topic, token] of tokens) renewals.push(this.#renew('topic.subscribe', { topic }, token, move));
+      const failures = Promise.all(renewals).then((all) => all.filter((f) => f !== null));
       if (move) {
-        this.#hold = moving;
+        this.#hold = held;
         return failures;
       }
-      if (renewals.length === 0 || this.queue.length === 0) {
+      if (renewals.length === 0) {
         this.#flush(ws);
+        this.#announce(ws, transport, info);
         return failures;
       }
       const hold = {};
       this.#hold = hold;
+      this.#announce(ws, transport, info);
       return failures.then((failed) => {
         if (this.#hold !== hold) return failed; // dropped and reopened meanwhile
         this.#hold = null;
@@ -902,6 +942,13 @@ export class GaleClient {
       });
     };
     return asked.length === 0 ? Promise.resolve(ready()) : Promise.all(asked).then(ready);
+  }
+
+  /** Reports `ws` open (unless a handler of an earlier state dropped it). */
+  #announce(ws, transport, info) {
+    if (this.ws !== ws || this.stopped) return;
+    this.#setState(State.OPEN, info);
+    if (transport !== this.transports[0]) this.#scheduleProbe();
   }
 
   /**
@@ -998,6 +1045,13 @@ export class GaleClient {
       inflight: new Set([...this.pending.keys()].filter((ref) => !queued.has(ref))),
       renewed: false,
       timer: null,
+      clientId: this.clientId,
+      /** Subscribes answered on the old connection since the move began. */
+      late: [],
+      /** Of those, the ones made on the new connection and not yet answered. */
+      running: 0,
+      /** Their topics: the old connection delivers these meanwhile. */
+      waiting: new Set(),
     };
     this.#draining = drain;
     old.onmessage = (ev) => this.#receive(ev.data, drain);
@@ -1011,19 +1065,23 @@ export class GaleClient {
     this.#watch(ws, conn);
     this.#opened(ws, transport, undefined, true).then((failed) => {
       if (failed === null || this.ws !== ws || this.stopped) return; // dropped meanwhile
-      if (this.#draining === drain && failed.some((code) => !REFUSALS.has(code))) {
+      if (this.#draining === drain && failed.some((f) => !REFUSALS.has(f.code))) {
         this.#abortMove(drain);
         return;
       }
+      // Refused for good: they would be over SSE too; reported as after a
+      // reconnect.
+      for (const f of failed) this.#emit('gale.resubscribe_failed', f);
       clearTimeout(this.#probation);
       this.#probation = setTimeout(() => {
         this.#probation = null;
         this.#upgradeDelay = this.options.upgradeDelayMs;
       }, PROBATION_MS);
       drain.renewed = true;
+      for (const late of drain.late) this.#renewLate(drain, late);
       if (this.#hold === hold) this.#hold = null;
-      this.#setState(State.OPEN, { transport, upgraded: true, from: drain.transport });
       this.#flush(ws);
+      this.#announce(ws, transport, { transport, upgraded: true, from: drain.transport });
       // What was sent on the old connection gets `timeoutMs` more.
       if (this.#draining === drain) drain.timer = setTimeout(() => this.#endDrain(drain), this.options.timeoutMs);
       this.#settleDrain(drain);
@@ -1056,6 +1114,8 @@ export class GaleClient {
     this.ws = drain.ws;
     this.transport = drain.transport;
     this.tryIndex = drain.tryIndex;
+    this.clientId = drain.clientId;
+    this.#endProbation();
     this.#watch(drain.ws, { opened: true });
     this.#hold = null;
     this.#flush(drain.ws);
@@ -1066,7 +1126,7 @@ export class GaleClient {
   #settleDrain(drain) {
     if (this.#draining !== drain || !drain.renewed) return;
     for (const ref of drain.inflight) if (!this.pending.has(ref)) drain.inflight.delete(ref);
-    if (drain.inflight.size === 0) this.#endDrain(drain);
+    if (drain.inflight.size === 0 && drain.running === 0) this.#endDrain(drain);
   }
 
   /**
@@ -1102,16 +1162,18 @@ export class GaleClient {
 
   /**
    * A resubscribe; `token`: the topic's token, or why there is none.
-   * Resolves once it is answered: null, or the code it failed with.
-   * @returns {Promise<string | null>}
+   * Resolves once it is answered: null, or how it failed (reported as
+   * `gale.resubscribe_failed` unless `quiet`).
+   * @returns {Promise<{event: string, data: any, code: string, message?: string} | null>}
    */
-  #renew(event, data, token) {
+  #renew(event, data, token, quiet = false) {
     const run = token instanceof Error ? Promise.reject(token) : this.#subscribeAt(event, data, undefined, token);
     return run.then(
       () => null,
       (e) => {
-        this.#emit('gale.resubscribe_failed', { event, data, code: e.code, message: e.message });
-        return String(e?.code ?? 'error');
+        const failed = { event, data, code: String(e?.code ?? 'error'), message: e?.message };
+        if (!quiet) this.#emit('gale.resubscribe_failed', failed);
+        return failed;
       },
     );
   }
@@ -1120,7 +1182,11 @@ export class GaleClient {
   #flush(ws) {
     const waiting = this.queue;
     this.queue = [];
-    for (const q of waiting) ws.send(q.text);
+    for (const q of waiting) {
+      const p = this.pending.get(q.ref);
+      if (p) p.sent.via = ws;
+      ws.send(q.text);
+    }
   }
 
   /** Whether a request goes out now (else it waits in the queue). */
@@ -1129,8 +1195,11 @@ export class GaleClient {
   }
 
   #send(ref, text) {
-    if (this.#sendsNow()) {
-      this.ws?.send(text);
+    const ws = this.ws;
+    if (this.#sendsNow() && ws) {
+      const p = this.pending.get(ref);
+      if (p) p.sent.via = ws;
+      ws.send(text);
     } else {
       this.queue.push({ ref, text });
     }
@@ -1159,13 +1228,19 @@ export class GaleClient {
       clearTimeout(p.timer);
       if (msg.ok) p.resolve(msg.data);
       else p.reject(replyError(msg.error ?? {}));
-      if (drain) this.#settleDrain(drain);
+      // Once what awaits the reply has run: a subscribe answered here may
+      // still have to be made on the new connection (`#renewIfMoved`).
+      if (drain) setTimeout(() => this.#settleDrain(drain), 0);
     } else if (msg.type === 'connected') {
       if (!drain) this.clientId = msg.client_id ?? null;
     } else if (typeof msg.event === 'string') {
       const positioned = typeof msg.topic === 'string' && typeof msg.offset === 'number';
       const moving = drain ?? this.#draining;
-      if (!positioned && moving && (drain ? moving.renewed : !moving.renewed)) return;
+      if (!positioned && moving) {
+        // Which connection a push without a position comes from.
+        const fromOld = !moving.renewed || (typeof msg.topic === 'string' && moving.waiting.has(msg.topic));
+        if (fromOld !== (drain !== null)) return;
+      }
       this.#push(msg);
     }
   }
@@ -1192,7 +1267,7 @@ export class GaleClient {
 
   #dropped(code, reason, opened) {
     const drain = this.#draining;
-    if (drain && opened && !this.stopped && drain.ws.readyState === 1) {
+    if (drain && !drain.renewed && opened && !this.stopped && drain.ws.readyState === 1) {
       // The connection a move went to dropped before the move was done,
       // while the old one still works: back to the old one.
       this.#abortMove(drain);
