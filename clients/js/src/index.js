@@ -261,6 +261,9 @@ export class GaleClient {
    */
   #hold = null;
 
+  /** For the next `request`: where to note the connection it goes out on. */
+  #sent = null;
+
   /** The timer of the next probe of the preferred transport. */
   #probeTimer = null;
 
@@ -421,7 +424,9 @@ export class GaleClient {
    * @returns {Promise<any>}
    */
   request(event, data, opts = {}) {
-    return this.#request(event, data, opts, {});
+    const sent = this.#sent ?? {};
+    this.#sent = null;
+    return this.#request(event, data, opts, sent);
   }
 
   /**
@@ -714,7 +719,10 @@ export class GaleClient {
       let t = this.#token(data.topic, token, opts?.timeoutMs);
       if (typeof t === 'object') t = await t;
       if (t !== undefined) ask.token = t;
-      reply = await this.#request(event, ask, opts ?? {}, sent);
+      // Through `request`, which an application may wrap (the page counts
+      // its own messages so); `sent` rides along in a field.
+      this.#sent = sent;
+      reply = await this.request(event, ask, opts);
     } catch (e) {
       if (topic) this.#release(topic);
       throw e;
