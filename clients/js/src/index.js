@@ -9,9 +9,10 @@
  * exponential backoff and jitter (or after the delay a draining server
  * suggests), a bounded queue while disconnected, and
  * a fallback to Server-Sent Events + POST when a WebSocket cannot be
- * opened, with a move back to the WebSocket once one opens again. No dependencies: it uses the platform's WebSocket (browsers;
- * Node 22+, or Node 20 with --experimental-websocket) unless one is
- * passed in, and fetch for SSE.
+ * opened, with a move back to the WebSocket once one opens again. No
+ * dependencies: it uses the platform's WebSocket (browsers; Node 22+, or
+ * Node 20 with --experimental-websocket) unless one is passed in, and
+ * fetch for SSE.
  */
 
 /** An error reply from the server, or a failure on the client's side. */
@@ -238,6 +239,18 @@ function suggestedDelay(code, reason, maxMs) {
   return Math.max(0, Math.min(ms, maxMs));
 }
 
+/**
+ * Closes a connection the client no longer uses: its handlers first, so
+ * that nothing it still reports reaches the client.
+ */
+function discard(ws, code, reason) {
+  ws.onopen = ws.onmessage = ws.onclose = null;
+  ws.onerror = () => {};
+  try {
+    ws.close(code, reason);
+  } catch {}
+}
+
 /** Connection states, as reported to `onState`. */
 export const State = Object.freeze({
   CONNECTING: 'connecting',
@@ -274,9 +287,9 @@ export class GaleClient {
   #upgradeDelay = 0;
 
   /**
-   * The transport left behind by a move, kept open until the requests
+   * The connection left behind by a move, kept open until the requests
    * sent on it are answered and the subscriptions are renewed on the new
-   * one: {ws, transport, inflight: Set<ref>, renewed, timer}.
+   * one (see `#move` for its fields).
    */
   #draining = null;
 
@@ -985,18 +998,15 @@ export class GaleClient {
       this.#probeFailed();
       return;
     }
-    // As long as a request may take: a trial that hangs counts as failed.
-    const timer = setTimeout(() => {
-      this.#cancelProbe();
-      this.#probeFailed();
-    }, this.options.timeoutMs);
-    const probe = { ws, timer };
-    this.#probe = probe;
     const failed = () => {
       if (this.#probe !== probe) return;
       this.#cancelProbe();
       this.#probeFailed();
     };
+    // As long as a request may take: a trial that hangs counts as failed.
+    const timer = setTimeout(failed, this.options.timeoutMs);
+    const probe = { ws, timer };
+    this.#probe = probe;
     ws.onerror = failed;
     ws.onclose = failed;
     ws.onopen = () => {
@@ -1004,8 +1014,7 @@ export class GaleClient {
       clearTimeout(timer);
       this.#probe = null;
       if (this.stopped || this.ws !== current || this.state !== State.OPEN) {
-        ws.onclose = ws.onerror = null;
-        ws.close();
+        discard(ws);
         return;
       }
       this.#move(ws, transport);
@@ -1026,12 +1035,7 @@ export class GaleClient {
     if (!probe) return;
     this.#probe = null;
     clearTimeout(probe.timer);
-    const ws = probe.ws;
-    ws.onopen = ws.onmessage = ws.onclose = null;
-    ws.onerror = () => {};
-    try {
-      ws.close();
-    } catch {}
+    discard(probe.ws);
   }
 
   /**
@@ -1045,12 +1049,10 @@ export class GaleClient {
    */
   #move(ws, transport) {
     const old = this.ws;
-    const queued = new Set(this.queue.map((q) => q.ref));
     const drain = {
       ws: old,
       transport: this.transport,
-      tryIndex: this.tryIndex,
-      inflight: new Set([...this.pending.keys()].filter((ref) => !queued.has(ref))),
+      inflight: new Set(this.#unanswered()),
       renewed: false,
       timer: null,
       clientId: this.clientId,
@@ -1069,8 +1071,7 @@ export class GaleClient {
     this.ws = ws;
     this.transport = transport;
     this.tryIndex = this.transports.indexOf(transport);
-    const conn = { opened: true };
-    this.#watch(ws, conn);
+    this.#watch(ws, { opened: true });
     this.#opened(ws, transport, undefined, true).then((failed) => {
       if (failed === null || this.ws !== ws || this.stopped) return; // dropped meanwhile
       if (this.#draining === drain && failed.some((f) => !REFUSALS.has(f.code))) {
@@ -1105,23 +1106,12 @@ export class GaleClient {
     const ws = this.ws;
     this.#draining = null;
     clearTimeout(drain.timer);
-    if (ws) {
-      ws.onopen = ws.onmessage = ws.onclose = null;
-      ws.onerror = () => {};
-      try {
-        ws.close(1000, 'move called off');
-      } catch {}
-    }
-    const queued = new Set(this.queue.map((q) => q.ref));
-    for (const [ref, p] of this.pending) {
-      if (queued.has(ref) || drain.inflight.has(ref)) continue;
-      clearTimeout(p.timer);
-      p.reject(new GaleError('disconnected', `connection lost (the move to ${this.transport} was called off)`));
-      this.pending.delete(ref);
-    }
+    if (ws) discard(ws, 1000, 'move called off');
+    const sentHere = this.#unanswered().filter((ref) => !drain.inflight.has(ref));
+    this.#fail(sentHere, 'disconnected', `connection lost (the move to ${this.transport} was called off)`);
     this.ws = drain.ws;
     this.transport = drain.transport;
-    this.tryIndex = drain.tryIndex;
+    this.tryIndex = this.transports.indexOf(drain.transport);
     this.clientId = drain.clientId;
     this.#endProbation();
     this.#watch(drain.ws, { opened: true });
@@ -1145,19 +1135,8 @@ export class GaleClient {
     if (this.#draining !== drain) return;
     this.#draining = null;
     clearTimeout(drain.timer);
-    for (const ref of drain.inflight) {
-      const p = this.pending.get(ref);
-      if (!p) continue;
-      clearTimeout(p.timer);
-      p.reject(new GaleError('disconnected', `connection lost (moved from ${drain.transport} before the reply came)`));
-      this.pending.delete(ref);
-    }
-    const old = drain.ws;
-    old.onopen = old.onmessage = old.onclose = null;
-    old.onerror = () => {};
-    try {
-      old.close(1000, 'moved');
-    } catch {}
+    this.#fail(drain.inflight, 'disconnected', `connection lost (moved from ${drain.transport} before the reply came)`);
+    discard(drain.ws, 1000, 'moved');
   }
 
   /** A moved connection that dropped in its probation; ends it either way. */
@@ -1197,14 +1176,9 @@ export class GaleClient {
     }
   }
 
-  /** Whether a request goes out now (else it waits in the queue). */
-  #sendsNow() {
-    return this.state === State.OPEN && !this.#hold && this.ws !== null && this.ws.readyState === 1;
-  }
-
   #send(ref, text) {
     const ws = this.ws;
-    if (this.#sendsNow() && ws) {
+    if (this.state === State.OPEN && !this.#hold && ws && ws.readyState === 1) {
       const p = this.pending.get(ref);
       if (p) p.sent.via = ws;
       ws.send(text);
@@ -1266,11 +1240,24 @@ export class GaleClient {
   }
 
   #failAll(code, message) {
-    for (const [, p] of this.pending) {
+    this.#fail([...this.pending.keys()], code, message);
+  }
+
+  /** Fails the requests `refs` that still wait for their reply. */
+  #fail(refs, code, message) {
+    for (const ref of refs) {
+      const p = this.pending.get(ref);
+      if (!p) continue;
       clearTimeout(p.timer);
       p.reject(new GaleError(code, message));
+      this.pending.delete(ref);
     }
-    this.pending.clear();
+  }
+
+  /** The requests sent and not yet answered (the rest wait in the queue). */
+  #unanswered() {
+    const queued = new Set(this.queue.map((q) => q.ref));
+    return [...this.pending.keys()].filter((ref) => !queued.has(ref));
   }
 
   #dropped(code, reason, opened) {
@@ -1296,17 +1283,10 @@ export class GaleClient {
       this.#resuming = true; // a reconnect, not a first connect
     }
     // What was sent may or may not have been handled: its callers decide.
-    const waiting = new Set(this.queue.map((q) => q.ref));
-    for (const [ref, p] of this.pending) {
-      if (!waiting.has(ref)) {
-        clearTimeout(p.timer);
-        p.reject(new GaleError('disconnected', `connection lost (${code}${reason ? `: ${reason}` : ''})`));
-        this.pending.delete(ref);
-      }
-    }
+    this.#fail(this.#unanswered(), 'disconnected', `connection lost (${code}${reason ? `: ${reason}` : ''})`);
     // A transport that never opened (a proxy that refuses the upgrade):
     // the next one is tried at once; after the last, the backoff applies.
-    if ((!opened || moveFailed) && !this.stopped && (opened ? this.options.reconnect : true)) {
+    if ((!opened || moveFailed) && !this.stopped && (!opened || this.options.reconnect)) {
       this.tryIndex++;
       if (this.tryIndex % this.transports.length !== 0) {
         this.#setState(State.RECONNECTING, { delayMs: 0, code, reason, fallback: true });

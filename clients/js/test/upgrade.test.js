@@ -69,6 +69,18 @@ async function sseSessions() {
   return (await r.json())['sse-sessions'];
 }
 
+/**
+ * Once the SSE session is closed, a publication on `topic` reaches `c`:
+ * its WebSocket holds the subscription.
+ */
+async function heardOnWebSocket(c, topic) {
+  await until(async () => (await sseSessions()) === 0);
+  const got = [];
+  c.on('note', (d) => got.push(d));
+  await publish(gale.http, topic, 'note', 'on the WebSocket');
+  await until(() => got.length === 1);
+}
+
 /** A client through `proxy`, with every state change it reports. */
 function client(proxy, options) {
   const c = new GaleClient(`ws://127.0.0.1:${proxy.port}/ws`, { minDelayMs: 300, maxDelayMs: 300, ...options });
@@ -166,11 +178,7 @@ test('a subscribe and publishes sent during the move: the subscription is made o
   assert.deepEqual([...new Set(outcomes)], ['ok'], 'every publish after its subscription');
   // slow:late was subscribed on SSE, after the move began; once SSE is
   // closed, the WebSocket holds it too.
-  await until(async () => (await sseSessions()) === 0);
-  const got = [];
-  c.on('note', (d) => got.push(d));
-  await publish(gale.http, 'slow:late', 'note', 'on the WebSocket');
-  await until(() => got.length === 1);
+  await heardOnWebSocket(c, 'slow:late');
   c.close();
   await proxy.stop();
 });
@@ -230,11 +238,7 @@ test('a subscribe queued before SSE opened and answered after the move began is 
   await opening;
   await subscribed;
   assert.equal(c.transport, 'websocket', 'the move began before the answer');
-  await until(async () => (await sseSessions()) === 0);
-  const got = [];
-  c.on('note', (d) => got.push(d));
-  await publish(gale.http, 'slow:queued', 'note', 'on the WebSocket');
-  await until(() => got.length === 1);
+  await heardOnWebSocket(c, 'slow:queued');
   c.close();
   await proxy.stop();
 });
