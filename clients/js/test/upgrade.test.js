@@ -2,7 +2,7 @@
 // tries the WebSocket again now and then and moves to it once it opens.
 // Against a real `gale serve`, behind a real HTTP proxy that refuses,
 // passes, hangs or cuts WebSocket upgrades as each test asks.
-import { test, before, after } from 'node:test';
+import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { GaleClient, State } from '../src/index.js';
@@ -81,9 +81,27 @@ async function heardOnWebSocket(c, topic) {
   await until(() => got.length === 1);
 }
 
+/**
+ * What a test opened, closed after it even when it fails (a client left
+ * reconnecting would keep the suite from ending).
+ */
+const opened = { clients: [], proxies: [] };
+afterEach(async () => {
+  for (const c of opened.clients.splice(0)) c.close();
+  for (const p of opened.proxies.splice(0)) await p.stop();
+});
+
+/** The proxy in front of the tests' gale. */
+async function proxyToGale() {
+  const proxy = await startNoUpgradeProxy(gale.port);
+  opened.proxies.push(proxy);
+  return proxy;
+}
+
 /** A client through `proxy`, with every state change it reports. */
 function client(proxy, options) {
   const c = new GaleClient(`ws://127.0.0.1:${proxy.port}/ws`, { minDelayMs: 300, maxDelayMs: 300, ...options });
+  opened.clients.push(c);
   const states = [];
   c.onState((state, info) => states.push({ state, ...info }));
   return { c, states };
@@ -97,7 +115,7 @@ function fromOpen(states) {
 }
 
 test('back to the WebSocket once it opens: one move, nothing lost or repeated, the request in flight answered', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c, states } = client(proxy, { upgradeDelayMs: 1_000 });
   await c.connect();
   assert.equal(c.transport, 'sse');
@@ -147,7 +165,7 @@ test('back to the WebSocket once it opens: one move, nothing lost or repeated, t
 });
 
 test('a subscribe and publishes sent during the move: the subscription is made on the WebSocket, no publish runs ahead of it', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   // A slow token function keeps the move's renewal of secret:move open for
   // 300 ms, while the publishes below go out.
   let slow = false;
@@ -184,7 +202,7 @@ test('a subscribe and publishes sent during the move: the subscription is made o
 });
 
 test('a renewal that fails for a passing reason calls the move off: SSE stays, the next probe moves', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   // Refused after 100 ms: the WebSocket has greeted the client by then.
   let refuse = false;
   let asked = 0;
@@ -226,7 +244,7 @@ test('a renewal that fails for a passing reason calls the move off: SSE stays, t
 });
 
 test('a subscribe queued before SSE opened and answered after the move began is made on the WebSocket too', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   proxy.onUpgrade = () => {
     // The first try (the connect) is refused; the probe passes.
     if (proxy.tries.length === 1) setTimeout(() => (proxy.upgrades = 'pass'), 0);
@@ -244,7 +262,7 @@ test('a subscribe queued before SSE opened and answered after the move began is 
 });
 
 test('a WebSocket cut after the move is done, while SSE waits for a reply, is an ordinary failed move', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c, states } = client(proxy, { upgradeDelayMs: 200 });
   await c.connect();
   proxy.upgrades = 'cut';
@@ -274,7 +292,7 @@ test('a WebSocket cut after the move is done, while SSE waits for a reply, is an
 });
 
 test('probes that fail wait twice as long each time, and leave the SSE connection alone', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c, states } = client(proxy, { upgradeDelayMs: 100 });
   await c.connect();
   const opened = states.length;
@@ -293,7 +311,7 @@ test('probes that fail wait twice as long each time, and leave the SSE connectio
 });
 
 test('a probe that hangs is given up after timeoutMs, and the next one comes', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c } = client(proxy, { upgradeDelayMs: 50, timeoutMs: 400 });
   await c.connect();
   proxy.upgrades = 'hang';
@@ -309,7 +327,7 @@ test('a probe that hangs is given up after timeoutMs, and the next one comes', a
 });
 
 test('close() stops a probe under way at once', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c, states } = client(proxy, { upgradeDelayMs: 50, timeoutMs: 10_000 });
   await c.connect();
   proxy.upgrades = 'hang';
@@ -325,7 +343,7 @@ test('close() stops a probe under way at once', async () => {
 });
 
 test('a WebSocket cut soon after the move sends the client back to SSE at once; the next probe waits longer', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c, states } = client(proxy, { upgradeDelayMs: 200 });
   await c.connect();
   const got = [];
@@ -378,12 +396,15 @@ test('a WebSocket cut soon after the move sends the client back to SSE at once; 
 });
 
 test('a moved WebSocket closed on purpose is not a failed move: the usual backoff, back over the WebSocket', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c, states } = client(proxy, { upgradeDelayMs: 100 });
   await c.connect();
+  await until(() => c.clientId !== null);
+  const sseClient = c.clientId;
   proxy.upgrades = 'pass';
   await until(() => c.transport === 'websocket' && c.state === State.OPEN);
-  await until(() => c.clientId !== null);
+  // The WebSocket's greeting may come just after it is reported open.
+  await until(() => c.clientId !== sseClient);
   const r = await fetch(`${gale.http}/api/disconnect`, {
     method: 'POST',
     headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
@@ -399,7 +420,7 @@ test('a moved WebSocket closed on purpose is not a failed move: the usual backof
 });
 
 test('upgrade: false stays on the fallback; bad delays are refused', async () => {
-  const proxy = await startNoUpgradeProxy(gale.port);
+  const proxy = await proxyToGale();
   const { c } = client(proxy, { upgrade: false, upgradeDelayMs: 50 });
   await c.connect();
   proxy.upgrades = 'pass';
