@@ -507,7 +507,20 @@ impl Socket {
                 return Ok(None);
             }
             self.read.advance(h.header_len);
-            let mut payload = self.read.split_to(h.len as usize);
+            let len = h.len as usize;
+            let mut payload = if matches!(h.opcode, Opcode::Text | Opcode::Binary)
+                && !h.compressed
+                && len <= self.limits.read_buffer
+            {
+                // Copied out: a message a handler keeps (a city name
+                // waiting on an upstream call) would otherwise pin the
+                // whole read chunk it came in, for as long as it waits.
+                let copy = BytesMut::from(&self.read[..len]);
+                self.read.advance(len);
+                copy
+            } else {
+                self.read.split_to(len)
+            };
             frame::apply_mask(&mut payload, mask, 0);
             match h.opcode {
                 Opcode::Ping => {
