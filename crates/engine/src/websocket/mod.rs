@@ -399,6 +399,11 @@ struct Partial {
     valid: usize,
 }
 
+/// Largest message copied out of the read chunk it came in (when that
+/// chunk is larger: `server.read_buffer_bytes`), so that a handler keeping
+/// it does not keep the chunk; larger ones are split off, no copy.
+const MAX_COPIED: usize = 1024;
+
 /// One upgraded WebSocket connection.
 pub struct Socket {
     stream: Stream,
@@ -510,7 +515,7 @@ impl Socket {
             let len = h.len as usize;
             let mut payload = if matches!(h.opcode, Opcode::Text | Opcode::Binary)
                 && !h.compressed
-                && len <= self.limits.read_buffer
+                && len <= self.limits.read_buffer.min(MAX_COPIED)
             {
                 // Copied out: a message a handler keeps (a city name
                 // waiting on an upstream call) would otherwise pin the
@@ -950,6 +955,39 @@ mod tests {
         let longest = Run::extend(&longer, &[Prepared::new("d")]);
         assert!(longest.continues(&longer, 3));
         assert!(!longest.continues(&base, 2), "one step at a time");
+    }
+
+    #[tokio::test]
+    async fn a_small_message_keeps_nothing_of_the_read_chunk() {
+        use tokio::io::AsyncWriteExt;
+        let (server, mut client) = crate::transport::tcp_pair().await;
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let limits = Limits {
+            max_message: 1024,
+            read_buffer: 256,
+            compress_min: 1024,
+        };
+        let mut socket = Socket::new(
+            Stream::Plain(server),
+            Bytes::new(),
+            None,
+            limits,
+            Arc::new(Metrics::new()),
+            permit,
+        );
+        // "Oslo", masked with a zero key.
+        let frame = [0x81, 0x84, 0, 0, 0, 0, b'O', b's', b'l', b'o'];
+        client.write_all(&frame).await.expect("write");
+        let Message::Text(text) = socket.recv().await.expect("recv") else {
+            panic!("a text message")
+        };
+        assert_eq!(text.as_str(), "Oslo");
+        // Split off the chunk, it would share the chunk's allocation with
+        // the socket's read buffer and keep all of it once that is gone.
+        let bytes = Bytes::from(text);
+        assert!(bytes.is_unique(), "its own four bytes, not the chunk");
     }
 
     #[tokio::test]
