@@ -436,3 +436,35 @@ async fn rows_spilled_when_the_database_stays_down_through_shutdown_land_after_a
     assert_eq!(count_rows(&again.store_url, &client_id).await, 20);
     assert_eq!(again.metric("spill-bytes").await, 0);
 }
+
+/// PostgreSQL keeps the request log's inserts prepared (in the database),
+/// each connection at most sixteen batch shapes: a hundred, sqlx's
+/// default, of ~80 KiB statements each had added up.
+#[tokio::test]
+async fn postgres_keeps_at_most_sixteen_batch_shapes_prepared() {
+    let db = gale_store::Db::connect(&postgres_url().await, 1)
+        .await
+        .expect("open");
+    db.migrate().await.expect("migrate");
+    for size in 1..=40 {
+        let rows: Vec<_> = (0..size)
+            .map(|n| gale_store::RequestRecord {
+                client_id: uuid::Uuid::new_v4(),
+                city: format!("City{n}"),
+                ok: true,
+                temperature: Some(1.0),
+                error: None,
+                latency_ms: n,
+                created_at: chrono::Utc::now(),
+            })
+            .collect();
+        db.insert_requests(&rows, Duration::from_secs(5))
+            .await
+            .expect("insert");
+    }
+    let gale_store::Db::Postgres(pool) = &db else {
+        unreachable!("opened as PostgreSQL")
+    };
+    let conn = pool.acquire().await.expect("the pool's one connection");
+    assert_eq!(sqlx::Connection::cached_statements_size(&*conn), 16);
+}

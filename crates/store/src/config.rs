@@ -19,7 +19,9 @@ pub struct StoreConfig {
     /// Rows waiting to be written; past this new rows are dropped and
     /// counted.
     pub queue_size: usize,
-    /// Writer tasks, and the request log's own database connections.
+    /// Writer tasks, and on PostgreSQL as many of the request log's own
+    /// database connections (on SQLite, which takes one writer at a
+    /// time, they share at most two).
     pub workers: usize,
     /// Database connections for notes: a pool apart from the request
     /// log's, so notes queries never hold the log's connections.

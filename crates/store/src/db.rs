@@ -20,8 +20,8 @@ const INSERT: &str = "INSERT INTO weather_requests \
 /// prepared 500-row insert holds ~80 KiB: under a varying load the default
 /// cache filled with a hundred sizes per connection, 29 MiB of the soak's
 /// heap. Sixteen keep the common sizes (full batches under load) and the
-/// notes queries. On SQLite the request log's inserts are not kept at all
-/// (`insert_requests`).
+/// notes queries. On SQLite the request log's inserts are not kept
+/// (`insert_requests`): only each connection's last one stays compiled.
 const STATEMENT_CACHE: usize = 16;
 
 /// An open database: SQLite or PostgreSQL.
@@ -126,7 +126,13 @@ impl Db {
                 // placeholders per batch. The writers report slow batches
                 // themselves, in one line.
                 .disable_statement_logging();
-            let pool = SqlitePoolOptions::new().max_connections(max);
+            // A writer waits here while the others' inserts (15 s at most
+            // each, 5 s of it on the database's lock) hold the log's
+            // connections: longer than PostgreSQL's wait, which is for a
+            // connection per writer.
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(30));
             let pool = if lazy {
                 pool.connect_lazy_with(opts)
             } else {
@@ -162,11 +168,20 @@ impl Db {
         Ok(())
     }
 
-    /// Inserts `rows` in one statement.
+    /// Inserts `rows` in one statement, which has `timeout` once it has a
+    /// connection: waiting for one (the writers outnumber SQLite's
+    /// connections) is bounded by the pool, and does not eat into the
+    /// insert's own time, so a timeout never cuts short an insert that
+    /// may still land.
     ///
     /// # Errors
-    /// The driver's error; the caller retries.
-    pub async fn insert_requests(&self, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
+    /// The driver's error (a timeout as [`sqlx::Error::PoolTimedOut`]);
+    /// the caller retries.
+    pub async fn insert_requests(
+        &self,
+        rows: &[RequestRecord],
+        timeout: Duration,
+    ) -> Result<(), sqlx::Error> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -184,10 +199,12 @@ impl Db {
                 });
                 // Not kept prepared: on SQLite the compiled statement lives
                 // in gale's own memory (~80 KiB of SQL and more of program
-                // per batch size, on each of the writers' connections), and
+                // per batch size, on each of the writers' connections; only
+                // the last one stays, until the next replaces it), and
                 // compiling it again costs ~9 % of the log's ceiling.
                 // PostgreSQL keeps its prepared statements in the database.
-                q.build().persistent(false).execute(pool).await?;
+                let mut conn = pool.acquire().await?;
+                in_time(timeout, q.build().persistent(false).execute(&mut *conn)).await?;
             }
             Db::Postgres(pool) => {
                 let mut q = QueryBuilder::<Postgres>::new(INSERT);
@@ -200,7 +217,8 @@ impl Db {
                         .push_bind(i32::try_from(r.latency_ms).unwrap_or(i32::MAX))
                         .push_bind(r.created_at);
                 });
-                q.build().execute(pool).await?;
+                let mut conn = pool.acquire().await?;
+                in_time(timeout, q.build().execute(&mut *conn)).await?;
             }
         }
         Ok(())
@@ -226,9 +244,76 @@ impl Db {
     }
 }
 
+/// `fut`, or [`sqlx::Error::PoolTimedOut`] once `timeout` has passed.
+async fn in_time<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_inserts_time_starts_once_it_has_a_connection() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let url = format!("sqlite://{}", tmp.path().join("t.db").display());
+        let db = Db::connect(&url, 1).await.expect("open");
+        db.migrate().await.expect("migrate");
+        let Db::Sqlite(pool) = &db else {
+            unreachable!("opened as SQLite")
+        };
+        // Another writer holds the only connection for 300 ms.
+        let held = pool.acquire().await.expect("the pool's one connection");
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(held);
+        });
+        let row = RequestRecord {
+            client_id: uuid::Uuid::new_v4(),
+            city: "Oslo".to_owned(),
+            ok: true,
+            temperature: Some(1.0),
+            error: None,
+            latency_ms: 1,
+            created_at: chrono::Utc::now(),
+        };
+        db.insert_requests(&[row], Duration::from_millis(100))
+            .await
+            .expect("the wait for the connection is not the insert's time");
+        release.await.expect("release");
+    }
+
+    #[tokio::test]
+    async fn a_notes_import_keeps_none_of_its_inserts_prepared() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let url = format!("sqlite://{}", tmp.path().join("t.db").display());
+        let db = Db::connect(&url, 1).await.expect("open");
+        db.migrate().await.expect("migrate");
+        let Db::Sqlite(pool) = &db else {
+            unreachable!("opened as SQLite")
+        };
+        let cached = || async {
+            let conn = pool.acquire().await.expect("the pool's one connection");
+            sqlx::Connection::cached_statements_size(&*conn)
+        };
+        let before = cached().await;
+        for size in [1_500, 7, 333] {
+            let notes: Vec<_> = (0..size)
+                .map(|n| crate::NewNote {
+                    title: format!("t{n}"),
+                    content: "c".to_owned(),
+                    collaborators: vec!["bob".to_owned()],
+                })
+                .collect();
+            db.import_notes("alice", &notes).await.expect("import");
+        }
+        assert_eq!(cached().await, before);
+    }
 
     #[tokio::test]
     async fn sqlite_keeps_none_of_the_request_logs_inserts_prepared() {
@@ -257,7 +342,9 @@ mod tests {
         // Every batch size is its own statement text.
         for size in 1..=40 {
             let rows: Vec<_> = (0..size).map(row).collect();
-            db.insert_requests(&rows).await.expect("insert");
+            db.insert_requests(&rows, Duration::from_secs(5))
+                .await
+                .expect("insert");
         }
         assert_eq!(
             cached().await,

@@ -174,7 +174,11 @@ impl Db {
                         .push_bind(now);
                 });
                 q.push(" RETURNING id");
-                let mut ids: Vec<(i64,)> = q.build_query_as().fetch_all(&mut *tx).await?;
+                // Neither insert is kept prepared: their shapes vary with
+                // the import, and on SQLite each compiled one (up to 1,000
+                // rows) would stay in gale's memory, on every connection.
+                let mut ids: Vec<(i64,)> =
+                    q.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
                 // Ids are handed out in the order of the VALUES list (one
                 // statement, a sequence or SQLite's rowid counting up), but
                 // RETURNING's order is not promised: sort to pair them up.
@@ -190,7 +194,7 @@ impl Db {
                     q.push_values(pairs, |mut b, (id, user)| {
                         b.push_bind(*id).push_bind((*user).clone());
                     });
-                    q.build().execute(&mut *tx).await?;
+                    q.build().persistent(false).execute(&mut *tx).await?;
                 }
             }
             tx.commit().await?;
