@@ -258,8 +258,9 @@ async fn in_time<T>(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn an_inserts_time_starts_once_it_has_a_connection() {
+    /// A migrated SQLite file with a pool of one connection, kept while
+    /// the directory is.
+    async fn sqlite() -> (tempfile::TempDir, Db, SqlitePool) {
         let tmp = tempfile::tempdir().expect("tmp");
         let url = format!("sqlite://{}", tmp.path().join("t.db").display());
         let db = Db::connect(&url, 1).await.expect("open");
@@ -267,22 +268,38 @@ mod tests {
         let Db::Sqlite(pool) = &db else {
             unreachable!("opened as SQLite")
         };
+        let pool = pool.clone();
+        (tmp, db, pool)
+    }
+
+    /// The statements the pool's one connection keeps prepared.
+    async fn cached(pool: &SqlitePool) -> usize {
+        let conn = pool.acquire().await.expect("the pool's one connection");
+        sqlx::Connection::cached_statements_size(&*conn)
+    }
+
+    fn row(n: u32) -> RequestRecord {
+        RequestRecord {
+            client_id: uuid::Uuid::new_v4(),
+            city: format!("City{n}"),
+            ok: true,
+            temperature: Some(1.0),
+            error: None,
+            latency_ms: n,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inserts_time_starts_once_it_has_a_connection() {
+        let (_tmp, db, pool) = sqlite().await;
         // Another writer holds the only connection for 300 ms.
         let held = pool.acquire().await.expect("the pool's one connection");
         let release = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
             drop(held);
         });
-        let row = RequestRecord {
-            client_id: uuid::Uuid::new_v4(),
-            city: "Oslo".to_owned(),
-            ok: true,
-            temperature: Some(1.0),
-            error: None,
-            latency_ms: 1,
-            created_at: chrono::Utc::now(),
-        };
-        db.insert_requests(&[row], Duration::from_millis(100))
+        db.insert_requests(&[row(1)], Duration::from_millis(100))
             .await
             .expect("the wait for the connection is not the insert's time");
         release.await.expect("release");
@@ -290,18 +307,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_notes_import_keeps_none_of_its_inserts_prepared() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let url = format!("sqlite://{}", tmp.path().join("t.db").display());
-        let db = Db::connect(&url, 1).await.expect("open");
-        db.migrate().await.expect("migrate");
-        let Db::Sqlite(pool) = &db else {
-            unreachable!("opened as SQLite")
-        };
-        let cached = || async {
-            let conn = pool.acquire().await.expect("the pool's one connection");
-            sqlx::Connection::cached_statements_size(&*conn)
-        };
-        let before = cached().await;
+        let (_tmp, db, pool) = sqlite().await;
+        let before = cached(&pool).await;
         for size in [1_500, 7, 333] {
             let notes: Vec<_> = (0..size)
                 .map(|n| crate::NewNote {
@@ -312,33 +319,14 @@ mod tests {
                 .collect();
             db.import_notes("alice", &notes).await.expect("import");
         }
-        assert_eq!(cached().await, before);
+        assert_eq!(cached(&pool).await, before);
     }
 
     #[tokio::test]
     async fn sqlite_keeps_none_of_the_request_logs_inserts_prepared() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let url = format!("sqlite://{}", tmp.path().join("t.db").display());
-        let db = Db::connect(&url, 1).await.expect("open");
-        db.migrate().await.expect("migrate");
-        let row = |n: u32| RequestRecord {
-            client_id: uuid::Uuid::new_v4(),
-            city: format!("City{n}"),
-            ok: true,
-            temperature: Some(1.0),
-            error: None,
-            latency_ms: n,
-            created_at: chrono::Utc::now(),
-        };
-        let Db::Sqlite(pool) = &db else {
-            unreachable!("opened as SQLite")
-        };
-        let cached = || async {
-            let conn = pool.acquire().await.expect("the pool's one connection");
-            sqlx::Connection::cached_statements_size(&*conn)
-        };
+        let (_tmp, db, pool) = sqlite().await;
         // The migrations' own statements.
-        let before = cached().await;
+        let before = cached(&pool).await;
         // Every batch size is its own statement text.
         for size in 1..=40 {
             let rows: Vec<_> = (0..size).map(row).collect();
@@ -347,7 +335,7 @@ mod tests {
                 .expect("insert");
         }
         assert_eq!(
-            cached().await,
+            cached(&pool).await,
             before,
             "a cached 500-row insert holds ~80 KiB of SQL and more of program, in gale's memory"
         );

@@ -957,19 +957,19 @@ mod tests {
         assert!(!longest.continues(&base, 2), "one step at a time");
     }
 
-    #[tokio::test]
-    async fn a_small_message_keeps_nothing_of_the_read_chunk() {
-        use tokio::io::AsyncWriteExt;
-        let (server, mut client) = crate::transport::tcp_pair().await;
+    /// A socket over plain TCP, reading in chunks of `read_buffer`, and
+    /// its client's end.
+    async fn plain_socket(read_buffer: usize) -> (Socket, tokio::net::TcpStream) {
+        let (server, client) = crate::transport::tcp_pair().await;
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .expect("permit");
         let limits = Limits {
             max_message: 1024,
-            read_buffer: 256,
+            read_buffer,
             compress_min: 1024,
         };
-        let mut socket = Socket::new(
+        let socket = Socket::new(
             Stream::Plain(server),
             Bytes::new(),
             None,
@@ -977,6 +977,13 @@ mod tests {
             Arc::new(Metrics::new()),
             permit,
         );
+        (socket, client)
+    }
+
+    #[tokio::test]
+    async fn a_small_message_keeps_nothing_of_the_read_chunk() {
+        use tokio::io::AsyncWriteExt;
+        let (mut socket, mut client) = plain_socket(256).await;
         // "Oslo", masked with a zero key.
         let frame = [0x81, 0x84, 0, 0, 0, 0, b'O', b's', b'l', b'o'];
         client.write_all(&frame).await.expect("write");
@@ -993,23 +1000,7 @@ mod tests {
     #[tokio::test]
     async fn the_rest_of_a_begun_frame_goes_before_what_was_queued_since() {
         use tokio::io::AsyncReadExt;
-        let (server, mut client) = crate::transport::tcp_pair().await;
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .expect("permit");
-        let limits = Limits {
-            max_message: 1024,
-            read_buffer: 1024,
-            compress_min: 1024,
-        };
-        let mut socket = Socket::new(
-            Stream::Plain(server),
-            Bytes::new(),
-            None,
-            limits,
-            Arc::new(Metrics::new()),
-            permit,
-        );
+        let (mut socket, mut client) = plain_socket(1024).await;
         assert!(socket.lendable().is_some(), "plain, idle: lendable");
         // Queued by the socket's task while the stream was lent (a pong,
         // say), then the stream taken back with the end of a frame that
