@@ -146,6 +146,38 @@ async fn without_a_spill_database_errors_are_retried_until_the_database_recovers
     assert_eq!(count_rows(&server.store_url, &c.client_id).await, 1);
 }
 
+/// Five writers share SQLite's two connections. With the database locked
+/// past its 5 s busy timeout, the writers that got a connection fail and
+/// retry while the others wait their turn for one; once it is free every
+/// row is written, and written once.
+#[tokio::test]
+async fn five_writers_on_two_sqlite_connections_write_every_row_once_after_a_lock() {
+    let server = start_with(|c| {
+        c.store.spill_dir = String::new();
+        c.store.workers = 5;
+        c.store.batch_size = 1;
+    })
+    .await;
+    let mut c = server.client().await;
+    let lock = WriteLock::take(&server).await;
+    for i in 0..10 {
+        assert_eq!(c.ask(&format!("Locked{i}")).await["type"], "weather");
+    }
+    tokio::time::sleep(Duration::from_millis(6_000)).await;
+    lock.release().await;
+    server.wait_metric("db-completed", 10).await;
+    assert_eq!(server.metric("db-failed").await, 0);
+    let mut cities: Vec<String> = rows_for(&server.store_url, &c.client_id)
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    cities.sort();
+    let mut asked: Vec<String> = (0..10).map(|i| format!("Locked{i}")).collect();
+    asked.sort();
+    assert_eq!(cities, asked, "each row once");
+}
+
 #[tokio::test]
 async fn postgres_batches_from_many_clients() {
     let url = postgres_url().await;
