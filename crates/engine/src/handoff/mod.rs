@@ -867,6 +867,15 @@ pub(crate) fn into_parts(
     (inherited.listener, inherited.history, inherited.conns)
 }
 
+/// Whether a connection's parts (read, partial message, queued) are its
+/// tail's bytes exactly: lengths the old process sent, summed without
+/// wrapping, so that none can slice past the tail.
+fn adds_up(read: usize, partial: usize, queued: usize, tail: usize) -> bool {
+    read.checked_add(partial)
+        .and_then(|n| n.checked_add(queued))
+        .is_some_and(|n| n == tail)
+}
+
 /// Carries one connection on in this process.
 fn resume(
     app: &Arc<App>,
@@ -879,7 +888,7 @@ fn resume(
     tcp.set_nonblocking(true)?;
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
     let partial_len = state.partial.map_or(0, |p| p.3);
-    if state.read + partial_len + state.queued != tail.len() {
+    if !adds_up(state.read, partial_len, state.queued, tail.len()) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a connection's bytes do not add up",
@@ -946,4 +955,18 @@ fn resume(
     // `connection::serve`).
     tokio::spawn(crate::connection::resume(app.clone(), socket, caller, held));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adds_up;
+
+    #[test]
+    fn a_connections_parts_add_up_without_wrapping() {
+        assert!(adds_up(3, 4, 5, 12));
+        assert!(!adds_up(3, 4, 5, 13));
+        // Lengths that wrap around to the tail's: refused, not sliced.
+        assert!(!adds_up(usize::MAX, 0, 11, 10));
+        assert!(!adds_up(0, usize::MAX, 11, 10));
+    }
 }
