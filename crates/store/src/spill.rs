@@ -222,6 +222,10 @@ pub(super) fn encode(rows: &[RequestRecord]) -> Vec<u8> {
     serde_json::to_vec(&out).unwrap_or_default()
 }
 
+/// Past any sequence number a spill reaches (a segment is at least
+/// 64 KiB): a cursor beyond it is damaged.
+const MAX_SEQ: u64 = 1 << 62;
+
 fn segment_name(seq: u64) -> String {
     format!("spill-{seq:020}.log")
 }
@@ -276,7 +280,7 @@ impl Spill {
         }
         let _ = lock.set_len(0);
         let _ = writeln!(lock, "{}", std::process::id());
-        let (cursor_seq, cursor_offset) = fs::read_to_string(dir.join(CURSOR))
+        let (mut cursor_seq, mut cursor_offset) = fs::read_to_string(dir.join(CURSOR))
             .ok()
             .and_then(|s| {
                 let (a, b) = s.trim().split_once(' ')?;
@@ -292,11 +296,6 @@ impl Spill {
                     let Some(seq) = name.to_str().and_then(segment_seq) else {
                         continue;
                     };
-                    if seq < cursor_seq {
-                        // Replayed before the last stop.
-                        let _ = fs::remove_file(entry.path());
-                        continue;
-                    }
                     let len = entry.metadata().map_err(err)?.len();
                     found.push((seq, len));
                 }
@@ -305,11 +304,35 @@ impl Spill {
             Err(e) => return Err(err(e)),
         }
         found.sort_unstable();
+        // The cursor names the oldest segment not yet replayed, or the
+        // next one to be written: never more than one past the newest. One
+        // that does (a damaged file) is not trusted, since deleting every
+        // segment before it would lose their rows: they are all replayed
+        // from their start instead, and rows already written may be
+        // written twice.
+        let newest = found.last().map_or(0, |&(s, _)| s);
+        if (!found.is_empty() && cursor_seq > newest.saturating_add(1)) || cursor_seq >= MAX_SEQ {
+            tracing::error!(
+                dir = %dir.display(),
+                cursor = cursor_seq,
+                newest,
+                "request log: the spill's cursor is past every segment; replaying them all from \
+                 their start (rows replayed before may be written twice)"
+            );
+            (cursor_seq, cursor_offset) = (0, 0);
+        }
+        found.retain(|&(seq, _)| {
+            if seq < cursor_seq {
+                // Replayed before the last stop.
+                let _ = fs::remove_file(dir.join(segment_name(seq)));
+            }
+            seq >= cursor_seq
+        });
         let read_offset = match found.first() {
             Some(&(seq, len)) if seq == cursor_seq => cursor_offset.min(len),
             _ => 0,
         };
-        let next_seq = found.last().map_or(cursor_seq, |&(s, _)| s).max(cursor_seq) + 1;
+        let next_seq = newest.max(cursor_seq) + 1;
         let pending = found.iter().map(|&(_, len)| len).sum::<u64>() - read_offset;
         metrics.spill_bytes.set(pending as i64);
         if pending > 0 {
@@ -732,6 +755,30 @@ mod tests {
         drop(spill);
         let (again, _) = open(tmp.path(), 1 << 20);
         assert!(again.next_batch().is_none(), "nothing replayed twice");
+    }
+
+    #[test]
+    fn a_damaged_cursor_loses_no_rows() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let rows: Vec<_> = (0..30).map(row).collect();
+        {
+            let (spill, _) = open(tmp.path(), 1 << 20);
+            for chunk in rows.chunks(10) {
+                assert!(spill.append(chunk));
+            }
+            spill.sync();
+        }
+        for damaged in ["99999999 0", "18446744073709551615 0"] {
+            fs::write(tmp.path().join(CURSOR), damaged).expect("damage the cursor");
+            let (spill, _) = open(tmp.path(), 1 << 20);
+            assert!(spill.pending_bytes() > 0, "{damaged}: segments kept");
+            drop(spill);
+        }
+        let (spill, _) = open(tmp.path(), 1 << 20);
+        assert_eq!(replay_all(&spill), rows, "every row, from the start");
+        drop(spill);
+        let (again, _) = open(tmp.path(), 1 << 20);
+        assert!(again.next_batch().is_none(), "and the cursor is good again");
     }
 
     #[test]
