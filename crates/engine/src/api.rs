@@ -295,9 +295,13 @@ fn broadcast(app: &App, params: Value) -> Result<Value, Failure> {
     Ok(with_cluster(app, json!({ "reached": reached })))
 }
 
-/// Adds up one number field over every node's answer.
+/// Adds up one number field over every node's answer (another node's
+/// numbers, saturating rather than wrapping).
 fn total(answers: &[Value], field: &str) -> u64 {
-    answers.iter().filter_map(|a| a[field].as_u64()).sum()
+    answers
+        .iter()
+        .filter_map(|a| a[field].as_u64())
+        .fold(0, u64::saturating_add)
 }
 
 /// `subscribe` / `unsubscribe {user, topic}`: that user's connections on
@@ -511,7 +515,8 @@ async fn topics(app: &Arc<App>, params: Value) -> Result<Value, Failure> {
         .flatten()
     {
         if let (Some(name), Some(n)) = (t["topic"].as_str(), t["subscribers"].as_u64()) {
-            *counts.entry(name.to_owned()).or_default() += n;
+            let count = counts.entry(name.to_owned()).or_default();
+            *count = count.saturating_add(n);
         }
     }
     let topics: Vec<Value> = counts
@@ -628,6 +633,17 @@ fn parse_value(v: Value) -> Result<(String, Value, Target), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn other_nodes_numbers_add_up_without_wrapping() {
+        let answers = [
+            json!({"connections": u64::MAX}),
+            json!({"connections": 2}),
+            json!({"connections": "many"}),
+        ];
+        assert_eq!(total(&answers, "connections"), u64::MAX);
+        assert_eq!(total(&answers[1..], "connections"), 2);
+    }
 
     #[test]
     fn bodies() {

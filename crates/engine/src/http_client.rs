@@ -573,7 +573,7 @@ async fn dechunk(
     loop {
         match next_chunk(&buf[at..]).map_err(|w| Exchange::Failed(unreadable(w)))? {
             Some(Chunk::Data { start, len, end }) => {
-                if body.len() + len > limit {
+                if body.len().saturating_add(len) > limit {
                     return Err(too_large(limit).into());
                 }
                 body.extend_from_slice(&buf[at + start..at + start + len]);
@@ -581,7 +581,7 @@ async fn dechunk(
                 continue;
             }
             Some(Chunk::Last { end }) => return Ok((body, at + end == buf.len())),
-            Some(Chunk::Need { len }) if body.len() + len > limit => {
+            Some(Chunk::Need { len }) if body.len().saturating_add(len) > limit => {
                 return Err(too_large(limit).into());
             }
             Some(Chunk::Need { .. }) | None => {}
@@ -867,6 +867,17 @@ mod tests {
 
         let (url, _) = serve(vec![
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n80\r\n",
+        ])
+        .await;
+        let err = c
+            .get(url::Url::parse(&url).expect("url"), 100)
+            .await
+            .expect_err("too large");
+        assert!(err.to_string().contains("larger than 100"), "{err}");
+
+        // A chunk size near 2^64 after a first chunk: no overflow.
+        let (url, _) = serve(vec![
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n0123456789abcdef0123456789abcdef\r\nffffffffffffffe0\r\n",
         ])
         .await;
         let err = c
