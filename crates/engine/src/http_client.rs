@@ -857,41 +857,30 @@ mod tests {
 
     #[tokio::test]
     async fn limits_and_garbage_are_errors_not_hangs() {
-        let (url, _) = serve(vec!["HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n"]).await;
         let c = client();
-        let err = c
-            .get(url::Url::parse(&url).expect("url"), 100)
-            .await
-            .expect_err("too large");
-        assert!(err.to_string().contains("larger than 100"), "{err}");
-
-        let (url, _) = serve(vec![
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n80\r\n",
-        ])
-        .await;
-        let err = c
-            .get(url::Url::parse(&url).expect("url"), 100)
-            .await
-            .expect_err("too large");
-        assert!(err.to_string().contains("larger than 100"), "{err}");
-
-        // A chunk size near 2^64 after a first chunk: no overflow.
-        let (url, _) = serve(vec![
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n0123456789abcdef0123456789abcdef\r\nffffffffffffffe0\r\n",
-        ])
-        .await;
-        let err = c
-            .get(url::Url::parse(&url).expect("url"), 100)
-            .await
-            .expect_err("too large");
-        assert!(err.to_string().contains("larger than 100"), "{err}");
-
-        let (url, _) = serve(vec!["SMTP ready\r\n\r\n"]).await;
-        let err = c
-            .get(url::Url::parse(&url).expect("url"), 100)
-            .await
-            .expect_err("garbage");
-        assert!(err.to_string().contains("unreadable response"), "{err}");
+        for (reply, error) in [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n",
+                "larger than 100",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n80\r\n",
+                "larger than 100",
+            ),
+            // A chunk size near 2^64 after a first chunk: no overflow.
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n0123456789abcdef0123456789abcdef\r\nffffffffffffffe0\r\n",
+                "larger than 100",
+            ),
+            ("SMTP ready\r\n\r\n", "unreadable response"),
+        ] {
+            let (url, _) = serve(vec![reply]).await;
+            let err = c
+                .get(url::Url::parse(&url).expect("url"), 100)
+                .await
+                .expect_err(error);
+            assert!(err.to_string().contains(error), "{reply:?}: {err}");
+        }
 
         let err = c
             .get(url::Url::parse("http://127.0.0.1:1/").expect("url"), 100)
