@@ -332,9 +332,10 @@ pub async fn start(
 /// a spill).
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The longest one insert may take before it counts as failed (the
-/// database or the network to it stalled). An insert cut off may still
-/// land: with a spill its rows are then written twice.
+/// The longest one insert may take, from when it has a connection, before
+/// it counts as failed (the database or the network to it stalled). An
+/// insert cut off may still land: with a spill its rows are then written
+/// twice.
 const INSERT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The request log's own connections: one per writer, except on SQLite,
