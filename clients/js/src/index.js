@@ -1023,8 +1023,13 @@ export class GaleClient {
 
   /** The next probe waits twice as long (up to `maxUpgradeDelayMs`). */
   #probeFailed() {
-    this.#upgradeDelay = Math.min(this.#upgradeDelay * 2, this.options.maxUpgradeDelayMs);
+    this.#doubleUpgradeDelay();
     if (!this.stopped && this.state === State.OPEN) this.#scheduleProbe();
+  }
+
+  /** After a failed way back: the next try waits twice as long, up to the cap. */
+  #doubleUpgradeDelay() {
+    this.#upgradeDelay = Math.min(this.#upgradeDelay * 2, this.options.maxUpgradeDelayMs);
   }
 
   /** Stops a probe that waits or runs; its connection is closed unused. */
@@ -1169,19 +1174,20 @@ export class GaleClient {
   #flush(ws) {
     const waiting = this.queue;
     this.queue = [];
-    for (const q of waiting) {
-      const p = this.pending.get(q.ref);
-      if (p) p.sent.via = ws;
-      ws.send(q.text);
-    }
+    for (const q of waiting) this.#sendOn(ws, q.ref, q.text);
+  }
+
+  /** Sends request `ref` on `ws`, noting there that it went out on it. */
+  #sendOn(ws, ref, text) {
+    const p = this.pending.get(ref);
+    if (p) p.sent.via = ws;
+    ws.send(text);
   }
 
   #send(ref, text) {
     const ws = this.ws;
     if (this.state === State.OPEN && !this.#hold && ws && ws.readyState === 1) {
-      const p = this.pending.get(ref);
-      if (p) p.sent.via = ws;
-      ws.send(text);
+      this.#sendOn(ws, ref, text);
     } else {
       this.queue.push({ ref, text });
     }
@@ -1278,7 +1284,7 @@ export class GaleClient {
     // purpose (a drain's 1012, a shutdown's 1001) is not that.
     const moveFailed = this.#endProbation() && opened && code === 1006;
     if (moveFailed) {
-      this.#upgradeDelay = Math.min(this.#upgradeDelay * 2, this.options.maxUpgradeDelayMs);
+      this.#doubleUpgradeDelay();
       this.lastClose = { code, reason };
       this.#resuming = true; // a reconnect, not a first connect
     }
