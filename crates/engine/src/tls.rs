@@ -15,11 +15,11 @@
 //! buffered connection keeps a 4 KiB receive buffer, among others, for the
 //! connection's whole life.
 //!
-//! Once a TLS 1.3 handshake is done, gale seals and opens the records
-//! itself with the keys rustls derived (`records`), and rustls keeps only
-//! what a key update needs: an idle connection then holds neither rustls's
-//! connection object nor expanded cipher state. TLS 1.2 stays on rustls
-//! for the connection's life.
+//! Once the handshake is done, gale seals and opens the records itself
+//! with the keys rustls derived (`records`), TLS 1.3 and 1.2 alike, and
+//! rustls keeps only what a TLS 1.3 key update needs: an idle connection
+//! then holds neither rustls's connection object nor expanded cipher
+//! state.
 
 use std::io;
 use std::path::Path;
@@ -27,9 +27,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
-use rustls::{ProtocolVersion, ServerConfig};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -141,9 +141,9 @@ enum Want {
 
 /// Who seals and opens a connection's records.
 enum Session {
-    /// rustls: the handshake, and TLS 1.2 for the connection's life.
+    /// rustls: the handshake.
     Rustls(Box<UnbufferedServerConnection>),
-    /// gale, on a TLS 1.3 connection after its handshake.
+    /// gale, after the handshake.
     Records(Box<Records>),
     /// Neither: for the moment rustls hands over, and for good after a
     /// fault in gale's records.
@@ -211,11 +211,10 @@ fn append(
 /// Where the records rustls is shown during the handshake end (see
 /// [`TlsStream::process`]): from `shown`, the end of those it was shown
 /// before (bytes before it are rustls's, which may have joined them in
-/// place), every whole record but encrypted ones (outer type
-/// `application_data`), of which `more` at most. Returns the new end of
-/// whole records shown, and how much of `incoming` to give rustls: up to
-/// there, or all of it when a record not yet whole comes next (rustls
-/// reads its header and waits).
+/// place), `more` whole records at most. Returns the new end of whole
+/// records shown, and how much of `incoming` to give rustls: up to there,
+/// or all of it when a record not yet whole comes next (rustls reads its
+/// header and waits).
 fn handshake_records(incoming: &[u8], shown: usize, mut more: usize) -> (usize, usize) {
     let mut at = shown;
     loop {
@@ -226,12 +225,10 @@ fn handshake_records(incoming: &[u8], shown: usize, mut more: usize) -> (usize, 
         if end > incoming.len() {
             return (at, incoming.len());
         }
-        if header[0] == 23 {
-            if more == 0 {
-                return (at, at);
-            }
-            more -= 1;
+        if more == 0 {
+            return (at, at);
         }
+        more -= 1;
         at = end;
     }
 }
@@ -243,20 +240,12 @@ fn let_go_if_empty(buf: &mut Vec<u8>) {
     }
 }
 
-/// The room an encryption asked for, when too little was given.
-fn needed(e: EncryptError) -> Option<usize> {
-    match e {
-        EncryptError::InsufficientSize(s) => Some(s.required_size),
-        _ => None,
-    }
-}
-
 impl TlsStream {
-    /// Runs rustls on what it holds and what came in, until it needs the
-    /// peer or may send; encrypts `data` (whole) once it may. Handshake
-    /// records and encrypted data are queued in `outgoing`, in order;
-    /// decrypted data in `plain`.
-    fn process(&mut self, mut data: Option<&[u8]>) -> io::Result<Want> {
+    /// Runs rustls's handshake on what it holds and what came in, until it
+    /// needs the peer or may send (its records queued in `outgoing`, in
+    /// order); once gale runs the records, opens what came in (to
+    /// `plain`) and seals `data` (whole).
+    fn process(&mut self, data: Option<&[u8]>) -> io::Result<Want> {
         let conn = match &mut self.session {
             Session::Rustls(conn) => conn,
             Session::Records(_) => {
@@ -272,21 +261,20 @@ impl TlsStream {
         // Encrypted records rustls may be shown beyond those it was.
         let mut more = 0;
         loop {
-            // During the handshake rustls is shown the encrypted records
-            // (TLS 1.3's last flight, or data after it) one at a time,
-            // only when it waits for more; after a TLS 1.3 handshake,
-            // none: those records are gale's (`take_over`), and rustls must
-            // hold none of their state then.
+            // During the handshake rustls is shown the records one at a
+            // time, only when it waits for more, so that it reads none
+            // past the client's Finished (data, an alert, a key update in
+            // the same flight); after the handshake, none: those records
+            // are gale's (`take_over`), and rustls must hold none of their
+            // state then.
             self.shown = self.shown.min(self.incoming.len());
             let given = if conn.is_handshaking() {
                 let (shown, given) = handshake_records(&self.incoming, self.shown, more);
                 self.shown = shown;
                 more = 0;
                 given
-            } else if conn.protocol_version() == Some(ProtocolVersion::TLSv1_3) {
-                0
             } else {
-                self.incoming.len()
+                0
             };
             let held_back = given < self.incoming.len();
             let UnbufferedStatus { mut discard, state } =
@@ -328,18 +316,11 @@ impl TlsStream {
                     self.eof = true;
                     Some(Want::Closed)
                 }
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    if let Some(data) = data.take().filter(|d| !d.is_empty()) {
-                        let guess = data.len() + 64 * (data.len() / 16_384 + 1);
-                        append(&mut self.outgoing, guess, |out| {
-                            traffic.encrypt(data, out).map_err(needed)
-                        })?;
-                    }
-                    if self.close == Close::Asked {
-                        self.close = Close::Queued;
-                        append(&mut self.outgoing, 64, |out| {
-                            traffic.queue_close_notify(out).map_err(needed)
-                        })?;
+                // The handshake is done: gale takes over before anything
+                // is written or closed.
+                ConnectionState::WriteTraffic(_) => {
+                    if data.is_some_and(|d| !d.is_empty()) || self.close != Close::Open {
+                        return Err(invalid("rustls runs only the handshake"));
                     }
                     Some(Want::Write)
                 }
@@ -357,7 +338,7 @@ impl TlsStream {
     }
 
     /// Opens what came in and seals `data` with gale's own record layer
-    /// (TLS 1.3 after the handshake); as [`Self::process`].
+    /// (after the handshake); as [`Self::process`].
     fn process_records(&mut self, data: Option<&[u8]>) -> io::Result<Want> {
         let Session::Records(records) = &mut self.session else {
             return Err(invalid("no record layer"));
@@ -370,11 +351,7 @@ impl TlsStream {
                 Err(fault) => {
                     if let Some(alert) = fault.alert {
                         records.fatal_alert(alert, &mut self.outgoing);
-                        // Said if the socket takes it now; the connection
-                        // ends either way.
-                        if let Ok(n) = self.tcp.try_write(&self.outgoing[self.sent..]) {
-                            self.sent += n;
-                        }
+                        self.send_last();
                     }
                     return Err(invalid(fault));
                 }
@@ -391,8 +368,13 @@ impl TlsStream {
         if self.outgoing.len() == self.sent {
             records.answer(&mut self.outgoing)?;
         }
-        if let Some(data) = data.filter(|d| !d.is_empty()) {
-            records.seal(data, &mut self.outgoing)?;
+        if let Some(data) = data.filter(|d| !d.is_empty())
+            && let Err(e) = records.seal(data, &mut self.outgoing)
+        {
+            // A TLS 1.2 connection at its write key's limit: its
+            // close_notify is sealed.
+            self.send_last();
+            return Err(e);
         }
         if self.close == Close::Asked {
             self.close = Close::Queued;
@@ -405,6 +387,15 @@ impl TlsStream {
         })
     }
 
+    /// Writes what the socket takes now of what is queued, before the
+    /// connection ends on a fault (the alert that says why, say); the
+    /// connection ends either way.
+    fn send_last(&mut self) {
+        if let Ok(n) = self.tcp.try_write(&self.outgoing[self.sent..]) {
+            self.sent += n;
+        }
+    }
+
     /// Whether the handshake is still under way.
     fn handshaking(&self) -> bool {
         match &self.session {
@@ -413,20 +404,19 @@ impl TlsStream {
         }
     }
 
-    /// Hands a TLS 1.3 connection, its handshake done and sent, from
-    /// rustls to gale's own record layer.
+    /// Hands a connection, its handshake done and sent, from rustls to
+    /// gale's own record layer.
     fn take_over(&mut self) -> io::Result<()> {
-        let tls13 = match &self.session {
-            Session::Rustls(conn) => conn.protocol_version() == Some(ProtocolVersion::TLSv1_3),
-            Session::Records(_) | Session::Gone => false,
-        };
-        if !tls13 {
-            return Ok(());
+        match std::mem::replace(&mut self.session, Session::Gone) {
+            Session::Rustls(conn) => {
+                self.session = Session::Records(Box::new(Records::new(*conn)?));
+                Ok(())
+            }
+            other => {
+                self.session = other;
+                Ok(())
+            }
         }
-        if let Session::Rustls(conn) = std::mem::replace(&mut self.session, Session::Gone) {
-            self.session = Session::Records(Box::new(Records::new(*conn)?));
-        }
-        Ok(())
     }
 
     /// Writes what is queued; ready once all of it is written.
@@ -627,11 +617,27 @@ mod tests {
     }
 
     fn client_config(versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
+        client_config_with(versions, rustls::crypto::ring::default_provider())
+    }
+
+    /// A TLS 1.2 client offering `suite` alone.
+    fn tls12_client(suite: rustls::SupportedCipherSuite) -> Arc<ClientConfig> {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..rustls::crypto::ring::default_provider()
+        };
+        client_config_with(&[&rustls::version::TLS12], provider)
+    }
+
+    fn client_config_with(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        provider: rustls::crypto::CryptoProvider,
+    ) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(key_file("tls-cert.pem")).expect("cert") {
             roots.add(cert.expect("cert")).expect("root");
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider);
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
             .expect("versions")
@@ -649,6 +655,15 @@ mod tests {
         client: impl FnOnce(Client) -> T + Send + 'static,
     ) -> (TlsStream, std::thread::JoinHandle<T>) {
         pair_early(versions, 2, 1, |_| {}, client).await
+    }
+
+    /// As [`pair`], over TLS 1.2 with `suite`.
+    async fn pair12<T: Send + 'static>(
+        suite: rustls::SupportedCipherSuite,
+        client: impl FnOnce(Client) -> T + Send + 'static,
+    ) -> (TlsStream, std::thread::JoinHandle<T>) {
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        pair_with(&tls, tls12_client(suite), 1, |_| {}, client).await
     }
 
     /// Writes what the client has to send, in one write.
@@ -677,11 +692,22 @@ mod tests {
         let mut config = (*tls.0).clone();
         config.send_tls13_tickets = tickets;
         let tls = Tls(Arc::new(config));
+        pair_with(&tls, client_config(versions), hello_records, early, client).await
+    }
+
+    /// As [`pair_early`], with the server's and the client's settings
+    /// given.
+    async fn pair_with<T: Send + 'static>(
+        tls: &Tls,
+        config: Arc<ClientConfig>,
+        hello_records: usize,
+        early: impl FnOnce(&mut ClientConnection) + Send + 'static,
+        client: impl FnOnce(Client) -> T + Send + 'static,
+    ) -> (TlsStream, std::thread::JoinHandle<T>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let config = client_config(versions);
         let thread = std::thread::spawn(move || {
             let tcp = StdTcp::connect(addr).expect("connect");
             let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
@@ -742,7 +768,7 @@ mod tests {
     fn records(stream: &mut TlsStream) -> &mut Records {
         match &mut stream.session {
             Session::Records(records) => records,
-            _ => panic!("TLS 1.3 should run on gale's own records"),
+            _ => panic!("the records should be gale's after the handshake"),
         }
     }
 
@@ -813,19 +839,126 @@ mod tests {
         assert_eq!(client.join().expect("client"), vec![9; 70_000]);
     }
 
+    const TLS12_SUITES: [rustls::SupportedCipherSuite; 3] = [
+        rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+
     #[tokio::test]
-    async fn tls12_stays_on_rustls() {
-        let (mut server, client) = pair(&[&rustls::version::TLS12], |mut c: Client| {
-            c.write_all(b"ping").expect("write");
-            let mut reply = [0; 4];
-            c.read_exact(&mut reply).expect("reply");
-            reply
-        })
-        .await;
-        assert!(matches!(server.session, Session::Rustls(_)));
-        assert_eq!(read_exact(&mut server, 4).await, b"ping");
-        server.write_all(b"pong").await.expect("write");
-        assert_eq!(&client.join().expect("client"), b"pong");
+    async fn tls12_records_are_sealed_and_opened_by_gale_on_each_suite() {
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        for suite in TLS12_SUITES {
+            // The second connection resumes the first's session.
+            let config = tls12_client(suite);
+            for resumed in [false, true] {
+                let (mut server, client) = pair_with(
+                    &tls,
+                    config.clone(),
+                    1,
+                    |_| {},
+                    |mut c: Client| {
+                        c.write_all(&vec![7; 100_000]).expect("write");
+                        c.flush().expect("flush");
+                        let mut got = Vec::new();
+                        // The server's close_notify ends the stream cleanly.
+                        c.read_to_end(&mut got).expect("read to the close");
+                        c.conn.send_close_notify();
+                        c.flush().expect("close_notify");
+                        (got, c.conn.handshake_kind())
+                    },
+                )
+                .await;
+                let name = format!("{:?}, resumed {resumed}", suite.suite());
+                assert!(records(&mut server).tls12(), "{name}");
+                assert_eq!(read_exact(&mut server, 100_000).await, vec![7; 100_000]);
+                server.write_all(&vec![9; 70_000]).await.expect("write");
+                server.write_all(b"end").await.expect("write");
+                server.shutdown().await.expect("close_notify");
+                assert!(read_some(&mut server).await.expect("end").is_empty());
+                let (got, kind) = client.join().expect("client");
+                assert_eq!(got.len(), 70_003, "{name}");
+                assert!(got[..70_000].iter().all(|&b| b == 9), "{name}");
+                assert_eq!(&got[70_000..], b"end", "{name}");
+                let expected = if resumed {
+                    rustls::HandshakeKind::Resumed
+                } else {
+                    rustls::HandshakeKind::Full
+                };
+                assert_eq!(kind, Some(expected), "{name}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn what_comes_with_a_resumed_tls12_handshake_s_last_flight_is_read_by_gale() {
+        // A resumed TLS 1.2 handshake ends with the client's Finished,
+        // and a client may send more in the same write.
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        for suite in TLS12_SUITES {
+            for data in [&b""[..], b"early"] {
+                let config = tls12_client(suite);
+                let (mut server, client) =
+                    pair_with(&tls, config.clone(), 1, |_| {}, |_c: Client| {}).await;
+                drop(server.shutdown().await);
+                client.join().expect("client");
+                let (mut server, client) = pair_with(
+                    &tls,
+                    config,
+                    1,
+                    move |conn| {
+                        conn.writer().write_all(data).expect("queue");
+                        conn.send_close_notify();
+                    },
+                    |c: Client| c.conn.handshake_kind(),
+                )
+                .await;
+                let name = format!("{:?} {data:?}", suite.suite());
+                assert_eq!(read_exact(&mut server, data.len()).await, data, "{name}");
+                assert!(
+                    read_some(&mut server).await.expect("end").is_empty(),
+                    "{name}"
+                );
+                let kind = client.join().expect("client");
+                assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "{name}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn tls12_ends_with_close_notify_at_the_write_key_s_limit() {
+        for suite in TLS12_SUITES {
+            let (mut server, client) = pair12(suite, |mut c: Client| {
+                let mut got = Vec::new();
+                let end = c.read_to_end(&mut got).map(|_| ());
+                (got, end)
+            })
+            .await;
+            let layer = records(&mut server);
+            layer.set_limit(layer.write_seq() + 3);
+            server.write_all(b"one").await.expect("under the limit");
+            server.write_all(b"two").await.expect("under the limit");
+            let err = server.write_all(b"three").await.expect_err("at the limit");
+            assert!(err.to_string().contains("limit"), "{err}");
+            let (got, end) = client.join().expect("client");
+            // What fit went out, then close_notify: a clean end.
+            assert_eq!(got, b"onetwo", "{:?}", suite.suite());
+            assert!(end.is_ok(), "{end:?}");
+
+            // The last record under the limit is left for close_notify.
+            let (mut server, client) = pair12(suite, |mut c: Client| {
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).map(|_| got)
+            })
+            .await;
+            let layer = records(&mut server);
+            layer.set_limit(layer.write_seq() + 3);
+            server.write_all(b"one").await.expect("under the limit");
+            server.write_all(b"two").await.expect("under the limit");
+            server.shutdown().await.expect("close_notify");
+            let got = client.join().expect("client").expect("a clean end");
+            assert_eq!(got, b"onetwo", "{:?}", suite.suite());
+        }
     }
 
     #[tokio::test]
@@ -981,23 +1114,33 @@ mod tests {
     /// A record's inner type and content.
     type Sealed = (u8, Vec<u8>);
 
-    /// The server's stream and a client that sends `records` sealed under its own keys, in one write, after a TLS 1.3
-    /// handshake, then waits for the server to end the connection.
-    async fn send_sealed(records: Vec<Sealed>) -> (TlsStream, std::thread::JoinHandle<()>) {
-        pair(&[&rustls::version::TLS13], move |c: Client| {
+    /// The server's stream and a client that sends `records` sealed under
+    /// its own keys, in one write, after a TLS 1.3 handshake (TLS 1.2 with
+    /// `suite`), then reads until the server ends the connection; the
+    /// client's thread returns what it read, still sealed.
+    async fn send_sealed(
+        suite: Option<rustls::SupportedCipherSuite>,
+        records: Vec<Sealed>,
+    ) -> (TlsStream, std::thread::JoinHandle<Vec<u8>>) {
+        let client = move |c: Client| {
             let StreamOwned { conn, mut sock } = c;
             let secrets = conn.dangerous_extract_secrets().expect("secrets");
             let (seq, tx) = secrets.tx;
-            let mut sealer = records::Sealer::new(seq, &tx);
+            let mut sealer = records::Sealer::new(seq, &tx, suite.is_some());
             let mut flight = Vec::new();
             for (typ, content) in &records {
                 flight.extend(sealer.seal(*typ, content));
             }
             sock.write_all(&flight).expect("write");
             // Open until the server ends it.
-            while let Ok(1..) = sock.read(&mut [0; 512]) {}
-        })
-        .await
+            let mut got = Vec::new();
+            let _ = sock.read_to_end(&mut got);
+            got
+        };
+        match suite {
+            None => pair(&[&rustls::version::TLS13], client).await,
+            Some(suite) => pair12(suite, client).await,
+        }
     }
 
     #[tokio::test]
@@ -1027,9 +1170,89 @@ mod tests {
             ("of an unknown level", vec![(21, vec![3, 40])]),
         ];
         for (why, records) in cases {
-            let (mut server, client) = send_sealed(records).await;
+            let (mut server, client) = send_sealed(None, records).await;
             let err = read_some(&mut server).await.expect_err(why);
             assert!(err.to_string().contains(why), "{why}: {err}");
+            drop(server);
+            client.join().expect("client");
+        }
+    }
+
+    #[tokio::test]
+    async fn tls12_records_a_client_must_not_send_end_the_connection() {
+        let hello = |len: u32| {
+            let mut m = vec![1];
+            m.extend_from_slice(&len.to_be_bytes()[1..]);
+            m.extend(vec![0; len as usize]);
+            m
+        };
+        let cases: Vec<(&str, Vec<Sealed>)> = vec![
+            ("too many empty records", vec![(23, vec![]); 33]),
+            ("plaintext too large", vec![(23, vec![1; 16_385])]),
+            ("a change_cipher_spec after", vec![(20, vec![1])]),
+            ("of an unexpected type", vec![(24, vec![1])]),
+            ("other than a ClientHello", vec![(22, vec![0, 0, 0, 0])]),
+            (
+                "a renegotiation asked again",
+                vec![(22, hello(40)), (22, hello(40))],
+            ),
+            (
+                "inside a handshake message",
+                vec![(22, hello(40)[..20].to_vec()), (23, b"x".to_vec())],
+            ),
+            (
+                "inside a handshake message",
+                vec![(22, vec![1, 0]), (21, vec![1, 90])],
+            ),
+            ("an empty handshake record", vec![(22, vec![])]),
+            ("not 2 bytes", vec![(21, vec![1])]),
+            ("too many warning alerts", vec![(21, vec![1, 10]); 5]),
+            ("the peer sent a fatal alert", vec![(21, vec![2, 40])]),
+            ("of an unknown level", vec![(21, vec![3, 40])]),
+        ];
+        for suite in TLS12_SUITES {
+            for (why, records) in cases.clone() {
+                let (mut server, client) = send_sealed(Some(suite), records).await;
+                let err = read_some(&mut server).await.expect_err(why);
+                assert!(err.to_string().contains(why), "{why}: {err}");
+                drop(server);
+                client.join().expect("client");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn tls12_records_a_client_may_send_are_let_by() {
+        for suite in TLS12_SUITES {
+            // Empty records, 4 warnings of any kind, and a ClientHello
+            // asking to renegotiate, split over three records and a
+            // record with data after it: let by, the renegotiation
+            // refused with a warning before the server's next record.
+            let mut hello = vec![1, 0, 1, 0];
+            hello.extend(vec![0x42; 256]);
+            let mut records: Vec<Sealed> = vec![(23, vec![]); 32];
+            records.extend([(21, vec![1, 90]), (21, vec![1, 10]), (21, vec![1, 41])]);
+            records.push((21, vec![1, 44]));
+            records.push((22, hello[..2].to_vec()));
+            records.push((22, hello[2..100].to_vec()));
+            records.push((22, hello[100..].to_vec()));
+            records.push((23, b"ok".to_vec()));
+            let (mut server, client) = send_sealed(Some(suite), records).await;
+            assert_eq!(read_exact(&mut server, 2).await, b"ok");
+            server.write_all(b"reply").await.expect("reply");
+            drop(server);
+            let got = client.join().expect("client");
+            // The warning, then the reply: two records.
+            let first = usize::from(u16::from_be_bytes([got[3], got[4]]));
+            assert_eq!(got[0], 21, "{:?}", suite.suite());
+            assert_eq!(got[5 + first], 23, "{:?}", suite.suite());
+            let second = usize::from(u16::from_be_bytes([got[5 + first + 3], got[5 + first + 4]]));
+            assert_eq!(got.len(), 5 + first + 5 + second, "{:?}", suite.suite());
+
+            // After close_notify nothing is read.
+            let (mut server, client) =
+                send_sealed(Some(suite), vec![(21, vec![1, 0]), (23, b"late".to_vec())]).await;
+            assert!(read_some(&mut server).await.expect("end").is_empty());
             drop(server);
             client.join().expect("client");
         }
@@ -1041,21 +1264,22 @@ mod tests {
         let mut records = vec![(23, vec![]); 32];
         records.extend(vec![(21, vec![1, 90]); 4]);
         records.push((23, b"ok".to_vec()));
-        let (mut server, client) = send_sealed(records).await;
+        let (mut server, client) = send_sealed(None, records).await;
         assert_eq!(read_exact(&mut server, 2).await, b"ok");
         drop(server);
         client.join().expect("client");
 
         // After close_notify nothing is read.
         let (mut server, client) =
-            send_sealed(vec![(21, vec![1, 0]), (23, b"late".to_vec())]).await;
+            send_sealed(None, vec![(21, vec![1, 0]), (23, b"late".to_vec())]).await;
         assert!(read_some(&mut server).await.expect("end").is_empty());
         drop(server);
         client.join().expect("client");
 
         // A key update split over two records is joined: the read keys
         // move on, so the server waits for records under the new ones.
-        let (mut server, client) = send_sealed(vec![(22, vec![24, 0]), (22, vec![0, 1, 0])]).await;
+        let (mut server, client) =
+            send_sealed(None, vec![(22, vec![24, 0]), (22, vec![0, 1, 0])]).await;
         let mut buf = [0; 16];
         let waited =
             tokio::time::timeout(std::time::Duration::from_millis(300), server.read(&mut buf))

@@ -1,17 +1,19 @@
-//! TLS 1.3's record layer once the handshake is done (RFC 8446 §5): gale
+//! The record layer once the handshake is done, TLS 1.3 (RFC 8446 §5)
+//! and TLS 1.2 (RFC 5246 §6.2, its AEAD suites: RFC 5288, RFC 7905): gale
 //! seals and opens the records itself, with the traffic keys rustls
 //! derived in the handshake (rustls's kernel API, made for kTLS).
 //!
 //! What this buys is memory. rustls keeps, for a connection's whole life,
 //! its connection object (about 1 KiB) and both directions' expanded
 //! cipher state (about 0.55 KiB each with AES-GCM). Here an idle
-//! connection keeps the keys' bytes, the two sequence numbers and
-//! rustls's `KernelConnection`, which holds the traffic secrets for a key
-//! update; a key is expanded for one batch of records (one write, or what
-//! one read brought) and let go with it. Expanding costs about 0.16 µs
-//! with AES-GCM, once per batch.
+//! connection keeps the keys' bytes and the two sequence numbers, and on
+//! TLS 1.3 rustls's `KernelConnection`, which holds the traffic secrets
+//! for a key update (TLS 1.2 has none, so it is let go); a key is
+//! expanded for one batch of records (one write, or what one read
+//! brought) and let go with it. Expanding costs about 0.16 µs with
+//! AES-GCM, once per batch.
 //!
-//! The rules kept, as rustls keeps them:
+//! The rules kept for TLS 1.3, as rustls keeps them:
 //! - After the handshake every record is an encrypted `application_data`
 //!   record of at most 2^14 + 256 bytes; its inner plaintext at most
 //!   2^14 bytes, its content type the last non-zero byte.
@@ -30,6 +32,18 @@
 //!   confidentiality limit (2^24 records for AES-GCM), and before a
 //!   sequence number nears 2^64.
 //! - A fault is answered with the fatal alert RFC 8446 names for it.
+//!
+//! For TLS 1.2, where rustls's rules differ:
+//! - A record's type is in its header (alert, handshake or application
+//!   data; a `change_cipher_spec` now is a fault), its ciphertext at most
+//!   2^14 + 2048 bytes; with AES-GCM it begins with 8 bytes of the nonce.
+//! - Any warning alert is let by, 4 at most.
+//! - The only handshake message a client may send now is a `ClientHello`
+//!   asking to renegotiate: the first is refused with a warning
+//!   `no_renegotiation` (and skipped), a second ends the connection.
+//! - There is no key update: at the suite's confidentiality limit (2^24
+//!   records for AES-GCM) gale sends `close_notify` and the connection
+//!   ends.
 
 use std::fmt;
 use std::io;
@@ -41,10 +55,13 @@ use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite};
 use zeroize::Zeroize;
 
 /// Record and inner content types (RFC 8446 §5.1).
+const CHANGE_CIPHER_SPEC: u8 = 20;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const APPLICATION_DATA: u8 = 23;
-/// The `KeyUpdate` handshake message's type (RFC 8446 §4.6.3).
+/// Handshake message types: TLS 1.2's renegotiation (RFC 5246 §7.4.1.2)
+/// and TLS 1.3's `KeyUpdate` (RFC 8446 §4.6.3).
+const CLIENT_HELLO: u8 = 1;
 const KEY_UPDATE: u8 = 24;
 
 /// Alert descriptions (RFC 8446 §6).
@@ -56,6 +73,7 @@ const ILLEGAL_PARAMETER: u8 = 47;
 const DECODE_ERROR: u8 = 50;
 const INTERNAL_ERROR: u8 = 80;
 const USER_CANCELED: u8 = 90;
+const NO_RENEGOTIATION: u8 = 100;
 
 /// A record's header: type, legacy version, length.
 const HEADER: usize = 5;
@@ -63,8 +81,11 @@ const HEADER: usize = 5;
 const TAG: usize = 16;
 /// Most plaintext in one record.
 const MAX_PLAIN: usize = 1 << 14;
-/// Most ciphertext in one record.
+/// Most ciphertext in one record: TLS 1.3, TLS 1.2.
 const MAX_CIPHERTEXT: usize = MAX_PLAIN + 256;
+const MAX_CIPHERTEXT_TLS12: usize = MAX_PLAIN + 2048;
+/// The part of the nonce a TLS 1.2 AES-GCM record carries (RFC 5288 §3).
+const EXPLICIT_NONCE: usize = 8;
 /// A sequence number this close to 2^64 ends the connection (rustls's
 /// own margin).
 const SEQ_LIMIT: u64 = 0xffff_ffff_ffff_0000;
@@ -75,6 +96,9 @@ const KEY_UPDATES_ALLOWED: u8 = 32;
 const WARNINGS_ALLOWED: u8 = 4;
 /// Empty records allowed in a row (the same).
 const EMPTY_ALLOWED: u8 = 32;
+/// TLS 1.2 renegotiations refused before the next ends the connection
+/// (rustls's figure).
+const RENEGOTIATIONS_REFUSED: u8 = 1;
 /// `KeyUpdate`, the peer not asked to update in turn.
 const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
 
@@ -103,30 +127,53 @@ fn invalid(e: impl fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
 }
 
+/// How a connection's records are laid out and sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// TLS 1.3: every record's outer type is application data, the real
+    /// one sealed inside it; the header is the additional data.
+    Tls13,
+    /// TLS 1.2 with ChaCha20-Poly1305 (RFC 7905): the type in the header,
+    /// the nonce from the IV and the sequence number alone.
+    Tls12,
+    /// TLS 1.2 with AES-GCM (RFC 5288): the type in the header, and the
+    /// last 8 bytes of the nonce sent before the ciphertext.
+    Tls12Explicit,
+}
+
 /// One direction's traffic key, kept as bytes, and its sequence number.
 struct Keys {
     alg: &'static aead::Algorithm,
+    layout: Layout,
     key: [u8; 32],
+    /// TLS 1.2 with AES-GCM: the 4-byte salt, then the 8 bytes rustls
+    /// starts the explicit part of the nonce from.
     iv: [u8; aead::NONCE_LEN],
     seq: u64,
 }
 
 impl Keys {
-    fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<Self> {
-        let (alg, key, iv) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+    fn new(seq: u64, secrets: &ConnectionTrafficSecrets, tls12: bool) -> io::Result<Self> {
+        let (alg, key, iv, layout) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (&aead::AES_128_GCM, key, iv, Layout::Tls12Explicit)
+            }
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                (&aead::AES_256_GCM, key, iv, Layout::Tls12Explicit)
+            }
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&aead::CHACHA20_POLY1305, key, iv)
+                (&aead::CHACHA20_POLY1305, key, iv, Layout::Tls12)
             }
             _ => return Err(invalid("a cipher suite gale does not seal itself")),
         };
+        let layout = if tls12 { layout } else { Layout::Tls13 };
         let (key, iv) = (key.as_ref(), iv.as_ref());
         if key.len() != alg.key_len() || iv.len() != aead::NONCE_LEN {
             return Err(invalid("traffic keys of the wrong length"));
         }
         let mut keys = Keys {
             alg,
+            layout,
             key: [0; 32],
             iv: [0; aead::NONCE_LEN],
             seq,
@@ -143,9 +190,9 @@ impl Keys {
             .map_err(|_| invalid("a traffic key that does not expand"))
     }
 
-    /// The next record's nonce (RFC 8446 §5.3): the IV, its last 8 bytes
-    /// XORed with the sequence number.
-    fn nonce(&self) -> Nonce {
+    /// The next record's nonce (RFC 8446 §5.3, and as rustls makes TLS
+    /// 1.2's): the IV, its last 8 bytes XORed with the sequence number.
+    fn nonce(&self) -> [u8; aead::NONCE_LEN] {
         let mut nonce = self.iv;
         for (b, s) in nonce[aead::NONCE_LEN - 8..]
             .iter_mut()
@@ -153,7 +200,17 @@ impl Keys {
         {
             *b ^= s;
         }
-        Nonce::assume_unique_for_key(nonce)
+        nonce
+    }
+
+    /// TLS 1.2's additional data (RFC 5246 §6.2.3.3): the sequence
+    /// number, the record's type and version, the plaintext's length.
+    fn tls12_aad(&self, header: [u8; HEADER], plain_len: usize) -> [u8; 13] {
+        let mut aad = [0; 13];
+        aad[..8].copy_from_slice(&self.seq.to_be_bytes());
+        aad[8..11].copy_from_slice(&header[..3]);
+        aad[11..].copy_from_slice(&(plain_len as u16).to_be_bytes());
+        aad
     }
 }
 
@@ -164,22 +221,27 @@ impl Drop for Keys {
     }
 }
 
-/// A TLS 1.3 connection's record layer, after the handshake (see the
-/// module's doc).
+/// A connection's record layer, after the handshake (see the module's
+/// doc).
 pub(super) struct Records {
-    /// rustls's side, for the secrets of key updates.
-    kernel: KernelConnection<ServerConnectionData>,
+    /// rustls's side, for the secrets of key updates: TLS 1.3 only.
+    kernel: Option<KernelConnection<ServerConnectionData>>,
     tx: Keys,
     rx: Keys,
     /// Records sealed under one key before it is updated.
     limit: u64,
-    /// A `KeyUpdate` not yet whole, split over records (5 bytes at most).
+    /// A handshake message's start not yet whole, split over records: a
+    /// `KeyUpdate` (5 bytes), or a renegotiating `ClientHello`'s header (4).
     handshake: [u8; 5],
     handshake_len: u8,
+    /// TLS 1.2: what is left of a refused `ClientHello`, skipped.
+    skip: u32,
+    renegotiations_refused: u8,
     key_updates_allowed: u8,
     warnings_allowed: u8,
     empty_allowed: u8,
-    /// The peer asked for a key update and has not had our answer.
+    /// The peer asked for a key update (TLS 1.3) or to renegotiate (TLS
+    /// 1.2) and has not had our answer.
     answer_owed: bool,
     /// The peer's `close_notify` came.
     closed: bool,
@@ -192,29 +254,33 @@ pub(super) struct Records {
 
 impl Records {
     /// Takes over from rustls: its handshake must be done and everything
-    /// it had to send sent, on a TLS 1.3 connection.
+    /// it had to send sent.
     ///
-    /// rustls must not have read any record under the traffic keys: then
-    /// no answer of its own to a key update, no part of a handshake
-    /// message and no `close_notify` can be left inside it.
+    /// rustls must not have read any record under the traffic keys but,
+    /// on TLS 1.2, the client's `Finished`: then no answer of its own to
+    /// a key update, no part of a handshake message and no `close_notify`
+    /// can be left inside it.
     pub(super) fn new(conn: UnbufferedServerConnection) -> io::Result<Self> {
         let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(invalid)?;
-        let limit = match kernel.negotiated_cipher_suite() {
-            SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
-            _ => return Err(invalid("a TLS 1.2 connection has no TLS 1.3 records")),
+        let (tls12, limit, read) = match kernel.negotiated_cipher_suite() {
+            SupportedCipherSuite::Tls13(suite) => (false, suite.common.confidentiality_limit, 0),
+            SupportedCipherSuite::Tls12(suite) => (true, suite.common.confidentiality_limit, 1),
         };
         let (tx_seq, tx) = &secrets.tx;
         let (rx_seq, rx) = &secrets.rx;
-        if *rx_seq != 0 {
+        if *rx_seq != read {
             return Err(invalid("records were read before the hand-over"));
         }
         Ok(Records {
-            tx: Keys::new(*tx_seq, tx)?,
-            rx: Keys::new(*rx_seq, rx)?,
-            kernel,
+            tx: Keys::new(*tx_seq, tx, tls12)?,
+            rx: Keys::new(*rx_seq, rx, tls12)?,
+            // TLS 1.2 has no key update to ask rustls for.
+            kernel: (!tls12).then_some(kernel),
             limit: limit.min(SEQ_LIMIT),
             handshake: [0; 5],
             handshake_len: 0,
+            skip: 0,
+            renegotiations_refused: 0,
             key_updates_allowed: KEY_UPDATES_ALLOWED,
             warnings_allowed: WARNINGS_ALLOWED,
             empty_allowed: EMPTY_ALLOWED,
@@ -244,14 +310,25 @@ impl Records {
         Ok(())
     }
 
-    /// Seals the key update the peer asked for, if it is owed, into `out`
+    /// Seals the answer the peer asked for, if it is owed, into `out`
     /// (the caller does this when nothing of ours waits to be written).
     pub(super) fn answer(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
         if self.answer_owed && !self.closing {
             let key = self.tx.expand()?;
-            self.update_tx(&key, out)?;
+            self.pay_answer(key, out)?;
         }
         Ok(())
+    }
+
+    /// Seals the answer owed under `key`: a key update (TLS 1.3; returns
+    /// the new key) or a refused renegotiation (TLS 1.2).
+    fn pay_answer(&mut self, key: LessSafeKey, out: &mut Vec<u8>) -> io::Result<LessSafeKey> {
+        if self.tx.layout == Layout::Tls13 {
+            return self.update_tx(&key, out);
+        }
+        seal_one(&mut self.tx, &key, ALERT, &[1, NO_RENEGOTIATION], out)?;
+        self.answer_owed = false;
+        Ok(key)
     }
 
     /// Seals a fatal alert into `out`, as far as that can still be done.
@@ -265,12 +342,23 @@ impl Records {
         }
         let mut key = self.tx.expand()?;
         if self.answer_owed {
-            key = self.update_tx(&key, out)?;
+            key = self.pay_answer(key, out)?;
+        }
+        if self.tx.layout != Layout::Tls13 && typ == APPLICATION_DATA {
+            // No key update in TLS 1.2: before the limit the connection
+            // ends, as rustls ends it, this write and `close_notify` the
+            // last that fit.
+            let records = data.len().div_ceil(MAX_PLAIN) as u64;
+            if self.tx.seq.saturating_add(records + 1) > self.limit {
+                seal_one(&mut self.tx, &key, ALERT, &[1, CLOSE_NOTIFY], out)?;
+                self.closing = true;
+                return Err(invalid("the write key's confidentiality limit: closed"));
+            }
         }
         for chunk in data.chunks(MAX_PLAIN) {
             // Moved on before the limit: this record and the key update
             // both fit under the old key.
-            if self.tx.seq.saturating_add(2) > self.limit {
+            if self.tx.layout == Layout::Tls13 && self.tx.seq.saturating_add(2) > self.limit {
                 key = self.update_tx(&key, out)?;
             }
             seal_one(&mut self.tx, &key, typ, chunk, out)?;
@@ -287,8 +375,12 @@ impl Records {
         {
             self.write_updates += 1;
         }
-        let (seq, secrets) = self.kernel.update_tx_secret().map_err(invalid)?;
-        self.tx = Keys::new(seq, &secrets)?;
+        let kernel = self
+            .kernel
+            .as_mut()
+            .ok_or_else(|| invalid("no key update"))?;
+        let (seq, secrets) = kernel.update_tx_secret().map_err(invalid)?;
+        self.tx = Keys::new(seq, &secrets, false)?;
         self.tx.expand()
     }
 
@@ -302,19 +394,37 @@ impl Records {
     ) -> Result<usize, Fatal> {
         let mut used = 0;
         let mut key: Option<LessSafeKey> = None;
+        let layout = self.rx.layout;
         while !self.closed {
             let rest = &mut incoming[used..];
             let Some(header) = rest.first_chunk::<HEADER>().copied() else {
                 break;
             };
             let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-            if header[0] != APPLICATION_DATA {
-                return Err(fatal(
-                    UNEXPECTED_MESSAGE,
-                    "a record not encrypted after the handshake",
-                ));
-            }
-            if len > MAX_CIPHERTEXT {
+            let most = if layout == Layout::Tls13 {
+                if header[0] != APPLICATION_DATA {
+                    return Err(fatal(
+                        UNEXPECTED_MESSAGE,
+                        "a record not encrypted after the handshake",
+                    ));
+                }
+                MAX_CIPHERTEXT
+            } else {
+                match header[0] {
+                    APPLICATION_DATA | ALERT | HANDSHAKE => {}
+                    CHANGE_CIPHER_SPEC => {
+                        return Err(fatal(
+                            UNEXPECTED_MESSAGE,
+                            "a change_cipher_spec after the handshake",
+                        ));
+                    }
+                    _ => {
+                        return Err(fatal(UNEXPECTED_MESSAGE, "a record of an unexpected type"));
+                    }
+                }
+                MAX_CIPHERTEXT_TLS12
+            };
+            if len > most {
                 return Err(fatal(RECORD_OVERFLOW, "a record too large"));
             }
             let Some(sealed) = rest.get_mut(HEADER..HEADER + len) else {
@@ -331,19 +441,52 @@ impl Records {
                         .map_err(|_| fatal(INTERNAL_ERROR, "a key that does not expand"))?,
                 ),
             };
+            let explicit = if layout == Layout::Tls12Explicit {
+                EXPLICIT_NONCE
+            } else {
+                0
+            };
+            let undecryptable = || fatal(BAD_RECORD_MAC, "a record that does not decrypt");
+            let mut nonce = self.rx.nonce();
+            let mut aad = [0; 13];
+            let aad = if layout == Layout::Tls13 {
+                aad[..HEADER].copy_from_slice(&header);
+                &aad[..HEADER]
+            } else {
+                let plain_len = len.checked_sub(explicit + TAG).ok_or_else(undecryptable)?;
+                if explicit > 0 {
+                    nonce[aead::NONCE_LEN - EXPLICIT_NONCE..]
+                        .copy_from_slice(&sealed[..EXPLICIT_NONCE]);
+                }
+                aad = self.rx.tls12_aad(header, plain_len);
+                &aad[..]
+            };
             let opened = opening
-                .open_in_place(self.rx.nonce(), Aad::from(header), sealed)
-                .map_err(|_| fatal(BAD_RECORD_MAC, "a record that does not decrypt"))?;
+                .open_within(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    sealed,
+                    explicit..,
+                )
+                .map_err(|_| undecryptable())?;
             self.rx.seq += 1;
             used += HEADER + len;
-            if opened.len() > MAX_PLAIN + 1 {
-                return Err(fatal(RECORD_OVERFLOW, "a record's plaintext too large"));
-            }
-            // The content type is the last byte that is not padding.
-            let Some(end) = opened.iter().rposition(|&b| b != 0) else {
-                return Err(fatal(UNEXPECTED_MESSAGE, "a record with no content type"));
+            // TLS 1.3's content type is the last byte that is not padding;
+            // TLS 1.2's is the header's.
+            let (typ, content) = if layout == Layout::Tls13 {
+                if opened.len() > MAX_PLAIN + 1 {
+                    return Err(fatal(RECORD_OVERFLOW, "a record's plaintext too large"));
+                }
+                let Some(end) = opened.iter().rposition(|&b| b != 0) else {
+                    return Err(fatal(UNEXPECTED_MESSAGE, "a record with no content type"));
+                };
+                (opened[end], &opened[..end])
+            } else {
+                if opened.len() > MAX_PLAIN {
+                    return Err(fatal(RECORD_OVERFLOW, "a record's plaintext too large"));
+                }
+                (header[0], &opened[..])
             };
-            let content = &opened[..end];
             if content.is_empty() {
                 if self.empty_allowed == 0 {
                     return Err(fatal(UNEXPECTED_MESSAGE, "too many empty records"));
@@ -352,9 +495,9 @@ impl Records {
             } else {
                 self.empty_allowed = EMPTY_ALLOWED;
             }
-            match opened[end] {
+            match typ {
                 APPLICATION_DATA => {
-                    if self.handshake_len > 0 {
+                    if self.inside_handshake_message() {
                         return Err(fatal(
                             UNEXPECTED_MESSAGE,
                             "application data inside a handshake message",
@@ -364,6 +507,7 @@ impl Records {
                     plain.extend_from_slice(content);
                 }
                 ALERT => self.alert(content)?,
+                HANDSHAKE if layout != Layout::Tls13 => self.renegotiation(content)?,
                 HANDSHAKE => {
                     if self.handshake_message(content)? {
                         // The read keys moved on.
@@ -376,11 +520,17 @@ impl Records {
         Ok(used)
     }
 
+    /// Whether a handshake message begun in an earlier record is not yet
+    /// whole.
+    fn inside_handshake_message(&self) -> bool {
+        self.handshake_len > 0 || self.skip > 0
+    }
+
     fn alert(&mut self, content: &[u8]) -> Result<(), Fatal> {
         let &[level, description] = content else {
             return Err(fatal(DECODE_ERROR, "an alert that is not 2 bytes"));
         };
-        if self.handshake_len > 0 {
+        if self.inside_handshake_message() {
             return Err(fatal(
                 UNEXPECTED_MESSAGE,
                 "an alert inside a handshake message",
@@ -393,7 +543,8 @@ impl Records {
             self.closed = true;
             return Ok(());
         }
-        if level == 1 && description == USER_CANCELED {
+        // TLS 1.2 lets any warning by; TLS 1.3 none but `user_canceled`.
+        if level == 1 && (description == USER_CANCELED || self.rx.layout != Layout::Tls13) {
             if self.warnings_allowed == 0 {
                 return Err(fatal(UNEXPECTED_MESSAGE, "too many warning alerts"));
             }
@@ -401,7 +552,6 @@ impl Records {
             return Ok(());
         }
         if level == 1 {
-            // TLS 1.3 has no warnings but `user_canceled`.
             return Err(fatal(DECODE_ERROR, "a warning alert TLS 1.3 does not have"));
         }
         Err(Fatal {
@@ -454,15 +604,60 @@ impl Records {
             self.key_updates_allowed -= 1;
             // Answered before our next record (`seal_as`), or by `answer`.
             self.answer_owed |= requested;
+            let not_updated = || fatal(INTERNAL_ERROR, "the read keys did not update");
             let (seq, secrets) = self
                 .kernel
+                .as_mut()
+                .ok_or_else(not_updated)?
                 .update_rx_secret()
-                .map_err(|_| fatal(INTERNAL_ERROR, "the read keys did not update"))?;
-            self.rx = Keys::new(seq, &secrets)
-                .map_err(|_| fatal(INTERNAL_ERROR, "the read keys did not update"))?;
+                .map_err(|_| not_updated())?;
+            self.rx = Keys::new(seq, &secrets, false).map_err(|_| not_updated())?;
             updated = true;
         }
         Ok(updated)
+    }
+
+    /// Takes a TLS 1.2 handshake record's content: only a `ClientHello`
+    /// asking to renegotiate may come now. The first is refused (with a
+    /// warning owed, sealed as `answer_owed` is) and skipped; the next
+    /// ends the connection.
+    fn renegotiation(&mut self, mut content: &[u8]) -> Result<(), Fatal> {
+        if content.is_empty() {
+            return Err(fatal(UNEXPECTED_MESSAGE, "an empty handshake record"));
+        }
+        while !content.is_empty() {
+            if self.skip > 0 {
+                let n = content.len().min(self.skip as usize);
+                content = &content[n..];
+                self.skip -= n as u32;
+                continue;
+            }
+            // A message's header: its type, then its length in 3 bytes.
+            let have = usize::from(self.handshake_len);
+            let take = (4 - have).min(content.len());
+            self.handshake[have..have + take].copy_from_slice(&content[..take]);
+            content = &content[take..];
+            let have = have + take;
+            self.handshake_len = have as u8;
+            if self.handshake[0] != CLIENT_HELLO {
+                return Err(fatal(
+                    UNEXPECTED_MESSAGE,
+                    "a handshake message other than a ClientHello",
+                ));
+            }
+            if have < 4 {
+                break;
+            }
+            self.handshake_len = 0;
+            if self.renegotiations_refused == RENEGOTIATIONS_REFUSED {
+                return Err(fatal(UNEXPECTED_MESSAGE, "a renegotiation asked again"));
+            }
+            self.renegotiations_refused += 1;
+            self.answer_owed = true;
+            self.skip =
+                u32::from_be_bytes([0, self.handshake[1], self.handshake[2], self.handshake[3]]);
+        }
+        Ok(())
     }
 
     /// Sets the confidentiality limit, for tests of the key update.
@@ -477,6 +672,12 @@ impl Records {
         self.write_updates
     }
 
+    /// Whether these are TLS 1.2's records, for tests.
+    #[cfg(test)]
+    pub(super) fn tls12(&self) -> bool {
+        self.tx.layout != Layout::Tls13 && self.kernel.is_none()
+    }
+
     /// The write side's sequence number, for tests: 0 after a key update.
     #[cfg(test)]
     pub(super) fn write_seq(&self) -> u64 {
@@ -485,7 +686,8 @@ impl Records {
 }
 
 /// Seals one record of `typ` holding `chunk` (2^14 bytes at most) into
-/// `out`, under `key` and `keys`' next sequence number.
+/// `out`, under `key` and `keys`' next sequence number, laid out as
+/// `keys` are.
 fn seal_one(
     keys: &mut Keys,
     key: &LessSafeKey,
@@ -496,16 +698,37 @@ fn seal_one(
     if keys.seq >= SEQ_LIMIT {
         return Err(invalid("too many records under one key"));
     }
-    let len = chunk.len() + 1 + TAG;
+    let nonce = keys.nonce();
+    let (outer, explicit, inner) = match keys.layout {
+        Layout::Tls13 => (APPLICATION_DATA, 0, 1),
+        Layout::Tls12 => (typ, 0, 0),
+        Layout::Tls12Explicit => (typ, EXPLICIT_NONCE, 0),
+    };
+    let len = explicit + chunk.len() + inner + TAG;
     let [hi, lo] = (len as u16).to_be_bytes();
-    let header = [APPLICATION_DATA, 3, 3, hi, lo];
-    let start = out.len();
+    let header = [outer, 3, 3, hi, lo];
+    let mut aad = [0; 13];
+    let aad = if keys.layout == Layout::Tls13 {
+        aad[..HEADER].copy_from_slice(&header);
+        &aad[..HEADER]
+    } else {
+        aad = keys.tls12_aad(header, chunk.len());
+        &aad[..]
+    };
     out.reserve(HEADER + len);
     out.extend_from_slice(&header);
+    out.extend_from_slice(&nonce[aead::NONCE_LEN - explicit..]);
+    let start = out.len();
     out.extend_from_slice(chunk);
-    out.push(typ);
+    if inner > 0 {
+        out.push(typ);
+    }
     let tag = key
-        .seal_in_place_separate_tag(keys.nonce(), Aad::from(header), &mut out[start + HEADER..])
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[start..],
+        )
         .map_err(|_| invalid("a record that does not seal"))?;
     out.extend_from_slice(tag.as_ref());
     keys.seq += 1;
@@ -519,11 +742,11 @@ pub(super) struct Sealer(Keys);
 
 #[cfg(test)]
 impl Sealer {
-    pub(super) fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> Self {
-        Sealer(Keys::new(seq, secrets).expect("keys"))
+    pub(super) fn new(seq: u64, secrets: &ConnectionTrafficSecrets, tls12: bool) -> Self {
+        Sealer(Keys::new(seq, secrets, tls12).expect("keys"))
     }
 
-    /// One record of inner type `typ` holding `content`.
+    /// One record of type `typ` holding `content`.
     pub(super) fn seal(&mut self, typ: u8, content: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         let key = self.0.expand().expect("key");
