@@ -37,18 +37,47 @@ async fn next(ws: &mut Wss) -> Value {
 }
 
 async fn tls_connect(server: &common::TestServer, name: &str) -> TlsStream<TcpStream> {
+    tls_connect_over(server, name, rustls::DEFAULT_VERSIONS).await
+}
+
+/// TLS 1.3 and TLS 1.2, each offered alone: gale runs both versions'
+/// records itself after the handshake.
+const EACH_VERSION: [&[&rustls::SupportedProtocolVersion]; 2] =
+    [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
+
+/// A TLS connection to `server` offering `versions`, checked to speak
+/// the one offered first.
+async fn tls_connect_over(
+    server: &common::TestServer,
+    name: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(server.addr).await.expect("connect");
     let name = ServerName::try_from(name.to_owned()).expect("name");
-    common::tls_connector()
+    let tls = common::tls_connector_for(versions)
         .connect(name, tcp)
         .await
-        .expect("TLS handshake")
+        .expect("TLS handshake");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(versions[0].version)
+    );
+    tls
 }
 
 #[tokio::test]
 async fn wss_serves_weather_events_and_many_frames_at_once() {
     let server = tls_server().await;
-    let tls = tls_connect(&server, "localhost").await;
+    for versions in EACH_VERSION {
+        wss_serves_weather_events_and_many_frames_over(&server, versions).await;
+    }
+}
+
+async fn wss_serves_weather_events_and_many_frames_over(
+    server: &common::TestServer,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) {
+    let tls = tls_connect_over(server, "localhost", versions).await;
     let url = format!("wss://localhost:{}/ws", server.addr.port());
     let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
         .await
@@ -214,6 +243,40 @@ async fn gale_bench_loads_a_wss_server() {
     );
 }
 
+#[tokio::test]
+async fn gale_bench_loads_a_wss_server_over_tls12() {
+    let server = tls_server().await;
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    let handshakes = |version: &'static str| {
+        let server = &server;
+        async move {
+            let name = format!("gale_tls_handshakes_total{{version=\"{version}\"}}");
+            server.sample(&name).await
+        }
+    };
+    for procs in ["1", "2"] {
+        let (tls12, tls13) = (handshakes("1.2").await, handshakes("1.3").await);
+        let args = [
+            "connections",
+            &url,
+            "-n",
+            "4",
+            "--hold",
+            "0",
+            "--procs",
+            procs,
+            "--tls12",
+        ];
+        let report = bench_json(&args).await;
+        assert_eq!(report["connected"], 4, "{report}");
+        assert_eq!(report["connect_failed"], 0, "{report}");
+        // Every connection was TLS 1.2 (the bench's and the test's own
+        // reads of /metrics may add a few of either).
+        assert!(handshakes("1.2").await - tls12 >= 4.0, "{procs} processes");
+        assert!(handshakes("1.3").await - tls13 < 4.0, "{procs} processes");
+    }
+}
+
 /// POSTs `body` to `/api/publish` over TLS; the response, whole.
 async fn https_publish(server: &common::TestServer, body: &str) -> String {
     let mut tls = tls_connect(server, "localhost").await;
@@ -242,7 +305,16 @@ async fn many_pushes_and_a_large_one_arrive_whole_over_wss() {
             .insert("big:*".into(), gale::config::TopicConfig::history(10, 60));
     })
     .await;
-    let tls = tls_connect(&server, "localhost").await;
+    for versions in EACH_VERSION {
+        many_pushes_and_a_large_one_arrive_whole_over(&server, versions).await;
+    }
+}
+
+async fn many_pushes_and_a_large_one_arrive_whole_over(
+    server: &common::TestServer,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) {
+    let tls = tls_connect_over(server, "localhost", versions).await;
     let url = format!("wss://localhost:{}/ws", server.addr.port());
     let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
         .await
@@ -255,13 +327,13 @@ async fn many_pushes_and_a_large_one_arrive_whole_over_wss() {
 
     for i in 0..50 {
         let body = json!({"topic": "big:one", "event": "small", "data": i}).to_string();
-        let answer = https_publish(&server, &body).await;
+        let answer = https_publish(server, &body).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
     let big = "y".repeat(300_000);
     let body = json!({"topic": "big:one", "event": "big", "data": big}).to_string();
     assert!(
-        https_publish(&server, &body)
+        https_publish(server, &body)
             .await
             .starts_with("HTTP/1.1 200")
     );

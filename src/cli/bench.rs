@@ -40,6 +40,9 @@ pub struct BenchCommon {
     /// /proc/PID/status instead of gale's /metrics.json.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Over wss://, offer TLS 1.2 alone (the server's TLS 1.2 path).
+    #[arg(long)]
+    pub tls12: bool,
     /// Offer permessage-deflate (`--deflate` of connections and
     /// broadcast).
     #[arg(skip)]
@@ -67,7 +70,7 @@ impl BenchCommon {
         let targets = self
             .urls()
             .iter()
-            .map(|u| Target::new(u, self.sources))
+            .map(|u| Target::new(u, self.sources).and_then(|t| t.with_tls12(self.tls12)))
             .collect::<Result<Vec<Target>, _>>()
             .map_err(|e| e.to_string())?;
         if targets.is_empty() {
@@ -101,6 +104,9 @@ impl BenchCommon {
         }
         if self.sse {
             args.push("--sse".into());
+        }
+        if self.tls12 {
+            args.push("--tls12".into());
         }
         args
     }
@@ -652,7 +658,13 @@ pub(super) async fn run(mut scenario: BenchScenario) -> ExitCode {
         .map(|u| Target::new(u, common.sources))
         .collect();
     let target = match checked.map(|t| t.into_iter().next()) {
-        Ok(Some(t)) => t.with_deflate(common.deflate).with_sse(common.sse),
+        Ok(Some(t)) => match t.with_tls12(common.tls12) {
+            Ok(t) => t.with_deflate(common.deflate).with_sse(common.sse),
+            Err(e) => {
+                eprintln!("gale bench: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
         Ok(None) => {
             eprintln!("gale bench: no target URL");
             return ExitCode::from(EXIT_CONFIG);

@@ -274,6 +274,13 @@ pub fn key_file(name: &str) -> String {
 
 /// A TLS client that trusts the self-signed certificate in tests/keys.
 pub fn tls_connector() -> tokio_rustls::TlsConnector {
+    tls_connector_for(rustls::DEFAULT_VERSIONS)
+}
+
+/// As [`tls_connector`], offering `versions` alone.
+pub fn tls_connector_for(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::TlsConnector {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -281,7 +288,7 @@ pub fn tls_connector() -> tokio_rustls::TlsConnector {
     for cert in CertificateDer::pem_file_iter(key_file("tls-cert.pem")).expect("pem") {
         roots.add(cert.expect("cert")).expect("root");
     }
-    let config = rustls::ClientConfig::builder()
+    let config = rustls::ClientConfig::builder_with_protocol_versions(versions)
         .with_root_certificates(roots)
         .with_no_client_auth();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))

@@ -277,7 +277,10 @@ async fn connection(
             let handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(tcp)));
             tokio::select! {
                 done = handshake => match done {
-                    Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                    Ok(Ok(tls)) => {
+                        front.metrics.tls_handshake(tls.version()).inc();
+                        Stream::Tls(Box::new(tls))
+                    }
                     Ok(Err(e)) => {
                         front.metrics.tls_failures.inc();
                         tracing::debug!(%addr, error = %e, "TLS handshake failed");

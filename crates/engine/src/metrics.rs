@@ -5,7 +5,7 @@
 //! Labels come only from the small enums below, so the number of series
 //! is fixed however many clients or cities the server sees.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -118,6 +118,30 @@ pub enum Refusal {
     NodeRate,
 }
 
+/// A TLS connection's protocol version (`gale_tls_handshakes_total`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2.
+    Tls12,
+    /// TLS 1.3.
+    Tls13,
+}
+
+impl EncodeLabelValue for TlsVersion {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        encoder.write_str(match self {
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsLabels {
+    version: TlsVersion,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
     reason: Refusal,
@@ -166,6 +190,7 @@ pub struct Metrics {
     http_timeouts: [Counter; 3],
     /// TLS handshakes that failed.
     pub tls_failures: Counter,
+    tls_handshakes: [Counter; 2],
     handshakes_refused: [Counter; 3],
     /// Pushes dropped from full outbound queues (`drop_oldest`).
     pub outbound_dropped: Counter,
@@ -640,6 +665,14 @@ impl Metrics {
             "TLS handshakes that failed (not TLS, no shared protocol, the peer gave up)",
             tls_failures.clone(),
         );
+        let tls_family = Family::<TlsLabels, Counter>::default();
+        reg.register(
+            "tls_handshakes",
+            "TLS handshakes completed, by protocol version",
+            tls_family.clone(),
+        );
+        let tls_handshakes = [TlsVersion::Tls12, TlsVersion::Tls13]
+            .map(|version| tls_family.get_or_create_owned(&TlsLabels { version }));
         let refusals = Family::<RefusalLabels, Counter>::default();
         reg.register(
             "handshakes_refused",
@@ -847,6 +880,7 @@ impl Metrics {
             protocol_errors,
             http_timeouts,
             tls_failures,
+            tls_handshakes,
             handshakes_refused,
             cluster,
             proxy,
@@ -864,6 +898,11 @@ impl Metrics {
     /// `stage`.
     pub fn http_timeout(&self, stage: HttpStage) -> &Counter {
         &self.http_timeouts[stage as usize]
+    }
+
+    /// The counter of TLS handshakes completed on `version`.
+    pub fn tls_handshake(&self, version: TlsVersion) -> &Counter {
+        &self.tls_handshakes[version as usize]
     }
 
     /// Registers an application's own metrics beside the engine's: `f`

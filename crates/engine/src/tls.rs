@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::ConfigError;
+use crate::metrics::TlsVersion;
 
 mod records;
 
@@ -385,6 +386,15 @@ impl TlsStream {
         } else {
             Want::Write
         })
+    }
+
+    /// The protocol version the handshake agreed (a stream [`Tls::accept`]
+    /// returned runs gale's records).
+    pub(crate) fn version(&self) -> TlsVersion {
+        match &self.session {
+            Session::Records(records) if records.tls12() => TlsVersion::Tls12,
+            _ => TlsVersion::Tls13,
+        }
     }
 
     /// Writes what the socket takes now of what is queued, before the
@@ -871,6 +881,7 @@ mod tests {
                 .await;
                 let name = format!("{:?}, resumed {resumed}", suite.suite());
                 assert!(records(&mut server).tls12(), "{name}");
+                assert_eq!(server.version(), TlsVersion::Tls12, "{name}");
                 assert_eq!(read_exact(&mut server, 100_000).await, vec![7; 100_000]);
                 server.write_all(&vec![9; 70_000]).await.expect("write");
                 server.write_all(b"end").await.expect("write");

@@ -88,7 +88,9 @@ impl Target {
         }
         let port = parsed.port_or_known_default().unwrap_or(80);
         let tls = if parsed.scheme() == "wss" {
-            Some(Arc::new(tls_client().map_err(|m| bad(&m))?))
+            Some(Arc::new(
+                tls_client(rustls::ALL_VERSIONS).map_err(|m| bad(&m))?,
+            ))
         } else {
             None
         };
@@ -134,6 +136,20 @@ impl Target {
     pub fn with_sse(mut self, on: bool) -> Target {
         self.sse = on;
         self
+    }
+
+    /// Over `wss://`, connections that offer TLS 1.2 alone (a server's
+    /// TLS 1.2 path; no effect on `ws://`).
+    ///
+    /// # Errors
+    /// [`BenchError::Target`] when no trusted root certificate is found.
+    pub fn with_tls12(mut self, on: bool) -> Result<Target, BenchError> {
+        if on && self.tls.is_some() {
+            let config = tls_client(&[&rustls::version::TLS12])
+                .map_err(|m| BenchError::Target(format!("{}: {m}", self.url)))?;
+            self.tls = Some(Arc::new(config));
+        }
+        Ok(self)
     }
 
     /// Connections with a tungstenite read buffer of `bytes`.
@@ -211,9 +227,11 @@ impl Target {
     }
 }
 
-/// A TLS client trusting the system's roots (`SSL_CERT_FILE` and
-/// `SSL_CERT_DIR` honoured).
-fn tls_client() -> Result<rustls::ClientConfig, String> {
+/// A TLS client offering `versions` and trusting the system's roots
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured).
+fn tls_client(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ClientConfig, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     let (added, _) =
@@ -221,9 +239,11 @@ fn tls_client() -> Result<rustls::ClientConfig, String> {
     if added == 0 {
         return Err("no trusted root certificates found (set SSL_CERT_FILE)".into());
     }
-    Ok(rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(
+        rustls::ClientConfig::builder_with_protocol_versions(versions)
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 pub(crate) type Ws =
