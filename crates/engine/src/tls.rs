@@ -17,10 +17,12 @@
 //!
 //! Once the handshake is done, gale seals and opens the records itself
 //! with the keys rustls derived (`records`), TLS 1.3 and 1.2 alike, and
-//! rustls keeps only what a TLS 1.3 key update needs: an idle connection
-//! then holds neither rustls's connection object nor expanded cipher
-//! state.
+//! keeps nothing of rustls: an idle connection holds neither rustls's
+//! connection object nor expanded cipher state. For TLS 1.3's key
+//! updates gale keeps the two application traffic secrets, which rustls
+//! hands it in the handshake through its key log ([`SecretCatcher`]).
 
+use std::cell::RefCell;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -34,6 +36,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use zeroize::Zeroizing;
 
 use crate::config::ConfigError;
 use crate::metrics::TlsVersion;
@@ -58,7 +61,10 @@ impl Tls {
         let conn = UnbufferedServerConnection::new(self.0.clone()).map_err(invalid)?;
         let mut stream = TlsStream {
             tcp,
-            session: Session::Rustls(Box::new(conn)),
+            session: Session::Rustls(Box::new(Handshake {
+                conn,
+                caught: Caught::default(),
+            })),
             incoming: Vec::new(),
             shown: 0,
             outgoing: Vec::new(),
@@ -103,9 +109,75 @@ pub fn acceptor(cert: &str, key: &str) -> Result<Tls, ConfigError> {
             )
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    // For gale's own TLS 1.3 record layer (`records`).
+    // For gale's own record layer (`records`): the keys, and TLS 1.3's
+    // traffic secrets for its key updates.
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(SecretCatcher);
     Ok(Tls(Arc::new(config)))
+}
+
+/// rustls's key-log labels of TLS 1.3's first application traffic
+/// secrets.
+const CLIENT_TRAFFIC_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_TRAFFIC_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+/// A handshake's TLS 1.3 application traffic secrets, as rustls logged
+/// them.
+#[derive(Default)]
+struct Caught {
+    client: Zeroizing<Vec<u8>>,
+    server: Zeroizing<Vec<u8>>,
+}
+
+thread_local! {
+    /// The secrets rustls logs while a handshake runs on this thread
+    /// (set around each call into rustls, which logs inside it).
+    static CATCHING: RefCell<Option<Caught>> = const { RefCell::new(None) };
+}
+
+/// rustls's key log, turned to hand a connection its own TLS 1.3 traffic
+/// secrets: rustls logs them inside the call that runs the handshake, on
+/// the connection's thread, where [`Handshake::process`] waits for them.
+/// Nothing is written anywhere.
+#[derive(Debug)]
+struct SecretCatcher;
+
+impl rustls::KeyLog for SecretCatcher {
+    fn will_log(&self, label: &str) -> bool {
+        label == CLIENT_TRAFFIC_SECRET || label == SERVER_TRAFFIC_SECRET
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        CATCHING.with_borrow_mut(|caught| {
+            let Some(caught) = caught else { return };
+            let slot = match label {
+                CLIENT_TRAFFIC_SECRET => &mut caught.client,
+                SERVER_TRAFFIC_SECRET => &mut caught.server,
+                _ => return,
+            };
+            *slot = Zeroizing::new(secret.to_vec());
+        });
+    }
+}
+
+/// A connection's handshake: rustls's side, and the secrets it logged.
+struct Handshake {
+    conn: UnbufferedServerConnection,
+    caught: Caught,
+}
+
+impl Handshake {
+    /// Runs rustls on `incoming`, catching the secrets it logs.
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, rustls::server::ServerConnectionData> {
+        let Handshake { conn, caught } = self;
+        CATCHING.set(Some(std::mem::take(caught)));
+        let status = conn.process_tls_records(incoming);
+        *caught = CATCHING.take().unwrap_or_default();
+        status
+    }
 }
 
 /// Bytes read from the socket at a time.
@@ -143,7 +215,7 @@ enum Want {
 /// Who seals and opens a connection's records.
 enum Session {
     /// rustls: the handshake.
-    Rustls(Box<UnbufferedServerConnection>),
+    Rustls(Box<Handshake>),
     /// gale, after the handshake.
     Records(Box<Records>),
     /// Neither: for the moment rustls hands over, and for good after a
@@ -247,8 +319,8 @@ impl TlsStream {
     /// order); once gale runs the records, opens what came in (to
     /// `plain`) and seals `data` (whole).
     fn process(&mut self, data: Option<&[u8]>) -> io::Result<Want> {
-        let conn = match &mut self.session {
-            Session::Rustls(conn) => conn,
+        let handshake = match &mut self.session {
+            Session::Rustls(handshake) => handshake,
             Session::Records(_) => {
                 let processed = self.process_records(data);
                 if processed.is_err() {
@@ -259,7 +331,7 @@ impl TlsStream {
             }
             Session::Gone => return Err(invalid("the connection has failed")),
         };
-        // Encrypted records rustls may be shown beyond those it was.
+        // Records rustls may be shown beyond those it was.
         let mut more = 0;
         loop {
             // During the handshake rustls is shown the records one at a
@@ -269,7 +341,7 @@ impl TlsStream {
             // are gale's (`take_over`), and rustls must hold none of their
             // state then.
             self.shown = self.shown.min(self.incoming.len());
-            let given = if conn.is_handshaking() {
+            let given = if handshake.conn.is_handshaking() {
                 let (shown, given) = handshake_records(&self.incoming, self.shown, more);
                 self.shown = shown;
                 more = 0;
@@ -279,7 +351,7 @@ impl TlsStream {
             };
             let held_back = given < self.incoming.len();
             let UnbufferedStatus { mut discard, state } =
-                conn.process_tls_records(&mut self.incoming[..given]);
+                handshake.process(&mut self.incoming[..given]);
             let want = match state.map_err(invalid)? {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
@@ -332,6 +404,12 @@ impl TlsStream {
                 self.shown = self.shown.saturating_sub(discard);
             }
             let_go_if_empty(&mut self.incoming);
+            // rustls may offer to send before the handshake's end (it
+            // does not with gale's settings): records held back are shown.
+            if want == Some(Want::Write) && held_back && handshake.conn.is_handshaking() {
+                more = 1;
+                continue;
+            }
             if let Some(want) = want {
                 return Ok(want);
             }
@@ -372,8 +450,14 @@ impl TlsStream {
         if let Some(data) = data.filter(|d| !d.is_empty())
             && let Err(e) = records.seal(data, &mut self.outgoing)
         {
-            // A TLS 1.2 connection at its write key's limit: its
-            // close_notify is sealed.
+            if records.closing() {
+                // A TLS 1.2 connection at its write key's limit: its
+                // close_notify is sealed and goes out as any close does
+                // (a flush, the shutdown); nothing more is written.
+                tracing::debug!(error = %e, "TLS connection closed");
+                self.close = Close::Queued;
+                return Ok(Want::Closed);
+            }
             self.send_last();
             return Err(e);
         }
@@ -409,7 +493,7 @@ impl TlsStream {
     /// Whether the handshake is still under way.
     fn handshaking(&self) -> bool {
         match &self.session {
-            Session::Rustls(conn) => conn.is_handshaking(),
+            Session::Rustls(handshake) => handshake.conn.is_handshaking(),
             Session::Records(_) | Session::Gone => false,
         }
     }
@@ -418,8 +502,10 @@ impl TlsStream {
     /// gale's own record layer.
     fn take_over(&mut self) -> io::Result<()> {
         match std::mem::replace(&mut self.session, Session::Gone) {
-            Session::Rustls(conn) => {
-                self.session = Session::Records(Box::new(Records::new(*conn)?));
+            Session::Rustls(handshake) => {
+                let Handshake { conn, caught } = *handshake;
+                let records = Records::new(conn, &caught.client, &caught.server)?;
+                self.session = Session::Records(Box::new(records));
                 Ok(())
             }
             other => {
@@ -950,7 +1036,11 @@ mod tests {
             server.write_all(b"one").await.expect("under the limit");
             server.write_all(b"two").await.expect("under the limit");
             let err = server.write_all(b"three").await.expect_err("at the limit");
-            assert!(err.to_string().contains("limit"), "{err}");
+            assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+            server.write_all(b"four").await.expect_err("closed");
+            // The close goes out as any close does, even when the socket
+            // could not take it at once.
+            server.shutdown().await.expect("close_notify");
             let (got, end) = client.join().expect("client");
             // What fit went out, then close_notify: a clean end.
             assert_eq!(got, b"onetwo", "{:?}", suite.suite());
@@ -1206,6 +1296,10 @@ mod tests {
             (
                 "a renegotiation asked again",
                 vec![(22, hello(40)), (22, hello(40))],
+            ),
+            (
+                "a handshake message too large",
+                vec![(22, hello(70_000)[..100].to_vec())],
             ),
             (
                 "inside a handshake message",

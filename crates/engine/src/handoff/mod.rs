@@ -40,7 +40,7 @@
 //!    received (it now holds every descriptor), builds its server,
 //!    carries each connection on, and only then accepts. The old process
 //!    closes at once what could not move (TLS connections and sessions,
-//!    whose keys stay in rustls' state here), each with 1012 and a
+//!    whose record state the handoff does not carry), each with 1012 and a
 //!    jittered reconnect delay, and exits, letting go of what it held (the request log's spill directory, which the
 //!    new process waits for).
 //!

@@ -7,9 +7,10 @@
 //! its connection object (about 1 KiB) and both directions' expanded
 //! cipher state (about 0.55 KiB each with AES-GCM). Here an idle
 //! connection keeps the keys' bytes and the two sequence numbers, and on
-//! TLS 1.3 rustls's `KernelConnection`, which holds the traffic secrets
-//! for a key update (TLS 1.2 has none, so it is let go); a key is
-//! expanded for one batch of records (one write, or what one read
+//! TLS 1.3 the two traffic secrets, from which gale derives the keys of a
+//! key update itself (RFC 8446 §7.2; rustls logs the secrets to gale in
+//! the handshake, through its key log, and nothing of rustls is kept); a
+//! key is expanded for one batch of records (one write, or what one read
 //! brought) and let go with it. Expanding costs about 0.16 µs with
 //! AES-GCM, once per batch.
 //!
@@ -49,8 +50,9 @@ use std::fmt;
 use std::io;
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
-use rustls::kernel::KernelConnection;
-use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use ring::hkdf;
+use rustls::crypto::hash::HashAlgorithm;
+use rustls::server::UnbufferedServerConnection;
 use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite};
 use zeroize::Zeroize;
 
@@ -171,16 +173,39 @@ impl Keys {
         if key.len() != alg.key_len() || iv.len() != aead::NONCE_LEN {
             return Err(invalid("traffic keys of the wrong length"));
         }
-        let mut keys = Keys {
+        let mut keys = Keys::empty(alg, layout, seq);
+        keys.key[..key.len()].copy_from_slice(key);
+        keys.iv.copy_from_slice(iv);
+        Ok(keys)
+    }
+
+    /// TLS 1.3's key and IV for `alg` from a traffic secret (RFC 8446
+    /// §7.3), from record `seq` on.
+    fn derive(
+        secret: &[u8],
+        hash: hkdf::Algorithm,
+        alg: &'static aead::Algorithm,
+        seq: u64,
+    ) -> io::Result<Self> {
+        let mut keys = Keys::empty(alg, Layout::Tls13, seq);
+        expand_label(hash, secret, b"key", &mut keys.key[..alg.key_len()])?;
+        expand_label(hash, secret, b"iv", &mut keys.iv)?;
+        Ok(keys)
+    }
+
+    fn empty(alg: &'static aead::Algorithm, layout: Layout, seq: u64) -> Self {
+        Keys {
             alg,
             layout,
             key: [0; 32],
             iv: [0; aead::NONCE_LEN],
             seq,
-        };
-        keys.key[..key.len()].copy_from_slice(key);
-        keys.iv.copy_from_slice(iv);
-        Ok(keys)
+        }
+    }
+
+    /// Whether `other` holds the same key and IV.
+    fn same_as(&self, other: &Keys) -> bool {
+        self.alg == other.alg && self.key == other.key && self.iv == other.iv
     }
 
     /// The key, expanded for a batch of records.
@@ -221,11 +246,71 @@ impl Drop for Keys {
     }
 }
 
+/// The longest traffic secret: SHA-384's output.
+const MAX_SECRET: usize = 48;
+
+/// A TLS 1.3 connection's application traffic secrets (RFC 8446 §7.1),
+/// from which each key update derives the next, and its key and IV
+/// (§7.2).
+struct Secrets {
+    hash: hkdf::Algorithm,
+    len: u8,
+    client: [u8; MAX_SECRET],
+    server: [u8; MAX_SECRET],
+}
+
+impl Secrets {
+    /// Moves the client's secret (`client`) or ours on, and returns the
+    /// keys that follow from it.
+    fn update(&mut self, client: bool, alg: &'static aead::Algorithm) -> io::Result<Keys> {
+        let len = usize::from(self.len);
+        let secret = if client {
+            &mut self.client
+        } else {
+            &mut self.server
+        };
+        let mut next = [0; MAX_SECRET];
+        expand_label(self.hash, &secret[..len], b"traffic upd", &mut next[..len])?;
+        secret.copy_from_slice(&next);
+        next.zeroize();
+        Keys::derive(&secret[..len], self.hash, alg, 0)
+    }
+}
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        self.client.zeroize();
+        self.server.zeroize();
+    }
+}
+
+/// HKDF-Expand-Label(`secret`, `label`, "", `out.len()`) (RFC 8446 §7.1).
+fn expand_label(
+    hash: hkdf::Algorithm,
+    secret: &[u8],
+    label: &[u8],
+    out: &mut [u8],
+) -> io::Result<()> {
+    struct Len(usize);
+    impl hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    let length = (out.len() as u16).to_be_bytes();
+    let label_len = [(b"tls13 ".len() + label.len()) as u8];
+    let info: [&[u8]; 5] = [&length, &label_len, b"tls13 ", label, &[0]];
+    hkdf::Prk::new_less_safe(hash, secret)
+        .expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .map_err(|_| invalid("a traffic key that does not derive"))
+}
+
 /// A connection's record layer, after the handshake (see the module's
 /// doc).
 pub(super) struct Records {
-    /// rustls's side, for the secrets of key updates: TLS 1.3 only.
-    kernel: Option<KernelConnection<ServerConnectionData>>,
+    /// TLS 1.3's traffic secrets, for key updates (TLS 1.2 has none).
+    secrets: Option<Secrets>,
     tx: Keys,
     rx: Keys,
     /// Records sealed under one key before it is updated.
@@ -254,28 +339,74 @@ pub(super) struct Records {
 
 impl Records {
     /// Takes over from rustls: its handshake must be done and everything
-    /// it had to send sent.
+    /// it had to send sent; on TLS 1.3, `client` and `server` are the
+    /// application traffic secrets rustls logged in the handshake.
     ///
     /// rustls must not have read any record under the traffic keys but,
     /// on TLS 1.2, the client's `Finished`: then no answer of its own to
     /// a key update, no part of a handshake message and no `close_notify`
     /// can be left inside it.
-    pub(super) fn new(conn: UnbufferedServerConnection) -> io::Result<Self> {
-        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(invalid)?;
-        let (tls12, limit, read) = match kernel.negotiated_cipher_suite() {
-            SupportedCipherSuite::Tls13(suite) => (false, suite.common.confidentiality_limit, 0),
-            SupportedCipherSuite::Tls12(suite) => (true, suite.common.confidentiality_limit, 1),
+    pub(super) fn new(
+        conn: UnbufferedServerConnection,
+        client: &[u8],
+        server: &[u8],
+    ) -> io::Result<Self> {
+        let (keys, kernel) = conn.dangerous_into_kernel_connection().map_err(invalid)?;
+        let (hash, limit, read) = match kernel.negotiated_cipher_suite() {
+            SupportedCipherSuite::Tls13(suite) => {
+                let hash = match suite.common.hash_provider.algorithm() {
+                    HashAlgorithm::SHA256 => hkdf::HKDF_SHA256,
+                    HashAlgorithm::SHA384 => hkdf::HKDF_SHA384,
+                    _ => return Err(invalid("a hash gale does not derive keys with")),
+                };
+                (Some(hash), suite.common.confidentiality_limit, 0)
+            }
+            SupportedCipherSuite::Tls12(suite) => (None, suite.common.confidentiality_limit, 1),
         };
-        let (tx_seq, tx) = &secrets.tx;
-        let (rx_seq, rx) = &secrets.rx;
-        if *rx_seq != read {
+        // Nothing of rustls is kept.
+        drop(kernel);
+        let tls12 = hash.is_none();
+        let (tx_seq, tx) = &keys.tx;
+        let (rx_seq, rx) = &keys.rx;
+        // TLS 1.2's Finished may follow a warning alert, or span records.
+        if *rx_seq != read && (hash.is_some() || *rx_seq < read) {
             return Err(invalid("records were read before the hand-over"));
         }
+        let (tx, rx) = (
+            Keys::new(*tx_seq, tx, tls12)?,
+            Keys::new(*rx_seq, rx, tls12)?,
+        );
+        let secrets = match hash {
+            None => None,
+            Some(hash) => {
+                let len = hkdf::KeyType::len(&hash);
+                if client.len() != len || server.len() != len || len > MAX_SECRET {
+                    return Err(invalid("no traffic secrets from the handshake"));
+                }
+                let mut secrets = Secrets {
+                    hash,
+                    len: len as u8,
+                    client: [0; MAX_SECRET],
+                    server: [0; MAX_SECRET],
+                };
+                secrets.client[..len].copy_from_slice(client);
+                secrets.server[..len].copy_from_slice(server);
+                // The secrets are this connection's: they give rustls's
+                // keys.
+                let ours = Keys::derive(server, hash, tx.alg, tx.seq)?;
+                let theirs = Keys::derive(client, hash, rx.alg, rx.seq)?;
+                if !ours.same_as(&tx) || !theirs.same_as(&rx) {
+                    return Err(invalid(
+                        "traffic secrets that do not give the handshake's keys",
+                    ));
+                }
+                Some(secrets)
+            }
+        };
         Ok(Records {
-            tx: Keys::new(*tx_seq, tx, tls12)?,
-            rx: Keys::new(*rx_seq, rx, tls12)?,
-            // TLS 1.2 has no key update to ask rustls for.
-            kernel: (!tls12).then_some(kernel),
+            tx,
+            rx,
+            secrets,
             limit: limit.min(SEQ_LIMIT),
             handshake: [0; 5],
             handshake_len: 0,
@@ -295,6 +426,11 @@ impl Records {
     /// Whether the peer's `close_notify` came.
     pub(super) fn peer_closed(&self) -> bool {
         self.closed
+    }
+
+    /// Whether our `close_notify` is sealed: nothing more is.
+    pub(super) fn closing(&self) -> bool {
+        self.closing
     }
 
     /// Seals `data` as application data into `out` (records of 2^14
@@ -375,12 +511,12 @@ impl Records {
         {
             self.write_updates += 1;
         }
-        let kernel = self
-            .kernel
+        let alg = self.tx.alg;
+        let secrets = self
+            .secrets
             .as_mut()
             .ok_or_else(|| invalid("no key update"))?;
-        let (seq, secrets) = kernel.update_tx_secret().map_err(invalid)?;
-        self.tx = Keys::new(seq, &secrets, false)?;
+        self.tx = secrets.update(false, alg)?;
         self.tx.expand()
     }
 
@@ -605,13 +741,9 @@ impl Records {
             // Answered before our next record (`seal_as`), or by `answer`.
             self.answer_owed |= requested;
             let not_updated = || fatal(INTERNAL_ERROR, "the read keys did not update");
-            let (seq, secrets) = self
-                .kernel
-                .as_mut()
-                .ok_or_else(not_updated)?
-                .update_rx_secret()
-                .map_err(|_| not_updated())?;
-            self.rx = Keys::new(seq, &secrets, false).map_err(|_| not_updated())?;
+            let alg = self.rx.alg;
+            let secrets = self.secrets.as_mut().ok_or_else(not_updated)?;
+            self.rx = secrets.update(true, alg).map_err(|_| not_updated())?;
             updated = true;
         }
         Ok(updated)
@@ -652,10 +784,15 @@ impl Records {
             if self.renegotiations_refused == RENEGOTIATIONS_REFUSED {
                 return Err(fatal(UNEXPECTED_MESSAGE, "a renegotiation asked again"));
             }
+            let len =
+                u32::from_be_bytes([0, self.handshake[1], self.handshake[2], self.handshake[3]]);
+            // rustls's own bound on a handshake message.
+            if len > 0xffff {
+                return Err(fatal(DECODE_ERROR, "a handshake message too large"));
+            }
             self.renegotiations_refused += 1;
             self.answer_owed = true;
-            self.skip =
-                u32::from_be_bytes([0, self.handshake[1], self.handshake[2], self.handshake[3]]);
+            self.skip = len;
         }
         Ok(())
     }
