@@ -452,10 +452,12 @@ impl TlsStream {
         {
             if records.closing() {
                 // A TLS 1.2 connection at its write key's limit: its
-                // close_notify is sealed and goes out as any close does
-                // (a flush, the shutdown); nothing more is written.
+                // close_notify is sealed, and goes out now if the socket
+                // takes it, else as any close does (a flush, the
+                // shutdown); nothing more is written.
                 tracing::debug!(error = %e, "TLS connection closed");
                 self.close = Close::Queued;
+                self.send_last();
                 return Ok(Want::Closed);
             }
             self.send_last();
@@ -590,7 +592,12 @@ impl TlsStream {
         match self.process(Some(data))? {
             Want::Write => {}
             Want::Read => return Poll::Ready(Err(invalid("write before the handshake's end"))),
-            Want::Closed => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Want::Closed => {
+                // What is queued (our close_notify) goes as far as the
+                // socket takes it.
+                let _ = self.poll_send(cx);
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
         }
         // Sent as far as the socket takes it now; the rest by the next
         // write or flush.
@@ -716,13 +723,17 @@ mod tests {
         client_config_with(versions, rustls::crypto::ring::default_provider())
     }
 
-    /// A TLS 1.2 client offering `suite` alone.
-    fn tls12_client(suite: rustls::SupportedCipherSuite) -> Arc<ClientConfig> {
+    /// A client offering `suite` alone (and its version).
+    fn suite_client(suite: rustls::SupportedCipherSuite) -> Arc<ClientConfig> {
+        let version = match suite {
+            rustls::SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+            rustls::SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+        };
         let provider = rustls::crypto::CryptoProvider {
             cipher_suites: vec![suite],
             ..rustls::crypto::ring::default_provider()
         };
-        client_config_with(&[&rustls::version::TLS12], provider)
+        client_config_with(&[version], provider)
     }
 
     fn client_config_with(
@@ -759,7 +770,7 @@ mod tests {
         client: impl FnOnce(Client) -> T + Send + 'static,
     ) -> (TlsStream, std::thread::JoinHandle<T>) {
         let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
-        pair_with(&tls, tls12_client(suite), 1, |_| {}, client).await
+        pair_with(&tls, suite_client(suite), 1, |_| {}, client).await
     }
 
     /// Writes what the client has to send, in one write.
@@ -870,22 +881,40 @@ mod tests {
 
     #[tokio::test]
     async fn tls13_records_are_sealed_and_opened_by_gale_across_key_updates() {
-        let (mut server, client) = pair(&[&rustls::version::TLS13], |mut c: Client| {
-            let mut got = Vec::new();
-            for round in 0..5u8 {
-                // The client moves its keys on and asks the server to.
-                c.conn.refresh_traffic_keys().expect("key update");
-                c.write_all(&[b'a' + round; 100]).expect("write");
-                c.flush().expect("flush");
-                let mut reply = [0; 1000];
-                c.read_exact(&mut reply).expect("reply");
-                got.push(reply);
-            }
-            // 10 records the server seals with a limit of 3 per key.
-            let mut pushes = vec![0; 10 * 300];
-            c.read_exact(&mut pushes).expect("pushes");
-            (got, pushes)
-        })
+        // Each suite: SHA-256 and SHA-384 derive the keys of an update.
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        for suite in [
+            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            key_updates_over(&tls, suite).await;
+        }
+    }
+
+    async fn key_updates_over(tls: &Tls, suite: rustls::SupportedCipherSuite) {
+        let (mut server, client) = pair_with(
+            tls,
+            suite_client(suite),
+            1,
+            |_| {},
+            |mut c: Client| {
+                let mut got = Vec::new();
+                for round in 0..5u8 {
+                    // The client moves its keys on and asks the server to.
+                    c.conn.refresh_traffic_keys().expect("key update");
+                    c.write_all(&[b'a' + round; 100]).expect("write");
+                    c.flush().expect("flush");
+                    let mut reply = [0; 1000];
+                    c.read_exact(&mut reply).expect("reply");
+                    got.push(reply);
+                }
+                // 10 records the server seals with a limit of 3 per key.
+                let mut pushes = vec![0; 10 * 300];
+                c.read_exact(&mut pushes).expect("pushes");
+                (got, pushes)
+            },
+        )
         .await;
         for round in 0..5u8 {
             assert_eq!(read_exact(&mut server, 100).await, vec![b'a' + round; 100]);
@@ -946,7 +975,7 @@ mod tests {
         let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
         for suite in TLS12_SUITES {
             // The second connection resumes the first's session.
-            let config = tls12_client(suite);
+            let config = suite_client(suite);
             for resumed in [false, true] {
                 let (mut server, client) = pair_with(
                     &tls,
@@ -994,7 +1023,7 @@ mod tests {
         let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
         for suite in TLS12_SUITES {
             for data in [&b""[..], b"early"] {
-                let config = tls12_client(suite);
+                let config = suite_client(suite);
                 let (mut server, client) =
                     pair_with(&tls, config.clone(), 1, |_| {}, |_c: Client| {}).await;
                 drop(server.shutdown().await);
@@ -1037,14 +1066,28 @@ mod tests {
             server.write_all(b"two").await.expect("under the limit");
             let err = server.write_all(b"three").await.expect_err("at the limit");
             assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
-            server.write_all(b"four").await.expect_err("closed");
-            // The close goes out as any close does, even when the socket
-            // could not take it at once.
-            server.shutdown().await.expect("close_notify");
+            // Dropped as a connection whose write failed is: its
+            // close_notify went out with the failed write.
+            drop(server);
             let (got, end) = client.join().expect("client");
             // What fit went out, then close_notify: a clean end.
             assert_eq!(got, b"onetwo", "{:?}", suite.suite());
             assert!(end.is_ok(), "{end:?}");
+
+            // And the shutdown after it finishes cleanly.
+            let (mut server, client) = pair12(suite, |mut c: Client| {
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).map(|_| got)
+            })
+            .await;
+            let layer = records(&mut server);
+            layer.set_limit(layer.write_seq() + 2);
+            server.write_all(b"one").await.expect("under the limit");
+            server.write_all(b"two").await.expect_err("at the limit");
+            server.write_all(b"four").await.expect_err("closed");
+            server.shutdown().await.expect("close_notify");
+            let got = client.join().expect("client").expect("a clean end");
+            assert_eq!(got, b"one", "{:?}", suite.suite());
 
             // The last record under the limit is left for close_notify.
             let (mut server, client) = pair12(suite, |mut c: Client| {

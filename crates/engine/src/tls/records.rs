@@ -413,7 +413,9 @@ impl Records {
             skip: 0,
             renegotiations_refused: 0,
             key_updates_allowed: KEY_UPDATES_ALLOWED,
-            warnings_allowed: WARNINGS_ALLOWED,
+            // Warnings rustls let by before the Finished count.
+            warnings_allowed: WARNINGS_ALLOWED
+                - rx_seq.saturating_sub(read).min(u64::from(WARNINGS_ALLOWED)) as u8,
             empty_allowed: EMPTY_ALLOWED,
             answer_owed: false,
             closed: false,
