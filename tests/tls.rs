@@ -279,17 +279,7 @@ async fn gale_bench_loads_a_wss_server_over_tls12() {
 
 /// POSTs `body` to `/api/publish` over TLS; the response, whole.
 async fn https_publish(server: &common::TestServer, body: &str) -> String {
-    let mut tls = tls_connect(server, "localhost").await;
-    let req = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        common::API_KEY_LONG,
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await.expect("write");
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer).await.expect("read");
-    answer
+    common::https_publish_at(server.addr, common::API_KEY_LONG, body).await
 }
 
 /// Pushes queued together go out encrypted together, one larger than a

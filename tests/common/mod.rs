@@ -277,6 +277,26 @@ pub fn tls_connector() -> tokio_rustls::TlsConnector {
     tls_connector_for(rustls::DEFAULT_VERSIONS)
 }
 
+/// POSTs `body` to `/api/publish` at `addr` over TLS with `key`; the
+/// response, whole.
+pub async fn https_publish_at(addr: SocketAddr, key: &str, body: &str) -> String {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tls_connector()
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let req = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.expect("read");
+    answer
+}
+
 /// As [`tls_connector`], offering `versions` alone.
 pub fn tls_connector_for(
     versions: &[&'static rustls::SupportedProtocolVersion],

@@ -154,13 +154,9 @@ fn run(
         let _ = (&counted, &held);
         let mut socket = socket;
         let client_id = caller.conn_id;
-        // Plain-TCP connections take part in a takeover from the start (a
+        // Connections take part in a takeover from the start (a
         // connection that opens while one is under way is handed over too).
-        let handing = app
-            .handoff
-            .as_ref()
-            .filter(|_| socket.is_plain())
-            .map(|h| h.join());
+        let handing = app.handoff.as_ref().map(|h| h.join());
         let (end, mut inflight) =
             read_loop(&app, &caller, &mut socket, greet, handing.is_some()).await;
         tracing::debug!(%client_id, reason = ?end, "closing");
@@ -718,7 +714,6 @@ async fn flush_outbox(
     outbox: &Outbox,
     buf: &mut Vec<Outgoing>,
 ) -> Result<(), End> {
-    let socket_plain = socket.is_plain();
     let ending = match outbox.take(buf) {
         Taken::SlowConsumer => return Err(End::SlowConsumer),
         Taken::End(code, reason) => Some(End::Ended(code, reason)),
@@ -738,12 +733,9 @@ async fn flush_outbox(
     // registers the overflow waiter, which would cost a lock per flush.
     let mut watched = false;
     // A takeover does not wait for a write a client holds up: what is
-    // left of it stays queued in the socket and moves with it.
-    let handing = app
-        .handoff
-        .as_ref()
-        .filter(|_| socket_plain)
-        .map(|h| &h.started_flag);
+    // left of it stays queued in the socket (over TLS, what was sealed
+    // stays in the stream) and moves with it.
+    let handing = app.handoff.as_ref().map(|h| &h.started_flag);
     let written = tokio::select! {
         biased;
         written = write => Some(written),

@@ -795,7 +795,8 @@ async fn serve(
         mut takeovers,
     } = door;
     let shutdown = app.shutdown.clone();
-    tracing::info!(addr = %local, "gale listening; WebSocket at ws://{local}/ws");
+    let scheme = if app.tls.is_some() { "wss" } else { "ws" };
+    tracing::info!(addr = %local, "gale listening; WebSocket at {scheme}://{local}/ws");
     let front = crate::listener::Front {
         router: routes(app.clone(), extra),
         deadline: app.config.server.handshake_timeout(),

@@ -223,6 +223,27 @@ enum Session {
     Gone,
 }
 
+/// A TLS connection's state on its way to the next process in a
+/// takeover (`handoff`).
+pub(crate) struct Moving {
+    /// The record layer's state: keys and secrets, zeroized when dropped.
+    pub(crate) records: Zeroizing<Vec<u8>>,
+    /// TLS bytes received and not yet opened.
+    pub(crate) incoming: Vec<u8>,
+    /// TLS bytes sealed and not yet written: the first to go out.
+    pub(crate) outgoing: Vec<u8>,
+}
+
+impl std::fmt::Debug for Moving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The keys are not shown.
+        f.debug_struct("Moving")
+            .field("incoming", &self.incoming.len())
+            .field("outgoing", &self.outgoing.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A TLS connection over TCP, its handshake done (see the module's doc).
 pub(crate) struct TlsStream {
     tcp: TcpStream,
@@ -471,6 +492,49 @@ impl TlsStream {
             Want::Closed
         } else {
             Want::Write
+        })
+    }
+
+    /// Takes the stream apart for a takeover: its socket, its state, and
+    /// the plaintext received and not yet read. `Err` gives it back when
+    /// it cannot move: a close begun by either side, or a failed
+    /// connection.
+    pub(crate) fn into_moving(self) -> Result<(TcpStream, Moving, Vec<u8>), Box<TlsStream>> {
+        let records = match &self.session {
+            Session::Records(records)
+                if !records.peer_closed()
+                    && !records.closing()
+                    && !self.eof
+                    && self.close == Close::Open =>
+            {
+                records.export()
+            }
+            _ => return Err(Box::new(self)),
+        };
+        let moving = Moving {
+            records,
+            incoming: self.incoming,
+            outgoing: self.outgoing.get(self.sent..).unwrap_or_default().to_vec(),
+        };
+        let plain = self.plain.get(self.read_at..).unwrap_or_default().to_vec();
+        Ok((self.tcp, moving, plain))
+    }
+
+    /// A stream taken over from the previous process, going on from
+    /// `moving`: what it had sealed and not written goes out first.
+    pub(crate) fn resume(tcp: TcpStream, moving: Moving) -> io::Result<TlsStream> {
+        let records = Records::import(&moving.records)?;
+        Ok(TlsStream {
+            tcp,
+            session: Session::Records(Box::new(records)),
+            incoming: moving.incoming,
+            shown: 0,
+            outgoing: moving.outgoing,
+            sent: 0,
+            plain: Vec::new(),
+            read_at: 0,
+            eof: false,
+            close: Close::Open,
         })
     }
 
@@ -1049,6 +1113,83 @@ mod tests {
                 assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "{name}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_moved_stream_goes_on_where_it_was() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        for suite in [
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ] {
+            let tls13 = matches!(suite, rustls::SupportedCipherSuite::Tls13(_));
+            let (mut server, client) = pair_with(
+                &tls,
+                suite_client(suite),
+                1,
+                |_| {},
+                move |mut c: Client| {
+                    c.write_all(b"before").expect("write");
+                    c.flush().expect("flush");
+                    let mut first = [0; 5];
+                    c.read_exact(&mut first).expect("first");
+                    if tls13 {
+                        // Asked of the moved stream.
+                        c.conn.refresh_traffic_keys().expect("key update");
+                    }
+                    c.write_all(b"after").expect("write");
+                    c.flush().expect("flush");
+                    let mut second = [0; 6];
+                    c.read_exact(&mut second).expect("second");
+                    (first, second)
+                },
+            )
+            .await;
+            let name = format!("{:?}", suite.suite());
+            assert_eq!(read_exact(&mut server, 3).await, b"bef", "{name}");
+            let (tcp, moving, plain) = server.into_moving().expect("movable");
+            // Opened and not read: the socket's to carry.
+            assert_eq!(plain, b"ore", "{name}");
+            let mut server = TlsStream::resume(tcp, moving).expect("resumed");
+            server.write_all(b"first").await.expect("write");
+            assert_eq!(read_exact(&mut server, 5).await, b"after", "{name}");
+            server.write_all(b"second").await.expect("write");
+            let (first, second) = client.join().expect("client");
+            assert_eq!((&first, &second), (b"first", b"second"), "{name}");
+            if tls13 {
+                assert_eq!(records(&mut server).write_updates(), 1, "{name}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_moved_state_is_refused_without_a_panic() {
+        let (mut server, client) = pair(&[&rustls::version::TLS13], |_c: Client| {}).await;
+        let good = records(&mut server).export();
+        assert!(Records::import(&good).is_ok());
+        for len in 0..good.len() {
+            assert!(Records::import(&good[..len]).is_err(), "cut at {len}");
+        }
+        let mut longer = good.to_vec();
+        longer.push(0);
+        assert!(Records::import(&longer).is_err(), "a byte more");
+        // Any one byte changed: refused or taken, never a panic.
+        for at in 0..good.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut bad = good.to_vec();
+                bad[at] ^= flip;
+                let _ = Records::import(&bad);
+            }
+        }
+        let mut other = good.to_vec();
+        other[0] = 9;
+        assert!(Records::import(&other).is_err(), "another format");
+        client.join().expect("client");
     }
 
     #[tokio::test]

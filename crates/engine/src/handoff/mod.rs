@@ -16,7 +16,7 @@
 //!    the new process accepts them, once everything has moved. The old
 //!    process stops accepting and refuses new handshakes (503,
 //!    `Retry-After`).
-//! 3. **Quiet.** Every plain-TCP WebSocket stops reading. What it had
+//! 3. **Quiet.** Every WebSocket stops reading. What it had
 //!    asked is answered first: replies of its plain-text requests and of
 //!    its events in the router are queued behind what it was sent (they
 //!    are answered by the old process, never re-run). The router drains,
@@ -31,7 +31,11 @@
 //!    the compression agreed (no context is kept between messages, so the
 //!    window size is all), the bytes read but not parsed, a message begun
 //!    in fragments, and the frames queued but not yet written. The new
-//!    process writes those frames first and goes on. A plain-TCP SSE
+//!    process writes those frames first and goes on. Over TLS the record
+//!    layer's state goes too (`tls::Moving`: keys, sequence numbers, TLS
+//!    1.3's traffic secrets, the records received and not opened, those
+//!    sealed and not written, which go out before anything else),
+//!    zeroized once sent and once taken. A plain-TCP SSE
 //!    session moves the same way, with its session id (its client's
 //!    POSTs go on to the new process) and its queued messages; from the
 //!    takeover's start the old process answers its POSTs 503 with
@@ -39,8 +43,8 @@
 //! 6. **Done.** The count. The new process answers with how many it
 //!    received (it now holds every descriptor), builds its server,
 //!    carries each connection on, and only then accepts. The old process
-//!    closes at once what could not move (TLS connections and sessions,
-//!    whose record state the handoff does not carry), each with 1012 and a
+//!    closes at once what could not move (SSE sessions over TLS, which
+//!    hyper's connection serves), each with 1012 and a
 //!    jittered reconnect delay, and exits, letting go of what it held (the request log's spill directory, which the
 //!    new process waits for).
 //!
@@ -65,6 +69,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
+use zeroize::Zeroize;
 
 use crate::config::Config;
 use crate::connection::Lookups;
@@ -75,7 +80,7 @@ use crate::websocket::{Parts, Socket};
 
 /// The handoff format this binary speaks. Two binaries hand over only
 /// when they speak the same one; it changes whenever a message does.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 
 /// Connections in flight between the connection tasks and the socket.
 const QUEUE: usize = 1024;
@@ -166,6 +171,11 @@ struct ConnState {
     /// An SSE session rather than a WebSocket: its queued bytes are SSE
     /// messages, not yet framed.
     sse: Option<SseSession>,
+    /// Over TLS, the lengths of what follows the queued frames in the
+    /// tail: the record layer's state, the TLS bytes received and not
+    /// yet opened, those sealed and not yet written.
+    #[serde(default)]
+    tls: Option<(usize, usize, usize)>,
 }
 
 /// What an SSE session carries beyond a connection's state.
@@ -459,9 +469,12 @@ pub(crate) fn begin(
 
 /// The writer thread: sends what it is given, then reads the answer.
 fn write(stream: UnixStream, mut rx: mpsc::Receiver<Out>) -> Result<u64, HandoffError> {
-    while let Some(o) = rx.blocking_recv() {
+    while let Some(mut o) = rx.blocking_recv() {
         let fds: Vec<_> = o.fds.iter().map(AsFd::as_fd).collect();
-        wire::send(&stream, &o.head, &o.tail, &fds)?;
+        let sent = wire::send(&stream, &o.head, &o.tail, &fds);
+        // A TLS connection's keys ride in its tail.
+        o.tail.zeroize();
+        sent?;
     }
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     match parse(&wire::recv(&stream)?.head)? {
@@ -596,6 +609,7 @@ pub(crate) async fn hand(
     let parts = socket.into_parts()?;
     let Parts {
         tcp,
+        tls,
         read,
         partial,
         queued,
@@ -608,11 +622,22 @@ pub(crate) async fn hand(
         (binary, compressed, valid, data.len())
     });
     tail.extend_from_slice(&queued);
+    let tls = tls.map(|moving| {
+        tail.extend_from_slice(&moving.records);
+        tail.extend_from_slice(&moving.incoming);
+        tail.extend_from_slice(&moving.outgoing);
+        (
+            moving.records.len(),
+            moving.incoming.len(),
+            moving.outgoing.len(),
+        )
+    });
     let state = ConnState {
         deflate,
         read: read.len(),
         partial,
         queued: queued.len(),
+        tls,
         ..state_of(app, caller)
     };
     send(gate, tcp, state, tail).await;
@@ -696,6 +721,7 @@ fn state_of(app: &App, caller: &Caller) -> ConnState {
         partial: None,
         queued: 0,
         sse: None,
+        tls: None,
     }
 }
 
@@ -867,12 +893,14 @@ pub(crate) fn into_parts(
     (inherited.listener, inherited.history, inherited.conns)
 }
 
-/// Whether a connection's parts (read, partial message, queued) are its
-/// tail's bytes exactly: lengths the old process sent, summed without
-/// wrapping, so that none can slice past the tail.
-fn adds_up(read: usize, partial: usize, queued: usize, tail: usize) -> bool {
-    read.checked_add(partial)
-        .and_then(|n| n.checked_add(queued))
+/// Whether a connection's parts (read, partial message, queued, and over
+/// TLS the record layer, received and unsent bytes) are its tail's bytes
+/// exactly: lengths the old process sent, summed without wrapping, so
+/// that none can slice past the tail.
+fn adds_up(parts: &[usize], tail: usize) -> bool {
+    parts
+        .iter()
+        .try_fold(0_usize, |sum, n| sum.checked_add(*n))
         .is_some_and(|n| n == tail)
 }
 
@@ -884,22 +912,46 @@ fn resume(
     fd: OwnedFd,
     permits: &Arc<tokio::sync::Semaphore>,
 ) -> io::Result<()> {
+    // A TLS connection's keys ride in its tail: zeroized however this
+    // ends (what the connection goes on with is copied out first).
+    let mut tail = zeroize::Zeroizing::new(tail);
     let tcp = std::net::TcpStream::from(fd);
     tcp.set_nonblocking(true)?;
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
     let partial_len = state.partial.map_or(0, |p| p.3);
-    if !adds_up(state.read, partial_len, state.queued, tail.len()) {
+    let (records, incoming, outgoing) = state.tls.unwrap_or_default();
+    let lengths = [
+        state.read,
+        partial_len,
+        state.queued,
+        records,
+        incoming,
+        outgoing,
+    ];
+    if !adds_up(&lengths, tail.len()) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a connection's bytes do not add up",
         ));
     }
+    let plain_end = state.read + partial_len + state.queued;
+    let tls = state.tls.map(|_| {
+        let at = plain_end;
+        let moving = crate::tls::Moving {
+            records: zeroize::Zeroizing::new(tail[at..at + records].to_vec()),
+            incoming: tail[at + records..at + records + incoming].to_vec(),
+            outgoing: tail[at + records + incoming..].to_vec(),
+        };
+        tail[at..].zeroize();
+        moving
+    });
+    tail.truncate(plain_end);
     let Ok(permit) = permits.clone().try_acquire_owned() else {
         return Err(io::Error::other(
             "server.max_connections reached: the connection is dropped",
         ));
     };
-    let tail = bytes::Bytes::from(tail);
+    let tail = bytes::Bytes::from(std::mem::take(&mut *tail));
     let who = crate::identity::Identity {
         user: state.user.map(Arc::from),
         roles: state.roles.into(),
@@ -936,6 +988,7 @@ fn resume(
     let queued = tail.slice(state.read + partial_len..);
     let parts = Parts {
         tcp,
+        tls,
         read,
         partial,
         queued,
@@ -946,7 +999,7 @@ fn resume(
         crate::server::limits(&app.config.server),
         app.metrics.clone(),
         permit,
-    ));
+    )?);
     let held = crate::connection::Held::new(
         Some(app.admission.session(state.address)),
         app.tracker.token(),
@@ -963,10 +1016,12 @@ mod tests {
 
     #[test]
     fn a_connections_parts_add_up_without_wrapping() {
-        assert!(adds_up(3, 4, 5, 12));
-        assert!(!adds_up(3, 4, 5, 13));
+        assert!(adds_up(&[3, 4, 5], 12));
+        assert!(adds_up(&[3, 4, 5, 229, 0, 7], 248));
+        assert!(!adds_up(&[3, 4, 5], 13));
         // Lengths that wrap around to the tail's: refused, not sliced.
-        assert!(!adds_up(usize::MAX, 0, 11, 10));
-        assert!(!adds_up(0, usize::MAX, 11, 10));
+        assert!(!adds_up(&[usize::MAX, 0, 11], 10));
+        assert!(!adds_up(&[0, usize::MAX, 11], 10));
+        assert!(!adds_up(&[0, 0, 0, usize::MAX, 11, 0], 10));
     }
 }

@@ -54,7 +54,7 @@ use ring::hkdf;
 use rustls::crypto::hash::HashAlgorithm;
 use rustls::server::UnbufferedServerConnection;
 use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Record and inner content types (RFC 8446 §5.1).
 const CHANGE_CIPHER_SPEC: u8 = 20;
@@ -134,13 +134,13 @@ fn invalid(e: impl fmt::Display) -> io::Error {
 enum Layout {
     /// TLS 1.3: every record's outer type is application data, the real
     /// one sealed inside it; the header is the additional data.
-    Tls13,
+    Tls13 = 0,
     /// TLS 1.2 with ChaCha20-Poly1305 (RFC 7905): the type in the header,
     /// the nonce from the IV and the sequence number alone.
-    Tls12,
+    Tls12 = 1,
     /// TLS 1.2 with AES-GCM (RFC 5288): the type in the header, and the
     /// last 8 bytes of the nonce sent before the ciphertext.
-    Tls12Explicit,
+    Tls12Explicit = 2,
 }
 
 /// One direction's traffic key, kept as bytes, and its sequence number.
@@ -433,6 +433,125 @@ impl Records {
     /// Whether our `close_notify` is sealed: nothing more is.
     pub(super) fn closing(&self) -> bool {
         self.closing
+    }
+
+    /// The whole state, as bytes, for a takeover: the next process goes
+    /// on from it ([`Records::import`]). They hold the keys and secrets,
+    /// and are zeroized when dropped.
+    pub(super) fn export(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(EXPORTED));
+        out.push(EXPORT_FORMAT);
+        for keys in [&self.tx, &self.rx] {
+            let alg = ALGORITHMS.iter().position(|a| *a == keys.alg).unwrap_or(0);
+            out.push(alg as u8);
+            out.push(keys.layout as u8);
+            out.extend_from_slice(&keys.key);
+            out.extend_from_slice(&keys.iv);
+            out.extend_from_slice(&keys.seq.to_be_bytes());
+        }
+        match &self.secrets {
+            None => out.push(0),
+            Some(secrets) => {
+                out.push(if secrets.hash == hkdf::HKDF_SHA384 {
+                    2
+                } else {
+                    1
+                });
+                out.extend_from_slice(&secrets.client);
+                out.extend_from_slice(&secrets.server);
+            }
+        }
+        out.extend_from_slice(&self.limit.to_be_bytes());
+        out.extend_from_slice(&self.handshake);
+        out.push(self.handshake_len);
+        out.extend_from_slice(&self.skip.to_be_bytes());
+        out.extend_from_slice(&[
+            self.renegotiations_refused,
+            self.key_updates_allowed,
+            self.warnings_allowed,
+            self.empty_allowed,
+            u8::from(self.answer_owed),
+            u8::from(self.closed),
+            u8::from(self.closing),
+        ]);
+        out
+    }
+
+    /// A record layer going on from what [`Records::export`] gave in
+    /// another process; anything malformed or inconsistent is refused.
+    pub(super) fn import(bytes: &[u8]) -> io::Result<Records> {
+        let bad = |why: &str| invalid(format!("a taken-over record layer: {why}"));
+        let mut r = Reader(bytes);
+        if r.u8()? != EXPORT_FORMAT {
+            return Err(bad("another format"));
+        }
+        let mut keys = || -> io::Result<Keys> {
+            let alg = *ALGORITHMS
+                .get(usize::from(r.u8()?))
+                .ok_or_else(|| bad("an unknown cipher"))?;
+            let layout = match r.u8()? {
+                0 => Layout::Tls13,
+                1 => Layout::Tls12,
+                2 => Layout::Tls12Explicit,
+                _ => return Err(bad("an unknown layout")),
+            };
+            let mut keys = Keys::empty(alg, layout, 0);
+            keys.key = r.array()?;
+            keys.iv = r.array()?;
+            keys.seq = r.u64()?;
+            Ok(keys)
+        };
+        let (tx, rx) = (keys()?, keys()?);
+        let secrets = match r.u8()? {
+            0 => None,
+            code @ (1 | 2) => {
+                let hash = if code == 2 {
+                    hkdf::HKDF_SHA384
+                } else {
+                    hkdf::HKDF_SHA256
+                };
+                Some(Secrets {
+                    hash,
+                    len: hkdf::KeyType::len(&hash) as u8,
+                    client: r.array()?,
+                    server: r.array()?,
+                })
+            }
+            _ => return Err(bad("an unknown hash")),
+        };
+        let records = Records {
+            limit: r.u64()?,
+            handshake: r.array()?,
+            handshake_len: r.u8()?,
+            skip: u32::from_be_bytes(r.array()?),
+            renegotiations_refused: r.u8()?,
+            key_updates_allowed: r.u8()?,
+            warnings_allowed: r.u8()?,
+            empty_allowed: r.u8()?,
+            answer_owed: r.flag()?,
+            closed: r.flag()?,
+            closing: r.flag()?,
+            secrets,
+            tx,
+            rx,
+            #[cfg(test)]
+            write_updates: 0,
+        };
+        let consistent = r.0.is_empty()
+            && records.tx.alg == records.rx.alg
+            && records.tx.layout == records.rx.layout
+            && (records.tx.layout == Layout::Tls13) == records.secrets.is_some()
+            && usize::from(records.handshake_len) <= records.handshake.len()
+            && records.skip <= 0xffff
+            && records.limit <= SEQ_LIMIT
+            && records.renegotiations_refused <= RENEGOTIATIONS_REFUSED
+            && records.key_updates_allowed <= KEY_UPDATES_ALLOWED
+            && records.warnings_allowed <= WARNINGS_ALLOWED
+            && records.empty_allowed <= EMPTY_ALLOWED;
+        if !consistent {
+            return Err(bad("an inconsistent state"));
+        }
+        Ok(records)
     }
 
     /// Seals `data` as application data into `out` (records of 2^14
@@ -820,6 +939,48 @@ impl Records {
     #[cfg(test)]
     pub(super) fn write_seq(&self) -> u64 {
         self.tx.seq
+    }
+}
+
+/// The version of [`Records::export`]'s bytes.
+const EXPORT_FORMAT: u8 = 1;
+/// Their length.
+const EXPORTED: usize =
+    1 + 2 * (2 + 32 + aead::NONCE_LEN + 8) + 1 + 2 * MAX_SECRET + 8 + 5 + 1 + 4 + 7;
+/// The ciphers, by their number in the exported bytes.
+static ALGORITHMS: [&aead::Algorithm; 3] = [
+    &aead::AES_128_GCM,
+    &aead::AES_256_GCM,
+    &aead::CHACHA20_POLY1305,
+];
+
+/// Reads [`Records::export`]'s bytes in order.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn array<const N: usize>(&mut self) -> io::Result<[u8; N]> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or_else(|| invalid("a taken-over record layer: too short"))?;
+        self.0 = rest;
+        Ok(*head)
+    }
+
+    fn u8(&mut self) -> io::Result<u8> {
+        self.array::<1>().map(|[b]| b)
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        self.array().map(u64::from_be_bytes)
+    }
+
+    fn flag(&mut self) -> io::Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(invalid("a taken-over record layer: a flag not 0 or 1")),
+        }
     }
 }
 

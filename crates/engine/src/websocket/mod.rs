@@ -734,6 +734,8 @@ impl Socket {
 pub(crate) struct Parts {
     /// The connection.
     pub(crate) tcp: tokio::net::TcpStream,
+    /// Over TLS, the stream's state.
+    pub(crate) tls: Option<crate::tls::Moving>,
     /// Bytes read and not yet parsed.
     pub(crate) read: Bytes,
     /// A message begun in fragments: whether binary, whether compressed,
@@ -754,11 +756,6 @@ impl Socket {
     /// Whether permessage-deflate was agreed.
     pub(crate) fn compresses(&self) -> bool {
         self.deflate.is_some()
-    }
-
-    /// Whether it runs on plain TCP (not TLS).
-    pub(crate) fn is_plain(&self) -> bool {
-        matches!(self.stream, Stream::Plain(_) | Stream::Shared(_))
     }
 
     /// Its TCP stream, for its outbox to lend while the socket writes
@@ -791,8 +788,8 @@ impl Socket {
     }
 
     /// Takes the socket apart for a takeover; `Err` gives it back when it
-    /// cannot move (TLS, whose keys stay in this process, or a close
-    /// already sent or answered).
+    /// cannot move (a close already sent or answered, or a TLS stream
+    /// that cannot, see [`crate::tls::TlsStream::into_moving`]).
     pub(crate) fn into_parts(self) -> Result<Parts, Box<Socket>> {
         let Socket {
             stream,
@@ -811,9 +808,18 @@ impl Socket {
             Stream::Shared(tcp) => Arc::try_unwrap(tcp).map_or_else(Stream::Shared, Stream::Plain),
             other => other,
         };
-        let tcp = match stream {
-            Stream::Plain(tcp) if !sent_close && !got_close => tcp,
-            stream => {
+        let closing = sent_close || got_close;
+        let moved = match stream {
+            Stream::Plain(tcp) if !closing => Ok((tcp, None)),
+            Stream::Tls(tls) if !closing => tls
+                .into_moving()
+                .map(|(tcp, moving, plain)| (tcp, Some((moving, plain))))
+                .map_err(Stream::Tls),
+            stream => Err(stream),
+        };
+        let (tcp, tls) = match moved {
+            Ok(moved) => moved,
+            Err(stream) => {
                 return Err(Box::new(Socket {
                     stream,
                     read,
@@ -832,8 +838,19 @@ impl Socket {
         for frame in &out {
             queued.extend_from_slice(frame.bytes());
         }
+        // Plaintext the TLS stream opened and the socket has not read
+        // comes after what the socket read.
+        let (tls, read) = match tls {
+            None => (None, read),
+            Some((moving, plain)) => {
+                let mut read = read;
+                read.extend_from_slice(&plain);
+                (Some(moving), read)
+            }
+        };
         Ok(Parts {
             tcp,
+            tls,
             read: read.freeze(),
             partial: partial.map(|p| {
                 (
@@ -850,23 +867,25 @@ impl Socket {
 
     /// A socket taken over from the previous process, going on from
     /// `parts`.
+    ///
+    /// # Errors
+    /// A TLS stream whose state does not import.
     pub(crate) fn resume(
         parts: Parts,
         limits: Limits,
         metrics: Arc<Metrics>,
         permit: OwnedSemaphorePermit,
-    ) -> Socket {
+    ) -> io::Result<Socket> {
         let deflate = parts.deflate.map(|bits| Agreed {
             server_window_bits: bits.clamp(8, deflate::MAX_WINDOW_BITS),
         });
-        let mut socket = Socket::new(
-            Stream::Plain(parts.tcp),
-            parts.read,
-            deflate,
-            limits,
-            metrics,
-            permit,
-        );
+        let stream = match parts.tls {
+            None => Stream::Plain(parts.tcp),
+            Some(moving) => {
+                Stream::Tls(Box::new(crate::tls::TlsStream::resume(parts.tcp, moving)?))
+            }
+        };
+        let mut socket = Socket::new(stream, parts.read, deflate, limits, metrics, permit);
         socket.partial = parts
             .partial
             .map(|(binary, compressed, valid, data)| Partial {
@@ -878,7 +897,7 @@ impl Socket {
         if !parts.queued.is_empty() {
             socket.out.push_back(Frame::Own(parts.queued));
         }
-        socket
+        Ok(socket)
     }
 }
 
