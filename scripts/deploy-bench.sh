@@ -15,6 +15,9 @@
 #   DRAIN_S=0 RATE=1000 scripts/deploy-bench.sh drain
 #                       # every connection closed at once, node B taking
 #                       # at most 1,000 handshakes/s (server.handshake_rate)
+#   TLS=1 scripts/deploy-bench.sh takeover  # the clients on wss:// (gale's
+#                       # own TLS, the test certificate), publishing over
+#                       # HTTPS; TLS12=1 as well: every client on TLS 1.2
 #
 # Prints each run's JSON report. Release build; traffic stays on
 # 127.0.0.0/8; every process it starts is stopped on exit.
@@ -25,6 +28,8 @@ N="${N:-18000}"
 DRAIN_S="${DRAIN_S:-30}"
 RATE="${RATE:-0}"
 RUNS="${*:-takeover drain}"
+TLS="${TLS:-0}"
+TLS12="${TLS12:-0}"
 KEY="deploy-bench-key-0123456789"
 OUT="$PWD/target/deploy-bench"
 GALE="$PWD/target/release/gale"
@@ -48,6 +53,7 @@ listen = "127.0.0.1:$2"
 max_connections = 19000
 max_connections_per_ip = 0
 handoff_socket = "$(dirname "$1")/handoff.sock"
+$(tls_settings)
 $3
 
 [api]
@@ -60,6 +66,23 @@ history_size = 2000
 history_ttl_s = 600
 TOML
 }
+
+# The server's TLS settings (TLS=1), and the clients' URLs.
+tls_settings() {
+  if [ "$TLS" = 1 ]; then
+    printf 'tls_cert = "%s"\ntls_key = "%s"\n' "$PWD/tests/keys/tls-cert.pem" "$PWD/tests/keys/tls-key.pem"
+  fi
+}
+ws_url() { # PORT
+  if [ "$TLS" = 1 ]; then echo "wss://localhost:$1/ws"; else echo "ws://127.0.0.1:$1/ws"; fi
+}
+tls_args() { # PORT
+  if [ "$TLS" = 1 ]; then
+    echo "--publish-to https://localhost:$1"
+    if [ "$TLS12" = 1 ]; then echo "--tls12"; fi
+  fi
+}
+export SSL_CERT_FILE="$PWD/tests/keys/tls-cert.pem"
 
 serve() { # DIR [args…]
   local dir="$1"
@@ -80,7 +103,8 @@ takeover() {
   local old=$LAST
   wait_port "$port"
   echo "== takeover: $N connections on pid $old; gale serve --takeover at 15 s" >&2
-  "$GALE" bench deploy "ws://127.0.0.1:$port/ws" -n "$N" --sources 4 --connect-rate 3000 \
+  # shellcheck disable=SC2046 # tls_args is a list of words
+  "$GALE" bench deploy "$(ws_url "$port")" $(tls_args "$port") -n "$N" --sources 4 --connect-rate 3000 \
     --api-key "$KEY" --duration 40 --event-at-s 15 --server-pid "$old" \
     --exec "GALE_STORE__URL=sqlite://$dir/gale.db GALE_STORE__SPILL_DIR=$dir/spill RUST_LOG=warn,gale_engine::handoff=info $GALE serve --config $dir/gale.toml --takeover >>$dir/new.log 2>&1 &"
   grep -h "handoff" "$dir/gale.log" "$dir/new.log" | cut -c1-220 >&2 || true
@@ -99,7 +123,8 @@ steady() {
   serve "$dir"
   wait_port "$port"
   echo "== steady: $N connections, no event" >&2
-  "$GALE" bench deploy "ws://127.0.0.1:$port/ws" -n "$N" --sources 4 --connect-rate 3000 \
+  # shellcheck disable=SC2046 # tls_args is a list of words
+  "$GALE" bench deploy "$(ws_url "$port")" $(tls_args "$port") -n "$N" --sources 4 --connect-rate 3000 \
     --api-key "$KEY" --duration 40 --event-at-s 15
   pkill -f "gale serve --config $dir/" 2>/dev/null || true
   sleep 1

@@ -1168,28 +1168,124 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_malformed_moved_state_is_refused_without_a_panic() {
-        let (mut server, client) = pair(&[&rustls::version::TLS13], |_c: Client| {}).await;
-        let good = records(&mut server).export();
-        assert!(Records::import(&good).is_ok());
-        for len in 0..good.len() {
-            assert!(Records::import(&good[..len]).is_err(), "cut at {len}");
-        }
-        let mut longer = good.to_vec();
-        longer.push(0);
-        assert!(Records::import(&longer).is_err(), "a byte more");
-        // Any one byte changed: refused or taken, never a panic.
-        for at in 0..good.len() {
-            for flip in [0x01, 0x80, 0xff] {
-                let mut bad = good.to_vec();
-                bad[at] ^= flip;
-                let _ = Records::import(&bad);
+    async fn a_moved_stream_sends_what_it_had_sealed_first() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let pattern = |at: usize| (at % 251) as u8;
+        for suite in [
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ] {
+            let (go, wait) = std::sync::mpsc::channel::<usize>();
+            let (mut server, client) = pair_with(
+                &tls,
+                suite_client(suite),
+                1,
+                |_| {},
+                move |mut c: Client| {
+                    // Reads nothing until the server has moved.
+                    let total = wait.recv().expect("total");
+                    let mut got = vec![0; total + 3];
+                    c.read_exact(&mut got).expect("everything");
+                    got
+                },
+            )
+            .await;
+            // Writes until the socket takes no more: what was sealed last
+            // waits in the stream.
+            let mut total = 0;
+            loop {
+                let chunk: Vec<u8> = (total..total + 16_384).map(pattern).collect();
+                let wrote = tokio::time::timeout(
+                    std::time::Duration::from_millis(100),
+                    server.write(&chunk),
+                )
+                .await;
+                match wrote {
+                    Ok(Ok(n)) => total += n,
+                    Ok(Err(e)) => panic!("{e}"),
+                    Err(_) => break,
+                }
             }
+            let (tcp, moving, _) = server.into_moving().expect("movable");
+            assert!(!moving.outgoing.is_empty(), "sealed and not written");
+            let mut server = TlsStream::resume(tcp, moving).expect("resumed");
+            go.send(total).expect("go");
+            server.write_all(b"end").await.expect("write");
+            server.flush().await.expect("flush");
+            let got = client.join().expect("client");
+            let name = format!("{:?}", suite.suite());
+            assert!(
+                got[..total]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| b == pattern(i)),
+                "{name}: every byte once, in order"
+            );
+            assert_eq!(&got[total..], b"end", "{name}");
         }
-        let mut other = good.to_vec();
-        other[0] = 9;
-        assert!(Records::import(&other).is_err(), "another format");
-        client.join().expect("client");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_moved_state_is_refused_without_a_panic() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        for suite in [
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ] {
+            let name = format!("{:?}", suite.suite());
+            let tls13 = matches!(suite, rustls::SupportedCipherSuite::Tls13(_));
+            let (mut server, client) =
+                pair_with(&tls, suite_client(suite), 1, |_| {}, |_c: Client| {}).await;
+            let good = records(&mut server).export();
+            assert!(Records::import(&good).is_ok(), "{name}");
+            for len in 0..good.len() {
+                assert!(
+                    Records::import(&good[..len]).is_err(),
+                    "{name}: cut at {len}"
+                );
+            }
+            let changed = |at: usize, to: u8| {
+                let mut bad = good.to_vec();
+                bad[at] = to;
+                Records::import(&bad)
+            };
+            let mut longer = good.to_vec();
+            longer.push(0);
+            assert!(Records::import(&longer).is_err(), "{name}: a byte more");
+            assert!(changed(0, 9).is_err(), "{name}: another format");
+            // The flags last: closed, closing; then the counters, the
+            // bytes to skip and how much of a handshake message came.
+            let n = good.len();
+            assert!(changed(n - 2, 1).is_err(), "{name}: closed");
+            assert!(changed(n - 1, 1).is_err(), "{name}: closing");
+            let begun = n - 12;
+            let most = if tls13 { 4 } else { 3 };
+            assert!(changed(begun, most).is_ok(), "{name}: {most} bytes begun");
+            assert!(changed(begun, most + 1).is_err(), "{name}: more");
+            // The other TLS 1.2 cipher's layout (both ways), or the
+            // other hash.
+            if !tls13 {
+                let mut bad = good.to_vec();
+                bad[2] = 3 - bad[2];
+                bad[2 + 54] = 3 - bad[2 + 54];
+                assert!(Records::import(&bad).is_err(), "{name}: layout");
+            } else {
+                assert!(changed(109, 3 - good[109]).is_err(), "{name}: hash");
+            }
+            // Any one byte changed: refused or taken, never a panic.
+            for at in 0..good.len() {
+                for flip in [0x01, 0x80, 0xff] {
+                    let mut bad = good.to_vec();
+                    bad[at] ^= flip;
+                    let _ = Records::import(&bad);
+                }
+            }
+            client.join().expect("client");
+        }
     }
 
     #[tokio::test]

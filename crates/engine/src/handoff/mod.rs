@@ -69,7 +69,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::Config;
 use crate::connection::Lookups;
@@ -248,7 +248,7 @@ impl Drop for Member {
 #[derive(Debug)]
 pub(crate) struct Handed {
     state: ConnState,
-    tail: Vec<u8>,
+    tail: Zeroizing<Vec<u8>>,
     fd: OwnedFd,
 }
 
@@ -417,7 +417,7 @@ async fn hello(
 /// What is sent to the successor, in order, by the writer thread.
 struct Out {
     head: Vec<u8>,
-    tail: Vec<u8>,
+    tail: Zeroizing<Vec<u8>>,
     fds: Vec<OwnedFd>,
 }
 
@@ -469,12 +469,9 @@ pub(crate) fn begin(
 
 /// The writer thread: sends what it is given, then reads the answer.
 fn write(stream: UnixStream, mut rx: mpsc::Receiver<Out>) -> Result<u64, HandoffError> {
-    while let Some(mut o) = rx.blocking_recv() {
+    while let Some(o) = rx.blocking_recv() {
         let fds: Vec<_> = o.fds.iter().map(AsFd::as_fd).collect();
-        let sent = wire::send(&stream, &o.head, &o.tail, &fds);
-        // A TLS connection's keys ride in its tail.
-        o.tail.zeroize();
-        sent?;
+        wire::send(&stream, &o.head, &o.tail, &fds)?;
     }
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     match parse(&wire::recv(&stream)?.head)? {
@@ -512,13 +509,13 @@ impl Handover {
             let snapshot = app.hub.memory().export();
             out.send(Out {
                 head: head(&Msg::History { snapshot }),
-                tail: Vec::new(),
+                tail: Zeroizing::default(),
                 fds: Vec::new(),
             })
             .await
             .map_err(|_| gone())?;
         }
-        let (mut handed, mut queued, mut unread) = (0, 0, 0);
+        let (mut handed, mut queued, mut unread, mut sealed) = (0, 0, 0, 0);
         if let Some(gate) = &app.handoff {
             let rx = gate.rx.lock().unwrap_or_else(|p| p.into_inner()).take();
             gate.extract.cancel();
@@ -533,6 +530,7 @@ impl Handover {
                     let Some(h) = h else { break };
                     queued += h.state.queued;
                     unread += h.state.read + h.state.partial.map_or(0, |p| p.3);
+                    sealed += h.state.tls.map_or(0, |t| t.2);
                     let conn = Out {
                         head: head(&Msg::Conn(Box::new(h.state))),
                         tail: h.tail,
@@ -548,11 +546,12 @@ impl Handover {
             handed,
             queued_bytes = queued,
             unread_bytes = unread,
+            tls_unsent_bytes = sealed,
             "every connection sent to the new process"
         );
         out.send(Out {
             head: head(&Msg::Done { handed }),
-            tail: Vec::new(),
+            tail: Zeroizing::default(),
             fds: Vec::new(),
         })
         .await
@@ -615,7 +614,15 @@ pub(crate) async fn hand(
         queued,
         deflate,
     } = parts;
-    let mut tail = Vec::with_capacity(read.len() + queued.len());
+    // Sized once: a TLS connection's keys ride in it, and a buffer grown
+    // would leave a copy behind unwiped.
+    let tls_len = tls
+        .as_ref()
+        .map_or(0, |m| m.records.len() + m.incoming.len() + m.outgoing.len());
+    let partial_len = partial.as_ref().map_or(0, |p| p.3.len());
+    let mut tail = Zeroizing::new(Vec::with_capacity(
+        read.len() + partial_len + queued.len() + tls_len,
+    ));
     tail.extend_from_slice(&read);
     let partial = partial.map(|(binary, compressed, valid, data)| {
         tail.extend_from_slice(&data);
@@ -683,7 +690,7 @@ pub(crate) async fn hand_sse(
         sse: Some(sse),
         ..state_of(app, caller)
     };
-    send(gate, tcp, state, tail).await;
+    send(gate, tcp, state, Zeroizing::new(tail)).await;
     drop(member);
     Ok(())
 }
@@ -726,7 +733,7 @@ fn state_of(app: &App, caller: &Caller) -> ConnState {
 }
 
 /// Sends a connection to the writer: its descriptor, state and bytes.
-async fn send(gate: &Gate, tcp: tokio::net::TcpStream, state: ConnState, tail: Vec<u8>) {
+async fn send(gate: &Gate, tcp: tokio::net::TcpStream, state: ConnState, tail: Zeroizing<Vec<u8>>) {
     let id = state.id;
     let fd: OwnedFd = match tcp.into_std() {
         Ok(tcp) => tcp.into(),
@@ -833,7 +840,7 @@ pub async fn take_over(config: &Config) -> Result<Inherited, HandoffError> {
                     };
                     conns.push(Handed {
                         state: *state,
-                        tail: got.tail,
+                        tail: Zeroizing::new(got.tail),
                         fd,
                     });
                 }
@@ -904,17 +911,22 @@ fn adds_up(parts: &[usize], tail: usize) -> bool {
         .is_some_and(|n| n == tail)
 }
 
+/// What a taken-over connection goes on as.
+enum Going {
+    Ws(Box<Socket>),
+    Sse(SseSession, crate::listener::Detached),
+}
+
 /// Carries one connection on in this process.
 fn resume(
     app: &Arc<App>,
     state: ConnState,
-    tail: Vec<u8>,
+    mut tail: Zeroizing<Vec<u8>>,
     fd: OwnedFd,
     permits: &Arc<tokio::sync::Semaphore>,
 ) -> io::Result<()> {
-    // A TLS connection's keys ride in its tail: zeroized however this
+    // A TLS connection's keys ride in its tail, zeroized however this
     // ends (what the connection goes on with is copied out first).
-    let mut tail = zeroize::Zeroizing::new(tail);
     let tcp = std::net::TcpStream::from(fd);
     tcp.set_nonblocking(true)?;
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
@@ -938,7 +950,7 @@ fn resume(
     let tls = state.tls.map(|_| {
         let at = plain_end;
         let moving = crate::tls::Moving {
-            records: zeroize::Zeroizing::new(tail[at..at + records].to_vec()),
+            records: Zeroizing::new(tail[at..at + records].to_vec()),
             incoming: tail[at + records..at + records + incoming].to_vec(),
             outgoing: tail[at + records + incoming..].to_vec(),
         };
@@ -952,6 +964,50 @@ fn resume(
         ));
     };
     let tail = bytes::Bytes::from(std::mem::take(&mut *tail));
+    // A WebSocket's socket is made first: one that cannot go on (a TLS
+    // state that does not import) leaves nothing behind in the hub.
+    let going = match state.sse {
+        Some(_) if tls.is_some() => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "an SSE session with a TLS state",
+            ));
+        }
+        Some(sse) => Going::Sse(
+            sse,
+            crate::listener::Detached {
+                stream: crate::transport::Stream::Plain(tcp),
+                permit,
+                counted: None,
+            },
+        ),
+        None => {
+            let read = tail.slice(..state.read);
+            let partial = state.partial.map(|(binary, compressed, valid, len)| {
+                (
+                    binary,
+                    compressed,
+                    valid,
+                    tail.slice(state.read..state.read + len),
+                )
+            });
+            let queued = tail.slice(state.read + partial_len..);
+            let parts = Parts {
+                tcp,
+                tls,
+                read,
+                partial,
+                queued,
+                deflate: state.deflate,
+            };
+            Going::Ws(Box::new(Socket::resume(
+                parts,
+                crate::server::limits(&app.config.server),
+                app.metrics.clone(),
+                permit,
+            )?))
+        }
+    };
     let who = crate::identity::Identity {
         user: state.user.map(Arc::from),
         roles: state.roles.into(),
@@ -967,39 +1023,13 @@ fn resume(
             tracing::warn!(client_id = %state.id, topic, error = %e, "a subscription could not be taken over");
         }
     }
-    if let Some(sse) = state.sse {
-        let conn = crate::listener::Detached {
-            stream: crate::transport::Stream::Plain(tcp),
-            permit,
-            counted: None,
-        };
-        crate::sse::resume(app, caller, sse.session, sse.chunked, conn, tail);
-        return Ok(());
-    }
-    let read = tail.slice(..state.read);
-    let partial = state.partial.map(|(binary, compressed, valid, len)| {
-        (
-            binary,
-            compressed,
-            valid,
-            tail.slice(state.read..state.read + len),
-        )
-    });
-    let queued = tail.slice(state.read + partial_len..);
-    let parts = Parts {
-        tcp,
-        tls,
-        read,
-        partial,
-        queued,
-        deflate: state.deflate,
+    let socket = match going {
+        Going::Ws(socket) => socket,
+        Going::Sse(sse, conn) => {
+            crate::sse::resume(app, caller, sse.session, sse.chunked, conn, tail);
+            return Ok(());
+        }
     };
-    let socket = Box::new(Socket::resume(
-        parts,
-        crate::server::limits(&app.config.server),
-        app.metrics.clone(),
-        permit,
-    )?);
     let held = crate::connection::Held::new(
         Some(app.admission.session(state.address)),
         app.tracker.token(),

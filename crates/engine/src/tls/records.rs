@@ -510,10 +510,12 @@ impl Records {
                 } else {
                     hkdf::HKDF_SHA256
                 };
+                // Wiped if the second is not there.
+                let client = Zeroizing::new(r.array::<MAX_SECRET>()?);
                 Some(Secrets {
                     hash,
                     len: hkdf::KeyType::len(&hash) as u8,
-                    client: r.array()?,
+                    client: *client,
                     server: r.array()?,
                 })
             }
@@ -537,21 +539,59 @@ impl Records {
             #[cfg(test)]
             write_updates: 0,
         };
-        let consistent = r.0.is_empty()
-            && records.tx.alg == records.rx.alg
-            && records.tx.layout == records.rx.layout
-            && (records.tx.layout == Layout::Tls13) == records.secrets.is_some()
-            && usize::from(records.handshake_len) <= records.handshake.len()
-            && records.skip <= 0xffff
-            && records.limit <= SEQ_LIMIT
-            && records.renegotiations_refused <= RENEGOTIATIONS_REFUSED
-            && records.key_updates_allowed <= KEY_UPDATES_ALLOWED
-            && records.warnings_allowed <= WARNINGS_ALLOWED
-            && records.empty_allowed <= EMPTY_ALLOWED;
-        if !consistent {
+        if !r.0.is_empty() || !records.consistent() {
             return Err(bad("an inconsistent state"));
         }
         Ok(records)
+    }
+
+    /// Whether a state [`Records::import`] read could be one
+    /// [`Records::export`] wrote of a connection that could move: every
+    /// field in its range and agreeing with the others, so that nothing
+    /// after it can fail on what it was given.
+    fn consistent(&self) -> bool {
+        let (tx, rx) = (&self.tx, &self.rx);
+        let aes = tx.alg != &aead::CHACHA20_POLY1305;
+        let tls13 = tx.layout == Layout::Tls13;
+        let layout_fits = tls13 || (tx.layout == Layout::Tls12Explicit) == aes;
+        // What a key update derives from: TLS 1.3's alone, and its hash
+        // the suite's (SHA-384 with AES-256-GCM).
+        let secrets_fit = match &self.secrets {
+            None => !tls13,
+            Some(s) => {
+                let sha384 = tx.alg == &aead::AES_256_GCM;
+                let len = usize::from(s.len);
+                tls13
+                    && (s.hash == hkdf::HKDF_SHA384) == sha384
+                    && s.client[len..].iter().all(|&b| b == 0)
+                    && s.server[len..].iter().all(|&b| b == 0)
+            }
+        };
+        // A handshake message begun rests with at most 4 bytes of a key
+        // update (TLS 1.3) or 3 of a ClientHello's header (TLS 1.2), and
+        // a refused ClientHello is skipped only after its header.
+        let begun_fits = if tls13 {
+            self.handshake_len < 5 && self.skip == 0
+        } else {
+            self.handshake_len < 4 && (self.skip == 0 || self.handshake_len == 0)
+        };
+        tx.alg == rx.alg
+            && tx.layout == rx.layout
+            && [tx, rx]
+                .iter()
+                .all(|k| k.key[k.alg.key_len()..].iter().all(|&b| b == 0))
+            && layout_fits
+            && secrets_fit
+            && begun_fits
+            && self.skip <= 0xffff
+            && self.limit <= SEQ_LIMIT
+            && self.renegotiations_refused <= RENEGOTIATIONS_REFUSED
+            && self.key_updates_allowed <= KEY_UPDATES_ALLOWED
+            && self.warnings_allowed <= WARNINGS_ALLOWED
+            && self.empty_allowed <= EMPTY_ALLOWED
+            // A close begun does not move.
+            && !self.closed
+            && !self.closing
     }
 
     /// Seals `data` as application data into `out` (records of 2^14
