@@ -833,7 +833,7 @@ mod tests {
         suite: rustls::SupportedCipherSuite,
         client: impl FnOnce(Client) -> T + Send + 'static,
     ) -> (TlsStream, std::thread::JoinHandle<T>) {
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let tls = test_acceptor();
         pair_with(&tls, suite_client(suite), 1, |_| {}, client).await
     }
 
@@ -859,7 +859,7 @@ mod tests {
         early: impl FnOnce(&mut ClientConnection) + Send + 'static,
         client: impl FnOnce(Client) -> T + Send + 'static,
     ) -> (TlsStream, std::thread::JoinHandle<T>) {
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let tls = test_acceptor();
         let mut config = (*tls.0).clone();
         config.send_tls13_tickets = tickets;
         let tls = Tls(Arc::new(config));
@@ -946,12 +946,8 @@ mod tests {
     #[tokio::test]
     async fn tls13_records_are_sealed_and_opened_by_gale_across_key_updates() {
         // Each suite: SHA-256 and SHA-384 derive the keys of an update.
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
-        for suite in [
-            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-        ] {
+        let tls = test_acceptor();
+        for suite in TLS13_SUITES {
             key_updates_over(&tls, suite).await;
         }
     }
@@ -1011,14 +1007,7 @@ mod tests {
     #[tokio::test]
     async fn large_writes_span_records_and_close_notify_ends_both_ways() {
         let (mut server, client) = pair(&[&rustls::version::TLS13], |mut c: Client| {
-            c.write_all(&vec![7; 100_000]).expect("write");
-            c.flush().expect("flush");
-            let mut got = Vec::new();
-            // The server's close_notify ends the stream cleanly.
-            c.read_to_end(&mut got).expect("read to the close");
-            c.conn.send_close_notify();
-            c.flush().expect("close_notify");
-            got
+            send_and_read_to_the_close(&mut c)
         })
         .await;
         assert_eq!(read_exact(&mut server, 100_000).await, vec![7; 100_000]);
@@ -1028,6 +1017,30 @@ mod tests {
         assert_eq!(client.join().expect("client"), vec![9; 70_000]);
     }
 
+    /// The client's side of a large exchange: 100,000 bytes sent, then
+    /// what comes read up to the server's close_notify (a clean end),
+    /// and its own sent.
+    fn send_and_read_to_the_close(c: &mut Client) -> Vec<u8> {
+        c.write_all(&vec![7; 100_000]).expect("write");
+        c.flush().expect("flush");
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read to the close");
+        c.conn.send_close_notify();
+        c.flush().expect("close_notify");
+        got
+    }
+
+    /// The server's TLS settings, with the test certificate.
+    fn test_acceptor() -> Tls {
+        acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor")
+    }
+
+    const TLS13_SUITES: [rustls::SupportedCipherSuite; 3] = [
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+
     const TLS12_SUITES: [rustls::SupportedCipherSuite; 3] = [
         rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
         rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
@@ -1036,7 +1049,7 @@ mod tests {
 
     #[tokio::test]
     async fn tls12_records_are_sealed_and_opened_by_gale_on_each_suite() {
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let tls = test_acceptor();
         for suite in TLS12_SUITES {
             // The second connection resumes the first's session.
             let config = suite_client(suite);
@@ -1047,13 +1060,7 @@ mod tests {
                     1,
                     |_| {},
                     |mut c: Client| {
-                        c.write_all(&vec![7; 100_000]).expect("write");
-                        c.flush().expect("flush");
-                        let mut got = Vec::new();
-                        // The server's close_notify ends the stream cleanly.
-                        c.read_to_end(&mut got).expect("read to the close");
-                        c.conn.send_close_notify();
-                        c.flush().expect("close_notify");
+                        let got = send_and_read_to_the_close(&mut c);
                         (got, c.conn.handshake_kind())
                     },
                 )
@@ -1084,7 +1091,7 @@ mod tests {
     async fn what_comes_with_a_resumed_tls12_handshake_s_last_flight_is_read_by_gale() {
         // A resumed TLS 1.2 handshake ends with the client's Finished,
         // and a client may send more in the same write.
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let tls = test_acceptor();
         for suite in TLS12_SUITES {
             for data in [&b""[..], b"early"] {
                 let config = suite_client(suite);
@@ -1117,16 +1124,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_moved_stream_goes_on_where_it_was() {
-        use rustls::crypto::ring::cipher_suite as cs;
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
-        for suite in [
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-        ] {
+        let tls = test_acceptor();
+        for suite in TLS13_SUITES.into_iter().chain(TLS12_SUITES) {
             let tls13 = matches!(suite, rustls::SupportedCipherSuite::Tls13(_));
             let (mut server, client) = pair_with(
                 &tls,
@@ -1169,13 +1168,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_moved_stream_sends_what_it_had_sealed_first() {
-        use rustls::crypto::ring::cipher_suite as cs;
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let tls = test_acceptor();
         let pattern = |at: usize| (at % 251) as u8;
-        for suite in [
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-        ] {
+        for suite in [TLS13_SUITES[0], TLS12_SUITES[0]] {
             let (go, wait) = std::sync::mpsc::channel::<usize>();
             let (mut server, client) = pair_with(
                 &tls,
@@ -1228,14 +1223,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_malformed_moved_state_is_refused_without_a_panic() {
-        use rustls::crypto::ring::cipher_suite as cs;
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
-        for suite in [
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-        ] {
+        let tls = test_acceptor();
+        for suite in TLS13_SUITES.into_iter().chain(TLS12_SUITES) {
             let name = format!("{:?}", suite.suite());
             let tls13 = matches!(suite, rustls::SupportedCipherSuite::Tls13(_));
             let (mut server, client) =
@@ -1291,14 +1280,8 @@ mod tests {
     #[tokio::test]
     async fn tls12_ends_with_close_notify_at_the_write_key_s_limit() {
         for suite in TLS12_SUITES {
-            let (mut server, client) = pair12(suite, |mut c: Client| {
-                let mut got = Vec::new();
-                let end = c.read_to_end(&mut got).map(|_| ());
-                (got, end)
-            })
-            .await;
-            let layer = records(&mut server);
-            layer.set_limit(layer.write_seq() + 3);
+            let name = format!("{:?}", suite.suite());
+            let (mut server, client) = limited(suite, 3).await;
             server.write_all(b"one").await.expect("under the limit");
             server.write_all(b"two").await.expect("under the limit");
             let err = server.write_all(b"three").await.expect_err("at the limit");
@@ -1306,40 +1289,43 @@ mod tests {
             // Dropped as a connection whose write failed is: its
             // close_notify went out with the failed write.
             drop(server);
-            let (got, end) = client.join().expect("client");
             // What fit went out, then close_notify: a clean end.
-            assert_eq!(got, b"onetwo", "{:?}", suite.suite());
-            assert!(end.is_ok(), "{end:?}");
+            let got = client.join().expect("client").expect("a clean end");
+            assert_eq!(got, b"onetwo", "{name}");
 
             // And the shutdown after it finishes cleanly.
-            let (mut server, client) = pair12(suite, |mut c: Client| {
-                let mut got = Vec::new();
-                c.read_to_end(&mut got).map(|_| got)
-            })
-            .await;
-            let layer = records(&mut server);
-            layer.set_limit(layer.write_seq() + 2);
+            let (mut server, client) = limited(suite, 2).await;
             server.write_all(b"one").await.expect("under the limit");
             server.write_all(b"two").await.expect_err("at the limit");
             server.write_all(b"four").await.expect_err("closed");
             server.shutdown().await.expect("close_notify");
             let got = client.join().expect("client").expect("a clean end");
-            assert_eq!(got, b"one", "{:?}", suite.suite());
+            assert_eq!(got, b"one", "{name}");
 
             // The last record under the limit is left for close_notify.
-            let (mut server, client) = pair12(suite, |mut c: Client| {
-                let mut got = Vec::new();
-                c.read_to_end(&mut got).map(|_| got)
-            })
-            .await;
-            let layer = records(&mut server);
-            layer.set_limit(layer.write_seq() + 3);
+            let (mut server, client) = limited(suite, 3).await;
             server.write_all(b"one").await.expect("under the limit");
             server.write_all(b"two").await.expect("under the limit");
             server.shutdown().await.expect("close_notify");
             let got = client.join().expect("client").expect("a clean end");
-            assert_eq!(got, b"onetwo", "{:?}", suite.suite());
+            assert_eq!(got, b"onetwo", "{name}");
         }
+    }
+
+    /// A TLS 1.2 stream on `suite` whose write key reaches its limit
+    /// after `left` more records, and a client that reads to the end.
+    async fn limited(
+        suite: rustls::SupportedCipherSuite,
+        left: u64,
+    ) -> (TlsStream, std::thread::JoinHandle<io::Result<Vec<u8>>>) {
+        let (mut server, client) = pair12(suite, |mut c: Client| {
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).map(|_| got)
+        })
+        .await;
+        let layer = records(&mut server);
+        layer.set_limit(layer.write_seq() + left);
+        (server, client)
     }
 
     #[tokio::test]
@@ -1461,7 +1447,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_handshake_message_joined_by_rustls_is_not_read_as_records() {
-        let tls = acceptor(&key_file("tls-cert.pem"), &key_file("tls-key.pem")).expect("acceptor");
+        let tls = test_acceptor();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -1550,8 +1536,17 @@ mod tests {
             ("the peer sent a fatal alert", vec![(21, vec![2, 40])]),
             ("of an unknown level", vec![(21, vec![3, 40])]),
         ];
+        refused_each(None, cases).await;
+    }
+
+    /// Sends each case's records, sealed after a TLS 1.3 handshake (TLS
+    /// 1.2 with `suite`), and checks that the connection ends saying why.
+    async fn refused_each(
+        suite: Option<rustls::SupportedCipherSuite>,
+        cases: Vec<(&'static str, Vec<Sealed>)>,
+    ) {
         for (why, records) in cases {
-            let (mut server, client) = send_sealed(None, records).await;
+            let (mut server, client) = send_sealed(suite, records).await;
             let err = read_some(&mut server).await.expect_err(why);
             assert!(err.to_string().contains(why), "{why}: {err}");
             drop(server);
@@ -1596,13 +1591,7 @@ mod tests {
             ("of an unknown level", vec![(21, vec![3, 40])]),
         ];
         for suite in TLS12_SUITES {
-            for (why, records) in cases.clone() {
-                let (mut server, client) = send_sealed(Some(suite), records).await;
-                let err = read_some(&mut server).await.expect_err(why);
-                assert!(err.to_string().contains(why), "{why}: {err}");
-                drop(server);
-                client.join().expect("client");
-            }
+            refused_each(Some(suite), cases.clone()).await;
         }
     }
 
