@@ -273,7 +273,8 @@ async fn run(conn: Detached, mut feed: Feed, chunked: bool) {
         counted: _counted,
     } = conn;
     let app = feed.open.app.clone();
-    // Plain-TCP sessions take part in a takeover, as WebSockets do.
+    // Plain-TCP sessions take part in a takeover, as WebSockets do (over
+    // TLS too; carrying an SSE session's TLS state is not built yet).
     let member = app
         .handoff
         .as_ref()

@@ -43,8 +43,8 @@
 //! 6. **Done.** The count. The new process answers with how many it
 //!    received (it now holds every descriptor), builds its server,
 //!    carries each connection on, and only then accepts. The old process
-//!    closes at once what could not move (SSE sessions over TLS, which
-//!    hyper's connection serves), each with 1012 and a
+//!    closes at once what could not move (SSE sessions over TLS: not
+//!    carried yet), each with 1012 and a
 //!    jittered reconnect delay, and exits, letting go of what it held (the request log's spill directory, which the
 //!    new process waits for).
 //!
