@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::publish_at;
 use common::raw::Raw;
+use common::{publish_at, wss_next};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -786,45 +786,20 @@ async fn sse_sessions_are_handed_over_with_their_ids_and_no_gap() {
     drop(new);
 }
 
-type Wss =
-    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-
 /// A `wss://` client on `versions`, subscribed to `topic`.
 async fn wss_subscribed(
     addr: SocketAddr,
     versions: &[&'static rustls::SupportedProtocolVersion],
     topic: &str,
-) -> Wss {
+) -> common::Wss {
     use futures_util::SinkExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    let tls = common::tls_connector_for(versions)
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
-    let url = format!("wss://localhost:{}/ws", addr.port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
-        .await
-        .expect("WebSocket over TLS");
+    let mut ws = common::wss_connect(addr, versions).await;
     assert!(wss_next(&mut ws).await["client_id"].is_string());
     let req = json!({"event": "topic.subscribe", "data": {"topic": topic}, "ref": "s"});
     ws.send(req.to_string().into()).await.expect("send");
     let reply = wss_next(&mut ws).await;
     assert_eq!(reply["ok"], true, "{reply}");
     ws
-}
-
-/// The next text message, parsed; pings are skipped, a close fails.
-async fn wss_next(ws: &mut Wss) -> Value {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).expect("JSON"),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
 }
 
 /// `wss://` connections move too, on TLS 1.3 and on TLS 1.2: no new

@@ -6,9 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{key_file, start_with};
+use common::{key_file, start_with, wss_next};
 use futures_util::{SinkExt, StreamExt};
-use rustls_pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,47 +22,14 @@ async fn tls_server() -> common::TestServer {
     .await
 }
 
-type Wss = tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>;
-
-/// The next text message, parsed; pings are skipped.
-async fn next(ws: &mut Wss) -> Value {
-    loop {
-        match tokio::time::timeout(common::WAIT, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).expect("json"),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            other => panic!("expected text, got {other:?}"),
-        }
-    }
-}
-
 async fn tls_connect(server: &common::TestServer, name: &str) -> TlsStream<TcpStream> {
-    tls_connect_over(server, name, rustls::DEFAULT_VERSIONS).await
+    common::tls_connect(server.addr, name, rustls::DEFAULT_VERSIONS).await
 }
 
 /// TLS 1.3 and TLS 1.2, each offered alone: gale runs both versions'
 /// records itself after the handshake.
 const EACH_VERSION: [&[&rustls::SupportedProtocolVersion]; 2] =
     [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
-
-/// A TLS connection to `server` offering `versions`, checked to speak
-/// the one offered first.
-async fn tls_connect_over(
-    server: &common::TestServer,
-    name: &str,
-    versions: &[&'static rustls::SupportedProtocolVersion],
-) -> TlsStream<TcpStream> {
-    let tcp = TcpStream::connect(server.addr).await.expect("connect");
-    let name = ServerName::try_from(name.to_owned()).expect("name");
-    let tls = common::tls_connector_for(versions)
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
-    assert_eq!(
-        tls.get_ref().1.protocol_version(),
-        Some(versions[0].version)
-    );
-    tls
-}
 
 #[tokio::test]
 async fn wss_serves_weather_events_and_many_frames_at_once() {
@@ -77,15 +43,11 @@ async fn wss_serves_weather_events_and_many_frames_over(
     server: &common::TestServer,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) {
-    let tls = tls_connect_over(server, "localhost", versions).await;
-    let url = format!("wss://localhost:{}/ws", server.addr.port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
-        .await
-        .expect("WebSocket over TLS");
-    let hello = next(&mut ws).await;
+    let mut ws = common::wss_connect(server.addr, versions).await;
+    let hello = wss_next(&mut ws).await;
     assert!(hello["client_id"].is_string(), "{hello}");
     ws.send(Message::text("Oslo")).await.expect("send");
-    let reply = next(&mut ws).await;
+    let reply = wss_next(&mut ws).await;
     assert_eq!(reply["type"], "weather", "{reply}");
     assert_eq!(reply["city"], "Oslo");
 
@@ -98,7 +60,7 @@ async fn wss_serves_weather_events_and_many_frames_over(
     ws.flush().await.expect("flush");
     let mut seen = std::collections::HashSet::new();
     while seen.len() < 300 {
-        let v = next(&mut ws).await;
+        let v = wss_next(&mut ws).await;
         if let Some(r) = v["reply"].as_str() {
             assert_eq!(v["ok"], true, "{v}");
             seen.insert(r.to_owned());
@@ -107,7 +69,7 @@ async fn wss_serves_weather_events_and_many_frames_over(
     // A large message both ways (past the TLS record size of 16 KiB).
     let big = "x".repeat(40_000);
     ws.send(Message::text(big)).await.expect("send");
-    let reply = next(&mut ws).await;
+    let reply = wss_next(&mut ws).await;
     assert_eq!(reply["type"], "error", "a 40 KB city is refused: {reply}");
     ws.close(None).await.expect("close");
 }
@@ -304,15 +266,11 @@ async fn many_pushes_and_a_large_one_arrive_whole_over(
     server: &common::TestServer,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) {
-    let tls = tls_connect_over(server, "localhost", versions).await;
-    let url = format!("wss://localhost:{}/ws", server.addr.port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls)
-        .await
-        .expect("WebSocket over TLS");
-    next(&mut ws).await;
+    let mut ws = common::wss_connect(server.addr, versions).await;
+    wss_next(&mut ws).await;
     let sub = json!({"event": "topic.subscribe", "data": {"topic": "big:one"}, "ref": "s"});
     ws.send(Message::text(sub.to_string())).await.expect("send");
-    let reply = next(&mut ws).await;
+    let reply = wss_next(&mut ws).await;
     assert_eq!(reply["ok"], true, "{reply}");
 
     for i in 0..50 {
@@ -328,11 +286,11 @@ async fn many_pushes_and_a_large_one_arrive_whole_over(
             .starts_with("HTTP/1.1 200")
     );
     for i in 0..50 {
-        let v = next(&mut ws).await;
+        let v = wss_next(&mut ws).await;
         assert_eq!(v["event"], "small", "{v}");
         assert_eq!(v["data"], i, "in order: {v}");
     }
-    let v = next(&mut ws).await;
+    let v = wss_next(&mut ws).await;
     assert_eq!(v["event"], "big");
     assert_eq!(v["data"].as_str().map(str::len), Some(300_000), "whole");
 

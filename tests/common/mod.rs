@@ -280,12 +280,7 @@ pub fn tls_connector() -> tokio_rustls::TlsConnector {
 /// POSTs `body` to `/api/publish` at `addr` over TLS with `key`; the
 /// response, whole.
 pub async fn https_publish_at(addr: SocketAddr, key: &str, body: &str) -> String {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-    let mut tls = tls_connector()
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
+    let mut tls = tls_connect(addr, "localhost", rustls::DEFAULT_VERSIONS).await;
     let req = format!(
         "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -295,6 +290,57 @@ pub async fn https_publish_at(addr: SocketAddr, key: &str, body: &str) -> String
     let mut answer = String::new();
     tls.read_to_string(&mut answer).await.expect("read");
     answer
+}
+
+/// A TLS connection to `addr`, the server named `name`, offering
+/// `versions` (the test certificate trusted), checked to speak the one
+/// offered first.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from(name.to_owned()).expect("name");
+    let tls = tls_connector_for(versions)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(versions[0].version)
+    );
+    tls
+}
+
+/// A WebSocket over gale's own TLS.
+pub type Wss =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to `addr`'s `/ws` over TLS (`wss://localhost:PORT/ws`),
+/// offering `versions`, as [`tls_connect`].
+pub async fn wss_connect(
+    addr: SocketAddr,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Wss {
+    let tls = tls_connect(addr, "localhost", versions).await;
+    let url = format!("wss://localhost:{}/ws", addr.port());
+    tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("WebSocket over TLS")
+        .0
+}
+
+/// The next text message of `ws`, parsed; pings and pongs are skipped,
+/// anything else (a close, the end, nothing within [`WAIT`]) fails.
+pub async fn wss_next(ws: &mut Wss) -> Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).expect("json"),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
 }
 
 /// As [`tls_connector`], offering `versions` alone.
