@@ -228,14 +228,20 @@ impl Keys {
         nonce
     }
 
-    /// TLS 1.2's additional data (RFC 5246 §6.2.3.3): the sequence
-    /// number, the record's type and version, the plaintext's length.
-    fn tls12_aad(&self, header: [u8; HEADER], plain_len: usize) -> [u8; 13] {
+    /// The next record's additional data, and its length: TLS 1.3's is
+    /// the record's header (RFC 8446 §5.2); TLS 1.2's the sequence number,
+    /// the record's type and version, the plaintext's length (RFC 5246
+    /// §6.2.3.3).
+    fn aad(&self, header: [u8; HEADER], plain_len: usize) -> ([u8; 13], usize) {
         let mut aad = [0; 13];
+        if self.layout == Layout::Tls13 {
+            aad[..HEADER].copy_from_slice(&header);
+            return (aad, HEADER);
+        }
         aad[..8].copy_from_slice(&self.seq.to_be_bytes());
         aad[8..11].copy_from_slice(&header[..3]);
         aad[11..].copy_from_slice(&(plain_len as u16).to_be_bytes());
-        aad
+        (aad, aad.len())
     }
 }
 
@@ -620,7 +626,7 @@ impl Records {
     /// Seals the answer owed under `key`: a key update (TLS 1.3; returns
     /// the new key) or a refused renegotiation (TLS 1.2).
     fn pay_answer(&mut self, key: LessSafeKey, out: &mut Vec<u8>) -> io::Result<LessSafeKey> {
-        if self.tx.layout == Layout::Tls13 {
+        if !self.tls12() {
             return self.update_tx(&key, out);
         }
         seal_one(&mut self.tx, &key, ALERT, &[1, NO_RENEGOTIATION], out)?;
@@ -641,7 +647,7 @@ impl Records {
         if self.answer_owed {
             key = self.pay_answer(key, out)?;
         }
-        if self.tx.layout != Layout::Tls13 && typ == APPLICATION_DATA {
+        if self.tls12() && typ == APPLICATION_DATA {
             // No key update in TLS 1.2: before the limit the connection
             // ends, as rustls ends it, this write and `close_notify` the
             // last that fit.
@@ -655,7 +661,7 @@ impl Records {
         for chunk in data.chunks(MAX_PLAIN) {
             // Moved on before the limit: this record and the key update
             // both fit under the old key.
-            if self.tx.layout == Layout::Tls13 && self.tx.seq.saturating_add(2) > self.limit {
+            if !self.tls12() && self.tx.seq.saturating_add(2) > self.limit {
                 key = self.update_tx(&key, out)?;
             }
             seal_one(&mut self.tx, &key, typ, chunk, out)?;
@@ -744,24 +750,19 @@ impl Records {
                 0
             };
             let undecryptable = || fatal(BAD_RECORD_MAC, "a record that does not decrypt");
+            // Too short for its tag (and explicit nonce): what opening it
+            // would say.
+            let plain_len = len.checked_sub(explicit + TAG).ok_or_else(undecryptable)?;
             let mut nonce = self.rx.nonce();
-            let mut aad = [0; 13];
-            let aad = if layout == Layout::Tls13 {
-                aad[..HEADER].copy_from_slice(&header);
-                &aad[..HEADER]
-            } else {
-                let plain_len = len.checked_sub(explicit + TAG).ok_or_else(undecryptable)?;
-                if explicit > 0 {
-                    nonce[aead::NONCE_LEN - EXPLICIT_NONCE..]
-                        .copy_from_slice(&sealed[..EXPLICIT_NONCE]);
-                }
-                aad = self.rx.tls12_aad(header, plain_len);
-                &aad[..]
-            };
+            if explicit > 0 {
+                nonce[aead::NONCE_LEN - EXPLICIT_NONCE..]
+                    .copy_from_slice(&sealed[..EXPLICIT_NONCE]);
+            }
+            let (aad, aad_len) = self.rx.aad(header, plain_len);
             let opened = opening
                 .open_within(
                     Nonce::assume_unique_for_key(nonce),
-                    Aad::from(aad),
+                    Aad::from(&aad[..aad_len]),
                     sealed,
                     explicit..,
                 )
@@ -841,7 +842,7 @@ impl Records {
             return Ok(());
         }
         // TLS 1.2 lets any warning by; TLS 1.3 none but `user_canceled`.
-        if level == 1 && (description == USER_CANCELED || self.rx.layout != Layout::Tls13) {
+        if level == 1 && (description == USER_CANCELED || self.tls12()) {
             if self.warnings_allowed == 0 {
                 return Err(fatal(UNEXPECTED_MESSAGE, "too many warning alerts"));
             }
@@ -1046,14 +1047,7 @@ fn seal_one(
     let len = explicit + chunk.len() + inner + TAG;
     let [hi, lo] = (len as u16).to_be_bytes();
     let header = [outer, 3, 3, hi, lo];
-    let mut aad = [0; 13];
-    let aad = if keys.layout == Layout::Tls13 {
-        aad[..HEADER].copy_from_slice(&header);
-        &aad[..HEADER]
-    } else {
-        aad = keys.tls12_aad(header, chunk.len());
-        &aad[..]
-    };
+    let (aad, aad_len) = keys.aad(header, chunk.len());
     out.reserve(HEADER + len);
     out.extend_from_slice(&header);
     out.extend_from_slice(&nonce[aead::NONCE_LEN - explicit..]);
@@ -1065,7 +1059,7 @@ fn seal_one(
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
+            Aad::from(&aad[..aad_len]),
             &mut out[start..],
         )
         .map_err(|_| invalid("a record that does not seal"))?;
