@@ -805,6 +805,9 @@ impl Records {
                     plain.extend_from_slice(content);
                 }
                 ALERT => self.alert(content)?,
+                HANDSHAKE if content.is_empty() => {
+                    return Err(fatal(UNEXPECTED_MESSAGE, "an empty handshake record"));
+                }
                 HANDSHAKE if layout != Layout::Tls13 => self.renegotiation(content)?,
                 HANDSHAKE => {
                     if self.handshake_message(content)? {
@@ -861,9 +864,6 @@ impl Records {
     /// Takes a handshake record's content: only `KeyUpdate` may come now.
     /// Returns whether the read keys moved on.
     fn handshake_message(&mut self, mut content: &[u8]) -> Result<bool, Fatal> {
-        if content.is_empty() {
-            return Err(fatal(UNEXPECTED_MESSAGE, "an empty handshake record"));
-        }
         let mut updated = false;
         while !content.is_empty() {
             if updated {
@@ -872,18 +872,12 @@ impl Records {
                     "a key update not at the end of its record",
                 ));
             }
-            let have = usize::from(self.handshake_len);
-            let take = (self.handshake.len() - have).min(content.len());
-            self.handshake[have..have + take].copy_from_slice(&content[..take]);
-            content = &content[take..];
-            let have = have + take;
-            self.handshake_len = have as u8;
-            if self.handshake[0] != KEY_UPDATE {
-                return Err(fatal(
-                    UNEXPECTED_MESSAGE,
-                    "a handshake message other than a key update",
-                ));
-            }
+            let have = self.gather(
+                &mut content,
+                self.handshake.len(),
+                KEY_UPDATE,
+                "a handshake message other than a key update",
+            )?;
             if have >= 4 && self.handshake[1..4] != [0, 0, 1] {
                 return Err(fatal(DECODE_ERROR, "a key update of the wrong length"));
             }
@@ -911,14 +905,34 @@ impl Records {
         Ok(updated)
     }
 
+    /// Gathers the start of a handshake message, `want` bytes of it, from
+    /// `content` (moved past what is taken), across records, into
+    /// `handshake`; a message of another type than `typ` is refused,
+    /// `other` saying so. Returns how much of the start is there.
+    fn gather(
+        &mut self,
+        content: &mut &[u8],
+        want: usize,
+        typ: u8,
+        other: &'static str,
+    ) -> Result<usize, Fatal> {
+        let have = usize::from(self.handshake_len);
+        let take = want.saturating_sub(have).min(content.len());
+        self.handshake[have..have + take].copy_from_slice(&content[..take]);
+        *content = &content[take..];
+        let have = have + take;
+        self.handshake_len = have as u8;
+        if self.handshake[0] != typ {
+            return Err(fatal(UNEXPECTED_MESSAGE, other));
+        }
+        Ok(have)
+    }
+
     /// Takes a TLS 1.2 handshake record's content: only a `ClientHello`
     /// asking to renegotiate may come now. The first is refused (with a
     /// warning owed, sealed as `answer_owed` is) and skipped; the next
     /// ends the connection.
     fn renegotiation(&mut self, mut content: &[u8]) -> Result<(), Fatal> {
-        if content.is_empty() {
-            return Err(fatal(UNEXPECTED_MESSAGE, "an empty handshake record"));
-        }
         while !content.is_empty() {
             if self.skip > 0 {
                 let n = content.len().min(self.skip as usize);
@@ -927,18 +941,12 @@ impl Records {
                 continue;
             }
             // A message's header: its type, then its length in 3 bytes.
-            let have = usize::from(self.handshake_len);
-            let take = (4 - have).min(content.len());
-            self.handshake[have..have + take].copy_from_slice(&content[..take]);
-            content = &content[take..];
-            let have = have + take;
-            self.handshake_len = have as u8;
-            if self.handshake[0] != CLIENT_HELLO {
-                return Err(fatal(
-                    UNEXPECTED_MESSAGE,
-                    "a handshake message other than a ClientHello",
-                ));
-            }
+            let have = self.gather(
+                &mut content,
+                4,
+                CLIENT_HELLO,
+                "a handshake message other than a ClientHello",
+            )?;
             if have < 4 {
                 break;
             }
