@@ -280,16 +280,30 @@ pub fn tls_connector() -> tokio_rustls::TlsConnector {
 /// POSTs `body` to `/api/publish` at `addr` over TLS with `key`; the
 /// response, whole.
 pub async fn https_publish_at(addr: SocketAddr, key: &str, body: &str) -> String {
-    let mut tls = tls_connect(addr, "localhost", rustls::DEFAULT_VERSIONS).await;
-    let req = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await.expect("write");
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer).await.expect("read");
-    answer
+    try_https_publish_at(addr, key, body)
+        .await
+        .expect("an HTTPS publish answered")
+}
+
+/// As [`https_publish_at`]; `None` when the connection fails or nothing
+/// is answered within [`WAIT`] (as a connection to a process handing
+/// over may).
+pub async fn try_https_publish_at(addr: SocketAddr, key: &str, body: &str) -> Option<String> {
+    let post = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").ok()?;
+        let mut tls = tls_connector().connect(name, tcp).await.ok()?;
+        let req = format!(
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tls.write_all(req.as_bytes()).await.ok()?;
+        let mut answer = String::new();
+        tls.read_to_string(&mut answer).await.ok()?;
+        Some(answer)
+    };
+    tokio::time::timeout(WAIT, post).await.ok().flatten()
 }
 
 /// A TLS connection to `addr`, the server named `name`, offering
@@ -347,6 +361,14 @@ pub async fn wss_next(ws: &mut Wss) -> Value {
 pub fn tls_connector_for(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> tokio_rustls::TlsConnector {
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_client_config(versions)))
+}
+
+/// A TLS client's settings: `versions` offered, the self-signed
+/// certificate in tests/keys trusted.
+pub fn tls_client_config(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -354,10 +376,9 @@ pub fn tls_connector_for(
     for cert in CertificateDer::pem_file_iter(key_file("tls-cert.pem")).expect("pem") {
         roots.add(cert.expect("cert")).expect("root");
     }
-    let config = rustls::ClientConfig::builder_with_protocol_versions(versions)
+    rustls::ClientConfig::builder_with_protocol_versions(versions)
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .with_no_client_auth()
 }
 
 async fn get_over(

@@ -20,8 +20,26 @@ impl SseClient {
     /// Opens `/sse{query}`; `Err` is the status of a refusal.
     pub async fn open(addr: SocketAddr, query: &str) -> Result<SseClient, u16> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::new();
-        let base = format!("http://{addr}");
+        SseClient::open_at(reqwest::Client::new(), format!("http://{addr}"), query).await
+    }
+
+    /// Opens `/sse{query}` over gale's own TLS
+    /// (`https://localhost:PORT`), offering `versions`, the test
+    /// certificate trusted; its POSTs go over TLS too.
+    pub async fn open_tls(
+        addr: SocketAddr,
+        query: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<SseClient, u16> {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(super::tls_client_config(versions))
+            .build()
+            .expect("an HTTPS client");
+        let base = format!("https://localhost:{}", addr.port());
+        SseClient::open_at(http, base, query).await
+    }
+
+    async fn open_at(http: reqwest::Client, base: String, query: &str) -> Result<SseClient, u16> {
         let resp = tokio::time::timeout(WAIT, http.get(format!("{base}/sse{query}")).send())
             .await
             .expect("in time")

@@ -273,14 +273,19 @@ async fn run(conn: Detached, mut feed: Feed, chunked: bool) {
         counted: _counted,
     } = conn;
     let app = feed.open.app.clone();
-    // Plain-TCP sessions take part in a takeover, as WebSockets do (over
-    // TLS too; carrying an SSE session's TLS state is not built yet).
-    let member = app
-        .handoff
-        .as_ref()
-        .filter(|_| matches!(stream, Stream::Plain(_)))
-        .map(|gate| gate.join());
+    // Sessions take part in a takeover, as WebSockets do, over TLS too.
+    let member = app.handoff.as_ref().map(|gate| gate.join());
     feed.handing = member.is_some();
+    // A TLS stream taken over may hold records the previous process
+    // sealed and did not write: they go out now, not with the next push.
+    if matches!(stream, Stream::Tls(_))
+        && !matches!(
+            tokio::time::timeout(SEND_TIMEOUT, stream.flush()).await,
+            Ok(Ok(()))
+        )
+    {
+        return;
+    }
     loop {
         let next = tokio::select! {
             next = next_chunk(&mut feed) => next,
@@ -290,12 +295,12 @@ async fn run(conn: Detached, mut feed: Feed, chunked: bool) {
             Next::Send(bytes) => bytes,
             Next::End => break,
             Next::Handoff => {
-                let (Some(member), Stream::Plain(tcp)) = (member, stream) else {
+                let Some(member) = member else {
                     return;
                 };
                 // Boxed: a takeover's state would otherwise make every
                 // session's task as large as it.
-                return Box::pin(hand(tcp, feed, member, chunked)).await;
+                return Box::pin(hand(stream, feed, member, chunked)).await;
             }
         };
         let bytes = framed(bytes, chunked);
@@ -326,24 +331,27 @@ async fn end(stream: &mut Stream, chunked: bool) {
 /// Hands the session to the process taking over: the same session id,
 /// stream and subscriptions go on there. One that cannot move ends as a
 /// drain would end it (1012, with a reconnect delay).
-async fn hand(
-    tcp: tokio::net::TcpStream,
-    mut feed: Feed,
-    member: crate::handoff::Member,
-    chunked: bool,
-) {
+async fn hand(stream: Stream, mut feed: Feed, member: crate::handoff::Member, chunked: bool) {
     let app = feed.open.app.clone();
     let session = feed.open.session.clone();
     let moving = crate::handoff::SseSession {
         session: feed.open.id.clone(),
         chunked,
     };
-    match crate::handoff::hand_sse(&app, tcp, &session.caller, &session.lookups, member, moving)
-        .await
+    match crate::handoff::hand_sse(
+        &app,
+        stream,
+        &session.caller,
+        &session.lookups,
+        member,
+        moving,
+    )
+    .await
     {
         Ok(()) => feed.open.moved = true,
-        Err(tcp) => {
-            let mut stream = Stream::Plain(tcp);
+        Err((mut stream, queued)) => {
+            // What was taken for the move goes first, then anything since.
+            feed.buf = queued;
             let _ = feed.open.session.caller.outbox.take(&mut feed.buf);
             let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
             let out = farewell(&mut feed.buf, crate::drain::SERVICE_RESTART, &reason);

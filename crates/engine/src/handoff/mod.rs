@@ -76,6 +76,7 @@ use crate::connection::Lookups;
 use crate::outbox::Taken;
 use crate::router::Caller;
 use crate::server::App;
+use crate::transport::Stream;
 use crate::websocket::{Parts, Socket};
 
 /// The handoff format this binary speaks. Two binaries hand over only
@@ -175,8 +176,12 @@ struct ConnState {
     /// tail: the record layer's state, the TLS bytes received and not
     /// yet opened, those sealed and not yet written.
     #[serde(default)]
-    tls: Option<(usize, usize, usize)>,
+    tls: Option<TlsLengths>,
 }
+
+/// Over TLS, the lengths of the record layer's state, the TLS bytes
+/// received and not yet opened, and those sealed and not yet written.
+type TlsLengths = (usize, usize, usize);
 
 /// What an SSE session carries beyond a connection's state.
 #[derive(Debug, Serialize, Deserialize)]
@@ -614,35 +619,13 @@ pub(crate) async fn hand(
         queued,
         deflate,
     } = parts;
-    // Sized once: a TLS connection's keys ride in it, and a buffer grown
-    // would leave a copy behind unwiped.
-    let tls_len = tls
-        .as_ref()
-        .map_or(0, |m| m.records.len() + m.incoming.len() + m.outgoing.len());
-    let partial_len = partial.as_ref().map_or(0, |p| p.3.len());
-    let mut tail = Zeroizing::new(Vec::with_capacity(
-        read.len() + partial_len + queued.len() + tls_len,
-    ));
-    tail.extend_from_slice(&read);
-    let partial = partial.map(|(binary, compressed, valid, data)| {
-        tail.extend_from_slice(&data);
-        (binary, compressed, valid, data.len())
-    });
-    tail.extend_from_slice(&queued);
-    let tls = tls.map(|moving| {
-        tail.extend_from_slice(&moving.records);
-        tail.extend_from_slice(&moving.incoming);
-        tail.extend_from_slice(&moving.outgoing);
-        (
-            moving.records.len(),
-            moving.incoming.len(),
-            moving.outgoing.len(),
-        )
-    });
+    let fragments = partial.as_ref().map_or(&[][..], |p| &p.3[..]);
+    let (tail, tls) = tail_of(&[&read, fragments, &queued], tls);
     let state = ConnState {
         deflate,
         read: read.len(),
-        partial,
+        partial: partial
+            .map(|(binary, compressed, valid, data)| (binary, compressed, valid, data.len())),
         queued: queued.len(),
         tls,
         ..state_of(app, caller)
@@ -655,18 +638,19 @@ pub(crate) async fn hand(
 /// Hands one SSE session over (its task calls this once it saw the
 /// takeover), as [`hand`] does a WebSocket: its answers in flight land in
 /// its outbox, the broadcasts made before the takeover too, and what is
-/// queued goes as SSE messages for the new process to write
-/// first. `Err` gives the socket back when it cannot move.
+/// queued goes as SSE messages for the new process to write first; over
+/// TLS the record layer's state goes too. `Err` gives the stream back
+/// when it cannot move, with what was taken from its outbox.
 pub(crate) async fn hand_sse(
     app: &App,
-    tcp: tokio::net::TcpStream,
+    stream: Stream,
     caller: &Caller,
     lookups: &std::sync::atomic::AtomicUsize,
     mut member: Member,
     sse: SseSession,
-) -> Result<(), tokio::net::TcpStream> {
+) -> Result<(), (Stream, Vec<crate::outbox::Outgoing>)> {
     let Some(gate) = &app.handoff else {
-        return Err(tcp);
+        return Err((stream, Vec::new()));
     };
     let grace = app.config.server.shutdown_grace();
     // Its plain-text lookups and its events in the router: their replies
@@ -679,20 +663,62 @@ pub(crate) async fn hand_sse(
     };
     let _ = tokio::time::timeout(grace, answered).await;
     let Some(mut queued) = released(gate, &mut member, caller, grace).await else {
-        return Err(tcp);
+        return Err((stream, Vec::new()));
+    };
+    // Plaintext the client sent and nothing read is dropped, as the
+    // session's own task drops it (an SSE client sends nothing).
+    let (tcp, tls) = match stream {
+        Stream::Plain(tcp) => (tcp, None),
+        Stream::Tls(tls) => match tls.into_moving() {
+            Ok((tcp, moving, _unread)) => (tcp, Some(moving)),
+            Err(tls) => return Err((Stream::Tls(tls), queued)),
+        },
+        shared @ Stream::Shared(_) => return Err((shared, queued)),
     };
     app.metrics
         .messages_out
         .inc_by(crate::outbox::count(&queued) as u64);
-    let tail = crate::sse::encode(&mut queued).to_vec();
+    let messages = crate::sse::encode(&mut queued);
+    let (tail, tls) = tail_of(&[&messages], tls);
     let state = ConnState {
-        queued: tail.len(),
+        queued: messages.len(),
         sse: Some(sse),
+        tls,
         ..state_of(app, caller)
     };
-    send(gate, tcp, state, Zeroizing::new(tail)).await;
+    send(gate, tcp, state, tail).await;
     drop(member);
     Ok(())
+}
+
+/// A connection's tail: `plain`'s bytes one after the other, then over
+/// TLS the record layer's state, the TLS bytes received and not opened
+/// and those sealed and not written, with their three lengths. Sized
+/// once: a TLS connection's keys ride in it, and a buffer grown would
+/// leave a copy behind unwiped.
+fn tail_of(
+    plain: &[&[u8]],
+    tls: Option<crate::tls::Moving>,
+) -> (Zeroizing<Vec<u8>>, Option<TlsLengths>) {
+    let tls_len = tls
+        .as_ref()
+        .map_or(0, |m| m.records.len() + m.incoming.len() + m.outgoing.len());
+    let plain_len: usize = plain.iter().map(|p| p.len()).sum();
+    let mut tail = Zeroizing::new(Vec::with_capacity(plain_len + tls_len));
+    for p in plain {
+        tail.extend_from_slice(p);
+    }
+    let tls = tls.map(|moving| {
+        tail.extend_from_slice(&moving.records);
+        tail.extend_from_slice(&moving.incoming);
+        tail.extend_from_slice(&moving.outgoing);
+        (
+            moving.records.len(),
+            moving.incoming.len(),
+            moving.outgoing.len(),
+        )
+    });
+    (tail, tls)
 }
 
 /// Marks a connection quiet, waits until the coordinator lets the
@@ -964,23 +990,29 @@ fn resume(
         ));
     };
     let tail = bytes::Bytes::from(std::mem::take(&mut *tail));
-    // A WebSocket's socket is made first: one that cannot go on (a TLS
-    // state that does not import) leaves nothing behind in the hub.
+    // The stream is made first: one that cannot go on (a TLS state that
+    // does not import) leaves nothing behind in the hub.
     let going = match state.sse {
-        Some(_) if tls.is_some() => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "an SSE session with a TLS state",
-            ));
+        Some(sse) => {
+            if state.read + partial_len > 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "an SSE session with bytes read",
+                ));
+            }
+            let stream = match tls {
+                None => Stream::Plain(tcp),
+                Some(moving) => Stream::Tls(Box::new(crate::tls::TlsStream::resume(tcp, moving)?)),
+            };
+            Going::Sse(
+                sse,
+                crate::listener::Detached {
+                    stream,
+                    permit,
+                    counted: None,
+                },
+            )
         }
-        Some(sse) => Going::Sse(
-            sse,
-            crate::listener::Detached {
-                stream: crate::transport::Stream::Plain(tcp),
-                permit,
-                counted: None,
-            },
-        ),
         None => {
             let read = tail.slice(..state.read);
             let partial = state.partial.map(|(binary, compressed, valid, len)| {
