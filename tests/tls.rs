@@ -239,6 +239,23 @@ async fn gale_bench_loads_a_wss_server_over_tls12() {
     }
 }
 
+/// `gale bench connections --sse` against a `wss://` target holds SSE
+/// sessions over HTTPS, on both versions.
+#[tokio::test]
+async fn gale_bench_holds_sse_sessions_over_tls() {
+    let server = tls_server().await;
+    let url = format!("wss://localhost:{}/ws", server.addr.port());
+    for tls12 in [false, true] {
+        let mut args = vec!["connections", &url, "-n", "4", "--hold", "0", "--sse"];
+        if tls12 {
+            args.push("--tls12");
+        }
+        let report = bench_json(&args).await;
+        assert_eq!(report["connected"], 4, "{report}");
+        assert_eq!(report["connect_failed"], 0, "{report}");
+    }
+}
+
 /// POSTs `body` to `/api/publish` over TLS; the response, whole.
 async fn https_publish(server: &common::TestServer, body: &str) -> String {
     common::https_publish_at(server.addr, common::API_KEY_LONG, body).await

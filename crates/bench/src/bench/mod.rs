@@ -132,7 +132,8 @@ impl Target {
         self
     }
 
-    /// SSE sessions (`GET /sse`, plain HTTP only) instead of WebSockets.
+    /// SSE sessions (`GET /sse`; over HTTPS for a `wss://` target)
+    /// instead of WebSockets.
     pub fn with_sse(mut self, on: bool) -> Target {
         self.sse = on;
         self
@@ -188,10 +189,20 @@ impl Target {
     /// As [`Target::connect`], compressed when the target says so.
     pub(crate) async fn connect_any(&self, i: usize) -> Result<raw::Conn, String> {
         if self.sse {
-            if self.url.scheme() == "wss" {
-                return Err("--sse speaks plain HTTP only".into());
-            }
-            let stream = self.tcp(i).await?;
+            let tcp = self.tcp(i).await?;
+            // HTTPS for a wss:// target, plain HTTP for ws://.
+            let stream = match (&self.tls, self.url.host_str()) {
+                (Some(config), Some(host)) => {
+                    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                        .map_err(|e| format!("TLS name: {e}"))?;
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake: {e}"))?;
+                    tokio_tungstenite::MaybeTlsStream::Rustls(tls)
+                }
+                _ => tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+            };
             return Ok(raw::Conn::Sse(Box::new(
                 raw::SseSession::open(stream, &self.url).await?,
             )));

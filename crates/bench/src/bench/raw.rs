@@ -6,6 +6,7 @@
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::MaybeTlsStream;
 
 use gale_engine::websocket::frame::{self, Opcode};
 use gale_engine::websocket::{Utf8Bytes, deflate};
@@ -166,18 +167,22 @@ impl Deflating {
 }
 
 /// An SSE session held open (`--sse`): `GET /sse` read up to the
-/// greeting. It only listens; what it would send goes by POST, which the
-/// scenarios that use `--sse` (connections) never do.
+/// greeting, over plain TCP or TLS. It only listens; what it would send
+/// goes by POST, which the scenarios that use `--sse` (connections)
+/// never do.
 #[derive(Debug)]
 pub(crate) struct SseSession {
-    stream: TcpStream,
+    stream: MaybeTlsStream<TcpStream>,
     buf: BytesMut,
 }
 
 impl SseSession {
     /// Opens `GET /sse` (the path of `url` with `/sse` for `/ws`) and reads
     /// the response head and the greeting.
-    pub(crate) async fn open(mut stream: TcpStream, url: &url::Url) -> Result<Self, String> {
+    pub(crate) async fn open(
+        mut stream: MaybeTlsStream<TcpStream>,
+        url: &url::Url,
+    ) -> Result<Self, String> {
         let host = url.host_str().unwrap_or("127.0.0.1");
         let path = url.path().strip_suffix("/ws").unwrap_or("");
         let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
