@@ -384,21 +384,10 @@ async fn an_incompatible_successor_is_refused_and_the_old_process_serves_on() {
     // A successor speaking another handoff format, over the real socket.
     let path = dir.path().join("handoff.sock");
     let answer = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
         let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
-        let hello = br#"{"kind":"hello","format":999,"version":"9.9.9","pid":1}"#;
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&(hello.len() as u32).to_le_bytes());
-        msg.extend_from_slice(&0u32.to_le_bytes());
-        msg.push(0);
-        msg.extend_from_slice(hello);
-        s.write_all(&msg).expect("write");
-        let mut prefix = [0u8; 9];
-        s.read_exact(&mut prefix).expect("prefix");
-        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        let mut head = vec![0; len];
-        s.read_exact(&mut head).expect("head");
-        String::from_utf8(head).expect("UTF-8")
+        let hello = json!({"kind": "hello", "format": 999, "version": "9.9.9", "pid": 1});
+        send_head(&mut s, &hello);
+        recv_head(&mut s).to_string()
     })
     .await
     .expect("join");
@@ -421,6 +410,140 @@ async fn an_incompatible_successor_is_refused_and_the_old_process_serves_on() {
     old.exits_cleanly().await;
     let push = published_and_seen(addr, &mut client, "news:x", "moved").await;
     assert_eq!(push["offset"], 2, "offsets go on: {push}");
+}
+
+/// Sends one handoff message with `head` and no tail or descriptors
+/// (the wire: a 9-byte prefix, the head, the tail).
+fn send_head(s: &mut std::os::unix::net::UnixStream, head: &Value) {
+    use std::io::Write;
+    let head = head.to_string();
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&0u32.to_le_bytes());
+    msg.push(0);
+    msg.extend_from_slice(head.as_bytes());
+    s.write_all(&msg).expect("write");
+}
+
+/// Receives one handoff message's head; its tail is read and dropped,
+/// and its descriptors, read with no room for them, are closed.
+fn recv_head(s: &mut std::os::unix::net::UnixStream) -> Value {
+    use std::io::Read;
+    let mut prefix = [0u8; 9];
+    s.read_exact(&mut prefix).expect("prefix");
+    let len = |at: usize| {
+        u32::from_le_bytes([prefix[at], prefix[at + 1], prefix[at + 2], prefix[at + 3]]) as usize
+    };
+    let mut head = vec![0; len(0)];
+    s.read_exact(&mut head).expect("head");
+    let mut tail = vec![0; len(4)];
+    s.read_exact(&mut tail).expect("tail");
+    serde_json::from_slice(&head).expect("a JSON head")
+}
+
+/// A successor of the same format that does not say it takes SSE
+/// sessions over TLS (a binary from before they moved) is handed none:
+/// each is closed as a drain closes it, told when to come back, rather
+/// than handed to a process that would drop it.
+#[tokio::test]
+async fn a_successor_that_does_not_take_sse_over_tls_gets_none() {
+    use common::sse::SseClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("gale.toml"), tls_config(dir.path())).expect("config");
+    let mut old = Gale::start(dir.path(), false);
+    let addr = old.listening().await;
+    let mut session = SseClient::open_tls(addr, "", &[&rustls::version::TLS13])
+        .await
+        .expect("open");
+
+    let path = dir.path().join("handoff.sock");
+    let successor = tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        let hello = json!({
+            "kind": "hello",
+            "format": gale_engine::handoff::FORMAT,
+            "version": "0.0.1",
+            "pid": 1,
+        });
+        send_head(&mut s, &hello);
+        let mut conns = 0;
+        loop {
+            let head = recv_head(&mut s);
+            match head["kind"].as_str() {
+                Some("accept" | "listeners" | "history") => {}
+                Some("conn") => conns += 1,
+                Some("done") => break,
+                other => panic!("unexpected {other:?}: {head}"),
+            }
+        }
+        send_head(&mut s, &json!({"kind": "ack", "taken": conns}));
+        conns
+    });
+    let (event, data) = session.next_message().await.expect("a last message");
+    assert_eq!(event, "close", "{data}");
+    let close: Value = serde_json::from_str(&data).expect("JSON");
+    assert_eq!(close["code"], 1012, "{close}");
+    assert!(
+        close["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("reconnect_ms")),
+        "{close}"
+    );
+    assert_eq!(successor.await.expect("successor"), 0, "nothing handed");
+    old.exits_cleanly().await;
+}
+
+/// A connection the application ends while a takeover waits for its
+/// events (here the backend answers a forwarded event with a disconnect)
+/// does not move: it closes with the application's code and reason, not
+/// the 1012 of a connection that could not move, on WebSocket and SSE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_application_ends_during_a_takeover_closes_with_its_code() {
+    use common::backend::{Backend, Reply};
+    use common::sse::SseClient;
+    let backend = Backend::start().await;
+    let bye = json!({"disconnect": {"code": 4001, "reason": "bye"}});
+    backend.set(
+        "rpc",
+        Reply::Slow(Duration::from_millis(1500), Box::new(Reply::Json(bye))),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "{}\n[proxy]\nrpc_url = \"{}\"\nrpc_events = [\"orders.*\"]\ntimeout_ms = 5000\n",
+        config(dir.path()),
+        backend.url("rpc")
+    );
+    std::fs::write(dir.path().join("gale.toml"), toml).expect("config");
+    let mut old = Gale::start(dir.path(), false);
+    let addr = old.listening().await;
+    let mut ws = Raw::connect(addr, "/ws", None).await;
+    subscribe(&mut ws, "news:x").await;
+    let mut sse = SseClient::open(addr, "").await.expect("open");
+    let ask = json!({"event": "orders.cancel", "data": {}, "ref": "o"}).to_string();
+    ws.text(&ask).await;
+    assert_eq!(sse.send(&ask).await, 202);
+    backend.wait_calls("rpc", |calls| calls.len() == 2).await;
+
+    let mut new = Gale::start(dir.path(), true);
+    let close = loop {
+        let frame = ws.next().await;
+        if frame.opcode == 8 {
+            break frame;
+        }
+    };
+    assert_eq!(close.close_code(), 4001, "{close:?}");
+    assert_eq!(&close.payload[2..], b"bye");
+    let last = loop {
+        let (event, data) = sse.next_message().await.expect("a last message");
+        if event == "close" {
+            break data;
+        }
+    };
+    let last: Value = serde_json::from_str(&last).expect("JSON");
+    assert_eq!(last["code"], 4001, "{last}");
+    assert_eq!(last["reason"], "bye", "{last}");
+    new.wait_for("connections taken over").await;
+    old.exits_cleanly().await;
 }
 
 /// A gale started in `dir` with one client subscribed to `news:x`.

@@ -179,12 +179,23 @@ fn run(
                     caller.outbox.close();
                     return;
                 }
-                Err(back) => {
-                    // It could not move: it goes as a drain would close it.
+                Err((back, ended)) => {
+                    // It could not move: what is queued goes, then it
+                    // closes with the end the takeover found (the
+                    // application's, a slow consumer's) or, as its outbox
+                    // now says, as a drain would.
                     socket = back;
-                    let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
-                    let _ = flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
-                    close(&mut socket, crate::drain::SERVICE_RESTART, &reason).await;
+                    let flushed =
+                        flush_outbox(&app, &mut socket, &caller.outbox, &mut Vec::new()).await;
+                    let end = match (ended, flushed) {
+                        (Some((code, reason)), _) => End::Ended(code, reason),
+                        (None, Err(end)) if !matches!(end, End::Handoff) => end,
+                        _ => End::Ended(
+                            crate::drain::SERVICE_RESTART,
+                            crate::drain::reason(app.config.server.drain_reconnect_ms),
+                        ),
+                    };
+                    close_for(&app, &mut socket, &end).await;
                     finish(&app, &caller, Lookups::default()).await;
                     return;
                 }
@@ -279,7 +290,9 @@ pub(crate) fn refresh_if_due(app: &Arc<App>, caller: &Caller, at: u64) {
     app.tracker.spawn(async move {
         match refresh.await {
             Ok(r) => outbox.set_expires(Some(r.expire_at)),
-            Err(crate::hooks::Refusal::Disconnect { code, reason }) => outbox.end(code, &reason),
+            Err(crate::hooks::Refusal::Disconnect { code, reason }) => {
+                outbox.end(code, &reason);
+            }
             Err(crate::hooks::Refusal::Denied(e))
                 if matches!(
                     e.code,

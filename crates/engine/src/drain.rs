@@ -54,8 +54,11 @@ pub(crate) async fn run(app: &Arc<App>, over: Duration) -> usize {
             ((elapsed / over.as_secs_f64() * n as f64).floor() as usize + 1).min(n)
         };
         for outbox in &outboxes[closed..due] {
-            outbox.end_after_replies(SERVICE_RESTART, &reason(max_ms));
-            app.metrics.drained.inc();
+            // One the application (or a takeover) ended already is not
+            // counted again.
+            if outbox.end_after_replies(SERVICE_RESTART, &reason(max_ms)) {
+                app.metrics.drained.inc();
+            }
         }
         closed = due;
         if closed < n {

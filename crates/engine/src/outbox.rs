@@ -136,6 +136,8 @@ struct State {
     /// To be closed with this code and reason once what is queued is
     /// written (the application, or the server API, ended it).
     ending: Option<Box<(u16, String)>>,
+    /// An end was set (taken or not): the first one stands.
+    ended: bool,
     /// The connection's stream, lent while its task writes nothing and
     /// nothing is queued (never while anything is).
     lent: Option<Arc<TcpStream>>,
@@ -609,31 +611,34 @@ impl Outbox {
 
     /// Ends the connection: what is queued is written, then it closes
     /// with `code` and `reason` (at most 123 bytes). Nothing more is
-    /// queued.
-    pub fn end(&self, code: u16, reason: &str) {
-        self.end_with(code, reason, true);
+    /// queued. The first end of a connection stands: false when it was
+    /// ended before (or is closed), and this one did nothing.
+    pub fn end(&self, code: u16, reason: &str) -> bool {
+        self.end_with(code, reason, true)
     }
 
     /// As [`Outbox::end`], but replies to what the connection asked
     /// before still arrive: the connection answers them, then closes (a
     /// drain).
-    pub(crate) fn end_after_replies(&self, code: u16, reason: &str) {
-        self.end_with(code, reason, false);
+    pub(crate) fn end_after_replies(&self, code: u16, reason: &str) -> bool {
+        self.end_with(code, reason, false)
     }
 
-    fn end_with(&self, code: u16, reason: &str, close: bool) {
+    fn end_with(&self, code: u16, reason: &str, close: bool) -> bool {
         let mut reason = reason.to_owned();
         while reason.len() > 123 {
             reason.pop();
         }
         let mut st = self.lock();
-        if st.closed || st.ending.is_some() {
-            return;
+        if st.closed || st.ended {
+            return false;
         }
         st.ending = Some(Box::new((code, reason)));
+        st.ended = true;
         st.closed = close;
         drop(st);
         self.ready.notify_one();
+        true
     }
 
     /// When the connection's identity ends (Unix seconds), if it does.
@@ -711,6 +716,21 @@ mod tests {
             .flat_map(Outgoing::messages)
             .map(Prepared::as_str)
             .collect()
+    }
+
+    #[test]
+    fn the_first_end_stands_even_once_taken() {
+        let (o, _) = outbox(4, SlowConsumer::DropOldest);
+        assert!(o.push("before".into(), false));
+        assert!(o.end_after_replies(4001, "bye"));
+        assert!(!o.end_after_replies(1012, "again"), "ended already");
+        let mut buf = Vec::new();
+        assert!(matches!(o.take(&mut buf), Taken::End(4001, ref r) if r == "bye"));
+        assert_eq!(buf.len(), 1, "what was queued before the end comes with it");
+        // Taken, it is not set again: a drain after it neither ends the
+        // connection a second time nor counts it.
+        assert!(!o.end(1012, "drained"));
+        assert!(matches!(o.take(&mut buf), Taken::Messages));
     }
 
     #[test]

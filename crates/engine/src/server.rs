@@ -761,13 +761,13 @@ struct Door {
     /// connections.
     permits: Arc<tokio::sync::Semaphore>,
     /// Takeovers accepted on `server.handoff_socket`.
-    takeovers: Option<tokio::sync::mpsc::Receiver<std::os::unix::net::UnixStream>>,
+    takeovers: Option<tokio::sync::mpsc::Receiver<crate::handoff::Successor>>,
 }
 
 /// The next takeover; never, once none can come.
 async fn next_takeover(
-    rx: &mut Option<tokio::sync::mpsc::Receiver<std::os::unix::net::UnixStream>>,
-) -> std::os::unix::net::UnixStream {
+    rx: &mut Option<tokio::sync::mpsc::Receiver<crate::handoff::Successor>>,
+) -> crate::handoff::Successor {
     if let Some(r) = rx {
         if let Some(stream) = r.recv().await {
             return stream;
@@ -838,8 +838,8 @@ async fn serve(
                 }
                 break Some(ended);
             }
-            stream = next_takeover(&mut takeovers) => {
-                match crate::handoff::begin(&app, stream, &listeners) {
+            successor = next_takeover(&mut takeovers) => {
+                match crate::handoff::begin(&app, successor, &listeners) {
                     Ok(h) => {
                         tracing::info!(
                             connections = app.metrics.connections.get(),
@@ -893,8 +893,8 @@ async fn serve(
             }
             Err(e) => tracing::error!(error = %e, "the takeover broke off"),
         }
-        // What could not move (TLS) goes at once, each told a
-        // jittered reconnect delay: a drain over `drain_s` would keep this
+        // What could not move goes at once, each told a jittered
+        // reconnect delay: a drain over `drain_s` would keep this
         // process, and what it holds (the request log's spill), from the
         // new one for that long.
         crate::drain::run(&app, Duration::ZERO).await;

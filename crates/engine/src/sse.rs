@@ -130,7 +130,7 @@ struct Feed {
     tick: tokio::sync::watch::Receiver<()>,
     buf: Vec<Outgoing>,
     done: bool,
-    /// It takes part in a takeover (plain TCP, a handoff socket set).
+    /// It takes part in a takeover (a handoff socket is set).
     handing: bool,
 }
 
@@ -349,12 +349,25 @@ async fn hand(stream: Stream, mut feed: Feed, member: crate::handoff::Member, ch
     .await
     {
         Ok(()) => feed.open.moved = true,
-        Err((mut stream, queued)) => {
-            // What was taken for the move goes first, then anything since.
-            feed.buf = queued;
-            let _ = feed.open.session.caller.outbox.take(&mut feed.buf);
-            let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
-            let out = farewell(&mut feed.buf, crate::drain::SERVICE_RESTART, &reason);
+        Err((mut stream, unmoved)) => {
+            // What was taken for the move goes first, then anything since;
+            // then the end the application gave it, its outbox's (a slow
+            // consumer), or a drain's.
+            feed.buf = unmoved.taken;
+            let taken = feed.open.session.caller.outbox.take(&mut feed.buf);
+            let (code, reason) = match (unmoved.end, taken) {
+                (Some(end), _) => end,
+                (None, Taken::End(code, reason)) => (code, reason),
+                (None, Taken::SlowConsumer) => {
+                    app.metrics.slow_consumers.inc();
+                    (1013, "slow consumer".to_owned())
+                }
+                (None, Taken::Messages) => (
+                    crate::drain::SERVICE_RESTART,
+                    crate::drain::reason(app.config.server.drain_reconnect_ms),
+                ),
+            };
+            let out = farewell(&mut feed.buf, code, &reason);
             let out = framed(out, chunked);
             if let Ok(Ok(())) = tokio::time::timeout(SEND_TIMEOUT, write(&mut stream, &out)).await {
                 end(&mut stream, chunked).await;

@@ -8,9 +8,11 @@
 //! serve --takeover`, started with the same setting, connects and the two
 //! speak the protocol below; the descriptors travel by SCM_RIGHTS.
 //!
-//! 1. **Hello.** The new process says its handoff format and version; the
-//!    old one answers `accept`, or `refuse` with why (another format, a
-//!    takeover already under way, shutting down), and then keeps serving.
+//! 1. **Hello.** The new process says its handoff format, its version
+//!    and what it takes beyond its format (`TAKES`: SSE sessions over
+//!    TLS); the old one answers `accept`, or `refuse` with why (another
+//!    format, a takeover already under way, shutting down), and then
+//!    keeps serving. It hands the new process only what it takes.
 //! 2. **Listeners.** The listening socket goes first, so no connect is
 //!    refused: from here on connects wait in the kernel's backlog until
 //!    the new process accepts them, once everything has moved. The old
@@ -35,18 +37,20 @@
 //!    layer's state goes too (`tls::Moving`: keys, sequence numbers, TLS
 //!    1.3's traffic secrets, the records received and not opened, those
 //!    sealed and not written, which go out before anything else),
-//!    zeroized once sent and once taken. A plain-TCP SSE
-//!    session moves the same way, with its session id (its client's
+//!    zeroized once sent and once taken. An SSE session moves the same
+//!    way, over TLS too, with its session id (its client's
 //!    POSTs go on to the new process) and its queued messages; from the
 //!    takeover's start the old process answers its POSTs 503 with
 //!    `Retry-After` (nothing is run there), and the client sends again.
 //! 6. **Done.** The count. The new process answers with how many it
 //!    received (it now holds every descriptor), builds its server,
 //!    carries each connection on, and only then accepts. The old process
-//!    closes at once what could not move (SSE sessions over TLS: not
-//!    carried yet), each with 1012 and a
-//!    jittered reconnect delay, and exits, letting go of what it held (the request log's spill directory, which the
-//!    new process waits for).
+//!    closes at once what could not move (a connection closing, a slow
+//!    consumer, one whose requests were not answered in time, an SSE
+//!    session over TLS for a successor that does not take it), each with
+//!    1012 and a jittered reconnect delay unless the application ended it
+//!    with its own code, and exits, letting go of what it held (the
+//!    request log's spill directory, which the new process waits for).
 //!
 //! Publications are never lost or doubled across the move: before step 5
 //! every publication has reached the old outboxes and goes with them, and
@@ -82,6 +86,14 @@ use crate::websocket::{Parts, Socket};
 /// The handoff format this binary speaks. Two binaries hand over only
 /// when they speak the same one; it changes whenever a message does.
 pub const FORMAT: u32 = 3;
+
+/// What this binary takes beyond its format, named in its hello: a
+/// process hands a successor only what the successor says it takes, so
+/// binaries of the same format hand over both ways.
+const TAKES: &[&str] = &[TAKES_SSE_TLS];
+
+/// SSE sessions over gale's own TLS (before, only plain-TCP ones moved).
+const TAKES_SSE_TLS: &str = "sse-tls";
 
 /// Connections in flight between the connection tasks and the socket.
 const QUEUE: usize = 1024;
@@ -127,6 +139,10 @@ enum Msg {
         format: u32,
         version: String,
         pid: u32,
+        /// What it takes beyond its format ([`TAKES`]); absent from
+        /// binaries before there was anything.
+        #[serde(default)]
+        takes: Vec<String>,
     },
     Accept {
         format: u32,
@@ -215,6 +231,9 @@ fn version() -> String {
 pub(crate) struct Gate {
     /// Set when a takeover begins (connections stop reading).
     pub(crate) started_flag: AtomicBool,
+    /// The successor takes SSE sessions over TLS; set before the takeover
+    /// begins.
+    sse_tls: AtomicBool,
     extract: CancellationToken,
     members: TaskTracker,
     /// Members that stopped reading and whose requests are answered.
@@ -262,6 +281,7 @@ impl Default for Gate {
         let (tx, rx) = mpsc::channel(QUEUE);
         Gate {
             started_flag: AtomicBool::new(false),
+            sse_tls: AtomicBool::new(false),
             extract: CancellationToken::new(),
             members: TaskTracker::new(),
             quiet: Arc::default(),
@@ -293,6 +313,13 @@ pub(crate) fn started(app: &App) -> bool {
     app.handoff.as_ref().is_some_and(Gate::is_started)
 }
 
+/// A takeover accepted: the new process's socket, and what it takes.
+#[derive(Debug)]
+pub(crate) struct Successor {
+    stream: UnixStream,
+    takes_sse_tls: bool,
+}
+
 /// Listens on `path` for a takeover until `stop`; a takeover accepted is
 /// sent on `takeovers` (the server's serve task carries it out).
 ///
@@ -300,7 +327,7 @@ pub(crate) fn started(app: &App) -> bool {
 /// When the path cannot be bound, or another live gale listens there.
 pub(crate) fn listen(
     path: &str,
-    takeovers: mpsc::Sender<UnixStream>,
+    takeovers: mpsc::Sender<Successor>,
     stop: CancellationToken,
 ) -> io::Result<()> {
     let listener = match tokio::net::UnixListener::bind(path) {
@@ -357,7 +384,7 @@ pub(crate) fn listen(
 /// the serve task.
 async fn hello(
     stream: tokio::net::UnixStream,
-    takeovers: &mpsc::Sender<UnixStream>,
+    takeovers: &mpsc::Sender<Successor>,
 ) -> Result<(), HandoffError> {
     let peer = rustix::net::sockopt::socket_peercred(&stream).map_err(io::Error::from)?;
     let me = rustix::process::geteuid();
@@ -383,6 +410,7 @@ async fn hello(
             format,
             version: theirs,
             pid,
+            takes,
         } = msg
         else {
             return refuse("the first message must be a hello".into());
@@ -412,7 +440,10 @@ async fn hello(
         // stops reading must not hold it.
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         tracing::info!(pid, version = theirs, "takeover accepted: handing over");
-        slot.send(stream);
+        slot.send(Successor {
+            stream,
+            takes_sse_tls: takes.iter().any(|t| t == TAKES_SSE_TLS),
+        });
         Ok(())
     })
     .await
@@ -448,9 +479,13 @@ impl std::fmt::Debug for Out {
 /// serves on.
 pub(crate) fn begin(
     app: &App,
-    stream: UnixStream,
+    successor: Successor,
     listeners: &[(String, OwnedFd)],
 ) -> Result<Handover, HandoffError> {
+    let Successor {
+        stream,
+        takes_sse_tls,
+    } = successor;
     let fds = listeners
         .iter()
         .map(|(_, fd)| fd.try_clone())
@@ -463,6 +498,7 @@ pub(crate) fn begin(
         .name("gale-handoff".into())
         .spawn(move || write(stream, rx))?;
     if let Some(gate) = &app.handoff {
+        gate.sse_tls.store(takes_sse_tls, Ordering::Release);
         gate.started_flag.store(true, Ordering::Release);
     }
     // Every connection wakes, sees the takeover and stops reading.
@@ -581,16 +617,18 @@ impl Handover {
 /// saw the takeover): its answers in flight are queued, its events
 /// finish, the broadcasts made before the takeover reach its outbox, and
 /// it goes to the writer. `Err` gives the socket back when it cannot
-/// move; it is then closed as a drain would.
+/// move, what it had taken from the outbox queued in it, with the
+/// application's end of it if one came; it is then closed with that, or
+/// as a drain would close it.
 pub(crate) async fn hand(
     app: &App,
     mut socket: Box<Socket>,
     caller: &Caller,
     mut lookups: Lookups,
     mut member: Member,
-) -> Result<(), Box<Socket>> {
+) -> Result<(), (Box<Socket>, Option<(u16, String)>)> {
     let Some(gate) = &app.handoff else {
-        return Err(socket);
+        return Err((socket, unmovable(app, caller, Unmoved::default()).end));
     };
     let grace = app.config.server.shutdown_grace();
     // Answers to plain text asked before the takeover: answered here.
@@ -605,12 +643,20 @@ pub(crate) async fn hand(
         }
     };
     let _ = tokio::time::timeout(grace, events).await;
-    let Some(mut queued) = released(gate, &mut member, caller, grace).await else {
-        return Err(socket);
+    let mut queued = match released(app, gate, &mut member, caller).await {
+        Ok(queued) => queued,
+        Err(unmoved) => {
+            let mut unmoved = unmovable(app, caller, unmoved);
+            let n = crate::connection::queue_taken(&mut socket, &mut unmoved.taken);
+            app.metrics.messages_out.inc_by(n as u64);
+            return Err((socket, unmoved.end));
+        }
     };
     let n = crate::connection::queue_taken(&mut socket, &mut queued);
     app.metrics.messages_out.inc_by(n as u64);
-    let parts = socket.into_parts()?;
+    let parts = socket
+        .into_parts()
+        .map_err(|socket| (socket, unmovable(app, caller, Unmoved::default()).end))?;
     let Parts {
         tcp,
         tls,
@@ -640,7 +686,8 @@ pub(crate) async fn hand(
 /// its outbox, the broadcasts made before the takeover too, and what is
 /// queued goes as SSE messages for the new process to write first; over
 /// TLS the record layer's state goes too. `Err` gives the stream back
-/// when it cannot move, with what was taken from its outbox.
+/// when it cannot move, with what was taken from its outbox (and the
+/// application's end of it, if that came).
 pub(crate) async fn hand_sse(
     app: &App,
     stream: Stream,
@@ -648,10 +695,17 @@ pub(crate) async fn hand_sse(
     lookups: &std::sync::atomic::AtomicUsize,
     mut member: Member,
     sse: SseSession,
-) -> Result<(), (Stream, Vec<crate::outbox::Outgoing>)> {
+) -> Result<(), (Stream, Unmoved)> {
+    let unmoved = |taken| unmovable(app, caller, Unmoved { taken, end: None });
     let Some(gate) = &app.handoff else {
-        return Err((stream, Vec::new()));
+        return Err((stream, unmoved(Vec::new())));
     };
+    // A successor that does not take SSE over TLS (an older binary of the
+    // same format) would drop it: it stays, and is closed as a drain
+    // would close it.
+    if matches!(stream, Stream::Tls(_)) && !gate.sse_tls.load(Ordering::Acquire) {
+        return Err((stream, unmoved(Vec::new())));
+    }
     let grace = app.config.server.shutdown_grace();
     // Its plain-text lookups and its events in the router: their replies
     // land in the outbox. (Its POSTs are refused from the takeover's
@@ -662,8 +716,9 @@ pub(crate) async fn hand_sse(
         }
     };
     let _ = tokio::time::timeout(grace, answered).await;
-    let Some(mut queued) = released(gate, &mut member, caller, grace).await else {
-        return Err((stream, Vec::new()));
+    let mut queued = match released(app, gate, &mut member, caller).await {
+        Ok(queued) => queued,
+        Err(left) => return Err((stream, unmovable(app, caller, left))),
     };
     // Plaintext the client sent and nothing read is dropped, as the
     // session's own task drops it (an SSE client sends nothing).
@@ -671,9 +726,9 @@ pub(crate) async fn hand_sse(
         Stream::Plain(tcp) => (tcp, None),
         Stream::Tls(tls) => match tls.into_moving() {
             Ok((tcp, moving, _unread)) => (tcp, Some(moving)),
-            Err(tls) => return Err((Stream::Tls(tls), queued)),
+            Err(tls) => return Err((Stream::Tls(tls), unmoved(queued))),
         },
-        shared @ Stream::Shared(_) => return Err((shared, queued)),
+        shared @ Stream::Shared(_) => return Err((shared, unmoved(queued))),
     };
     app.metrics
         .messages_out
@@ -721,22 +776,66 @@ fn tail_of(
     (tail, tls)
 }
 
+/// What a connection that cannot move had taken from its outbox: the
+/// messages, to be written before it closes, and the application's end
+/// of it (code and reason), if that came with them.
+#[derive(Debug, Default)]
+pub(crate) struct Unmoved {
+    pub(crate) taken: Vec<crate::outbox::Outgoing>,
+    pub(crate) end: Option<(u16, String)>,
+}
+
 /// Marks a connection quiet, waits until the coordinator lets the
 /// connections go (every broadcast made before the takeover is in the
-/// outbox by then) and takes what its outbox holds; `None` when it cannot
-/// move (the wait ran out, or the outbox is closing).
+/// outbox by then) and takes what its outbox holds. `Err` when it cannot
+/// move: the wait ran out, the client is a slow consumer, or the
+/// application ended the connection (what was queued before its end is
+/// kept, and the end with it).
 async fn released(
+    app: &App,
     gate: &Gate,
     member: &mut Member,
     caller: &Caller,
-    grace: Duration,
-) -> Option<Vec<crate::outbox::Outgoing>> {
+) -> Result<Vec<crate::outbox::Outgoing>, Unmoved> {
+    let grace = app.config.server.shutdown_grace();
     member.quiet();
-    tokio::time::timeout(grace * 2, gate.extract.cancelled())
+    if tokio::time::timeout(grace * 2, gate.extract.cancelled())
         .await
-        .ok()?;
-    let mut queued = Vec::new();
-    matches!(caller.outbox.take(&mut queued), Taken::Messages).then_some(queued)
+        .is_err()
+    {
+        return Err(Unmoved::default());
+    }
+    let mut taken = Vec::new();
+    match caller.outbox.take(&mut taken) {
+        Taken::Messages => Ok(taken),
+        Taken::End(code, reason) => Err(Unmoved {
+            taken,
+            end: Some((code, reason)),
+        }),
+        Taken::SlowConsumer => {
+            app.metrics.slow_consumers.inc();
+            Err(Unmoved {
+                taken,
+                end: Some((1013, "slow consumer".to_owned())),
+            })
+        }
+    }
+}
+
+/// A connection that cannot move, ended as a drain ends one (1012, a
+/// suggested reconnect delay, counted as drained) unless it was ended
+/// already: its outbox then says so to whoever takes from it next.
+fn unmovable(app: &App, caller: &Caller, unmoved: Unmoved) -> Unmoved {
+    if unmoved.end.is_none() {
+        let reason = crate::drain::reason(app.config.server.drain_reconnect_ms);
+        if caller
+            .outbox
+            .end_after_replies(crate::drain::SERVICE_RESTART, &reason)
+        {
+            app.metrics.drained.inc();
+        }
+    }
+    unmoved
 }
 
 /// A connection's identity and subscriptions, with no bytes.
@@ -820,6 +919,7 @@ pub async fn take_over(config: &Config) -> Result<Inherited, HandoffError> {
             format: FORMAT,
             version: version(),
             pid: std::process::id(),
+            takes: TAKES.iter().map(|t| (*t).to_owned()).collect(),
         };
         wire::send(&stream, &head(&hello), &[], &[])?;
         let (pid, theirs) = match parse(&wire::recv(&stream)?.head)? {
