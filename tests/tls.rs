@@ -326,6 +326,76 @@ async fn many_pushes_and_a_large_one_arrive_whole_over(
     assert!(end);
 }
 
+/// Pushes into an idle `wss://` connection are sealed and written by
+/// whoever publishes (its task is not woken), as on plain TCP. One the
+/// socket does not take whole leaves records behind: they go out first,
+/// whole, with nothing after them to carry them out; one past 64 KiB is
+/// queued for the connection's task; and the next push follows them. A TLS 1.3 key update the client asks for meanwhile is
+/// answered before the next record, whoever seals it.
+#[tokio::test]
+async fn pushes_are_sealed_by_the_publisher_into_idle_wss_sockets() {
+    let server = start_with(|c| {
+        c.server.tls_cert = Some(key_file("tls-cert.pem"));
+        c.server.tls_key = Some(key_file("tls-key.pem"));
+        c.server.send_buffer_bytes = 4096;
+        c.api.key = Some(common::API_KEY_LONG.into());
+        c.topics
+            .insert("direct:*".into(), gale::config::TopicConfig::default());
+    })
+    .await;
+    for versions in EACH_VERSION {
+        let mut ws = common::wss_connect_small(server.addr, versions, 4096).await;
+        wss_next(&mut ws).await;
+        let sub = json!({"event": "topic.subscribe", "data": {"topic": "direct:a"}, "ref": "s"});
+        ws.send(Message::text(sub.to_string())).await.expect("send");
+        assert_eq!(wss_next(&mut ws).await["ok"], true);
+        let publish = |event: &'static str, data: Value| {
+            let body = json!({"topic": "direct:a", "event": event, "data": data}).to_string();
+            let server = &server;
+            async move {
+                let answer = https_publish(server, &body).await;
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            }
+        };
+
+        let direct = server.sample("gale_outbound_direct_total").await;
+        for i in 0..20 {
+            publish("small", json!(i)).await;
+            assert_eq!(wss_next(&mut ws).await["data"], i);
+        }
+        let written = server.sample("gale_outbound_direct_total").await - direct;
+        assert!(written >= 20.0, "written by the publisher: {written}");
+
+        if versions[0].version == rustls::ProtocolVersion::TLSv1_3 {
+            // Answered by the next record sealed, the publisher's.
+            ws.get_mut()
+                .get_mut()
+                .1
+                .refresh_traffic_keys()
+                .expect("key update");
+            ws.flush().await.expect("flush");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // More than the two socket buffers hold, and still sealed by the
+        // publisher: most of its records are left for the connection's
+        // task, and nothing follows them.
+        let direct = server.sample("gale_outbound_direct_total").await;
+        publish("big", json!("z".repeat(50_000))).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let written = server.sample("gale_outbound_direct_total").await - direct;
+        assert_eq!(written, 1.0, "begun by the publisher");
+        let v = wss_next(&mut ws).await;
+        assert_eq!(v["event"], "big", "{v}");
+        assert_eq!(v["data"].as_str().map(str::len), Some(50_000), "whole");
+        // Past what a publisher seals (64 KiB): queued for the task.
+        publish("larger", json!("z".repeat(400_000))).await;
+        publish("after", json!(1)).await;
+        let v = wss_next(&mut ws).await;
+        assert_eq!(v["data"].as_str().map(str::len), Some(400_000), "whole");
+        assert_eq!(wss_next(&mut ws).await["event"], "after");
+    }
+}
+
 /// `gale bench broadcast` against a TLS server publishes over HTTPS and
 /// counts every delivery.
 #[tokio::test]

@@ -315,6 +315,15 @@ pub async fn tls_connect(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tls_over(tcp, name, versions).await
+}
+
+/// As [`tls_connect`], over `tcp`.
+async fn tls_over(
+    tcp: tokio::net::TcpStream,
+    name: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let name = rustls_pki_types::ServerName::try_from(name.to_owned()).expect("name");
     let tls = tls_connector_for(versions)
         .connect(name, tcp)
@@ -338,6 +347,29 @@ pub async fn wss_connect(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Wss {
     let tls = tls_connect(addr, "localhost", versions).await;
+    wss_over(tls, addr).await
+}
+
+/// As [`wss_connect`], the client's receive buffer held to `rcvbuf`
+/// bytes: a client that stops reading soon leaves the server's writes
+/// short.
+pub async fn wss_connect_small(
+    addr: SocketAddr,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    rcvbuf: u32,
+) -> Wss {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let tls = tls_over(tcp, "localhost", versions).await;
+    wss_over(tls, addr).await
+}
+
+/// The WebSocket upgrade of `/ws` over `tls`.
+async fn wss_over(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    addr: SocketAddr,
+) -> Wss {
     let url = format!("wss://localhost:{}/ws", addr.port());
     tokio_tungstenite::client_async(url, tls)
         .await

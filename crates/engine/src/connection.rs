@@ -24,7 +24,7 @@ use crate::outbox::{KEEP_CAPACITY, Outbox, Outgoing, Taken};
 use crate::protocol::{ErrorBody, ErrorCode, Incoming, ServerMessage, classify, reply_json};
 use crate::router::Caller;
 use crate::server::App;
-use crate::websocket::{self, Message, Socket, Utf8Bytes, close_code};
+use crate::websocket::{self, Lendable, Message, Socket, Utf8Bytes, close_code};
 
 /// A client that has not taken a frame for this long is dropped.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -498,8 +498,14 @@ async fn read_loop(
     let mut lent = false;
     let _lent_back = LentBack(&caller.outbox);
     let end = loop {
-        if !lent && let Some(tcp) = socket.lendable() {
-            lent = caller.outbox.lend(tcp);
+        if !lent && let Some(lendable) = socket.lendable() {
+            lent = match lendable {
+                Lendable::Plain(tcp) => caller.outbox.lend(tcp),
+                Lendable::Tls(tcp, records) => caller.outbox.lend_tls(tcp, records),
+            };
+            if lent {
+                socket.lent();
+            }
         }
         // Lookups and events in the router share the connection's bound;
         // events are also held to the connection's share of the router
@@ -600,9 +606,7 @@ async fn read_loop(
 /// lent write began goes first into the socket, before anything queued
 /// since the stream was lent.
 fn take_back(outbox: &Outbox, socket: &mut Socket) {
-    if let Some(rest) = outbox.claim() {
-        socket.queue_rest(rest);
-    }
+    socket.taken_back(outbox.claim());
 }
 
 /// Takes the stream back however the connection's loop ends, a panic

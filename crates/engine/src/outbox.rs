@@ -140,7 +140,7 @@ struct State {
     ended: bool,
     /// The connection's stream, lent while its task writes nothing and
     /// nothing is queued (never while anything is).
-    lent: Option<Arc<TcpStream>>,
+    lent: Option<Lent>,
     /// The unwritten end of a frame a lent write began: the socket's
     /// next bytes, whatever else is queued, so its task takes it first
     /// ([`Outbox::claim`]). Not a queued message (it is counted as sent,
@@ -169,10 +169,24 @@ impl State {
     /// Writes `slices` into the lent stream, if it is lent; returns the
     /// bytes the socket took (`None`: not lent, or it took none). Unless
     /// it took them all, the loan ends: the connection's task, woken by
-    /// what is queued next, writes the rest and whatever follows.
+    /// what is queued next, writes the rest and whatever follows. Over
+    /// TLS they are sealed first, and taken whole once sealed: records the
+    /// socket does not take are the rest the task writes first.
     fn write_lent(&mut self, slices: &[IoSlice<'_>]) -> Option<usize> {
-        let tcp = self.lent.as_ref().filter(|_| self.queue.is_empty())?;
+        let lent = self.lent.as_ref().filter(|_| self.queue.is_empty())?;
         let all: usize = slices.iter().map(|s| s.len()).sum();
+        let tcp = match lent {
+            Lent::Plain(tcp) => tcp,
+            // Larger: queued for the connection's task, as before a loan.
+            Lent::Tls(..) if all > crate::tls::MAX_LENT => return None,
+            Lent::Tls(tcp, records) => {
+                let (written, still_lent) = write_sealed(tcp, records, slices, &mut self.rest);
+                if !still_lent {
+                    self.lent = None;
+                }
+                return written.then_some(all);
+            }
+        };
         match crate::transport::send_now(tcp, slices) {
             Ok(n) if n == all => Some(n),
             Ok(n) => {
@@ -192,6 +206,11 @@ impl State {
     /// returns how many messages are written or begun, and how many of
     /// those are written whole.
     fn took(&mut self, messages: &[Prepared], n: usize) -> (usize, usize) {
+        if self.rest.is_some() {
+            // Sealed records the socket did not take (TLS): every message
+            // is begun, none is on the wire whole for sure.
+            return (messages.len(), 0);
+        }
         let (whole, rest) = Prepared::written(messages, n);
         if rest.is_empty() {
             return (whole, whole);
@@ -206,6 +225,63 @@ impl State {
             self.queue = VecDeque::new();
         }
     }
+}
+
+/// A connection's stream, lent to its outbox while its task writes
+/// nothing ([`Outbox::lend`]).
+#[derive(Clone)]
+enum Lent {
+    /// Plain TCP: a push is written as it is.
+    Plain(Arc<TcpStream>),
+    /// TLS on gale's record layer: a push is sealed, then written.
+    Tls(Arc<TcpStream>, Arc<Mutex<crate::tls::Records>>),
+}
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No keys shown.
+        f.write_str(match self {
+            Lent::Plain(_) => "Lent::Plain",
+            Lent::Tls(..) => "Lent::Tls",
+        })
+    }
+}
+
+thread_local! {
+    /// Records sealed for a lent TLS write, per thread.
+    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Most of a sealing buffer a thread keeps between pushes.
+const KEEP_SEALED: usize = 64 * 1024;
+
+/// [`State::write_lent`] over TLS: `slices` sealed, then written into
+/// `tcp`; records the socket does not take are kept in `rest`, for the
+/// connection's task to write first. Returns whether they were sealed
+/// (then taken whole), and whether the stream stays lent (the socket took
+/// every record).
+fn write_sealed(
+    tcp: &TcpStream,
+    records: &Mutex<crate::tls::Records>,
+    slices: &[IoSlice<'_>],
+    rest: &mut Option<Bytes>,
+) -> (bool, bool) {
+    SEALED.with_borrow_mut(|out| {
+        out.clear();
+        let sealed = crate::tls::seal_lent(records, slices, out).is_ok();
+        // Full, or the client is gone (an error): the task finds out which.
+        let sent = crate::transport::send_now(tcp, &[IoSlice::new(out)]).unwrap_or_default();
+        let all_sent = sent == out.len();
+        if !all_sent {
+            *rest = Some(Bytes::copy_from_slice(&out[sent..]));
+        }
+        if out.capacity() > KEEP_SEALED {
+            *out = Vec::new();
+        }
+        // Not sealed: the connection is closing (a TLS 1.2 write key at
+        // its limit, its close_notify the rest).
+        (sealed, sealed && all_sent)
+    })
 }
 
 /// What a push to many outboxes did: how many deliveries (each message
@@ -522,6 +598,21 @@ impl Outbox {
     /// writes anything. False when something is queued or begun (the
     /// task was woken for it) or the connection is ending.
     pub(crate) fn lend(&self, tcp: &Arc<TcpStream>) -> bool {
+        self.lend_as(Lent::Plain(tcp.clone()))
+    }
+
+    /// As [`Outbox::lend`], a TLS stream on gale's records
+    /// ([`crate::tls::TlsStream::lendable`]): a push is sealed, then
+    /// written, by whoever sends it.
+    pub(crate) fn lend_tls(
+        &self,
+        tcp: &Arc<TcpStream>,
+        records: &Arc<Mutex<crate::tls::Records>>,
+    ) -> bool {
+        self.lend_as(Lent::Tls(tcp.clone(), records.clone()))
+    }
+
+    fn lend_as(&self, lent: Lent) -> bool {
         let mut st = self.lock();
         if !st.queue.is_empty()
             || st.rest.is_some()
@@ -531,7 +622,7 @@ impl Outbox {
         {
             return false;
         }
-        st.lent = Some(tcp.clone());
+        st.lent = Some(lent);
         true
     }
 

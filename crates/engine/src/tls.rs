@@ -26,7 +26,7 @@ use std::cell::RefCell;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 
 use rustls::ServerConfig;
@@ -43,7 +43,7 @@ use crate::metrics::TlsVersion;
 
 mod records;
 
-use records::Records;
+pub(crate) use records::Records;
 
 /// The server's TLS settings, loaded; cheap to clone.
 #[derive(Clone)]
@@ -60,7 +60,8 @@ impl Tls {
     pub(crate) async fn accept(&self, tcp: TcpStream) -> io::Result<TlsStream> {
         let conn = UnbufferedServerConnection::new(self.0.clone()).map_err(invalid)?;
         let mut stream = TlsStream {
-            tcp,
+            tcp: Arc::new(tcp),
+            lent: false,
             session: Session::Rustls(Box::new(Handshake {
                 conn,
                 caught: Caught::default(),
@@ -191,6 +192,12 @@ const MAX_INCOMING: usize = 0x1_0000 + 2 * READ_CHUNK;
 /// Most plaintext encrypted by one write.
 const MAX_WRITE: usize = 64 * 1024;
 
+/// Most plaintext a push into a lent stream is sealed from (see
+/// [`seal_lent`]): what the socket does not take of it is held until the
+/// connection's task writes it, outside the queue's bound, as a write of
+/// the task's own would be. A larger push is queued for the task.
+pub(crate) const MAX_LENT: usize = MAX_WRITE;
+
 /// Where our side of the connection is in closing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Close {
@@ -216,8 +223,9 @@ enum Want {
 enum Session {
     /// rustls: the handshake.
     Rustls(Box<Handshake>),
-    /// gale, after the handshake.
-    Records(Box<Records>),
+    /// gale, after the handshake: shared with the connection's outbox
+    /// while it lends the stream (see [`TlsStream::lendable`]).
+    Records(Arc<Mutex<Records>>),
     /// Neither: for the moment rustls hands over, and for good after a
     /// fault in gale's records.
     Gone,
@@ -246,7 +254,12 @@ impl std::fmt::Debug for Moving {
 
 /// A TLS connection over TCP, its handshake done (see the module's doc).
 pub(crate) struct TlsStream {
-    tcp: TcpStream,
+    /// Shared with the connection's outbox while it lends the stream.
+    tcp: Arc<TcpStream>,
+    /// The outbox holds the stream: whoever pushes seals and writes, so
+    /// this side seals nothing (what it owes the peer goes with the next
+    /// record sealed, by either side), until [`TlsStream::taken_back`].
+    lent: bool,
     session: Session,
     /// TLS bytes received and not yet processed (part of a record).
     incoming: Vec<u8>,
@@ -326,6 +339,59 @@ fn handshake_records(incoming: &[u8], shown: usize, mut more: usize) -> (usize, 
         at = end;
     }
 }
+
+/// The record layer, locked: by the connection's task, or by whoever
+/// pushes into a lent stream (a lock held only to seal or open).
+fn lock(records: &Mutex<Records>) -> MutexGuard<'_, Records> {
+    records
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes `bytes` into the socket, waiting for room.
+fn write_tcp(tcp: &TcpStream, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        match tcp.try_write(bytes) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(tcp.poll_write_ready(cx))?,
+            other => return Poll::Ready(other),
+        }
+    }
+}
+
+/// Seals `frames` into `out`, as one run of records, for a push written
+/// straight into a lent stream (`outbox`): the records the socket does
+/// not take go out first once the connection's task has the stream back
+/// ([`TlsStream::taken_back`]). An error once the connection is closing
+/// (`out` may then hold its `close_notify`, to send like any record).
+pub(crate) fn seal_lent(
+    records: &Mutex<Records>,
+    frames: &[io::IoSlice<'_>],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut records = lock(records);
+    match frames {
+        [one] => records.seal(one, out),
+        _ => GATHER.with_borrow_mut(|gathered| {
+            gathered.clear();
+            for f in frames {
+                gathered.extend_from_slice(f);
+            }
+            let sealed = records.seal(gathered, out);
+            if gathered.capacity() > KEEP_GATHERED {
+                *gathered = Vec::new();
+            }
+            sealed
+        }),
+    }
+}
+
+thread_local! {
+    /// Frames of one lent push gathered before sealing, per thread.
+    static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Most of a gathering buffer a thread keeps between pushes.
+const KEEP_GATHERED: usize = 64 * 1024;
 
 /// Frees an empty buffer's memory (an idle connection holds none).
 fn let_go_if_empty(buf: &mut Vec<u8>) {
@@ -438,16 +504,20 @@ impl TlsStream {
     /// Opens what came in and seals `data` with gale's own record layer
     /// (after the handshake); as [`Self::process`].
     fn process_records(&mut self, data: Option<&[u8]>) -> io::Result<Want> {
-        let Session::Records(records) = &mut self.session else {
+        let Session::Records(shared) = &self.session else {
             return Err(invalid("no record layer"));
         };
+        let shared = shared.clone();
+        let mut records = lock(&shared);
         if !records.peer_closed() && !self.incoming.is_empty() {
             match records.open(&mut self.incoming, &mut self.plain) {
                 Ok(used) => {
                     self.incoming.drain(..used);
                 }
                 Err(fault) => {
-                    if let Some(alert) = fault.alert {
+                    // While lent, records sealed by a pusher may follow:
+                    // no alert then, the connection ends all the same.
+                    if let Some(alert) = fault.alert.filter(|_| !self.lent) {
                         records.fatal_alert(alert, &mut self.outgoing);
                         self.send_last();
                     }
@@ -462,8 +532,9 @@ impl TlsStream {
         }
         let_go_if_empty(&mut self.incoming);
         // A key update the peer asked for goes out now if nothing of ours
-        // waits; else before our next record.
-        if self.outgoing.len() == self.sent {
+        // waits; else before our next record (while lent, before the next
+        // record a pusher seals, or this side once it has the stream back).
+        if self.outgoing.len() == self.sent && !self.lent {
             records.answer(&mut self.outgoing)?;
         }
         if let Some(data) = data.filter(|d| !d.is_empty())
@@ -499,15 +570,28 @@ impl TlsStream {
     /// connection.
     pub(crate) fn into_moving(self) -> Result<(TcpStream, Moving, Vec<u8>), Box<TlsStream>> {
         let records = match &self.session {
-            Session::Records(records)
-                if !records.peer_closed()
-                    && !records.closing()
-                    && !self.eof
-                    && self.close == Close::Open =>
-            {
-                records.export()
+            Session::Records(shared) if !self.lent && Arc::strong_count(shared) == 1 => {
+                let records = lock(shared);
+                if records.peer_closed()
+                    || records.closing()
+                    || self.eof
+                    || self.close != Close::Open
+                {
+                    None
+                } else {
+                    Some(records.export())
+                }
             }
-            _ => return Err(Box::new(self)),
+            _ => None,
+        };
+        let Some(records) = records else {
+            return Err(Box::new(self));
+        };
+        let tcp = match Arc::try_unwrap(self.tcp) {
+            Ok(tcp) => tcp,
+            Err(tcp) => {
+                return Err(Box::new(TlsStream { tcp, ..self }));
+            }
         };
         let moving = Moving {
             records,
@@ -515,7 +599,50 @@ impl TlsStream {
             outgoing: self.outgoing.get(self.sent..).unwrap_or_default().to_vec(),
         };
         let plain = self.plain.get(self.read_at..).unwrap_or_default().to_vec();
-        Ok((self.tcp, moving, plain))
+        Ok((tcp, moving, plain))
+    }
+
+    /// The socket and record layer to lend the connection's outbox while
+    /// its task writes nothing: gale's records running, nothing of this
+    /// side's waiting to be written, no close begun. Once the outbox took
+    /// them, [`TlsStream::lent`]; [`TlsStream::taken_back`] when it gives
+    /// them back.
+    pub(crate) fn lendable(&self) -> Option<(&Arc<TcpStream>, &Arc<Mutex<Records>>)> {
+        match &self.session {
+            Session::Records(records)
+                if !self.lent
+                    && self.sent == self.outgoing.len()
+                    && self.close == Close::Open
+                    && !self.eof =>
+            {
+                Some((&self.tcp, records))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether records wait to be written.
+    pub(crate) fn has_unsent(&self) -> bool {
+        self.sent < self.outgoing.len()
+    }
+
+    /// The outbox holds the stream (see [`TlsStream::lendable`]).
+    pub(crate) fn lent(&mut self) {
+        self.lent = true;
+    }
+
+    /// The stream is back from the outbox, with `rest`, records a pusher
+    /// sealed and the socket did not take: they go out first.
+    pub(crate) fn taken_back(&mut self, rest: Option<bytes::Bytes>) {
+        self.lent = false;
+        if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+            // Nothing of this side's was queued while lent.
+            let mut outgoing = Vec::with_capacity(rest.len() + self.outgoing.len() - self.sent);
+            outgoing.extend_from_slice(&rest);
+            outgoing.extend_from_slice(&self.outgoing[self.sent..]);
+            self.outgoing = outgoing;
+            self.sent = 0;
+        }
     }
 
     /// A stream taken over from the previous process, going on from
@@ -523,8 +650,9 @@ impl TlsStream {
     pub(crate) fn resume(tcp: TcpStream, moving: Moving) -> io::Result<TlsStream> {
         let records = Records::import(&moving.records)?;
         Ok(TlsStream {
-            tcp,
-            session: Session::Records(Box::new(records)),
+            tcp: Arc::new(tcp),
+            lent: false,
+            session: Session::Records(Arc::new(Mutex::new(records))),
             incoming: moving.incoming,
             shown: 0,
             outgoing: moving.outgoing,
@@ -540,7 +668,7 @@ impl TlsStream {
     /// returned runs gale's records).
     pub(crate) fn version(&self) -> TlsVersion {
         match &self.session {
-            Session::Records(records) if records.tls12() => TlsVersion::Tls12,
+            Session::Records(records) if lock(records).tls12() => TlsVersion::Tls12,
             _ => TlsVersion::Tls13,
         }
     }
@@ -569,7 +697,7 @@ impl TlsStream {
             Session::Rustls(handshake) => {
                 let Handshake { conn, caught } = *handshake;
                 let records = Records::new(conn, &caught.client, &caught.server)?;
-                self.session = Session::Records(Box::new(records));
+                self.session = Session::Records(Arc::new(Mutex::new(records)));
                 Ok(())
             }
             other => {
@@ -582,7 +710,7 @@ impl TlsStream {
     /// Writes what is queued; ready once all of it is written.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.outgoing.len() {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.sent..]))?;
+            let n = ready!(write_tcp(&self.tcp, cx, &self.outgoing[self.sent..]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -646,6 +774,12 @@ impl TlsStream {
     /// Encrypts `data` (up to [`MAX_WRITE`] of it) once what was queued
     /// before is written; returns how much was taken.
     fn poll_write_plain(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        if self.lent {
+            // Records a pusher seals could go out between this write's.
+            return Poll::Ready(Err(io::Error::other(
+                "a TLS write while the stream is lent",
+            )));
+        }
         ready!(self.poll_send(cx))?;
         if self.close != Close::Open {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
@@ -753,13 +887,18 @@ impl AsyncWrite for TlsStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.lent {
+            return Poll::Ready(Err(io::Error::other(
+                "a TLS close while the stream is lent",
+            )));
+        }
         if this.close == Close::Open {
             this.close = Close::Asked;
             // A peer that already closed both ways leaves nothing to say.
             let _ = this.process(None)?;
         }
         ready!(this.poll_send(cx))?;
-        Pin::new(&mut this.tcp).poll_shutdown(cx)
+        Poll::Ready(socket2::SockRef::from(&*this.tcp).shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -934,11 +1073,68 @@ mod tests {
         buf
     }
 
-    fn records(stream: &mut TlsStream) -> &mut Records {
-        match &mut stream.session {
-            Session::Records(records) => records,
+    fn records(stream: &mut TlsStream) -> MutexGuard<'_, Records> {
+        match &stream.session {
+            Session::Records(records) => lock(records),
             _ => panic!("the records should be gale's after the handshake"),
         }
+    }
+
+    /// A stream lent to its outbox: a key update the client asks for is
+    /// read and not answered by the reading side; the pusher's sealing
+    /// pays it before its record, and what the socket did not take of
+    /// that goes out before anything the stream's own side writes next.
+    #[tokio::test]
+    async fn a_lent_stream_is_sealed_by_the_pusher_in_order_with_the_answer_owed() {
+        let tls = test_acceptor();
+        let (mut server, client) = pair_with(
+            &tls,
+            suite_client(TLS13_SUITES[0]),
+            1,
+            |_| {},
+            |mut c: Client| {
+                c.conn.refresh_traffic_keys().expect("key update");
+                c.write_all(b"ping").expect("write");
+                c.flush().expect("flush");
+                let mut got = vec![0; 3 * 1000];
+                c.read_exact(&mut got).expect("pushes");
+                got
+            },
+        )
+        .await;
+        let (tcp, shared) = {
+            let (tcp, records) = server.lendable().expect("idle: lendable");
+            (tcp.clone(), records.clone())
+        };
+        server.lent();
+        assert!(server.lendable().is_none(), "lent once");
+        assert_eq!(read_exact(&mut server, 4).await, b"ping");
+        assert!(!server.has_unsent(), "nothing sealed by the reading side");
+        assert_eq!(lock(&shared).write_updates(), 0);
+
+        let mut out = Vec::new();
+        seal_lent(&shared, &[io::IoSlice::new(&[b'a'; 1000])], &mut out).expect("sealed");
+        assert_eq!(
+            lock(&shared).write_updates(),
+            1,
+            "the answer, before the push"
+        );
+        let half = out.len() / 2;
+        let mut at = 0;
+        while at < half {
+            tcp.writable().await.expect("writable");
+            at += tcp.try_write(&out[at..half]).unwrap_or(0);
+        }
+        drop((tcp, shared));
+        server.taken_back(Some(bytes::Bytes::copy_from_slice(&out[half..])));
+        assert!(server.has_unsent(), "the records left go first");
+        server.write_all(&[b'b'; 1000]).await.expect("write");
+        server.write_all(&[b'c'; 1000]).await.expect("write");
+        server.flush().await.expect("flush");
+        let got = client.join().expect("client");
+        assert!(got[..1000].iter().all(|&b| b == b'a'));
+        assert!(got[1000..2000].iter().all(|&b| b == b'b'));
+        assert!(got[2000..].iter().all(|&b| b == b'c'));
     }
 
     #[tokio::test]
@@ -1321,8 +1517,11 @@ mod tests {
             c.read_to_end(&mut got).map(|_| got)
         })
         .await;
-        let layer = records(&mut server);
-        layer.set_limit(layer.write_seq() + left);
+        {
+            let mut layer = records(&mut server);
+            let at = layer.write_seq();
+            layer.set_limit(at + left);
+        }
         (server, client)
     }
 
@@ -1338,7 +1537,7 @@ mod tests {
             c.read(&mut buf)
         })
         .await;
-        records(&mut server);
+        drop(records(&mut server));
         server.write_all(b"go").await.expect("go");
         let err = read_some(&mut server).await.expect_err("refused");
         assert!(err.to_string().contains("does not decrypt"), "{err}");
@@ -1371,7 +1570,7 @@ mod tests {
             let _ = c.read(&mut [0; 16]);
         })
         .await;
-        records(&mut server);
+        drop(records(&mut server));
         server.write_all(b"go").await.expect("go");
         let err = read_some(&mut server).await.expect_err("refused");
         assert!(err.to_string().contains("too many key updates"), "{err}");
@@ -1394,7 +1593,7 @@ mod tests {
         )
         .await;
         // rustls read none of it: the hand-over took place.
-        records(&mut server);
+        drop(records(&mut server));
         assert_eq!(read_exact(&mut server, 5).await, b"early");
         assert!(read_some(&mut server).await.expect("end").is_empty());
         client.join().expect("client");
@@ -1419,7 +1618,7 @@ mod tests {
             reply
         })
         .await;
-        records(&mut server);
+        drop(records(&mut server));
         server.write_all(b"go").await.expect("go");
         assert_eq!(read_exact(&mut server, 1).await, b"x");
         assert_eq!(records(&mut server).write_updates(), 1);

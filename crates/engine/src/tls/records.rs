@@ -314,7 +314,7 @@ fn expand_label(
 
 /// A connection's record layer, after the handshake (see the module's
 /// doc).
-pub(super) struct Records {
+pub(crate) struct Records {
     /// TLS 1.3's traffic secrets, for key updates (TLS 1.2 has none).
     secrets: Option<Secrets>,
     tx: Keys,

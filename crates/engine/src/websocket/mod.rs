@@ -727,6 +727,18 @@ impl Socket {
     }
 }
 
+/// A socket's stream as its outbox may hold it while the socket writes
+/// nothing ([`Socket::lendable`]).
+pub(crate) enum Lendable<'a> {
+    /// Plain TCP.
+    Plain(&'a Arc<tokio::net::TcpStream>),
+    /// TLS on gale's records: its socket and record layer.
+    Tls(
+        &'a Arc<tokio::net::TcpStream>,
+        &'a Arc<std::sync::Mutex<crate::tls::Records>>,
+    ),
+}
+
 /// A socket between two messages, taken apart for a takeover: its TCP
 /// stream and every byte of state it holds, so the new process goes on
 /// from exactly where this one stopped.
@@ -758,23 +770,50 @@ impl Socket {
         self.deflate.is_some()
     }
 
-    /// Its TCP stream, for its outbox to lend while the socket writes
-    /// nothing: plain, not compressing (a push is written as its shared
-    /// frame), nothing queued or half-written, and no close sent.
-    pub(crate) fn lendable(&self) -> Option<&Arc<tokio::net::TcpStream>> {
+    /// Its stream, for its outbox to lend while the socket writes
+    /// nothing: not compressing (a push is written as its shared frame),
+    /// nothing queued or half-written, and no close sent; plain TCP, or
+    /// TLS on gale's records with nothing of its own waiting (a push is
+    /// then sealed by whoever sends it). Once the outbox took it,
+    /// [`Socket::lent`].
+    pub(crate) fn lendable(&self) -> Option<Lendable<'_>> {
+        if self.compresses() || !self.out.is_empty() || self.sent_close {
+            return None;
+        }
         match &self.stream {
-            Stream::Shared(tcp)
-                if !self.compresses() && self.out.is_empty() && !self.sent_close =>
-            {
-                Some(tcp)
-            }
-            _ => None,
+            Stream::Shared(tcp) => Some(Lendable::Plain(tcp)),
+            Stream::Tls(tls) => tls
+                .lendable()
+                .map(|(tcp, records)| Lendable::Tls(tcp, records)),
+            Stream::Plain(_) => None,
         }
     }
 
-    /// Whether anything waits in its frame queue.
+    /// Its outbox holds the stream ([`Socket::lendable`]).
+    pub(crate) fn lent(&mut self) {
+        if let Stream::Tls(tls) = &mut self.stream {
+            tls.lent();
+        }
+    }
+
+    /// The stream is back from its outbox, with `rest`, the end of what a
+    /// lent write began (a frame's end, or over TLS records sealed and not
+    /// written): it goes first.
+    pub(crate) fn taken_back(&mut self, rest: Option<Bytes>) {
+        match &mut self.stream {
+            Stream::Tls(tls) => tls.taken_back(rest),
+            _ => {
+                if let Some(rest) = rest {
+                    self.queue_rest(rest);
+                }
+            }
+        }
+    }
+
+    /// Whether anything waits to be written: in its frame queue, or over
+    /// TLS sealed and not yet written (records a lent write left).
     pub(crate) fn has_queued(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || matches!(&self.stream, Stream::Tls(tls) if tls.has_unsent())
     }
 
     /// Queues the rest of a frame someone else began to write into this
