@@ -21,6 +21,13 @@
 //! connection object nor expanded cipher state. For TLS 1.3's key
 //! updates gale keeps the two application traffic secrets, which rustls
 //! hands it in the handshake through its key log ([`SecretCatcher`]).
+//!
+//! While a WebSocket's task writes nothing, its outbox may hold the
+//! socket and the record layer ([`TlsStream::lendable`]): whoever pushes
+//! then seals and writes ([`seal_lent`]), as on plain TCP, and the
+//! stream's own side seals nothing until it has them back
+//! ([`TlsStream::taken_back`]), so every record goes out in the order
+//! it was sealed.
 
 use std::cell::RefCell;
 use std::io;
