@@ -396,6 +396,55 @@ async fn pushes_are_sealed_by_the_publisher_into_idle_wss_sockets() {
     }
 }
 
+/// A TLS 1.3 client that asks for a key update on an idle `wss://`
+/// connection (its stream lent to its outbox, nothing pushed) gets the
+/// server's answer at once, not with the next push or ping.
+#[tokio::test]
+async fn an_idle_wss_connection_answers_a_key_update_at_once() {
+    let server = start_with(|c| {
+        c.server.tls_cert = Some(key_file("tls-cert.pem"));
+        c.server.tls_key = Some(key_file("tls-key.pem"));
+        c.server.ping_interval_s = 600;
+    })
+    .await;
+    let addr = server.addr;
+    let answered = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let config = std::sync::Arc::new(common::tls_client_config(&[&rustls::version::TLS13]));
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let conn = rustls::ClientConnection::new(config, name).expect("client");
+        let tcp = std::net::TcpStream::connect(addr).expect("connect");
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .expect("upgrade");
+        // The 101, then the greeting (a text frame of its own length).
+        let mut got = Vec::new();
+        let mut buf = [0; 4096];
+        while !got.windows(9).any(|w| w == b"connected") {
+            let n = tls.read(&mut buf).expect("read");
+            assert!(n > 0, "closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101"));
+        // Idle: the stream is lent by now.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        tls.conn.refresh_traffic_keys().expect("key update");
+        tls.flush().expect("flush");
+        // The answer is a record on the wire: read raw, under TLS.
+        tls.sock
+            .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .expect("timeout");
+        let mut raw = [0; 64];
+        tls.sock.read(&mut raw).map(|n| n > 0).unwrap_or(false)
+    })
+    .await
+    .expect("client");
+    assert!(answered, "the key update was answered within 3 s");
+}
+
 /// `gale bench broadcast` against a TLS server publishes over HTTPS and
 /// counts every delivery.
 #[tokio::test]

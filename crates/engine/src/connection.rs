@@ -389,7 +389,7 @@ pub(crate) async fn echo(_held: Held, app: Arc<App>, mut socket: Box<Socket>) {
                     m.messages_out.inc();
                 }
                 Ok(Message::Close) => break End::ClientClosed,
-                Ok(Message::Ping | Message::Pong) => {
+                Ok(Message::Ping | Message::Pong | Message::Owed) => {
                     if !flushed(&mut socket).await {
                         break End::Gone;
                     }
@@ -546,6 +546,8 @@ async fn read_loop(
                     // A ping's pong is queued: it goes out now.
                     Ok(Message::Ping) => Write::Queued,
                     Ok(Message::Pong) => Write::Nothing,
+                    // The stream comes back, and the answer goes out.
+                    Ok(Message::Owed) => Write::Queued,
                     Ok(Message::Close) => break End::ClientClosed,
                     Err(e) => break read_error(e),
                 }

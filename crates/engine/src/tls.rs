@@ -69,6 +69,7 @@ impl Tls {
         let mut stream = TlsStream {
             tcp: Arc::new(tcp),
             lent: false,
+            owed: false,
             session: Session::Rustls(Box::new(Handshake {
                 conn,
                 caught: Caught::default(),
@@ -267,6 +268,9 @@ pub(crate) struct TlsStream {
     /// this side seals nothing (what it owes the peer goes with the next
     /// record sealed, by either side), until [`TlsStream::taken_back`].
     lent: bool,
+    /// While lent, the peer came to be owed an answer: it is sealed once
+    /// the stream is taken back ([`TlsStream::owes_answer`]).
+    owed: bool,
     session: Session,
     /// TLS bytes received and not yet processed (part of a record).
     incoming: Vec<u8>,
@@ -543,6 +547,8 @@ impl TlsStream {
         // record a pusher seals, or this side once it has the stream back).
         if self.outgoing.len() == self.sent && !self.lent {
             records.answer(&mut self.outgoing)?;
+        } else if self.lent && records.owes_answer() {
+            self.owed = true;
         }
         if let Some(data) = data.filter(|d| !d.is_empty())
             && let Err(e) = records.seal(data, &mut self.outgoing)
@@ -633,6 +639,13 @@ impl TlsStream {
         self.sent < self.outgoing.len()
     }
 
+    /// Whether the stream is lent and the peer came to be owed an answer
+    /// meanwhile: its reader takes the stream back, and the answer goes
+    /// out then ([`TlsStream::taken_back`]), not only before the next push.
+    pub(crate) fn owes_answer(&self) -> bool {
+        self.lent && self.owed
+    }
+
     /// The outbox holds the stream (see [`TlsStream::lendable`]).
     pub(crate) fn lent(&mut self) {
         self.lent = true;
@@ -650,6 +663,15 @@ impl TlsStream {
             self.outgoing = outgoing;
             self.sent = 0;
         }
+        // An answer owed since the loan began, if no pusher's record paid
+        // it: after what was sealed before it, and out with the next
+        // flush. (Failing, it is paid by the next record sealed.)
+        if std::mem::take(&mut self.owed)
+            && let Session::Records(records) = &self.session
+        {
+            let records = records.clone();
+            let _ = lock(&records).answer(&mut self.outgoing);
+        }
     }
 
     /// A stream taken over from the previous process, going on from
@@ -659,6 +681,7 @@ impl TlsStream {
         Ok(TlsStream {
             tcp: Arc::new(tcp),
             lent: false,
+            owed: false,
             session: Session::Records(Arc::new(Mutex::new(records))),
             incoming: moving.incoming,
             shown: 0,
@@ -1142,6 +1165,50 @@ mod tests {
         assert!(got[..1000].iter().all(|&b| b == b'a'));
         assert!(got[1000..2000].iter().all(|&b| b == b'b'));
         assert!(got[2000..].iter().all(|&b| b == b'c'));
+    }
+
+    /// A key update asked of an idle lent stream, with nothing pushed:
+    /// the reading side says it owes an answer, and the answer is sealed
+    /// when the stream is taken back, before anything else of its own.
+    #[tokio::test]
+    async fn a_lent_stream_owing_an_answer_says_so_and_pays_it_when_taken_back() {
+        let tls = test_acceptor();
+        let (mut server, client) = pair_with(
+            &tls,
+            suite_client(TLS13_SUITES[1]),
+            1,
+            |_| {},
+            |mut c: Client| {
+                c.conn.refresh_traffic_keys().expect("key update");
+                c.flush().expect("flush");
+                let mut got = [0; 5];
+                c.read_exact(&mut got).expect("after");
+                got
+            },
+        )
+        .await;
+        assert!(server.lendable().is_some());
+        server.lent();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !server.owes_answer() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the key update read"
+            );
+            let mut buf = [0; 16];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_millis(50), server.read(&mut buf));
+            assert!(read.await.is_err(), "no data, only the key update");
+        }
+        assert!(!server.has_unsent(), "nothing sealed while lent");
+        server.taken_back(None);
+        assert!(!server.owes_answer());
+        assert!(server.has_unsent(), "the answer, sealed");
+        assert_eq!(records(&mut server).write_updates(), 1);
+        server.flush().await.expect("flush");
+        server.write_all(b"after").await.expect("write");
+        server.flush().await.expect("flush");
+        assert_eq!(&client.join().expect("client"), b"after");
     }
 
     #[tokio::test]

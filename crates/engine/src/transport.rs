@@ -87,6 +87,12 @@ impl Stream {
         }
     }
 
+    /// Over TLS, whether the stream is lent to its outbox and the peer came
+    /// to be owed an answer meanwhile (see `tls::TlsStream::owes_answer`).
+    pub(crate) fn owes_answer(&self) -> bool {
+        matches!(self, Stream::Tls(s) if s.owes_answer())
+    }
+
     /// Pushes out what TLS holds back (nothing to do over plain TCP).
     pub(crate) fn poll_flush_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {

@@ -979,6 +979,12 @@ impl Records {
         self.write_updates
     }
 
+    /// Whether the peer is owed an answer not yet sealed (a key update
+    /// asked for, a renegotiation refused).
+    pub(super) fn owes_answer(&self) -> bool {
+        self.answer_owed && !self.closing
+    }
+
     /// Whether these are TLS 1.2's records.
     pub(super) fn tls12(&self) -> bool {
         self.tx.layout != Layout::Tls13

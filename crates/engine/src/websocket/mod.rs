@@ -65,6 +65,11 @@ pub enum Message {
     /// The peer's close frame; the answer is queued unless the server
     /// sent its own close first.
     Close,
+    /// No message: over TLS, while the socket's stream is lent to its
+    /// outbox ([`Socket::lendable`]), the peer came to be owed an answer
+    /// (a key update it asked for): take the stream back and flush, and
+    /// it goes out.
+    Owed,
 }
 
 /// Why reading ended.
@@ -480,10 +485,16 @@ impl Socket {
             if self.read.is_empty() && self.read.capacity() > 0 {
                 self.read = BytesMut::new();
             }
-            match ready!(
-                self.stream
-                    .poll_read_buf(cx, &mut self.read, self.limits.read_buffer)
-            ) {
+            let read = self
+                .stream
+                .poll_read_buf(cx, &mut self.read, self.limits.read_buffer);
+            let Poll::Ready(read) = read else {
+                if self.stream.owes_answer() {
+                    return Poll::Ready(Ok(Message::Owed));
+                }
+                return Poll::Pending;
+            };
+            match read {
                 Ok(0) => return Poll::Ready(Err(Error::Closed)),
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(e.into())),
