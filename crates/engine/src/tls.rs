@@ -1749,6 +1749,210 @@ mod tests {
         client.join().expect("client");
     }
 
+    /// What a client's key log caught of a TLS 1.2 handshake: its random
+    /// and the master secret.
+    #[derive(Debug, Default)]
+    struct MasterLog(std::sync::Mutex<Option<(Vec<u8>, Vec<u8>)>>);
+
+    impl rustls::KeyLog for MasterLog {
+        fn will_log(&self, label: &str) -> bool {
+            label == "CLIENT_RANDOM"
+        }
+
+        fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+            if label == "CLIENT_RANDOM" {
+                *self.0.lock().expect("lock") = Some((client_random.to_vec(), secret.to_vec()));
+            }
+        }
+    }
+
+    /// TLS 1.2's PRF with SHA-256 (RFC 5246 §5).
+    fn prf12(secret: &[u8], label: &[u8], seed: &[u8], out: &mut [u8]) {
+        use ring::hmac;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let label_seed = [label, seed].concat();
+        let mut a = hmac::sign(&key, &label_seed);
+        let mut at = 0;
+        while at < out.len() {
+            let mut ctx = hmac::Context::with_key(&key);
+            ctx.update(a.as_ref());
+            ctx.update(&label_seed);
+            let block = ctx.sign();
+            let n = (out.len() - at).min(block.as_ref().len());
+            out[at..at + n].copy_from_slice(&block.as_ref()[..n]);
+            at += n;
+            a = hmac::sign(&key, a.as_ref());
+        }
+    }
+
+    /// A TLS 1.2 client's AES-128-GCM write key and IV (the 4-byte salt,
+    /// then the 8 bytes rustls starts the explicit nonce from), from the
+    /// master secret and the two randoms (RFC 5246 §6.3, RFC 5288).
+    fn client_keys12(
+        master: &[u8],
+        server_random: &[u8],
+        client_random: &[u8],
+    ) -> ([u8; 16], [u8; 12]) {
+        let mut block = [0; 48];
+        prf12(
+            master,
+            b"key expansion",
+            &[server_random, client_random].concat(),
+            &mut block,
+        );
+        let mut key = [0; 16];
+        key.copy_from_slice(&block[..16]);
+        let mut iv = [0; 12];
+        iv[..4].copy_from_slice(&block[32..36]);
+        iv[4..].copy_from_slice(&block[40..48]);
+        (key, iv)
+    }
+
+    /// Seals (or, `open`, opens) one TLS 1.2 AES-GCM record's payload as
+    /// the client, record `seq`: the explicit nonce, the ciphertext, the
+    /// tag; opening returns the plaintext.
+    fn gcm12(
+        key: &[u8; 16],
+        iv: &[u8; 12],
+        seq: u64,
+        typ: u8,
+        payload: &[u8],
+        open: bool,
+    ) -> Vec<u8> {
+        use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key).expect("key"));
+        let mut nonce = *iv;
+        let (explicit, body) = if open {
+            payload.split_at(8)
+        } else {
+            for (b, s) in nonce[4..].iter_mut().zip(seq.to_be_bytes()) {
+                *b ^= s;
+            }
+            (&nonce[4..], payload)
+        };
+        let explicit = explicit.to_vec();
+        nonce[4..].copy_from_slice(&explicit);
+        let plain_len = if open { body.len() - 16 } else { body.len() };
+        let mut aad = seq.to_be_bytes().to_vec();
+        aad.extend_from_slice(&[typ, 3, 3]);
+        aad.extend_from_slice(&(plain_len as u16).to_be_bytes());
+        let nonce = Nonce::assume_unique_for_key(nonce);
+        let mut buf = body.to_vec();
+        if open {
+            let plain = key
+                .open_in_place(nonce, Aad::from(aad), &mut buf)
+                .expect("the derived key opens the client's record");
+            return plain.to_vec();
+        }
+        key.seal_in_place_append_tag(nonce, Aad::from(aad), &mut buf)
+            .expect("seal");
+        let mut record = vec![typ, 3, 3];
+        record.extend_from_slice(&((8 + buf.len()) as u16).to_be_bytes());
+        record.extend_from_slice(&explicit);
+        record.extend_from_slice(&buf);
+        record
+    }
+
+    /// The records of `bytes`: type and payload.
+    fn records_of(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while bytes.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([bytes[3], bytes[4]]));
+            out.push((bytes[0], bytes[5..5 + len].to_vec()));
+            bytes = &bytes[5 + len..];
+        }
+        out
+    }
+
+    /// A TLS 1.2 client whose Finished reaches the server after a warning
+    /// alert, or split over two records (both legal, though rustls's
+    /// client sends neither): the server takes the handshake and hands it
+    /// to gale's records at the right sequence number, which then open
+    /// the client's data and seal the server's.
+    #[tokio::test]
+    async fn a_tls12_finished_after_a_warning_or_split_over_records_is_taken() {
+        let tls = test_acceptor();
+        for split in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let client = std::thread::spawn(move || {
+                let log = Arc::new(MasterLog::default());
+                let mut config = (*suite_client(TLS12_SUITES[0])).clone();
+                config.key_log = log.clone();
+                let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+                let mut conn = ClientConnection::new(Arc::new(config), name).expect("client");
+                let mut tcp = StdTcp::connect(addr).expect("connect");
+                flush(&mut conn, &mut tcp);
+                // The server's first flight, kept for its random.
+                let mut seen = Vec::new();
+                while !conn.wants_write() {
+                    let mut buf = [0; 16 * 1024];
+                    let n = tcp.read(&mut buf).expect("read");
+                    assert!(n > 0, "closed in the handshake");
+                    seen.extend_from_slice(&buf[..n]);
+                    conn.read_tls(&mut &buf[..n]).expect("read_tls");
+                    conn.process_new_packets().expect("handshake");
+                }
+                assert_eq!((seen[0], seen[5]), (22, 2), "a ServerHello first");
+                let server_random = seen[11..43].to_vec();
+                let (client_random, master) =
+                    log.0.lock().expect("lock").clone().expect("master secret");
+                let (key, iv) = client_keys12(&master, &server_random, &client_random);
+                let mut flight = Vec::new();
+                while conn.wants_write() {
+                    conn.write_tls(&mut flight).expect("encode");
+                }
+                let records = records_of(&flight);
+                assert_eq!(records.len(), 3, "key exchange, CCS, Finished");
+                let finished = gcm12(&key, &iv, 0, 22, &records[2].1, true);
+                assert_eq!(finished[0], 20, "a Finished");
+                let mut out = Vec::new();
+                for (typ, payload) in &records[..2] {
+                    out.extend_from_slice(&[*typ, 3, 3]);
+                    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+                    out.extend_from_slice(payload);
+                }
+                if split {
+                    out.extend(gcm12(&key, &iv, 0, 22, &finished[..6], false));
+                    out.extend(gcm12(&key, &iv, 1, 22, &finished[6..], false));
+                } else {
+                    // A warning alert (user_canceled), then the Finished.
+                    out.extend(gcm12(&key, &iv, 0, 21, &[1, 90], false));
+                    out.extend(gcm12(&key, &iv, 1, 22, &finished, false));
+                }
+                tcp.write_all(&out).expect("write");
+                while conn.is_handshaking() {
+                    let n = conn.read_tls(&mut tcp).expect("read");
+                    assert!(n > 0, "the server closed in the handshake");
+                    conn.process_new_packets().expect("the server's Finished");
+                }
+                // Data from record 2 on, sealed here (rustls counts one
+                // record fewer).
+                tcp.write_all(&gcm12(&key, &iv, 2, 23, b"hello", false))
+                    .expect("data");
+                let mut got = Vec::new();
+                while got.len() < 5 {
+                    conn.read_tls(&mut tcp).expect("read");
+                    conn.process_new_packets().expect("data");
+                    let mut buf = [0; 16];
+                    if let Ok(n) = conn.reader().read(&mut buf) {
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                }
+                got
+            });
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut server = tls.accept(tcp).await.expect("handshake");
+            assert!(records(&mut server).tls12());
+            assert_eq!(read_exact(&mut server, 5).await, b"hello", "split: {split}");
+            server.write_all(b"world").await.expect("write");
+            server.flush().await.expect("flush");
+            assert_eq!(client.join().expect("client"), b"world", "split: {split}");
+        }
+    }
+
     /// A record's inner type and content.
     type Sealed = (u8, Vec<u8>);
 
