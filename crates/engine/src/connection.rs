@@ -24,7 +24,7 @@ use crate::outbox::{KEEP_CAPACITY, Outbox, Outgoing, Taken};
 use crate::protocol::{ErrorBody, ErrorCode, Incoming, ServerMessage, classify, reply_json};
 use crate::router::Caller;
 use crate::server::App;
-use crate::websocket::{self, Lendable, Message, Socket, Utf8Bytes, close_code};
+use crate::websocket::{self, Message, Socket, Utf8Bytes, close_code};
 
 /// A client that has not taken a frame for this long is dropped.
 pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -498,11 +498,8 @@ async fn read_loop(
     let mut lent = false;
     let _lent_back = LentBack(&caller.outbox);
     let end = loop {
-        if !lent && let Some(lendable) = socket.lendable() {
-            lent = match lendable {
-                Lendable::Plain(tcp) => caller.outbox.lend(tcp),
-                Lendable::Tls(tcp, records) => caller.outbox.lend_tls(tcp, records),
-            };
+        if !lent && let Some(stream) = socket.lendable() {
+            lent = caller.outbox.lend(stream);
             if lent {
                 socket.lent();
             }

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::transport::MAX_SLICES;
-use crate::websocket::{Prepared, Run};
+use crate::websocket::{Lendable, Prepared, Run};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -590,29 +590,14 @@ impl Outbox {
         }
     }
 
-    /// Lends the connection's `tcp` stream: while nothing is queued,
-    /// pushes are written straight into it by whoever sends them, and
-    /// the task is not woken for them. Its task calls this when it has
+    /// Lends the connection's stream: while nothing is queued, pushes are
+    /// written straight into it by whoever sends them (over TLS, sealed
+    /// first with its record layer), and the task is not woken for them. Its task calls this when it has
     /// nothing to write, and takes the stream back with [`Outbox::claim`]
     /// (which hands it the end of any frame begun meanwhile) before it
     /// writes anything. False when something is queued or begun (the
     /// task was woken for it) or the connection is ending.
-    pub(crate) fn lend(&self, tcp: &Arc<TcpStream>) -> bool {
-        self.lend_as(Lent::Plain(tcp.clone()))
-    }
-
-    /// As [`Outbox::lend`], a TLS stream on gale's records
-    /// ([`crate::tls::TlsStream::lendable`]): a push is sealed, then
-    /// written, by whoever sends it.
-    pub(crate) fn lend_tls(
-        &self,
-        tcp: &Arc<TcpStream>,
-        records: &Arc<Mutex<crate::tls::Records>>,
-    ) -> bool {
-        self.lend_as(Lent::Tls(tcp.clone(), records.clone()))
-    }
-
-    fn lend_as(&self, lent: Lent) -> bool {
+    pub(crate) fn lend(&self, stream: Lendable<'_>) -> bool {
         let mut st = self.lock();
         if !st.queue.is_empty()
             || st.rest.is_some()
@@ -622,7 +607,10 @@ impl Outbox {
         {
             return false;
         }
-        st.lent = Some(lent);
+        st.lent = Some(match stream {
+            Lendable::Plain(tcp) => Lent::Plain(tcp.clone()),
+            Lendable::Tls(tcp, records) => Lent::Tls(tcp.clone(), records.clone()),
+        });
         true
     }
 
@@ -1219,7 +1207,7 @@ mod tests {
         let (o, m) = outbox(8, SlowConsumer::DropOldest);
         let o = Arc::new(o);
         let (tcp, mut client) = pair().await;
-        assert!(o.lend(&tcp));
+        assert!(o.lend(Lendable::Plain(&tcp)));
         let one: Prepared = "one".into();
         let run = run(&["two", "three"]);
         assert!(o.push(one.clone(), false));
@@ -1246,20 +1234,26 @@ mod tests {
     async fn a_claimed_or_taken_stream_is_written_by_its_task_only() {
         let (o, m) = outbox(8, SlowConsumer::DropOldest);
         let (tcp, _client) = pair().await;
-        assert!(o.lend(&tcp));
+        assert!(o.lend(Lendable::Plain(&tcp)));
         assert_eq!(o.claim(), None, "nothing begun");
         assert!(o.push("after a claim".into(), false));
         assert_eq!((o.len(), m.outbound_direct.get()), (1, 0));
         assert!(woken(&o));
-        assert!(!o.lend(&tcp), "not lent while something is queued");
+        assert!(
+            !o.lend(Lendable::Plain(&tcp)),
+            "not lent while something is queued"
+        );
         let mut out = Vec::new();
         assert_eq!(o.take(&mut out), Taken::Messages);
-        assert!(o.lend(&tcp));
+        assert!(o.lend(Lendable::Plain(&tcp)));
         assert_eq!(o.take(&mut Vec::new()), Taken::Messages);
         assert!(o.push("after a take".into(), false));
         assert_eq!((o.len(), m.outbound_direct.get()), (1, 0));
         o.close();
-        assert!(!o.lend(&tcp), "a closed outbox lends nothing");
+        assert!(
+            !o.lend(Lendable::Plain(&tcp)),
+            "a closed outbox lends nothing"
+        );
     }
 
     #[tokio::test]
@@ -1272,7 +1266,7 @@ mod tests {
         let names = big_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let run = run(&names);
-        assert!(o.lend(&tcp));
+        assert!(o.lend(Lendable::Plain(&tcp)));
         let reach = Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true);
         assert_eq!(reach.reached, 24);
         let direct = m.outbound_direct.get() as usize;
@@ -1342,7 +1336,7 @@ mod tests {
         let names = big_names();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let run = run(&names);
-        assert!(o.lend(&tcp));
+        assert!(o.lend(Lendable::Plain(&tcp)));
         let reach = Outbox::push_run(std::slice::from_ref(&o), &run, 0, &m, true);
         let direct = m.outbound_direct.get() as usize;
         assert!(direct > 0 && direct < 24, "{direct}");
@@ -1361,7 +1355,7 @@ mod tests {
     async fn a_begun_frame_alone_keeps_the_stream_until_its_task_takes_it() {
         let (o, m) = outbox(4, SlowConsumer::DropOldest);
         let (tcp, _client) = narrow_pair().await;
-        assert!(o.lend(&tcp));
+        assert!(o.lend(Lendable::Plain(&tcp)));
         let big: Prepared = "z".repeat(1 << 20).as_str().into();
         assert!(o.push(big.clone(), false));
         assert_eq!(
@@ -1370,9 +1364,12 @@ mod tests {
             "begun, nothing queued"
         );
         assert!(woken(&o), "its task is woken for the rest");
-        assert!(!o.lend(&tcp), "not lent again while a frame's end waits");
+        assert!(
+            !o.lend(Lendable::Plain(&tcp)),
+            "not lent again while a frame's end waits"
+        );
         let rest = o.claim().expect("the end of the frame");
         assert!(big.frame().ends_with(&rest) && rest.len() < big.frame().len());
-        assert!(o.lend(&tcp), "lent again once it is taken");
+        assert!(o.lend(Lendable::Plain(&tcp)), "lent again once it is taken");
     }
 }
