@@ -15,9 +15,15 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn tls_server() -> common::TestServer {
+    tls_server_with(|_| {}).await
+}
+
+/// A server on gale's own TLS (the test key pair), with `more` settings.
+async fn tls_server_with(more: impl FnOnce(&mut gale::config::Config)) -> common::TestServer {
     start_with(|c| {
         c.server.tls_cert = Some(key_file("tls-cert.pem"));
         c.server.tls_key = Some(key_file("tls-key.pem"));
+        more(c);
     })
     .await
 }
@@ -123,9 +129,7 @@ async fn https_answers_and_a_plain_client_is_refused_without_harm() {
 
 #[tokio::test]
 async fn a_tls_handshake_that_stalls_is_closed_at_the_deadline() {
-    let server = start_with(|c| {
-        c.server.tls_cert = Some(key_file("tls-cert.pem"));
-        c.server.tls_key = Some(key_file("tls-key.pem"));
+    let server = tls_server_with(|c| {
         c.server.handshake_timeout_ms = 300;
     })
     .await;
@@ -266,9 +270,7 @@ async fn https_publish(server: &common::TestServer, body: &str) -> String {
 /// and in order, and the close is clean both ways.
 #[tokio::test]
 async fn many_pushes_and_a_large_one_arrive_whole_over_wss() {
-    let server = start_with(|c| {
-        c.server.tls_cert = Some(key_file("tls-cert.pem"));
-        c.server.tls_key = Some(key_file("tls-key.pem"));
+    let server = tls_server_with(|c| {
         c.api.key = Some(common::API_KEY_LONG.into());
         c.topics
             .insert("big:*".into(), gale::config::TopicConfig::history(10, 60));
@@ -334,9 +336,7 @@ async fn many_pushes_and_a_large_one_arrive_whole_over(
 /// answered before the next record, whoever seals it.
 #[tokio::test]
 async fn pushes_are_sealed_by_the_publisher_into_idle_wss_sockets() {
-    let server = start_with(|c| {
-        c.server.tls_cert = Some(key_file("tls-cert.pem"));
-        c.server.tls_key = Some(key_file("tls-key.pem"));
+    let server = tls_server_with(|c| {
         c.server.send_buffer_bytes = 4096;
         c.api.key = Some(common::API_KEY_LONG.into());
         c.topics
@@ -401,9 +401,7 @@ async fn pushes_are_sealed_by_the_publisher_into_idle_wss_sockets() {
 /// server's answer at once, not with the next push or ping.
 #[tokio::test]
 async fn an_idle_wss_connection_answers_a_key_update_at_once() {
-    let server = start_with(|c| {
-        c.server.tls_cert = Some(key_file("tls-cert.pem"));
-        c.server.tls_key = Some(key_file("tls-key.pem"));
+    let server = tls_server_with(|c| {
         c.server.ping_interval_s = 600;
     })
     .await;
@@ -449,9 +447,7 @@ async fn an_idle_wss_connection_answers_a_key_update_at_once() {
 /// counts every delivery.
 #[tokio::test]
 async fn gale_bench_broadcasts_to_a_wss_server() {
-    let server = start_with(|c| {
-        c.server.tls_cert = Some(key_file("tls-cert.pem"));
-        c.server.tls_key = Some(key_file("tls-key.pem"));
+    let server = tls_server_with(|c| {
         c.api.key = Some(common::API_KEY_LONG.into());
         c.topics
             .insert("bench".into(), gale::config::TopicConfig::default());
