@@ -382,26 +382,38 @@ pub(crate) fn seal_lent(
     let mut records = lock(records);
     match frames {
         [one] => records.seal(one, out),
-        _ => GATHER.with_borrow_mut(|gathered| {
-            gathered.clear();
-            for f in frames {
-                gathered.extend_from_slice(f);
-            }
-            let sealed = records.seal(gathered, out);
-            if gathered.capacity() > KEEP_GATHERED {
-                *gathered = Vec::new();
-            }
-            sealed
-        }),
+        // The caller seals no more than `MAX_LENT`: nothing is left out.
+        _ => gathered(frames, usize::MAX, |all| records.seal(all, out)),
     }
 }
 
+/// Runs `f` on the first `max` bytes of `bufs`, gathered into one buffer
+/// (a per-thread one: one record for many slices, with no allocation per
+/// write).
+fn gathered<T>(bufs: &[io::IoSlice<'_>], max: usize, f: impl FnOnce(&[u8]) -> T) -> T {
+    GATHER.with_borrow_mut(|gathered| {
+        gathered.clear();
+        for b in bufs {
+            let room = max - gathered.len();
+            gathered.extend_from_slice(&b[..b.len().min(room)]);
+            if gathered.len() == max {
+                break;
+            }
+        }
+        let done = f(gathered);
+        if gathered.capacity() > KEEP_GATHERED {
+            *gathered = Vec::new();
+        }
+        done
+    })
+}
+
 thread_local! {
-    /// Frames of one lent push gathered before sealing, per thread.
+    /// Slices gathered before sealing, per thread ([`gathered`]).
     static GATHER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Most of a gathering buffer a thread keeps between pushes.
+/// Most of a gathering buffer a thread keeps between writes.
 const KEEP_GATHERED: usize = 64 * 1024;
 
 /// Frees an empty buffer's memory (an idle connection holds none).
@@ -518,8 +530,7 @@ impl TlsStream {
         let Session::Records(shared) = &self.session else {
             return Err(invalid("no record layer"));
         };
-        let shared = shared.clone();
-        let mut records = lock(&shared);
+        let mut records = lock(shared);
         if !records.peer_closed() && !self.incoming.is_empty() {
             match records.open(&mut self.incoming, &mut self.plain) {
                 Ok(used) => {
@@ -530,6 +541,7 @@ impl TlsStream {
                     // no alert then, the connection ends all the same.
                     if let Some(alert) = fault.alert.filter(|_| !self.lent) {
                         records.fatal_alert(alert, &mut self.outgoing);
+                        drop(records);
                         self.send_last();
                     }
                     return Err(invalid(fault));
@@ -559,10 +571,12 @@ impl TlsStream {
                 // takes it, else as any close does (a flush, the
                 // shutdown); nothing more is written.
                 tracing::debug!(error = %e, "TLS connection closed");
+                drop(records);
                 self.close = Close::Queued;
                 self.send_last();
                 return Ok(Want::Closed);
             }
+            drop(records);
             self.send_last();
             return Err(e);
         }
@@ -669,8 +683,7 @@ impl TlsStream {
         if std::mem::take(&mut self.owed)
             && let Session::Records(records) = &self.session
         {
-            let records = records.clone();
-            let _ = lock(&records).answer(&mut self.outgoing);
+            let _ = lock(records).answer(&mut self.outgoing);
         }
     }
 
@@ -891,19 +904,8 @@ impl AsyncWrite for TlsStream {
         match bufs.iter().find(|b| !b.is_empty()) {
             None => Poll::Ready(Ok(0)),
             Some(first) if first.len() >= MAX_WRITE => this.poll_write_plain(cx, first),
-            Some(_) => {
-                // One record for many slices: gathered first.
-                let mut gathered =
-                    Vec::with_capacity(bufs.iter().map(|b| b.len()).sum::<usize>().min(MAX_WRITE));
-                for b in bufs {
-                    let room = MAX_WRITE - gathered.len();
-                    gathered.extend_from_slice(&b[..b.len().min(room)]);
-                    if gathered.len() == MAX_WRITE {
-                        break;
-                    }
-                }
-                this.poll_write_plain(cx, &gathered)
-            }
+            // One record for many slices: gathered first.
+            Some(_) => gathered(bufs, MAX_WRITE, |all| this.poll_write_plain(cx, all)),
         }
     }
 
