@@ -257,9 +257,9 @@ const KEEP_SEALED: usize = 64 * 1024;
 
 /// [`State::write_lent`] over TLS: `slices` sealed, then written into
 /// `tcp`; records the socket does not take are kept in `rest`, for the
-/// connection's task to write first. Returns whether they were sealed
-/// (then taken whole), and whether the stream stays lent (the socket took
-/// every record).
+/// connection's task to write first. Returns whether they were written
+/// (sealed, then taken whole), and whether the stream stays lent (the
+/// socket took every record).
 fn write_sealed(
     tcp: &TcpStream,
     records: &Mutex<crate::tls::Records>,
@@ -269,19 +269,38 @@ fn write_sealed(
     SEALED.with_borrow_mut(|out| {
         out.clear();
         let sealed = crate::tls::seal_lent(records, slices, out).is_ok();
-        // Full, or the client is gone (an error): the task finds out which.
-        let sent = crate::transport::send_now(tcp, &[IoSlice::new(out)]).unwrap_or_default();
-        let all_sent = sent == out.len();
-        if !all_sent {
-            *rest = Some(Bytes::copy_from_slice(&out[sent..]));
-        }
+        let done = match crate::transport::send_now(tcp, &[IoSlice::new(out)]) {
+            // The peer is gone: nothing sealed reaches it. Not written, so
+            // not counted: queued for the task, as on plain TCP, which
+            // finds the connection ended.
+            Err(e) if gone(&e) => (false, false),
+            // Full (or a passing shortage): the records wait for the task.
+            sent => {
+                let sent = sent.unwrap_or_default();
+                let all_sent = sent == out.len();
+                if !all_sent {
+                    *rest = Some(Bytes::copy_from_slice(&out[sent..]));
+                }
+                // Not sealed: the connection is closing (a TLS 1.2 write
+                // key at its limit, its close_notify the rest).
+                (sealed, sealed && all_sent)
+            }
+        };
         if out.capacity() > KEEP_SEALED {
             *out = Vec::new();
         }
-        // Not sealed: the connection is closing (a TLS 1.2 write key at
-        // its limit, its close_notify the rest).
-        (sealed, sealed && all_sent)
+        done
     })
+}
+
+/// Whether a failed send says the peer is gone for good (reset, or the
+/// connection shut), rather than that the socket is full for now.
+fn gone(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        BrokenPipe | ConnectionReset | ConnectionAborted | NotConnected
+    )
 }
 
 /// What a push to many outboxes did: how many deliveries (each message
@@ -451,25 +470,25 @@ impl Outbox {
         let was_empty = st.queue.is_empty();
         let (mut queued, mut not_added, mut written, mut overflowed) = (0, 0, 0, false);
         let mut texts = texts;
-        if write_now
-            && st.lent.is_some()
-            && !st.closed
-            && !st.overflowed
-            && texts.len() <= MAX_SLICES
-        {
+        // Into a lent stream, up to MAX_SLICES messages a write, for as
+        // long as the socket takes them whole (a write it does not take
+        // whole ends the loan).
+        while write_now && st.lent.is_some() && !st.closed && !st.overflowed && !texts.is_empty() {
+            let some = texts.get(..MAX_SLICES).unwrap_or(texts);
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            for (slot, t) in slices.iter_mut().zip(texts) {
+            for (slot, t) in slices.iter_mut().zip(some) {
                 *slot = IoSlice::new(t.frame());
             }
-            if let Some(n) = st.write_lent(&slices[..texts.len()]) {
-                let (begun, whole) = st.took(texts, n);
-                texts = &texts[begun..];
-                self.written(begun);
-                // Written (or begun): reached, not left in the queue.
-                queued += begun;
-                not_added += begun;
-                written = whole;
-            }
+            let Some(n) = st.write_lent(&slices[..some.len()]) else {
+                break;
+            };
+            let (begun, whole) = st.took(some, n);
+            texts = &texts[begun..];
+            self.written(begun);
+            // Written (or begun): reached, not left in the queue.
+            queued += begun;
+            not_added += begun;
+            written += whole;
         }
         // Room for the whole run at once, not grown message by message.
         if !st.closed && !st.overflowed {
@@ -1227,6 +1246,27 @@ mod tests {
         assert_eq!(m.outbound_queued.get(), 0);
         let mut want = frames(std::slice::from_ref(&one));
         want.extend(frames(run.messages()));
+        assert_eq!(read_exactly(&mut client, want.len()).await, want);
+    }
+
+    /// More pushes than one write's slices: written a write at a time
+    /// by the pusher, none left for the task.
+    #[tokio::test]
+    async fn more_pushes_than_one_write_takes_are_all_written_by_the_pusher() {
+        let (o, m) = outbox(8, SlowConsumer::DropOldest);
+        let o = Arc::new(o);
+        let (tcp, mut client) = pair().await;
+        assert!(o.lend(Lendable::Plain(&tcp)));
+        let many: Vec<Prepared> = (0..MAX_SLICES * 2 + 5)
+            .map(|i| Prepared::from(format!("push {i}")))
+            .collect();
+        let reach = Outbox::push_each(std::slice::from_ref(&o), &many, &m, true);
+        assert_eq!((reach.reached, reach.written), (many.len(), many.len()));
+        assert_eq!(o.len(), 0, "nothing queued");
+        assert!(!woken(&o), "the task was not woken");
+        assert_eq!(m.outbound_direct.get() as usize, many.len());
+        assert_eq!(m.outbound_queued.get(), 0);
+        let want = frames(&many);
         assert_eq!(read_exactly(&mut client, want.len()).await, want);
     }
 

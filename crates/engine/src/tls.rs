@@ -1169,6 +1169,62 @@ mod tests {
         assert!(got[2000..].iter().all(|&b| b == b'c'));
     }
 
+    /// A push sealed for a lent stream whose peer is gone (reset) is not
+    /// counted as written: it is queued for the connection's task, as on
+    /// plain TCP, and the task is woken to find the connection ended.
+    #[tokio::test]
+    async fn a_lent_push_to_a_peer_gone_is_queued_not_counted_as_written() {
+        use crate::config::SlowConsumer;
+        use crate::metrics::Metrics;
+        use crate::outbox::Outbox;
+        use crate::websocket::Lendable;
+
+        let tls = test_acceptor();
+        let (mut server, client) = pair_with(
+            &tls,
+            suite_client(TLS13_SUITES[0]),
+            1,
+            |_| {},
+            |mut c: Client| {
+                // Once the server has the stream: a reset, not a close,
+                // so the server's next send fails.
+                let mut go = [0; 1];
+                c.read_exact(&mut go).expect("go");
+                socket2::SockRef::from(&c.sock)
+                    .set_linger(Some(std::time::Duration::ZERO))
+                    .expect("linger");
+            },
+        )
+        .await;
+        server.write_all(b"g").await.expect("write");
+        server.flush().await.expect("flush");
+        client.join().expect("client");
+        let (tcp, records) = server.lendable().expect("idle: lendable");
+        let metrics = Arc::new(Metrics::new());
+        let outbox = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, metrics.clone()));
+        assert!(outbox.lend(Lendable::Tls(tcp, records)));
+        tokio::time::timeout(std::time::Duration::from_secs(10), tcp.readable())
+            .await
+            .expect("the reset in time")
+            .expect("readable");
+
+        let reach = Outbox::push_each(
+            std::slice::from_ref(&outbox),
+            &["after the reset".into()],
+            &metrics,
+            true,
+        );
+        assert_eq!((reach.reached, reach.written), (1, 0));
+        assert_eq!(metrics.messages_out.get(), 0, "nothing reached the peer");
+        assert_eq!(metrics.outbound_direct.get(), 0);
+        assert_eq!(outbox.len(), 1, "queued for the task");
+        assert!(
+            futures_util::FutureExt::now_or_never(outbox.ready()).is_some(),
+            "the task is woken"
+        );
+        assert!(outbox.claim().is_none(), "no sealed records kept");
+    }
+
     /// A key update asked of an idle lent stream, with nothing pushed:
     /// the reading side says it owes an answer, and the answer is sealed
     /// when the stream is taken back, before anything else of its own.
