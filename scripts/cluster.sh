@@ -5,6 +5,7 @@
 #   scripts/cluster.sh 3                       # Redis at redis://127.0.0.1:6379
 #   REDIS_URL=redis://10.0.0.5:6379 scripts/cluster.sh 2
 #   BASE_PORT=9000 scripts/cluster.sh 6
+#   CONFIG=scripts/bench.toml scripts/cluster.sh 6   # each node with a config file
 #
 # Then, e.g.: gale client ws://127.0.0.1:8081/ws and
 # gale client ws://127.0.0.1:8082/ws; see docs/cluster.md.
@@ -33,7 +34,7 @@ for i in $(seq 1 "$n"); do
   GALE_API__KEY="${GALE_API__KEY:-cluster-demo-key-0123}" \
   GALE_STORE__URL="${STORE_URL:-sqlite://target/cluster/node$i/gale.db}" \
   GALE_STORE__SPILL_DIR="target/cluster/node$i/spill" \
-    "$bin" serve --listen "127.0.0.1:$port" &
+    "$bin" serve ${CONFIG:+--config "$CONFIG"} --listen "127.0.0.1:$port" &
   pids+=($!)
   echo "node$i: ws://127.0.0.1:$port/ws"
 done
