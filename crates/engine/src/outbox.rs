@@ -201,6 +201,26 @@ impl State {
         }
     }
 
+    /// The front of `texts` one lent write takes: at most [`MAX_SLICES`]
+    /// messages and, over TLS, at most [`crate::tls::MAX_LENT`] bytes (at
+    /// least one message: a larger one is refused by the write, and
+    /// queued).
+    fn lent_share<'t>(&self, texts: &'t [Prepared]) -> &'t [Prepared] {
+        let most = texts.get(..MAX_SLICES).unwrap_or(texts);
+        if !matches!(self.lent, Some(Lent::Tls(..))) {
+            return most;
+        }
+        let mut bytes = 0;
+        let fit = most
+            .iter()
+            .take_while(|t| {
+                bytes += t.frame().len();
+                bytes <= crate::tls::MAX_LENT
+            })
+            .count();
+        most.get(..fit.max(1)).unwrap_or(most)
+    }
+
     /// With `n` bytes of `messages`' frames taken by a lent write: keeps
     /// the end of a frame it began aside (the task writes it first) and
     /// returns how many messages are written or begun, and how many of
@@ -252,6 +272,11 @@ thread_local! {
     static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Most lent writes one push makes (a default batch of 256 messages is
+/// four of [`MAX_SLICES`]): the rest is queued for the connection's task,
+/// so that one pusher holds the outbox's lock for a bounded time.
+const MAX_LENT_WRITES: usize = 4;
+
 /// Most of a sealing buffer a thread keeps between pushes.
 const KEEP_SEALED: usize = 64 * 1024;
 
@@ -293,13 +318,20 @@ fn write_sealed(
     })
 }
 
-/// Whether a failed send says the peer is gone for good (reset, or the
-/// connection shut), rather than that the socket is full for now.
+/// Whether a failed send says the connection is dead for good (reset,
+/// shut, or given up on by TCP's retransmissions), rather than that the
+/// socket is full for now.
 fn gone(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
         e.kind(),
-        BrokenPipe | ConnectionReset | ConnectionAborted | NotConnected
+        BrokenPipe
+            | ConnectionReset
+            | ConnectionAborted
+            | NotConnected
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
     )
 }
 
@@ -470,11 +502,14 @@ impl Outbox {
         let was_empty = st.queue.is_empty();
         let (mut queued, mut not_added, mut written, mut overflowed) = (0, 0, 0, false);
         let mut texts = texts;
-        // Into a lent stream, up to MAX_SLICES messages a write, for as
-        // long as the socket takes them whole (a write it does not take
-        // whole ends the loan).
-        while write_now && st.lent.is_some() && !st.closed && !st.overflowed && !texts.is_empty() {
-            let some = texts.get(..MAX_SLICES).unwrap_or(texts);
+        // Into a lent stream, a write at a time for as long as the socket
+        // takes each whole (one it does not ends the loan), at most
+        // MAX_LENT_WRITES writes: the rest is queued for the task.
+        for _ in 0..MAX_LENT_WRITES {
+            if !write_now || st.lent.is_none() || st.closed || st.overflowed || texts.is_empty() {
+                break;
+            }
+            let some = st.lent_share(texts);
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             for (slot, t) in slices.iter_mut().zip(some) {
                 *slot = IoSlice::new(t.frame());
@@ -1250,9 +1285,10 @@ mod tests {
     }
 
     /// More pushes than one write's slices: written a write at a time
-    /// by the pusher, none left for the task.
+    /// by the pusher, none left for the task, up to the writes one push
+    /// makes; past them the rest is queued for the task.
     #[tokio::test]
-    async fn more_pushes_than_one_write_takes_are_all_written_by_the_pusher() {
+    async fn more_pushes_than_one_write_takes_are_written_by_the_pusher_up_to_a_bound() {
         let (o, m) = outbox(8, SlowConsumer::DropOldest);
         let o = Arc::new(o);
         let (tcp, mut client) = pair().await;
@@ -1266,7 +1302,18 @@ mod tests {
         assert!(!woken(&o), "the task was not woken");
         assert_eq!(m.outbound_direct.get() as usize, many.len());
         assert_eq!(m.outbound_queued.get(), 0);
-        let want = frames(&many);
+        let mut want = frames(&many);
+
+        // More than the writes one push makes: the rest is queued.
+        let more: Vec<Prepared> = (0..MAX_SLICES * MAX_LENT_WRITES + 3)
+            .map(|i| Prepared::from(format!("more {i}")))
+            .collect();
+        let reach = Outbox::push_each(std::slice::from_ref(&o), &more, &m, true);
+        let most = MAX_SLICES * MAX_LENT_WRITES;
+        assert_eq!((reach.reached, reach.written), (more.len(), most));
+        assert_eq!(o.len(), 3, "the rest queued");
+        assert!(woken(&o), "and the task woken for it");
+        want.extend(frames(&more[..most]));
         assert_eq!(read_exactly(&mut client, want.len()).await, want);
     }
 

@@ -1203,10 +1203,20 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let outbox = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, metrics.clone()));
         assert!(outbox.lend(Lendable::Tls(tcp, records)));
-        tokio::time::timeout(std::time::Duration::from_secs(10), tcp.readable())
+        // The reset taken by the kernel (its error, taken here, leaves
+        // the socket shut: the next send fails with a broken pipe).
+        let reset = async {
+            loop {
+                match socket2::SockRef::from(tcp.as_ref()).take_error() {
+                    Ok(Some(e)) => break e,
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                }
+            }
+        };
+        let reset = tokio::time::timeout(std::time::Duration::from_secs(10), reset)
             .await
-            .expect("the reset in time")
-            .expect("readable");
+            .expect("the reset in time");
+        assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
 
         let reach = Outbox::push_each(
             std::slice::from_ref(&outbox),
@@ -1223,6 +1233,51 @@ mod tests {
             "the task is woken"
         );
         assert!(outbox.claim().is_none(), "no sealed records kept");
+    }
+
+    /// A batch of pushes larger than one sealed write: sealed and written
+    /// by the pusher a write of at most `MAX_LENT` bytes at a time, in
+    /// order, none left for the task.
+    #[tokio::test]
+    async fn a_lent_batch_larger_than_one_sealed_write_goes_a_write_at_a_time() {
+        use crate::config::SlowConsumer;
+        use crate::metrics::Metrics;
+        use crate::outbox::Outbox;
+        use crate::websocket::{Lendable, Prepared};
+
+        let many: Vec<Prepared> = (0..100)
+            .map(|i| Prepared::from(format!("{i:04}{}", "x".repeat(2000))))
+            .collect();
+        let want: Vec<u8> = many.iter().flat_map(|p| p.frame().to_vec()).collect();
+        assert!(want.len() > 3 * MAX_LENT, "several writes");
+        let len = want.len();
+        let tls = test_acceptor();
+        let (server, client) = pair_with(
+            &tls,
+            suite_client(TLS13_SUITES[2]),
+            1,
+            |_| {},
+            move |mut c: Client| {
+                let mut got = vec![0; len];
+                c.read_exact(&mut got).expect("pushes");
+                got
+            },
+        )
+        .await;
+        let (tcp, records) = server.lendable().expect("idle: lendable");
+        // Room for the whole batch, so that every write is taken whole.
+        socket2::SockRef::from(tcp.as_ref())
+            .set_send_buffer_size(1 << 20)
+            .expect("send buffer");
+        let metrics = Arc::new(Metrics::new());
+        let outbox = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, metrics.clone()));
+        assert!(outbox.lend(Lendable::Tls(tcp, records)));
+
+        let reach = Outbox::push_each(std::slice::from_ref(&outbox), &many, &metrics, true);
+        assert_eq!((reach.reached, reach.written), (many.len(), many.len()));
+        assert_eq!(metrics.outbound_direct.get() as usize, many.len());
+        assert_eq!(outbox.len(), 0, "nothing queued");
+        assert_eq!(client.join().expect("client"), want);
     }
 
     /// A key update asked of an idle lent stream, with nothing pushed:
