@@ -1169,16 +1169,26 @@ mod tests {
         assert!(got[2000..].iter().all(|&b| b == b'c'));
     }
 
+    /// An outbox holding `server`'s idle stream on loan, and its metrics.
+    fn lent_outbox(
+        server: &TlsStream,
+    ) -> (Arc<crate::outbox::Outbox>, Arc<crate::metrics::Metrics>) {
+        let (tcp, records) = server.lendable().expect("idle: lendable");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let outbox = Arc::new(crate::outbox::Outbox::new(
+            8,
+            crate::config::SlowConsumer::DropOldest,
+            metrics.clone(),
+        ));
+        assert!(outbox.lend(crate::websocket::Lendable::Tls(tcp, records)));
+        (outbox, metrics)
+    }
+
     /// A push sealed for a lent stream whose peer is gone (reset) is not
     /// counted as written: it is queued for the connection's task, as on
     /// plain TCP, and the task is woken to find the connection ended.
     #[tokio::test]
     async fn a_lent_push_to_a_peer_gone_is_queued_not_counted_as_written() {
-        use crate::config::SlowConsumer;
-        use crate::metrics::Metrics;
-        use crate::outbox::Outbox;
-        use crate::websocket::Lendable;
-
         let tls = test_acceptor();
         let (mut server, client) = pair_with(
             &tls,
@@ -1199,10 +1209,8 @@ mod tests {
         server.write_all(b"g").await.expect("write");
         server.flush().await.expect("flush");
         client.join().expect("client");
-        let (tcp, records) = server.lendable().expect("idle: lendable");
-        let metrics = Arc::new(Metrics::new());
-        let outbox = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, metrics.clone()));
-        assert!(outbox.lend(Lendable::Tls(tcp, records)));
+        let (outbox, metrics) = lent_outbox(&server);
+        let tcp = &server.tcp;
         // The reset taken by the kernel (its error, taken here, leaves
         // the socket shut: the next send fails with a broken pipe).
         let reset = async {
@@ -1218,7 +1226,7 @@ mod tests {
             .expect("the reset in time");
         assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
 
-        let reach = Outbox::push_each(
+        let reach = crate::outbox::Outbox::push_each(
             std::slice::from_ref(&outbox),
             &["after the reset".into()],
             &metrics,
@@ -1240,10 +1248,7 @@ mod tests {
     /// order, none left for the task.
     #[tokio::test]
     async fn a_lent_batch_larger_than_one_sealed_write_goes_a_write_at_a_time() {
-        use crate::config::SlowConsumer;
-        use crate::metrics::Metrics;
-        use crate::outbox::Outbox;
-        use crate::websocket::{Lendable, Prepared};
+        use crate::websocket::Prepared;
 
         let many: Vec<Prepared> = (0..100)
             .map(|i| Prepared::from(format!("{i:04}{}", "x".repeat(2000))))
@@ -1264,16 +1269,14 @@ mod tests {
             },
         )
         .await;
-        let (tcp, records) = server.lendable().expect("idle: lendable");
         // Room for the whole batch, so that every write is taken whole.
-        socket2::SockRef::from(tcp.as_ref())
+        socket2::SockRef::from(server.tcp.as_ref())
             .set_send_buffer_size(1 << 20)
             .expect("send buffer");
-        let metrics = Arc::new(Metrics::new());
-        let outbox = Arc::new(Outbox::new(8, SlowConsumer::DropOldest, metrics.clone()));
-        assert!(outbox.lend(Lendable::Tls(tcp, records)));
+        let (outbox, metrics) = lent_outbox(&server);
 
-        let reach = Outbox::push_each(std::slice::from_ref(&outbox), &many, &metrics, true);
+        let reach =
+            crate::outbox::Outbox::push_each(std::slice::from_ref(&outbox), &many, &metrics, true);
         assert_eq!((reach.reached, reach.written), (many.len(), many.len()));
         assert_eq!(metrics.outbound_direct.get() as usize, many.len());
         assert_eq!(outbox.len(), 0, "nothing queued");
