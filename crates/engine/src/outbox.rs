@@ -391,6 +391,24 @@ pub enum Taken {
     End(u16, String),
 }
 
+impl Taken {
+    /// The close this take calls for, if any: the one the connection was
+    /// ended with, or a slow consumer's (1013, counted in `metrics`).
+    pub(crate) fn end(self, metrics: &Metrics) -> Option<(u16, String)> {
+        match self {
+            Taken::Messages => None,
+            Taken::End(code, reason) => Some((code, reason)),
+            Taken::SlowConsumer => {
+                metrics.slow_consumers.inc();
+                Some((
+                    crate::websocket::close_code::TRY_AGAIN_LATER,
+                    "slow consumer".to_owned(),
+                ))
+            }
+        }
+    }
+}
+
 impl Outbox {
     /// An empty queue; it allocates only when used.
     pub fn new(capacity: usize, policy: SlowConsumer, metrics: Arc<Metrics>) -> Outbox {

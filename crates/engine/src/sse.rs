@@ -355,18 +355,15 @@ async fn hand(stream: Stream, mut feed: Feed, member: crate::handoff::Member, ch
             // consumer), or a drain's.
             feed.buf = unmoved.taken;
             let taken = feed.open.session.caller.outbox.take(&mut feed.buf);
-            let (code, reason) = match (unmoved.end, taken) {
-                (Some(end), _) => end,
-                (None, Taken::End(code, reason)) => (code, reason),
-                (None, Taken::SlowConsumer) => {
-                    app.metrics.slow_consumers.inc();
-                    (1013, "slow consumer".to_owned())
-                }
-                (None, Taken::Messages) => (
-                    crate::drain::SERVICE_RESTART,
-                    crate::drain::reason(app.config.server.drain_reconnect_ms),
-                ),
-            };
+            let (code, reason) = unmoved
+                .end
+                .or_else(|| taken.end(&app.metrics))
+                .unwrap_or_else(|| {
+                    (
+                        crate::drain::SERVICE_RESTART,
+                        crate::drain::reason(app.config.server.drain_reconnect_ms),
+                    )
+                });
             let out = farewell(&mut feed.buf, code, &reason);
             let out = framed(out, chunked);
             if let Ok(Ok(())) = tokio::time::timeout(SEND_TIMEOUT, write(&mut stream, &out)).await {

@@ -77,7 +77,6 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::Config;
 use crate::connection::Lookups;
-use crate::outbox::Taken;
 use crate::router::Caller;
 use crate::server::App;
 use crate::transport::Stream;
@@ -806,19 +805,9 @@ async fn released(
         return Err(Unmoved::default());
     }
     let mut taken = Vec::new();
-    match caller.outbox.take(&mut taken) {
-        Taken::Messages => Ok(taken),
-        Taken::End(code, reason) => Err(Unmoved {
-            taken,
-            end: Some((code, reason)),
-        }),
-        Taken::SlowConsumer => {
-            app.metrics.slow_consumers.inc();
-            Err(Unmoved {
-                taken,
-                end: Some((1013, "slow consumer".to_owned())),
-            })
-        }
+    match caller.outbox.take(&mut taken).end(&app.metrics) {
+        None => Ok(taken),
+        end => Err(Unmoved { taken, end }),
     }
 }
 
