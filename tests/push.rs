@@ -515,11 +515,16 @@ async fn a_push_a_socket_took_only_part_of_does_not_pass_for_one_written_whole()
 
 /// More subscribers than the fan-out from which the writes into idle
 /// sockets move the core's other tasks aside: every one gets every push,
-/// in order, written at once.
-async fn a_crowd_gets_every_push_written_at_once() {
+/// in order, written at once. Returns how many shares of those fan-outs
+/// helper threads wrote (`broadcast.fanout_threads`).
+async fn a_crowd_gets_every_push_written_at_once(fanout_threads: gale::config::Threads) -> f64 {
     const CROWD: usize = 1_100;
     common::open_files(4 * CROWD as u64 + 1_000);
-    let server = start_with(push_config).await;
+    let server = start_with(|c| {
+        push_config(c);
+        c.broadcast.fanout_threads = fanout_threads;
+    })
+    .await;
     let mut subs = Vec::with_capacity(CROWD);
     for _ in 0..CROWD {
         let mut c = server.client().await;
@@ -527,29 +532,50 @@ async fn a_crowd_gets_every_push_written_at_once() {
         subs.push(c);
     }
     let direct = server.sample("gale_outbound_direct_total").await;
-    for i in 0..3 {
+    // Three publications, each delivered before the next (one push per
+    // connection each: the fan-outs helpers share), then three at once.
+    for i in 0..6 {
         let body = json!({"event": "e", "topic": "crowd", "data": i}).to_string();
         let (status, reply) = publish(&server, Some(API_KEY), &body).await;
         assert_eq!(status, 200, "{reply}");
+        if i < 3 {
+            server.wait_metric("pushes", (CROWD * (i + 1)) as u64).await;
+        }
     }
     for c in &mut subs {
-        for i in 0..3 {
+        for i in 0..6 {
             assert_eq!(c.next_push().await["data"], i, "in order");
         }
     }
     let written = server.sample("gale_outbound_direct_total").await - direct;
     assert!(written >= CROWD as f64, "{written} pushes written at once");
+    assert_eq!(
+        server.sample("gale_fanout_busy_total").await,
+        0.0,
+        "one deliverer at a time finds its helpers idle"
+    );
+    server.sample("gale_fanout_helped_total").await
 }
 
-// Where nothing can be moved aside: the writes are done in place.
+// Where nothing can be moved aside: the writes are done in place, by the
+// delivering thread alone.
 #[tokio::test]
 async fn a_crowd_gets_every_push_on_a_current_thread_runtime() {
-    a_crowd_gets_every_push_written_at_once().await;
+    let helped = a_crowd_gets_every_push_written_at_once(gale::config::Threads::Auto).await;
+    assert_eq!(helped, 0.0);
+}
+
+// Two workers: one helper thread writes a share of each lone push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_gets_every_push_on_a_multi_threaded_runtime() {
+    let helped = a_crowd_gets_every_push_written_at_once(gale::config::Threads::Auto).await;
+    assert!(helped >= 3.0, "{helped} shares written by a helper");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crowd_gets_every_push_on_a_multi_threaded_runtime() {
-    a_crowd_gets_every_push_written_at_once().await;
+async fn a_crowd_gets_every_push_without_fanout_threads() {
+    let helped = a_crowd_gets_every_push_written_at_once(gale::config::Threads::Count(0)).await;
+    assert_eq!(helped, 0.0);
 }
 
 /// A client with a small receive buffer, subscribed to `topic`: while it

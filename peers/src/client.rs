@@ -317,6 +317,7 @@ async fn run(o: Options) -> Result<(), String> {
     let mut pace = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(o.rate)));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut paced_ok = 0;
+    let (pcpu0, pself0) = (o.server_pid.and_then(cpu_us), client_cpu());
     for k in 0..o.paced {
         let due = pace.tick().await;
         if due.elapsed() > Duration::from_millis(5) {
@@ -334,6 +335,7 @@ async fn run(o: Options) -> Result<(), String> {
     };
     drain(&paced_total, paced_expected, o.idle).await;
     let paced_got = paced_total();
+    let (pcpu1, pself1) = (o.server_pid.and_then(cpu_us), client_cpu());
     if publisher.opened > 1 {
         eprintln!(
             "   the server closed the publisher's connection after each answer: {} opened",
@@ -370,12 +372,17 @@ async fn run(o: Options) -> Result<(), String> {
     );
     eprintln!(
         "   paced: {paced_ok} published at {}/s ({late} sent > 5 ms late), {paced_got}/{paced_expected} delivered; \
-         latency ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+         latency ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}; server CPU {} ms, client CPU {} ms",
         o.rate,
         ms(&lat, 0.5),
         ms(&lat, 0.99),
         ms(&lat, 0.999),
-        lat.max() as f64 / 1000.0
+        lat.max() as f64 / 1000.0,
+        match (pcpu0, pcpu1) {
+            (Some(a), Some(b)) => ((b - a) / 1000).to_string(),
+            _ => "?".into(),
+        },
+        (pself1 - pself0) / 1000
     );
     print_errors(&live);
     let missed = burst_missed + (paced_expected - paced_got.min(paced_expected));

@@ -34,7 +34,8 @@ use tokio::sync::{broadcast as events, mpsc};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::config::BroadcastConfig;
+use crate::config::{BroadcastConfig, Threads};
+use crate::fanout::Helpers;
 use crate::history::{self, Memory, Policies, Recovery, Since};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Reach};
@@ -61,6 +62,11 @@ const MAX_RUN_DEPTH: usize = 3;
 /// (`tokio::task::block_in_place`): below it the writes are done sooner
 /// than the tasks would move.
 const SWEEP_ASIDE: usize = 1024;
+
+/// Fewest recipients of one share of a fan-out written by a helper
+/// thread ([`crate::fanout`]): a push to [`SWEEP_ASIDE`] sockets or more
+/// is split in two at least.
+const MIN_SHARE: usize = SWEEP_ASIDE / 2;
 
 /// Whether this thread may move its core's other tasks aside
 /// (`tokio::task::block_in_place` panics on a current-thread runtime).
@@ -315,6 +321,16 @@ enum Recipients {
     Listed(Vec<Arc<Outbox>>),
 }
 
+impl Recipients {
+    /// The list, shareable with the threads that write parts of it.
+    fn shared(&self) -> Shared {
+        match self {
+            Recipients::Shared(s) => s.clone(),
+            Recipients::Listed(l) => l.as_slice().into(),
+        }
+    }
+}
+
 impl std::ops::Deref for Recipients {
     type Target = [Arc<Outbox>];
 
@@ -439,6 +455,9 @@ pub struct Hub {
     /// still hold it: the next run to that target is written after it in
     /// one buffer ([`Hub::queue_here`]).
     open: Mutex<Option<(Target, Run)>>,
+    /// Threads that write shares of a large fan-out beside the one
+    /// delivering it.
+    helpers: Helpers,
 }
 
 impl std::fmt::Debug for Hub {
@@ -489,6 +508,13 @@ impl Hub {
             backplane,
             policies: history.0,
             open: Mutex::new(None),
+            helpers: Helpers::new(match cfg.fanout_threads {
+                Threads::Count(n) => n,
+                Threads::Auto => tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_workers()
+                    .saturating_sub(1),
+            }),
         });
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(deliver(
@@ -1122,19 +1148,22 @@ impl Hub {
         // handler's `send_now`, the task handing out what other nodes sent.
         // A large fan-out holds a core for as long as it takes, so the
         // core's other tasks move to another thread meanwhile rather than
-        // wait behind it.
+        // wait behind it, and idle helper threads write shares of it.
         if write_now && to.len() >= SWEEP_ASIDE && on_multi_thread_runtime() {
-            return tokio::task::block_in_place(|| self.queue_to(&to, target, texts, write_now));
+            return tokio::task::block_in_place(|| self.queue_to(&to, target, texts, true, true));
         }
-        self.queue_to(&to, target, texts, write_now)
+        self.queue_to(&to, target, texts, write_now, false)
     }
 
+    /// [`Hub::queue_here`] for `to`; `aside` when the caller's core's
+    /// other tasks have moved aside, so it may wait for helper threads.
     fn queue_to(
         &self,
-        to: &[Arc<Outbox>],
+        to: &Recipients,
         target: &Target,
         texts: &[Prepared],
         write_now: bool,
+        aside: bool,
     ) -> Reach {
         if to.len() < JOIN_RECIPIENTS {
             return Outbox::push_each(to, texts, &self.metrics, write_now);
@@ -1156,13 +1185,47 @@ impl Hub {
         let (run, from) = match prev {
             Some((_, prev)) => (Run::extend(&prev, texts), prev.len()),
             None if texts.len() > 1 => (Run::new(texts), 0),
+            None if aside && texts.len() == 1 => return self.write_shared(to, texts, None),
             None => return Outbox::push_each(to, texts, &self.metrics, write_now),
         };
-        let reach = Outbox::push_run(to, &run, from, &self.metrics, write_now);
+        let reach = if aside && texts.len() == 1 {
+            self.write_shared(to, &[], Some((&run, from)))
+        } else {
+            Outbox::push_run(to, &run, from, &self.metrics, write_now)
+        };
         // Kept for the next run, unless it can carry no more.
         if run.depth() < MAX_RUN_DEPTH && run.bytes() < MAX_RUN_BYTES {
             *self.open_run() = Some((target.clone(), run));
         }
+        reach
+    }
+
+    /// Writes `texts`, or `run` from a message on, into `to`'s idle
+    /// sockets (queued for the others), in shares written by idle helper
+    /// threads beside this one. Each connection is in one share, and
+    /// this returns once every share is written, so a connection's
+    /// pushes keep their order.
+    fn write_shared(
+        &self,
+        to: &Recipients,
+        texts: &[Prepared],
+        run: Option<(&Run, usize)>,
+    ) -> Reach {
+        let (list, metrics) = (to.shared(), self.metrics.clone());
+        let (texts, run): (Arc<[Prepared]>, _) = (texts.into(), run.map(|(r, f)| (r.clone(), f)));
+        let (reach, split) = self.helpers.split(
+            list.len(),
+            MIN_SHARE,
+            Arc::new(move |share| {
+                let to = list.get(share).unwrap_or_default();
+                match &run {
+                    Some((run, from)) => Outbox::push_run(to, run, *from, &metrics, true),
+                    None => Outbox::push_each(to, &texts, &metrics, true),
+                }
+            }),
+        );
+        self.metrics.fanout_helped.inc_by(split.helped as u64);
+        self.metrics.fanout_busy.inc_by(split.busy as u64);
         reach
     }
 

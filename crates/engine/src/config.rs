@@ -506,6 +506,10 @@ pub struct BroadcastConfig {
     /// anonymous client address) may bring into existence on the node, so
     /// no one client can take them all.
     pub max_topics_share: f64,
+    /// Helper threads that write shares of a push to 1,024 idle sockets
+    /// or more beside the thread delivering it. Unset: the runtime's
+    /// worker threads less one; 0: none, every fan-out on one thread.
+    pub fanout_threads: Threads,
 }
 
 impl Default for BroadcastConfig {
@@ -517,6 +521,7 @@ impl Default for BroadcastConfig {
             max_topics: 100_000,
             max_topics_per_connection: 64,
             max_topics_share: 0.1,
+            fanout_threads: Threads::Auto,
         }
     }
 }
@@ -601,6 +606,53 @@ impl<'de> Deserialize<'de> for Compression {
                 other => Err(serde::de::Error::custom(format!(
                     "unknown compression {other:?}: use \"deflate\" or \"off\""
                 ))),
+            },
+        }
+    }
+}
+
+/// A number of threads, or `"auto"` for one the runtime decides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Threads {
+    /// Decided by the runtime: for `broadcast.fanout_threads`, its worker
+    /// threads less one.
+    #[default]
+    Auto,
+    /// This many.
+    Count(usize),
+}
+
+impl Serialize for Threads {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Threads::Auto => s.serialize_str("auto"),
+            Threads::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Threads {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(i64),
+            Name(String),
+        }
+        let bad = |what: &dyn std::fmt::Display| {
+            serde::de::Error::custom(format!(
+                "expected \"auto\" or a whole number of threads (0 or more), got {what}"
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => usize::try_from(n).map(Threads::Count).map_err(|_| bad(&n)),
+            Raw::Name(name) => match name.trim() {
+                n if n.eq_ignore_ascii_case("auto") => Ok(Threads::Auto),
+                // From an environment variable, a number comes as text.
+                n => n
+                    .parse()
+                    .map(Threads::Count)
+                    .map_err(|_| bad(&format!("{name:?}"))),
             },
         }
     }
@@ -1192,6 +1244,15 @@ impl Config {
             ("broadcast.batch_window_ms", b.batch_window_ms, 0, 1_000),
             ("broadcast.queue_size", n(b.queue_size), 1, 10_000_000),
             ("broadcast.max_topics", n(b.max_topics), 0, 100_000_000),
+            (
+                "broadcast.fanout_threads",
+                match b.fanout_threads {
+                    Threads::Auto => 0,
+                    Threads::Count(c) => n(c),
+                },
+                0,
+                1_024,
+            ),
             ("history.max_bytes", n(self.history.max_bytes), 0, 1 << 40),
             (
                 "history.max_streams",

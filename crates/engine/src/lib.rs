@@ -86,6 +86,7 @@ pub mod config;
 mod connection;
 mod control;
 mod drain;
+mod fanout;
 pub mod handle;
 pub mod handoff;
 pub mod history;

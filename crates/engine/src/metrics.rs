@@ -198,6 +198,12 @@ pub struct Metrics {
     /// socket did not take) straight into an idle connection's socket by
     /// whoever sent them (no queue, no wake-up of its task).
     pub outbound_direct: Counter,
+    /// Shares of a large fan-out written by a helper thread beside the
+    /// thread delivering it (`broadcast.fanout_threads`).
+    pub fanout_helped: Counter,
+    /// Shares of a large fan-out meant for a helper thread that the
+    /// delivering thread wrote itself, every helper being busy.
+    pub fanout_busy: Counter,
     /// Messages waiting in connections' outbound queues now.
     pub outbound_queued: Gauge,
     /// Connections closed as slow consumers (1013).
@@ -698,6 +704,18 @@ impl Metrics {
             "Messages written (or begun) straight into an idle connection's socket by whoever sent them, without its queue",
             outbound_direct.clone(),
         );
+        let fanout_helped = Counter::default();
+        reg.register(
+            "fanout_helped",
+            "Shares of a large fan-out written by a helper thread beside the thread delivering it",
+            fanout_helped.clone(),
+        );
+        let fanout_busy = Counter::default();
+        reg.register(
+            "fanout_busy",
+            "Shares of a large fan-out meant for a helper thread, written by the delivering thread itself: every helper was busy",
+            fanout_busy.clone(),
+        );
         let outbound_queued = Gauge::default();
         reg.register(
             "outbound_queued",
@@ -860,6 +878,8 @@ impl Metrics {
             broadcast_batch,
             outbound_dropped,
             outbound_direct,
+            fanout_helped,
+            fanout_busy,
             outbound_queued,
             slow_consumers,
             drained,
