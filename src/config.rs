@@ -249,6 +249,51 @@ mod tests {
     }
 
     #[test]
+    fn fanout_threads_is_auto_a_count_or_a_clear_error() {
+        let c = Config::load_from(None, env(&[])).expect("loads");
+        assert_eq!(c.broadcast.fanout_threads, Threads::Auto);
+        for (value, want) in [
+            ("0", Threads::Count(0)),
+            ("3", Threads::Count(3)),
+            ("auto", Threads::Auto),
+            (" AUTO ", Threads::Auto),
+        ] {
+            let c = Config::load_from(None, env(&[("GALE_BROADCAST__FANOUT_THREADS", value)]))
+                .unwrap_or_else(|e| panic!("{value:?}: {e}"));
+            assert_eq!(c.broadcast.fanout_threads, want, "{value:?}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gale.toml");
+        for (toml, want) in [
+            ("2", Some(Threads::Count(2))),
+            ("\"auto\"", Some(Threads::Auto)),
+            ("-1", None),
+            ("\"many\"", None),
+            ("5000", None),
+        ] {
+            std::fs::write(&path, format!("[broadcast]\nfanout_threads = {toml}\n"))
+                .expect("write");
+            match (Config::load_from(Some(&path), env(&[])), want) {
+                (Ok(c), Some(want)) => assert_eq!(c.broadcast.fanout_threads, want, "{toml}"),
+                (Err(e), None) => assert!(
+                    e.to_string().contains("broadcast.fanout_threads"),
+                    "{toml}: {e}"
+                ),
+                (got, _) => panic!("{toml}: {got:?}"),
+            }
+        }
+        for bad in ["-1", "x"] {
+            let err = Config::load_from(None, env(&[("GALE_BROADCAST__FANOUT_THREADS", bad)]))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("expected \"auto\" or a whole number of threads"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn seed_api_key_variable_sets_the_key_and_gale_variable_wins() {
         let c = Config::load_from(None, env(&[("WEATHER_API_KEY", "seed")])).expect("loads");
         assert_eq!(c.weather.api_key.as_deref(), Some("seed"));

@@ -515,7 +515,7 @@ async fn a_push_a_socket_took_only_part_of_does_not_pass_for_one_written_whole()
 
 /// More subscribers than the fan-out from which the writes into idle
 /// sockets move the core's other tasks aside: every one gets every push,
-/// in order, written at once. Returns how many shares of those fan-outs
+/// in order, written at once. Returns how many chunks of those fan-outs
 /// helper threads wrote (`broadcast.fanout_threads`).
 async fn a_crowd_gets_every_push_written_at_once(fanout_threads: gale::config::Threads) -> f64 {
     const CROWD: usize = 1_100;
@@ -533,13 +533,19 @@ async fn a_crowd_gets_every_push_written_at_once(fanout_threads: gale::config::T
     }
     let direct = server.sample("gale_outbound_direct_total").await;
     // Three publications, each delivered before the next (one push per
-    // connection each: the fan-outs helpers share), then three at once.
+    // connection each: the fan-outs helpers take chunks of), then three at
+    // once.
     for i in 0..6 {
         let body = json!({"event": "e", "topic": "crowd", "data": i}).to_string();
         let (status, reply) = publish(&server, Some(API_KEY), &body).await;
         assert_eq!(status, 200, "{reply}");
         if i < 3 {
             server.wait_metric("pushes", (CROWD * (i + 1)) as u64).await;
+        }
+        if i == 2 {
+            // Every chunk, the helpers' too, written into the sockets.
+            let written = server.sample("gale_outbound_direct_total").await - direct;
+            assert_eq!(written, (3 * CROWD) as f64, "written at once, not queued");
         }
     }
     for c in &mut subs {
@@ -549,11 +555,6 @@ async fn a_crowd_gets_every_push_written_at_once(fanout_threads: gale::config::T
     }
     let written = server.sample("gale_outbound_direct_total").await - direct;
     assert!(written >= CROWD as f64, "{written} pushes written at once");
-    assert_eq!(
-        server.sample("gale_fanout_busy_total").await,
-        0.0,
-        "one deliverer at a time finds its helpers idle"
-    );
     server.sample("gale_fanout_helped_total").await
 }
 
@@ -565,11 +566,11 @@ async fn a_crowd_gets_every_push_on_a_current_thread_runtime() {
     assert_eq!(helped, 0.0);
 }
 
-// Two workers: one helper thread writes a share of each lone push.
+// Two workers: one helper thread takes chunks of the lone pushes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_gets_every_push_on_a_multi_threaded_runtime() {
     let helped = a_crowd_gets_every_push_written_at_once(gale::config::Threads::Auto).await;
-    assert!(helped >= 3.0, "{helped} shares written by a helper");
+    assert!(helped >= 1.0, "{helped} chunks written by a helper");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

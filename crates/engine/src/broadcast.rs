@@ -63,10 +63,10 @@ const MAX_RUN_DEPTH: usize = 3;
 /// than the tasks would move.
 const SWEEP_ASIDE: usize = 1024;
 
-/// Fewest recipients of one share of a fan-out written by a helper
-/// thread ([`crate::fanout`]): a push to [`SWEEP_ASIDE`] sockets or more
-/// is split in two at least.
-const MIN_SHARE: usize = SWEEP_ASIDE / 2;
+/// Recipients in one chunk of a fan-out that helper threads share
+/// ([`crate::fanout`]): a push to [`SWEEP_ASIDE`] sockets or more is four
+/// chunks at least.
+const CHUNK: usize = SWEEP_ASIDE / 4;
 
 /// Whether this thread may move its core's other tasks aside
 /// (`tokio::task::block_in_place` panics on a current-thread runtime).
@@ -455,7 +455,7 @@ pub struct Hub {
     /// still hold it: the next run to that target is written after it in
     /// one buffer ([`Hub::queue_here`]).
     open: Mutex<Option<(Target, Run)>>,
-    /// Threads that write shares of a large fan-out beside the one
+    /// Threads that write chunks of a large fan-out beside the one
     /// delivering it.
     helpers: Helpers,
 }
@@ -1148,7 +1148,7 @@ impl Hub {
         // handler's `send_now`, the task handing out what other nodes sent.
         // A large fan-out holds a core for as long as it takes, so the
         // core's other tasks move to another thread meanwhile rather than
-        // wait behind it, and idle helper threads write shares of it.
+        // wait behind it, and idle helper threads write chunks of it.
         if write_now && to.len() >= SWEEP_ASIDE && on_multi_thread_runtime() {
             return tokio::task::block_in_place(|| self.queue_to(&to, target, texts, true, true));
         }
@@ -1185,10 +1185,12 @@ impl Hub {
         let (run, from) = match prev {
             Some((_, prev)) => (Run::extend(&prev, texts), prev.len()),
             None if texts.len() > 1 => (Run::new(texts), 0),
-            None if aside && texts.len() == 1 => return self.write_shared(to, texts, None),
+            None if aside && texts.len() == 1 && !self.helpers.is_empty() => {
+                return self.write_shared(to, texts, None);
+            }
             None => return Outbox::push_each(to, texts, &self.metrics, write_now),
         };
-        let reach = if aside && texts.len() == 1 {
+        let reach = if aside && texts.len() == 1 && !self.helpers.is_empty() {
             self.write_shared(to, &[], Some((&run, from)))
         } else {
             Outbox::push_run(to, &run, from, &self.metrics, write_now)
@@ -1201,31 +1203,40 @@ impl Hub {
     }
 
     /// Writes `texts`, or `run` from a message on, into `to`'s idle
-    /// sockets (queued for the others), in shares written by idle helper
-    /// threads beside this one. Each connection is in one share, and
-    /// this returns once every share is written, so a connection's
-    /// pushes keep their order.
+    /// sockets (queued for the others), with idle helper threads taking
+    /// chunks of the recipients beside this one. Each connection is in
+    /// one chunk, and this returns once every chunk is written, so a
+    /// connection's pushes keep their order.
     fn write_shared(
         &self,
         to: &Recipients,
         texts: &[Prepared],
         run: Option<(&Run, usize)>,
     ) -> Reach {
+        let crew = self
+            .helpers
+            .claim(to.len().div_ceil(CHUNK).saturating_sub(1));
+        self.metrics.fanout_busy.inc_by(crew.busy as u64);
+        if crew.is_empty() {
+            return match run {
+                Some((run, from)) => Outbox::push_run(to, run, from, &self.metrics, true),
+                None => Outbox::push_each(to, texts, &self.metrics, true),
+            };
+        }
         let (list, metrics) = (to.shared(), self.metrics.clone());
         let (texts, run): (Arc<[Prepared]>, _) = (texts.into(), run.map(|(r, f)| (r.clone(), f)));
-        let (reach, split) = self.helpers.split(
+        let (reach, helped) = crew.run(
             list.len(),
-            MIN_SHARE,
-            Arc::new(move |share| {
-                let to = list.get(share).unwrap_or_default();
+            CHUNK,
+            Arc::new(move |chunk| {
+                let to = list.get(chunk).unwrap_or_default();
                 match &run {
                     Some((run, from)) => Outbox::push_run(to, run, *from, &metrics, true),
                     None => Outbox::push_each(to, &texts, &metrics, true),
                 }
             }),
         );
-        self.metrics.fanout_helped.inc_by(split.helped as u64);
-        self.metrics.fanout_busy.inc_by(split.busy as u64);
+        self.metrics.fanout_helped.inc_by(helped as u64);
         reach
     }
 

@@ -506,9 +506,10 @@ pub struct BroadcastConfig {
     /// anonymous client address) may bring into existence on the node, so
     /// no one client can take them all.
     pub max_topics_share: f64,
-    /// Helper threads that write shares of a push to 1,024 idle sockets
-    /// or more beside the thread delivering it. Unset: the runtime's
-    /// worker threads less one; 0: none, every fan-out on one thread.
+    /// Helper threads that write chunks of a push to 1,024 recipients or
+    /// more beside the thread delivering it, when each gets that one push.
+    /// `"auto"`: the runtime's worker threads less one; 0: none, every
+    /// fan-out on one thread.
     pub fanout_threads: Threads,
 }
 

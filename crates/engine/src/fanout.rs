@@ -1,53 +1,43 @@
-//! Helper threads that write shares of a large fan-out beside the thread
+//! Helper threads that write parts of a large fan-out beside the thread
 //! delivering it.
 //!
 //! A push to idle connections is written into their sockets, one after
 //! another, by whoever delivers it (`Outbox::lend`). One publication to
 //! 10,000 sockets is 10,000 system calls of a few microseconds each: on
 //! one core, its last socket is written tens of milliseconds after its
-//! first. With helpers, the recipients are cut into shares; idle helpers
-//! write some while the deliverer writes its own, and the deliverer
-//! returns once every share is written. Each connection is in one share,
-//! so its messages keep their order.
+//! first. With helpers, the deliverer and the idle helpers it claims take
+//! chunks of the recipients in turn from one cursor until none is left;
+//! the deliverer returns once every chunk taken is written. Each
+//! connection is in one chunk, so its messages keep their order. A helper
+//! that has not begun by the time the deliverer finds the cursor empty is
+//! not waited for: the deliverer never sits idle while work remains.
 //!
-//! Bounded: a fixed number of threads, started at the first fan-out that
-//! needs them, each writing one share at a time. A share is handed only
-//! to an idle helper (one that has written its last share, or none yet),
-//! so one no helper is free to take is written by the deliverer itself:
-//! a deliverer never waits behind another's fan-out, and helpers never
-//! wait on anything.
+//! Bounded: a fixed number of threads, each started at the first fan-out
+//! that wants it, each helping one fan-out at a time. Only idle helpers
+//! are claimed, so a fan-out that finds them busy is written by its
+//! deliverer alone: a deliverer never waits behind another's fan-out, and
+//! helpers never wait on anything.
 
 use std::ops::{AddAssign, Range};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, OnceLock};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// One share's work: writes the recipients in a range of the list.
+/// One chunk's work: writes the recipients in a range of the list.
 pub(crate) type Share<R> = Arc<dyn Fn(Range<usize>) -> R + Send + Sync>;
 
-/// A fixed set of helper threads.
+/// A fixed set of helper threads, each started when first wanted.
 pub(crate) struct Helpers {
-    threads: usize,
-    started: OnceLock<Vec<Helper>>,
-}
-
-/// How a fan-out was split.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Split {
-    /// Shares a helper wrote.
-    pub(crate) helped: usize,
-    /// Shares meant for a helper that the deliverer wrote itself: every
-    /// helper was busy.
-    pub(crate) busy: usize,
+    slots: Box<[OnceLock<Option<Helper>>]>,
 }
 
 impl std::fmt::Debug for Helpers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Helpers")
-            .field("threads", &self.threads)
+            .field("threads", &self.slots.len())
             .finish_non_exhaustive()
     }
 }
@@ -56,70 +46,149 @@ impl Helpers {
     /// Up to `threads` helpers, none started yet.
     pub(crate) fn new(threads: usize) -> Helpers {
         Helpers {
-            threads,
-            started: OnceLock::new(),
+            slots: (0..threads).map(|_| OnceLock::new()).collect(),
         }
     }
 
-    fn helpers(&self) -> &[Helper] {
-        self.started
-            .get_or_init(|| (0..self.threads).filter_map(start).collect())
+    /// Whether there are helpers at all.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 
-    /// Runs `share` over `0..n` cut into parts of at least `min`, one
-    /// per helper and one for the caller: the caller's first, here, while
-    /// idle helpers write theirs; a part no helper took, here after it.
-    /// Returns once every part is written: their results added up, and
-    /// how the parts went.
-    pub(crate) fn split<R>(&self, n: usize, min: usize, share: Share<R>) -> (R, Split)
-    where
-        R: Default + AddAssign + Send + 'static,
-    {
-        let parts = (n / min.max(1)).clamp(1, self.threads + 1);
-        if parts == 1 {
-            return (share(0..n), Split::default());
-        }
-        let part = |i: usize| n * i / parts..n * (i + 1) / parts;
-        let (done, results) = mpsc::sync_channel::<R>(parts - 1);
-        let mut idle = self.helpers().iter().filter(|h| h.claim());
-        let (mut mine, mut split) = (vec![part(0)], Split::default());
-        for i in 1..parts {
-            let handed = idle.next().is_some_and(|helper| {
-                let (range, share) = (part(i), share.clone());
-                let finish = Finish {
-                    idle: helper.idle.clone(),
-                    done: Some(done.clone()),
-                };
-                // Never waits: its slot is empty (it took its last job
-                // before it was idle); fails only if the thread is gone.
-                helper
-                    .jobs
-                    .try_send(Box::new(move || finish.send(share(range))))
-                    .is_ok()
-            });
-            if handed {
-                split.helped += 1;
+    /// Claims up to `want` idle helpers, starting them as needed.
+    pub(crate) fn claim(&self, want: usize) -> Crew<'_> {
+        let mut crew = Crew {
+            helpers: Vec::new(),
+            busy: 0,
+        };
+        for (i, slot) in self.slots.iter().enumerate() {
+            if crew.helpers.len() >= want {
+                break;
+            }
+            // A thread that could not start is left out, not counted busy.
+            let Some(helper) = slot.get_or_init(|| start(i)) else {
+                continue;
+            };
+            if helper.claim() {
+                crew.helpers.push(helper);
             } else {
-                split.busy += 1;
-                mine.push(part(i));
+                crew.busy += 1;
             }
         }
-        drop(done);
-        let mut all = R::default();
-        for range in mine {
-            all += share(range);
-        }
-        // Every helper's result; fewer only if one panicked, its part
-        // then left as far as it went.
-        for r in results.iter().take(split.helped) {
-            all += r;
-        }
-        (all, split)
+        crew
     }
 }
 
-/// One helper thread: where its share is handed, and whether it is free
-/// to take one.
+/// Helpers claimed for one fan-out; released unused when dropped.
+pub(crate) struct Crew<'h> {
+    helpers: Vec<&'h Helper>,
+    /// Helpers found busy while more were wanted.
+    pub(crate) busy: usize,
+}
+
+impl Crew<'_> {
+    /// Whether no helper was claimed.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.helpers.is_empty()
+    }
+
+    /// Runs `share` over `0..n` in chunks of `chunk`, taken in turn from
+    /// one cursor by the caller and the crew until none is left. Returns
+    /// once every chunk taken is written: their results added up, and how
+    /// many chunks the helpers wrote.
+    pub(crate) fn run<R>(mut self, n: usize, chunk: usize, share: Share<R>) -> (R, usize)
+    where
+        R: Default + AddAssign + Send + 'static,
+    {
+        let cursor = Arc::new(Cursor {
+            next: AtomicUsize::new(0),
+            n,
+            chunk: chunk.max(1),
+        });
+        let (done, results) = mpsc::sync_channel::<(R, usize)>(self.helpers.len());
+        let mut handed = Vec::with_capacity(self.helpers.len());
+        for helper in std::mem::take(&mut self.helpers) {
+            let state = Arc::new(AtomicU8::new(PENDING));
+            let finish = Finish {
+                idle: helper.idle.clone(),
+                done: Some(done.clone()),
+            };
+            let (cursor, share, begun) = (cursor.clone(), share.clone(), state.clone());
+            let job: Job = Box::new(move || {
+                if begun
+                    .compare_exchange(PENDING, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    finish.send(cursor.drain(&share));
+                }
+                // Too late (the deliverer found nothing left): idle again
+                // as `finish` drops.
+            });
+            // Never waits: an idle helper's slot is empty (it took its
+            // last job before it was idle); fails only if the thread is
+            // gone, and the dropped job leaves it idle.
+            if helper.jobs.try_send(job).is_ok() {
+                handed.push(state);
+            }
+        }
+        drop(done);
+        let (mut all, _) = cursor.drain(&share);
+        // Those that have not begun find nothing left: not waited for.
+        let running = handed
+            .iter()
+            .filter(|s| {
+                s.compare_exchange(PENDING, LATE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+            })
+            .count();
+        let mut helped = 0;
+        // Fewer only if a chunk panicked (logged by its helper).
+        for (r, chunks) in results.iter().take(running) {
+            all += r;
+            helped += chunks;
+        }
+        (all, helped)
+    }
+}
+
+impl Drop for Crew<'_> {
+    fn drop(&mut self) {
+        for helper in &self.helpers {
+            helper.idle.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A handed job's state: not yet begun, begun, or found too late.
+const PENDING: u8 = 0;
+const RUNNING: u8 = 1;
+const LATE: u8 = 2;
+
+/// The next chunk of a fan-out to write.
+struct Cursor {
+    next: AtomicUsize,
+    n: usize,
+    chunk: usize,
+}
+
+impl Cursor {
+    /// Writes chunks until none is left: their results added up, and how
+    /// many.
+    fn drain<R: Default + AddAssign>(&self, share: &Share<R>) -> (R, usize) {
+        let (mut all, mut chunks) = (R::default(), 0);
+        loop {
+            let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
+            if start >= self.n {
+                return (all, chunks);
+            }
+            all += share(start..(start + self.chunk).min(self.n));
+            chunks += 1;
+        }
+    }
+}
+
+/// One helper thread: where its job is handed, and whether it is free to
+/// take one.
 struct Helper {
     /// Holds one job, handed only while the helper is idle.
     jobs: SyncSender<Job>,
@@ -127,7 +196,7 @@ struct Helper {
 }
 
 impl Helper {
-    /// Takes the helper for one share, if it is idle.
+    /// Takes the helper for one fan-out, if it is idle.
     fn claim(&self) -> bool {
         self.idle
             .compare_exchange(true, false, Ordering::AcqRel, Ordering::Relaxed)
@@ -135,9 +204,9 @@ impl Helper {
     }
 }
 
-/// The end of a helper's share: the helper is idle again before its
-/// result reaches the deliverer (so the deliverer's next fan-out finds it
-/// free), and even if the share panicked.
+/// The end of a helper's job: the helper is idle again before its result
+/// reaches the deliverer (so the deliverer's next fan-out finds it free),
+/// and also if the job came too late or panicked.
 struct Finish<R> {
     idle: Arc<AtomicBool>,
     done: Option<SyncSender<R>>,
@@ -154,24 +223,31 @@ impl<R> Finish<R> {
 
 impl<R> Drop for Finish<R> {
     fn drop(&mut self) {
-        // Unwinding from a share: idle again, then the sender goes.
+        // Not sent: idle again, then the sender goes.
         if self.done.is_some() {
             self.idle.store(true, Ordering::Release);
         }
     }
 }
 
-/// Starts helper `i`, idle: it writes one share at a time, and ends when
-/// its sender is dropped with the hub. A share handed to it before the
-/// thread runs waits in its slot.
+/// Starts helper `i`, idle: it runs one job at a time, and ends when its
+/// sender is dropped with the hub. A job handed to it before the thread
+/// runs waits in its slot.
 fn start(i: usize) -> Option<Helper> {
     let (jobs, rx) = mpsc::sync_channel::<Job>(1);
     let spawned = std::thread::Builder::new()
         .name(format!("gale-fanout-{i}"))
         .spawn(move || {
             while let Ok(job) = rx.recv() {
-                // A panic ends the share, not the helper.
-                let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                // A panic (a bug) ends the chunk, not the helper.
+                if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(job)) {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(panic = %what, "a fan-out chunk panicked: the rest of its recipients did not get that push");
+                }
             }
         });
     match spawned {
@@ -180,7 +256,7 @@ fn start(i: usize) -> Option<Helper> {
             idle: Arc::new(AtomicBool::new(true)),
         }),
         Err(e) => {
-            tracing::warn!(error = %e, "could not start a fan-out helper thread; its shares are written by the deliverer");
+            tracing::warn!(error = %e, "could not start a fan-out helper thread; fan-outs go on without it");
             None
         }
     }
@@ -191,13 +267,16 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
     use std::thread::ThreadId;
+    use std::time::Duration;
 
     type Seen = Arc<Mutex<Vec<(usize, ThreadId)>>>;
 
-    /// A share that records which thread wrote which indices.
-    fn recorder(seen: &Seen) -> Share<usize> {
+    /// A chunk's work that takes `pause` and records which thread wrote
+    /// which indices.
+    fn recorder(seen: &Seen, pause: Duration) -> Share<usize> {
         let seen = seen.clone();
         Arc::new(move |r: Range<usize>| {
+            std::thread::sleep(pause);
             let me = std::thread::current().id();
             seen.lock()
                 .expect("seen")
@@ -211,97 +290,78 @@ mod tests {
     }
 
     #[test]
-    fn every_index_is_written_once_each_share_on_its_own_thread() {
+    fn every_index_is_written_once_and_helpers_take_chunks() {
         let helpers = Helpers::new(3);
         for round in 0..3 {
-            let seen = Seen::default();
-            let (n, split) = helpers.split(1000, 100, recorder(&seen));
-            assert_eq!(n, 1000);
+            let crew = helpers.claim(3);
             // Idle from the start, and again before their results came.
-            assert_eq!(split, Split { helped: 3, busy: 0 }, "round {round}");
+            assert_eq!((crew.helpers.len(), crew.busy), (3, 0), "round {round}");
+            let seen = Seen::default();
+            let (n, helped) = crew.run(1000, 100, recorder(&seen, Duration::from_millis(10)));
+            assert_eq!(n, 1000);
             let threads = threads(&seen);
-            assert_eq!(threads.len(), 4, "the caller and three helpers");
             assert!(threads.contains(&std::thread::current().id()));
+            assert!(helped >= 1, "a helper took a chunk within 100 ms");
+            assert!((2..=4).contains(&threads.len()), "{}", threads.len());
             let mut indices: Vec<usize> =
                 seen.lock().expect("seen").iter().map(|(i, _)| *i).collect();
             indices.sort_unstable();
-            assert_eq!(indices, (0..1000).collect::<Vec<_>>());
+            assert_eq!(indices, (0..1000).collect::<Vec<_>>(), "round {round}");
         }
     }
 
     #[test]
-    fn small_fan_outs_and_no_helpers_stay_on_the_caller() {
-        let seen = Seen::default();
-        let (n, split) = Helpers::new(0).split(10_000, 10, recorder(&seen));
-        assert_eq!((n, split), (10_000, Split::default()));
-        let (n, split) = Helpers::new(4).split(150, 100, recorder(&seen));
-        assert_eq!((n, split), (150, Split::default()));
-        // Two parts of 1,000 from 2,500 with one helper: 1,250 each.
-        let (n, split) = Helpers::new(1).split(2_500, 1_000, recorder(&seen));
-        assert_eq!((n, split), (2_500, Split { helped: 1, busy: 0 }));
-        assert_eq!(threads(&seen).len(), 2);
+    fn no_helpers_no_crew() {
+        assert!(Helpers::new(0).is_empty());
+        let crew = Helpers::new(0).claim(5).is_empty();
+        assert!(crew);
+        assert!(Helpers::new(4).claim(0).is_empty());
     }
 
     #[test]
-    fn a_busy_helper_leaves_its_share_to_the_caller() {
-        let helpers = Arc::new(Helpers::new(1));
-        // Another deliverer's share keeps the one helper busy.
-        let (started_tx, started) = mpsc::channel();
-        let release = Arc::new(Mutex::new(()));
-        let hold = release.lock().expect("release");
-        let other = {
-            let (helpers, release) = (helpers.clone(), release.clone());
-            std::thread::spawn(move || {
-                let started_tx = Mutex::new(started_tx);
-                helpers.split(
-                    2,
-                    1,
-                    Arc::new(move |r: Range<usize>| {
-                        if r.start == 1 {
-                            let _ = started_tx.lock().expect("started_tx").send(());
-                            drop(release.lock());
-                        }
-                        r.len()
-                    }),
-                )
-            })
-        };
-        started.recv().expect("started");
-        let seen = Seen::default();
-        let (n, split) = helpers.split(100, 10, recorder(&seen));
-        assert_eq!((n, split), (100, Split { helped: 0, busy: 1 }));
-        assert_eq!(threads(&seen), [std::thread::current().id()].into());
-        drop(hold);
-        assert_eq!(
-            other.join().expect("other deliverer"),
-            (2, Split { helped: 1, busy: 0 })
-        );
-        // Free again once its share is done.
-        let (n, split) = helpers.split(100, 10, recorder(&seen));
-        assert_eq!((n, split), (100, Split { helped: 1, busy: 0 }));
-    }
-
-    #[test]
-    fn a_panicking_share_ends_that_share_not_the_helper() {
+    fn a_claimed_helper_is_busy_for_others_until_released() {
         let helpers = Helpers::new(1);
-        let (n, split) = helpers.split(
-            2,
-            1,
+        let first = helpers.claim(2);
+        assert_eq!((first.helpers.len(), first.busy), (1, 0));
+        let second = helpers.claim(1);
+        assert_eq!((second.helpers.len(), second.busy), (0, 1));
+        // The second writes alone.
+        let seen = Seen::default();
+        let (n, helped) = second.run(10, 1, recorder(&seen, Duration::ZERO));
+        assert_eq!((n, helped), (10, 0));
+        assert_eq!(threads(&seen), [std::thread::current().id()].into());
+        // Released unused, it is claimed again.
+        drop(first);
+        assert_eq!(helpers.claim(1).helpers.len(), 1);
+    }
+
+    #[test]
+    fn a_panicking_chunk_ends_that_chunk_not_the_helper() {
+        let helpers = Helpers::new(1);
+        // 20 chunks of 10 ms: the helper takes one well before the caller
+        // is done, and panics on it.
+        let (n, helped) = helpers.claim(1).run(
+            200,
+            10,
             Arc::new(|r: Range<usize>| {
+                std::thread::sleep(Duration::from_millis(10));
                 assert_ne!(
                     std::thread::current().name(),
                     Some("gale-fanout-0"),
-                    "a bug in a share"
+                    "a bug"
                 );
                 r.len()
             }),
         );
         assert_eq!(
-            (n, split),
-            (1, Split { helped: 1, busy: 0 }),
-            "the caller's share counts; the panicked one does not"
+            (n, helped),
+            (190, 0),
+            "the chunk it took is lost, the rest written"
         );
-        let (n, split) = helpers.split(2, 1, Arc::new(|r: Range<usize>| r.len()));
-        assert_eq!((n, split), (2, Split { helped: 1, busy: 0 }));
+        let crew = helpers.claim(1);
+        assert_eq!(crew.helpers.len(), 1, "idle again");
+        let seen = Seen::default();
+        let (n, _) = crew.run(100, 10, recorder(&seen, Duration::from_millis(5)));
+        assert_eq!(n, 100);
     }
 }

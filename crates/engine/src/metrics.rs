@@ -198,11 +198,11 @@ pub struct Metrics {
     /// socket did not take) straight into an idle connection's socket by
     /// whoever sent them (no queue, no wake-up of its task).
     pub outbound_direct: Counter,
-    /// Shares of a large fan-out written by a helper thread beside the
+    /// Chunks of a large fan-out written by a helper thread beside the
     /// thread delivering it (`broadcast.fanout_threads`).
     pub fanout_helped: Counter,
-    /// Shares of a large fan-out meant for a helper thread that the
-    /// delivering thread wrote itself, every helper being busy.
+    /// Helper threads a large fan-out wanted and found busy helping
+    /// another.
     pub fanout_busy: Counter,
     /// Messages waiting in connections' outbound queues now.
     pub outbound_queued: Gauge,
@@ -707,13 +707,13 @@ impl Metrics {
         let fanout_helped = Counter::default();
         reg.register(
             "fanout_helped",
-            "Shares of a large fan-out written by a helper thread beside the thread delivering it",
+            "Chunks of a large fan-out written by a helper thread beside the thread delivering it",
             fanout_helped.clone(),
         );
         let fanout_busy = Counter::default();
         reg.register(
             "fanout_busy",
-            "Shares of a large fan-out meant for a helper thread, written by the delivering thread itself: every helper was busy",
+            "Helper threads a large fan-out wanted and found busy helping another",
             fanout_busy.clone(),
         );
         let outbound_queued = Gauge::default();
