@@ -10,7 +10,8 @@
 //! the deliverer returns once every chunk taken is written. Each
 //! connection is in one chunk, so its messages keep their order. A helper
 //! that has not begun by the time the deliverer finds the cursor empty is
-//! not waited for: the deliverer never sits idle while work remains.
+//! not waited for (it then writes nothing): the deliverer waits only for
+//! the chunks being written.
 //!
 //! Bounded: a fixed number of threads, each started at the first fan-out
 //! that wants it, each helping one fan-out at a time. Only idle helpers
@@ -109,9 +110,10 @@ impl Crew<'_> {
         let mut handed = Vec::with_capacity(self.helpers.len());
         for helper in std::mem::take(&mut self.helpers) {
             let state = Arc::new(AtomicU8::new(PENDING));
-            let finish = Finish {
+            let mut finish = Finish {
                 idle: helper.idle.clone(),
                 done: Some(done.clone()),
+                begun: false,
             };
             let (cursor, share, begun) = (cursor.clone(), share.clone(), state.clone());
             let job: Job = Box::new(move || {
@@ -119,10 +121,11 @@ impl Crew<'_> {
                     .compare_exchange(PENDING, RUNNING, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
+                    finish.begun = true;
                     finish.send(cursor.drain(&share));
                 }
                 // Too late (the deliverer found nothing left): idle again
-                // as `finish` drops.
+                // as `finish` drops, having written nothing.
             });
             // Never waits: an idle helper's slot is empty (it took its
             // last job before it was idle); fails only if the thread is
@@ -132,17 +135,15 @@ impl Crew<'_> {
             }
         }
         drop(done);
+        let mut close = Close {
+            handed: &handed,
+            cursor: &cursor,
+            running: None,
+        };
         let (mut all, _) = cursor.drain(&share);
-        // Those that have not begun find nothing left: not waited for.
-        let running = handed
-            .iter()
-            .filter(|s| {
-                s.compare_exchange(PENDING, LATE, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err()
-            })
-            .count();
+        let running = close.now();
         let mut helped = 0;
-        // Fewer only if a chunk panicked (logged by its helper).
+        // One answer from each that began, even one that panicked.
         for (r, chunks) in results.iter().take(running) {
             all += r;
             helped += chunks;
@@ -155,6 +156,40 @@ impl Drop for Crew<'_> {
     fn drop(&mut self) {
         for helper in &self.helpers {
             helper.idle.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The end of the deliverer's own part: the handed jobs that have not
+/// begun are too late, and write nothing. Done on unwinding too, so a
+/// panic in the deliverer's part never leaves a job to write after it
+/// (and its push behind a later one); the cursor is then spent as well.
+struct Close<'a> {
+    handed: &'a [Arc<AtomicU8>],
+    cursor: &'a Cursor,
+    running: Option<usize>,
+}
+
+impl Close<'_> {
+    /// Marks the jobs not yet begun too late; how many began.
+    fn now(&mut self) -> usize {
+        *self.running.get_or_insert_with(|| {
+            self.handed
+                .iter()
+                .filter(|s| {
+                    s.compare_exchange(PENDING, LATE, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                })
+                .count()
+        })
+    }
+}
+
+impl Drop for Close<'_> {
+    fn drop(&mut self) {
+        if self.running.is_none() {
+            self.cursor.next.store(usize::MAX / 2, Ordering::Relaxed);
+            self.now();
         }
     }
 }
@@ -204,28 +239,33 @@ impl Helper {
     }
 }
 
-/// The end of a helper's job: the helper is idle again before its result
+/// The end of a helper's job: the helper is idle again before its answer
 /// reaches the deliverer (so the deliverer's next fan-out finds it free),
-/// and also if the job came too late or panicked.
-struct Finish<R> {
+/// and also if the job came too late or panicked. A job that began always
+/// answers, so the deliverer waits for no other.
+struct Finish<T: Default> {
     idle: Arc<AtomicBool>,
-    done: Option<SyncSender<R>>,
+    done: Option<SyncSender<T>>,
+    begun: bool,
 }
 
-impl<R> Finish<R> {
-    fn send(mut self, r: R) {
+impl<T: Default> Finish<T> {
+    fn send(mut self, answer: T) {
         if let Some(done) = self.done.take() {
             self.idle.store(true, Ordering::Release);
-            let _ = done.send(r);
+            let _ = done.send(answer);
         }
     }
 }
 
-impl<R> Drop for Finish<R> {
+impl<T: Default> Drop for Finish<T> {
     fn drop(&mut self) {
-        // Not sent: idle again, then the sender goes.
-        if self.done.is_some() {
+        if let Some(done) = self.done.take() {
             self.idle.store(true, Ordering::Release);
+            // Begun and panicked: nothing counted of what it wrote.
+            if self.begun {
+                let _ = done.send(T::default());
+            }
         }
     }
 }
@@ -289,19 +329,39 @@ mod tests {
         seen.lock().expect("seen").iter().map(|(_, t)| *t).collect()
     }
 
+    /// All `want` helpers, once they are idle again (a job found too late
+    /// keeps its helper until the thread has run it).
+    fn claim_all(helpers: &Helpers, want: usize) -> Crew<'_> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let crew = helpers.claim(want);
+            if crew.helpers.len() == want {
+                return crew;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "helpers never idle again"
+            );
+            drop(crew);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn every_index_is_written_once_and_helpers_take_chunks() {
         let helpers = Helpers::new(3);
+        // Idle from the start.
+        assert_eq!(helpers.claim(3).helpers.len(), 3);
         for round in 0..3 {
-            let crew = helpers.claim(3);
-            // Idle from the start, and again before their results came.
-            assert_eq!((crew.helpers.len(), crew.busy), (3, 0), "round {round}");
+            let crew = claim_all(&helpers, 3);
             let seen = Seen::default();
-            let (n, helped) = crew.run(1000, 100, recorder(&seen, Duration::from_millis(10)));
+            // 20 chunks of 10 ms: 200 ms for the caller alone, so the
+            // helpers begin well before the cursor runs out.
+            let (n, helped) = crew.run(1000, 50, recorder(&seen, Duration::from_millis(10)));
             assert_eq!(n, 1000);
             let threads = threads(&seen);
             assert!(threads.contains(&std::thread::current().id()));
-            assert!(helped >= 1, "a helper took a chunk within 100 ms");
+            assert!(helped >= 1, "a helper took a chunk within 200 ms");
             assert!((2..=4).contains(&threads.len()), "{}", threads.len());
             let mut indices: Vec<usize> =
                 seen.lock().expect("seen").iter().map(|(i, _)| *i).collect();
@@ -338,10 +398,10 @@ mod tests {
     #[test]
     fn a_panicking_chunk_ends_that_chunk_not_the_helper() {
         let helpers = Helpers::new(1);
-        // 20 chunks of 10 ms: the helper takes one well before the caller
+        // 40 chunks of 10 ms: the helper takes one well before the caller
         // is done, and panics on it.
         let (n, helped) = helpers.claim(1).run(
-            200,
+            400,
             10,
             Arc::new(|r: Range<usize>| {
                 std::thread::sleep(Duration::from_millis(10));
@@ -355,11 +415,10 @@ mod tests {
         );
         assert_eq!(
             (n, helped),
-            (190, 0),
+            (390, 0),
             "the chunk it took is lost, the rest written"
         );
-        let crew = helpers.claim(1);
-        assert_eq!(crew.helpers.len(), 1, "idle again");
+        let crew = claim_all(&helpers, 1);
         let seen = Seen::default();
         let (n, _) = crew.run(100, 10, recorder(&seen, Duration::from_millis(5)));
         assert_eq!(n, 100);

@@ -201,8 +201,8 @@ pub struct Metrics {
     /// Chunks of a large fan-out written by a helper thread beside the
     /// thread delivering it (`broadcast.fanout_threads`).
     pub fanout_helped: Counter,
-    /// Helper threads a large fan-out wanted and found busy helping
-    /// another.
+    /// Helper threads a large fan-out wanted and found busy (helping
+    /// another, or not yet back from a job that came too late).
     pub fanout_busy: Counter,
     /// Messages waiting in connections' outbound queues now.
     pub outbound_queued: Gauge,
@@ -713,7 +713,7 @@ impl Metrics {
         let fanout_busy = Counter::default();
         reg.register(
             "fanout_busy",
-            "Helper threads a large fan-out wanted and found busy helping another",
+            "Helper threads a large fan-out wanted and found busy (helping another, or not yet back from a job that came too late)",
             fanout_busy.clone(),
         );
         let outbound_queued = Gauge::default();
