@@ -75,6 +75,21 @@ fn on_multi_thread_runtime() -> bool {
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
+/// Writes `texts`, or `run` from a message on, into `to`'s idle sockets
+/// at once (queued for the others): a chunk of [`Hub::write_shared`], or
+/// all of it when no helper is free.
+fn write_share(
+    to: &[Arc<Outbox>],
+    texts: &[Prepared],
+    run: Option<(&Run, usize)>,
+    metrics: &Metrics,
+) -> Reach {
+    match run {
+        Some((run, from)) => Outbox::push_run(to, run, from, metrics, true),
+        None => Outbox::push_each(to, texts, metrics, true),
+    }
+}
+
 /// Who a push goes to.
 ///
 /// ```
@@ -1182,15 +1197,15 @@ impl Hub {
                 && prev.holders() > to.len() / 2
                 && prev.bytes() + Run::bytes_of(texts) <= MAX_RUN_BYTES
         });
+        // One push for each: helper threads may take chunks of it.
+        let shared = aside && texts.len() == 1;
         let (run, from) = match prev {
             Some((_, prev)) => (Run::extend(&prev, texts), prev.len()),
             None if texts.len() > 1 => (Run::new(texts), 0),
-            None if aside && texts.len() == 1 && !self.helpers.is_empty() => {
-                return self.write_shared(to, texts, None);
-            }
+            None if shared => return self.write_shared(to, texts, None),
             None => return Outbox::push_each(to, texts, &self.metrics, write_now),
         };
-        let reach = if aside && texts.len() == 1 && !self.helpers.is_empty() {
+        let reach = if shared {
             self.write_shared(to, &[], Some((&run, from)))
         } else {
             Outbox::push_run(to, &run, from, &self.metrics, write_now)
@@ -1218,10 +1233,7 @@ impl Hub {
             .claim(to.len().div_ceil(CHUNK).saturating_sub(1));
         self.metrics.fanout_busy.inc_by(crew.busy as u64);
         if crew.is_empty() {
-            return match run {
-                Some((run, from)) => Outbox::push_run(to, run, from, &self.metrics, true),
-                None => Outbox::push_each(to, texts, &self.metrics, true),
-            };
+            return write_share(to, texts, run, &self.metrics);
         }
         let (list, metrics) = (to.shared(), self.metrics.clone());
         let (texts, run): (Arc<[Prepared]>, _) = (texts.into(), run.map(|(r, f)| (r.clone(), f)));
@@ -1230,10 +1242,8 @@ impl Hub {
             CHUNK,
             Arc::new(move |chunk| {
                 let to = list.get(chunk).unwrap_or_default();
-                match &run {
-                    Some((run, from)) => Outbox::push_run(to, run, *from, &metrics, true),
-                    None => Outbox::push_each(to, &texts, &metrics, true),
-                }
+                let run = run.as_ref().map(|(run, from)| (run, *from));
+                write_share(to, &texts, run, &metrics)
             }),
         );
         self.metrics.fanout_helped.inc_by(helped as u64);
