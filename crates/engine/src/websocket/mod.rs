@@ -416,6 +416,9 @@ pub struct Socket {
     /// an idle connection holds no read buffer.
     read: BytesMut,
     partial: Option<Partial>,
+    /// Payload bytes of the text frame at the front of `read`, still
+    /// arriving, already checked as UTF-8 (up to a character's end).
+    arriving: u32,
     /// Whole frames waiting to be written; the front may be partly
     /// written already (advanced).
     out: VecDeque<Frame>,
@@ -462,6 +465,7 @@ impl Socket {
             stream,
             read: BytesMut::from(&read[..]),
             partial: None,
+            arriving: 0,
             out: VecDeque::new(),
             deflate,
             limits,
@@ -519,9 +523,11 @@ impl Socket {
             }
             let need = h.header_len + h.len as usize;
             if self.read.len() < need {
+                self.check_arriving(&h, mask)?;
                 self.read.reserve(need - self.read.len());
                 return Ok(None);
             }
+            self.arriving = 0;
             self.read.advance(h.header_len);
             let len = h.len as usize;
             let mut payload = if matches!(h.opcode, Opcode::Text | Opcode::Binary)
@@ -607,6 +613,60 @@ impl Socket {
                 }
             }
         }
+    }
+
+    /// Fails a text frame still arriving at its first byte that cannot be
+    /// UTF-8, not once the whole frame is in: a client cannot make the
+    /// server hold up to `max_message` bytes of a frame already known bad.
+    /// Each byte is checked once: `arriving` keeps how far the check got.
+    fn check_arriving(&mut self, h: &frame::Header, mask: [u8; 4]) -> Result<(), Error> {
+        // The end of a character the fragment before began.
+        let carry = match (h.opcode, &self.partial) {
+            (Opcode::Text, None) if !h.compressed => &[][..],
+            (Opcode::Continuation, Some(p)) if p.opcode == Opcode::Text && !p.compressed => {
+                p.data.get(p.valid..).unwrap_or_default()
+            }
+            _ => return Ok(()),
+        };
+        let from = self.arriving as usize;
+        let arrived = self.read.get(h.header_len..).unwrap_or_default();
+        // Bytes unmasked a piece at a time, behind the start of a
+        // character the piece before ended in (at most 3 bytes).
+        const PIECE: usize = 256;
+        let mut buf = [0_u8; PIECE + 3];
+        let mut held = 0;
+        if from == 0 {
+            let carry = carry.get(..3).unwrap_or(carry);
+            buf[..carry.len()].copy_from_slice(carry);
+            held = carry.len();
+        }
+        let mut at = from;
+        while at < arrived.len() {
+            let take = (arrived.len() - at).min(PIECE);
+            let piece = &mut buf[held..held + take];
+            piece.copy_from_slice(&arrived[at..at + take]);
+            frame::apply_mask(piece, mask, at);
+            at += take;
+            let filled = held + take;
+            held = match std::str::from_utf8(&buf[..filled]) {
+                Ok(_) => 0,
+                Err(e) if e.error_len().is_some() => {
+                    return Err(Error::Violation(
+                        close_code::INVALID_PAYLOAD,
+                        "invalid UTF-8 in text",
+                    ));
+                }
+                Err(e) => {
+                    buf.copy_within(e.valid_up_to()..filled, 0);
+                    filled - e.valid_up_to()
+                }
+            };
+        }
+        // Where the last whole character ends (before `from` only while the
+        // carried character is still unfinished: then from the start).
+        let checked = at.saturating_sub(held).max(from);
+        self.arriving = u32::try_from(checked).unwrap_or(self.arriving);
+        Ok(())
     }
 
     fn finish(&self, p: Partial) -> Result<Message, Error> {
@@ -845,6 +905,8 @@ impl Socket {
             stream,
             read,
             partial,
+            // Checked again from the frame's start after the takeover.
+            arriving: _,
             out,
             deflate,
             limits,
@@ -874,6 +936,7 @@ impl Socket {
                     stream,
                     read,
                     partial,
+                    arriving: 0,
                     out,
                     deflate,
                     limits,
@@ -1064,6 +1127,136 @@ mod tests {
         // the socket's read buffer and keep all of it once that is gone.
         let bytes = Bytes::from(text);
         assert!(bytes.is_unique(), "its own four bytes, not the chunk");
+    }
+
+    /// The masking key of the client frames below.
+    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    /// `payload` masked with `KEY`, as if it began `offset` bytes into
+    /// its frame's payload.
+    fn masked(payload: &[u8], offset: usize) -> Vec<u8> {
+        let mut bytes = payload.to_vec();
+        frame::apply_mask(&mut bytes, KEY, offset);
+        bytes
+    }
+
+    /// A client frame's header: FIN, the opcode, a length below 126, `KEY`.
+    fn header(fin: bool, opcode: u8, len: u8) -> Vec<u8> {
+        let mut h = vec![if fin { 0x80 } else { 0 } | opcode, 0x80 | len];
+        h.extend_from_slice(&KEY);
+        h
+    }
+
+    /// What `recv` gives within a second: `None` if it is still waiting.
+    async fn recv_soon(socket: &mut Socket) -> Option<Result<Message, Error>> {
+        tokio::time::timeout(std::time::Duration::from_secs(1), socket.recv())
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn a_text_frame_fails_at_its_first_bad_byte_not_at_its_end() {
+        use tokio::io::AsyncWriteExt;
+        let (mut socket, mut client) = plain_socket(256).await;
+        // 40 bytes announced; valid text, then a sequence past U+10FFFF,
+        // and the rest never sent.
+        let mut bytes = header(true, 0x1, 40);
+        bytes.extend(masked("Zürich ".as_bytes(), 0));
+        client.write_all(&bytes).await.expect("write");
+        assert!(
+            recv_soon(&mut socket).await.is_none(),
+            "valid so far: waits"
+        );
+        client
+            .write_all(&masked(&[0xf4, 0x90, 0x80, 0x80], 8))
+            .await
+            .expect("write");
+        match recv_soon(&mut socket).await {
+            Some(Err(Error::Violation(close_code::INVALID_PAYLOAD, _))) => {}
+            other => panic!("failed at once with 1007, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_continuation_fails_at_a_character_the_fragment_before_began() {
+        use tokio::io::AsyncWriteExt;
+        let (mut socket, mut client) = plain_socket(256).await;
+        // "a" and the first byte of "é", not final; then a continuation
+        // whose first byte cannot end that character, the rest unsent.
+        let mut bytes = header(false, 0x1, 2);
+        bytes.extend(masked(&[b'a', 0xc3], 0));
+        bytes.extend(header(true, 0x0, 30));
+        bytes.extend(masked(b"(", 0));
+        client.write_all(&bytes).await.expect("write");
+        match recv_soon(&mut socket).await {
+            Some(Err(Error::Violation(close_code::INVALID_PAYLOAD, _))) => {}
+            other => panic!("failed at once with 1007, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_text_frame_is_checked_across_reads_and_pieces() {
+        use tokio::io::AsyncWriteExt;
+        // 999 bytes of three-byte characters, in writes of 143 bytes: the
+        // reads and the check's pieces of 256 both end inside characters.
+        let text = "€".repeat(333);
+        let mut bytes = vec![0x81, 0x80 | 126, 0x03, 0xe7];
+        bytes.extend_from_slice(&KEY);
+        bytes.extend(masked(text.as_bytes(), 0));
+        let (mut socket, mut client) = plain_socket(256).await;
+        let writer = tokio::spawn(async move {
+            for part in bytes.chunks(143) {
+                client.write_all(part).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            client
+        });
+        let Ok(Message::Text(got)) = socket.recv().await else {
+            panic!("a text message")
+        };
+        assert_eq!(got.as_str(), text);
+        let _client = writer.await.expect("writer");
+
+        // The same frame with a stray continuation byte at 600: failed
+        // with the first 700 bytes in, the rest never sent.
+        let mut bad = text.into_bytes();
+        bad[600] = 0x80;
+        let mut bytes = vec![0x81, 0x80 | 126, 0x03, 0xe7];
+        bytes.extend_from_slice(&KEY);
+        bytes.extend(masked(&bad[..700], 0));
+        let (mut socket, mut client) = plain_socket(256).await;
+        for part in bytes.chunks(143) {
+            client.write_all(part).await.expect("write");
+        }
+        match recv_soon(&mut socket).await {
+            Some(Err(Error::Violation(close_code::INVALID_PAYLOAD, _))) => {}
+            other => panic!("failed with 1007 before the frame's end, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn text_arriving_a_byte_at_a_time_is_whole_when_its_characters_are() {
+        use tokio::io::AsyncWriteExt;
+        let (mut socket, mut client) = plain_socket(256).await;
+        // Two and four byte characters split at every byte, across a
+        // first fragment and its continuation.
+        let (first, second) = ("Zü€", "𝄞 Göteborg ☀");
+        let mut bytes = header(false, 0x1, first.len() as u8);
+        bytes.extend(masked(first.as_bytes(), 0));
+        bytes.extend(header(true, 0x0, second.len() as u8));
+        bytes.extend(masked(second.as_bytes(), 0));
+        let writer = tokio::spawn(async move {
+            for byte in bytes {
+                client.write_all(&[byte]).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            client
+        });
+        let Ok(Message::Text(text)) = socket.recv().await else {
+            panic!("a text message")
+        };
+        assert_eq!(text.as_str(), format!("{first}{second}"));
+        let _client = writer.await.expect("writer");
     }
 
     #[tokio::test]
