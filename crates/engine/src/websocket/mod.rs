@@ -628,6 +628,12 @@ impl Socket {
             }
             _ => return Ok(()),
         };
+        // Never more than a character's first three bytes; if it were (a
+        // fragment taken over unchecked), the whole message is checked
+        // once it ends.
+        if carry.len() > 3 {
+            return Ok(());
+        }
         let from = self.arriving as usize;
         let arrived = self.read.get(h.header_len..).unwrap_or_default();
         // Bytes unmasked a piece at a time, behind the start of a
@@ -636,7 +642,6 @@ impl Socket {
         let mut buf = [0_u8; PIECE + 3];
         let mut held = 0;
         if from == 0 {
-            let carry = carry.get(..3).unwrap_or(carry);
             buf[..carry.len()].copy_from_slice(carry);
             held = carry.len();
         }
@@ -1140,122 +1145,148 @@ mod tests {
         bytes
     }
 
-    /// A client frame's header: FIN, the opcode, a length below 126, `KEY`.
-    fn header(fin: bool, opcode: u8, len: u8) -> Vec<u8> {
-        let mut h = vec![if fin { 0x80 } else { 0 } | opcode, 0x80 | len];
+    /// A client frame's header: FIN, the opcode, the length, `KEY`.
+    fn header(fin: bool, opcode: u8, len: usize) -> Vec<u8> {
+        let first = if fin { 0x80 } else { 0 } | opcode;
+        let mut h = match u8::try_from(len) {
+            Ok(short) if short < 126 => vec![first, 0x80 | short],
+            _ => {
+                let [hi, lo] = u16::try_from(len).expect("a test frame").to_be_bytes();
+                vec![first, 0x80 | 126, hi, lo]
+            }
+        };
         h.extend_from_slice(&KEY);
         h
     }
 
-    /// What `recv` gives within a second: `None` if it is still waiting.
-    async fn recv_soon(socket: &mut Socket) -> Option<Result<Message, Error>> {
-        tokio::time::timeout(std::time::Duration::from_secs(1), socket.recv())
+    /// What `recv` gives within `secs`: `None` if it is still waiting.
+    async fn recv_within(socket: &mut Socket, secs: u64) -> Option<Result<Message, Error>> {
+        tokio::time::timeout(std::time::Duration::from_secs(secs), socket.recv())
             .await
             .ok()
+    }
+
+    /// Fails unless `got` is a close with 1007.
+    fn assert_invalid(got: Option<Result<Message, Error>>) {
+        match got {
+            Some(Err(Error::Violation(close_code::INVALID_PAYLOAD, _))) => {}
+            other => panic!("failed at once with 1007, got {other:?}"),
+        }
+    }
+
+    /// Writes `parts` one after another, a pause between them, and gives
+    /// the client back.
+    fn write_slowly(
+        mut client: tokio::net::TcpStream,
+        parts: Vec<Vec<u8>>,
+    ) -> tokio::task::JoinHandle<tokio::net::TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        tokio::spawn(async move {
+            for part in parts {
+                client.write_all(&part).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            }
+            client
+        })
+    }
+
+    /// Reads one message within 10 s: it must be the text `want`.
+    async fn assert_text(socket: &mut Socket, want: &str) {
+        match recv_within(socket, 10).await {
+            Some(Ok(Message::Text(got))) => assert_eq!(got.as_str(), want),
+            other => panic!("the text message, got {other:?}"),
+        }
     }
 
     #[tokio::test]
     async fn a_text_frame_fails_at_its_first_bad_byte_not_at_its_end() {
         use tokio::io::AsyncWriteExt;
         let (mut socket, mut client) = plain_socket(256).await;
-        // 40 bytes announced; valid text, then a sequence past U+10FFFF,
-        // and the rest never sent.
+        // 40 bytes announced; valid text (7 bytes: the bad ones start off
+        // the key's phase), then a sequence past U+10FFFF, the rest unsent.
         let mut bytes = header(true, 0x1, 40);
-        bytes.extend(masked("Zürich ".as_bytes(), 0));
+        bytes.extend(masked("Zürich".as_bytes(), 0));
         client.write_all(&bytes).await.expect("write");
         assert!(
-            recv_soon(&mut socket).await.is_none(),
+            recv_within(&mut socket, 1).await.is_none(),
             "valid so far: waits"
         );
         client
-            .write_all(&masked(&[0xf4, 0x90, 0x80, 0x80], 8))
+            .write_all(&masked(&[0xf4, 0x90, 0x80, 0x80], 7))
             .await
             .expect("write");
-        match recv_soon(&mut socket).await {
-            Some(Err(Error::Violation(close_code::INVALID_PAYLOAD, _))) => {}
-            other => panic!("failed at once with 1007, got {other:?}"),
-        }
+        assert_invalid(recv_within(&mut socket, 1).await);
     }
 
     #[tokio::test]
     async fn a_continuation_fails_at_a_character_the_fragment_before_began() {
         use tokio::io::AsyncWriteExt;
         let (mut socket, mut client) = plain_socket(256).await;
-        // "a" and the first byte of "é", not final; then a continuation
-        // whose first byte cannot end that character, the rest unsent.
+        // "a" and the first byte of "€", not final; then a continuation
+        // whose first byte goes on with that character but whose second
+        // cannot end it, the rest unsent.
         let mut bytes = header(false, 0x1, 2);
-        bytes.extend(masked(&[b'a', 0xc3], 0));
+        bytes.extend(masked(&[b'a', 0xe2], 0));
         bytes.extend(header(true, 0x0, 30));
-        bytes.extend(masked(b"(", 0));
+        bytes.extend(masked(&[0x82], 0));
         client.write_all(&bytes).await.expect("write");
-        match recv_soon(&mut socket).await {
-            Some(Err(Error::Violation(close_code::INVALID_PAYLOAD, _))) => {}
-            other => panic!("failed at once with 1007, got {other:?}"),
-        }
+        assert!(
+            recv_within(&mut socket, 1).await.is_none(),
+            "valid so far: waits"
+        );
+        client.write_all(&masked(b"A", 1)).await.expect("write");
+        assert_invalid(recv_within(&mut socket, 1).await);
     }
 
     #[tokio::test]
     async fn a_long_text_frame_is_checked_across_reads_and_pieces() {
         use tokio::io::AsyncWriteExt;
-        // 999 bytes of three-byte characters, in writes of 143 bytes: the
-        // reads and the check's pieces of 256 both end inside characters.
+        // 999 bytes of three-byte characters: reads of 256 bytes in
+        // writes of 143, then one read of 600 (checked in pieces of 256,
+        // each ending inside a character) and the rest.
         let text = "€".repeat(333);
-        let mut bytes = vec![0x81, 0x80 | 126, 0x03, 0xe7];
-        bytes.extend_from_slice(&KEY);
+        let mut bytes = header(true, 0x1, text.len());
         bytes.extend(masked(text.as_bytes(), 0));
-        let (mut socket, mut client) = plain_socket(256).await;
-        let writer = tokio::spawn(async move {
-            for part in bytes.chunks(143) {
-                client.write_all(part).await.expect("write");
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            client
-        });
-        let Ok(Message::Text(got)) = socket.recv().await else {
-            panic!("a text message")
-        };
-        assert_eq!(got.as_str(), text);
-        let _client = writer.await.expect("writer");
+        for (read_buffer, write) in [(256, 143), (1024, 600)] {
+            let (mut socket, client) = plain_socket(read_buffer).await;
+            let writer = write_slowly(client, bytes.chunks(write).map(<[u8]>::to_vec).collect());
+            assert_text(&mut socket, &text).await;
+            let _client = writer.await.expect("writer");
+        }
 
-        // The same frame with a stray continuation byte at 600: failed
-        // with the first 700 bytes in, the rest never sent.
+        // With a stray continuation byte at 600: the 600 bytes before it
+        // wait for the rest, the byte fails the frame at once.
         let mut bad = text.into_bytes();
         bad[600] = 0x80;
-        let mut bytes = vec![0x81, 0x80 | 126, 0x03, 0xe7];
-        bytes.extend_from_slice(&KEY);
-        bytes.extend(masked(&bad[..700], 0));
-        let (mut socket, mut client) = plain_socket(256).await;
-        for part in bytes.chunks(143) {
-            client.write_all(part).await.expect("write");
-        }
-        match recv_soon(&mut socket).await {
-            Some(Err(Error::Violation(close_code::INVALID_PAYLOAD, _))) => {}
-            other => panic!("failed with 1007 before the frame's end, got {other:?}"),
-        }
+        let mut bytes = header(true, 0x1, bad.len());
+        bytes.extend(masked(&bad, 0));
+        let (mut socket, client) = plain_socket(1024).await;
+        let writer = write_slowly(client, vec![bytes[..4 + 4 + 600].to_vec()]);
+        assert!(
+            recv_within(&mut socket, 1).await.is_none(),
+            "valid so far: waits"
+        );
+        let mut client = writer.await.expect("writer");
+        client
+            .write_all(&bytes[4 + 4 + 600..4 + 4 + 700])
+            .await
+            .expect("write");
+        assert_invalid(recv_within(&mut socket, 1).await);
     }
 
     #[tokio::test]
     async fn text_arriving_a_byte_at_a_time_is_whole_when_its_characters_are() {
-        use tokio::io::AsyncWriteExt;
-        let (mut socket, mut client) = plain_socket(256).await;
-        // Two and four byte characters split at every byte, across a
-        // first fragment and its continuation.
-        let (first, second) = ("Zü€", "𝄞 Göteborg ☀");
-        let mut bytes = header(false, 0x1, first.len() as u8);
-        bytes.extend(masked(first.as_bytes(), 0));
-        bytes.extend(header(true, 0x0, second.len() as u8));
-        bytes.extend(masked(second.as_bytes(), 0));
-        let writer = tokio::spawn(async move {
-            for byte in bytes {
-                client.write_all(&[byte]).await.expect("write");
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-            client
-        });
-        let Ok(Message::Text(text)) = socket.recv().await else {
-            panic!("a text message")
-        };
-        assert_eq!(text.as_str(), format!("{first}{second}"));
+        // Two-, three- and four-byte characters split at every byte, and
+        // "☀" split between the first fragment and its continuation.
+        let whole = "Zü€☀ Göteborg 𝄞";
+        let (first, second) = whole.as_bytes().split_at(7);
+        let mut bytes = header(false, 0x1, first.len());
+        bytes.extend(masked(first, 0));
+        bytes.extend(header(true, 0x0, second.len()));
+        bytes.extend(masked(second, 0));
+        let (mut socket, client) = plain_socket(256).await;
+        let writer = write_slowly(client, bytes.iter().map(|&b| vec![b]).collect());
+        assert_text(&mut socket, whole).await;
         let _client = writer.await.expect("writer");
     }
 
