@@ -653,19 +653,9 @@ impl Socket {
             frame::apply_mask(piece, mask, at);
             at += take;
             let filled = held + take;
-            held = match std::str::from_utf8(&buf[..filled]) {
-                Ok(_) => 0,
-                Err(e) if e.error_len().is_some() => {
-                    return Err(Error::Violation(
-                        close_code::INVALID_PAYLOAD,
-                        "invalid UTF-8 in text",
-                    ));
-                }
-                Err(e) => {
-                    buf.copy_within(e.valid_up_to()..filled, 0);
-                    filled - e.valid_up_to()
-                }
-            };
+            let whole = utf8_prefix(&buf[..filled])?;
+            buf.copy_within(whole..filled, 0);
+            held = filled - whole;
         }
         // Where the last whole character ends (before `from` only while the
         // carried character is still unfinished: then from the start).
@@ -1025,17 +1015,21 @@ fn check_utf8(p: &mut Partial) -> Result<(), Error> {
     if p.opcode != Opcode::Text || p.compressed {
         return Ok(());
     }
-    match std::str::from_utf8(&p.data[p.valid..]) {
-        Ok(_) => p.valid = p.data.len(),
-        Err(e) if e.error_len().is_some() => {
-            return Err(Error::Violation(
-                close_code::INVALID_PAYLOAD,
-                "invalid UTF-8 in text",
-            ));
-        }
-        Err(e) => p.valid += e.valid_up_to(),
-    }
+    p.valid += utf8_prefix(&p.data[p.valid..])?;
     Ok(())
+}
+
+/// How many bytes of `bytes` are whole UTF-8 characters, the rest being
+/// the start of one still to come; an error if they cannot be UTF-8.
+fn utf8_prefix(bytes: &[u8]) -> Result<usize, Error> {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => Ok(bytes.len()),
+        Err(e) if e.error_len().is_some() => Err(Error::Violation(
+            close_code::INVALID_PAYLOAD,
+            "invalid UTF-8 in text",
+        )),
+        Err(e) => Ok(e.valid_up_to()),
+    }
 }
 
 #[cfg(test)]
