@@ -657,9 +657,10 @@ impl Socket {
             buf.copy_within(whole..filled, 0);
             held = filled - whole;
         }
-        // Where the last whole character ends (before `from` only while the
-        // carried character is still unfinished: then from the start).
-        let checked = at.saturating_sub(held).max(from);
+        // Where the last whole character ends: held bytes come after
+        // `from`, except a carried character still unfinished, which
+        // leaves the check at the frame's start.
+        let checked = at.saturating_sub(held);
         self.arriving = u32::try_from(checked).unwrap_or(self.arriving);
         Ok(())
     }
